@@ -1,0 +1,281 @@
+//! The one loop: load, attach, read the transport, dispatch each event to
+//! its class, tick intervals, and shut down in order: detach, drain, write
+//! the final accounting.
+
+use std::{fs, io, os::fd::AsFd as _, time::Duration};
+
+use aya::maps::PerCpuArray;
+use kdiag_common::tcp::{AF_INET, AF_INET6};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    class::{Class, ClassError},
+    classes::retrans::{OwnerFilter, RetransClass},
+    cli::{Cli, Command},
+    clock::{WallClock, monotonic_ns},
+    loader::{self, LoadError, LoadRequest},
+    output::Output,
+    privileges::{self, MissingPrivileges},
+    procfs,
+    record::AgentStart,
+    stats::StatsCollector,
+    transport::{Reader, TransportError, TransportKind},
+    wire,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Privileges(#[from] MissingPrivileges),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("the kernel programs have no {0} map")]
+    MissingMap(&'static str),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+impl AgentError {
+    /// Exit codes of the CLI contract.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Usage(_) => 2,
+            Self::Privileges(_) => 77,
+            _ => 1,
+        }
+    }
+}
+
+/// Why the loop ended; every reason is a normal end (exit code 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Signal,
+    Duration,
+    StdoutClosed,
+}
+
+/// How often to check that whoever reads stdout is still there, when there
+/// is nothing to write.
+const STDOUT_CHECK: Duration = Duration::from_millis(250);
+
+pub async fn run(cli: Cli) -> Result<(), AgentError> {
+    for &pid in &cli.global.pids {
+        if !procfs::process_exists(pid) {
+            return Err(AgentError::Usage(format!("--pid {pid}: no such process")));
+        }
+    }
+    let Plan {
+        mut classes,
+        family,
+        ports,
+    } = plan(&cli)?;
+    privileges::check()?;
+
+    let tracepoints = classes
+        .iter()
+        .flat_map(|c| c.tracepoints().iter().copied())
+        .collect();
+    let mut loaded = loader::load(&LoadRequest {
+        tracepoints,
+        transport: cli.global.transport,
+        family,
+        ports,
+    })?;
+    // Kernel run-time statistics for agent_stats, for as long as this fd is
+    // open: the kernel turns them off again when the agent exits, however it
+    // exits. Without them (old kernels) run counts read as zero.
+    let _bpf_stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
+
+    let mut reader = match loaded.transport {
+        TransportKind::Perf => Reader::perf(take_map(&mut loaded.ebpf, "PERF_EVENTS")?)?,
+        _ => Reader::ring(take_map(&mut loaded.ebpf, "EVENTS")?)?,
+    };
+    let losses = PerCpuArray::try_from(take_map(&mut loaded.ebpf, "LOSSES")?)
+        .map_err(|_| AgentError::MissingMap("LOSSES"))?;
+    let class_names = classes.iter().map(|c| (c.id() as u32, c.name())).collect();
+    let mut stats = StatsCollector::new(class_names, losses, monotonic_ns());
+
+    let stdout = io::stdout().as_fd().try_clone_to_owned()?;
+    let mut out = Output::new(
+        Box::new(fs::File::from(stdout.try_clone()?)),
+        cli.global.output,
+        &procfs::hostname(),
+        WallClock::now(),
+    );
+    let start = AgentStart {
+        version: env!("CARGO_PKG_VERSION"),
+        kernel: procfs::kernel_release(),
+        transport: loaded.transport.name(),
+        attached: loaded.attached.iter().map(|t| t.path()).collect(),
+        degraded: loaded.degraded.clone(),
+    };
+    out.write(monotonic_ns(), &start)?;
+    out.flush()?;
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let deadline = tokio::time::sleep(
+        cli.global
+            .duration
+            .map_or(Duration::MAX / 4, Duration::from_secs),
+    );
+    tokio::pin!(deadline);
+    let interval_secs = cli.global.interval;
+    let mut interval = tokio::time::interval(Duration::from_secs(interval_secs.max(1)));
+    interval.tick().await;
+    let mut stdout_check = tokio::time::interval(STDOUT_CHECK);
+    let mut decode_errors = 0u64;
+
+    let stop = loop {
+        let result: io::Result<Option<Stop>> = tokio::select! {
+            ready = reader.readable() => {
+                ready?;
+                dispatch(&mut reader, &mut classes, &mut out, &mut stats, &mut decode_errors)
+                    .and_then(|()| out.flush())
+                    .map(|()| None)
+            }
+            _ = interval.tick(), if interval_secs > 0 => {
+                out.clock_mut().resync();
+                let programs = stats.snapshot_programs(&loaded.ebpf);
+                let report = stats.report(programs, monotonic_ns());
+                out.write(monotonic_ns(), &report).and_then(|()| out.flush()).map(|()| None)
+            }
+            _ = stdout_check.tick() => Ok(stdout_closed(&stdout).then_some(Stop::StdoutClosed)),
+            _ = sigint.recv() => Ok(Some(Stop::Signal)),
+            _ = sigterm.recv() => Ok(Some(Stop::Signal)),
+            () = &mut deadline => Ok(Some(Stop::Duration)),
+        };
+        match result {
+            Ok(None) => {}
+            Ok(Some(stop)) => break stop,
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => break Stop::StdoutClosed,
+            Err(e) => return Err(e.into()),
+        }
+    };
+
+    // Detach first, so nothing new arrives; then everything already in the
+    // buffers is written before the final accounting.
+    let programs = stats.snapshot_programs(&loaded.ebpf);
+    let names: Vec<String> = loaded.ebpf.programs().map(|(n, _)| n.to_owned()).collect();
+    for name in names {
+        if let Some(p) = loaded.ebpf.program_mut(&name)
+            && let Ok(tp) = <&mut aya::programs::TracePoint>::try_from(p)
+        {
+            let _ = tp.unload();
+        }
+    }
+    if stop == Stop::StdoutClosed {
+        return Ok(());
+    }
+    let finish = dispatch(
+        &mut reader,
+        &mut classes,
+        &mut out,
+        &mut stats,
+        &mut decode_errors,
+    )
+    .and_then(|()| {
+        let report = stats.report(programs, monotonic_ns());
+        out.write(monotonic_ns(), &report)
+    })
+    .and_then(|()| out.flush());
+    match finish {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// What a command runs: its classes and the kernel-side TCP filters.
+struct Plan {
+    classes: Vec<Box<dyn Class>>,
+    family: u16,
+    ports: Vec<u16>,
+}
+
+fn plan(cli: &Cli) -> Result<Plan, AgentError> {
+    let filter = OwnerFilter::new(cli.global.pids.clone(), cli.global.cgroup.clone());
+    match &cli.command {
+        Command::Retrans(args) => {
+            let family = match (args.ipv4, args.ipv6) {
+                (true, _) => AF_INET,
+                (_, true) => AF_INET6,
+                _ => 0,
+            };
+            if args.ports.len() > kdiag_common::tcp::MAX_PORTS {
+                return Err(AgentError::Usage(format!(
+                    "--port: at most {} ports, got {}",
+                    kdiag_common::tcp::MAX_PORTS,
+                    args.ports.len()
+                )));
+            }
+            let class: Box<dyn Class> = Box::new(RetransClass::new(filter));
+            Ok(Plan {
+                classes: vec![class],
+                family,
+                ports: args.ports.clone(),
+            })
+        }
+    }
+}
+
+fn take_map(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<aya::maps::Map, AgentError> {
+    ebpf.take_map(name).ok_or(AgentError::MissingMap(name))
+}
+
+/// Drains the transport and hands each event to its class.
+fn dispatch(
+    reader: &mut Reader,
+    classes: &mut [Box<dyn Class>],
+    out: &mut Output,
+    stats: &mut StatsCollector,
+    decode_errors: &mut u64,
+) -> io::Result<()> {
+    let mut result = Ok(());
+    reader.drain(|data| {
+        if result.is_err() {
+            return;
+        }
+        let handled =
+            wire::event_kind(data)
+                .map_err(ClassError::from)
+                .and_then(|kind| match classes.iter_mut().find(|c| c.handles(kind)) {
+                    Some(class) => {
+                        let id = class.id() as u32;
+                        class.on_event(data, out).map(|n| (id, n))
+                    }
+                    None => Err(ClassError::Decode(wire::DecodeError::UnknownKind(
+                        kind as u32,
+                    ))),
+                });
+        match handled {
+            Ok((id, n)) => stats.count_events(id, n),
+            Err(ClassError::Output(e)) => result = Err(e),
+            Err(ClassError::Decode(e)) => {
+                // Only a mismatch between the agent and its own kernel
+                // programs can cause this: say so once, keep going.
+                if *decode_errors == 0 {
+                    eprintln!("kdiag-agent: dropping an event that does not decode: {e}");
+                }
+                *decode_errors += 1;
+            }
+        }
+    });
+    result
+}
+
+/// A pipe whose reader has gone reports POLLERR to the writer.
+fn stdout_closed(fd: &std::os::fd::OwnedFd) -> bool {
+    use std::os::fd::AsRawFd as _;
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & (libc::POLLERR | libc::POLLHUP) != 0
+}

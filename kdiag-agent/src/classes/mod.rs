@@ -1,0 +1,3 @@
+//! One module per event class.
+
+pub mod retrans;

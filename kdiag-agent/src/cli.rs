@@ -1,0 +1,120 @@
+//! Command line. The doc comments here are the `--help` text.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{output::Format, transport::TransportKind};
+
+/// Production tracing agent: kernel events attributed to processes,
+/// connections and cgroups, as JSON Lines on stdout.
+///
+/// Needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN): run it as root. It
+/// detaches everything it attached when it exits, however it exits.
+///
+/// Examples:
+///   sudo kdiag-agent retrans                    every TCP retransmit
+///   sudo kdiag-agent retrans --port 443 -o text  one service, for people
+///   sudo kdiag-agent retrans --pid 1234 -d 60    one process, for a minute
+#[derive(Debug, Parser)]
+#[command(name = "kdiag-agent", version, verbatim_doc_comment)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every event class takes.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "json", global = true)]
+    pub output: Format,
+    /// Only events of this process (its pid, the thread group id); repeat
+    /// for several. For TCP it is the process that owns the socket, not the
+    /// task that happened to run when the kernel retransmitted.
+    #[arg(short = 'p', long = "pid", value_name = "PID", global = true,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub pids: Vec<u32>,
+    /// Only processes in this cgroup or below it: a cgroup v2 path relative
+    /// to the cgroup2 mount (`/system.slice/nginx.service`) or a full path
+    /// under it.
+    #[arg(short = 'c', long, value_name = "PATH", global = true)]
+    pub cgroup: Option<PathBuf>,
+    /// Write summaries and agent_stats every SECS seconds (0: only at exit).
+    #[arg(
+        short = 'i',
+        long,
+        value_name = "SECS",
+        default_value_t = 10,
+        global = true
+    )]
+    pub interval: u64,
+    /// Stop after SECS seconds, flushing summaries first.
+    #[arg(short = 'd', long, value_name = "SECS", global = true,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub duration: Option<u64>,
+    /// How events travel from the kernel.
+    #[arg(long, value_enum, default_value = "auto", global = true)]
+    pub transport: TransportKind,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Every TCP retransmit with its state, addresses and owning process.
+    ///
+    /// Records: `retrans` (one per retransmit: pid, comm, cgroup, family,
+    /// saddr, sport, daddr, dport, state, kind syn|synack|data, conn_retrans).
+    /// Sockets created before the agent started are attributed through /proc.
+    Retrans(RetransArgs),
+}
+
+/// Options of the TCP classes.
+#[derive(Debug, Args)]
+pub struct RetransArgs {
+    /// Only connections with this local or remote port; repeat for several
+    /// (at most 8).
+    #[arg(long = "port", value_name = "PORT",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub ports: Vec<u16>,
+    /// Only IPv4.
+    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
+    pub ipv4: bool,
+    /// Only IPv6.
+    #[arg(short = '6', long = "ipv6")]
+    pub ipv6: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn globals_go_before_or_after_the_subcommand() {
+        let a = Cli::try_parse_from(["kdiag-agent", "-p", "7", "retrans", "--port", "80"]).unwrap();
+        let b = Cli::try_parse_from(["kdiag-agent", "retrans", "--port", "80", "-p", "7"]).unwrap();
+        assert_eq!(a.global.pids, vec![7]);
+        assert_eq!(b.global.pids, vec![7]);
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        for args in [
+            &["kdiag-agent", "retrans", "--pid", "0"][..],
+            &["kdiag-agent", "retrans", "--pid", "abc"],
+            &["kdiag-agent", "retrans", "--port", "0"],
+            &["kdiag-agent", "retrans", "-4", "-6"],
+            &["kdiag-agent", "retrans", "--transport", "carrier-pigeon"],
+            &["kdiag-agent", "nosuchclass"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
+        }
+    }
+}

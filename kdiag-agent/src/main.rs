@@ -1,0 +1,43 @@
+//! kdiag-agent: parse the command line, run the agent, map the outcome to
+//! the exit codes of the CLI contract (0 normal end, 2 usage, 77 missing
+//! privileges, 1 anything else).
+
+mod agent;
+mod btf;
+mod cgroup;
+mod class;
+mod classes;
+mod cli;
+mod clock;
+mod loader;
+mod output;
+mod owner;
+mod privileges;
+mod procfs;
+mod record;
+mod stats;
+mod tcp_state;
+mod tracefs;
+mod transport;
+mod wire;
+
+use clap::Parser as _;
+
+fn main() {
+    // clap exits with 2 on usage errors and 0 for --help/--version.
+    let cli = cli::Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kdiag-agent: cannot start the event loop: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(agent::run(cli)) {
+        eprintln!("kdiag-agent: {e}");
+        std::process::exit(e.exit_code());
+    }
+}

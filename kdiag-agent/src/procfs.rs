@@ -1,0 +1,196 @@
+//! /proc readers: socket tables, file descriptors, process names and cgroups.
+//!
+//! Everything here tolerates processes that vanish mid-read and odd contents:
+//! a parse failure skips the line or the process, never panics.
+
+use std::{
+    fs,
+    io::{self, BufRead as _},
+    net::{Ipv4Addr, Ipv6Addr},
+    os::unix::fs::MetadataExt as _,
+    path::Path,
+};
+
+/// One row of /proc/<pid>/net/tcp or tcp6: a socket's addresses and inode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpRow {
+    pub local: ([u8; 16], u16),
+    pub remote: ([u8; 16], u16),
+    pub inode: u64,
+}
+
+/// Parses /proc/net/tcp or tcp6 text. Addresses are printed as the kernel's
+/// in-memory words in host byte order (`0100007F:1F90` is 127.0.0.1:8080 on
+/// little-endian); they are returned in network byte order, IPv4 in the
+/// first 4 bytes.
+pub fn parse_tcp_table(text: &str) -> Vec<TcpRow> {
+    text.lines().skip(1).filter_map(parse_tcp_row).collect()
+}
+
+fn parse_tcp_row(line: &str) -> Option<TcpRow> {
+    let mut cols = line.split_whitespace();
+    let _slot = cols.next()?;
+    let local = parse_endpoint(cols.next()?)?;
+    let remote = parse_endpoint(cols.next()?)?;
+    // st, tx_queue:rx_queue, tr:tm->when, retrnsmt, uid, timeout, inode
+    let inode = cols.nth(6)?.parse().ok()?;
+    Some(TcpRow {
+        local,
+        remote,
+        inode,
+    })
+}
+
+fn parse_endpoint(s: &str) -> Option<([u8; 16], u16)> {
+    let (addr, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut out = [0u8; 16];
+    match addr.len() {
+        8 => out[..4].copy_from_slice(&u32::from_str_radix(addr, 16).ok()?.to_ne_bytes()),
+        32 => {
+            for (i, chunk) in out.chunks_exact_mut(4).enumerate() {
+                let word = addr.get(i * 8..i * 8 + 8)?;
+                chunk.copy_from_slice(&u32::from_str_radix(word, 16).ok()?.to_ne_bytes());
+            }
+        }
+        _ => return None,
+    }
+    Some((out, port))
+}
+
+/// Pids in /proc, in directory order.
+pub fn pids() -> impl Iterator<Item = u32> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+}
+
+/// The network namespace inode of a process.
+pub fn netns_inode(pid: u32) -> Option<u64> {
+    fs::metadata(format!("/proc/{pid}/ns/net"))
+        .ok()
+        .map(|m| m.ino())
+}
+
+/// The TCP sockets of the network namespace `pid` lives in, both families.
+pub fn tcp_sockets(pid: u32) -> Vec<TcpRow> {
+    ["tcp", "tcp6"]
+        .iter()
+        .filter_map(|f| fs::read_to_string(format!("/proc/{pid}/net/{f}")).ok())
+        .flat_map(|text| parse_tcp_table(&text))
+        .collect()
+}
+
+/// Whether `pid` holds a file descriptor on the socket with this inode.
+pub fn has_socket(pid: u32, inode: u64) -> bool {
+    let want = format!("socket:[{inode}]");
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    dir.filter_map(Result::ok)
+        .any(|fd| fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == want.as_str()))
+}
+
+/// The process's name (`comm`), without the trailing newline.
+pub fn comm(pid: u32) -> Option<String> {
+    let s = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    Some(s.trim_end_matches('\n').to_owned())
+}
+
+pub fn process_exists(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The unified (v2) cgroup path of a process, from its `0::` line.
+pub fn cgroup_v2(pid: u32) -> Option<String> {
+    let file = fs::File::open(format!("/proc/{pid}/cgroup")).ok()?;
+    parse_cgroup_v2(io::BufReader::new(file).lines().map_while(Result::ok))
+}
+
+pub fn parse_cgroup_v2(lines: impl Iterator<Item = String>) -> Option<String> {
+    lines
+        .filter_map(|l| l.strip_prefix("0::").map(str::to_owned))
+        .next()
+}
+
+/// The running kernel's release, as `uname -r` prints it.
+pub fn kernel_release() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+pub fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Formats a TCP address for output.
+pub fn format_addr(family_v6: bool, addr: &[u8; 16]) -> String {
+    if family_v6 {
+        Ipv6Addr::from(*addr).to_string()
+    } else {
+        Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]).to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1 0000000000000000 100 0 0 10 0
+   1: 0200E70A:C350 0100E70A:2329 01 00000000:00000000 00:00000000 00000000     0        0 678 2 0000000000000000 20 4 30 10 -1
+garbage line
+";
+
+    #[test]
+    fn parses_ipv4_rows() {
+        let rows = parse_tcp_table(TCP);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            rows[0].local,
+            ([127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], 8080)
+        );
+        assert_eq!(rows[0].inode, 12345);
+        assert_eq!(&rows[1].local.0[..4], &[10, 231, 0, 2]);
+        assert_eq!(rows[1].local.1, 50000);
+        assert_eq!(&rows[1].remote.0[..4], &[10, 231, 0, 1]);
+        assert_eq!(rows[1].remote.1, 9001);
+    }
+
+    #[test]
+    fn parses_ipv6_rows() {
+        let text = "header\n   0: 00000000000000000000000001000000:0016 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 99 1 0\n";
+        let rows = parse_tcp_table(text);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(Ipv6Addr::from(rows[0].local.0), Ipv6Addr::LOCALHOST);
+        assert_eq!(rows[0].local.1, 22);
+        assert_eq!(rows[0].inode, 99);
+    }
+
+    #[test]
+    fn odd_contents_never_panic() {
+        for text in [
+            "",
+            "\n\n",
+            "h\n0: zz:zz zz:zz",
+            "h\n0: 0100007F:1F90",
+            "h\n0: 0100007F:1F90 00:0 0A a b c d e f",
+        ] {
+            let _ = parse_tcp_table(text);
+        }
+    }
+
+    #[test]
+    fn cgroup_v2_line() {
+        let lines = ["4:memory:/user.slice", "0::/system.slice/ssh.service"].map(String::from);
+        assert_eq!(
+            parse_cgroup_v2(lines.into_iter()).as_deref(),
+            Some("/system.slice/ssh.service")
+        );
+        assert_eq!(parse_cgroup_v2(std::iter::empty()), None);
+    }
+}

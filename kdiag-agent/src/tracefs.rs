@@ -1,0 +1,198 @@
+//! Tracepoint format files -> field offsets.
+//!
+//! Tracepoint layouts change between kernel versions (tcp_retransmit_skb
+//! gained `state` in 4.16 and `err` in 6.x), so the programs never hard-code
+//! an offset: the agent reads `events/<group>/<name>/format` at start-up and
+//! hands the offsets to the programs.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TracefsError {
+    #[error("tracefs is not mounted and mounting it at {path} failed: {source}")]
+    Mount {
+        path: &'static str,
+        source: io::Error,
+    },
+    #[error("tracepoint {0} does not exist on this kernel")]
+    Missing(String),
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{path}: {reason}")]
+    Parse { path: PathBuf, reason: String },
+}
+
+/// Where tracefs is mounted. aya looks in the same two places.
+const MOUNTS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+
+#[derive(Debug, Clone)]
+pub struct Tracefs {
+    root: PathBuf,
+}
+
+impl Tracefs {
+    /// Finds tracefs, mounting it at /sys/kernel/tracing (as systemd does at
+    /// boot) when no one has. The mount is left in place: other tools expect
+    /// it there, and it holds no state of ours.
+    pub fn open() -> Result<Self, TracefsError> {
+        if let Some(root) = MOUNTS.iter().map(Path::new).find(|p| is_mounted(p)) {
+            return Ok(Self {
+                root: root.to_path_buf(),
+            });
+        }
+        let target = MOUNTS[0];
+        mount_tracefs(target).map_err(|source| TracefsError::Mount {
+            path: target,
+            source,
+        })?;
+        Ok(Self {
+            root: PathBuf::from(target),
+        })
+    }
+
+    /// The format of `group/name`.
+    pub fn format(&self, group: &str, name: &str) -> Result<Format, TracefsError> {
+        let dir = self.root.join("events").join(group).join(name);
+        let path = dir.join("format");
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(TracefsError::Missing(format!("{group}/{name}")));
+            }
+            Err(source) => return Err(TracefsError::Read { path, source }),
+        };
+        parse_format(&text).map_err(|reason| TracefsError::Parse { path, reason })
+    }
+}
+
+/// A mounted tracefs has an `events` directory; the bare mount point does not.
+fn is_mounted(path: &Path) -> bool {
+    path.join("events").is_dir()
+}
+
+fn mount_tracefs(target: &str) -> io::Result<()> {
+    let source = c"tracefs";
+    let fstype = c"tracefs";
+    let target = std::ffi::CString::new(target).map_err(io::Error::other)?;
+    // SAFETY: valid NUL-terminated strings and a null data pointer.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// One field of a tracepoint record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Field {
+    pub name: String,
+    pub offset: u16,
+    pub size: u16,
+}
+
+/// The fields of a tracepoint record, from its format file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Format {
+    pub fields: Vec<Field>,
+}
+
+impl Format {
+    pub fn field(&self, name: &str) -> Option<&Field> {
+        self.fields.iter().find(|f| f.name == name)
+    }
+}
+
+/// Parses a format file. Lines look like
+/// `\tfield:__u8 saddr[4];\toffset:34;\tsize:4;\tsigned:0;`.
+pub fn parse_format(text: &str) -> Result<Format, String> {
+    let mut fields = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        let Some(rest) = line.strip_prefix("field:") else {
+            continue;
+        };
+        let mut decl = None;
+        let mut offset = None;
+        let mut size = None;
+        for part in rest.split(';').map(str::trim) {
+            if let Some(v) = part.strip_prefix("offset:") {
+                offset = v.parse::<u16>().ok();
+            } else if let Some(v) = part.strip_prefix("size:") {
+                size = v.parse::<u16>().ok();
+            } else if decl.is_none() && !part.is_empty() {
+                decl = Some(part);
+            }
+        }
+        let (Some(decl), Some(offset), Some(size)) = (decl, offset, size) else {
+            return Err(format!("malformed field line {line:?}"));
+        };
+        let name = field_name(decl).ok_or_else(|| format!("no field name in {decl:?}"))?;
+        fields.push(Field {
+            name: name.to_owned(),
+            offset,
+            size,
+        });
+    }
+    if fields.is_empty() {
+        return Err("no fields".to_owned());
+    }
+    Ok(Format { fields })
+}
+
+/// `const void * skaddr` -> `skaddr`; `__u8 saddr[4]` -> `saddr`.
+fn field_name(decl: &str) -> Option<&str> {
+    let last = decl.rsplit([' ', '*']).find(|s| !s.is_empty())?;
+    let name = last.split('[').next()?;
+    (!name.is_empty()).then_some(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RETRANSMIT_SKB: &str = "name: tcp_retransmit_skb
+ID: 2281
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:const void * skbaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:const void * skaddr;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:int state;\toffset:24;\tsize:4;\tsigned:1;
+\tfield:__u16 sport;\toffset:28;\tsize:2;\tsigned:0;
+\tfield:__u8 saddr_v6[16];\toffset:42;\tsize:16;\tsigned:0;
+
+print fmt: \"skbaddr=%p\", REC->skbaddr
+";
+
+    #[test]
+    fn parses_offsets_and_names() {
+        let f = parse_format(RETRANSMIT_SKB).unwrap();
+        assert_eq!(f.fields.len(), 7);
+        let field = |n| f.field(n).map(|f| (f.offset, f.size));
+        assert_eq!(field("skaddr"), Some((16, 8)));
+        assert_eq!(field("state"), Some((24, 4)));
+        assert_eq!(field("sport"), Some((28, 2)));
+        assert_eq!(field("saddr_v6"), Some((42, 16)));
+        assert_eq!(field("err"), None);
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        assert!(parse_format("").is_err());
+        assert!(parse_format("field:int x;\toffset:zz;\tsize:4;").is_err());
+        assert!(parse_format("\u{0}\u{1}field:;;;").is_err());
+    }
+}

@@ -1,0 +1,98 @@
+//! Wire types shared by kdiag's kernel programs and its userspace agent.
+//!
+//! Every event the kernel sends starts with an [`EventHeader`]; its `kind`
+//! says which payload follows. All structs are `#[repr(C)]`, `Copy`, built
+//! from fixed-size fields with explicit padding and no `bool`, so that both
+//! sides agree on the layout byte for byte. Sizes are asserted at compile time.
+#![no_std]
+
+pub mod tcp;
+
+/// Which payload follows the [`EventHeader`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Retrans = 1,
+}
+
+impl EventKind {
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(Self::Retrans),
+            _ => None,
+        }
+    }
+}
+
+/// First bytes of every event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// An [`EventKind`] as u32.
+    pub kind: u32,
+    /// CPU the program ran on.
+    pub cpu: u32,
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+}
+const _: () = assert!(size_of::<EventHeader>() == 16);
+
+/// Length of a task's comm, including the terminating NUL (TASK_COMM_LEN).
+pub const COMM_LEN: usize = 16;
+
+/// The process that owns a socket, captured in process context.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Owner {
+    /// Thread group id (the userspace pid).
+    pub tgid: u32,
+    /// Non-zero when the fields below were captured; zero for sockets the
+    /// kernel programs never saw in process context (the agent then looks
+    /// the owner up in /proc).
+    pub known: u32,
+    /// cgroup v2 id (`bpf_get_current_cgroup_id`), 0 when unknown.
+    pub cgroup_id: u64,
+    pub comm: [u8; COMM_LEN],
+}
+const _: () = assert!(size_of::<Owner>() == 32);
+
+/// Which transport the kernel programs write to, set by the agent at load.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    RingBuf = 0,
+    Perf = 1,
+}
+
+/// Indexes into the per-CPU loss counters: `class * LOSS_REASONS + reason`.
+pub const LOSS_DROPPED: u32 = 0;
+/// A perf buffer had no room (the kernel also reports these as perf "lost"
+/// samples, but only when a later sample fits, so the agent counts them here).
+pub const LOSS_LOST: u32 = 1;
+pub const LOSS_REASONS: u32 = 2;
+
+/// Event classes, as indexes for per-class counters.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClassId {
+    Retrans = 0,
+}
+pub const CLASS_COUNT: u32 = 1;
+
+/// Size of the per-CPU loss counter array.
+pub const LOSS_SLOTS: u32 = CLASS_COUNT * LOSS_REASONS;
+
+/// Implements `aya::Pod` for the userspace side (the types are plain old
+/// data: any byte pattern is a valid value).
+#[macro_export]
+macro_rules! impl_pod {
+    ($($t:ty),* $(,)?) => {
+        $(
+            #[cfg(feature = "user")]
+            // SAFETY: repr(C), Copy, integer and array fields only.
+            unsafe impl aya::Pod for $t {}
+        )*
+    };
+}
+
+impl_pod!(EventHeader, Owner);

@@ -1,0 +1,221 @@
+//! TCP: retransmits (tcp/tcp_retransmit_skb, tcp/tcp_retransmit_synack) and
+//! socket ownership from sock/inet_sock_set_state.
+
+use crate::{EventHeader, Owner};
+
+/// Kernel TCP states (include/net/tcp_states.h).
+pub const TCP_ESTABLISHED: i32 = 1;
+pub const TCP_SYN_SENT: i32 = 2;
+pub const TCP_SYN_RECV: i32 = 3;
+pub const TCP_CLOSE: i32 = 7;
+pub const TCP_LISTEN: i32 = 10;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+
+/// Marks a tracepoint field this kernel does not have.
+pub const FIELD_ABSENT: u16 = u16::MAX;
+
+/// Offsets of the connection fields every TCP tracepoint carries
+/// (`sport`, `dport`, `family`, `saddr`, `daddr`, `saddr_v6`, `daddr_v6`),
+/// read from the tracepoint's format file at start-up because they move
+/// between kernel versions.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TupleOffsets {
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub saddr: u16,
+    pub daddr: u16,
+    pub saddr_v6: u16,
+    pub daddr_v6: u16,
+    pub _pad: u16,
+}
+
+/// Field offsets for one TCP tracepoint. `state` holds the socket's state
+/// (tcp_retransmit_skb's `state`, which only exists since 4.16;
+/// inet_sock_set_state's `newstate`); `req` is tcp_retransmit_synack's;
+/// `oldstate` and `protocol` are inet_sock_set_state's. Fields a tracepoint
+/// does not have are [`FIELD_ABSENT`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpTpOffsets {
+    pub tuple: TupleOffsets,
+    pub skaddr: u16,
+    pub req: u16,
+    pub state: u16,
+    pub oldstate: u16,
+    pub protocol: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<TcpTpOffsets>() == 28);
+
+impl TcpTpOffsets {
+    pub const ABSENT: Self = Self {
+        tuple: TupleOffsets {
+            sport: FIELD_ABSENT,
+            dport: FIELD_ABSENT,
+            family: FIELD_ABSENT,
+            saddr: FIELD_ABSENT,
+            daddr: FIELD_ABSENT,
+            saddr_v6: FIELD_ABSENT,
+            daddr_v6: FIELD_ABSENT,
+            _pad: 0,
+        },
+        skaddr: FIELD_ABSENT,
+        req: FIELD_ABSENT,
+        state: FIELD_ABSENT,
+        oldstate: FIELD_ABSENT,
+        protocol: FIELD_ABSENT,
+        _pad: 0,
+    };
+}
+
+/// Most ports `--port` can name; the filter lives in the kernel.
+pub const MAX_PORTS: usize = 8;
+
+/// Configuration of the TCP programs, written into `.rodata` at load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpConfig {
+    pub retransmit_skb: TcpTpOffsets,
+    pub retransmit_synack: TcpTpOffsets,
+    pub set_state: TcpTpOffsets,
+    /// Byte offset of `skc_net` in `struct sock` (from the kernel's BTF), or
+    /// 0 when unknown. It tells listeners of the same port in different
+    /// network namespaces apart.
+    pub sk_net_offset: u32,
+    /// 0 = both families, else AF_INET or AF_INET6.
+    pub family: u16,
+    /// Number of valid entries in `ports` (0 = every port).
+    pub nports: u16,
+    /// Host byte order; matches the local or the remote port.
+    pub ports: [u16; MAX_PORTS],
+}
+const _: () = assert!(size_of::<TcpConfig>() == 3 * 28 + 8 + 16);
+
+impl TcpConfig {
+    pub const DEFAULT: Self = Self {
+        retransmit_skb: TcpTpOffsets::ABSENT,
+        retransmit_synack: TcpTpOffsets::ABSENT,
+        set_state: TcpTpOffsets::ABSENT,
+        sk_net_offset: 0,
+        family: 0,
+        nports: 0,
+        ports: [0; MAX_PORTS],
+    };
+
+    /// Whether a connection with these ports passes the `--port` filter.
+    #[inline(always)]
+    pub fn port_allowed(&self, sport: u16, dport: u16) -> bool {
+        if self.nports == 0 {
+            return true;
+        }
+        let mut i = 0;
+        while i < MAX_PORTS {
+            if (i as u16) < self.nports && (self.ports[i] == sport || self.ports[i] == dport) {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+
+    #[inline(always)]
+    pub fn family_allowed(&self, family: u16) -> bool {
+        self.family == 0 || self.family == family
+    }
+}
+
+/// A connection's addresses. `saddr`/`sport` are the local end. IPv4
+/// addresses fill the first 4 bytes of the 16.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TcpTuple {
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub _pad: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+const _: () = assert!(size_of::<TcpTuple>() == 40);
+
+/// What was retransmitted.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetransKind {
+    /// A SYN of a connect() (socket in SYN_SENT).
+    Syn = 0,
+    /// A SYN-ACK of a listener (tcp_retransmit_synack).
+    SynAck = 1,
+    /// Anything else: data, FIN, window probes.
+    Data = 2,
+}
+
+impl RetransKind {
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            0 => Some(Self::Syn),
+            1 => Some(Self::SynAck),
+            2 => Some(Self::Data),
+            _ => None,
+        }
+    }
+}
+
+/// One retransmit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetransEvent {
+    pub header: EventHeader,
+    /// Identifies the socket (or the request socket, for SYN-ACKs) while it
+    /// lives; used by the agent as a cache key, never printed.
+    pub sock_id: u64,
+    pub owner: Owner,
+    pub tuple: TcpTuple,
+    /// Kernel TCP state (SYN_RECV for SYN-ACKs).
+    pub state: i32,
+    /// A [`RetransKind`] as u32.
+    pub kind: u32,
+    /// Retransmits of this connection the kernel programs counted so far,
+    /// this one included.
+    pub conn_retrans: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<RetransEvent>() == 16 + 8 + 32 + 40 + 16);
+
+/// Per-socket state kept in the kernel, keyed by the socket's address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockInfo {
+    pub owner: Owner,
+    /// Retransmits counted so far.
+    pub retrans: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<SockInfo>() == 40);
+
+/// Key of the listener map: a listening port within one network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerKey {
+    /// The namespace's `struct net` address (0 when its offset is unknown);
+    /// stays in the kernel map, never leaves it.
+    pub net: u64,
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(size_of::<ListenerKey>() == 16);
+
+crate::impl_pod!(
+    TupleOffsets,
+    TcpTpOffsets,
+    TcpConfig,
+    TcpTuple,
+    RetransEvent,
+    SockInfo,
+    ListenerKey
+);

@@ -1,0 +1,20 @@
+//! kdiag's kernel programs: maps shared by every event class, the output path
+//! to userspace, and the panic handler. One module per event class holds its
+//! tracepoint programs.
+#![no_std]
+#![no_main]
+
+mod output;
+mod tcp;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that could reach this; it only exists
+    // to satisfy no_std.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

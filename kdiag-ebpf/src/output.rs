@@ -1,0 +1,77 @@
+//! The one way events leave the kernel: the BPF ring buffer, or a per-CPU
+//! perf event array where the agent asked for it. Every failed output is
+//! counted per class in a per-CPU array, so the agent can report it.
+
+use core::{ffi::c_void, ptr};
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::BPF_F_CURRENT_CPU,
+    helpers::generated::bpf_perf_event_output,
+    macros::map,
+    maps::{PerCpuArray, PerfEventArray, RingBuf},
+};
+use kdiag_common::{ClassId, LOSS_DROPPED, LOSS_LOST, LOSS_REASONS, LOSS_SLOTS, Transport};
+
+/// Which transport to write to; a `Transport` set by the agent at load.
+#[unsafe(no_mangle)]
+static TRANSPORT: u32 = Transport::RingBuf as u32;
+
+/// Shared by every class. The agent resizes it at load (and shrinks it to
+/// one page when the perf transport is used).
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+#[map]
+static PERF_EVENTS: PerfEventArray<u8> = PerfEventArray::new(0);
+
+/// Failed outputs: index `class * LOSS_REASONS + reason`.
+#[map]
+static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_SLOTS, 0);
+
+/// -ENOSPC: the perf buffer of this CPU is full.
+const ENOSPC: i64 = -28;
+
+/// Sends `event` to userspace, counting it as dropped or lost if it does not
+/// fit.
+#[inline(always)]
+pub fn emit<C: EbpfContext, T>(ctx: &C, class: ClassId, event: &T) {
+    // SAFETY: a plain u32 in .rodata, written by the agent before load.
+    let transport = unsafe { ptr::read_volatile(&TRANSPORT) };
+    let reason = if transport == Transport::Perf as u32 {
+        // aya's PerfEventArray::output discards the helper's result, which
+        // we need to count losses, so call the helper directly.
+        // SAFETY: the map pointer is PERF_EVENTS's definition and `event` is
+        // valid for size_of::<T>() bytes.
+        let ret = unsafe {
+            bpf_perf_event_output(
+                ctx.as_ptr(),
+                ptr::from_ref(&PERF_EVENTS).cast_mut().cast::<c_void>(),
+                BPF_F_CURRENT_CPU,
+                ptr::from_ref(event).cast_mut().cast::<c_void>(),
+                size_of::<T>() as u64,
+            )
+        };
+        match ret {
+            0 => return,
+            ENOSPC => LOSS_LOST,
+            _ => LOSS_DROPPED,
+        }
+    } else {
+        match EVENTS.output::<T>(event, 0) {
+            Ok(()) => return,
+            Err(_) => LOSS_DROPPED,
+        }
+    };
+    count_loss(class, reason);
+}
+
+#[inline(always)]
+fn count_loss(class: ClassId, reason: u32) {
+    if let Some(counter) = LOSSES.get_ptr_mut(class as u32 * LOSS_REASONS + reason) {
+        // SAFETY: a per-CPU slot, and classic tracepoint programs never nest
+        // on one CPU (the kernel's per-CPU bpf_prog_active guard), so a plain
+        // increment cannot race.
+        unsafe { *counter += 1 };
+    }
+}

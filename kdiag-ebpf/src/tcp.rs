@@ -1,0 +1,309 @@
+//! TCP programs.
+//!
+//! Retransmits fire from the retransmit timer (softirq) or from the receive
+//! path, where the current task has nothing to do with the socket. So the
+//! owner is captured where the kernel runs in the owner's context: connect()
+//! (CLOSE -> SYN_SENT) and listen() (CLOSE -> LISTEN), both seen through
+//! sock/inet_sock_set_state. Accepted children are created in softirq, from
+//! their listener (LISTEN -> SYN_RECV, inet_csk_clone_lock), and inherit the
+//! listener's owner through the listener map. Sockets created before the
+//! agent started are resolved by the agent from /proc.
+
+use core::ptr;
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
+    macros::{map, tracepoint},
+    maps::LruHashMap,
+    programs::TracePointContext,
+};
+use kdiag_common::{
+    ClassId, EventHeader, EventKind, Owner,
+    tcp::{
+        AF_INET, AF_INET6, FIELD_ABSENT, IPPROTO_TCP, ListenerKey, RetransEvent, RetransKind,
+        SockInfo, TCP_CLOSE, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT, TcpConfig, TcpTpOffsets,
+        TcpTuple,
+    },
+};
+
+use crate::output::emit;
+
+/// Offsets and filters, written by the agent at load.
+#[unsafe(no_mangle)]
+static TCP_CONFIG: TcpConfig = TcpConfig::DEFAULT;
+
+/// Socket address -> owner and per-connection counters. LRU, so sockets
+/// whose close we never see (agent started late, map full) age out instead
+/// of filling it.
+#[map]
+static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(65536, 0);
+
+/// (network namespace, port) of each listener -> its owner, handed to the
+/// children it accepts.
+#[map]
+static LISTENERS: LruHashMap<ListenerKey, Owner> = LruHashMap::with_max_entries(8192, 0);
+
+/// Request socket address -> SYN-ACK retransmits so far. Request sockets
+/// have no close event; LRU bounds them.
+#[map]
+static SYNACK_RETRANS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(8192, 0);
+
+#[inline(always)]
+fn config() -> TcpConfig {
+    // SAFETY: .rodata written by the agent before load.
+    unsafe { ptr::read_volatile(&TCP_CONFIG) }
+}
+
+#[inline(always)]
+fn read<T>(ctx: &TracePointContext, offset: u16) -> Result<T, i64> {
+    if offset == FIELD_ABSENT {
+        return Err(-1);
+    }
+    // SAFETY: the offset comes from this tracepoint's format file.
+    unsafe { ctx.read_at::<T>(offset as usize) }.map_err(i64::from)
+}
+
+/// Reads the connection fields and applies the family and port filters.
+/// `None`: filtered out.
+#[inline(always)]
+fn read_tuple(
+    ctx: &TracePointContext,
+    cfg: &TcpConfig,
+    offsets: &TcpTpOffsets,
+) -> Result<Option<TcpTuple>, i64> {
+    let o = &offsets.tuple;
+    let family: u16 = read(ctx, o.family)?;
+    let sport: u16 = read(ctx, o.sport)?;
+    let dport: u16 = read(ctx, o.dport)?;
+    if !cfg.family_allowed(family) || !cfg.port_allowed(sport, dport) {
+        return Ok(None);
+    }
+    let mut tuple = TcpTuple {
+        family,
+        sport,
+        dport,
+        ..TcpTuple::default()
+    };
+    match family {
+        AF_INET => {
+            let s: [u8; 4] = read(ctx, o.saddr)?;
+            let d: [u8; 4] = read(ctx, o.daddr)?;
+            tuple.saddr[..4].copy_from_slice(&s);
+            tuple.daddr[..4].copy_from_slice(&d);
+        }
+        AF_INET6 => {
+            tuple.saddr = read(ctx, o.saddr_v6)?;
+            tuple.daddr = read(ctx, o.daddr_v6)?;
+        }
+        _ => return Ok(None),
+    }
+    Ok(Some(tuple))
+}
+
+#[inline(always)]
+fn header(kind: EventKind) -> EventHeader {
+    // SAFETY: helpers without arguments.
+    unsafe {
+        EventHeader {
+            kind: kind as u32,
+            cpu: bpf_get_smp_processor_id(),
+            ts_ns: bpf_ktime_get_ns(),
+        }
+    }
+}
+
+/// The current task as a socket owner. Only meaningful in process context.
+#[inline(always)]
+fn current_owner() -> Owner {
+    Owner {
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        known: 1,
+        // SAFETY: helper without arguments.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        comm: bpf_get_current_comm().unwrap_or_default(),
+    }
+}
+
+/// The network namespace a socket belongs to (`sk->__sk_common.skc_net`),
+/// or 0 when the offset is unknown: then listeners are keyed by port only.
+#[inline(always)]
+fn sock_net(cfg: &TcpConfig, sk: u64) -> u64 {
+    if cfg.sk_net_offset == 0 {
+        return 0;
+    }
+    // SAFETY: probe read of kernel memory; a fault returns an error.
+    unsafe { bpf_probe_read_kernel((sk + u64::from(cfg.sk_net_offset)) as *const u64) }
+        .unwrap_or(0)
+}
+
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    try_inet_sock_set_state(&ctx).unwrap_or(0)
+}
+
+fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
+    let cfg = config();
+    let o = &cfg.set_state;
+    let protocol: u16 = read(ctx, o.protocol)?;
+    if protocol != IPPROTO_TCP {
+        return Ok(0);
+    }
+    let sk: u64 = read(ctx, o.skaddr)?;
+    let oldstate: i32 = read(ctx, o.oldstate)?;
+    let newstate: i32 = read(ctx, o.state)?;
+    // Ownership is tracked for every TCP socket, whatever the filters: they
+    // apply to what is reported, and cost more here than they save.
+    match newstate {
+        TCP_SYN_SENT | TCP_LISTEN => {
+            // connect() or listen(): process context, the caller owns it.
+            let owner = current_owner();
+            let info = SockInfo {
+                owner,
+                ..SockInfo::default()
+            };
+            SOCKS.insert(sk, info, 0).map_err(i64::from)?;
+            if newstate == TCP_LISTEN {
+                let port: u16 = read(ctx, o.tuple.sport)?;
+                LISTENERS
+                    .insert(listener_key(&cfg, sk, port), owner, 0)
+                    .map_err(i64::from)?;
+            }
+        }
+        TCP_SYN_RECV if oldstate == TCP_LISTEN => {
+            // A child cloned from its listener, in softirq: the listener's
+            // owner will accept() it.
+            let port: u16 = read(ctx, o.tuple.sport)?;
+            // SAFETY: the value is copied out before any other map update.
+            if let Some(owner) = unsafe { LISTENERS.get(listener_key(&cfg, sk, port)) } {
+                let info = SockInfo {
+                    owner: *owner,
+                    ..SockInfo::default()
+                };
+                SOCKS.insert(sk, info, 0).map_err(i64::from)?;
+            }
+        }
+        TCP_CLOSE => {
+            if oldstate == TCP_LISTEN {
+                let port: u16 = read(ctx, o.tuple.sport)?;
+                let _ = LISTENERS.remove(listener_key(&cfg, sk, port));
+            }
+            let _ = SOCKS.remove(sk);
+        }
+        _ => {}
+    }
+    Ok(0)
+}
+
+#[inline(always)]
+fn listener_key(cfg: &TcpConfig, sk: u64, port: u16) -> ListenerKey {
+    ListenerKey {
+        net: sock_net(cfg, sk),
+        port,
+        _pad: [0; 6],
+    }
+}
+
+#[tracepoint]
+pub fn retransmit_skb(ctx: TracePointContext) -> u32 {
+    try_retransmit_skb(&ctx).unwrap_or(0)
+}
+
+fn try_retransmit_skb(ctx: &TracePointContext) -> Result<u32, i64> {
+    let cfg = config();
+    let o = &cfg.retransmit_skb;
+    let Some(tuple) = read_tuple(ctx, &cfg, o)? else {
+        return Ok(0);
+    };
+    let sk: u64 = read(ctx, o.skaddr)?;
+    // `state` exists since 4.16; without it every retransmit is "data".
+    let state: i32 = read(ctx, o.state).unwrap_or(0);
+    let (owner, conn_retrans) = match SOCKS.get_ptr_mut(sk) {
+        Some(info) => {
+            // SAFETY: a live map value. A plain increment is enough: the
+            // kernel retransmits with the socket locked (tcp_retransmit_timer
+            // and the receive path both hold it), so two retransmits of one
+            // socket never run at once.
+            unsafe {
+                (*info).retrans += 1;
+                ((*info).owner, (*info).retrans)
+            }
+        }
+        None => {
+            // A socket from before the agent started: count from here; the
+            // agent fills in the owner from /proc.
+            let info = SockInfo {
+                retrans: 1,
+                ..SockInfo::default()
+            };
+            let _ = SOCKS.insert(sk, info, 0);
+            (Owner::default(), 1)
+        }
+    };
+    let kind = if state == TCP_SYN_SENT {
+        RetransKind::Syn
+    } else {
+        RetransKind::Data
+    };
+    let event = RetransEvent {
+        header: header(EventKind::Retrans),
+        sock_id: sk,
+        owner,
+        tuple,
+        state,
+        kind: kind as u32,
+        conn_retrans,
+        _pad: 0,
+    };
+    emit(ctx, ClassId::Retrans, &event);
+    Ok(0)
+}
+
+#[tracepoint]
+pub fn retransmit_synack(ctx: TracePointContext) -> u32 {
+    try_retransmit_synack(&ctx).unwrap_or(0)
+}
+
+fn try_retransmit_synack(ctx: &TracePointContext) -> Result<u32, i64> {
+    let cfg = config();
+    let o = &cfg.retransmit_synack;
+    let Some(tuple) = read_tuple(ctx, &cfg, o)? else {
+        return Ok(0);
+    };
+    // `skaddr` is the listener; the request socket identifies the
+    // connection being set up.
+    let listener: u64 = read(ctx, o.skaddr)?;
+    let req: u64 = read(ctx, o.req)?;
+    // SAFETY: the value is copied out immediately.
+    let owner = unsafe { SOCKS.get(listener) }
+        .map(|info| info.owner)
+        .unwrap_or_default();
+    let conn_retrans = match SYNACK_RETRANS.get_ptr_mut(req) {
+        Some(count) => {
+            // SAFETY: a live map value; one request socket's SYN-ACKs are
+            // retransmitted by its own timer, one at a time.
+            unsafe {
+                *count += 1;
+                *count
+            }
+        }
+        None => {
+            let _ = SYNACK_RETRANS.insert(req, 1, 0);
+            1
+        }
+    };
+    let event = RetransEvent {
+        header: header(EventKind::Retrans),
+        sock_id: req,
+        owner,
+        tuple,
+        state: TCP_SYN_RECV,
+        kind: RetransKind::SynAck as u32,
+        conn_retrans,
+        _pad: 0,
+    };
+    emit(ctx, ClassId::Retrans, &event);
+    Ok(0)
+}
