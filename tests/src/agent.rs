@@ -1,0 +1,256 @@
+//! Runs the agent under test and reads its JSON Lines.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::lines::LineLog;
+use crate::record::{self, assert_envelope};
+use crate::{WAIT, bpf, cmd, env};
+
+/// How long the agent may take to exit after being asked to.
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the kernel may take to free the agent's programs after it exits.
+const UNLOAD_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// A running `$KDIAG_AGENT <args>`; killed in Drop if still running.
+pub struct Agent {
+    // Cells so that `fail` (on &self) can still collect the exit status of
+    // an agent that died, which is most of the diagnosis.
+    child: RefCell<Child>,
+    pid: u32,
+    path: PathBuf,
+    args: Vec<String>,
+    stdout: LineLog,
+    stderr: LineLog,
+    status: Cell<Option<ExitStatus>>,
+    /// Ids of the kdiag programs it held once started (see `wait_start`).
+    programs: BTreeSet<u32>,
+}
+
+impl Agent {
+    pub fn spawn(args: &[&str]) -> Agent {
+        Agent::spawn_with(args, |_| {})
+    }
+
+    /// `spawn`, letting the caller adjust the command first (e.g. its uid).
+    pub fn spawn_with(args: &[&str], configure: impl FnOnce(&mut Command)) -> Agent {
+        let path = env::agent_path();
+        let mut command = Command::new(&path);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        configure(&mut command);
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {} {args:?}: {e}", path.display()));
+        Agent {
+            stdout: LineLog::spawn(child.stdout.take().expect("piped stdout")),
+            stderr: LineLog::spawn(child.stderr.take().expect("piped stderr")),
+            pid: child.id(),
+            child: RefCell::new(child),
+            path,
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            status: Cell::new(None),
+            programs: BTreeSet::new(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Waits for the first line, which must be `agent_start`, checks it
+    /// against the contract, and records which kdiag programs the agent
+    /// holds (for `assert_programs_released`). Panics showing the agent's
+    /// stderr otherwise.
+    pub fn wait_start(&mut self) -> Value {
+        let first = self
+            .stdout
+            .wait(WAIT, |lines| lines.first().cloned())
+            .unwrap_or_else(|ended| self.fail(&format!("no agent_start line ({ended:?})")));
+        let start: Value = serde_json::from_str(&first)
+            .unwrap_or_else(|e| self.fail(&format!("first line is not JSON ({e}): {first}")));
+        if !record::is_type(&start, "agent_start") {
+            self.fail(&format!("first line is not agent_start: {first}"));
+        }
+        assert_envelope(&start);
+        assert_eq!(record::str_field(&start, "version"), "0.1.0", "in {start}");
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+        assert_eq!(
+            record::str_field(&start, "kernel"),
+            release.trim(),
+            "in {start}"
+        );
+        let transport = record::str_field(&start, "transport");
+        assert!(
+            ["ringbuf", "perf"].contains(&transport),
+            "bad transport in {start}"
+        );
+        for key in ["attached", "degraded"] {
+            assert!(
+                start.get(key).is_some_and(Value::is_array),
+                "{key:?} is not an array in {start}"
+            );
+        }
+        self.record_programs();
+        start
+    }
+
+    fn record_programs(&mut self) {
+        let held = bpf::program_ids_held_by(self.pid());
+        let kdiag = bpf::kdiag_programs_among(&held);
+        if kdiag.is_empty() {
+            self.fail(&format!(
+                "agent started but holds no kdiag BPF program (it holds ids {held:?}; loaded: {:?})",
+                bpf::loaded_programs()
+            ));
+        }
+        self.programs = kdiag.into_iter().map(|(id, _)| id).collect();
+    }
+
+    /// The first line matching `pred`, waiting up to `timeout`; panics with
+    /// `what` and the agent's output if none comes (or the agent exits).
+    pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        self.wait_for_n(what, 1, timeout, pred).remove(0)
+    }
+
+    /// The first `n` lines matching `pred`, waiting up to `timeout`.
+    pub fn wait_for_n(
+        &self,
+        what: &str,
+        n: usize,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Vec<Value> {
+        let found = self.stdout.wait(timeout, |lines| match parse_all(lines) {
+            Ok(recs) => {
+                let matching: Vec<Value> = recs.into_iter().filter(|r| pred(r)).take(n).collect();
+                (matching.len() == n).then_some(Ok(matching))
+            }
+            Err(bad) => Some(Err(bad)),
+        });
+        match found {
+            Ok(Ok(recs)) => recs,
+            Ok(Err(bad)) => self.fail(&bad),
+            Err(ended) => self.fail(&format!("waiting for {what}: {ended:?}")),
+        }
+    }
+
+    /// All lines so far, parsed; panics on a line that is not JSON.
+    pub fn records(&self) -> Vec<Value> {
+        parse_all(&self.stdout.lines()).unwrap_or_else(|bad| self.fail(&bad))
+    }
+
+    /// Sends `signal` to the agent.
+    pub fn signal(&self, signal: libc::c_int) {
+        assert!(self.status.get().is_none(), "agent already exited");
+        let pid = libc::pid_t::try_from(self.pid()).expect("pid fits pid_t");
+        // SAFETY: kill has no memory-safety preconditions; the child is not
+        // reaped yet (status is None), so the pid still names it.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(
+            rc,
+            0,
+            "kill({pid}, {signal}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// SIGINT, then waits for the exit: returns the status and all lines.
+    pub fn stop(&mut self) -> (ExitStatus, Vec<Value>) {
+        self.stop_with(libc::SIGINT)
+    }
+
+    /// Sends `signal` and waits for the exit: returns the status and all
+    /// lines.
+    pub fn stop_with(&mut self, signal: libc::c_int) -> (ExitStatus, Vec<Value>) {
+        self.signal(signal);
+        let status = self.wait_exit(EXIT_TIMEOUT);
+        (status, self.records())
+    }
+
+    /// Waits for the agent to exit on its own; panics after `timeout`. All of
+    /// its output has been read when this returns.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let Some(status) = self.poll_exit(timeout) else {
+            self.fail(&format!("did not exit within {timeout:?}"));
+        };
+        // The pipes reach EOF right after the exit (unless closed by us).
+        self.stdout.wait_eof(Duration::from_secs(2));
+        self.stderr.wait_eof(Duration::from_secs(2));
+        status
+    }
+
+    /// The exit status, waiting up to `timeout` for it; None while running.
+    fn poll_exit(&self, timeout: Duration) -> Option<ExitStatus> {
+        if self.status.get().is_none() {
+            self.status
+                .set(cmd::wait_timeout(&mut self.child.borrow_mut(), timeout));
+        }
+        self.status.get()
+    }
+
+    /// Closes our end of the agent's stdout, as a consumer that goes away
+    /// (`kdiag-agent … | head -1`) does.
+    pub fn close_stdout(&self) {
+        self.stdout.close();
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.text()
+    }
+
+    /// After the exit: waits briefly until none of the kdiag programs the
+    /// agent held (recorded by `wait_start`) is loaded any more.
+    pub fn assert_programs_released(&self) {
+        assert!(self.status.get().is_some(), "agent still running");
+        assert!(
+            !self.programs.is_empty(),
+            "wait_start was not called: no programs recorded"
+        );
+        bpf::assert_unloaded(&self.programs, UNLOAD_TIMEOUT);
+    }
+
+    /// Panics with `msg` and everything known about the agent.
+    pub fn fail(&self, msg: &str) -> ! {
+        // A failed wait often means the agent died: give it a moment to be
+        // reaped so the status is part of the message.
+        self.poll_exit(Duration::from_millis(300));
+        panic!(
+            "{msg}\nagent: {} {}\npid: {}, exit: {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.path.display(),
+            self.args.join(" "),
+            self.pid(),
+            self.status.get(),
+            self.stdout.text(),
+            self.stderr.text()
+        )
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.status.get().is_none() {
+            let child = self.child.get_mut();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn parse_all(lines: &[String]) -> Result<Vec<Value>, String> {
+    lines
+        .iter()
+        .map(|l| {
+            serde_json::from_str(l).map_err(|e| format!("agent printed a non-JSON line ({e}): {l}"))
+        })
+        .collect()
+}

@@ -1,0 +1,108 @@
+//! Which BPF programs a process holds, and whether they are gone: after the
+//! agent exits, none of its programs may stay loaded.
+
+use std::collections::BTreeSet;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::cmd;
+
+/// Names of kdiag's kernel programs (the eBPF functions).
+pub const KDIAG_PROGRAMS: &[&str] = &["retransmit_skb", "retransmit_synack", "inet_sock_set_state"];
+
+/// The kernel keeps at most 15 bytes of a program name (BPF_OBJ_NAME_LEN
+/// - 1); bpftool shows that, or the full name when it finds it in BTF.
+const BPF_NAME_MAX: usize = 15;
+
+/// Whether a name as shown by bpftool is one of kdiag's programs.
+pub fn is_kdiag_program(shown: &str) -> bool {
+    KDIAG_PROGRAMS
+        .iter()
+        .any(|full| shown == *full || shown == &full[..full.len().min(BPF_NAME_MAX)])
+}
+
+/// Loaded programs as (id, name), from `bpftool prog show -j`.
+pub fn loaded_programs() -> Vec<(u32, String)> {
+    let json = cmd::run("bpftool", &["prog", "show", "-j"]);
+    let progs: Value = serde_json::from_str(&json)
+        .unwrap_or_else(|e| panic!("bpftool prog show -j printed invalid JSON ({e}): {json}"));
+    progs
+        .as_array()
+        .unwrap_or_else(|| panic!("bpftool prog show -j did not print an array: {json}"))
+        .iter()
+        .map(|p| {
+            let id = p
+                .get("id")
+                .and_then(Value::as_u64)
+                .expect("bpftool prog without id");
+            let name = p.get("name").and_then(Value::as_str).unwrap_or("");
+            (
+                u32::try_from(id).expect("prog id fits u32"),
+                name.to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Ids of the BPF programs process `pid` holds through a program or link fd,
+/// from the `prog_id:` lines of /proc/PID/fdinfo. Ids are specific to this
+/// process, unlike names: parallel tests run other agents with the same
+/// program names at the same time.
+pub fn program_ids_held_by(pid: u32) -> BTreeSet<u32> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("reading {dir}: {e}"));
+    entries
+        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
+        .flat_map(|info| {
+            info.lines()
+                .filter_map(|l| l.strip_prefix("prog_id:")?.trim().parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// The kdiag programs among `held` (ids), with their names.
+pub fn kdiag_programs_among(held: &BTreeSet<u32>) -> Vec<(u32, String)> {
+    loaded_programs()
+        .into_iter()
+        .filter(|(id, name)| held.contains(id) && is_kdiag_program(name))
+        .collect()
+}
+
+/// Waits up to `timeout` until none of the programs `ids` is loaded (the
+/// kernel frees programs asynchronously after the last fd closes); panics
+/// listing the ones that remain.
+pub fn assert_unloaded(ids: &BTreeSet<u32>, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let remaining: Vec<(u32, String)> = loaded_programs()
+            .into_iter()
+            .filter(|(id, _)| ids.contains(id))
+            .collect();
+        if remaining.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "BPF programs still loaded {timeout:?} after the agent exited: {remaining:?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_kdiag_program;
+
+    #[test]
+    fn names_match_truncated_or_full() {
+        assert!(is_kdiag_program("retransmit_skb"));
+        assert!(is_kdiag_program("retransmit_syna"));
+        assert!(is_kdiag_program("retransmit_synack"));
+        assert!(is_kdiag_program("inet_sock_set_s"));
+        assert!(!is_kdiag_program("inet_sock"));
+        assert!(!is_kdiag_program("sd_devices"));
+    }
+}

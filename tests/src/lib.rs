@@ -1,0 +1,24 @@
+//! Harness for kdiag's integration tests: they run `kdiag-agent` as root
+//! against the real kernel and drive real TCP traffic between two network
+//! namespaces, so every fixture here owns a kernel resource (namespace,
+//! process, nftables rule) and releases it in `Drop`, also when a test panics.
+//!
+//! Nothing here skips: without root or `KDIAG_AGENT` the fixtures panic, so
+//! a misconfigured run fails loudly instead of passing vacuously.
+
+pub mod agent;
+pub mod bpf;
+pub mod cmd;
+pub mod env;
+pub mod lines;
+pub mod netns;
+pub mod nft;
+pub mod peer;
+pub mod record;
+
+use std::time::Duration;
+
+/// Upper bound for any single wait on the agent or a peer. Generous compared
+/// with the events waited for (SYN retransmits come at ~1 s and ~3 s) so a
+/// loaded 2-core machine doesn't make tests flaky, yet finite so none hangs.
+pub const WAIT: Duration = Duration::from_secs(8);

@@ -1,0 +1,88 @@
+//! Reading and checking the agent's JSON Lines (schema v1).
+
+use serde_json::Value;
+
+/// The `type` of a record, or "" if it has none.
+pub fn kind_of(rec: &Value) -> &str {
+    rec.get("type").and_then(Value::as_str).unwrap_or("")
+}
+
+pub fn is_type(rec: &Value, ty: &str) -> bool {
+    kind_of(rec) == ty
+}
+
+/// A string field; panics (showing the record) if absent or not a string.
+pub fn str_field<'a>(rec: &'a Value, key: &str) -> &'a str {
+    rec.get(key)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("field {key:?} is not a string in {rec}"))
+}
+
+/// An unsigned integer field; panics (showing the record) otherwise.
+pub fn u64_field(rec: &Value, key: &str) -> u64 {
+    rec.get(key)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("field {key:?} is not an unsigned integer in {rec}"))
+}
+
+/// `u64_field` for fields holding a port.
+pub fn port_field(rec: &Value, key: &str) -> u16 {
+    u16::try_from(u64_field(rec, key)).unwrap_or_else(|_| panic!("{key:?} out of range in {rec}"))
+}
+
+/// The `pid` of a record if it is an integer (the contract allows null).
+pub fn pid_of(rec: &Value) -> Option<u64> {
+    rec.get("pid").and_then(Value::as_u64)
+}
+
+/// Checks the envelope every line carries: `"v":1`, a `type`, `ts` in
+/// RFC 3339 UTC with nanoseconds, and a non-empty `host`.
+pub fn assert_envelope(rec: &Value) {
+    assert_eq!(
+        rec.get("v").and_then(Value::as_u64),
+        Some(1),
+        "\"v\" must be 1 in {rec}"
+    );
+    assert!(!kind_of(rec).is_empty(), "missing \"type\" in {rec}");
+    let ts = str_field(rec, "ts");
+    assert!(
+        is_rfc3339_utc_nanos(ts),
+        "\"ts\" {ts:?} is not RFC 3339 UTC with nanoseconds in {rec}"
+    );
+    assert!(
+        !str_field(rec, "host").is_empty(),
+        "empty \"host\" in {rec}"
+    );
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.fffZ` with 1 to 9 fraction digits: RFC 3339 writers
+/// (e.g. `time`'s `Rfc3339`) drop trailing zeros of the nanoseconds, so the
+/// digit count varies between records.
+fn is_rfc3339_utc_nanos(ts: &str) -> bool {
+    const SHAPE: &str = "dddd-dd-ddTdd:dd:dd.";
+    let Some(frac) = ts
+        .get(SHAPE.len()..)
+        .and_then(|rest| rest.strip_suffix('Z'))
+    else {
+        return false;
+    };
+    ts.chars().zip(SHAPE.chars()).all(|(c, s)| match s {
+        'd' => c.is_ascii_digit(),
+        _ => c == s,
+    }) && (1..=9).contains(&frac.len())
+        && frac.bytes().all(|b| b.is_ascii_digit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_rfc3339_utc_nanos;
+
+    #[test]
+    fn timestamp_shape() {
+        assert!(is_rfc3339_utc_nanos("2025-01-02T03:04:05.123456789Z"));
+        assert!(is_rfc3339_utc_nanos("2025-01-02T03:04:05.12345678Z"));
+        assert!(!is_rfc3339_utc_nanos("2025-01-02T03:04:05Z"));
+        assert!(!is_rfc3339_utc_nanos("2025-01-02T03:04:05.1234567890Z"));
+        assert!(!is_rfc3339_utc_nanos("2025-01-02T03:04:05.123456789+00:00"));
+    }
+}
