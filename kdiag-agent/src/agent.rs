@@ -5,20 +5,20 @@
 use std::{fs, io, os::fd::AsFd as _, time::Duration};
 
 use aya::maps::PerCpuArray;
-use kdiag_common::tcp::{AF_INET, AF_INET6};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     class::{Class, ClassError},
     classes::retrans::{OwnerFilter, RetransClass},
+    classes::tcp_config::TcpFilter,
     cli::{Cli, Command},
     clock::{WallClock, monotonic_ns},
-    loader::{self, LoadError, LoadRequest},
+    loader::{self, LoadError},
     output::Output,
     privileges::{self, MissingPrivileges},
     procfs,
     record::AgentStart,
-    stats::StatsCollector,
+    stats::{ProgramCounters, StatsCollector},
     transport::{Reader, TransportError, TransportKind},
     wire,
 };
@@ -35,6 +35,8 @@ pub enum AgentError {
     Transport(#[from] TransportError),
     #[error("the kernel programs have no {0} map")]
     MissingMap(&'static str),
+    #[error("{0}")]
+    Setup(String),
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -68,23 +70,15 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
             return Err(AgentError::Usage(format!("--pid {pid}: no such process")));
         }
     }
-    let Plan {
-        mut classes,
-        family,
-        ports,
-    } = plan(&cli)?;
+    let mut classes = plan(&cli)?;
     privileges::check()?;
 
-    let tracepoints = classes
-        .iter()
-        .flat_map(|c| c.tracepoints().iter().copied())
-        .collect();
-    let mut loaded = loader::load(&LoadRequest {
-        tracepoints,
-        transport: cli.global.transport,
-        family,
-        ports,
-    })?;
+    let mut loaded = loader::load(&classes, cli.global.transport)?;
+    for class in &mut classes {
+        class
+            .on_loaded(&mut loaded.ebpf)
+            .map_err(|e| AgentError::Setup(format!("{}: {e}", class.name())))?;
+    }
     // Kernel run-time statistics for agent_stats, for as long as this fd is
     // open: the kernel turns them off again when the agent exits, however it
     // exits. Without them (old kernels) run counts read as zero.
@@ -141,8 +135,7 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
             _ = interval.tick(), if interval_secs > 0 => {
                 out.clock_mut().resync();
                 let programs = stats.snapshot_programs(&loaded.ebpf);
-                let report = stats.report(programs, monotonic_ns());
-                out.write(monotonic_ns(), &report).and_then(|()| out.flush()).map(|()| None)
+                end_interval(&mut classes, &mut stats, programs, &mut out).map(|()| None)
             }
             _ = stdout_check.tick() => Ok(stdout_closed(&stdout).then_some(Stop::StdoutClosed)),
             _ = sigint.recv() => Ok(Some(Stop::Signal)),
@@ -178,48 +171,24 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
         &mut stats,
         &mut decode_errors,
     )
-    .and_then(|()| {
-        let report = stats.report(programs, monotonic_ns());
-        out.write(monotonic_ns(), &report)
-    })
-    .and_then(|()| out.flush());
+    .and_then(|()| end_interval(&mut classes, &mut stats, programs, &mut out));
     match finish {
         Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(e.into()),
         _ => Ok(()),
     }
 }
 
-/// What a command runs: its classes and the kernel-side TCP filters.
-struct Plan {
-    classes: Vec<Box<dyn Class>>,
-    family: u16,
-    ports: Vec<u16>,
-}
-
-fn plan(cli: &Cli) -> Result<Plan, AgentError> {
-    let filter = OwnerFilter::new(cli.global.pids.clone(), cli.global.cgroup.clone());
-    match &cli.command {
+/// The classes a command runs.
+fn plan(cli: &Cli) -> Result<Vec<Box<dyn Class>>, AgentError> {
+    let owners = OwnerFilter::new(cli.global.pids.clone(), cli.global.cgroup.clone());
+    let classes: Vec<Box<dyn Class>> = match &cli.command {
         Command::Retrans(args) => {
-            let family = match (args.ipv4, args.ipv6) {
-                (true, _) => AF_INET,
-                (_, true) => AF_INET6,
-                _ => 0,
-            };
-            if args.ports.len() > kdiag_common::tcp::MAX_PORTS {
-                return Err(AgentError::Usage(format!(
-                    "--port: at most {} ports, got {}",
-                    kdiag_common::tcp::MAX_PORTS,
-                    args.ports.len()
-                )));
-            }
-            let class: Box<dyn Class> = Box::new(RetransClass::new(filter));
-            Ok(Plan {
-                classes: vec![class],
-                family,
-                ports: args.ports.clone(),
-            })
+            let tcp =
+                TcpFilter::new(&args.ports, args.ipv4, args.ipv6).map_err(AgentError::Usage)?;
+            vec![Box::new(RetransClass::new(owners, tcp))]
         }
-    }
+    };
+    Ok(classes)
 }
 
 fn take_map(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<aya::maps::Map, AgentError> {
@@ -254,7 +223,7 @@ fn dispatch(
         match handled {
             Ok((id, n)) => stats.count_events(id, n),
             Err(ClassError::Output(e)) => result = Err(e),
-            Err(ClassError::Decode(e)) => {
+            Err(e) => {
                 // Only a mismatch between the agent and its own kernel
                 // programs can cause this: say so once, keep going.
                 if *decode_errors == 0 {
@@ -265,6 +234,28 @@ fn dispatch(
         }
     });
     result
+}
+
+/// Writes each class's summaries, then `agent_stats`, for the interval that
+/// ends now.
+fn end_interval(
+    classes: &mut [Box<dyn Class>],
+    stats: &mut StatsCollector,
+    programs: ProgramCounters,
+    out: &mut Output,
+) -> io::Result<()> {
+    let now = monotonic_ns();
+    let interval_ns = now.saturating_sub(stats.interval_start_ns());
+    for class in classes.iter_mut() {
+        match class.on_interval(now, interval_ns, out) {
+            Ok(()) => {}
+            Err(ClassError::Output(e)) => return Err(e),
+            Err(e) => eprintln!("kdiag-agent: {}: {e}", class.name()),
+        }
+    }
+    let report = stats.report(programs, now);
+    out.write(now, &report)?;
+    out.flush()
 }
 
 /// A pipe whose reader has gone reports POLLERR to the writer.

@@ -11,13 +11,16 @@ use kdiag_common::{CLASS_COUNT, LOSS_DROPPED, LOSS_LOST, LOSS_REASONS, LOSS_SLOT
 
 use crate::record::{AgentStats, ClassStats, ProgramStats};
 
+/// Run count and run time per program name, as the kernel reports them.
+pub type ProgramCounters = BTreeMap<String, (u64, u64)>;
+
 pub struct StatsCollector {
     class_names: Vec<(u32, &'static str)>,
     losses: PerCpuArray<MapData, u64>,
     /// Records written per class id since the last report.
     events: [u64; CLASS_COUNT as usize],
     last_losses: [u64; LOSS_SLOTS as usize],
-    last_programs: BTreeMap<String, (u64, u64)>,
+    last_programs: ProgramCounters,
     last_cpu_ns: u64,
     last_mono_ns: u64,
 }
@@ -45,8 +48,13 @@ impl StatsCollector {
         }
     }
 
+    /// Monotonic time the current interval began.
+    pub fn interval_start_ns(&self) -> u64 {
+        self.last_mono_ns
+    }
+
     /// Per-program counters; read them before the programs are unloaded.
-    pub fn snapshot_programs(&self, ebpf: &Ebpf) -> BTreeMap<String, (u64, u64)> {
+    pub fn snapshot_programs(&self, ebpf: &Ebpf) -> ProgramCounters {
         ebpf.programs()
             .filter_map(|(name, p)| {
                 let info = p.info().ok()?;
@@ -59,11 +67,7 @@ impl StatsCollector {
     }
 
     /// The report for the interval ending now, and the start of the next.
-    pub fn report(
-        &mut self,
-        programs: BTreeMap<String, (u64, u64)>,
-        now_mono_ns: u64,
-    ) -> AgentStats {
+    pub fn report(&mut self, programs: ProgramCounters, now_mono_ns: u64) -> AgentStats {
         let losses = self.read_losses();
         let mut classes = BTreeMap::new();
         for &(id, name) in &self.class_names {

@@ -6,6 +6,7 @@
 //! hands the offsets to the programs.
 
 use std::{
+    collections::HashMap,
     fs, io,
     path::{Path, PathBuf},
 };
@@ -111,6 +112,24 @@ pub struct Format {
 impl Format {
     pub fn field(&self, name: &str) -> Option<&Field> {
         self.fields.iter().find(|f| f.name == name)
+    }
+}
+
+/// The formats of the attached tracepoints, by program name.
+#[derive(Debug, Default)]
+pub struct Formats(HashMap<&'static str, Format>);
+
+impl Formats {
+    pub fn insert(&mut self, program: &'static str, format: Format) {
+        self.0.insert(program, format);
+    }
+
+    pub fn get(&self, program: &str) -> Option<&Format> {
+        self.0.get(program)
+    }
+
+    pub fn contains(&self, program: &str) -> bool {
+        self.0.contains_key(program)
     }
 }
 

@@ -13,12 +13,22 @@ pub mod tcp;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {
     Retrans = 1,
+    TcpState = 2,
+    TcpConn = 3,
+    Reclaim = 4,
+    Compact = 5,
+    Softirq = 6,
 }
 
 impl EventKind {
     pub const fn from_u32(v: u32) -> Option<Self> {
         match v {
             1 => Some(Self::Retrans),
+            2 => Some(Self::TcpState),
+            3 => Some(Self::TcpConn),
+            4 => Some(Self::Reclaim),
+            5 => Some(Self::Compact),
+            6 => Some(Self::Softirq),
             _ => None,
         }
     }
@@ -76,8 +86,12 @@ pub const LOSS_REASONS: u32 = 2;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClassId {
     Retrans = 0,
+    Tcp = 1,
+    Reclaim = 2,
+    Compact = 3,
+    Softirq = 4,
 }
-pub const CLASS_COUNT: u32 = 1;
+pub const CLASS_COUNT: u32 = 5;
 
 /// Size of the per-CPU loss counter array.
 pub const LOSS_SLOTS: u32 = CLASS_COUNT * LOSS_REASONS;

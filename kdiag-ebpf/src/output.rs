@@ -7,11 +7,15 @@ use core::{ffi::c_void, ptr};
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_F_CURRENT_CPU,
-    helpers::generated::bpf_perf_event_output,
+    helpers::{
+        bpf_get_smp_processor_id, bpf_ktime_get_ns, generated::bpf_perf_event_output,
+    },
     macros::map,
     maps::{PerCpuArray, PerfEventArray, RingBuf},
 };
-use kdiag_common::{ClassId, LOSS_DROPPED, LOSS_LOST, LOSS_REASONS, LOSS_SLOTS, Transport};
+use kdiag_common::{
+    ClassId, EventHeader, EventKind, LOSS_DROPPED, LOSS_LOST, LOSS_REASONS, LOSS_SLOTS, Transport,
+};
 
 /// Which transport to write to; a `Transport` set by the agent at load.
 #[unsafe(no_mangle)]
@@ -31,6 +35,19 @@ static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_SLOTS, 0);
 
 /// -ENOSPC: the perf buffer of this CPU is full.
 const ENOSPC: i64 = -28;
+
+/// The header every event starts with: its kind, this CPU, now.
+#[inline(always)]
+pub fn header(kind: EventKind) -> EventHeader {
+    // SAFETY: helpers without arguments.
+    unsafe {
+        EventHeader {
+            kind: kind as u32,
+            cpu: bpf_get_smp_processor_id(),
+            ts_ns: bpf_ktime_get_ns(),
+        }
+    }
+}
 
 /// Sends `event` to userspace, counting it as dropped or lost if it does not
 /// fit.

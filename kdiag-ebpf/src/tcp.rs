@@ -14,14 +14,14 @@ use core::ptr;
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel,
     },
     macros::{map, tracepoint},
     maps::LruHashMap,
     programs::TracePointContext,
 };
 use kdiag_common::{
-    ClassId, EventHeader, EventKind, Owner,
+    ClassId, EventKind, Owner,
     tcp::{
         AF_INET, AF_INET6, FIELD_ABSENT, IPPROTO_TCP, ListenerKey, RetransEvent, RetransKind,
         SockInfo, TCP_CLOSE, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT, TcpConfig, TcpTpOffsets,
@@ -29,7 +29,7 @@ use kdiag_common::{
     },
 };
 
-use crate::output::emit;
+use crate::output::{emit, header};
 
 /// Offsets and filters, written by the agent at load.
 #[unsafe(no_mangle)]
@@ -101,18 +101,6 @@ fn read_tuple(
         _ => return Ok(None),
     }
     Ok(Some(tuple))
-}
-
-#[inline(always)]
-fn header(kind: EventKind) -> EventHeader {
-    // SAFETY: helpers without arguments.
-    unsafe {
-        EventHeader {
-            kind: kind as u32,
-            cpu: bpf_get_smp_processor_id(),
-            ts_ns: bpf_ktime_get_ns(),
-        }
-    }
 }
 
 /// The current task as a socket owner. Only meaningful in process context.

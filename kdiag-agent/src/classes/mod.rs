@@ -1,3 +1,4 @@
 //! One module per event class.
 
 pub mod retrans;
+pub mod tcp_config;

@@ -7,13 +7,15 @@ use kdiag_common::{
     tcp::{AF_INET6, RetransEvent, RetransKind},
 };
 
+use super::tcp_config::{TcpFilter, tcp_global};
 use crate::{
-    class::{Class, ClassError, Tracepoint},
+    class::{Class, ClassError, Global, Tracepoint},
     output::Output,
     owner::{OwnerResolver, ResolvedOwner},
     procfs,
-    record::Retrans,
+    record::{Degraded, Retrans},
     tcp_state::state_name,
+    tracefs::Formats,
     wire::{DecodeError, decode},
 };
 
@@ -74,13 +76,15 @@ impl OwnerFilter {
 pub struct RetransClass {
     owners: OwnerResolver,
     filter: OwnerFilter,
+    tcp: TcpFilter,
 }
 
 impl RetransClass {
-    pub fn new(filter: OwnerFilter) -> Self {
+    pub fn new(filter: OwnerFilter, tcp: TcpFilter) -> Self {
         Self {
             owners: OwnerResolver::new(),
             filter,
+            tcp,
         }
     }
 }
@@ -131,6 +135,10 @@ impl Class for RetransClass {
 
     fn tracepoints(&self) -> &'static [Tracepoint] {
         TRACEPOINTS
+    }
+
+    fn globals(&self, formats: &Formats, degraded: &mut Vec<Degraded>) -> Vec<Global> {
+        vec![tcp_global(formats, &self.tcp, degraded)]
     }
 
     fn handles(&self, kind: EventKind) -> bool {

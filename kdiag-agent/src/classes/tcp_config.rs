@@ -1,0 +1,126 @@
+//! The TCP programs' configuration (`TCP_CONFIG`), shared by the classes
+//! that use them: tracepoint offsets, the socket's namespace offset, filters.
+
+use kdiag_common::tcp::{
+    AF_INET, AF_INET6, FIELD_ABSENT, MAX_PORTS, TcpConfig, TcpTpOffsets, TupleOffsets,
+};
+
+use crate::{
+    btf,
+    class::Global,
+    record::Degraded,
+    tracefs::{Format, Formats},
+};
+
+/// The kernel-side TCP filters: `--port` and `-4`/`-6`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TcpFilter {
+    pub ports: Vec<u16>,
+    /// 0 = both, else AF_INET or AF_INET6.
+    pub family: u16,
+}
+
+impl TcpFilter {
+    pub fn new(ports: &[u16], ipv4: bool, ipv6: bool) -> Result<Self, String> {
+        if ports.len() > MAX_PORTS {
+            return Err(format!(
+                "--port: at most {MAX_PORTS} ports, got {}",
+                ports.len()
+            ));
+        }
+        let family = match (ipv4, ipv6) {
+            (true, _) => AF_INET,
+            (_, true) => AF_INET6,
+            _ => 0,
+        };
+        Ok(Self {
+            ports: ports.to_vec(),
+            family,
+        })
+    }
+}
+
+/// `TCP_CONFIG` for these formats and filters.
+pub fn tcp_global(formats: &Formats, filter: &TcpFilter, degraded: &mut Vec<Degraded>) -> Global {
+    let mut tcp = TcpConfig::DEFAULT;
+    tcp.retransmit_skb = tcp_offsets(formats.get("retransmit_skb"));
+    tcp.retransmit_synack = tcp_offsets(formats.get("retransmit_synack"));
+    tcp.set_state = tcp_offsets(formats.get("inet_sock_set_state"));
+    if formats.contains("inet_sock_set_state") {
+        match btf::sk_net_offset() {
+            Ok(offset) => tcp.sk_net_offset = offset,
+            Err(e) => degraded.push(Degraded {
+                what: "btf/sock_common.skc_net".to_owned(),
+                why: format!(
+                    "listeners on one port in different network namespaces share an owner: {e}"
+                ),
+            }),
+        }
+    }
+    tcp.family = filter.family;
+    let n = filter.ports.len().min(MAX_PORTS);
+    tcp.nports = n as u16;
+    tcp.ports[..n].copy_from_slice(&filter.ports[..n]);
+    Global::new("TCP_CONFIG", &tcp)
+}
+
+/// Offsets of the TCP fields in a tracepoint's format; absent ones (and all
+/// of them, when the tracepoint is missing) are `FIELD_ABSENT`.
+pub fn tcp_offsets(format: Option<&Format>) -> TcpTpOffsets {
+    let Some(f) = format else {
+        return TcpTpOffsets::ABSENT;
+    };
+    let at = |name: &str| f.field(name).map_or(FIELD_ABSENT, |f| f.offset);
+    TcpTpOffsets {
+        tuple: TupleOffsets {
+            sport: at("sport"),
+            dport: at("dport"),
+            family: at("family"),
+            saddr: at("saddr"),
+            daddr: at("daddr"),
+            saddr_v6: at("saddr_v6"),
+            daddr_v6: at("daddr_v6"),
+            _pad: 0,
+        },
+        skaddr: at("skaddr"),
+        req: at("req"),
+        // tcp_retransmit_skb calls it `state`, inet_sock_set_state `newstate`.
+        state: f
+            .field("state")
+            .or_else(|| f.field("newstate"))
+            .map_or(FIELD_ABSENT, |f| f.offset),
+        oldstate: at("oldstate"),
+        protocol: at("protocol"),
+        _pad: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tracefs::parse_format;
+
+    #[test]
+    fn offsets_from_set_state_format() {
+        let text = "format:
+\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;
+\tfield:int newstate;\toffset:20;\tsize:4;\tsigned:1;
+\tfield:__u16 sport;\toffset:24;\tsize:2;\tsigned:0;
+\tfield:__u16 protocol;\toffset:30;\tsize:2;\tsigned:0;
+";
+        let o = tcp_offsets(Some(&parse_format(text).unwrap()));
+        assert_eq!((o.skaddr, o.oldstate, o.state, o.protocol), (8, 16, 20, 30));
+        assert_eq!(o.tuple.sport, 24);
+        assert_eq!(o.tuple.daddr_v6, FIELD_ABSENT);
+        assert_eq!(o.req, FIELD_ABSENT);
+        assert_eq!(tcp_offsets(None), TcpTpOffsets::ABSENT);
+    }
+
+    #[test]
+    fn filter_limits() {
+        assert!(TcpFilter::new(&[1; 9], false, false).is_err());
+        let f = TcpFilter::new(&[80, 443], false, true).unwrap();
+        assert_eq!((f.family, f.ports.len()), (AF_INET6, 2));
+    }
+}
