@@ -93,8 +93,11 @@ pub struct TcpConfig {
     pub nports: u16,
     /// Host byte order; matches the local or the remote port.
     pub ports: [u16; MAX_PORTS],
+    /// Non-zero: send a [`TcpStateEvent`] for every state change (the `tcp`
+    /// class); zero: only keep the socket map (owners for `retrans`).
+    pub stream_states: u32,
 }
-const _: () = assert!(size_of::<TcpConfig>() == 3 * 28 + 8 + 16);
+const _: () = assert!(size_of::<TcpConfig>() == 3 * 28 + 8 + 16 + 4);
 
 impl TcpConfig {
     pub const DEFAULT: Self = Self {
@@ -105,6 +108,7 @@ impl TcpConfig {
         family: 0,
         nports: 0,
         ports: [0; MAX_PORTS],
+        stream_states: 0,
     };
 
     /// Whether a connection with these ports passes the `--port` filter.
@@ -194,9 +198,50 @@ pub struct SockInfo {
     pub owner: Owner,
     /// Retransmits counted so far.
     pub retrans: u32,
+    /// A `ROLE_*` value.
+    pub role: u32,
+    /// When the programs first saw the socket (monotonic ns; 0 = unknown).
+    pub created_ns: u64,
+    /// When it entered its current state (monotonic ns; 0 = unknown).
+    pub state_since_ns: u64,
+}
+const _: () = assert!(size_of::<SockInfo>() == 56);
+
+/// How a socket came to be, as far as the programs saw.
+pub const ROLE_UNKNOWN: u32 = 0;
+/// connect(): CLOSE -> SYN_SENT.
+pub const ROLE_ACTIVE: u32 = 1;
+/// Accepted: cloned from a listener, LISTEN -> SYN_RECV.
+pub const ROLE_PASSIVE: u32 = 2;
+/// listen(): CLOSE -> LISTEN.
+pub const ROLE_LISTENER: u32 = 3;
+
+/// `TcpStateEvent::flags`: `old_state_ns` is known.
+pub const STATE_TIME_KNOWN: u32 = 1;
+
+/// One TCP state change (sock/inet_sock_set_state), with what the programs
+/// know of the socket at that moment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpStateEvent {
+    pub header: EventHeader,
+    /// Identifies the socket while it lives; never printed.
+    pub sock_id: u64,
+    pub owner: Owner,
+    pub tuple: TcpTuple,
+    pub oldstate: i32,
+    pub newstate: i32,
+    /// Time spent in `oldstate`, valid when `flags & STATE_TIME_KNOWN`.
+    pub old_state_ns: u64,
+    /// When the socket was first seen (0 = unknown).
+    pub created_ns: u64,
+    /// Retransmits of this socket so far.
+    pub retrans: u32,
+    pub role: u32,
+    pub flags: u32,
     pub _pad: u32,
 }
-const _: () = assert!(size_of::<SockInfo>() == 40);
+const _: () = assert!(size_of::<TcpStateEvent>() == 16 + 8 + 32 + 40 + 8 + 8 + 8 + 16);
 
 /// Key of the listener map: a listening port within one network namespace.
 #[repr(C)]
@@ -216,6 +261,7 @@ crate::impl_pod!(
     TcpConfig,
     TcpTuple,
     RetransEvent,
+    TcpStateEvent,
     SockInfo,
     ListenerKey
 );

@@ -14,18 +14,18 @@ use core::ptr;
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_probe_read_kernel,
+        bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::{map, tracepoint},
-    maps::LruHashMap,
+    maps::{LruHashMap, PerCpuArray},
     programs::TracePointContext,
 };
 use kdiag_common::{
     ClassId, EventKind, Owner,
     tcp::{
-        AF_INET, AF_INET6, FIELD_ABSENT, IPPROTO_TCP, ListenerKey, RetransEvent, RetransKind,
-        SockInfo, TCP_CLOSE, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT, TcpConfig, TcpTpOffsets,
-        TcpTuple,
+        AF_INET, AF_INET6, FIELD_ABSENT, IPPROTO_TCP, ListenerKey, ROLE_ACTIVE, ROLE_LISTENER,
+        ROLE_PASSIVE, ROLE_UNKNOWN, RetransEvent, RetransKind, STATE_TIME_KNOWN, SockInfo, TCP_CLOSE,
+        TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT, TcpConfig, TcpStateEvent, TcpTpOffsets, TcpTuple,
     },
 };
 
@@ -46,15 +46,23 @@ static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(65536, 0)
 #[map]
 static LISTENERS: LruHashMap<ListenerKey, Owner> = LruHashMap::with_max_entries(8192, 0);
 
+/// Scratch space for building a state-change event.
+#[map]
+static STATE_EVENT: PerCpuArray<TcpStateEvent> = PerCpuArray::with_max_entries(1, 0);
+
 /// Request socket address -> SYN-ACK retransmits so far. Request sockets
 /// have no close event; LRU bounds them.
 #[map]
 static SYNACK_RETRANS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(8192, 0);
 
+/// The configuration, read in place: the agent rewrites .rodata before load,
+/// so the compiler must not fold the defaults in. Reading the address
+/// through a volatile load hides the object from it without copying the
+/// whole struct onto the 512-byte stack.
 #[inline(always)]
-fn config() -> TcpConfig {
-    // SAFETY: .rodata written by the agent before load.
-    unsafe { ptr::read_volatile(&TCP_CONFIG) }
+fn config() -> &'static TcpConfig {
+    // SAFETY: the address of a static, valid for the program's life.
+    unsafe { &*ptr::read_volatile(&&raw const TCP_CONFIG) }
 }
 
 #[inline(always)]
@@ -142,47 +150,122 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
     let sk: u64 = read(ctx, o.skaddr)?;
     let oldstate: i32 = read(ctx, o.oldstate)?;
     let newstate: i32 = read(ctx, o.state)?;
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // The event is built in a per-CPU slot: with the socket's state beside
+    // it, it would not fit the 512-byte stack.
+    let Some(event) = STATE_EVENT.get_ptr_mut(0) else {
+        return Ok(0);
+    };
+    // SAFETY: this CPU's slot; classic tracepoint programs do not nest on a
+    // CPU, so nothing else uses it until this program returns.
+    let event = unsafe { &mut *event };
+
     // Ownership is tracked for every TCP socket, whatever the filters: they
     // apply to what is reported, and cost more here than they save.
-    match newstate {
+    record_birth(ctx, cfg, sk, oldstate, newstate, now)?;
+    // Take what we knew of the socket before this change, and the time it
+    // spent in the state it leaves. State changes of one socket happen under
+    // its lock, so these plain updates do not race.
+    let since = match SOCKS.get_ptr_mut(sk) {
+        Some(p) => {
+            // SAFETY: a live map value.
+            unsafe {
+                event.owner = (*p).owner;
+                event.created_ns = (*p).created_ns;
+                event.retrans = (*p).retrans;
+                event.role = (*p).role;
+                let since = (*p).state_since_ns;
+                (*p).state_since_ns = now;
+                since
+            }
+        }
+        None => {
+            event.owner = Owner::default();
+            event.created_ns = 0;
+            event.retrans = 0;
+            event.role = ROLE_UNKNOWN;
+            // A socket from before the agent started: time its states from
+            // here on.
+            if newstate != TCP_CLOSE {
+                let info = SockInfo {
+                    state_since_ns: now,
+                    ..SockInfo::default()
+                };
+                let _ = SOCKS.insert(sk, info, 0);
+            }
+            0
+        }
+    };
+    if newstate == TCP_CLOSE {
+        if oldstate == TCP_LISTEN {
+            let port: u16 = read(ctx, o.tuple.sport)?;
+            let _ = LISTENERS.remove(listener_key(cfg, sk, port));
+        }
+        let _ = SOCKS.remove(sk);
+    }
+    if cfg.stream_states == 0 {
+        return Ok(0);
+    }
+    let Some(tuple) = read_tuple(ctx, cfg, o)? else {
+        return Ok(0);
+    };
+    event.header = header(EventKind::TcpState);
+    event.sock_id = sk;
+    event.tuple = tuple;
+    event.oldstate = oldstate;
+    event.newstate = newstate;
+    event.old_state_ns = now.saturating_sub(since);
+    event.flags = if since != 0 { STATE_TIME_KNOWN } else { 0 };
+    event._pad = 0;
+    emit(ctx, ClassId::Tcp, event);
+    Ok(0)
+}
+
+/// Enters sockets born with this state change in the socket map, with their
+/// owner: connect(), listen(), and children cloned from a listener.
+#[inline(always)]
+fn record_birth(
+    ctx: &TracePointContext,
+    cfg: &TcpConfig,
+    sk: u64,
+    oldstate: i32,
+    newstate: i32,
+    now: u64,
+) -> Result<(), i64> {
+    let (owner, role) = match newstate {
         TCP_SYN_SENT | TCP_LISTEN => {
             // connect() or listen(): process context, the caller owns it.
             let owner = current_owner();
-            let info = SockInfo {
-                owner,
-                ..SockInfo::default()
-            };
-            SOCKS.insert(sk, info, 0).map_err(i64::from)?;
             if newstate == TCP_LISTEN {
-                let port: u16 = read(ctx, o.tuple.sport)?;
+                let port: u16 = read(ctx, cfg.set_state.tuple.sport)?;
                 LISTENERS
-                    .insert(listener_key(&cfg, sk, port), owner, 0)
+                    .insert(listener_key(cfg, sk, port), owner, 0)
                     .map_err(i64::from)?;
+                (owner, ROLE_LISTENER)
+            } else {
+                (owner, ROLE_ACTIVE)
             }
         }
         TCP_SYN_RECV if oldstate == TCP_LISTEN => {
-            // A child cloned from its listener, in softirq: the listener's
-            // owner will accept() it.
-            let port: u16 = read(ctx, o.tuple.sport)?;
-            // SAFETY: the value is copied out before any other map update.
-            if let Some(owner) = unsafe { LISTENERS.get(listener_key(&cfg, sk, port)) } {
-                let info = SockInfo {
-                    owner: *owner,
-                    ..SockInfo::default()
-                };
-                SOCKS.insert(sk, info, 0).map_err(i64::from)?;
-            }
+            // A child cloned from its listener, in softirq
+            // (inet_csk_clone_lock): the listener's owner will accept() it.
+            let port: u16 = read(ctx, cfg.set_state.tuple.sport)?;
+            // SAFETY: the value is copied out at once.
+            let owner = unsafe { LISTENERS.get(listener_key(cfg, sk, port)) }
+                .copied()
+                .unwrap_or_default();
+            (owner, ROLE_PASSIVE)
         }
-        TCP_CLOSE => {
-            if oldstate == TCP_LISTEN {
-                let port: u16 = read(ctx, o.tuple.sport)?;
-                let _ = LISTENERS.remove(listener_key(&cfg, sk, port));
-            }
-            let _ = SOCKS.remove(sk);
-        }
-        _ => {}
-    }
-    Ok(0)
+        _ => return Ok(()),
+    };
+    let info = SockInfo {
+        owner,
+        role,
+        created_ns: now,
+        ..SockInfo::default()
+    };
+    SOCKS.insert(sk, info, 0).map_err(i64::from)
 }
 
 #[inline(always)]
@@ -202,7 +285,7 @@ pub fn retransmit_skb(ctx: TracePointContext) -> u32 {
 fn try_retransmit_skb(ctx: &TracePointContext) -> Result<u32, i64> {
     let cfg = config();
     let o = &cfg.retransmit_skb;
-    let Some(tuple) = read_tuple(ctx, &cfg, o)? else {
+    let Some(tuple) = read_tuple(ctx, cfg, o)? else {
         return Ok(0);
     };
     let sk: u64 = read(ctx, o.skaddr)?;
@@ -257,7 +340,7 @@ pub fn retransmit_synack(ctx: TracePointContext) -> u32 {
 fn try_retransmit_synack(ctx: &TracePointContext) -> Result<u32, i64> {
     let cfg = config();
     let o = &cfg.retransmit_synack;
-    let Some(tuple) = read_tuple(ctx, &cfg, o)? else {
+    let Some(tuple) = read_tuple(ctx, cfg, o)? else {
         return Ok(0);
     };
     // `skaddr` is the listener; the request socket identifies the
