@@ -9,9 +9,12 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     class::{Class, ClassError},
-    classes::retrans::{OwnerFilter, RetransClass},
     classes::tcp_config::TcpFilter,
-    cli::{Cli, Command},
+    classes::{
+        retrans::{OwnerFilter, RetransClass},
+        tcp::TcpClass,
+    },
+    cli::{Cli, Command, TcpFilterArgs},
     clock::{WallClock, monotonic_ns},
     loader::{self, LoadError},
     output::Output,
@@ -182,13 +185,18 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
 fn plan(cli: &Cli) -> Result<Vec<Box<dyn Class>>, AgentError> {
     let owners = OwnerFilter::new(cli.global.pids.clone(), cli.global.cgroup.clone());
     let classes: Vec<Box<dyn Class>> = match &cli.command {
-        Command::Retrans(args) => {
-            let tcp =
-                TcpFilter::new(&args.ports, args.ipv4, args.ipv6).map_err(AgentError::Usage)?;
-            vec![Box::new(RetransClass::new(owners, tcp))]
-        }
+        Command::Retrans(args) => vec![Box::new(RetransClass::new(owners, tcp_filter(args)?))],
+        Command::Tcp(args) => vec![Box::new(TcpClass::new(
+            owners,
+            tcp_filter(&args.filter)?,
+            args.state,
+        ))],
     };
     Ok(classes)
+}
+
+fn tcp_filter(args: &TcpFilterArgs) -> Result<TcpFilter, AgentError> {
+    TcpFilter::new(&args.ports, args.ipv4, args.ipv6).map_err(AgentError::Usage)
 }
 
 fn take_map(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<aya::maps::Map, AgentError> {
@@ -204,33 +212,38 @@ fn dispatch(
     decode_errors: &mut u64,
 ) -> io::Result<()> {
     let mut result = Ok(());
+    // Only a mismatch between the agent and its own kernel programs can make
+    // an event undecodable: say so once, count, keep going.
+    let mut bad = |e: &dyn std::fmt::Display| {
+        if *decode_errors == 0 {
+            eprintln!("kdiag-agent: dropping an event that does not decode: {e}");
+        }
+        *decode_errors += 1;
+    };
     reader.drain(|data| {
         if result.is_err() {
             return;
         }
-        let handled =
-            wire::event_kind(data)
-                .map_err(ClassError::from)
-                .and_then(|kind| match classes.iter_mut().find(|c| c.handles(kind)) {
-                    Some(class) => {
-                        let id = class.id() as u32;
-                        class.on_event(data, out).map(|n| (id, n))
-                    }
-                    None => Err(ClassError::Decode(wire::DecodeError::UnknownKind(
-                        kind as u32,
-                    ))),
-                });
-        match handled {
-            Ok((id, n)) => stats.count_events(id, n),
-            Err(ClassError::Output(e)) => result = Err(e),
-            Err(e) => {
-                // Only a mismatch between the agent and its own kernel
-                // programs can cause this: say so once, keep going.
-                if *decode_errors == 0 {
-                    eprintln!("kdiag-agent: dropping an event that does not decode: {e}");
+        let kind = match wire::event_kind(data) {
+            Ok(kind) => kind,
+            Err(e) => return bad(&e),
+        };
+        // Several classes can want one kind: retransmits are records for
+        // `retrans` and counts for `tcp`.
+        let mut handled = false;
+        for class in classes.iter_mut().filter(|c| c.handles(kind)) {
+            handled = true;
+            match class.on_event(data, out) {
+                Ok(n) => stats.count_events(class.id() as u32, n),
+                Err(ClassError::Output(e)) => {
+                    result = Err(e);
+                    return;
                 }
-                *decode_errors += 1;
+                Err(e) => bad(&e),
             }
+        }
+        if !handled {
+            bad(&wire::DecodeError::UnknownKind(kind as u32));
         }
     });
     result

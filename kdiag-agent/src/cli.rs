@@ -67,12 +67,45 @@ pub enum Command {
     /// Records: `retrans` (one per retransmit: pid, comm, cgroup, family,
     /// saddr, sport, daddr, dport, state, kind syn|synack|data, conn_retrans).
     /// Sockets created before the agent started are attributed through /proc.
-    Retrans(RetransArgs),
+    Retrans(TcpFilterArgs),
+    /// TCP state changes and connection lifecycles, with owner and timing.
+    ///
+    /// Records: `tcp_state` (every state change: owner, addresses, old_state,
+    /// new_state, old_state_ns = time spent in the state left), `tcp_conn`
+    /// (when a connection closes: role active|passive, duration_ns,
+    /// handshake_ns, retrans, state_ns = time per state) and, every
+    /// --interval, `tcp_summary` (retransmits seen, RetransSegs/OutSegs
+    /// deltas and their ratio, the connections retransmitting most).
+    ///
+    /// Sockets piling up in CLOSE_WAIT: `kdiag-agent tcp --state CLOSE_WAIT`
+    /// shows who owns them; a client hanging in connect() shows as
+    /// SYN_SENT -> CLOSE with its SYN_SENT time.
+    Tcp(TcpArgs),
 }
 
-/// Options of the TCP classes.
+/// Options of the `tcp` class.
 #[derive(Debug, Args)]
-pub struct RetransArgs {
+pub struct TcpArgs {
+    #[command(flatten)]
+    pub filter: TcpFilterArgs,
+    /// Only write state changes into or out of this state (ESTABLISHED,
+    /// SYN_SENT, SYN_RECV, FIN_WAIT1, FIN_WAIT2, TIME_WAIT, CLOSE,
+    /// CLOSE_WAIT, LAST_ACK, LISTEN, CLOSING, NEW_SYN_RECV). tcp_conn records
+    /// are still written for every connection.
+    #[arg(long, value_name = "STATE", value_parser = parse_state)]
+    pub state: Option<i32>,
+}
+
+fn parse_state(s: &str) -> Result<i32, String> {
+    let name = s.trim_start_matches("TCP_").trim_start_matches("tcp_");
+    crate::tcp_state::state_number(name).ok_or_else(|| {
+        format!("unknown TCP state {s:?}; use a kernel name such as ESTABLISHED or CLOSE_WAIT")
+    })
+}
+
+/// Which connections the TCP classes report.
+#[derive(Debug, Args)]
+pub struct TcpFilterArgs {
     /// Only connections with this local or remote port; repeat for several
     /// (at most 8).
     #[arg(long = "port", value_name = "PORT",
@@ -105,6 +138,15 @@ mod tests {
     }
 
     #[test]
+    fn state_names() {
+        let cli = Cli::try_parse_from(["kdiag-agent", "tcp", "--state", "close_wait"]).unwrap();
+        let Command::Tcp(args) = cli.command else {
+            panic!("not tcp")
+        };
+        assert_eq!(args.state, Some(8));
+    }
+
+    #[test]
     fn rejects_bad_values() {
         for args in [
             &["kdiag-agent", "retrans", "--pid", "0"][..],
@@ -113,6 +155,7 @@ mod tests {
             &["kdiag-agent", "retrans", "-4", "-6"],
             &["kdiag-agent", "retrans", "--transport", "carrier-pigeon"],
             &["kdiag-agent", "nosuchclass"],
+            &["kdiag-agent", "tcp", "--state", "HALF_OPEN"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
         }

@@ -28,6 +28,9 @@ pub enum LoadError {
     Required { what: String, why: String },
     #[error("loading the kernel programs failed: {0}")]
     Load(#[from] EbpfError),
+    /// Two classes sharing programs asked for different settings.
+    #[error("the classes asked for different values of {0}")]
+    ConflictingGlobal(&'static str),
 }
 
 pub struct Loaded {
@@ -61,7 +64,14 @@ pub fn load(classes: &[Box<dyn Class>], transport: TransportKind) -> Result<Load
     let mut globals = BTreeMap::new();
     for class in classes {
         for g in class.globals(&formats, &mut degraded) {
-            globals.insert(g.name, g.bytes);
+            match globals.get(g.name) {
+                Some(bytes) if *bytes != g.bytes => {
+                    return Err(LoadError::ConflictingGlobal(g.name));
+                }
+                _ => {
+                    globals.insert(g.name, g.bytes);
+                }
+            }
         }
     }
     degraded.dedup();

@@ -91,7 +91,10 @@ mod tests {
     use std::{cell::RefCell, rc::Rc};
 
     use super::*;
-    use crate::record::Retrans;
+    use crate::{
+        owner::ResolvedOwner,
+        record::{Endpoints, Retrans},
+    };
 
     /// A writer the test can read back after the Output is done with it.
     #[derive(Clone, Default)]
@@ -115,14 +118,18 @@ mod tests {
 
     fn retrans() -> Retrans {
         Retrans {
-            pid: Some(4242),
-            comm: Some("cu\"rl\n".to_owned()),
-            cgroup: None,
-            family: "ipv4",
-            saddr: "10.0.0.2".to_owned(),
-            sport: 50000,
-            daddr: "10.0.0.1".to_owned(),
-            dport: 9001,
+            owner: ResolvedOwner {
+                pid: Some(4242),
+                comm: Some("cu\"rl\n".to_owned()),
+                cgroup: None,
+            },
+            conn: Endpoints {
+                family: "ipv4",
+                saddr: "10.0.0.2".to_owned(),
+                sport: 50000,
+                daddr: "10.0.0.1".to_owned(),
+                dport: 9001,
+            },
             state: "SYN_SENT",
             kind: "syn",
             conn_retrans: 2,

@@ -12,7 +12,7 @@ use kdiag_common::{Owner, tcp::TcpTuple};
 use crate::{cgroup::CgroupPaths, procfs};
 
 /// Owner fields as the records print them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ResolvedOwner {
     pub pid: Option<u32>,
     pub comm: Option<String>,

@@ -114,6 +114,24 @@ pub fn parse_cgroup_v2(lines: impl Iterator<Item = String>) -> Option<String> {
         .next()
 }
 
+/// `Tcp: RetransSegs` and `OutSegs` from /proc/net/snmp (this network
+/// namespace's counters).
+pub fn tcp_segments() -> Option<(u64, u64)> {
+    parse_tcp_segments(&fs::read_to_string("/proc/net/snmp").ok()?)
+}
+
+/// /proc/net/snmp has, per protocol, a line of names then a line of values.
+pub fn parse_tcp_segments(text: &str) -> Option<(u64, u64)> {
+    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let names: Vec<&str> = tcp.next()?.split_whitespace().collect();
+    let values: Vec<&str> = tcp.next()?.split_whitespace().collect();
+    let get = |name: &str| -> Option<u64> {
+        let i = names.iter().position(|n| *n == name)?;
+        values.get(i)?.parse().ok()
+    };
+    Some((get("RetransSegs")?, get("OutSegs")?))
+}
+
 /// The running kernel's release, as `uname -r` prints it.
 pub fn kernel_release() -> String {
     fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -182,6 +200,18 @@ garbage line
         ] {
             let _ = parse_tcp_table(text);
         }
+    }
+
+    #[test]
+    fn snmp_segments() {
+        let text = "Ip: Forwarding DefaultTTL\nIp: 1 64\nTcp: RtoAlgorithm RtoMin InSegs OutSegs RetransSegs InErrs\nTcp: 1 200 10 2000 7 0\nUdp: InDatagrams\nUdp: 5\n";
+        assert_eq!(parse_tcp_segments(text), Some((7, 2000)));
+        assert_eq!(parse_tcp_segments("Tcp: OutSegs\n"), None);
+        assert_eq!(
+            parse_tcp_segments("Tcp: OutSegs RetransSegs\nTcp: x 1\n"),
+            None
+        );
+        assert_eq!(parse_tcp_segments(""), None);
     }
 
     #[test]

@@ -4,7 +4,10 @@
 
 use std::collections::BTreeMap;
 
+use kdiag_common::tcp::{AF_INET6, TcpTuple};
 use serde::Serialize;
+
+use crate::{owner::ResolvedOwner, procfs};
 
 /// A record type of the contract.
 pub trait Record: Serialize {
@@ -99,17 +102,66 @@ impl Record for AgentStats {
     }
 }
 
-/// One TCP retransmit.
+/// A connection's two ends, local first.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Retrans {
-    pub pid: Option<u32>,
-    pub comm: Option<String>,
-    pub cgroup: Option<String>,
+pub struct Endpoints {
     pub family: &'static str,
     pub saddr: String,
     pub sport: u16,
     pub daddr: String,
     pub dport: u16,
+}
+
+impl Endpoints {
+    pub fn new(t: &TcpTuple) -> Self {
+        let v6 = t.family == AF_INET6;
+        Self {
+            family: if v6 { "ipv6" } else { "ipv4" },
+            saddr: procfs::format_addr(v6, &t.saddr),
+            sport: t.sport,
+            daddr: procfs::format_addr(v6, &t.daddr),
+            dport: t.dport,
+        }
+    }
+
+    /// `LADDR:LPORT RADDR:RPORT` columns.
+    fn text(&self) -> String {
+        format!(
+            "{:<47} {:<47}",
+            endpoint(&self.saddr, self.sport),
+            endpoint(&self.daddr, self.dport)
+        )
+    }
+}
+
+/// `PID COMM` columns.
+fn owner_text(o: &ResolvedOwner) -> String {
+    format!(
+        "{:<7} {:<16}",
+        opt(o.pid),
+        printable(o.comm.as_deref().unwrap_or("-"))
+    )
+}
+
+/// The text header of a connection record: time, owner and ends, then the
+/// record's own columns.
+macro_rules! conn_header {
+    ($tail:literal) => {
+        concat!(
+            "TIME                           PID     COMM             ",
+            "LADDR:LPORT                                     RADDR:RPORT                                    ",
+            $tail
+        )
+    };
+}
+
+/// One TCP retransmit.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Retrans {
+    #[serde(flatten)]
+    pub owner: ResolvedOwner,
+    #[serde(flatten)]
+    pub conn: Endpoints,
     pub state: &'static str,
     pub kind: &'static str,
     pub conn_retrans: u32,
@@ -117,19 +169,125 @@ pub struct Retrans {
 
 impl Record for Retrans {
     const TYPE: &'static str = "retrans";
-    const TEXT_HEADER: &'static str = "TIME                           PID     COMM             LADDR:LPORT                                     RADDR:RPORT                                     STATE        KIND    N";
+    const TEXT_HEADER: &'static str = conn_header!(" STATE        KIND    N");
     fn text_row(&self, ts: &str) -> String {
         format!(
-            "{ts:<30} {:<7} {:<16} {:<47} {:<47} {:<12} {:<7} {}",
-            opt(self.pid),
-            printable(self.comm.as_deref().unwrap_or("-")),
-            endpoint(&self.saddr, self.sport),
-            endpoint(&self.daddr, self.dport),
+            "{ts:<30} {} {} {:<12} {:<7} {}",
+            owner_text(&self.owner),
+            self.conn.text(),
             self.state,
             self.kind,
             self.conn_retrans
         )
     }
+}
+
+/// One TCP state change.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct TcpState {
+    #[serde(flatten)]
+    pub owner: ResolvedOwner,
+    #[serde(flatten)]
+    pub conn: Endpoints,
+    pub old_state: &'static str,
+    pub new_state: &'static str,
+    pub old_state_ns: Option<u64>,
+}
+
+impl Record for TcpState {
+    const TYPE: &'static str = "tcp_state";
+    const TEXT_HEADER: &'static str = conn_header!(" OLDSTATE     -> NEWSTATE     MS");
+    fn text_row(&self, ts: &str) -> String {
+        format!(
+            "{ts:<30} {} {} {:<12} -> {:<12} {}",
+            owner_text(&self.owner),
+            self.conn.text(),
+            self.old_state,
+            self.new_state,
+            ms(self.old_state_ns)
+        )
+    }
+}
+
+/// A connection's life, written when it closes.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct TcpConn {
+    #[serde(flatten)]
+    pub owner: ResolvedOwner,
+    #[serde(flatten)]
+    pub conn: Endpoints,
+    pub role: Option<&'static str>,
+    pub duration_ns: Option<u64>,
+    pub handshake_ns: Option<u64>,
+    pub retrans: u32,
+    pub state_ns: BTreeMap<&'static str, u64>,
+}
+
+impl Record for TcpConn {
+    const TYPE: &'static str = "tcp_conn";
+    const TEXT_HEADER: &'static str = conn_header!(" ROLE     DUR_MS     HS_MS      RETRANS");
+    fn text_row(&self, ts: &str) -> String {
+        format!(
+            "{ts:<30} {} {} {:<8} {:<10} {:<10} {}",
+            owner_text(&self.owner),
+            self.conn.text(),
+            self.role.unwrap_or("-"),
+            ms(self.duration_ns),
+            ms(self.handshake_ns),
+            self.retrans
+        )
+    }
+}
+
+/// A connection among the interval's most retransmitting ones.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct TopConn {
+    #[serde(flatten)]
+    pub owner: ResolvedOwner,
+    #[serde(flatten)]
+    pub conn: Endpoints,
+    pub retrans: u64,
+}
+
+/// The interval's TCP retransmit picture, beside the kernel's counters.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TcpSummary {
+    /// Retransmit calls kdiag saw (all ports and families it watches).
+    pub retrans: u64,
+    /// `Tcp: RetransSegs` and `OutSegs` deltas of /proc/net/snmp (the agent's
+    /// network namespace), null when unreadable.
+    pub retrans_segs: Option<u64>,
+    pub out_segs: Option<u64>,
+    /// retrans_segs / out_segs, the dashboards' retransmit rate.
+    pub retrans_ratio: Option<f64>,
+    pub top: Vec<TopConn>,
+    /// Connections whose life is being followed, and those dropped from the
+    /// table because it was full (their tcp_conn will not be written).
+    pub conns_tracked: u64,
+    pub conns_evicted: u64,
+    pub interval_ns: u64,
+}
+
+impl Record for TcpSummary {
+    const TYPE: &'static str = "tcp_summary";
+    const TEXT_HEADER: &'static str = "";
+    fn text_row(&self, ts: &str) -> String {
+        format!(
+            "# {ts} tcp over {:.1}s: {} retransmits seen; RetransSegs {} / OutSegs {} = {}; {} connections tracked, {} evicted",
+            self.interval_ns as f64 / 1e9,
+            self.retrans,
+            opt(self.retrans_segs),
+            opt(self.out_segs),
+            self.retrans_ratio
+                .map_or_else(|| "-".to_owned(), |r| format!("{:.3}%", r * 100.0)),
+            self.conns_tracked,
+            self.conns_evicted
+        )
+    }
+}
+
+fn ms(ns: Option<u64>) -> String {
+    ns.map_or_else(|| "-".to_owned(), |ns| format!("{:.3}", ns as f64 / 1e6))
 }
 
 /// Control characters (a process can put a newline or an escape sequence in

@@ -1,7 +1,10 @@
 //! Kernel TCP state names (include/net/tcp_states.h), printed without the
 //! `TCP_` prefix as the tracepoints' print formats do.
 
-const NAMES: [&str; 13] = [
+/// Number of kernel TCP states, 0 included.
+pub const STATE_COUNT: usize = 13;
+
+const NAMES: [&str; STATE_COUNT] = [
     "UNKNOWN",
     "ESTABLISHED",
     "SYN_SENT",
@@ -16,6 +19,15 @@ const NAMES: [&str; 13] = [
     "CLOSING",
     "NEW_SYN_RECV",
 ];
+
+/// The kernel's number for a state name (`"CLOSE_WAIT"`, any case).
+pub fn state_number(name: &str) -> Option<i32> {
+    NAMES
+        .iter()
+        .skip(1)
+        .position(|n| n.eq_ignore_ascii_case(name))
+        .map(|i| i as i32 + 1)
+}
 
 pub fn state_name(state: i32) -> &'static str {
     usize::try_from(state)
@@ -37,5 +49,8 @@ mod tests {
         assert_eq!(state_name(0), "UNKNOWN");
         assert_eq!(state_name(-3), "UNKNOWN");
         assert_eq!(state_name(99), "UNKNOWN");
+        assert_eq!(state_number("close_wait"), Some(8));
+        assert_eq!(state_number("UNKNOWN"), None);
+        assert_eq!(state_number("nope"), None);
     }
 }

@@ -1,4 +1,6 @@
-//! One module per event class.
+//! One module per event class, and what the TCP classes share.
 
 pub mod retrans;
+pub mod tcp;
 pub mod tcp_config;
+pub mod tcp_conns;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use kdiag_common::{
     ClassId, EventKind,
-    tcp::{AF_INET6, RetransEvent, RetransKind},
+    tcp::{RetransEvent, RetransKind},
 };
 
 use super::tcp_config::{TcpFilter, tcp_global};
@@ -12,8 +12,7 @@ use crate::{
     class::{Class, ClassError, Global, Tracepoint},
     output::Output,
     owner::{OwnerResolver, ResolvedOwner},
-    procfs,
-    record::{Degraded, Retrans},
+    record::{Degraded, Endpoints, Retrans},
     tcp_state::state_name,
     tracefs::Formats,
     wire::{DecodeError, decode},
@@ -103,21 +102,14 @@ pub fn decode_retrans(data: &[u8]) -> Result<RetransEvent, DecodeError> {
 
 /// The record for a decoded event and its owner.
 pub fn retrans_record(ev: &RetransEvent, owner: ResolvedOwner) -> Retrans {
-    let v6 = ev.tuple.family == AF_INET6;
     let kind = match RetransKind::from_u32(ev.kind) {
         Some(RetransKind::Syn) => "syn",
         Some(RetransKind::SynAck) => "synack",
         _ => "data",
     };
     Retrans {
-        pid: owner.pid,
-        comm: owner.comm,
-        cgroup: owner.cgroup,
-        family: if v6 { "ipv6" } else { "ipv4" },
-        saddr: procfs::format_addr(v6, &ev.tuple.saddr),
-        sport: ev.tuple.sport,
-        daddr: procfs::format_addr(v6, &ev.tuple.daddr),
-        dport: ev.tuple.dport,
+        owner,
+        conn: Endpoints::new(&ev.tuple),
         state: state_name(ev.state),
         kind,
         conn_retrans: ev.conn_retrans,
@@ -138,7 +130,8 @@ impl Class for RetransClass {
     }
 
     fn globals(&self, formats: &Formats, degraded: &mut Vec<Degraded>) -> Vec<Global> {
-        vec![tcp_global(formats, &self.tcp, degraded)]
+        // The state program only keeps owners for this class.
+        vec![tcp_global(formats, &self.tcp, false, degraded)]
     }
 
     fn handles(&self, kind: EventKind) -> bool {
@@ -158,7 +151,10 @@ impl Class for RetransClass {
 
 #[cfg(test)]
 mod tests {
-    use kdiag_common::{EventHeader, Owner, tcp::TcpTuple};
+    use kdiag_common::{
+        EventHeader, Owner,
+        tcp::{AF_INET6, TcpTuple},
+    };
 
     use super::*;
 

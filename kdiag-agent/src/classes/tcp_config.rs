@@ -40,8 +40,14 @@ impl TcpFilter {
     }
 }
 
-/// `TCP_CONFIG` for these formats and filters.
-pub fn tcp_global(formats: &Formats, filter: &TcpFilter, degraded: &mut Vec<Degraded>) -> Global {
+/// `TCP_CONFIG` for these formats and filters; `stream_states` makes the
+/// state program send every state change.
+pub fn tcp_global(
+    formats: &Formats,
+    filter: &TcpFilter,
+    stream_states: bool,
+    degraded: &mut Vec<Degraded>,
+) -> Global {
     let mut tcp = TcpConfig::DEFAULT;
     tcp.retransmit_skb = tcp_offsets(formats.get("retransmit_skb"));
     tcp.retransmit_synack = tcp_offsets(formats.get("retransmit_synack"));
@@ -61,6 +67,7 @@ pub fn tcp_global(formats: &Formats, filter: &TcpFilter, degraded: &mut Vec<Degr
     let n = filter.ports.len().min(MAX_PORTS);
     tcp.nports = n as u16;
     tcp.ports[..n].copy_from_slice(&filter.ports[..n]);
+    tcp.stream_states = u32::from(stream_states);
     Global::new("TCP_CONFIG", &tcp)
 }
 

@@ -1,0 +1,234 @@
+//! `tcp`: TCP state changes with their owner and timing, a `tcp_conn`
+//! summary of each connection when it closes, and a `tcp_summary` per
+//! interval putting kdiag's retransmits beside the kernel's segment counters.
+
+use std::collections::HashMap;
+
+use kdiag_common::{
+    ClassId, EventKind,
+    tcp::{ROLE_ACTIVE, ROLE_LISTENER, ROLE_PASSIVE, STATE_TIME_KNOWN, TcpStateEvent, TcpTuple},
+};
+
+use super::{
+    retrans::{OwnerFilter, decode_retrans},
+    tcp_config::{TcpFilter, tcp_global},
+    tcp_conns::ConnTable,
+};
+use crate::{
+    class::{Class, ClassError, Global, Tracepoint},
+    output::Output,
+    owner::{OwnerResolver, ResolvedOwner},
+    procfs,
+    record::{Degraded, Endpoints, TcpConn, TcpState, TcpSummary, TopConn},
+    tcp_state::{STATE_COUNT, state_name},
+    tracefs::Formats,
+    wire::{DecodeError, decode},
+};
+
+const TRACEPOINTS: &[Tracepoint] = &[
+    Tracepoint {
+        group: "sock",
+        name: "inet_sock_set_state",
+        program: "inet_sock_set_state",
+        required: true,
+    },
+    // Retransmits feed tcp_summary and the per-connection counts.
+    Tracepoint {
+        group: "tcp",
+        name: "tcp_retransmit_skb",
+        program: "retransmit_skb",
+        required: false,
+    },
+    Tracepoint {
+        group: "tcp",
+        name: "tcp_retransmit_synack",
+        program: "retransmit_synack",
+        required: false,
+    },
+];
+
+/// Connections followed at once in userspace for `tcp_conn`.
+const MAX_CONNS: usize = 65_536;
+/// Connections in `tcp_summary.top`.
+const TOP_CONNS: usize = 10;
+/// Distinct retransmitting connections counted per interval for `top`.
+const MAX_RETRANS_CONNS: usize = 4096;
+
+pub struct TcpClass {
+    owners: OwnerResolver,
+    filter: OwnerFilter,
+    tcp: TcpFilter,
+    /// Only changes into or out of this state are written as `tcp_state`.
+    state: Option<i32>,
+    conns: ConnTable,
+    /// This interval's retransmits per connection.
+    retrans: HashMap<(u64, TcpTuple), (ResolvedOwner, u64)>,
+    retrans_total: u64,
+    snmp_last: Option<(u64, u64)>,
+}
+
+impl TcpClass {
+    pub fn new(filter: OwnerFilter, tcp: TcpFilter, state: Option<i32>) -> Self {
+        Self {
+            owners: OwnerResolver::new(),
+            filter,
+            tcp,
+            state,
+            conns: ConnTable::new(MAX_CONNS),
+            retrans: HashMap::new(),
+            retrans_total: 0,
+            snmp_last: procfs::tcp_segments(),
+        }
+    }
+
+    fn on_state(&mut self, data: &[u8], out: &mut Output) -> Result<u64, ClassError> {
+        let ev = decode_state(data)?;
+        let owner = self.owners.resolve(ev.sock_id, &ev.owner, &ev.tuple);
+        let old_state_ns = (ev.flags & STATE_TIME_KNOWN != 0).then_some(ev.old_state_ns);
+        let ts = ev.header.ts_ns;
+        // Every change feeds the connection's history, even those the
+        // filters keep out of the output.
+        let closed = self
+            .conns
+            .on_change(ev.sock_id, ev.oldstate, ev.newstate, old_state_ns, ts);
+        if !self.filter.accepts(&owner) {
+            return Ok(0);
+        }
+        let mut written = 0;
+        if self
+            .state
+            .is_none_or(|s| s == ev.oldstate || s == ev.newstate)
+        {
+            out.write(ts, &state_record(&ev, owner.clone(), old_state_ns))?;
+            written += 1;
+        }
+        if let Some(history) = closed
+            && ev.role != ROLE_LISTENER
+        {
+            let record = TcpConn {
+                owner,
+                conn: Endpoints::new(&ev.tuple),
+                role: match ev.role {
+                    ROLE_ACTIVE => Some("active"),
+                    ROLE_PASSIVE => Some("passive"),
+                    _ => None,
+                },
+                duration_ns: (ev.created_ns != 0).then(|| ts.saturating_sub(ev.created_ns)),
+                handshake_ns: history.handshake_ns,
+                retrans: ev.retrans,
+                state_ns: history.state_ns,
+            };
+            out.write(ts, &record)?;
+            written += 1;
+        }
+        Ok(written)
+    }
+
+    fn on_retrans(&mut self, data: &[u8]) -> Result<u64, ClassError> {
+        let ev = decode_retrans(data)?;
+        self.retrans_total += 1;
+        let key = (ev.sock_id, ev.tuple);
+        if let Some((_, n)) = self.retrans.get_mut(&key) {
+            *n += 1;
+        } else if self.retrans.len() < MAX_RETRANS_CONNS {
+            let owner = self.owners.resolve(ev.sock_id, &ev.owner, &ev.tuple);
+            self.retrans.insert(key, (owner, 1));
+        }
+        // Counted for the summary; the `retrans` class writes the records.
+        Ok(0)
+    }
+}
+
+/// Decodes one `tcp_state` event.
+pub fn decode_state(data: &[u8]) -> Result<TcpStateEvent, DecodeError> {
+    let ev: TcpStateEvent = decode(data, EventKind::TcpState)?;
+    for (field, state) in [("oldstate", ev.oldstate), ("newstate", ev.newstate)] {
+        if !(1..STATE_COUNT as i32).contains(&state) {
+            return Err(DecodeError::BadField {
+                field,
+                value: state as u64,
+            });
+        }
+    }
+    Ok(ev)
+}
+
+pub fn state_record(
+    ev: &TcpStateEvent,
+    owner: ResolvedOwner,
+    old_state_ns: Option<u64>,
+) -> TcpState {
+    TcpState {
+        owner,
+        conn: Endpoints::new(&ev.tuple),
+        old_state: state_name(ev.oldstate),
+        new_state: state_name(ev.newstate),
+        old_state_ns,
+    }
+}
+
+impl Class for TcpClass {
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn id(&self) -> ClassId {
+        ClassId::Tcp
+    }
+
+    fn tracepoints(&self) -> &'static [Tracepoint] {
+        TRACEPOINTS
+    }
+
+    fn globals(&self, formats: &Formats, degraded: &mut Vec<Degraded>) -> Vec<Global> {
+        // State changes are streamed: this class writes them.
+        vec![tcp_global(formats, &self.tcp, true, degraded)]
+    }
+
+    fn handles(&self, kind: EventKind) -> bool {
+        matches!(kind, EventKind::TcpState | EventKind::Retrans)
+    }
+
+    fn on_event(&mut self, data: &[u8], out: &mut Output) -> Result<u64, ClassError> {
+        match crate::wire::event_kind(data)? {
+            EventKind::Retrans => self.on_retrans(data),
+            _ => self.on_state(data, out),
+        }
+    }
+
+    fn on_interval(
+        &mut self,
+        now_ns: u64,
+        interval_ns: u64,
+        out: &mut Output,
+    ) -> Result<(), ClassError> {
+        let snmp = procfs::tcp_segments();
+        let delta = match (self.snmp_last, snmp) {
+            (Some((r0, o0)), Some((r1, o1))) => Some((r1.wrapping_sub(r0), o1.wrapping_sub(o0))),
+            _ => None,
+        };
+        self.snmp_last = snmp;
+        let mut top: Vec<_> = self.retrans.drain().collect();
+        top.sort_unstable_by_key(|(_, (_, n))| std::cmp::Reverse(*n));
+        top.truncate(TOP_CONNS);
+        let summary = TcpSummary {
+            retrans: std::mem::take(&mut self.retrans_total),
+            retrans_segs: delta.map(|d| d.0),
+            out_segs: delta.map(|d| d.1),
+            retrans_ratio: delta.and_then(|(r, o)| (o > 0).then(|| r as f64 / o as f64)),
+            top: top
+                .into_iter()
+                .map(|((_, tuple), (owner, retrans))| TopConn {
+                    owner,
+                    conn: Endpoints::new(&tuple),
+                    retrans,
+                })
+                .collect(),
+            conns_tracked: self.conns.len() as u64,
+            conns_evicted: self.conns.take_evicted(),
+            interval_ns,
+        };
+        out.write(now_ns, &summary)?;
+        Ok(())
+    }
+}

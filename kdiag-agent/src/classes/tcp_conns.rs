@@ -1,0 +1,168 @@
+//! Per-connection aggregation for `tcp_conn`: time per state and handshake
+//! time, accumulated from state changes, handed over when the connection
+//! closes. Bounded: when full, the connections idle longest are evicted
+//! (their close is then not summarised) and counted.
+
+use std::collections::{BTreeMap, HashMap};
+
+use kdiag_common::tcp::{TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_RECV, TCP_SYN_SENT};
+
+use crate::tcp_state::{STATE_COUNT, state_name};
+
+/// What a closed connection's record needs from its past.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnHistory {
+    pub state_ns: BTreeMap<&'static str, u64>,
+    pub handshake_ns: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Conn {
+    state_ns: [Option<u64>; STATE_COUNT],
+    handshake_ns: Option<u64>,
+    last_seen_ns: u64,
+}
+
+#[derive(Debug)]
+pub struct ConnTable {
+    conns: HashMap<u64, Conn>,
+    max: usize,
+    evicted: u64,
+}
+
+impl ConnTable {
+    pub fn new(max: usize) -> Self {
+        Self {
+            conns: HashMap::new(),
+            max: max.max(1),
+            evicted: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Connections evicted since the last call.
+    pub fn take_evicted(&mut self) -> u64 {
+        std::mem::take(&mut self.evicted)
+    }
+
+    /// Records one state change of socket `sock_id`; `old_state_ns` is the
+    /// time spent in `old` when known. Returns the history when the socket
+    /// closes.
+    pub fn on_change(
+        &mut self,
+        sock_id: u64,
+        old: i32,
+        new: i32,
+        old_state_ns: Option<u64>,
+        now_ns: u64,
+    ) -> Option<ConnHistory> {
+        if !self.conns.contains_key(&sock_id) && self.conns.len() >= self.max {
+            self.evict_idlest();
+        }
+        let conn = self.conns.entry(sock_id).or_default();
+        conn.last_seen_ns = now_ns;
+        if let (Some(ns), Ok(i)) = (old_state_ns, usize::try_from(old))
+            && i < STATE_COUNT
+            // The time "in CLOSE" before connect() or listen() is not a state
+            // of the connection.
+            && old != TCP_CLOSE
+        {
+            *conn.state_ns[i].get_or_insert(0) += ns;
+            if new == TCP_ESTABLISHED && (old == TCP_SYN_SENT || old == TCP_SYN_RECV) {
+                conn.handshake_ns = Some(ns);
+            }
+        }
+        if new != TCP_CLOSE {
+            return None;
+        }
+        let conn = self.conns.remove(&sock_id)?;
+        let state_ns = (0..STATE_COUNT)
+            .filter_map(|i| Some((state_name(i as i32), conn.state_ns[i]?)))
+            .collect();
+        Some(ConnHistory {
+            state_ns,
+            handshake_ns: conn.handshake_ns,
+        })
+    }
+
+    /// Drops the eighth of the table idle longest: one O(n) pass per n/8
+    /// insertions rather than one per insertion.
+    fn evict_idlest(&mut self) {
+        let mut ages: Vec<u64> = self.conns.values().map(|c| c.last_seen_ns).collect();
+        let k = (ages.len() / 8).max(1) - 1;
+        let (_, &mut cutoff, _) = ages.select_nth_unstable(k);
+        let before = self.conns.len();
+        self.conns.retain(|_, c| c.last_seen_ns > cutoff);
+        self.evicted += (before - self.conns.len()) as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ESTABLISHED: i32 = TCP_ESTABLISHED;
+    const FIN_WAIT1: i32 = 4;
+    const FIN_WAIT2: i32 = 5;
+
+    #[test]
+    fn active_connection_history() {
+        let mut t = ConnTable::new(16);
+        assert_eq!(t.on_change(1, TCP_CLOSE, TCP_SYN_SENT, None, 10), None);
+        assert_eq!(
+            t.on_change(1, TCP_SYN_SENT, ESTABLISHED, Some(300), 20),
+            None
+        );
+        assert_eq!(t.on_change(1, ESTABLISHED, FIN_WAIT1, Some(5000), 30), None);
+        assert_eq!(t.on_change(1, FIN_WAIT1, FIN_WAIT2, Some(40), 40), None);
+        let h = t.on_change(1, FIN_WAIT2, TCP_CLOSE, Some(60), 50).unwrap();
+        assert_eq!(h.handshake_ns, Some(300));
+        let expect: BTreeMap<_, _> = [
+            ("SYN_SENT", 300),
+            ("ESTABLISHED", 5000),
+            ("FIN_WAIT1", 40),
+            ("FIN_WAIT2", 60),
+        ]
+        .into();
+        assert_eq!(h.state_ns, expect);
+        assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn unknown_times_are_left_out() {
+        let mut t = ConnTable::new(16);
+        // Seen first mid-life (the agent started late): no time for the
+        // state it leaves, no handshake.
+        t.on_change(7, ESTABLISHED, FIN_WAIT1, None, 1);
+        let h = t.on_change(7, FIN_WAIT1, TCP_CLOSE, Some(9), 2).unwrap();
+        assert_eq!(h.handshake_ns, None);
+        assert_eq!(h.state_ns, [("FIN_WAIT1", 9)].into());
+    }
+
+    #[test]
+    fn eviction_is_bounded_and_counted() {
+        let mut t = ConnTable::new(8);
+        for id in 0..8 {
+            t.on_change(id, TCP_CLOSE, TCP_SYN_SENT, None, id);
+        }
+        // Full: the next new socket evicts the idlest (id 0).
+        t.on_change(100, TCP_CLOSE, TCP_SYN_SENT, None, 100);
+        assert!(t.len() <= 8);
+        assert_eq!(t.take_evicted(), 1);
+        assert_eq!(t.take_evicted(), 0);
+        assert_eq!(
+            t.on_change(0, TCP_SYN_SENT, TCP_CLOSE, Some(1), 101),
+            Some(ConnHistory {
+                state_ns: [("SYN_SENT", 1)].into(),
+                handshake_ns: None,
+            })
+        );
+        for id in 1000..2000 {
+            t.on_change(id, TCP_CLOSE, TCP_SYN_SENT, None, id);
+            assert!(t.len() <= 8);
+        }
+    }
+}
