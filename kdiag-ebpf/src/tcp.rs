@@ -211,6 +211,10 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
         return Ok(0);
     };
     event.header = header(EventKind::TcpState);
+    // Stamped with the clock read that timed the states, so that a closed
+    // connection's state times add up exactly to its duration (both are
+    // differences of these reads).
+    event.header.ts_ns = now;
     event.sock_id = sk;
     event.tuple = tuple;
     event.oldstate = oldstate;
