@@ -63,6 +63,18 @@ impl Agent {
         }
     }
 
+    /// Spawns the agent on `args`, waits for its `agent_start` and checks
+    /// that the tracepoint `needs` ("group/name") is attached.
+    pub fn start(args: &[&str], needs: &str) -> (Agent, Value) {
+        let mut agent = Agent::spawn(args);
+        let start = agent.wait_start();
+        let attached = start["attached"].as_array().expect("checked by wait_start");
+        if !attached.iter().any(|a| a == needs) {
+            agent.fail(&format!("{needs} not attached: {start}"));
+        }
+        (agent, start)
+    }
+
     pub fn pid(&self) -> u32 {
         self.pid
     }
@@ -144,6 +156,24 @@ impl Agent {
         }
     }
 
+    /// All lines so far as printed (for `-o text`).
+    pub fn lines(&self) -> Vec<String> {
+        self.stdout.lines()
+    }
+
+    /// The first printed line matching `pred`, waiting up to `timeout`
+    /// (for `-o text`, where lines are not JSON).
+    pub fn wait_for_line(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        self.stdout
+            .wait(timeout, |lines| lines.iter().find(|l| pred(l)).cloned())
+            .unwrap_or_else(|ended| self.fail(&format!("waiting for {what}: {ended:?}")))
+    }
+
     /// All lines so far, parsed; panics on a line that is not JSON.
     pub fn records(&self) -> Vec<Value> {
         parse_all(&self.stdout.lines()).unwrap_or_else(|bad| self.fail(&bad))
@@ -167,6 +197,27 @@ impl Agent {
     /// SIGINT, then waits for the exit: returns the status and all lines.
     pub fn stop(&mut self) -> (ExitStatus, Vec<Value>) {
         self.stop_with(libc::SIGINT)
+    }
+
+    /// Events the kernel skipped instead of running the agent's programs on
+    /// them (see `bpf::recursion_misses`); the agent cannot count those
+    /// itself. Read it while the agent runs: its programs go when it exits.
+    pub fn recursion_misses(&self) -> u64 {
+        assert!(self.status.get().is_none(), "agent already exited");
+        assert!(
+            !self.programs.is_empty(),
+            "wait_start was not called: no programs recorded"
+        );
+        bpf::recursion_misses(&self.programs)
+    }
+
+    /// SIGINT, then checks the agent exits 0: returns all lines.
+    pub fn stop_ok(&mut self) -> Vec<Value> {
+        let (status, recs) = self.stop();
+        if status.code() != Some(0) {
+            self.fail(&format!("exit status {status} after SIGINT, expected 0"));
+        }
+        recs
     }
 
     /// Sends `signal` and waits for the exit: returns the status and all

@@ -46,6 +46,29 @@ pub fn loaded_programs() -> Vec<(u32, String)> {
         .collect()
 }
 
+/// How often the kernel skipped the programs `ids` instead of running them,
+/// summed (bpftool's `recursion_misses`, absent when 0). A classic
+/// tracepoint skips every program attached to it when it fires on a CPU
+/// where a tracing program is already running (kernel/trace/bpf_trace.c,
+/// trace_call_bpf and bpf_prog_active), e.g. in a softirq that interrupted
+/// one: such events never reach the programs, and only this counter knows.
+pub fn recursion_misses(ids: &BTreeSet<u32>) -> u64 {
+    let json = cmd::run("bpftool", &["prog", "show", "-j"]);
+    let progs: Value = serde_json::from_str(&json)
+        .unwrap_or_else(|e| panic!("bpftool prog show -j printed invalid JSON ({e}): {json}"));
+    progs
+        .as_array()
+        .unwrap_or_else(|| panic!("bpftool prog show -j did not print an array: {json}"))
+        .iter()
+        .filter(|p| {
+            p.get("id")
+                .and_then(Value::as_u64)
+                .is_some_and(|id| u32::try_from(id).is_ok_and(|id| ids.contains(&id)))
+        })
+        .filter_map(|p| p.get("recursion_misses").and_then(Value::as_u64))
+        .sum()
+}
+
 /// Ids of the BPF programs process `pid` holds through a program or link fd,
 /// from the `prog_id:` lines of /proc/PID/fdinfo. Ids are specific to this
 /// process, unlike names: parallel tests run other agents with the same

@@ -15,6 +15,7 @@ pub mod netns;
 pub mod nft;
 pub mod peer;
 pub mod record;
+pub mod tcpstat;
 
 use std::time::Duration;
 

@@ -55,6 +55,45 @@ impl Ns {
     }
 }
 
+/// Where a test process runs: the namespace the tests run in (the host's,
+/// shared with everything else on the machine) or one of a pair's.
+#[derive(Clone, Copy, Debug)]
+pub enum Netns<'a> {
+    Root,
+    Named(&'a Ns),
+}
+
+impl<'a> From<&'a Ns> for Netns<'a> {
+    fn from(ns: &'a Ns) -> Self {
+        Netns::Named(ns)
+    }
+}
+
+impl Netns<'_> {
+    /// For messages.
+    pub fn name(&self) -> &str {
+        match self {
+            Netns::Root => "root",
+            Netns::Named(ns) => &ns.name,
+        }
+    }
+
+    /// `program args…` in this namespace (via `ip netns exec`, which execs
+    /// the program in place: the command's child is the program itself).
+    pub fn command(&self, program: &str, args: &[&str]) -> Command {
+        let mut cmd = match self {
+            Netns::Root => Command::new(program),
+            Netns::Named(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", &ns.name, program]);
+                cmd
+            }
+        };
+        cmd.args(args);
+        cmd
+    }
+}
+
 /// Client namespace (`.1` / `::1`) and server namespace (`.2` / `::2`) on a
 /// private /24 and /64. Dropping it deletes both namespaces, which deletes
 /// the veth pair and the nftables rules with them.

@@ -1,27 +1,85 @@
-//! nftables rules that make a TCP port a black hole in one namespace: the
-//! simplest way to force real retransmits (no tc/netem on this kernel).
+//! nftables rules that make a TCP port a black hole: the simplest way to
+//! force real retransmits (no tc/netem on this kernel).
 
-use crate::cmd;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
 
-/// All of kdiag's test rules live in this table, so removing them is one
-/// table deletion and can never touch anything else.
+use crate::{cmd, env};
+
+/// In a test namespace, all of kdiag's test rules live in this table, so
+/// removing them is one table deletion and can never touch anything else.
 const TABLE: &str = "inet kdiagt";
+
+static NEXT_HOST_TABLE: AtomicU32 = AtomicU32::new(0);
+
+/// The nft script that drops every inbound TCP segment to `port`, creating
+/// `table` and its input chain if needed (`add` is idempotent for both).
+fn drop_script(table: &str, port: u16) -> String {
+    format!(
+        "add table {table}; \
+         add chain {table} input {{ type filter hook input priority 0; }}; \
+         add rule {table} input tcp dport {port} drop"
+    )
+}
 
 /// Drops every inbound TCP segment to `port` in namespace `ns`: SYNs to it
 /// (the connecting peer retransmits in SYN_SENT) and data to it (the peer
 /// retransmits in ESTABLISHED). Can be called repeatedly for several ports.
 pub fn drop_tcp_dport(ns: &str, port: u16) {
-    // `add table`/`add chain` are idempotent, so one script covers the first
-    // and every later port.
-    let script = format!(
-        "add table {TABLE}; \
-         add chain {TABLE} input {{ type filter hook input priority 0; }}; \
-         add rule {TABLE} input tcp dport {port} drop"
-    );
-    cmd::run_in(ns, "nft", &[&script]);
+    cmd::run_in(ns, "nft", &[&drop_script(TABLE, port)]);
 }
 
 /// Removes every drop rule `drop_tcp_dport` added in `ns`.
 pub fn remove_drops(ns: &str) {
     cmd::run_in(ns, "nft", &["delete", "table", "inet", "kdiagt"]);
+}
+
+/// A drop rule for one port in the root network namespace, for tests that
+/// must make retransmits the host's own counters see (/proc/net/snmp is per
+/// namespace). The root namespace is shared with the host and with
+/// concurrent test runs, so the rule gets a table of its own, named after
+/// this process, and only that table is ever deleted: in `undrop` or, at
+/// the latest, in Drop (also when the test panics).
+pub struct HostPortDrop {
+    /// `inet kdtPID_N`; None once deleted.
+    table: Option<String>,
+}
+
+impl HostPortDrop {
+    pub fn new(port: u16) -> HostPortDrop {
+        env::require_root();
+        let n = NEXT_HOST_TABLE.fetch_add(1, Ordering::Relaxed);
+        let table = format!("inet kdt{}_{n}", std::process::id());
+        // Constructed before the rule exists so that Drop also removes a
+        // table whose rule could not be added.
+        let guard = HostPortDrop {
+            table: Some(table.clone()),
+        };
+        cmd::run("nft", &[&drop_script(&table, port)]);
+        guard
+    }
+
+    /// Lets the port's traffic through again.
+    pub fn undrop(&mut self) {
+        if let Some(table) = self.table.take() {
+            cmd::run("nft", &[&format!("delete table {table}")]);
+        }
+    }
+}
+
+impl Drop for HostPortDrop {
+    fn drop(&mut self) {
+        let Some(table) = self.table.take() else {
+            return;
+        };
+        // No panic here: Drop may run while a test is already unwinding.
+        match cmd::try_output(Command::new("nft").arg(format!("delete table {table}"))) {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "cleanup: nft delete table {table}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Err(e) => eprintln!("cleanup: {e}"),
+        }
+    }
 }

@@ -1,13 +1,13 @@
 //! Runs `kdiag-peer` (this crate's second binary) inside a namespace.
 
 use std::net::{IpAddr, SocketAddr};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::WAIT;
 use crate::lines::LineLog;
-use crate::netns::Ns;
+use crate::netns::Netns;
 
 /// The comm the agent must report for peer sockets.
 pub const PEER_COMM: &str = "kdiag-peer";
@@ -21,14 +21,34 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// `kdiag-peer listen ADDR PORT` in `ns`; returns once it listens.
+    /// `kdiag-peer listen ADDR PORT` in `ns`: a server that reads each
+    /// connection until EOF, then closes it. Returns once it listens.
     /// `bin` is `env!("CARGO_BIN_EXE_kdiag-peer")` of the calling test.
-    pub fn listen(bin: &str, ns: &Ns, addr: impl Into<IpAddr>, port: u16) -> Peer {
-        let peer = Peer::spawn(
-            bin,
-            ns,
-            &["listen", &addr.into().to_string(), &port.to_string()],
-        );
+    pub fn listen<'a>(
+        bin: &str,
+        ns: impl Into<Netns<'a>>,
+        addr: impl Into<IpAddr>,
+        port: u16,
+    ) -> Peer {
+        Peer::listen_with(bin, ns.into(), addr.into(), port, &[])
+    }
+
+    /// `listen`, but a server that never closes (nor reads) what it
+    /// accepts: its sockets stay in CLOSE_WAIT once the clients close.
+    pub fn listen_holding<'a>(
+        bin: &str,
+        ns: impl Into<Netns<'a>>,
+        addr: impl Into<IpAddr>,
+        port: u16,
+    ) -> Peer {
+        Peer::listen_with(bin, ns.into(), addr.into(), port, &["--hold"])
+    }
+
+    fn listen_with(bin: &str, ns: Netns, addr: IpAddr, port: u16, extra: &[&str]) -> Peer {
+        let (addr, port) = (addr.to_string(), port.to_string());
+        let mut args = vec!["listen", &addr, &port];
+        args.extend_from_slice(extra);
+        let peer = Peer::spawn(bin, ns, &args);
         peer.wait_line("ready");
         peer
     }
@@ -36,37 +56,56 @@ impl Peer {
     /// `kdiag-peer connect ADDR PORT [--send-every-ms N]` in `ns`; returns
     /// once the process runs (the connect may still be in progress: see
     /// `wait_connected`).
-    pub fn connect(
+    pub fn connect<'a>(
         bin: &str,
-        ns: &Ns,
+        ns: impl Into<Netns<'a>>,
         addr: impl Into<IpAddr>,
         port: u16,
         send_every_ms: Option<u64>,
     ) -> Peer {
-        let (addr, port) = (addr.into().to_string(), port.to_string());
-        let mut args = vec!["connect", &addr, &port];
         let ms = send_every_ms.map(|ms| ms.to_string());
-        if let Some(ms) = &ms {
-            args.extend(["--send-every-ms", ms]);
-        }
+        let extra = match &ms {
+            Some(ms) => vec!["--send-every-ms", ms.as_str()],
+            None => vec![],
+        };
+        Peer::connect_with(bin, ns.into(), addr.into(), port, &extra)
+    }
+
+    /// `kdiag-peer connect ADDR PORT --count N` in `ns`: `count` connections
+    /// one after the other, each closed by both sides before the next (the
+    /// server must be a `listen` peer). See `wait_done`.
+    pub fn connect_many<'a>(
+        bin: &str,
+        ns: impl Into<Netns<'a>>,
+        addr: impl Into<IpAddr>,
+        port: u16,
+        count: u32,
+    ) -> Peer {
+        let count = count.to_string();
+        Peer::connect_with(bin, ns.into(), addr.into(), port, &["--count", &count])
+    }
+
+    fn connect_with(bin: &str, ns: Netns, addr: IpAddr, port: u16, extra: &[&str]) -> Peer {
+        let (addr, port) = (addr.to_string(), port.to_string());
+        let mut args = vec!["connect", &addr, &port];
+        args.extend_from_slice(extra);
         Peer::spawn(bin, ns, &args)
     }
 
-    fn spawn(bin: &str, ns: &Ns, args: &[&str]) -> Peer {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &ns.name, bin])
-            .args(args)
+    fn spawn(bin: &str, ns: Netns, args: &[&str]) -> Peer {
+        let mut child = ns
+            .command(bin, args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot run ip netns exec: {e}"));
+            .unwrap_or_else(|e| panic!("cannot run {bin} in netns {}: {e}", ns.name()));
         let stdout = LineLog::spawn(child.stdout.take().expect("piped stdout"));
         let stderr = LineLog::spawn(child.stderr.take().expect("piped stderr"));
         let what = format!(
             "kdiag-peer {} (netns {}, pid {})",
             args.join(" "),
-            ns.name,
+            ns.name(),
             child.id()
         );
         let peer = Peer {
@@ -114,10 +153,31 @@ impl Peer {
             .unwrap_or_else(|e| panic!("{}: bad local address {local:?}: {e}", self.what))
     }
 
+    /// Waits for `connect_many` to print "done N", i.e. for all its
+    /// connections to be closed by both sides; `timeout` bounds the wait.
+    pub fn wait_done(&self, timeout: Duration) {
+        self.wait_line_within("done ", timeout);
+    }
+
+    /// Ends the peer now (SIGKILL): the kernel closes its sockets as at any
+    /// exit, which is how the tests close a connection at a chosen moment.
+    pub fn kill(mut self) {
+        self.kill_and_reap();
+    }
+
+    fn kill_and_reap(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Waits for the first stdout line starting with `prefix`.
     fn wait_line(&self, prefix: &str) -> String {
+        self.wait_line_within(prefix, WAIT)
+    }
+
+    fn wait_line_within(&self, prefix: &str, timeout: Duration) -> String {
         self.stdout
-            .wait(WAIT, |lines| {
+            .wait(timeout, |lines| {
                 lines.iter().find(|l| l.starts_with(prefix)).cloned()
             })
             .unwrap_or_else(|ended| {
@@ -133,7 +193,6 @@ impl Peer {
 
 impl Drop for Peer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill_and_reap();
     }
 }

@@ -35,6 +35,37 @@ pub fn pid_of(rec: &Value) -> Option<u64> {
     rec.get("pid").and_then(Value::as_u64)
 }
 
+/// One class's `agent_stats` counters summed over a run.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ClassTotals {
+    pub events: u64,
+    pub dropped: u64,
+    pub lost: u64,
+}
+
+/// Sums `classes.<class>` over every `agent_stats` record: the counters are
+/// per-interval deltas, so the sum covers the whole run. Panics if no
+/// `agent_stats` names the class.
+pub fn class_totals(recs: &[Value], class: &str) -> ClassTotals {
+    let stats: Vec<&Value> = recs
+        .iter()
+        .filter(|r| is_type(r, "agent_stats"))
+        .map(|r| {
+            r.get("classes")
+                .and_then(|c| c.get(class))
+                .unwrap_or_else(|| panic!("no classes.{class} in {r}"))
+        })
+        .collect();
+    assert!(!stats.is_empty(), "no agent_stats record");
+    stats
+        .into_iter()
+        .fold(ClassTotals::default(), |t, c| ClassTotals {
+            events: t.events + u64_field(c, "events"),
+            dropped: t.dropped + u64_field(c, "dropped"),
+            lost: t.lost + u64_field(c, "lost"),
+        })
+}
+
 /// Checks the envelope every line carries: `"v":1`, a `type`, `ts` in
 /// RFC 3339 UTC with nanoseconds, and a non-empty `host`.
 pub fn assert_envelope(rec: &Value) {

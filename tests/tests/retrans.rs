@@ -35,14 +35,7 @@ fn retrans_args(port: u16, extra: &[&str]) -> Vec<String> {
 /// Spawns the agent on `args` and waits for its `agent_start`.
 fn start_agent(args: &[String]) -> (Agent, Value) {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut agent = Agent::spawn(&args);
-    let start = agent.wait_start();
-    let attached = start["attached"].as_array().expect("checked by wait_start");
-    assert!(
-        attached.iter().any(|a| a == "tcp/tcp_retransmit_skb"),
-        "tcp/tcp_retransmit_skb not attached: {start}"
-    );
-    (agent, start)
+    Agent::start(&args, "tcp/tcp_retransmit_skb")
 }
 
 /// Matches the retransmit records of connections to `port` (the client's
@@ -133,15 +126,6 @@ fn assert_conn_records(recs: &[Value], exp: &Expected) {
     }
 }
 
-/// Stops the agent with SIGINT and checks it exits 0.
-fn stop_ok(agent: &mut Agent) -> Vec<Value> {
-    let (status, recs) = agent.stop();
-    if status.code() != Some(0) {
-        agent.fail(&format!("exit status {status} after SIGINT, expected 0"));
-    }
-    recs
-}
-
 /// The SYN_SENT scenario: agent on `retrans --port P <extra>`, then a client
 /// connecting to P, which the server drops. Returns the `agent_start` line.
 fn syn_sent(family: Family, extra: &[&str]) -> Value {
@@ -153,7 +137,7 @@ fn syn_sent(family: Family, extra: &[&str]) -> Value {
     // SYN retransmits come ~1 s and ~3 s after the connect.
     let recs = agent.wait_for_n("2 SYN retransmits", 2, WAIT, retrans_to(port));
     assert_conn_records(&recs, &Expected::syn(&net, family, port, &client));
-    stop_ok(&mut agent);
+    agent.stop_ok();
     start
 }
 
@@ -196,7 +180,7 @@ fn established(agent_before_connect: bool) {
     // RTO-driven: ~0.2 s, then doubling.
     let recs = agent.wait_for_n("2 data retransmits", 2, WAIT, retrans_to(port));
     assert_conn_records(&recs, &Expected::data(&net, port, &client, local.port()));
-    stop_ok(&mut agent);
+    agent.stop_ok();
 }
 
 #[test]
@@ -233,7 +217,7 @@ fn pid_filter_keeps_only_that_process() {
     });
     // The other client retransmits just as often: give it the same time.
     thread::sleep(Duration::from_millis(1500));
-    let recs = stop_ok(&mut agent);
+    let recs = agent.stop_ok();
     let strays: Vec<&Value> = recs
         .iter()
         .filter(|r| record::is_type(r, "retrans") && pid_of(r) != Some(kept.into()))
