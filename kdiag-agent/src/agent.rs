@@ -20,7 +20,7 @@ use crate::{
     output::Output,
     privileges::{self, MissingPrivileges},
     procfs,
-    record::AgentStart,
+    record::{AgentStart, Degraded},
     stats::{ProgramCounters, StatsCollector},
     transport::{Reader, TransportError, TransportKind},
     wire,
@@ -91,6 +91,15 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
         TransportKind::Perf => Reader::perf(take_map(&mut loaded.ebpf, "PERF_EVENTS")?)?,
         _ => Reader::ring(take_map(&mut loaded.ebpf, "EVENTS")?)?,
     };
+    // Everything that needs privileges is done: loading, attaching, opening
+    // the buffers.
+    let mut degraded = loaded.degraded.clone();
+    if let Err(e) = privileges::drop_after_attach() {
+        degraded.push(Degraded {
+            what: "capabilities".to_owned(),
+            why: format!("still holding them all: {e}"),
+        });
+    }
     let losses = PerCpuArray::try_from(take_map(&mut loaded.ebpf, "LOSSES")?)
         .map_err(|_| AgentError::MissingMap("LOSSES"))?;
     let class_names = classes.iter().map(|c| (c.id() as u32, c.name())).collect();
@@ -108,7 +117,7 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
         kernel: procfs::kernel_release(),
         transport: loaded.transport.name(),
         attached: loaded.attached.iter().map(|t| t.path()).collect(),
-        degraded: loaded.degraded.clone(),
+        degraded,
     };
     out.write(monotonic_ns(), &start)?;
     out.flush()?;
