@@ -76,7 +76,11 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
     let mut classes = plan(&cli)?;
     privileges::check()?;
 
-    let mut loaded = loader::load(&classes, cli.global.transport)?;
+    let mut loaded = loader::load(
+        &classes,
+        cli.global.transport,
+        cli.global.formats_from.as_deref(),
+    )?;
     for class in &mut classes {
         class
             .on_loaded(&mut loaded.ebpf)

@@ -58,6 +58,11 @@ pub struct GlobalArgs {
     /// How events travel from the kernel.
     #[arg(long, value_enum, default_value = "auto", global = true)]
     pub transport: TransportKind,
+    /// Read tracepoint formats from this directory instead of tracefs.
+    /// A test seam: it shows how the agent degrades when a tracepoint is
+    /// missing, without a kernel that lacks it.
+    #[arg(long, value_name = "DIR", global = true, hide = true)]
+    pub formats_from: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -54,6 +54,13 @@ impl Tracefs {
         })
     }
 
+    /// Formats under `root` (laid out like tracefs) instead of the kernel's.
+    pub fn at(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+        }
+    }
+
     /// The format of `group/name`.
     pub fn format(&self, group: &str, name: &str) -> Result<Format, TracefsError> {
         let dir = self.root.join("events").join(group).join(name);

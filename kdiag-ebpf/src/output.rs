@@ -7,9 +7,7 @@ use core::{ffi::c_void, ptr};
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_F_CURRENT_CPU,
-    helpers::{
-        bpf_get_smp_processor_id, bpf_ktime_get_ns, generated::bpf_perf_event_output,
-    },
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, generated::bpf_perf_event_output},
     macros::map,
     maps::{PerCpuArray, PerfEventArray, RingBuf},
 };
