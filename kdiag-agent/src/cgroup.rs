@@ -89,7 +89,7 @@ fn find_cgroup2_mount() -> Option<PathBuf> {
     parse_cgroup2_mount(&text)
 }
 
-fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
     mountinfo.lines().find_map(|line| {
         let (left, right) = line.split_once(" - ")?;
         (right.split_whitespace().next()? == "cgroup2")

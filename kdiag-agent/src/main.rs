@@ -21,6 +21,9 @@ mod tracefs;
 mod transport;
 mod wire;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 use clap::Parser as _;
 
 fn main() {

@@ -145,7 +145,7 @@ fn allowed(caps: u64) -> bool {
 }
 
 /// The `CapEff:` mask of /proc/self/status.
-fn effective_caps(status: &str) -> Option<u64> {
+pub fn effective_caps(status: &str) -> Option<u64> {
     let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
     u64::from_str_radix(hex.trim(), 16).ok()
 }
