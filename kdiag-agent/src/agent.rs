@@ -198,18 +198,29 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
 fn plan(cli: &Cli) -> Result<Vec<Box<dyn Class>>, AgentError> {
     let owners = OwnerFilter::new(cli.global.pids.clone(), cli.global.cgroup.clone());
     let classes: Vec<Box<dyn Class>> = match &cli.command {
-        Command::Retrans(args) => vec![Box::new(RetransClass::new(owners, tcp_filter(args)?))],
+        Command::Retrans(args) => vec![Box::new(RetransClass::new(
+            owners,
+            tcp_filter(args, false)?,
+        ))],
         Command::Tcp(args) => vec![Box::new(TcpClass::new(
             owners,
-            tcp_filter(&args.filter)?,
+            tcp_filter(&args.filter, true)?,
             args.state,
         ))],
+        Command::Run(args) => {
+            // One TCP configuration for both TCP classes: they share programs.
+            let tcp = tcp_filter(&args.tcp.filter, true)?;
+            vec![
+                Box::new(RetransClass::new(owners.clone(), tcp.clone())),
+                Box::new(TcpClass::new(owners, tcp, args.tcp.state)),
+            ]
+        }
     };
     Ok(classes)
 }
 
-fn tcp_filter(args: &TcpFilterArgs) -> Result<TcpFilter, AgentError> {
-    TcpFilter::new(&args.ports, args.ipv4, args.ipv6).map_err(AgentError::Usage)
+fn tcp_filter(args: &TcpFilterArgs, stream_states: bool) -> Result<TcpFilter, AgentError> {
+    TcpFilter::new(&args.ports, args.ipv4, args.ipv6, stream_states).map_err(AgentError::Usage)
 }
 
 fn take_map(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<aya::maps::Map, AgentError> {

@@ -86,6 +86,19 @@ pub enum Command {
     /// shows who owns them; a client hanging in connect() shows as
     /// SYN_SENT -> CLOSE with its SYN_SENT time.
     Tcp(TcpArgs),
+    /// Every class at once, in one process and one output stream: what a
+    /// log pipeline wants (`kdiag-agent run | vector ...`).
+    ///
+    /// Class options apply to their classes: --port, -4/-6 and --state to
+    /// retrans and tcp.
+    Run(RunArgs),
+}
+
+/// Options of `run`: those of every class.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub tcp: TcpArgs,
 }
 
 /// Options of the `tcp` class.
