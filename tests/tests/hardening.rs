@@ -6,15 +6,22 @@ use std::{fs, path::Path, time::Duration};
 use kdiag_tests::{agent::Agent, env::require_root};
 use serde_json::Value;
 
-/// Where the real formats are: the agent mounts tracefs if nobody has, so
-/// after one agent run it is there.
+/// Where the real formats are. The agent mounts tracefs if nobody has, so
+/// one short agent run makes sure it is there.
 fn tracefs() -> &'static Path {
-    for p in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
-        if Path::new(p).join("events").is_dir() {
-            return Path::new(p);
-        }
+    let mounted = || {
+        ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+            .into_iter()
+            .map(Path::new)
+            .find(|p| p.join("events").is_dir())
+    };
+    if let Some(p) = mounted() {
+        return p;
     }
-    panic!("tracefs is not mounted (the agent mounts it: run any agent test first)");
+    let mut probe = Agent::spawn(&["retrans", "-d", "1"]);
+    probe.wait_start();
+    probe.wait_exit(Duration::from_secs(5));
+    mounted().expect("tracefs is still not mounted after an agent run")
 }
 
 /// A directory laid out like tracefs with only these tracepoints' formats.
@@ -66,10 +73,6 @@ impl FakeFormats {
 #[test]
 fn missing_optional_tracepoint_runs_degraded() {
     require_root();
-    // Make sure tracefs is mounted before copying from it.
-    let mut probe = Agent::spawn(&["retrans", "-d", "1"]);
-    probe.wait_start();
-    probe.wait_exit(Duration::from_secs(5));
 
     let formats = FakeFormats::with(
         "degraded",
@@ -109,9 +112,6 @@ fn missing_optional_tracepoint_runs_degraded() {
 #[test]
 fn missing_required_tracepoint_fails_clearly() {
     require_root();
-    let mut probe = Agent::spawn(&["retrans", "-d", "1"]);
-    probe.wait_start();
-    probe.wait_exit(Duration::from_secs(5));
 
     let formats = FakeFormats::with("required", &["sock/inet_sock_set_state"]);
     let dir = formats.arg();
