@@ -10,6 +10,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     class::{Class, ClassError},
     classes::retrans::{OwnerFilter, RetransClass},
+    classes::softirq::SoftirqClass,
     classes::tcp_config::TcpFilter,
     cli::{Cli, Command},
     clock::{WallClock, monotonic_ns},
@@ -186,6 +187,16 @@ fn plan(cli: &Cli) -> Result<Vec<Box<dyn Class>>, AgentError> {
             let tcp =
                 TcpFilter::new(&args.ports, args.ipv4, args.ipv6).map_err(AgentError::Usage)?;
             vec![Box::new(RetransClass::new(owners, tcp))]
+        }
+        Command::Softirq(args) => {
+            if !cli.global.pids.is_empty() || cli.global.cgroup.is_some() {
+                return Err(AgentError::Usage(
+                    "--pid and --cgroup do not apply to softirq: softirqs run on behalf of no \
+                     process, on whatever CPU raised them, interrupting whichever task is there"
+                        .to_owned(),
+                ));
+            }
+            vec![Box::new(SoftirqClass::new(args.min_latency_us))]
         }
     };
     Ok(classes)

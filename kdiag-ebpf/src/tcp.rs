@@ -123,8 +123,7 @@ fn sock_net(cfg: &TcpConfig, sk: u64) -> u64 {
         return 0;
     }
     // SAFETY: probe read of kernel memory; a fault returns an error.
-    unsafe { bpf_probe_read_kernel((sk + u64::from(cfg.sk_net_offset)) as *const u64) }
-        .unwrap_or(0)
+    unsafe { bpf_probe_read_kernel((sk + u64::from(cfg.sk_net_offset)) as *const u64) }.unwrap_or(0)
 }
 
 #[tracepoint]
