@@ -391,6 +391,31 @@ mod tests {
     }
 
     #[test]
+    fn text_rows_in_microseconds() {
+        use crate::record::Record as _;
+        let only_service = slot(&SoftirqSlot::ZERO, &[4000, 1_234_567], &[], 0);
+        let s = summarize(1, 3, &SoftirqSlot::ZERO, &only_service, 0, 1).unwrap();
+        let row = s.text_row("T");
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(
+            cols,
+            [
+                "T", "1", "NET_RX", "2", "1238.5", "1234.5", "1234.5", "-", "-"
+            ],
+            "{row}"
+        );
+        assert_eq!(
+            SoftirqSummary::TEXT_HEADER.split_whitespace().count(),
+            cols.len()
+        );
+        let r = softirq_record(&event(0, 2500));
+        assert_eq!(
+            r.text_row("T").split_whitespace().collect::<Vec<_>>(),
+            ["T", "1", "HI", "1200.0", "2.5"]
+        );
+    }
+
+    #[test]
     fn config_from_formats() {
         let text = "format:
 \tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
