@@ -67,11 +67,11 @@ impl Agent {
         self.pid
     }
 
-    /// Runs the agent with `args` to its exit, which must come before it
-    /// writes any record (usage errors, missing privileges); returns the
-    /// exit code and stderr.
-    pub fn run_to_exit(args: &[&str]) -> (i32, String) {
-        let mut agent = Agent::spawn(args);
+    /// Runs the agent with `args` (its command adjusted by `configure`, e.g.
+    /// its uid) to its exit, which must come before it writes any record
+    /// (usage errors, missing privileges); returns the exit code and stderr.
+    pub fn run_to_exit(args: &[&str], configure: impl FnOnce(&mut Command)) -> (i32, String) {
+        let mut agent = Agent::spawn_with(args, configure);
         let status = agent.wait_exit(EXIT_TIMEOUT);
         let Some(code) = status.code() else {
             agent.fail(&format!("killed by a signal ({status}) instead of exiting"));

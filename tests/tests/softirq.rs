@@ -284,7 +284,7 @@ fn pid_and_cgroup_are_usage_errors() {
         &["--pid", own.as_str(), "softirq"][..],
         &["softirq", "--cgroup", "/"],
     ] {
-        let (code, stderr) = Agent::run_to_exit(args);
+        let (code, stderr) = Agent::run_to_exit(args, |_| {});
         assert_eq!(
             code,
             EXIT_USAGE,
@@ -297,6 +297,6 @@ fn pid_and_cgroup_are_usage_errors() {
             args.join(" ")
         );
     }
-    let (code, stderr) = Agent::run_to_exit(&["softirq", "--min-latency-us", "-1"]);
+    let (code, stderr) = Agent::run_to_exit(&["softirq", "--min-latency-us", "-1"], |_| {});
     assert_eq!(code, EXIT_USAGE, "negative threshold: {stderr}");
 }
