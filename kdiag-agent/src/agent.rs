@@ -9,10 +9,11 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     class::{Class, ClassError},
-    classes::tcp_config::TcpFilter,
     classes::{
         retrans::{OwnerFilter, RetransClass},
+        softirq::SoftirqClass,
         tcp::TcpClass,
+        tcp_config::TcpFilter,
     },
     cli::{Cli, Command, TcpFilterArgs},
     clock::{WallClock, monotonic_ns},
@@ -213,7 +214,18 @@ fn plan(cli: &Cli) -> Result<Vec<Box<dyn Class>>, AgentError> {
             vec![
                 Box::new(RetransClass::new(owners.clone(), tcp.clone())),
                 Box::new(TcpClass::new(owners, tcp, args.tcp.state)),
+                Box::new(SoftirqClass::new(args.softirq_min_latency_us)),
             ]
+        }
+        Command::Softirq(args) => {
+            if !cli.global.pids.is_empty() || cli.global.cgroup.is_some() {
+                return Err(AgentError::Usage(
+                    "--pid and --cgroup do not apply to softirq: softirqs run on behalf of no \
+                     process, on whatever CPU raised them, interrupting whichever task is there"
+                        .to_owned(),
+                ));
+            }
+            vec![Box::new(SoftirqClass::new(args.min_latency_us))]
         }
     };
     Ok(classes)

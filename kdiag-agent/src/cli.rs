@@ -90,8 +90,41 @@ pub enum Command {
     /// log pipeline wants (`kdiag-agent run | vector ...`).
     ///
     /// Class options apply to their classes: --port, -4/-6 and --state to
-    /// retrans and tcp.
+    /// retrans and tcp, --softirq-min-latency-us to softirq. --pid and
+    /// --cgroup filter the classes that have processes; softirqs, which
+    /// belong to none, are always reported whole.
     Run(RunArgs),
+    /// Softirq latency per CPU and vector: how long handlers ran and how
+    /// long they waited to run.
+    ///
+    /// Two latencies: service time (softirq_entry to softirq_exit, the
+    /// handler running) and queueing delay (softirq_raise to softirq_entry,
+    /// pending before it ran). Both are kept as histograms in the kernel,
+    /// so the cost stays small at millions of softirqs a second.
+    ///
+    /// Records: `softirq_summary` every --interval and at exit, per CPU and
+    /// vector that ran (cpu, vec, count, service_total_ns, service_max_ns,
+    /// service_p99_ns, delay_max_ns, delay_p99_ns, interval_ns); `softirq`
+    /// for each softirq whose service time or delay is at or over
+    /// --min-latency-us (cpu, vec, service_ns, delay_ns). Vectors are named
+    /// as in /proc/softirqs: HI, TIMER, NET_TX, NET_RX, BLOCK, IRQ_POLL,
+    /// TASKLET, SCHED, HRTIMER, RCU. p99 is a log2-bucket upper bound (less
+    /// than twice the true value, never above the max).
+    ///
+    /// Softirqs run on behalf of no process, so --pid and --cgroup are
+    /// refused.
+    #[command(verbatim_doc_comment)]
+    Softirq(SoftirqArgs),
+}
+
+/// Options of `softirq`.
+#[derive(Debug, Args)]
+pub struct SoftirqArgs {
+    /// Write a `softirq` record for every softirq whose service time or
+    /// queueing delay is at or over US microseconds (0: every softirq, for
+    /// debugging only). Summaries count all softirqs either way.
+    #[arg(long, value_name = "US", default_value_t = 1000)]
+    pub min_latency_us: u64,
 }
 
 /// Options of `run`: those of every class.
@@ -99,6 +132,9 @@ pub enum Command {
 pub struct RunArgs {
     #[command(flatten)]
     pub tcp: TcpArgs,
+    /// The `softirq` class's --min-latency-us.
+    #[arg(long, value_name = "US", default_value_t = 1000)]
+    pub softirq_min_latency_us: u64,
 }
 
 /// Options of the `tcp` class.

@@ -10,6 +10,7 @@ mod classes;
 mod cli;
 mod clock;
 mod loader;
+mod log2hist;
 mod output;
 mod owner;
 mod privileges;

@@ -5,6 +5,7 @@
 #![no_main]
 
 mod output;
+mod softirq;
 mod tcp;
 
 #[cfg(not(test))]

@@ -37,13 +37,18 @@ const ENOSPC: i64 = -28;
 /// The header every event starts with: its kind, this CPU, now.
 #[inline(always)]
 pub fn header(kind: EventKind) -> EventHeader {
-    // SAFETY: helpers without arguments.
-    unsafe {
-        EventHeader {
-            kind: kind as u32,
-            cpu: bpf_get_smp_processor_id(),
-            ts_ns: bpf_ktime_get_ns(),
-        }
+    // SAFETY: helper without arguments.
+    header_at(kind, unsafe { bpf_ktime_get_ns() })
+}
+
+/// `header`, for a program that has already read the clock.
+#[inline(always)]
+pub fn header_at(kind: EventKind, ts_ns: u64) -> EventHeader {
+    EventHeader {
+        kind: kind as u32,
+        // SAFETY: helper without arguments.
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        ts_ns,
     }
 }
 

@@ -67,6 +67,26 @@ impl Agent {
         self.pid
     }
 
+    /// Runs the agent with `args` (its command adjusted by `configure`, e.g.
+    /// its uid) to its exit, which must come before it writes any record
+    /// (usage errors, missing privileges); returns the exit code and stderr.
+    pub fn run_to_exit(args: &[&str], configure: impl FnOnce(&mut Command)) -> (i32, String) {
+        let mut agent = Agent::spawn_with(args, configure);
+        let status = agent.wait_exit(EXIT_TIMEOUT);
+        let Some(code) = status.code() else {
+            agent.fail(&format!("killed by a signal ({status}) instead of exiting"));
+        };
+        if !agent.records().is_empty() {
+            agent.fail("printed records although it must not start");
+        }
+        (code, agent.stderr())
+    }
+
+    /// Ids of the kdiag programs it held once started (see `wait_start`).
+    pub fn program_ids(&self) -> &BTreeSet<u32> {
+        &self.programs
+    }
+
     /// Waits for the first line, which must be `agent_start`, checks it
     /// against the contract, and records which kdiag programs the agent
     /// holds (for `assert_programs_released`). Panics showing the agent's

@@ -10,7 +10,14 @@ use serde_json::Value;
 use crate::cmd;
 
 /// Names of kdiag's kernel programs (the eBPF functions).
-pub const KDIAG_PROGRAMS: &[&str] = &["retransmit_skb", "retransmit_synack", "inet_sock_set_state"];
+pub const KDIAG_PROGRAMS: &[&str] = &[
+    "retransmit_skb",
+    "retransmit_synack",
+    "inet_sock_set_state",
+    "softirq_raise",
+    "softirq_entry",
+    "softirq_exit",
+];
 
 /// The kernel keeps at most 15 bytes of a program name (BPF_OBJ_NAME_LEN
 /// - 1); bpftool shows that, or the full name when it finds it in BTF.
@@ -25,12 +32,7 @@ pub fn is_kdiag_program(shown: &str) -> bool {
 
 /// Loaded programs as (id, name), from `bpftool prog show -j`.
 pub fn loaded_programs() -> Vec<(u32, String)> {
-    let json = cmd::run("bpftool", &["prog", "show", "-j"]);
-    let progs: Value = serde_json::from_str(&json)
-        .unwrap_or_else(|e| panic!("bpftool prog show -j printed invalid JSON ({e}): {json}"));
-    progs
-        .as_array()
-        .unwrap_or_else(|| panic!("bpftool prog show -j did not print an array: {json}"))
+    prog_show()
         .iter()
         .map(|p| {
             let id = p
@@ -44,6 +46,36 @@ pub fn loaded_programs() -> Vec<(u32, String)> {
             )
         })
         .collect()
+}
+
+/// Every loaded program, as `bpftool prog show -j` describes it.
+fn prog_show() -> Vec<Value> {
+    let json = cmd::run("bpftool", &["prog", "show", "-j"]);
+    let progs: Value = serde_json::from_str(&json)
+        .unwrap_or_else(|e| panic!("bpftool prog show -j printed invalid JSON ({e}): {json}"));
+    match progs {
+        Value::Array(progs) => progs,
+        _ => panic!("bpftool prog show -j did not print an array: {json}"),
+    }
+}
+
+/// Runs of the programs `ids` the kernel skipped because another BPF
+/// program was running on that CPU (`recursion_misses`, which bpftool only
+/// shows when non-zero).
+pub fn recursion_misses(ids: &BTreeSet<u32>) -> u64 {
+    prog_show()
+        .iter()
+        .filter(|p| {
+            p.get("id")
+                .and_then(Value::as_u64)
+                .is_some_and(|id| u32::try_from(id).is_ok_and(|id| ids.contains(&id)))
+        })
+        .map(|p| {
+            p.get("recursion_misses")
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+        })
+        .sum()
 }
 
 /// Ids of the BPF programs process `pid` holds through a program or link fd,

@@ -11,10 +11,12 @@ pub mod bpf;
 pub mod cmd;
 pub mod env;
 pub mod lines;
+pub mod loopback;
 pub mod netns;
 pub mod nft;
 pub mod peer;
 pub mod record;
+pub mod softirqs;
 
 use std::time::Duration;
 
