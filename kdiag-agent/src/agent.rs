@@ -117,6 +117,11 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
         &procfs::hostname(),
         WallClock::now(),
     );
+    // Before agent_start: whoever waits for that line may signal at once,
+    // and a signal that came before the handlers would kill the agent
+    // without its final agent_stats.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
     let start = AgentStart {
         version: env!("CARGO_PKG_VERSION"),
         kernel: procfs::kernel_release(),
@@ -127,8 +132,6 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
     out.write(monotonic_ns(), &start)?;
     out.flush()?;
 
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
     let deadline = tokio::time::sleep(
         cli.global
             .duration

@@ -92,10 +92,7 @@ impl Agent {
     /// holds (for `assert_programs_released`). Panics showing the agent's
     /// stderr otherwise.
     pub fn wait_start(&mut self) -> Value {
-        let first = self
-            .stdout
-            .wait(WAIT, |lines| lines.first().cloned())
-            .unwrap_or_else(|ended| self.fail(&format!("no agent_start line ({ended:?})")));
+        let first = self.wait_first_line();
         let start: Value = serde_json::from_str(&first)
             .unwrap_or_else(|e| self.fail(&format!("first line is not JSON ({e}): {first}")));
         if !record::is_type(&start, "agent_start") {
@@ -122,6 +119,25 @@ impl Agent {
         }
         self.record_programs();
         start
+    }
+
+    /// `wait_start` for `-o text`: the first line must be a `#` comment
+    /// saying what was attached; returns it.
+    pub fn wait_start_text(&mut self) -> String {
+        let first = self.wait_first_line();
+        if !(first.starts_with('#') && first.contains("attached")) {
+            self.fail(&format!(
+                "first line is not a `# ... attached ...` comment: {first}"
+            ));
+        }
+        self.record_programs();
+        first
+    }
+
+    fn wait_first_line(&self) -> String {
+        self.stdout
+            .wait(WAIT, |lines| lines.first().cloned())
+            .unwrap_or_else(|ended| self.fail(&format!("no first line ({ended:?})")))
     }
 
     fn record_programs(&mut self) {
@@ -164,9 +180,32 @@ impl Agent {
         }
     }
 
+    /// The first `n` raw lines (for `-o text`) matching `pred`, waiting up
+    /// to `timeout`.
+    pub fn wait_for_lines(
+        &self,
+        what: &str,
+        n: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
+        self.stdout
+            .wait(timeout, |lines| {
+                let matching: Vec<String> =
+                    lines.iter().filter(|l| pred(l)).take(n).cloned().collect();
+                (matching.len() == n).then_some(matching)
+            })
+            .unwrap_or_else(|ended| self.fail(&format!("waiting for {what}: {ended:?}")))
+    }
+
     /// All lines so far, parsed; panics on a line that is not JSON.
     pub fn records(&self) -> Vec<Value> {
         parse_all(&self.stdout.lines()).unwrap_or_else(|bad| self.fail(&bad))
+    }
+
+    /// All lines so far, as text.
+    pub fn lines(&self) -> Vec<String> {
+        self.stdout.lines()
     }
 
     /// Sends `signal` to the agent.
@@ -192,9 +231,20 @@ impl Agent {
     /// Sends `signal` and waits for the exit: returns the status and all
     /// lines.
     pub fn stop_with(&mut self, signal: libc::c_int) -> (ExitStatus, Vec<Value>) {
-        self.signal(signal);
-        let status = self.wait_exit(EXIT_TIMEOUT);
+        let status = self.terminate(signal);
         (status, self.records())
+    }
+
+    /// `stop` for `-o text`: SIGINT, then waits for the exit: returns the
+    /// status and all lines.
+    pub fn stop_text(&mut self) -> (ExitStatus, Vec<String>) {
+        let status = self.terminate(libc::SIGINT);
+        (status, self.lines())
+    }
+
+    fn terminate(&mut self, signal: libc::c_int) -> ExitStatus {
+        self.signal(signal);
+        self.wait_exit(EXIT_TIMEOUT)
     }
 
     /// Waits for the agent to exit on its own; panics after `timeout`. All of

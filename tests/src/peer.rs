@@ -1,6 +1,10 @@
 //! Runs `kdiag-peer` (this crate's second binary) inside a namespace.
 
+use std::ffi::{CStr, CString};
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -11,6 +15,47 @@ use crate::netns::Ns;
 
 /// The comm the agent must report for peer sockets.
 pub const PEER_COMM: &str = "kdiag-peer";
+
+/// Options of `kdiag-peer listen`.
+#[derive(Debug, Default)]
+pub struct ListenOptions {
+    /// Write 100 bytes this often on every accepted connection.
+    pub send_every_ms: Option<u64>,
+    /// Set the peer's comm to this right after listen().
+    pub rename_after_listen: Option<String>,
+}
+
+/// Options of `kdiag-peer connect`.
+#[derive(Debug, Default)]
+pub struct ConnectOptions {
+    /// Write 100 bytes this often once connected.
+    pub send_every_ms: Option<u64>,
+    /// Start it in this cgroup v2 directory, so that it connects from there.
+    pub join_cgroup: Option<PathBuf>,
+}
+
+/// Moves the calling process into the cgroup whose `cgroup.procs` is
+/// `procs`: writing pid 0 there means the writer itself
+/// (kernel/cgroup/cgroup.c, cgroup_procs_write_start).
+fn join_cgroup(procs: &CStr) -> std::io::Result<()> {
+    // SAFETY: a valid NUL-terminated path; the fd is closed below.
+    let fd = unsafe { libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: writes one byte from a static buffer to the fd opened above.
+    let written = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closes the fd opened above, once.
+    unsafe { libc::close(fd) };
+    if written == 1 { Ok(()) } else { Err(err) }
+}
+
+fn push_send_every(args: &mut Vec<String>, ms: Option<u64>) {
+    if let Some(ms) = ms {
+        args.extend(["--send-every-ms".to_owned(), ms.to_string()]);
+    }
+}
 
 /// A running kdiag-peer; killed in Drop.
 pub struct Peer {
@@ -24,11 +69,25 @@ impl Peer {
     /// `kdiag-peer listen ADDR PORT` in `ns`; returns once it listens.
     /// `bin` is `env!("CARGO_BIN_EXE_kdiag-peer")` of the calling test.
     pub fn listen(bin: &str, ns: &Ns, addr: impl Into<IpAddr>, port: u16) -> Peer {
-        let peer = Peer::spawn(
-            bin,
-            ns,
-            &["listen", &addr.into().to_string(), &port.to_string()],
-        );
+        Peer::listen_with(bin, ns, addr, port, &ListenOptions::default())
+    }
+
+    /// `listen` with options; returns once it listens (and has renamed
+    /// itself, if asked to).
+    pub fn listen_with(
+        bin: &str,
+        ns: &Ns,
+        addr: impl Into<IpAddr>,
+        port: u16,
+        opts: &ListenOptions,
+    ) -> Peer {
+        let (addr, port) = (addr.into().to_string(), port.to_string());
+        let mut args = vec!["listen".to_owned(), addr, port];
+        push_send_every(&mut args, opts.send_every_ms);
+        if let Some(name) = &opts.rename_after_listen {
+            args.extend(["--rename-after-listen".to_owned(), name.clone()]);
+        }
+        let peer = Peer::spawn(bin, ns, &args, None);
         peer.wait_line("ready");
         peer
     }
@@ -43,24 +102,50 @@ impl Peer {
         port: u16,
         send_every_ms: Option<u64>,
     ) -> Peer {
-        let (addr, port) = (addr.into().to_string(), port.to_string());
-        let mut args = vec!["connect", &addr, &port];
-        let ms = send_every_ms.map(|ms| ms.to_string());
-        if let Some(ms) = &ms {
-            args.extend(["--send-every-ms", ms]);
-        }
-        Peer::spawn(bin, ns, &args)
+        let opts = ConnectOptions {
+            send_every_ms,
+            ..ConnectOptions::default()
+        };
+        Peer::connect_with(bin, ns, addr, port, &opts)
     }
 
-    fn spawn(bin: &str, ns: &Ns, args: &[&str]) -> Peer {
-        let mut child = Command::new("ip")
+    /// `connect` with options.
+    pub fn connect_with(
+        bin: &str,
+        ns: &Ns,
+        addr: impl Into<IpAddr>,
+        port: u16,
+        opts: &ConnectOptions,
+    ) -> Peer {
+        let (addr, port) = (addr.into().to_string(), port.to_string());
+        let mut args = vec!["connect".to_owned(), addr, port];
+        push_send_every(&mut args, opts.send_every_ms);
+        Peer::spawn(bin, ns, &args, opts.join_cgroup.as_deref())
+    }
+
+    /// Runs the peer in `ns`, first moved into `cgroup` if given.
+    fn spawn(bin: &str, ns: &Ns, args: &[String], cgroup: Option<&Path>) -> Peer {
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", &ns.name, bin])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(dir) = cgroup {
+            // Joined before the exec: `ip netns exec` mounts a sysfs of the
+            // new network namespace over /sys, which hides the cgroup mounts
+            // from the peer itself.
+            let procs = CString::new(dir.join("cgroup.procs").into_os_string().into_vec())
+                .expect("cgroup path without NUL");
+            // SAFETY: the closure runs between fork and exec and only makes
+            // async-signal-safe calls (open, write, close) on data prepared
+            // before the fork.
+            unsafe { command.pre_exec(move || join_cgroup(&procs)) };
+        }
+        let mut child = command
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot run ip netns exec: {e}"));
+            .unwrap_or_else(|e| panic!("cannot run ip netns exec (cgroup {cgroup:?}): {e}"));
         let stdout = LineLog::spawn(child.stdout.take().expect("piped stdout"));
         let stderr = LineLog::spawn(child.stderr.take().expect("piped stderr"));
         let what = format!(
@@ -75,26 +160,29 @@ impl Peer {
             stdout,
             stderr,
         };
-        peer.wait_exec();
+        peer.wait_exec(bin);
         peer
     }
 
     /// The tests use the spawned child's pid as the peer's pid: true only
     /// because `ip netns exec` execs the program in place rather than
-    /// forking. Wait for the exec and so check that.
-    fn wait_exec(&self) {
-        let comm_path = format!("/proc/{}/comm", self.pid());
+    /// forking. Wait for the exec and so check that. The executable, not the
+    /// comm, tells: a peer may rename itself as soon as it runs.
+    fn wait_exec(&self, bin: &str) {
+        let exe_path = format!("/proc/{}/exe", self.pid());
+        let want = std::fs::canonicalize(bin).unwrap_or_else(|e| panic!("{bin}: {e}"));
         let deadline = Instant::now() + WAIT;
         loop {
-            let comm = std::fs::read_to_string(&comm_path).unwrap_or_default();
-            if comm.trim_end() == PEER_COMM {
+            let exe = std::fs::read_link(&exe_path).ok();
+            if exe.as_ref() == Some(&want) {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "pid {} never became {PEER_COMM} (comm {comm:?}): `ip netns exec` must exec in \
-                 place; stderr: {}",
+                "pid {} never ran {} (it runs {exe:?}): `ip netns exec` must exec in place; \
+                 stderr: {}",
                 self.pid(),
+                want.display(),
                 self.stderr.text()
             );
             thread::sleep(Duration::from_millis(10));
@@ -103,6 +191,15 @@ impl Peer {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Its comm now, as /proc shows it.
+    pub fn comm(&self) -> String {
+        let path = format!("/proc/{}/comm", self.pid());
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {path}: {e}", self.what))
+            .trim_end()
+            .to_owned()
     }
 
     /// Waits for "connected LOCAL_ADDR" and returns LOCAL_ADDR.
