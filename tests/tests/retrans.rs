@@ -8,7 +8,7 @@ use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
 use kdiag_tests::WAIT;
-use kdiag_tests::agent::{Agent, EXIT_TIMEOUT};
+use kdiag_tests::agent::Agent;
 use kdiag_tests::cgroup::TestCgroup;
 use kdiag_tests::netns::{Family, NetnsPair, unique_port};
 use kdiag_tests::peer::{ConnectOptions, ListenOptions, PEER_COMM, Peer};
@@ -712,20 +712,6 @@ fn sigkill_leaves_no_programs() {
     agent.assert_programs_released();
 }
 
-/// Runs the agent to its exit (it must not start) and returns its exit code
-/// and stderr.
-fn run_to_exit(args: &[&str], configure: impl FnOnce(&mut std::process::Command)) -> (i32, String) {
-    let mut agent = Agent::spawn_with(args, configure);
-    let status = agent.wait_exit(EXIT_TIMEOUT);
-    let Some(code) = status.code() else {
-        agent.fail(&format!("killed by a signal ({status}) instead of exiting"));
-    };
-    if !agent.records().is_empty() {
-        agent.fail("printed records although it must not start");
-    }
-    (code, agent.stderr())
-}
-
 #[test]
 fn usage_errors_exit_2() {
     let cases: &[&[&str]] = &[
@@ -736,7 +722,7 @@ fn usage_errors_exit_2() {
         &["-p", "abc", "retrans"],
     ];
     for args in cases {
-        let (code, stderr) = run_to_exit(args, |_| {});
+        let (code, stderr) = Agent::run_to_exit(args, |_| {});
         assert_eq!(
             code,
             EXIT_USAGE,
@@ -754,7 +740,7 @@ fn usage_errors_exit_2() {
 #[test]
 fn unprivileged_exits_77() {
     const NOBODY: u32 = 65534;
-    let (code, stderr) = run_to_exit(&["retrans"], |cmd| {
+    let (code, stderr) = Agent::run_to_exit(&["retrans"], |cmd| {
         // std drops the supplementary groups too when root sets the uid.
         cmd.uid(NOBODY).gid(NOBODY);
     });
