@@ -4,8 +4,11 @@
 #![no_std]
 #![no_main]
 
+mod compaction;
 mod output;
+mod stall;
 mod tcp;
+mod vmscan;
 
 #[cfg(not(test))]
 #[panic_handler]
