@@ -9,6 +9,9 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     class::{Class, ClassError},
+    classes::compact::CompactClass,
+    classes::memory::MemoryScope,
+    classes::reclaim::ReclaimClass,
     classes::retrans::{OwnerFilter, RetransClass},
     classes::tcp_config::TcpFilter,
     cli::{Cli, Command},
@@ -20,6 +23,7 @@ use crate::{
     record::AgentStart,
     stats::{ProgramCounters, StatsCollector},
     transport::{Reader, TransportError, TransportKind},
+    vmstat::VmstatSampler,
     wire,
 };
 
@@ -187,8 +191,24 @@ fn plan(cli: &Cli) -> Result<Vec<Box<dyn Class>>, AgentError> {
                 TcpFilter::new(&args.ports, args.ipv4, args.ipv6).map_err(AgentError::Usage)?;
             vec![Box::new(RetransClass::new(owners, tcp))]
         }
+        Command::Reclaim(args) => vec![Box::new(ReclaimClass::new(
+            memory_scope(cli)?,
+            args.kind,
+            args.min_latency_us,
+            Some(VmstatSampler::new()),
+        ))],
+        Command::Compact(args) => vec![Box::new(CompactClass::new(
+            memory_scope(cli)?,
+            args.min_latency_us,
+            Some(VmstatSampler::new()),
+        ))],
     };
     Ok(classes)
+}
+
+/// `--pid` and `--cgroup` for the memory classes.
+fn memory_scope(cli: &Cli) -> Result<MemoryScope, AgentError> {
+    MemoryScope::new(&cli.global.pids, cli.global.cgroup.as_deref()).map_err(AgentError::Usage)
 }
 
 fn take_map(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<aya::maps::Map, AgentError> {

@@ -9,6 +9,7 @@ mod class;
 mod classes;
 mod cli;
 mod clock;
+mod hist;
 mod loader;
 mod output;
 mod owner;
@@ -19,6 +20,7 @@ mod stats;
 mod tcp_state;
 mod tracefs;
 mod transport;
+mod vmstat;
 mod wire;
 
 use clap::Parser as _;
