@@ -10,7 +10,18 @@ use serde_json::Value;
 use crate::cmd;
 
 /// Names of kdiag's kernel programs (the eBPF functions).
-pub const KDIAG_PROGRAMS: &[&str] = &["retransmit_skb", "retransmit_synack", "inet_sock_set_state"];
+pub const KDIAG_PROGRAMS: &[&str] = &[
+    "retransmit_skb",
+    "retransmit_synack",
+    "inet_sock_set_state",
+    "direct_reclaim_begin",
+    "direct_reclaim_end",
+    "memcg_reclaim_begin",
+    "memcg_reclaim_end",
+    "compaction_begin",
+    "compaction_end",
+    "try_to_compact_pages",
+];
 
 /// The kernel keeps at most 15 bytes of a program name (BPF_OBJ_NAME_LEN
 /// - 1); bpftool shows that, or the full name when it finds it in BTF.

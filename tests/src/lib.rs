@@ -11,6 +11,7 @@ pub mod bpf;
 pub mod cmd;
 pub mod env;
 pub mod lines;
+pub mod memory;
 pub mod netns;
 pub mod nft;
 pub mod peer;
