@@ -151,9 +151,15 @@ mod tests {
         let b = Cli::try_parse_from(["kdiag-agent", "retrans", "--port", "80", "-p", "7"]).unwrap();
         assert_eq!(a.global.pids, vec![7]);
         assert_eq!(b.global.pids, vec![7]);
-        let c = Cli::try_parse_from(["kdiag-agent", "reclaim", "--kind", "memcg", "-p", "7"])
-            .unwrap();
-        assert!(matches!(c.command, Command::Reclaim(ReclaimArgs { min_latency_us: 0, .. })));
+        let c =
+            Cli::try_parse_from(["kdiag-agent", "reclaim", "--kind", "memcg", "-p", "7"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Reclaim(ReclaimArgs {
+                min_latency_us: 0,
+                ..
+            })
+        ));
     }
 
     #[test]

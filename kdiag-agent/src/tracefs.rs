@@ -250,7 +250,12 @@ print fmt: \"mode=%s status=%s\", REC->sync ? \"sync\" : \"async\", __print_symb
             ]
         );
         assert!(f.symbols("sync").is_empty());
-        assert!(parse_format(RETRANSMIT_SKB).unwrap().symbols("state").is_empty());
+        assert!(
+            parse_format(RETRANSMIT_SKB)
+                .unwrap()
+                .symbols("state")
+                .is_empty()
+        );
     }
 
     #[test]

@@ -434,8 +434,14 @@ mod tests {
     #[test]
     fn migrate_mode_of_run() {
         assert_eq!(MigrateMode::of_run(false, PF_MEMALLOC), MigrateMode::Async);
-        assert_eq!(MigrateMode::of_run(true, PF_MEMALLOC), MigrateMode::SyncLight);
-        assert_eq!(MigrateMode::of_run(true, PF_KTHREAD), MigrateMode::SyncLight);
+        assert_eq!(
+            MigrateMode::of_run(true, PF_MEMALLOC),
+            MigrateMode::SyncLight
+        );
+        assert_eq!(
+            MigrateMode::of_run(true, PF_KTHREAD),
+            MigrateMode::SyncLight
+        );
         assert_eq!(MigrateMode::of_run(true, 0), MigrateMode::Sync);
     }
 

@@ -85,7 +85,9 @@ fn try_compaction_begin() -> Result<u32, i64> {
     // order is unknown (kcompactd, compact_memory).
     let order = if flags & PF_MEMALLOC != 0 {
         // SAFETY: copied out at once.
-        unsafe { TRY_ORDER.get(tid) }.copied().unwrap_or(ORDER_UNKNOWN)
+        unsafe { TRY_ORDER.get(tid) }
+            .copied()
+            .unwrap_or(ORDER_UNKNOWN)
     } else {
         ORDER_UNKNOWN
     };

@@ -23,8 +23,8 @@ use aya_ebpf::{
 use kdiag_common::{
     ClassId, EventKind, LOSS_DROPPED,
     memory::{
-        CgroupSource, FIELD_ABSENT, NO_CGROUP_FILTER, StallEvent, StallFilter, StallKey,
-        StallKind, StallStart, StallStats, hist_bucket,
+        CgroupSource, FIELD_ABSENT, NO_CGROUP_FILTER, StallEvent, StallFilter, StallKey, StallKind,
+        StallStart, StallStats, hist_bucket,
     },
 };
 
@@ -77,8 +77,7 @@ fn current_cgroup(f: &StallFilter) -> (u64, bool) {
         // SAFETY: helpers without pointer arguments.
         let id = unsafe { bpf_get_current_cgroup_id() };
         let ok = unfiltered
-            || unsafe { bpf_get_current_ancestor_cgroup_id(f.cgroup_level as i32) }
-                == f.cgroup_id;
+            || unsafe { bpf_get_current_ancestor_cgroup_id(f.cgroup_level as i32) } == f.cgroup_id;
         (id, ok)
     } else if f.cgroup_source == CgroupSource::V1Memory as u32 {
         // A read that faults (a cgroup being torn down) leaves the stall
@@ -108,8 +107,9 @@ fn v1_memory_cgroup(f: &StallFilter) -> Result<(u64, bool), i64> {
         return Ok((id, true));
     }
     // SAFETY: as read_u64.
-    let level: i32 = unsafe { bpf_probe_read_kernel((cgroup + u64::from(o.cgroup_level)) as *const i32) }
-        .map_err(i64::from)?;
+    let level: i32 =
+        unsafe { bpf_probe_read_kernel((cgroup + u64::from(o.cgroup_level)) as *const i32) }
+            .map_err(i64::from)?;
     if level < 0 || (level as u32) < f.cgroup_level {
         return Ok((id, false));
     }
@@ -264,4 +264,3 @@ fn thread_stats(stats: &StatsMap, key: StallKey) -> Option<*mut StallStats> {
     let _ = stats.insert(key, zero, u64::from(BPF_NOEXIST));
     stats.get_ptr_mut(key)
 }
-

@@ -97,8 +97,7 @@ impl Hierarchy {
                 let (left, right) = line.split_once(" - ")?;
                 let mut right = right.split_whitespace();
                 let (fstype, _, options) = (right.next()?, right.next()?, right.next()?);
-                want(fstype, options)
-                    .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+                want(fstype, options).then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
             })
         };
         if let Some(m) = mount(&|t, o| t == "cgroup" && o.split(',').any(|o| o == "memory")) {
@@ -160,7 +159,10 @@ impl MemoryCgroup {
     /// A `dd` reading `count_mib` MiB of `file` from `skip_mib`, in this
     /// cgroup, waiting for `Gated::go`.
     pub fn reader(&self, file: &SparseFile, skip_mib: u64, count_mib: u64) -> Gated {
-        Gated::spawn(Some(&self.dir.join("cgroup.procs")), &dd(file, skip_mib, count_mib))
+        Gated::spawn(
+            Some(&self.dir.join("cgroup.procs")),
+            &dd(file, skip_mib, count_mib),
+        )
     }
 }
 
@@ -257,7 +259,13 @@ pub fn memory_cgroup_of(pid: u32) -> String {
 pub fn mem_total() -> u64 {
     let text = fs::read_to_string("/proc/meminfo").expect("/proc/meminfo");
     text.lines()
-        .find_map(|l| l.strip_prefix("MemTotal:")?.trim().strip_suffix(" kB")?.parse::<u64>().ok())
+        .find_map(|l| {
+            l.strip_prefix("MemTotal:")?
+                .trim()
+                .strip_suffix(" kB")?
+                .parse::<u64>()
+                .ok()
+        })
         .expect("MemTotal")
         * 1024
 }
@@ -283,7 +291,11 @@ pub fn assert_summary_matches(summary: &Value, events: &[Value]) {
         .map(|e| record::u64_field(e, "latency_ns"))
         .collect();
     assert_eq!(field("count"), events.len() as u64, "count in {summary}");
-    assert_eq!(field("total_ns"), lat.iter().sum::<u64>(), "total_ns in {summary}");
+    assert_eq!(
+        field("total_ns"),
+        lat.iter().sum::<u64>(),
+        "total_ns in {summary}"
+    );
     assert_eq!(
         field("max_ns"),
         lat.iter().copied().max().unwrap_or(0),
@@ -314,7 +326,10 @@ pub fn of_pid<'a>(recs: &'a [Value], ty: &str, pid: u32) -> Vec<&'a Value> {
 /// The one `vmstat` record of a run with `--interval 0`, checked for its
 /// fields: integer counter deltas (or null), PSI averages number or null.
 pub fn assert_one_vmstat(recs: &[Value]) {
-    let vmstats: Vec<&Value> = recs.iter().filter(|r| record::is_type(r, "vmstat")).collect();
+    let vmstats: Vec<&Value> = recs
+        .iter()
+        .filter(|r| record::is_type(r, "vmstat"))
+        .collect();
     assert_eq!(vmstats.len(), 1, "vmstat records: {vmstats:?}");
     let v = vmstats[0];
     for key in [
@@ -332,7 +347,8 @@ pub fn assert_one_vmstat(recs: &[Value]) {
     }
     for key in ["psi_some_avg10", "psi_full_avg10"] {
         assert!(
-            v.get(key).is_some_and(|x| x.is_f64() || x.is_u64() || x.is_null()),
+            v.get(key)
+                .is_some_and(|x| x.is_f64() || x.is_u64() || x.is_null()),
             "{key} in {v}"
         );
     }
@@ -347,6 +363,9 @@ pub fn final_class_stats(recs: &[Value], class: &str) -> (u64, u64, u64) {
         .find(|r| record::is_type(r, "agent_stats"))
         .expect("an agent_stats record");
     let c = &stats["classes"][class];
-    let n = |k: &str| c[k].as_u64().unwrap_or_else(|| panic!("{class}.{k} in {stats}"));
+    let n = |k: &str| {
+        c[k].as_u64()
+            .unwrap_or_else(|| panic!("{class}.{k} in {stats}"))
+    };
     (n("events"), n("dropped"), n("lost"))
 }

@@ -118,7 +118,11 @@ pub fn compact_record(ev: &StallEvent, cgroup: Option<String>, status: String) -
     }
 }
 
-pub fn compact_summary(p: &ProcessStalls, cgroup: Option<String>, interval_ns: u64) -> CompactSummary {
+pub fn compact_summary(
+    p: &ProcessStalls,
+    cgroup: Option<String>,
+    interval_ns: u64,
+) -> CompactSummary {
     let s = p.latencies.summary();
     CompactSummary {
         pid: Some(p.tgid),

@@ -203,7 +203,12 @@ pub fn thread_delta(prev: Option<&StallStats>, cur: &StallStats) -> Option<(Late
         total_ns: cur.total_ns.saturating_sub(prev.total_ns),
         ..Latencies::default()
     };
-    for ((d, c), p) in lat.hist.iter_mut().zip(cur.hist.iter()).zip(prev.hist.iter()) {
+    for ((d, c), p) in lat
+        .hist
+        .iter_mut()
+        .zip(cur.hist.iter())
+        .zip(prev.hist.iter())
+    {
         *d = u64::from(c.saturating_sub(*p));
     }
     lat.max_ns = if cur.max_ns > prev.max_ns {
@@ -269,9 +274,8 @@ impl StallStatsReader {
         let map = ebpf
             .take_map(name)
             .ok_or_else(|| ClassError::Setup(format!("the kernel programs have no {name} map")))?;
-        self.map = Some(
-            BpfHashMap::try_from(map).map_err(|e| ClassError::Setup(format!("{name}: {e}")))?,
-        );
+        self.map =
+            Some(BpfHashMap::try_from(map).map_err(|e| ClassError::Setup(format!("{name}: {e}")))?);
         Ok(())
     }
 
@@ -335,7 +339,10 @@ mod tests {
     fn deltas_of_cumulative_counters() {
         let first = stats(10, "dd", &[100_000, 300_000]);
         let (lat, nr) = thread_delta(None, &first).unwrap();
-        assert_eq!((lat.count, lat.total_ns, lat.max_ns, nr), (2, 400_000, 300_000, 64));
+        assert_eq!(
+            (lat.count, lat.total_ns, lat.max_ns, nr),
+            (2, 400_000, 300_000, 64)
+        );
         // Nothing new: no delta.
         assert!(thread_delta(Some(&first), &first).is_none());
         // A new, smaller stall: the maximum comes from its bucket, capped by
@@ -344,7 +351,11 @@ mod tests {
         add(&mut second, &[50_000]);
         let (lat, nr) = thread_delta(Some(&first), &second).unwrap();
         assert_eq!((lat.count, lat.total_ns, nr), (1, 50_000, 32));
-        assert!(lat.max_ns >= 50_000 && lat.max_ns <= 56_250, "{}", lat.max_ns);
+        assert!(
+            lat.max_ns >= 50_000 && lat.max_ns <= 56_250,
+            "{}",
+            lat.max_ns
+        );
         assert_eq!(lat.summary().max_ns, 50_000, "capped at the total");
         // A new all-time maximum is exact.
         let mut third = second;
@@ -388,7 +399,10 @@ mod tests {
         let out = per_process(rows);
         assert_eq!(out.len(), 3);
         let (direct, memcg, cat) = (&out[0], &out[1], &out[2]);
-        assert_eq!((direct.kind, direct.tgid, direct.latencies.count), (StallKind::Direct, 10, 1));
+        assert_eq!(
+            (direct.kind, direct.tgid, direct.latencies.count),
+            (StallKind::Direct, 10, 1)
+        );
         assert_eq!((memcg.kind, memcg.tgid), (StallKind::Memcg, 10));
         assert_eq!(memcg.comm, "dd", "the main thread names the process");
         assert_eq!(memcg.cgroup_id, 7);
@@ -453,8 +467,7 @@ mod tests {
         let too_many: Vec<u32> = (1..=9).collect();
         assert!(MemoryScope::with_hierarchy(MemoryHierarchy::None, &too_many, None).is_err());
         assert!(
-            MemoryScope::with_hierarchy(MemoryHierarchy::None, &[], Some(Path::new("/a")))
-                .is_err()
+            MemoryScope::with_hierarchy(MemoryHierarchy::None, &[], Some(Path::new("/a"))).is_err()
         );
         let scope =
             MemoryScope::with_hierarchy(MemoryHierarchy::Unified("/".into()), &[4, 5], None)

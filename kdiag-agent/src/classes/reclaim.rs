@@ -113,7 +113,11 @@ pub fn reclaim_record(ev: &StallEvent, cgroup: Option<String>) -> Reclaim {
 }
 
 /// The summary of one process's reclaim stalls over `interval_ns`.
-pub fn reclaim_summary(p: &ProcessStalls, cgroup: Option<String>, interval_ns: u64) -> ReclaimSummary {
+pub fn reclaim_summary(
+    p: &ProcessStalls,
+    cgroup: Option<String>,
+    interval_ns: u64,
+) -> ReclaimSummary {
     let s = p.latencies.summary();
     ReclaimSummary {
         kind: kind_name(p.kind),
@@ -266,10 +270,22 @@ mod tests {
         assert_eq!(
             keys,
             [
-                "cgroup", "comm", "count", "interval_ns", "kind", "max_ns", "nr_reclaimed",
-                "p50_ns", "p99_ns", "pid", "total_ns"
+                "cgroup",
+                "comm",
+                "count",
+                "interval_ns",
+                "kind",
+                "max_ns",
+                "nr_reclaimed",
+                "p50_ns",
+                "p99_ns",
+                "pid",
+                "total_ns"
             ]
         );
-        assert_eq!((v["count"].as_u64(), v["nr_reclaimed"].as_u64()), (Some(2), Some(64)));
+        assert_eq!(
+            (v["count"].as_u64(), v["nr_reclaimed"].as_u64()),
+            (Some(2), Some(64))
+        );
     }
 }
