@@ -206,10 +206,10 @@ pub struct ReclaimSummary {
 
 impl Record for ReclaimSummary {
     const TYPE: &'static str = "reclaim_summary";
-    const TEXT_HEADER: &'static str = "# SUMMARY TIME                 COMM             PID     KIND    COUNT  TOTAL(ms)  P50(ms)  P99(ms)  MAX(ms)    PAGES";
+    const TEXT_HEADER: &'static str = "# SUMMARY AT                    COMM             PID     KIND     COUNT  TOTAL(ms)  P50(ms)  P99(ms)  MAX(ms)    PAGES";
     fn text_row(&self, ts: &str) -> String {
         format!(
-            "# {ts:<28} {:<16} {:<7} {:<6} {:>7} {:>10} {:>8} {:>8} {:>8} {:>8}",
+            "# {ts:<30} {:<16} {:<7} {:<6} {:>7} {:>10} {:>8} {:>8} {:>8} {:>8}",
             printable(self.comm.as_deref().unwrap_or("-")),
             opt(self.pid),
             self.kind,
@@ -269,10 +269,10 @@ pub struct CompactSummary {
 
 impl Record for CompactSummary {
     const TYPE: &'static str = "compact_summary";
-    const TEXT_HEADER: &'static str = "# SUMMARY TIME                 COMM             PID       COUNT  TOTAL(ms)  P50(ms)  P99(ms)  MAX(ms)";
+    const TEXT_HEADER: &'static str = "# SUMMARY AT                    COMM             PID       COUNT  TOTAL(ms)  P50(ms)  P99(ms)  MAX(ms)";
     fn text_row(&self, ts: &str) -> String {
         format!(
-            "# {ts:<28} {:<16} {:<7} {:>7} {:>10} {:>8} {:>8} {:>8}",
+            "# {ts:<30} {:<16} {:<7} {:>7} {:>10} {:>8} {:>8} {:>8}",
             printable(self.comm.as_deref().unwrap_or("-")),
             opt(self.pid),
             self.count,
