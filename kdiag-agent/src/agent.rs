@@ -10,6 +10,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     class::{Class, ClassError},
     classes::{
+        compact::CompactClass,
+        memory::MemoryScope,
+        reclaim::ReclaimClass,
         retrans::{OwnerFilter, RetransClass},
         softirq::SoftirqClass,
         tcp::TcpClass,
@@ -24,6 +27,7 @@ use crate::{
     record::{AgentStart, Degraded},
     stats::{ProgramCounters, StatsCollector},
     transport::{Reader, TransportError, TransportKind},
+    vmstat::VmstatSampler,
     wire,
 };
 
@@ -155,7 +159,8 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
             _ = interval.tick(), if interval_secs > 0 => {
                 out.clock_mut().resync();
                 let programs = stats.snapshot_programs(&loaded.ebpf);
-                end_interval(&mut classes, &mut stats, programs, &mut out).map(|()| None)
+                end_interval(&mut classes, &mut stats, programs, monotonic_ns(), &mut out)
+                    .map(|()| None)
             }
             _ = stdout_check.tick() => Ok(stdout_closed(&stdout).then_some(Stop::StdoutClosed)),
             _ = sigint.recv() => Ok(Some(Stop::Signal)),
@@ -173,6 +178,9 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
     // Detach first, so nothing new arrives; then everything already in the
     // buffers is written before the final accounting.
     let programs = stats.snapshot_programs(&loaded.ebpf);
+    // The last interval ends when the programs stop, not after the
+    // (slow: one RCU grace period per program) detaching.
+    let detached_at = monotonic_ns();
     let names: Vec<String> = loaded.ebpf.programs().map(|(n, _)| n.to_owned()).collect();
     for name in names {
         if let Some(p) = loaded.ebpf.program_mut(&name)
@@ -191,7 +199,7 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
         &mut stats,
         &mut decode_errors,
     )
-    .and_then(|()| end_interval(&mut classes, &mut stats, programs, &mut out));
+    .and_then(|()| end_interval(&mut classes, &mut stats, programs, detached_at, &mut out));
     match finish {
         Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(e.into()),
         _ => Ok(()),
@@ -218,6 +226,18 @@ fn plan(cli: &Cli) -> Result<Vec<Box<dyn Class>>, AgentError> {
                 Box::new(RetransClass::new(owners.clone(), tcp.clone())),
                 Box::new(TcpClass::new(owners, tcp, args.tcp.state)),
                 Box::new(SoftirqClass::new(args.softirq_min_latency_us)),
+                // One vmstat record per interval: reclaim writes it.
+                Box::new(ReclaimClass::new(
+                    memory_scope(cli)?,
+                    args.reclaim_kind,
+                    args.reclaim_min_latency_us,
+                    Some(VmstatSampler::new()),
+                )),
+                Box::new(CompactClass::new(
+                    memory_scope(cli)?,
+                    args.compact_min_latency_us,
+                    None,
+                )),
             ]
         }
         Command::Softirq(args) => {
@@ -230,12 +250,28 @@ fn plan(cli: &Cli) -> Result<Vec<Box<dyn Class>>, AgentError> {
             }
             vec![Box::new(SoftirqClass::new(args.min_latency_us))]
         }
+        Command::Reclaim(args) => vec![Box::new(ReclaimClass::new(
+            memory_scope(cli)?,
+            args.kind,
+            args.min_latency_us,
+            Some(VmstatSampler::new()),
+        ))],
+        Command::Compact(args) => vec![Box::new(CompactClass::new(
+            memory_scope(cli)?,
+            args.min_latency_us,
+            Some(VmstatSampler::new()),
+        ))],
     };
     Ok(classes)
 }
 
 fn tcp_filter(args: &TcpFilterArgs, stream_states: bool) -> Result<TcpFilter, AgentError> {
     TcpFilter::new(&args.ports, args.ipv4, args.ipv6, stream_states).map_err(AgentError::Usage)
+}
+
+/// `--pid` and `--cgroup` for the memory classes.
+fn memory_scope(cli: &Cli) -> Result<MemoryScope, AgentError> {
+    MemoryScope::new(&cli.global.pids, cli.global.cgroup.as_deref()).map_err(AgentError::Usage)
 }
 
 fn take_map(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<aya::maps::Map, AgentError> {
@@ -289,14 +325,14 @@ fn dispatch(
 }
 
 /// Writes each class's summaries, then `agent_stats`, for the interval that
-/// ends now.
+/// ends at `now` (monotonic).
 fn end_interval(
     classes: &mut [Box<dyn Class>],
     stats: &mut StatsCollector,
     programs: ProgramCounters,
+    now: u64,
     out: &mut Output,
 ) -> io::Result<()> {
-    let now = monotonic_ns();
     let interval_ns = now.saturating_sub(stats.interval_start_ns());
     for class in classes.iter_mut() {
         match class.on_interval(now, interval_ns, out) {

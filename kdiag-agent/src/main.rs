@@ -9,6 +9,7 @@ mod class;
 mod classes;
 mod cli;
 mod clock;
+mod hist;
 mod loader;
 mod log2hist;
 mod output;
@@ -20,6 +21,7 @@ mod stats;
 mod tcp_state;
 mod tracefs;
 mod transport;
+mod vmstat;
 mod wire;
 
 #[cfg(test)]

@@ -87,7 +87,7 @@ pub fn emit<C: EbpfContext, T>(ctx: &C, class: ClassId, event: &T) {
 }
 
 #[inline(always)]
-fn count_loss(class: ClassId, reason: u32) {
+pub fn count_loss(class: ClassId, reason: u32) {
     if let Some(counter) = LOSSES.get_ptr_mut(class as u32 * LOSS_REASONS + reason) {
         // SAFETY: a per-CPU slot, and classic tracepoint programs never nest
         // on one CPU (the kernel's per-CPU bpf_prog_active guard), so a plain

@@ -17,6 +17,13 @@ pub const KDIAG_PROGRAMS: &[&str] = &[
     "softirq_raise",
     "softirq_entry",
     "softirq_exit",
+    "direct_reclaim_begin",
+    "direct_reclaim_end",
+    "memcg_reclaim_begin",
+    "memcg_reclaim_end",
+    "compaction_begin",
+    "compaction_end",
+    "try_to_compact_pages",
 ];
 
 /// The kernel keeps at most 15 bytes of a program name (BPF_OBJ_NAME_LEN

@@ -13,6 +13,7 @@ pub mod cmd;
 pub mod env;
 pub mod lines;
 pub mod loopback;
+pub mod memory;
 pub mod netns;
 pub mod nft;
 pub mod peer;
