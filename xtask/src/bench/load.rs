@@ -333,8 +333,10 @@ pub struct Held {
 }
 
 impl Held {
-    pub fn open(n: usize) -> Result<Self> {
-        raise_fd_limit(2 * n as u64 + 1024)?;
+    /// Opens `wanted` connections, or as many as the open-file limit
+    /// allows; [`Held::len`] says how many.
+    pub fn open(wanted: usize) -> Result<Self> {
+        let n = fd_room(wanted)?;
         let server = Arc::new(Mutex::new(Vec::with_capacity(n)));
         let mut addrs: Vec<SocketAddr> = Vec::new();
         for _ in 0..HELD_LISTENERS {
@@ -382,18 +384,29 @@ impl Drop for Held {
 }
 
 /// Two fds per held connection (client and server end) exceed the default
-/// limit of 1024; root may raise the hard limit up to fs.nr_open.
-fn raise_fd_limit(want: u64) -> Result<()> {
-    let limit = libc::rlimit {
-        rlim_cur: want,
-        rlim_max: want,
+/// soft limit; raises it as far as the hard limit allows (raising the hard
+/// limit needs CAP_SYS_RESOURCE) and returns how many connections fit.
+fn fd_room(wanted: usize) -> Result<usize> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
-    // SAFETY: a valid rlimit for RLIMIT_NOFILE.
-    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    // SAFETY: a valid rlimit to fill.
     ensure!(
-        rc == 0,
-        "raising the open-file limit to {want}: {}",
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0,
+        "reading the open-file limit: {}",
         std::io::Error::last_os_error()
     );
-    Ok(())
+    limit.rlim_cur = limit.rlim_max.min(2 * wanted as u64 + FD_SPARE);
+    // SAFETY: a valid rlimit for RLIMIT_NOFILE, within the hard limit.
+    ensure!(
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0,
+        "raising the open-file limit to {}: {}",
+        limit.rlim_cur,
+        std::io::Error::last_os_error()
+    );
+    Ok(wanted.min((limit.rlim_cur.saturating_sub(FD_SPARE) / 2) as usize))
 }
+
+/// Fds left for everything else the benchmark has open.
+const FD_SPARE: u64 = 512;

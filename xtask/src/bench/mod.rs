@@ -393,7 +393,7 @@ fn startup(plan: &Plan, agent: &Path, rows: &mut Rows) -> Result<()> {
 /// kdiag `run` while many connections are open: peak RSS and map memory.
 fn memory(plan: &Plan, agent: &Path, rows: &mut Rows) -> Result<()> {
     let n = plan.held_connections;
-    eprintln!("bench: memory with {n} open connections");
+    eprintln!("bench: memory with up to {n} open connections");
     let running = Tracer::kdiag(agent, &["run"]).start()?;
     thread::sleep(SETTLE);
     let held = Held::open(n)?;
@@ -465,7 +465,8 @@ fn document(plan: &Plan, agent: &Path, rows: &Rows, took: Duration) -> String {
         doc.push_str(&format!("- {}\n", load.describe()));
     }
     doc.push_str(&format!(
-        "- {} loopback connections held open (memory)\n\nTracers (stdout read and counted \
+        "- up to {} loopback connections held open (memory; as many as the open-file \
+         limit allows)\n\nTracers (stdout read and counted \
          by the benchmark):\n",
         plan.held_connections
     ));

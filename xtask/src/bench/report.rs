@@ -93,7 +93,10 @@ impl Rows {
             "| section | measure | tracer | median | min-max | runs | kdiag target |\n\
              |---|---|---|---:|---:|---:|---|\n",
         );
-        for r in &self.0 {
+        // Sections in order; within one, rows as measured.
+        let mut rows: Vec<&Row> = self.0.iter().collect();
+        rows.sort_by_key(|r| r.section);
+        for r in rows {
             let min = r.samples.iter().copied().fold(f64::INFINITY, f64::min);
             let max = r.samples.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let target = match (r.target, r.holds()) {
