@@ -22,6 +22,13 @@ pub struct ResolvedOwner {
 /// A /proc lookup walks every process's file descriptors: bound how many run
 /// per second so a retransmit storm on old sockets cannot stall the agent.
 const LOOKUPS_PER_SECOND: u32 = 20;
+/// And bound the share of the agent's time they take: each lookup's cost
+/// grows with the TCP table (a /proc/net/tcp read took 0.7 s with 38k
+/// TIME_WAIT sockets under connection churn), so a count alone could still
+/// keep the agent busy reading /proc while the ring buffer overflows.
+/// After a lookup that took `d`, the next waits `d * LOOKUP_BACKOFF`: at
+/// most 1 / (1 + LOOKUP_BACKOFF) = 5% of the time.
+const LOOKUP_BACKOFF: u32 = 19;
 /// Bounds the cache; it is cleared when full (the next events repopulate it).
 const CACHE_MAX: usize = 16_384;
 
@@ -32,6 +39,8 @@ pub struct OwnerResolver {
     cache: HashMap<(u64, TcpTuple), Option<ResolvedOwner>>,
     window: Option<Instant>,
     lookups_in_window: u32,
+    /// No lookup before this, after a slow one.
+    backoff_until: Option<Instant>,
 }
 
 impl OwnerResolver {
@@ -59,7 +68,9 @@ impl OwnerResolver {
         if !self.take_lookup_budget() {
             return ResolvedOwner::default();
         }
+        let started = Instant::now();
         let found = lookup_in_proc(tuple);
+        self.backoff_until = Some(Instant::now() + started.elapsed() * LOOKUP_BACKOFF);
         if self.cache.len() >= CACHE_MAX {
             self.cache.clear();
         }
@@ -69,6 +80,9 @@ impl OwnerResolver {
 
     fn take_lookup_budget(&mut self) -> bool {
         let now = Instant::now();
+        if self.backoff_until.is_some_and(|until| now < until) {
+            return false;
+        }
         if self
             .window
             .is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1))
@@ -144,6 +158,17 @@ mod tests {
         assert_eq!(got.pid, Some(42));
         assert_eq!(got.comm.as_deref(), Some("nginx"));
         assert_eq!(got.cgroup, None);
+    }
+
+    #[test]
+    fn slow_lookups_back_off() {
+        let mut r = OwnerResolver {
+            backoff_until: Some(Instant::now() + Duration::from_secs(60)),
+            ..OwnerResolver::default()
+        };
+        assert!(!r.take_lookup_budget());
+        r.backoff_until = Some(Instant::now());
+        assert!(r.take_lookup_budget());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! runs on developer machines and in CI (`.ci/run` only calls
 //! `cargo xtask test`).
 
+mod bench;
 mod build;
 mod run;
 mod setup;
@@ -47,6 +48,17 @@ enum Command {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
+    /// Benchmark kdiag against libbpf-tools and bpftrace under loads it
+    /// generates itself (loopback bulk transfer, connection churn,
+    /// retransmits through a random-drop rule in a network namespace):
+    /// kernel time per event, overhead, userspace CPU per record, start-up
+    /// and memory. Installs libbpf-tools, bpftrace and iperf3 if missing,
+    /// prints one table and writes it to docs/BENCHMARKS.md. Needs root.
+    Bench {
+        /// Fewer and shorter runs, under three minutes, for routine use.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -62,5 +74,6 @@ fn main() -> Result<()> {
         }
         Command::Run { args } => run::run(args),
         Command::Test { args } => test::run(args),
+        Command::Bench { quick } => bench::run(quick),
     }
 }
