@@ -31,12 +31,15 @@ const LOOKUPS_PER_SECOND: u32 = 20;
 const LOOKUP_BACKOFF: u32 = 19;
 /// Bounds the cache; it is cleared when full (the next events repopulate it).
 const CACHE_MAX: usize = 16_384;
+/// A socket not found in /proc may be found later: a connection still in its
+/// listener's accept queue has no file descriptor until accept().
+const RETRY_NOT_FOUND_AFTER: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Default)]
 pub struct OwnerResolver {
     cgroups: CgroupPaths,
-    /// /proc results per socket; `None` = looked up, not found.
-    cache: HashMap<(u64, TcpTuple), Option<ResolvedOwner>>,
+    /// /proc results per socket; `Err(when)` = not found at `when`.
+    cache: HashMap<(u64, TcpTuple), Result<ResolvedOwner, Instant>>,
     window: Option<Instant>,
     lookups_in_window: u32,
     /// No lookup before this, after a slow one.
@@ -62,8 +65,12 @@ impl OwnerResolver {
             };
         }
         let key = (sock_id, *tuple);
-        if let Some(hit) = self.cache.get(&key) {
-            return hit.clone().unwrap_or_default();
+        match self.cache.get(&key) {
+            Some(Ok(hit)) => return hit.clone(),
+            Some(Err(when)) if when.elapsed() < RETRY_NOT_FOUND_AFTER => {
+                return ResolvedOwner::default();
+            }
+            _ => {}
         }
         if !self.take_lookup_budget() {
             return ResolvedOwner::default();
@@ -74,7 +81,8 @@ impl OwnerResolver {
         if self.cache.len() >= CACHE_MAX {
             self.cache.clear();
         }
-        self.cache.insert(key, found.clone());
+        self.cache
+            .insert(key, found.clone().ok_or_else(Instant::now));
         found.unwrap_or_default()
     }
 
