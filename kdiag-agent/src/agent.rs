@@ -72,6 +72,10 @@ enum Stop {
 /// is nothing to write.
 const STDOUT_CHECK: Duration = Duration::from_millis(250);
 
+/// The kernel programs do not wake the agent for each event (see
+/// `emit` in kdiag-ebpf): events wait at most this long in the ring.
+const DRAIN_EVERY: Duration = Duration::from_millis(100);
+
 pub async fn run(cli: Cli) -> Result<(), AgentError> {
     for &pid in &cli.global.pids {
         if !procfs::process_exists(pid) {
@@ -146,6 +150,8 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
     let mut interval = tokio::time::interval(Duration::from_secs(interval_secs.max(1)));
     interval.tick().await;
     let mut stdout_check = tokio::time::interval(STDOUT_CHECK);
+    let mut drain = tokio::time::interval(DRAIN_EVERY);
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut decode_errors = 0u64;
 
     let stop = loop {
@@ -160,6 +166,11 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
                 out.clock_mut().resync();
                 let programs = stats.snapshot_programs(&loaded.ebpf);
                 end_interval(&mut classes, &mut stats, programs, monotonic_ns(), &mut out)
+                    .map(|()| None)
+            }
+            _ = drain.tick() => {
+                dispatch(&mut reader, &mut classes, &mut out, &mut stats, &mut decode_errors)
+                    .and_then(|()| out.flush())
                     .map(|()| None)
             }
             _ = stdout_check.tick() => Ok(stdout_closed(&stdout).then_some(Stop::StdoutClosed)),

@@ -19,16 +19,15 @@ pub struct ResolvedOwner {
     pub cgroup: Option<String>,
 }
 
-/// A /proc lookup walks every process's file descriptors: bound how many run
-/// per second so a retransmit storm on old sockets cannot stall the agent.
-const LOOKUPS_PER_SECOND: u32 = 20;
-/// And bound the share of the agent's time they take: each lookup's cost
-/// grows with the TCP table (a /proc/net/tcp read took 0.7 s with 38k
-/// TIME_WAIT sockets under connection churn), so a count alone could still
-/// keep the agent busy reading /proc while the ring buffer overflows.
-/// After a lookup that took `d`, the next waits `d * LOOKUP_BACKOFF`: at
-/// most 1 / (1 + LOOKUP_BACKOFF) = 5% of the time.
-const LOOKUP_BACKOFF: u32 = 19;
+/// A /proc lookup walks the TCP table of every network namespace and every
+/// process's file descriptors, and its cost grows with them (a /proc/net/tcp
+/// read took 0.7 s with 38k TIME_WAIT sockets under connection churn). So
+/// lookups draw on a time budget: it refills at LOOKUP_SHARE of wall time
+/// and holds at most LOOKUP_BURST, a lookup may start while the budget is
+/// positive and is charged what it took. Over time they take at most 5% of
+/// the agent's time, while the first ones after a quiet spell run at once.
+const LOOKUP_SHARE: f64 = 0.05;
+const LOOKUP_BURST: Duration = Duration::from_millis(250);
 /// Bounds the cache; it is cleared when full (the next events repopulate it).
 const CACHE_MAX: usize = 16_384;
 /// A socket not found in /proc may be found later: a connection still in its
@@ -40,10 +39,38 @@ pub struct OwnerResolver {
     cgroups: CgroupPaths,
     /// /proc results per socket; `Err(when)` = not found at `when`.
     cache: HashMap<(u64, TcpTuple), Result<ResolvedOwner, Instant>>,
-    window: Option<Instant>,
-    lookups_in_window: u32,
-    /// No lookup before this, after a slow one.
-    backoff_until: Option<Instant>,
+    budget: LookupBudget,
+}
+
+/// The time budget of /proc lookups (see [`LOOKUP_SHARE`]).
+#[derive(Debug)]
+struct LookupBudget {
+    /// Seconds of lookup that may still start; negative after an expensive
+    /// one, until refilled.
+    seconds: f64,
+    refilled: Instant,
+}
+
+impl Default for LookupBudget {
+    fn default() -> Self {
+        Self {
+            seconds: LOOKUP_BURST.as_secs_f64(),
+            refilled: Instant::now(),
+        }
+    }
+}
+
+impl LookupBudget {
+    fn may_start(&mut self, now: Instant) -> bool {
+        let earned = now.duration_since(self.refilled).as_secs_f64() * LOOKUP_SHARE;
+        self.seconds = (self.seconds + earned).min(LOOKUP_BURST.as_secs_f64());
+        self.refilled = now;
+        self.seconds > 0.0
+    }
+
+    fn charge(&mut self, took: Duration) {
+        self.seconds -= took.as_secs_f64();
+    }
 }
 
 impl OwnerResolver {
@@ -72,34 +99,18 @@ impl OwnerResolver {
             }
             _ => {}
         }
-        if !self.take_lookup_budget() {
+        let started = Instant::now();
+        if !self.budget.may_start(started) {
             return ResolvedOwner::default();
         }
-        let started = Instant::now();
         let found = lookup_in_proc(tuple);
-        self.backoff_until = Some(Instant::now() + started.elapsed() * LOOKUP_BACKOFF);
+        self.budget.charge(started.elapsed());
         if self.cache.len() >= CACHE_MAX {
             self.cache.clear();
         }
         self.cache
             .insert(key, found.clone().ok_or_else(Instant::now));
         found.unwrap_or_default()
-    }
-
-    fn take_lookup_budget(&mut self) -> bool {
-        let now = Instant::now();
-        if self.backoff_until.is_some_and(|until| now < until) {
-            return false;
-        }
-        if self
-            .window
-            .is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1))
-        {
-            self.window = Some(now);
-            self.lookups_in_window = 0;
-        }
-        self.lookups_in_window += 1;
-        self.lookups_in_window <= LOOKUPS_PER_SECOND
     }
 }
 
@@ -169,20 +180,18 @@ mod tests {
     }
 
     #[test]
-    fn slow_lookups_back_off() {
-        let mut r = OwnerResolver {
-            backoff_until: Some(Instant::now() + Duration::from_secs(60)),
-            ..OwnerResolver::default()
-        };
-        assert!(!r.take_lookup_budget());
-        r.backoff_until = Some(Instant::now());
-        assert!(r.take_lookup_budget());
-    }
-
-    #[test]
-    fn lookups_are_rate_limited() {
-        let mut r = OwnerResolver::default();
-        let granted = (0..100).filter(|_| r.take_lookup_budget()).count();
-        assert_eq!(granted, LOOKUPS_PER_SECOND as usize);
+    fn lookups_share_a_time_budget() {
+        let mut b = LookupBudget::default();
+        let t0 = b.refilled;
+        assert!(b.may_start(t0));
+        // One expensive lookup uses the burst and more.
+        b.charge(Duration::from_millis(700));
+        assert!(!b.may_start(t0 + Duration::from_secs(1)));
+        // Paid back at 5% of wall time: 450 ms of debt takes 9 s.
+        assert!(!b.may_start(t0 + Duration::from_millis(8900)));
+        assert!(b.may_start(t0 + Duration::from_millis(9200)));
+        // Never more than the burst saved up.
+        assert!(b.may_start(t0 + Duration::from_secs(3600)));
+        assert!(b.seconds <= LOOKUP_BURST.as_secs_f64());
     }
 }
