@@ -11,7 +11,7 @@ mod test;
 mod util;
 mod vm_test;
 
-use std::{ffi::OsString, time::Duration};
+use std::{ffi::OsString, path::PathBuf, time::Duration};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -64,6 +64,9 @@ enum Command {
         /// Tests run at once in each test binary of the guest.
         #[arg(long, default_value_t = 2)]
         test_threads: u32,
+        /// Test this kdiag-agent binary instead of building one.
+        #[arg(long)]
+        agent: Option<PathBuf>,
         /// Arguments for every test binary in the guest, after `--` (e.g.
         /// a test name filter); with any, docs/KERNELS.md is not written.
         #[arg(last = true)]
@@ -88,11 +91,13 @@ fn main() -> Result<()> {
             kernel,
             timeout,
             test_threads,
+            agent,
             args,
         } => vm_test::run(vm_test::Options {
             kernel,
             timeout: Duration::from_secs(timeout),
             test_threads,
+            agent,
             test_args: args,
         }),
     }

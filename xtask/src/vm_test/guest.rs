@@ -69,7 +69,9 @@ pub struct Plan<'a> {
 /// What one guest run showed.
 pub struct Outcome {
     pub wall: Duration,
-    pub agent_start: Value,
+    /// The `agent_start` line of `kdiag-agent run` in the guest, or why
+    /// there is none.
+    pub probe: Result<Value, String>,
     pub binaries: Vec<BinaryOutcome>,
 }
 
@@ -93,9 +95,11 @@ pub struct Counts {
 
 impl Outcome {
     pub fn ok(&self) -> bool {
-        self.binaries
-            .iter()
-            .all(|b| b.rc == 0 && b.counts.is_some_and(|c| c.failed == 0))
+        self.probe.is_ok()
+            && self
+                .binaries
+                .iter()
+                .all(|b| b.rc == 0 && b.counts.is_some_and(|c| c.failed == 0))
             && self.total().passed > 0
     }
 
@@ -184,15 +188,29 @@ pub fn run(qemu: &Path, kernel: &Kernel, plan: &Plan, results: &Path) -> Result<
     };
     let _ = echo.join();
     let wall = start.elapsed();
+    collect(results, plan, &nonce, wall, &kernel.release).with_context(|| {
+        format!(
+            "the {} guest (QEMU {status}); console: {}",
+            plan.series,
+            log_path.display()
+        )
+    })
+}
 
+/// Reads back what the guest wrote for the run with `nonce`.
+fn collect(
+    results: &Path,
+    plan: &Plan,
+    nonce: &str,
+    wall: Duration,
+    release: &str,
+) -> Result<Outcome> {
     let done = fs::read_to_string(results.join("done")).unwrap_or_default();
     ensure!(
         done.trim() == nonce,
-        "the {} guest stopped before the end of its plan (QEMU {status}); console: {}",
-        plan.series,
-        log_path.display()
+        "the guest stopped before the end of its plan"
     );
-    let agent_start = probe(results)?;
+    let probe = probe(results, release).map_err(|e| format!("{e:#}"));
     let binaries = plan
         .binaries
         .iter()
@@ -200,14 +218,14 @@ pub fn run(qemu: &Path, kernel: &Kernel, plan: &Plan, results: &Path) -> Result<
         .collect::<Result<_>>()?;
     Ok(Outcome {
         wall,
-        agent_start,
+        probe,
         binaries,
     })
 }
 
 /// The `agent_start` line of the guest's `kdiag-agent run` probe, which
-/// must have exited 0.
-fn probe(results: &Path) -> Result<Value> {
+/// must have exited 0 and seen the guest's kernel.
+fn probe(results: &Path, release: &str) -> Result<Value> {
     let rc = read_rc(results, "probe")?;
     let stderr = fs::read_to_string(results.join("probe.stderr")).unwrap_or_default();
     ensure!(
@@ -222,6 +240,11 @@ fn probe(results: &Path) -> Result<Value> {
     ensure!(
         start["type"] == "agent_start",
         "the guest agent's first line is not agent_start: {first}"
+    );
+    ensure!(
+        start["kernel"] == release,
+        "the guest agent reports kernel {}, expected {release}",
+        start["kernel"]
     );
     Ok(start)
 }
@@ -344,6 +367,118 @@ fn nonce() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A results directory as a guest leaves it, removed on drop.
+    struct Results(PathBuf);
+
+    impl Results {
+        fn new(tag: &str) -> Results {
+            let dir = std::env::temp_dir().join(format!("vm-test-{tag}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            Results(dir)
+        }
+
+        fn write(&self, name: &str, text: &str) -> &Results {
+            fs::write(self.0.join(name), text).unwrap();
+            self
+        }
+
+        /// A complete run: the probe, one binary with `out` and `rc`, the
+        /// marker with nonce "n1".
+        fn complete(tag: &str, out: &str, rc: &str) -> Results {
+            let r = Results::new(tag);
+            r.write("probe.rc", "0\n")
+                .write("probe.jsonl", r#"{"type":"agent_start","kernel":"6.1.0"}"#)
+                .write("t.out", out)
+                .write("t.rc", rc)
+                .write("done", "n1\n");
+            r
+        }
+    }
+
+    impl Drop for Results {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn collect_in(r: &Results, nonce: &str) -> Result<Outcome> {
+        let binaries = [TestBinary {
+            name: "t".into(),
+            path: "/t".into(),
+        }];
+        let plan = Plan {
+            series: "6.1",
+            agent: Path::new("/a"),
+            cwd: Path::new("/"),
+            binaries: &binaries,
+            test_args: &[],
+            timeout: Duration::ZERO,
+        };
+        collect(&r.0, &plan, nonce, Duration::ZERO, "6.1.0")
+    }
+
+    const PASSED: &str = "SKIP t::x: no disk (kernel 6.1)\n\
+                          test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out\n";
+
+    #[test]
+    fn a_complete_passing_run_is_ok() {
+        let r = Results::complete("ok", PASSED, "0\n");
+        let outcome = collect_in(&r, "n1").unwrap();
+        assert!(outcome.ok());
+        assert_eq!(outcome.total().passed, 2);
+        assert_eq!(
+            outcome.skips().collect::<Vec<_>>(),
+            ["t::x: no disk (kernel 6.1)"]
+        );
+    }
+
+    #[test]
+    fn a_run_that_did_not_happen_never_passes() {
+        // Results of an earlier run (another nonce).
+        let r = Results::complete("stale", PASSED, "0\n");
+        assert!(collect_in(&r, "n2").is_err());
+        // The guest stopped before the end.
+        let r = Results::complete("early", PASSED, "0\n");
+        fs::remove_file(r.0.join("done")).unwrap();
+        assert!(collect_in(&r, "n1").is_err());
+        // A planned binary left no exit code.
+        let r = Results::complete("norc", PASSED, "0\n");
+        fs::remove_file(r.0.join("t.rc")).unwrap();
+        assert!(collect_in(&r, "n1").is_err());
+    }
+
+    #[test]
+    fn a_failed_agent_probe_is_not_ok() {
+        let r = Results::complete("probe", PASSED, "0\n");
+        r.write("probe.rc", "1\n");
+        assert!(!collect_in(&r, "n1").unwrap().ok());
+        let r = Results::complete("kernel", PASSED, "0\n");
+        r.write("probe.jsonl", r#"{"type":"agent_start","kernel":"6.18"}"#);
+        assert!(!collect_in(&r, "n1").unwrap().ok());
+    }
+
+    #[test]
+    fn failing_or_empty_test_runs_are_not_ok() {
+        for (tag, out, rc) in [
+            ("rc", PASSED, "101"),
+            (
+                "failed",
+                "test result: FAILED. 1 passed; 1 failed; 0 ignored;\n",
+                "0",
+            ),
+            (
+                "none",
+                "test result: ok. 0 passed; 0 failed; 0 ignored;\n",
+                "0",
+            ),
+            ("noline", "running 2 tests\n", "0"),
+        ] {
+            let r = Results::complete(tag, out, rc);
+            assert!(!collect_in(&r, "n1").unwrap().ok(), "{tag}");
+        }
+    }
 
     #[test]
     fn parses_libtest_result_lines() {

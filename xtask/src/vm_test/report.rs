@@ -59,12 +59,15 @@ pub fn print_summary(runs: &[(&str, Result<KernelRun>)]) {
         for skip in out.skips() {
             eprintln!("        skipped: {skip}");
         }
-        eprintln!(
-            "        transport {}; attached: {}; degraded: {}",
-            run.outcome.agent_start["transport"].as_str().unwrap_or("?"),
-            attached(&run.outcome.agent_start),
-            degraded(&run.outcome.agent_start),
-        );
+        match &out.probe {
+            Ok(start) => eprintln!(
+                "        transport {}; attached: {}; degraded: {}",
+                start["transport"].as_str().unwrap_or("?"),
+                attached(start),
+                degraded(start),
+            ),
+            Err(e) => eprintln!("        agent probe FAILED: {e}"),
+        }
     }
 }
 
@@ -111,6 +114,7 @@ pub fn update_kernels_md(path: &Path, runs: &[&KernelRun]) -> Result<()> {
 
 fn row(run: &KernelRun, date: &str) -> String {
     let out = &run.outcome;
+    let start = out.probe.as_ref().unwrap_or(&Value::Null);
     let tests: Vec<String> = out
         .binaries
         .iter()
@@ -122,12 +126,9 @@ fn row(run: &KernelRun, date: &str) -> String {
         run.kernel.release.clone(),
         format!("{} {}", run.kernel.package, run.kernel.version),
         date.to_owned(),
-        out.agent_start["transport"]
-            .as_str()
-            .unwrap_or("?")
-            .to_owned(),
-        attached(&out.agent_start),
-        degraded(&out.agent_start),
+        start["transport"].as_str().unwrap_or("?").to_owned(),
+        attached(start),
+        degraded(start),
         tests.join(", "),
         if skips.is_empty() {
             "none".to_owned()
