@@ -43,6 +43,11 @@ const QEMU_ARGS: &[&str] = &[
     "-no-reboot",
 ];
 
+/// Size of the guest's scratch disk (a sparse file on the host, so it
+/// costs only what the guest writes): room for the memory tests' sparse
+/// files, which are 1.5 times the guest's memory at most.
+const SCRATCH_BYTES: u64 = 4 << 30;
+
 /// `panic=-1`: a kernel panic (e.g. init exiting) reboots at once, which
 /// `-no-reboot` turns into QEMU exiting, instead of a hang until the timeout.
 const KERNEL_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
@@ -131,6 +136,14 @@ pub fn run(qemu: &Path, kernel: &Kernel, plan: &Plan, results: &Path) -> Result<
     fs::create_dir_all(results)?;
     let nonce = nonce();
     fs::write(results.join("run.sh"), script(plan, &nonce))?;
+    // Next to the results share, not in it: the guest formats it itself.
+    let scratch = results
+        .parent()
+        .context("results directory has no parent")?
+        .join(format!("{}-scratch.img", plan.series));
+    fs::File::create(&scratch)
+        .and_then(|f| f.set_len(SCRATCH_BYTES))
+        .with_context(|| format!("creating {}", scratch.display()))?;
 
     let mut cmd = Command::new(qemu);
     cmd.args(QEMU_ARGS)
@@ -149,6 +162,12 @@ pub fn run(qemu: &Path, kernel: &Kernel, plan: &Plan, results: &Path) -> Result<
         .arg(format!(
             "local,path={},mount_tag=results,security_model=none,multidevs=remap",
             results.display()
+        ))
+        // cache=unsafe: the disk is scratch, thrown away after the run.
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=virtio,cache=unsafe",
+            scratch.display()
         ))
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
@@ -188,6 +207,7 @@ pub fn run(qemu: &Path, kernel: &Kernel, plan: &Plan, results: &Path) -> Result<
     };
     let _ = echo.join();
     let wall = start.elapsed();
+    let _ = fs::remove_file(&scratch);
     collect(results, plan, &nonce, wall, &kernel.release).with_context(|| {
         format!(
             "the {} guest (QEMU {status}); console: {}",

@@ -43,6 +43,11 @@ mount -t tmpfs tmpfs $H/dev/shm || die "tmpfs on /dev/shm"
 # Writable scratch: the tests' temporary files, /run/netns of `ip netns`.
 mount -t tmpfs tmpfs $H/tmp || die "tmpfs on /tmp"
 mount -t tmpfs tmpfs $H/run || die "tmpfs on /run"
+# A disk file system where the host has one: the memory tests put their
+# sparse files in /var/tmp, whose page cache (unlike tmpfs's) reclaim can
+# drop. The host gives an empty sparse image as the first virtio disk.
+mke2fs -q /dev/vda > /dev/null || die "mke2fs on the scratch disk"
+mount -t ext2 /dev/vda $H/var/tmp || die "mounting the scratch disk"
 mount -t tracefs tracefs $H/sys/kernel/tracing || die "tracefs"
 mount -t debugfs debugfs $H/sys/kernel/debug || die "debugfs"
 mount -t bpf bpf $H/sys/fs/bpf || die "bpffs"

@@ -12,7 +12,8 @@ use super::modules::Module;
 pub const INIT: &str = include_str!("init.sh");
 
 /// Modules the guest loads, before their dependencies are added: the 9p
-/// shares over virtio, veth and nftables for the network tests.
+/// shares over virtio, veth and nftables for the network tests, the scratch
+/// disk (ext2 is served by the ext4 driver) for the memory tests.
 /// crc32c_generic is a soft dependency of nf_tables (through libcrc32c),
 /// which `depends=` does not list.
 pub const MODULES: &[&str] = &[
@@ -22,6 +23,8 @@ pub const MODULES: &[&str] = &[
     "crc32c_generic",
     "nf_tables",
     "veth",
+    "virtio_blk",
+    "ext4",
 ];
 
 /// Builds the archive from busybox (static) and the resolved modules.
