@@ -3,7 +3,12 @@
 
 use std::{fs, path::Path, time::Duration};
 
-use kdiag_tests::{agent::Agent, env::require_root};
+use kdiag_tests::{WAIT, agent::Agent, env::require_root};
+
+/// `--duration` of the agents these tests let end on their own: long enough
+/// that `wait_start` still finds the agent holding its programs (it runs
+/// bpftool, which takes over a second in an emulated vm-test guest).
+const RUN_SECS: &str = "3";
 use serde_json::Value;
 
 /// Where the real formats are. The agent mounts tracefs if nobody has, so
@@ -18,9 +23,9 @@ fn tracefs() -> &'static Path {
     if let Some(p) = mounted() {
         return p;
     }
-    let mut probe = Agent::spawn(&["retrans", "-d", "1"]);
+    let mut probe = Agent::spawn(&["retrans", "-d", RUN_SECS]);
     probe.wait_start();
-    probe.wait_exit(Duration::from_secs(5));
+    probe.wait_exit(WAIT);
     mounted().expect("tracefs is still not mounted after an agent run")
 }
 
@@ -79,7 +84,7 @@ fn missing_optional_tracepoint_runs_degraded() {
         &["tcp/tcp_retransmit_skb", "sock/inet_sock_set_state"],
     );
     let dir = formats.arg();
-    let mut agent = Agent::spawn(&["retrans", "--formats-from", &dir, "-d", "1"]);
+    let mut agent = Agent::spawn(&["retrans", "--formats-from", &dir, "-d", RUN_SECS]);
     let start = agent.wait_start();
     let attached: Vec<&str> = start["attached"]
         .as_array()
@@ -105,7 +110,7 @@ fn missing_optional_tracepoint_runs_degraded() {
             .contains("does not exist"),
         "{start}"
     );
-    let status = agent.wait_exit(Duration::from_secs(5));
+    let status = agent.wait_exit(WAIT);
     assert_eq!(status.code(), Some(0), "{}", agent.stderr());
 }
 
