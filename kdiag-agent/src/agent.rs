@@ -9,10 +9,14 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     class::{Class, ClassError},
-    classes::tcp_config::TcpFilter,
     classes::{
+        compact::CompactClass,
+        memory::MemoryScope,
+        reclaim::ReclaimClass,
         retrans::{OwnerFilter, RetransClass},
+        softirq::SoftirqClass,
         tcp::TcpClass,
+        tcp_config::TcpFilter,
     },
     cli::{Cli, Command, TcpFilterArgs},
     clock::{WallClock, monotonic_ns},
@@ -20,9 +24,10 @@ use crate::{
     output::Output,
     privileges::{self, MissingPrivileges},
     procfs,
-    record::AgentStart,
+    record::{AgentStart, Degraded},
     stats::{ProgramCounters, StatsCollector},
     transport::{Reader, TransportError, TransportKind},
+    vmstat::VmstatSampler,
     wire,
 };
 
@@ -67,6 +72,10 @@ enum Stop {
 /// is nothing to write.
 const STDOUT_CHECK: Duration = Duration::from_millis(250);
 
+/// The kernel programs do not wake the agent for each event (see
+/// `emit` in kdiag-ebpf): events wait at most this long in the ring.
+const DRAIN_EVERY: Duration = Duration::from_millis(100);
+
 pub async fn run(cli: Cli) -> Result<(), AgentError> {
     for &pid in &cli.global.pids {
         if !procfs::process_exists(pid) {
@@ -76,7 +85,11 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
     let mut classes = plan(&cli)?;
     privileges::check()?;
 
-    let mut loaded = loader::load(&classes, cli.global.transport)?;
+    let mut loaded = loader::load(
+        &classes,
+        cli.global.transport,
+        cli.global.formats_from.as_deref(),
+    )?;
     for class in &mut classes {
         class
             .on_loaded(&mut loaded.ebpf)
@@ -91,6 +104,15 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
         TransportKind::Perf => Reader::perf(take_map(&mut loaded.ebpf, "PERF_EVENTS")?)?,
         _ => Reader::ring(take_map(&mut loaded.ebpf, "EVENTS")?)?,
     };
+    // Everything that needs privileges is done: loading, attaching, opening
+    // the buffers.
+    let mut degraded = loaded.degraded.clone();
+    if let Err(e) = privileges::drop_after_attach() {
+        degraded.push(Degraded {
+            what: "capabilities".to_owned(),
+            why: format!("still holding them all: {e}"),
+        });
+    }
     let losses = PerCpuArray::try_from(take_map(&mut loaded.ebpf, "LOSSES")?)
         .map_err(|_| AgentError::MissingMap("LOSSES"))?;
     let class_names = classes.iter().map(|c| (c.id() as u32, c.name())).collect();
@@ -103,18 +125,21 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
         &procfs::hostname(),
         WallClock::now(),
     );
+    // Before agent_start: whoever waits for that line may signal at once,
+    // and a signal that came before the handlers would kill the agent
+    // without its final agent_stats.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
     let start = AgentStart {
         version: env!("CARGO_PKG_VERSION"),
         kernel: procfs::kernel_release(),
         transport: loaded.transport.name(),
         attached: loaded.attached.iter().map(|t| t.path()).collect(),
-        degraded: loaded.degraded.clone(),
+        degraded,
     };
     out.write(monotonic_ns(), &start)?;
     out.flush()?;
 
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
     let deadline = tokio::time::sleep(
         cli.global
             .duration
@@ -125,6 +150,8 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
     let mut interval = tokio::time::interval(Duration::from_secs(interval_secs.max(1)));
     interval.tick().await;
     let mut stdout_check = tokio::time::interval(STDOUT_CHECK);
+    let mut drain = tokio::time::interval(DRAIN_EVERY);
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut decode_errors = 0u64;
 
     let stop = loop {
@@ -138,7 +165,13 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
             _ = interval.tick(), if interval_secs > 0 => {
                 out.clock_mut().resync();
                 let programs = stats.snapshot_programs(&loaded.ebpf);
-                end_interval(&mut classes, &mut stats, programs, &mut out).map(|()| None)
+                end_interval(&mut classes, &mut stats, programs, monotonic_ns(), &mut out)
+                    .map(|()| None)
+            }
+            _ = drain.tick() => {
+                dispatch(&mut reader, &mut classes, &mut out, &mut stats, &mut decode_errors)
+                    .and_then(|()| out.flush())
+                    .map(|()| None)
             }
             _ = stdout_check.tick() => Ok(stdout_closed(&stdout).then_some(Stop::StdoutClosed)),
             _ = sigint.recv() => Ok(Some(Stop::Signal)),
@@ -156,6 +189,9 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
     // Detach first, so nothing new arrives; then everything already in the
     // buffers is written before the final accounting.
     let programs = stats.snapshot_programs(&loaded.ebpf);
+    // The last interval ends when the programs stop, not after the
+    // (slow: one RCU grace period per program) detaching.
+    let detached_at = monotonic_ns();
     let names: Vec<String> = loaded.ebpf.programs().map(|(n, _)| n.to_owned()).collect();
     for name in names {
         if let Some(p) = loaded.ebpf.program_mut(&name)
@@ -174,7 +210,7 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
         &mut stats,
         &mut decode_errors,
     )
-    .and_then(|()| end_interval(&mut classes, &mut stats, programs, &mut out));
+    .and_then(|()| end_interval(&mut classes, &mut stats, programs, detached_at, &mut out));
     match finish {
         Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(e.into()),
         _ => Ok(()),
@@ -185,18 +221,68 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
 fn plan(cli: &Cli) -> Result<Vec<Box<dyn Class>>, AgentError> {
     let owners = OwnerFilter::new(cli.global.pids.clone(), cli.global.cgroup.clone());
     let classes: Vec<Box<dyn Class>> = match &cli.command {
-        Command::Retrans(args) => vec![Box::new(RetransClass::new(owners, tcp_filter(args)?))],
+        Command::Retrans(args) => vec![Box::new(RetransClass::new(
+            owners,
+            tcp_filter(args, false)?,
+        ))],
         Command::Tcp(args) => vec![Box::new(TcpClass::new(
             owners,
-            tcp_filter(&args.filter)?,
+            tcp_filter(&args.filter, true)?,
             args.state,
+        ))],
+        Command::Run(args) => {
+            // One TCP configuration for both TCP classes: they share programs.
+            let tcp = tcp_filter(&args.tcp.filter, true)?;
+            vec![
+                Box::new(RetransClass::new(owners.clone(), tcp.clone())),
+                Box::new(TcpClass::new(owners, tcp, args.tcp.state)),
+                Box::new(SoftirqClass::new(args.softirq_min_latency_us)),
+                // One vmstat record per interval: reclaim writes it.
+                Box::new(ReclaimClass::new(
+                    memory_scope(cli)?,
+                    args.reclaim_kind,
+                    args.reclaim_min_latency_us,
+                    Some(VmstatSampler::new()),
+                )),
+                Box::new(CompactClass::new(
+                    memory_scope(cli)?,
+                    args.compact_min_latency_us,
+                    None,
+                )),
+            ]
+        }
+        Command::Softirq(args) => {
+            if !cli.global.pids.is_empty() || cli.global.cgroup.is_some() {
+                return Err(AgentError::Usage(
+                    "--pid and --cgroup do not apply to softirq: softirqs run on behalf of no \
+                     process, on whatever CPU raised them, interrupting whichever task is there"
+                        .to_owned(),
+                ));
+            }
+            vec![Box::new(SoftirqClass::new(args.min_latency_us))]
+        }
+        Command::Reclaim(args) => vec![Box::new(ReclaimClass::new(
+            memory_scope(cli)?,
+            args.kind,
+            args.min_latency_us,
+            Some(VmstatSampler::new()),
+        ))],
+        Command::Compact(args) => vec![Box::new(CompactClass::new(
+            memory_scope(cli)?,
+            args.min_latency_us,
+            Some(VmstatSampler::new()),
         ))],
     };
     Ok(classes)
 }
 
-fn tcp_filter(args: &TcpFilterArgs) -> Result<TcpFilter, AgentError> {
-    TcpFilter::new(&args.ports, args.ipv4, args.ipv6).map_err(AgentError::Usage)
+fn tcp_filter(args: &TcpFilterArgs, stream_states: bool) -> Result<TcpFilter, AgentError> {
+    TcpFilter::new(&args.ports, args.ipv4, args.ipv6, stream_states).map_err(AgentError::Usage)
+}
+
+/// `--pid` and `--cgroup` for the memory classes.
+fn memory_scope(cli: &Cli) -> Result<MemoryScope, AgentError> {
+    MemoryScope::new(&cli.global.pids, cli.global.cgroup.as_deref()).map_err(AgentError::Usage)
 }
 
 fn take_map(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<aya::maps::Map, AgentError> {
@@ -250,14 +336,14 @@ fn dispatch(
 }
 
 /// Writes each class's summaries, then `agent_stats`, for the interval that
-/// ends now.
+/// ends at `now` (monotonic).
 fn end_interval(
     classes: &mut [Box<dyn Class>],
     stats: &mut StatsCollector,
     programs: ProgramCounters,
+    now: u64,
     out: &mut Output,
 ) -> io::Result<()> {
-    let now = monotonic_ns();
     let interval_ns = now.saturating_sub(stats.interval_start_ns());
     for class in classes.iter_mut() {
         match class.on_interval(now, interval_ns, out) {

@@ -1,6 +1,6 @@
-//! Just enough of a BTF reader to find one member offset in the running
-//! kernel's types (/sys/kernel/btf/vmlinux), without parsing the whole type
-//! graph: a single pass over the type section.
+//! Just enough of a BTF reader to find member offsets and enum values in
+//! the running kernel's types (/sys/kernel/btf/vmlinux), without parsing the
+//! whole type graph: a single pass over the type section per lookup.
 //!
 //! Format: include/uapi/linux/btf.h and Documentation/bpf/btf.rst.
 
@@ -31,19 +31,64 @@ const KIND_DATASEC: u32 = 15;
 const KIND_DECL_TAG: u32 = 17;
 const KIND_ENUM64: u32 = 19;
 
+/// The running kernel's BTF.
+pub fn vmlinux() -> Result<Vec<u8>, BtfError> {
+    fs::read(Path::new(VMLINUX)).map_err(|source| BtfError::Read {
+        path: VMLINUX.to_owned(),
+        source,
+    })
+}
+
 /// Byte offset of `skc_net` in `struct sock`. `struct sock` begins with its
 /// `struct sock_common __sk_common`, so the offset within sock_common is the
 /// offset within sock.
 pub fn sk_net_offset() -> Result<u32, BtfError> {
-    let data = fs::read(Path::new(VMLINUX)).map_err(|source| BtfError::Read {
-        path: VMLINUX.to_owned(),
-        source,
-    })?;
-    member_offset(&data, "sock_common", "skc_net")
+    member_offset(&vmlinux()?, "sock_common", "skc_net")
 }
 
 /// Byte offset of `member` in the struct named `name`.
 pub fn member_offset(data: &[u8], name: &str, member: &str) -> Result<u32, BtfError> {
+    let found = find_type(data, KIND_STRUCT, name, |strings, entries, kind_flag| {
+        entries.chunks_exact(12).find_map(|m| {
+            let word = |i: usize| u32::from_le_bytes([m[i], m[i + 1], m[i + 2], m[i + 3]]);
+            (string(strings, word(0)) == member.as_bytes()).then(|| {
+                // With kind_flag set the top 8 bits hold a bitfield size.
+                let raw = word(8);
+                let bits = if kind_flag { raw & 0xff_ffff } else { raw };
+                bits / 8
+            })
+        })
+    })?;
+    found.ok_or_else(|| BtfError::NotFound(name.to_owned(), member.to_owned()))
+}
+
+/// The value of `variant` in the enum named `name`.
+pub fn enum_value(data: &[u8], name: &str, variant: &str) -> Result<i64, BtfError> {
+    let found = find_type(data, KIND_ENUM, name, |strings, entries, _| {
+        entries.chunks_exact(8).find_map(|e| {
+            let word = |i: usize| u32::from_le_bytes([e[i], e[i + 1], e[i + 2], e[i + 3]]);
+            (string(strings, word(0)) == variant.as_bytes()).then(|| i64::from(word(4) as i32))
+        })
+    })?;
+    found.ok_or_else(|| BtfError::NotFound(name.to_owned(), variant.to_owned()))
+}
+
+/// The NUL-terminated string at `off` of the string section.
+fn string(strings: &[u8], off: u32) -> &[u8] {
+    let s = strings.get(off as usize..).unwrap_or_default();
+    &s[..s.iter().position(|&b| b == 0).unwrap_or(s.len())]
+}
+
+/// Scans the type section for types of `kind` named `name` and returns the
+/// first `Some` that `look` gives for one of them. `look` gets the string
+/// lookup, the bytes that follow the type's header (members, enumerators)
+/// and its kind_flag.
+fn find_type<R>(
+    data: &[u8],
+    want_kind: u32,
+    name: &str,
+    look: impl Fn(&[u8], &[u8], bool) -> Option<R>,
+) -> Result<Option<R>, BtfError> {
     let u16_at = |off: usize| -> Result<u16, BtfError> {
         data.get(off..off + 2)
             .map(|b| u16::from_le_bytes([b[0], b[1]]))
@@ -65,10 +110,6 @@ pub fn member_offset(data: &[u8], name: &str, member: &str) -> Result<u32, BtfEr
     let strings = data
         .get(str_off..str_off + str_len)
         .ok_or(BtfError::Malformed("string section out of bounds"))?;
-    let string = |off: u32| -> &[u8] {
-        let s = strings.get(off as usize..).unwrap_or_default();
-        &s[..s.iter().position(|&b| b == 0).unwrap_or(s.len())]
-    };
     let end = type_off + type_len;
     if end > data.len() {
         return Err(BtfError::Malformed("type section out of bounds"));
@@ -88,29 +129,27 @@ pub fn member_offset(data: &[u8], name: &str, member: &str) -> Result<u32, BtfEr
             KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
             _ => 0,
         };
-        if kind == KIND_STRUCT && string(name_off) == name.as_bytes() {
-            for m in 0..vlen {
-                let at = pos + 12 * m;
-                if string(u32_at(at)?) == member.as_bytes() {
-                    let raw = u32_at(at + 8)?;
-                    // With kind_flag set the top 8 bits hold a bitfield size.
-                    let bits = if kind_flag { raw & 0xff_ffff } else { raw };
-                    return Ok(bits / 8);
-                }
+        if kind == want_kind && string(strings, name_off) == name.as_bytes() {
+            let entries = data
+                .get(pos..pos + extra)
+                .ok_or(BtfError::Malformed("truncated"))?;
+            if let Some(found) = look(strings, entries, kind_flag) {
+                return Ok(Some(found));
             }
         }
         pos += extra;
     }
-    Err(BtfError::NotFound(name.to_owned(), member.to_owned()))
+    Ok(None)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A BTF blob with `int` and `struct sock_common { int a; int skc_net; }`.
+    /// A BTF blob with `int`, `struct sock_common { int a; int skc_net; }`
+    /// and `enum cgroup_subsys_id { memory_cgrp_id = 4 }`.
     fn blob() -> Vec<u8> {
-        let strings = b"\0int\0sock_common\0a\0skc_net\0";
+        let strings = b"\0int\0sock_common\0a\0skc_net\0cgroup_subsys_id\0memory_cgrp_id\0";
         let mut types = Vec::new();
         let mut push = |v: u32| types.extend_from_slice(&v.to_le_bytes());
         // [1] int: name "int", kind INT, size 4, then its 4-byte encoding.
@@ -128,6 +167,12 @@ mod tests {
         push(19); // "skc_net"
         push(1);
         push(32); // bit offset
+        // [3] enum cgroup_subsys_id, 1 enumerator, size 4.
+        push(27);
+        push((KIND_ENUM << 24) | 1);
+        push(4);
+        push(44); // "memory_cgrp_id"
+        push(4);
         let mut out = Vec::new();
         out.extend_from_slice(&MAGIC.to_le_bytes());
         out.extend_from_slice(&[1, 0]);
@@ -149,6 +194,16 @@ mod tests {
     fn finds_member_offset() {
         assert_eq!(member_offset(&blob(), "sock_common", "skc_net").unwrap(), 4);
         assert_eq!(member_offset(&blob(), "sock_common", "a").unwrap(), 0);
+    }
+
+    #[test]
+    fn finds_enum_value() {
+        assert_eq!(
+            enum_value(&blob(), "cgroup_subsys_id", "memory_cgrp_id").unwrap(),
+            4
+        );
+        assert!(enum_value(&blob(), "cgroup_subsys_id", "cpu_cgrp_id").is_err());
+        assert!(enum_value(&blob(), "sock_common", "a").is_err());
     }
 
     #[test]

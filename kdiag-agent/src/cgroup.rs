@@ -1,8 +1,9 @@
-//! cgroup v2 ids (from `bpf_get_current_cgroup_id`) to paths.
+//! cgroup ids to paths.
 //!
-//! On cgroup v2 a cgroup's id is the inode number of its directory in the
-//! cgroup2 mount (kernfs node id), so one walk of the mount maps every id to
-//! its path. New cgroups appear all the time (containers, systemd units), so
+//! A cgroup's id (its kernfs node id: what `bpf_get_current_cgroup_id`
+//! returns on cgroup v2, and `cgroup->kn->id` on any hierarchy) is the inode
+//! number of its directory in the hierarchy's mount, so one walk of the
+//! mount maps every id to its path. New cgroups appear all the time (containers, systemd units), so
 //! an unknown id triggers a new walk, at most once per `RESCAN_EVERY`.
 
 use std::{
@@ -25,14 +26,20 @@ pub struct CgroupPaths {
 }
 
 impl CgroupPaths {
+    /// Paths in the cgroup2 mount.
     pub fn new() -> Self {
+        Self::with_mount(find_cgroup2_mount())
+    }
+
+    /// Paths in the hierarchy mounted at `mount`.
+    pub fn with_mount(mount: Option<PathBuf>) -> Self {
         Self {
-            mount: find_cgroup2_mount(),
+            mount,
             ..Self::default()
         }
     }
 
-    /// The path of cgroup `id` relative to the cgroup2 root (`/` for the
+    /// The path of cgroup `id` relative to the hierarchy's root (`/` for the
     /// root itself), or `None` when unknown.
     pub fn path(&mut self, id: u64) -> Option<String> {
         if id == 0 {
@@ -65,6 +72,80 @@ pub fn relative_to_mount(path: &str) -> String {
     if rel.is_empty() { "/".to_owned() } else { rel }
 }
 
+/// Where memory cgroups live on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemoryHierarchy {
+    /// The v1 memory controller is mounted here (on hybrid hosts the
+    /// unified hierarchy then has no memory controller: the limits that
+    /// matter are in this one).
+    V1(PathBuf),
+    /// cgroup v2 only.
+    Unified(PathBuf),
+    None,
+}
+
+impl MemoryHierarchy {
+    pub fn detect() -> Self {
+        let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        parse_memory_hierarchy(&text)
+    }
+
+    pub fn mount(&self) -> Option<&Path> {
+        match self {
+            Self::V1(m) | Self::Unified(m) => Some(m),
+            Self::None => None,
+        }
+    }
+}
+
+fn parse_memory_hierarchy(mountinfo: &str) -> MemoryHierarchy {
+    let v1 = mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mut right = right.split_whitespace();
+        let (fstype, _source, options) = (right.next()?, right.next()?, right.next()?);
+        (fstype == "cgroup" && options.split(',').any(|o| o == "memory"))
+            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+    });
+    match (v1, parse_cgroup2_mount(mountinfo)) {
+        (Some(m), _) => MemoryHierarchy::V1(m),
+        (None, Some(m)) => MemoryHierarchy::Unified(m),
+        (None, None) => MemoryHierarchy::None,
+    }
+}
+
+/// A `--cgroup` argument resolved in the hierarchy mounted at `mount`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupTarget {
+    /// Relative to the mount, `/` for the root.
+    pub path: String,
+    /// Its id (the directory's inode number).
+    pub id: u64,
+    /// Its depth: 0 for the root.
+    pub level: u32,
+}
+
+/// Resolves `arg`, a path relative to the mount or a full path under it.
+pub fn resolve_in(mount: &Path, arg: &Path) -> Result<CgroupTarget, String> {
+    let rel = arg.strip_prefix(mount).unwrap_or(arg);
+    let parts: Vec<&str> = rel
+        .components()
+        .filter_map(|c| match c {
+            std::path::Component::Normal(p) => p.to_str(),
+            _ => None,
+        })
+        .collect();
+    let dir = parts.iter().fold(mount.to_path_buf(), |d, p| d.join(p));
+    let meta = fs::metadata(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if !meta.is_dir() {
+        return Err(format!("{} is not a cgroup directory", dir.display()));
+    }
+    Ok(CgroupTarget {
+        path: format!("/{}", parts.join("/")),
+        id: meta.ino(),
+        level: parts.len() as u32,
+    })
+}
+
 fn walk(root: &Path, dir: &Path, out: &mut HashMap<u64, String>) {
     if out.len() >= MAX_CGROUPS {
         return;
@@ -89,7 +170,7 @@ fn find_cgroup2_mount() -> Option<PathBuf> {
     parse_cgroup2_mount(&text)
 }
 
-fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
     mountinfo.lines().find_map(|line| {
         let (left, right) = line.split_once(" - ")?;
         (right.split_whitespace().next()? == "cgroup2")
@@ -100,6 +181,42 @@ fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_hierarchy_prefers_the_v1_controller() {
+        let hybrid =
+            "30 25 0:26 / /sys/fs/cgroup/memory rw,relatime shared:11 - cgroup cgroup rw,memory
+29 25 0:25 / /sys/fs/cgroup/cpu rw,relatime shared:10 - cgroup cgroup rw,cpu
+31 25 0:27 / /sys/fs/cgroup/unified rw,relatime shared:12 - cgroup2 cgroup2 rw
+";
+        assert_eq!(
+            parse_memory_hierarchy(hybrid),
+            MemoryHierarchy::V1("/sys/fs/cgroup/memory".into())
+        );
+        let pure = "31 25 0:27 / /sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            parse_memory_hierarchy(pure),
+            MemoryHierarchy::Unified("/sys/fs/cgroup".into())
+        );
+        assert_eq!(parse_memory_hierarchy(""), MemoryHierarchy::None);
+    }
+
+    #[test]
+    fn resolves_cgroup_arguments() {
+        let root = std::env::temp_dir().join(format!("kdiag-cg-{}", std::process::id()));
+        fs::create_dir_all(root.join("a/b")).unwrap();
+        let ino = fs::metadata(root.join("a/b")).unwrap().ino();
+        for arg in ["/a/b", "a/b/", "/a/b/"] {
+            let t = resolve_in(&root, Path::new(arg)).unwrap();
+            assert_eq!((t.path.as_str(), t.id, t.level), ("/a/b", ino, 2), "{arg}");
+        }
+        let full = resolve_in(&root, &root.join("a")).unwrap();
+        assert_eq!((full.path.as_str(), full.level), ("/a", 1));
+        let top = resolve_in(&root, Path::new("/")).unwrap();
+        assert_eq!((top.path.as_str(), top.level), ("/", 0));
+        assert!(resolve_in(&root, Path::new("/nope")).is_err());
+        fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn finds_cgroup2_mount_on_hybrid_hosts() {

@@ -16,6 +16,8 @@ use crate::{output::Format, transport::TransportKind};
 ///   sudo kdiag-agent retrans                    every TCP retransmit
 ///   sudo kdiag-agent retrans --port 443 -o text  one service, for people
 ///   sudo kdiag-agent retrans --pid 1234 -d 60    one process, for a minute
+///   sudo kdiag-agent reclaim --pid 1234          its reclaim stalls, p50/p99
+///   sudo kdiag-agent compact -o text             compaction runs, for people
 #[derive(Debug, Parser)]
 #[command(name = "kdiag-agent", version, verbatim_doc_comment)]
 pub struct Cli {
@@ -39,7 +41,9 @@ pub struct GlobalArgs {
     pub pids: Vec<u32>,
     /// Only processes in this cgroup or below it: a cgroup v2 path relative
     /// to the cgroup2 mount (`/system.slice/nginx.service`) or a full path
-    /// under it.
+    /// under it. For `reclaim` and `compact` on a host with the v1 memory
+    /// controller, a path in the memory hierarchy instead
+    /// (`/sys/fs/cgroup/memory/...`), since its limits are the ones hit.
     #[arg(short = 'c', long, value_name = "PATH", global = true)]
     pub cgroup: Option<PathBuf>,
     /// Write summaries and agent_stats every SECS seconds (0: only at exit).
@@ -58,6 +62,11 @@ pub struct GlobalArgs {
     /// How events travel from the kernel.
     #[arg(long, value_enum, default_value = "auto", global = true)]
     pub transport: TransportKind,
+    /// Read tracepoint formats from this directory instead of tracefs.
+    /// A test seam: it shows how the agent degrades when a tracepoint is
+    /// missing, without a kernel that lacks it.
+    #[arg(long, value_name = "DIR", global = true, hide = true)]
+    pub formats_from: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -81,6 +90,109 @@ pub enum Command {
     /// shows who owns them; a client hanging in connect() shows as
     /// SYN_SENT -> CLOSE with its SYN_SENT time.
     Tcp(TcpArgs),
+    /// Every class at once, in one process and one output stream: what a
+    /// log pipeline wants (`kdiag-agent run | vector ...`).
+    ///
+    /// Class options apply to their classes: --port, -4/-6 and --state to
+    /// retrans and tcp, --<class>-... to the others. --pid and
+    /// --cgroup filter the classes that have processes; softirqs, which
+    /// belong to none, are always reported whole.
+    Run(RunArgs),
+    /// Softirq latency per CPU and vector: how long handlers ran and how
+    /// long they waited to run.
+    ///
+    /// Two latencies: service time (softirq_entry to softirq_exit, the
+    /// handler running) and queueing delay (softirq_raise to softirq_entry,
+    /// pending before it ran). Both are kept as histograms in the kernel,
+    /// so the cost stays small at millions of softirqs a second.
+    ///
+    /// Records: `softirq_summary` every --interval and at exit, per CPU and
+    /// vector that ran (cpu, vec, count, service_total_ns, service_max_ns,
+    /// service_p99_ns, delay_max_ns, delay_p99_ns, interval_ns); `softirq`
+    /// for each softirq whose service time or delay is at or over
+    /// --min-latency-us (cpu, vec, service_ns, delay_ns). Vectors are named
+    /// as in /proc/softirqs: HI, TIMER, NET_TX, NET_RX, BLOCK, IRQ_POLL,
+    /// TASKLET, SCHED, HRTIMER, RCU. p99 is a log2-bucket upper bound (less
+    /// than twice the true value, never above the max).
+    ///
+    /// Softirqs run on behalf of no process, so --pid and --cgroup are
+    /// refused.
+    #[command(verbatim_doc_comment)]
+    Softirq(SoftirqArgs),
+    /// Threads stalled in memory reclaim: direct (the system ran short of
+    /// free pages) or memcg (their memory cgroup hit its limit), with
+    /// per-process percentiles.
+    ///
+    /// Records: `reclaim` (one per stall at or over --min-latency-us: kind
+    /// direct|memcg, pid, tid, comm, cgroup, latency_ns, nr_reclaimed,
+    /// order), `reclaim_summary` (per process and kind, every --interval and
+    /// at exit: count, total_ns, max_ns, p50_ns, p99_ns, nr_reclaimed; all
+    /// stalls count, also those under the threshold), `vmstat` (every
+    /// interval: /proc/vmstat deltas of allocstall, pgscan_direct,
+    /// pgsteal_direct, compact_*, and PSI memory avg10). cgroup is the
+    /// memory cgroup: v1 on hosts with the v1 memory controller.
+    Reclaim(ReclaimArgs),
+    /// Compaction runs (one per memory zone) with latency, status, mode
+    /// and, for direct compaction, the allocation's order.
+    ///
+    /// Records: `compact` (one per run at or over --min-latency-us: pid,
+    /// tid, comm, cgroup, latency_ns, status, mode async|sync_light|sync,
+    /// order or null), `compact_summary` (per process, every --interval and
+    /// at exit: count, total_ns, max_ns, p50_ns, p99_ns), `vmstat`.
+    /// Background compaction shows under kcompactd, manual compaction under
+    /// the process that wrote /proc/sys/vm/compact_memory.
+    Compact(CompactArgs),
+}
+
+/// Options of `reclaim`.
+#[derive(Debug, Args)]
+pub struct ReclaimArgs {
+    /// Which reclaim to trace.
+    #[arg(long, value_enum, default_value = "all")]
+    pub kind: crate::classes::reclaim::ReclaimKind,
+    /// Write `reclaim` records only for stalls of at least N microseconds;
+    /// shorter ones are counted in the kernel and still appear in the
+    /// summaries.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub min_latency_us: u64,
+}
+
+/// Options of `compact`.
+#[derive(Debug, Args)]
+pub struct CompactArgs {
+    /// Write `compact` records only for runs of at least N microseconds;
+    /// shorter ones still appear in the summaries.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub min_latency_us: u64,
+}
+
+/// Options of `softirq`.
+#[derive(Debug, Args)]
+pub struct SoftirqArgs {
+    /// Write a `softirq` record for every softirq whose service time or
+    /// queueing delay is at or over US microseconds (0: every softirq, for
+    /// debugging only). Summaries count all softirqs either way.
+    #[arg(long, value_name = "US", default_value_t = 1000)]
+    pub min_latency_us: u64,
+}
+
+/// Options of `run`: those of every class.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub tcp: TcpArgs,
+    /// The `softirq` class's --min-latency-us.
+    #[arg(long, value_name = "US", default_value_t = 1000)]
+    pub softirq_min_latency_us: u64,
+    /// The `reclaim` class's --kind.
+    #[arg(long, value_enum, default_value = "all")]
+    pub reclaim_kind: crate::classes::reclaim::ReclaimKind,
+    /// The `reclaim` class's --min-latency-us.
+    #[arg(long, value_name = "US", default_value_t = 0)]
+    pub reclaim_min_latency_us: u64,
+    /// The `compact` class's --min-latency-us.
+    #[arg(long, value_name = "US", default_value_t = 0)]
+    pub compact_min_latency_us: u64,
 }
 
 /// Options of the `tcp` class.
@@ -135,6 +247,15 @@ mod tests {
         let b = Cli::try_parse_from(["kdiag-agent", "retrans", "--port", "80", "-p", "7"]).unwrap();
         assert_eq!(a.global.pids, vec![7]);
         assert_eq!(b.global.pids, vec![7]);
+        let c =
+            Cli::try_parse_from(["kdiag-agent", "reclaim", "--kind", "memcg", "-p", "7"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Reclaim(ReclaimArgs {
+                min_latency_us: 0,
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -156,6 +277,8 @@ mod tests {
             &["kdiag-agent", "retrans", "--transport", "carrier-pigeon"],
             &["kdiag-agent", "nosuchclass"],
             &["kdiag-agent", "tcp", "--state", "HALF_OPEN"],
+            &["kdiag-agent", "reclaim", "--kind", "kswapd"],
+            &["kdiag-agent", "compact", "--min-latency-us", "-1"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
         }

@@ -2,7 +2,7 @@
 //! turn them (and its filters) into its programs' globals, loads the object,
 //! attaches each program, and reports what could not attach.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, path::Path};
 
 use aya::{Ebpf, EbpfError, EbpfLoader, programs::TracePoint, util::KernelVersion};
 use kdiag_common::Transport;
@@ -41,8 +41,17 @@ pub struct Loaded {
     pub degraded: Vec<Degraded>,
 }
 
-pub fn load(classes: &[Box<dyn Class>], transport: TransportKind) -> Result<Loaded, LoadError> {
-    let tracefs = Tracefs::open()?;
+/// Loads and attaches the programs of `classes`. Formats come from tracefs,
+/// or from `formats_from` (a directory laid out like tracefs) in tests.
+pub fn load(
+    classes: &[Box<dyn Class>],
+    transport: TransportKind,
+    formats_from: Option<&Path>,
+) -> Result<Loaded, LoadError> {
+    let tracefs = match formats_from {
+        Some(root) => Tracefs::at(root),
+        None => Tracefs::open()?,
+    };
     let mut degraded = Vec::new();
     // Classes can share a tracepoint (retrans and tcp both use
     // inet_sock_set_state): attach each once.

@@ -9,7 +9,9 @@ mod class;
 mod classes;
 mod cli;
 mod clock;
+mod hist;
 mod loader;
+mod log2hist;
 mod output;
 mod owner;
 mod privileges;
@@ -19,7 +21,11 @@ mod stats;
 mod tcp_state;
 mod tracefs;
 mod transport;
+mod vmstat;
 mod wire;
+
+#[cfg(test)]
+mod fuzz_tests;
 
 use clap::Parser as _;
 

@@ -19,19 +19,58 @@ pub struct ResolvedOwner {
     pub cgroup: Option<String>,
 }
 
-/// A /proc lookup walks every process's file descriptors: bound how many run
-/// per second so a retransmit storm on old sockets cannot stall the agent.
-const LOOKUPS_PER_SECOND: u32 = 20;
+/// A /proc lookup walks the TCP table of every network namespace and every
+/// process's file descriptors, and its cost grows with them (a /proc/net/tcp
+/// read took 0.7 s with 38k TIME_WAIT sockets under connection churn). So
+/// lookups draw on a time budget: it refills at LOOKUP_SHARE of wall time
+/// and holds at most LOOKUP_BURST, a lookup may start while the budget is
+/// positive and is charged what it took. Over time they take at most 5% of
+/// the agent's time, while the first ones after a quiet spell run at once.
+const LOOKUP_SHARE: f64 = 0.05;
+const LOOKUP_BURST: Duration = Duration::from_millis(250);
 /// Bounds the cache; it is cleared when full (the next events repopulate it).
 const CACHE_MAX: usize = 16_384;
+/// A socket not found in /proc may be found later: a connection still in its
+/// listener's accept queue has no file descriptor until accept().
+const RETRY_NOT_FOUND_AFTER: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Default)]
 pub struct OwnerResolver {
     cgroups: CgroupPaths,
-    /// /proc results per socket; `None` = looked up, not found.
-    cache: HashMap<(u64, TcpTuple), Option<ResolvedOwner>>,
-    window: Option<Instant>,
-    lookups_in_window: u32,
+    /// /proc results per socket; `Err(when)` = not found at `when`.
+    cache: HashMap<(u64, TcpTuple), Result<ResolvedOwner, Instant>>,
+    budget: LookupBudget,
+}
+
+/// The time budget of /proc lookups (see [`LOOKUP_SHARE`]).
+#[derive(Debug)]
+struct LookupBudget {
+    /// Seconds of lookup that may still start; negative after an expensive
+    /// one, until refilled.
+    seconds: f64,
+    refilled: Instant,
+}
+
+impl Default for LookupBudget {
+    fn default() -> Self {
+        Self {
+            seconds: LOOKUP_BURST.as_secs_f64(),
+            refilled: Instant::now(),
+        }
+    }
+}
+
+impl LookupBudget {
+    fn may_start(&mut self, now: Instant) -> bool {
+        let earned = now.duration_since(self.refilled).as_secs_f64() * LOOKUP_SHARE;
+        self.seconds = (self.seconds + earned).min(LOOKUP_BURST.as_secs_f64());
+        self.refilled = now;
+        self.seconds > 0.0
+    }
+
+    fn charge(&mut self, took: Duration) {
+        self.seconds -= took.as_secs_f64();
+    }
 }
 
 impl OwnerResolver {
@@ -53,31 +92,25 @@ impl OwnerResolver {
             };
         }
         let key = (sock_id, *tuple);
-        if let Some(hit) = self.cache.get(&key) {
-            return hit.clone().unwrap_or_default();
+        match self.cache.get(&key) {
+            Some(Ok(hit)) => return hit.clone(),
+            Some(Err(when)) if when.elapsed() < RETRY_NOT_FOUND_AFTER => {
+                return ResolvedOwner::default();
+            }
+            _ => {}
         }
-        if !self.take_lookup_budget() {
+        let started = Instant::now();
+        if !self.budget.may_start(started) {
             return ResolvedOwner::default();
         }
         let found = lookup_in_proc(tuple);
+        self.budget.charge(started.elapsed());
         if self.cache.len() >= CACHE_MAX {
             self.cache.clear();
         }
-        self.cache.insert(key, found.clone());
+        self.cache
+            .insert(key, found.clone().ok_or_else(Instant::now));
         found.unwrap_or_default()
-    }
-
-    fn take_lookup_budget(&mut self) -> bool {
-        let now = Instant::now();
-        if self
-            .window
-            .is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1))
-        {
-            self.window = Some(now);
-            self.lookups_in_window = 0;
-        }
-        self.lookups_in_window += 1;
-        self.lookups_in_window <= LOOKUPS_PER_SECOND
     }
 }
 
@@ -147,9 +180,18 @@ mod tests {
     }
 
     #[test]
-    fn lookups_are_rate_limited() {
-        let mut r = OwnerResolver::default();
-        let granted = (0..100).filter(|_| r.take_lookup_budget()).count();
-        assert_eq!(granted, LOOKUPS_PER_SECOND as usize);
+    fn lookups_share_a_time_budget() {
+        let mut b = LookupBudget::default();
+        let t0 = b.refilled;
+        assert!(b.may_start(t0));
+        // One expensive lookup uses the burst and more.
+        b.charge(Duration::from_millis(700));
+        assert!(!b.may_start(t0 + Duration::from_secs(1)));
+        // Paid back at 5% of wall time: 450 ms of debt takes 9 s.
+        assert!(!b.may_start(t0 + Duration::from_millis(8900)));
+        assert!(b.may_start(t0 + Duration::from_millis(9200)));
+        // Never more than the burst saved up.
+        assert!(b.may_start(t0 + Duration::from_secs(3600)));
+        assert!(b.seconds <= LOOKUP_BURST.as_secs_f64());
     }
 }

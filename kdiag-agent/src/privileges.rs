@@ -1,9 +1,13 @@
 //! Checks, before touching the kernel, that the agent may load and attach
 //! BPF programs, so that a missing privilege is one clear message instead of
-//! an EPERM from deep inside the loader.
+//! an EPERM from deep inside the loader; and once everything is attached,
+//! gives up every capability the rest of the run does not need.
 
 use std::fs;
 
+const CAP_DAC_READ_SEARCH: u32 = 2;
+const CAP_SETPCAP: u32 = 8;
+const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
@@ -43,13 +47,105 @@ pub fn check() -> Result<(), MissingPrivileges> {
     })
 }
 
+/// What the agent keeps after attaching: CAP_BPF for map reads and program
+/// statistics on kernels that still gate every bpf() command on it (before
+/// 6.5, with unprivileged BPF disabled); CAP_SYS_PTRACE and
+/// CAP_DAC_READ_SEARCH to read other users' /proc/PID/fd when looking up the
+/// owner of a socket older than the agent. Ring and perf buffers are already
+/// mapped and need nothing.
+pub const KEPT_AFTER_ATTACH: u64 =
+    (1 << CAP_BPF) | (1 << CAP_SYS_PTRACE) | (1 << CAP_DAC_READ_SEARCH);
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot drop capabilities: {0}")]
+pub struct DropError(std::io::Error);
+
+/// Drops every capability but [`KEPT_AFTER_ATTACH`] from the effective,
+/// permitted, inheritable, ambient and bounding sets, and sets
+/// no_new_privs, so nothing can bring them back.
+pub fn drop_after_attach() -> Result<(), DropError> {
+    let last = fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .unwrap_or(40);
+    let os_err = || DropError(std::io::Error::last_os_error());
+    // SAFETY: prctl with integer arguments only.
+    unsafe {
+        if libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        ) != 0
+        {
+            return Err(os_err());
+        }
+        // Dropping from the bounding set needs CAP_SETPCAP, which goes last.
+        let has_setpcap =
+            effective_caps(&fs::read_to_string("/proc/self/status").unwrap_or_default())
+                .is_some_and(|c| c & (1 << CAP_SETPCAP) != 0);
+        if has_setpcap {
+            for cap in (0..=last).filter(|c| KEPT_AFTER_ATTACH & (1 << c) == 0) {
+                if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                    return Err(os_err());
+                }
+            }
+        }
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return Err(os_err());
+        }
+    }
+    let header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let keep = KEPT_AFTER_ATTACH
+        & effective_caps(&fs::read_to_string("/proc/self/status").unwrap_or_default()).unwrap_or(0);
+    let data = [
+        CapData {
+            effective: keep as u32,
+            permitted: keep as u32,
+            inheritable: 0,
+        },
+        CapData {
+            effective: (keep >> 32) as u32,
+            permitted: (keep >> 32) as u32,
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: capset with a valid v3 header and two data words.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) };
+    if rc != 0 {
+        return Err(os_err());
+    }
+    Ok(())
+}
+
+/// `struct __user_cap_header_struct` (linux/capability.h).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+/// `struct __user_cap_data_struct`.
+#[repr(C)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
 fn allowed(caps: u64) -> bool {
     let has = |bit: u32| caps & (1 << bit) != 0;
     has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))
 }
 
 /// The `CapEff:` mask of /proc/self/status.
-fn effective_caps(status: &str) -> Option<u64> {
+pub fn effective_caps(status: &str) -> Option<u64> {
     let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
     u64::from_str_radix(hex.trim(), 16).ok()
 }

@@ -310,3 +310,227 @@ fn endpoint(addr: &str, port: u16) -> String {
         format!("{addr}:{port}")
     }
 }
+
+/// One softirq at or over `--min-latency-us`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Softirq {
+    pub cpu: u32,
+    pub vec: &'static str,
+    pub service_ns: u64,
+    /// Null when the raise was not seen.
+    pub delay_ns: Option<u64>,
+}
+
+impl Record for Softirq {
+    const TYPE: &'static str = "softirq";
+    const TEXT_HEADER: &'static str =
+        "TIME                           CPU VEC       SERVICE_us   DELAY_us";
+    fn text_row(&self, ts: &str) -> String {
+        format!(
+            "{ts:<30} {:>3} {:<8} {:>11} {:>10}",
+            self.cpu,
+            self.vec,
+            micros(self.service_ns),
+            self.delay_ns.map_or_else(|| "-".to_owned(), micros)
+        )
+    }
+}
+
+/// Softirqs of one vector on one CPU over one interval.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SoftirqSummary {
+    pub cpu: u32,
+    pub vec: &'static str,
+    pub count: u64,
+    pub service_total_ns: u64,
+    pub service_max_ns: u64,
+    pub service_p99_ns: u64,
+    /// Null when no raise of these softirqs was seen.
+    pub delay_max_ns: Option<u64>,
+    pub delay_p99_ns: Option<u64>,
+    pub interval_ns: u64,
+}
+
+impl Record for SoftirqSummary {
+    const TYPE: &'static str = "softirq_summary";
+    const TEXT_HEADER: &'static str = "TIME                           CPU VEC          COUNT   TOTAL_us     MAX_us     P99_us  DELAY_MAX_us  DELAY_P99_us";
+    fn text_row(&self, ts: &str) -> String {
+        let opt_micros = |ns: Option<u64>| ns.map_or_else(|| "-".to_owned(), micros);
+        format!(
+            "{ts:<30} {:>3} {:<8} {:>9} {:>10} {:>10} {:>10} {:>13} {:>13}",
+            self.cpu,
+            self.vec,
+            self.count,
+            micros(self.service_total_ns),
+            micros(self.service_max_ns),
+            micros(self.service_p99_ns),
+            opt_micros(self.delay_max_ns),
+            opt_micros(self.delay_p99_ns)
+        )
+    }
+}
+
+/// Nanoseconds as microseconds with one decimal, for text columns.
+fn micros(ns: u64) -> String {
+    format!("{}.{}", ns / 1000, ns % 1000 / 100)
+}
+
+/// One reclaim stall: a thread in direct or memcg reclaim.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Reclaim {
+    pub kind: &'static str,
+    pub pid: Option<u32>,
+    pub tid: u32,
+    pub comm: Option<String>,
+    pub cgroup: Option<String>,
+    pub latency_ns: u64,
+    pub nr_reclaimed: u64,
+    pub order: Option<i32>,
+}
+
+impl Record for Reclaim {
+    const TYPE: &'static str = "reclaim";
+    const TEXT_HEADER: &'static str = "TIME                           COMM             PID     TID     KIND     LAT(ms)    PAGES ORDER";
+    fn text_row(&self, ts: &str) -> String {
+        format!(
+            "{ts:<30} {:<16} {:<7} {:<7} {:<6} {:>9} {:>8} {}",
+            printable(self.comm.as_deref().unwrap_or("-")),
+            opt(self.pid),
+            self.tid,
+            self.kind,
+            ms(Some(self.latency_ns)),
+            self.nr_reclaimed,
+            opt(self.order)
+        )
+    }
+}
+
+/// One process's reclaim stalls of one kind over an interval.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ReclaimSummary {
+    pub kind: &'static str,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub cgroup: Option<String>,
+    pub count: u64,
+    pub total_ns: u64,
+    pub max_ns: u64,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    pub nr_reclaimed: u64,
+    pub interval_ns: u64,
+}
+
+impl Record for ReclaimSummary {
+    const TYPE: &'static str = "reclaim_summary";
+    const TEXT_HEADER: &'static str = "# SUMMARY AT                    COMM             PID     KIND     COUNT  TOTAL(ms)  P50(ms)  P99(ms)  MAX(ms)    PAGES";
+    fn text_row(&self, ts: &str) -> String {
+        format!(
+            "# {ts:<30} {:<16} {:<7} {:<6} {:>7} {:>10} {:>8} {:>8} {:>8} {:>8}",
+            printable(self.comm.as_deref().unwrap_or("-")),
+            opt(self.pid),
+            self.kind,
+            self.count,
+            ms(Some(self.total_ns)),
+            ms(Some(self.p50_ns)),
+            ms(Some(self.p99_ns)),
+            ms(Some(self.max_ns)),
+            self.nr_reclaimed
+        )
+    }
+}
+
+/// One compaction run over one zone.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Compact {
+    pub pid: Option<u32>,
+    pub tid: u32,
+    pub comm: Option<String>,
+    pub cgroup: Option<String>,
+    pub latency_ns: u64,
+    pub status: String,
+    pub mode: &'static str,
+    pub order: Option<i32>,
+}
+
+impl Record for Compact {
+    const TYPE: &'static str = "compact";
+    const TEXT_HEADER: &'static str = "TIME                           COMM             PID     TID       LAT(ms) ORDER MODE       STATUS";
+    fn text_row(&self, ts: &str) -> String {
+        format!(
+            "{ts:<30} {:<16} {:<7} {:<7} {:>9} {:<5} {:<10} {}",
+            printable(self.comm.as_deref().unwrap_or("-")),
+            opt(self.pid),
+            self.tid,
+            ms(Some(self.latency_ns)),
+            opt(self.order),
+            self.mode,
+            self.status
+        )
+    }
+}
+
+/// One process's compaction runs over an interval.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct CompactSummary {
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub cgroup: Option<String>,
+    pub count: u64,
+    pub total_ns: u64,
+    pub max_ns: u64,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    pub interval_ns: u64,
+}
+
+impl Record for CompactSummary {
+    const TYPE: &'static str = "compact_summary";
+    const TEXT_HEADER: &'static str = "# SUMMARY AT                    COMM             PID       COUNT  TOTAL(ms)  P50(ms)  P99(ms)  MAX(ms)";
+    fn text_row(&self, ts: &str) -> String {
+        format!(
+            "# {ts:<30} {:<16} {:<7} {:>7} {:>10} {:>8} {:>8} {:>8}",
+            printable(self.comm.as_deref().unwrap_or("-")),
+            opt(self.pid),
+            self.count,
+            ms(Some(self.total_ns)),
+            ms(Some(self.p50_ns)),
+            ms(Some(self.p99_ns)),
+            ms(Some(self.max_ns))
+        )
+    }
+}
+
+/// The host's memory pressure over an interval, beside the memory stalls:
+/// /proc/vmstat deltas (null where this kernel lacks the counter) and PSI
+/// averages (null without /proc/pressure/memory).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Vmstat {
+    pub allocstall: Option<u64>,
+    pub pgscan_direct: Option<u64>,
+    pub pgsteal_direct: Option<u64>,
+    pub compact_stall: Option<u64>,
+    pub compact_fail: Option<u64>,
+    pub compact_success: Option<u64>,
+    pub psi_some_avg10: Option<f64>,
+    pub psi_full_avg10: Option<f64>,
+    pub interval_ns: u64,
+}
+
+impl Record for Vmstat {
+    const TYPE: &'static str = "vmstat";
+    const TEXT_HEADER: &'static str = "";
+    fn text_row(&self, ts: &str) -> String {
+        format!(
+            "# {ts} vmstat: allocstall {} pgscan_direct {} pgsteal_direct {} compact_stall {} compact_fail {} compact_success {}; psi memory avg10 some {} full {}",
+            opt(self.allocstall),
+            opt(self.pgscan_direct),
+            opt(self.pgsteal_direct),
+            opt(self.compact_stall),
+            opt(self.compact_fail),
+            opt(self.compact_success),
+            opt(self.psi_some_avg10),
+            opt(self.psi_full_avg10)
+        )
+    }
+}

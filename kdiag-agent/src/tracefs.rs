@@ -54,6 +54,13 @@ impl Tracefs {
         })
     }
 
+    /// Formats under `root` (laid out like tracefs) instead of the kernel's.
+    pub fn at(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+        }
+    }
+
     /// The format of `group/name`.
     pub fn format(&self, group: &str, name: &str) -> Result<Format, TracefsError> {
         let dir = self.root.join("events").join(group).join(name);
@@ -107,11 +114,31 @@ pub struct Field {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Format {
     pub fields: Vec<Field>,
+    /// The `print fmt:` line, without the prefix.
+    pub print_fmt: String,
 }
 
 impl Format {
     pub fn field(&self, name: &str) -> Option<&Field> {
         self.fields.iter().find(|f| f.name == name)
+    }
+
+    /// The value names the kernel prints for `field`, from its
+    /// `__print_symbolic(REC->field, {1, "name"}, ...)` in the print format.
+    pub fn symbols(&self, field: &str) -> Vec<(i64, String)> {
+        let marker = format!("__print_symbolic(REC->{field},");
+        let Some(start) = self.print_fmt.find(&marker) else {
+            return Vec::new();
+        };
+        let rest = &self.print_fmt[start + marker.len()..];
+        let list = rest.split(')').next().unwrap_or_default();
+        list.split('{')
+            .filter_map(|entry| {
+                let (value, name) = entry.split_once(',')?;
+                let name = name.split('"').nth(1)?;
+                Some((value.trim().parse().ok()?, name.to_owned()))
+            })
+            .collect()
     }
 }
 
@@ -137,8 +164,13 @@ impl Formats {
 /// `\tfield:__u8 saddr[4];\toffset:34;\tsize:4;\tsigned:0;`.
 pub fn parse_format(text: &str) -> Result<Format, String> {
     let mut fields = Vec::new();
+    let mut print_fmt = String::new();
     for line in text.lines() {
         let line = line.trim();
+        if let Some(fmt) = line.strip_prefix("print fmt:") {
+            fmt.trim().clone_into(&mut print_fmt);
+            continue;
+        }
         let Some(rest) = line.strip_prefix("field:") else {
             continue;
         };
@@ -167,7 +199,7 @@ pub fn parse_format(text: &str) -> Result<Format, String> {
     if fields.is_empty() {
         return Err("no fields".to_owned());
     }
-    Ok(Format { fields })
+    Ok(Format { fields, print_fmt })
 }
 
 /// `const void * skaddr` -> `skaddr`; `__u8 saddr[4]` -> `saddr`.
@@ -206,6 +238,31 @@ print fmt: \"skbaddr=%p\", REC->skbaddr
         assert_eq!(field("sport"), Some((28, 2)));
         assert_eq!(field("saddr_v6"), Some((42, 16)));
         assert_eq!(field("err"), None);
+    }
+
+    #[test]
+    fn symbolic_values_from_print_fmt() {
+        let text = "format:
+\tfield:int status;\toffset:44;\tsize:4;\tsigned:1;
+
+print fmt: \"mode=%s status=%s\", REC->sync ? \"sync\" : \"async\", __print_symbolic(REC->status, {1, \"skipped\"}, {8, \"success\"}, {0, \"not_suitable_zone\"})
+";
+        let f = parse_format(text).unwrap();
+        assert_eq!(
+            f.symbols("status"),
+            vec![
+                (1, "skipped".to_owned()),
+                (8, "success".to_owned()),
+                (0, "not_suitable_zone".to_owned())
+            ]
+        );
+        assert!(f.symbols("sync").is_empty());
+        assert!(
+            parse_format(RETRANSMIT_SKB)
+                .unwrap()
+                .symbols("state")
+                .is_empty()
+        );
     }
 
     #[test]

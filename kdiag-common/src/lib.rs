@@ -6,6 +6,8 @@
 //! sides agree on the layout byte for byte. Sizes are asserted at compile time.
 #![no_std]
 
+pub mod memory;
+pub mod softirq;
 pub mod tcp;
 
 /// Which payload follows the [`EventHeader`].

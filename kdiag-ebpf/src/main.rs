@@ -4,8 +4,12 @@
 #![no_std]
 #![no_main]
 
+mod compaction;
 mod output;
+mod softirq;
+mod stall;
 mod tcp;
+mod vmscan;
 
 #[cfg(not(test))]
 #[panic_handler]

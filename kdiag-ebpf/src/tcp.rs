@@ -24,8 +24,9 @@ use kdiag_common::{
     ClassId, EventKind, Owner,
     tcp::{
         AF_INET, AF_INET6, FIELD_ABSENT, IPPROTO_TCP, ListenerKey, ROLE_ACTIVE, ROLE_LISTENER,
-        ROLE_PASSIVE, ROLE_UNKNOWN, RetransEvent, RetransKind, STATE_TIME_KNOWN, SockInfo, TCP_CLOSE,
-        TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT, TcpConfig, TcpStateEvent, TcpTpOffsets, TcpTuple,
+        ROLE_PASSIVE, ROLE_UNKNOWN, RetransEvent, RetransKind, STATE_TIME_KNOWN, SockInfo,
+        TCP_CLOSE, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT, TcpConfig, TcpStateEvent, TcpTpOffsets,
+        TcpTuple,
     },
 };
 
@@ -131,8 +132,7 @@ fn sock_net(cfg: &TcpConfig, sk: u64) -> u64 {
         return 0;
     }
     // SAFETY: probe read of kernel memory; a fault returns an error.
-    unsafe { bpf_probe_read_kernel((sk + u64::from(cfg.sk_net_offset)) as *const u64) }
-        .unwrap_or(0)
+    unsafe { bpf_probe_read_kernel((sk + u64::from(cfg.sk_net_offset)) as *const u64) }.unwrap_or(0)
 }
 
 #[tracepoint]

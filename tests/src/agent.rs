@@ -64,13 +64,15 @@ impl Agent {
     }
 
     /// Spawns the agent on `args`, waits for its `agent_start` and checks
-    /// that the tracepoint `needs` ("group/name") is attached.
-    pub fn start(args: &[&str], needs: &str) -> (Agent, Value) {
+    /// that every tracepoint of `needs` ("group/name") is attached.
+    pub fn start(args: &[&str], needs: &[&str]) -> (Agent, Value) {
         let mut agent = Agent::spawn(args);
         let start = agent.wait_start();
         let attached = start["attached"].as_array().expect("checked by wait_start");
-        if !attached.iter().any(|a| a == needs) {
-            agent.fail(&format!("{needs} not attached: {start}"));
+        for tracepoint in needs {
+            if !attached.iter().any(|a| a == tracepoint) {
+                agent.fail(&format!("{tracepoint} not attached: {start}"));
+            }
         }
         (agent, start)
     }
@@ -79,15 +81,27 @@ impl Agent {
         self.pid
     }
 
+    /// Runs the agent with `args` (its command adjusted by `configure`, e.g.
+    /// its uid) to its exit, which must come before it writes any record
+    /// (usage errors, missing privileges); returns the exit code and stderr.
+    pub fn run_to_exit(args: &[&str], configure: impl FnOnce(&mut Command)) -> (i32, String) {
+        let mut agent = Agent::spawn_with(args, configure);
+        let status = agent.wait_exit(EXIT_TIMEOUT);
+        let Some(code) = status.code() else {
+            agent.fail(&format!("killed by a signal ({status}) instead of exiting"));
+        };
+        if !agent.records().is_empty() {
+            agent.fail("printed records although it must not start");
+        }
+        (code, agent.stderr())
+    }
+
     /// Waits for the first line, which must be `agent_start`, checks it
     /// against the contract, and records which kdiag programs the agent
     /// holds (for `assert_programs_released`). Panics showing the agent's
     /// stderr otherwise.
     pub fn wait_start(&mut self) -> Value {
-        let first = self
-            .stdout
-            .wait(WAIT, |lines| lines.first().cloned())
-            .unwrap_or_else(|ended| self.fail(&format!("no agent_start line ({ended:?})")));
+        let first = self.wait_first_line();
         let start: Value = serde_json::from_str(&first)
             .unwrap_or_else(|e| self.fail(&format!("first line is not JSON ({e}): {first}")));
         if !record::is_type(&start, "agent_start") {
@@ -114,6 +128,25 @@ impl Agent {
         }
         self.record_programs();
         start
+    }
+
+    /// `wait_start` for `-o text`: the first line must be a `#` comment
+    /// saying what was attached; returns it.
+    pub fn wait_start_text(&mut self) -> String {
+        let first = self.wait_first_line();
+        if !(first.starts_with('#') && first.contains("attached")) {
+            self.fail(&format!(
+                "first line is not a `# ... attached ...` comment: {first}"
+            ));
+        }
+        self.record_programs();
+        first
+    }
+
+    fn wait_first_line(&self) -> String {
+        self.stdout
+            .wait(WAIT, |lines| lines.first().cloned())
+            .unwrap_or_else(|ended| self.fail(&format!("no first line ({ended:?})")))
     }
 
     fn record_programs(&mut self) {
@@ -156,27 +189,32 @@ impl Agent {
         }
     }
 
-    /// All lines so far as printed (for `-o text`).
-    pub fn lines(&self) -> Vec<String> {
-        self.stdout.lines()
-    }
-
-    /// The first printed line matching `pred`, waiting up to `timeout`
-    /// (for `-o text`, where lines are not JSON).
-    pub fn wait_for_line(
+    /// The first `n` raw lines (for `-o text`) matching `pred`, waiting up
+    /// to `timeout`.
+    pub fn wait_for_lines(
         &self,
         what: &str,
+        n: usize,
         timeout: Duration,
         pred: impl Fn(&str) -> bool,
-    ) -> String {
+    ) -> Vec<String> {
         self.stdout
-            .wait(timeout, |lines| lines.iter().find(|l| pred(l)).cloned())
+            .wait(timeout, |lines| {
+                let matching: Vec<String> =
+                    lines.iter().filter(|l| pred(l)).take(n).cloned().collect();
+                (matching.len() == n).then_some(matching)
+            })
             .unwrap_or_else(|ended| self.fail(&format!("waiting for {what}: {ended:?}")))
     }
 
     /// All lines so far, parsed; panics on a line that is not JSON.
     pub fn records(&self) -> Vec<Value> {
         parse_all(&self.stdout.lines()).unwrap_or_else(|bad| self.fail(&bad))
+    }
+
+    /// All lines so far, as text.
+    pub fn lines(&self) -> Vec<String> {
+        self.stdout.lines()
     }
 
     /// Sends `signal` to the agent.
@@ -199,23 +237,38 @@ impl Agent {
         self.stop_with(libc::SIGINT)
     }
 
-    /// Events the kernel skipped instead of running the agent's programs on
-    /// them (see `bpf::recursion_misses`); the agent cannot count those
-    /// itself. Read it while the agent runs: its programs go when it exits.
-    pub fn recursion_misses(&self) -> u64 {
+    /// Events the kernel skipped instead of running the agent's programs
+    /// named `programs` (full names, e.g. "softirq_entry") on them, summed
+    /// (see `bpf::recursion_misses`); the agent cannot count those itself.
+    /// Read it while the agent runs: its programs go when it exits.
+    pub fn recursion_misses(&self, programs: &[&str]) -> u64 {
         assert!(self.status.get().is_none(), "agent already exited");
         assert!(
             !self.programs.is_empty(),
             "wait_start was not called: no programs recorded"
         );
-        bpf::recursion_misses(&self.programs)
+        let ids: BTreeSet<u32> = bpf::kdiag_programs_among(&self.programs)
+            .into_iter()
+            .filter(|(_, shown)| programs.iter().any(|p| bpf::shows_as(p, shown)))
+            .map(|(id, _)| id)
+            .collect();
+        if ids.is_empty() {
+            self.fail(&format!("holds none of the programs {programs:?}"));
+        }
+        bpf::recursion_misses(&ids)
     }
 
-    /// SIGINT, then checks the agent exits 0: returns all lines.
+    /// SIGINT, then checks the exit: status 0, every line with the
+    /// envelope, the last one the final `agent_stats`. Returns all lines.
     pub fn stop_ok(&mut self) -> Vec<Value> {
         let (status, recs) = self.stop();
-        if status.code() != Some(0) {
-            self.fail(&format!("exit status {status} after SIGINT, expected 0"));
+        self.check_exit_ok(status);
+        recs.iter().for_each(assert_envelope);
+        if !recs
+            .last()
+            .is_some_and(|r| record::is_type(r, "agent_stats"))
+        {
+            self.fail("last line is not agent_stats");
         }
         recs
     }
@@ -223,9 +276,27 @@ impl Agent {
     /// Sends `signal` and waits for the exit: returns the status and all
     /// lines.
     pub fn stop_with(&mut self, signal: libc::c_int) -> (ExitStatus, Vec<Value>) {
-        self.signal(signal);
-        let status = self.wait_exit(EXIT_TIMEOUT);
+        let status = self.terminate(signal);
         (status, self.records())
+    }
+
+    /// `stop_ok` for `-o text`: SIGINT, then checks the agent exits 0;
+    /// returns all lines.
+    pub fn stop_text_ok(&mut self) -> Vec<String> {
+        let status = self.terminate(libc::SIGINT);
+        self.check_exit_ok(status);
+        self.lines()
+    }
+
+    fn check_exit_ok(&self, status: ExitStatus) {
+        if status.code() != Some(0) {
+            self.fail(&format!("exit status {status} after SIGINT, expected 0"));
+        }
+    }
+
+    fn terminate(&mut self, signal: libc::c_int) -> ExitStatus {
+        self.signal(signal);
+        self.wait_exit(EXIT_TIMEOUT)
     }
 
     /// Waits for the agent to exit on its own; panics after `timeout`. All of

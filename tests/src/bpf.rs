@@ -10,7 +10,21 @@ use serde_json::Value;
 use crate::cmd;
 
 /// Names of kdiag's kernel programs (the eBPF functions).
-pub const KDIAG_PROGRAMS: &[&str] = &["retransmit_skb", "retransmit_synack", "inet_sock_set_state"];
+pub const KDIAG_PROGRAMS: &[&str] = &[
+    "retransmit_skb",
+    "retransmit_synack",
+    "inet_sock_set_state",
+    "softirq_raise",
+    "softirq_entry",
+    "softirq_exit",
+    "direct_reclaim_begin",
+    "direct_reclaim_end",
+    "memcg_reclaim_begin",
+    "memcg_reclaim_end",
+    "compaction_begin",
+    "compaction_end",
+    "try_to_compact_pages",
+];
 
 /// The kernel keeps at most 15 bytes of a program name (BPF_OBJ_NAME_LEN
 /// - 1); bpftool shows that, or the full name when it finds it in BTF.
@@ -18,19 +32,17 @@ const BPF_NAME_MAX: usize = 15;
 
 /// Whether a name as shown by bpftool is one of kdiag's programs.
 pub fn is_kdiag_program(shown: &str) -> bool {
-    KDIAG_PROGRAMS
-        .iter()
-        .any(|full| shown == *full || shown == &full[..full.len().min(BPF_NAME_MAX)])
+    KDIAG_PROGRAMS.iter().any(|full| shows_as(full, shown))
+}
+
+/// Whether bpftool may show the program named `full` as `shown`.
+pub fn shows_as(full: &str, shown: &str) -> bool {
+    shown == full || shown == &full[..full.len().min(BPF_NAME_MAX)]
 }
 
 /// Loaded programs as (id, name), from `bpftool prog show -j`.
 pub fn loaded_programs() -> Vec<(u32, String)> {
-    let json = cmd::run("bpftool", &["prog", "show", "-j"]);
-    let progs: Value = serde_json::from_str(&json)
-        .unwrap_or_else(|e| panic!("bpftool prog show -j printed invalid JSON ({e}): {json}"));
-    progs
-        .as_array()
-        .unwrap_or_else(|| panic!("bpftool prog show -j did not print an array: {json}"))
+    prog_show()
         .iter()
         .map(|p| {
             let id = p
@@ -46,6 +58,17 @@ pub fn loaded_programs() -> Vec<(u32, String)> {
         .collect()
 }
 
+/// Every loaded program, as `bpftool prog show -j` describes it.
+fn prog_show() -> Vec<Value> {
+    let json = cmd::run("bpftool", &["prog", "show", "-j"]);
+    let progs: Value = serde_json::from_str(&json)
+        .unwrap_or_else(|e| panic!("bpftool prog show -j printed invalid JSON ({e}): {json}"));
+    match progs {
+        Value::Array(progs) => progs,
+        _ => panic!("bpftool prog show -j did not print an array: {json}"),
+    }
+}
+
 /// How often the kernel skipped the programs `ids` instead of running them,
 /// summed (bpftool's `recursion_misses`, absent when 0). A classic
 /// tracepoint skips every program attached to it when it fires on a CPU
@@ -53,12 +76,7 @@ pub fn loaded_programs() -> Vec<(u32, String)> {
 /// trace_call_bpf and bpf_prog_active), e.g. in a softirq that interrupted
 /// one: such events never reach the programs, and only this counter knows.
 pub fn recursion_misses(ids: &BTreeSet<u32>) -> u64 {
-    let json = cmd::run("bpftool", &["prog", "show", "-j"]);
-    let progs: Value = serde_json::from_str(&json)
-        .unwrap_or_else(|e| panic!("bpftool prog show -j printed invalid JSON ({e}): {json}"));
-    progs
-        .as_array()
-        .unwrap_or_else(|| panic!("bpftool prog show -j did not print an array: {json}"))
+    prog_show()
         .iter()
         .filter(|p| {
             p.get("id")

@@ -41,3 +41,39 @@ pub fn agent_path() -> PathBuf {
     );
     path
 }
+
+/// Set by `cargo xtask vm-test` in its QEMU guests to the kernel series
+/// under test (e.g. `6.1`).
+const VM_KERNEL_VAR: &str = "KDIAG_VM_KERNEL";
+
+/// Whether the calling test can go on: `true` when `available`. When not,
+/// inside a vm-test guest the test skips by name: this prints
+/// `SKIP <test>: <reason> (kernel <series>)` on its own line of stderr (not
+/// captured by the test runner) for `cargo xtask vm-test` to count and
+/// report, and returns `false` (the test then returns). Anywhere else it
+/// panics with `reason`: on a real host nothing is skipped.
+///
+/// ```ignore
+/// if !skip_unless(has_disk_fs(), "global direct reclaim needs a disk file system") {
+///     return;
+/// }
+/// ```
+pub fn skip_unless(available: bool, reason: &str) -> bool {
+    if available {
+        return true;
+    }
+    let Some(kernel) = std::env::var_os(VM_KERNEL_VAR) else {
+        panic!("{reason}");
+    };
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("unnamed test");
+    // Written to the stream directly: libtest captures only the print
+    // macros. The leading newline keeps the line whole when another test's
+    // "test … ok" status is being written at the same time.
+    let line = format!(
+        "\nSKIP {test}: {reason} (kernel {})\n",
+        kernel.to_string_lossy()
+    );
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+    false
+}

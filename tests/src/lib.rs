@@ -1,20 +1,24 @@
 //! Harness for kdiag's integration tests: they run `kdiag-agent` as root
 //! against the real kernel and drive real TCP traffic between two network
 //! namespaces, so every fixture here owns a kernel resource (namespace,
-//! process, nftables rule) and releases it in `Drop`, also when a test panics.
+//! process, nftables rule, cgroup) and releases it in `Drop`, also when a test panics.
 //!
 //! Nothing here skips: without root or `KDIAG_AGENT` the fixtures panic, so
 //! a misconfigured run fails loudly instead of passing vacuously.
 
 pub mod agent;
 pub mod bpf;
+pub mod cgroup;
 pub mod cmd;
 pub mod env;
 pub mod lines;
+pub mod loopback;
+pub mod memory;
 pub mod netns;
 pub mod nft;
 pub mod peer;
 pub mod record;
+pub mod softirqs;
 pub mod tcpstat;
 
 use std::time::Duration;

@@ -2,11 +2,14 @@
 //! and IPv6 addresses: real TCP between them, isolated from the host and from
 //! the other tests.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::ffi::OsStr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
 
-use crate::{cmd, env, nft};
+use crate::{WAIT, cmd, env, nft};
 
 /// Interface names are limited to 15 bytes (IFNAMSIZ - 1); the veth ends are
 /// named after their namespaces, so namespace names are kept within it too.
@@ -48,6 +51,33 @@ impl Ns {
         }
     }
 
+    /// The local port of the one socket of this namespace in SYN_SENT to
+    /// `remote`, waiting until the connect has started (per `ss`, i.e. the
+    /// kernel's own view, independent of the agent).
+    pub fn wait_syn_sent_port(&self, remote: SocketAddr) -> u16 {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let ss = cmd::run_in(&self.name, "ss", &["-tnH", "state", "syn-sent"]);
+            // Rows: Recv-Q Send-Q Local:Port Peer:Port (IPv6 in brackets).
+            let locals: Vec<SocketAddr> = ss
+                .lines()
+                .filter_map(|row| {
+                    let cols: Vec<&str> = row.split_whitespace().collect();
+                    let peer: SocketAddr = cols.get(3)?.parse().ok()?;
+                    (peer == remote).then(|| cols[2].parse().ok())?
+                })
+                .collect();
+            match locals.as_slice() {
+                [local] => return local.port(),
+                [] if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+                _ => panic!(
+                    "{}: expected one SYN_SENT socket to {remote}, found {locals:?}: {ss}",
+                    self.name
+                ),
+            }
+        }
+    }
+
     fn ip(&self, args: &[&str]) {
         let mut full = vec!["-n", self.name.as_str()];
         full.extend_from_slice(args);
@@ -80,7 +110,7 @@ impl Netns<'_> {
 
     /// `program args…` in this namespace (via `ip netns exec`, which execs
     /// the program in place: the command's child is the program itself).
-    pub fn command(&self, program: &str, args: &[&str]) -> Command {
+    pub fn command(&self, program: &str, args: &[impl AsRef<OsStr>]) -> Command {
         let mut cmd = match self {
             Netns::Root => Command::new(program),
             Netns::Named(ns) => {
@@ -162,6 +192,18 @@ impl NetnsPair {
     /// Makes `port` a black hole on the server side (see `nft::drop_tcp_dport`).
     pub fn drop_server_port(&self, port: u16) {
         nft::drop_tcp_dport(&self.server.name, port);
+    }
+
+    /// Makes everything the server sends from `port` a black hole on the
+    /// client side, so the server retransmits (see `nft::drop_tcp_sport`).
+    pub fn drop_from_server_port(&self, port: u16) {
+        nft::drop_tcp_sport(&self.client.name, port);
+    }
+
+    /// Drops the server's SYN-ACKs from `port` on the client side (see
+    /// `nft::drop_synacks_from`).
+    pub fn drop_synacks_from_server_port(&self, port: u16) {
+        nft::drop_synacks_from(&self.client.name, port);
     }
 
     /// Lets traffic to the server's ports through again.

@@ -1,4 +1,4 @@
-//! nftables rules that make a TCP port a black hole: the simplest way to
+//! nftables rules that make TCP traffic a black hole: the simplest way to
 //! force real retransmits (no tc/netem on this kernel).
 
 use std::process::Command;
@@ -12,24 +12,52 @@ const TABLE: &str = "inet kdiagt";
 
 static NEXT_HOST_TABLE: AtomicU32 = AtomicU32::new(0);
 
-/// The nft script that drops every inbound TCP segment to `port`, creating
-/// `table` and its input chain if needed (`add` is idempotent for both).
-fn drop_script(table: &str, port: u16) -> String {
+/// The nft script that drops inbound packets matching `matcher` (nft
+/// syntax), creating `table` and its input chain if needed: `add table` and
+/// `add chain` are idempotent, so one script covers the first and every
+/// later rule.
+fn drop_script(table: &str, matcher: &str) -> String {
     format!(
         "add table {table}; \
          add chain {table} input {{ type filter hook input priority 0; }}; \
-         add rule {table} input tcp dport {port} drop"
+         add rule {table} input {matcher} drop"
     )
+}
+
+/// The nft match of TCP segments to `port`.
+fn to_port(port: u16) -> String {
+    format!("tcp dport {port}")
 }
 
 /// Drops every inbound TCP segment to `port` in namespace `ns`: SYNs to it
 /// (the connecting peer retransmits in SYN_SENT) and data to it (the peer
 /// retransmits in ESTABLISHED). Can be called repeatedly for several ports.
 pub fn drop_tcp_dport(ns: &str, port: u16) {
-    cmd::run_in(ns, "nft", &[&drop_script(TABLE, port)]);
+    drop_input(ns, &to_port(port));
 }
 
-/// Removes every drop rule `drop_tcp_dport` added in `ns`.
+/// Drops every inbound TCP segment from `port` in namespace `ns`: on a
+/// client, what a server on `port` sends, so the server retransmits.
+pub fn drop_tcp_sport(ns: &str, port: u16) {
+    drop_input(ns, &format!("tcp sport {port}"));
+}
+
+/// Drops inbound SYN-ACKs from `port` in namespace `ns`: on a client, the
+/// handshake never completes, so the server retransmits its SYN-ACK (and
+/// the client its SYN).
+pub fn drop_synacks_from(ns: &str, port: u16) {
+    drop_input(
+        ns,
+        &format!("tcp sport {port} tcp flags & (syn | ack) == syn | ack"),
+    );
+}
+
+/// Adds a rule dropping inbound packets that match `matcher` in `ns`.
+fn drop_input(ns: &str, matcher: &str) {
+    cmd::run_in(ns, "nft", &[&drop_script(TABLE, matcher)]);
+}
+
+/// Removes every drop rule added in `ns`.
 pub fn remove_drops(ns: &str) {
     cmd::run_in(ns, "nft", &["delete", "table", "inet", "kdiagt"]);
 }
@@ -55,7 +83,7 @@ impl HostPortDrop {
         let guard = HostPortDrop {
             table: Some(table.clone()),
         };
-        cmd::run("nft", &[&drop_script(&table, port)]);
+        cmd::run("nft", &[&drop_script(&table, &to_port(port))]);
         guard
     }
 

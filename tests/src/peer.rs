@@ -1,6 +1,10 @@
 //! Runs `kdiag-peer` (this crate's second binary) inside a namespace.
 
+use std::ffi::{CStr, CString};
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -11,6 +15,78 @@ use crate::netns::Netns;
 
 /// The comm the agent must report for peer sockets.
 pub const PEER_COMM: &str = "kdiag-peer";
+
+/// Options of `kdiag-peer listen`.
+#[derive(Debug, Default)]
+pub struct ListenOptions {
+    /// Write 100 bytes this often on every accepted connection.
+    pub send_every_ms: Option<u64>,
+    /// Set the peer's comm to this right after listen().
+    pub rename_after_listen: Option<String>,
+    /// Never read nor close what it accepts: its sockets stay in CLOSE_WAIT
+    /// once the clients close, like a server that leaks sockets.
+    pub hold: bool,
+}
+
+impl ListenOptions {
+    fn args(&self) -> Vec<String> {
+        let mut args = send_every_args(self.send_every_ms);
+        if let Some(name) = &self.rename_after_listen {
+            args.extend(["--rename-after-listen".to_owned(), name.clone()]);
+        }
+        if self.hold {
+            args.push("--hold".to_owned());
+        }
+        args
+    }
+}
+
+/// Options of `kdiag-peer connect`.
+#[derive(Debug, Default)]
+pub struct ConnectOptions {
+    /// Write 100 bytes this often once connected.
+    pub send_every_ms: Option<u64>,
+    /// Start it in this cgroup v2 directory, so that it connects from there.
+    pub join_cgroup: Option<PathBuf>,
+    /// Make this many connections one after the other instead of one, each
+    /// closed by both sides before the next (the server must be a `listen`
+    /// peer without `hold`); see `Peer::wait_done`. Not with
+    /// `send_every_ms`.
+    pub count: Option<u32>,
+}
+
+impl ConnectOptions {
+    fn args(&self) -> Vec<String> {
+        let mut args = send_every_args(self.send_every_ms);
+        if let Some(count) = self.count {
+            args.extend(["--count".to_owned(), count.to_string()]);
+        }
+        args
+    }
+}
+
+fn send_every_args(ms: Option<u64>) -> Vec<String> {
+    ms.map_or_else(Vec::new, |ms| {
+        vec!["--send-every-ms".to_owned(), ms.to_string()]
+    })
+}
+
+/// Moves the calling process into the cgroup whose `cgroup.procs` is
+/// `procs`: writing pid 0 there means the writer itself
+/// (kernel/cgroup/cgroup.c, cgroup_procs_write_start).
+fn join_cgroup(procs: &CStr) -> std::io::Result<()> {
+    // SAFETY: a valid NUL-terminated path; the fd is closed below.
+    let fd = unsafe { libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: writes one byte from a static buffer to the fd opened above.
+    let written = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closes the fd opened above, once.
+    unsafe { libc::close(fd) };
+    if written == 1 { Ok(()) } else { Err(err) }
+}
 
 /// A running kdiag-peer; killed in Drop.
 pub struct Peer {
@@ -30,25 +106,25 @@ impl Peer {
         addr: impl Into<IpAddr>,
         port: u16,
     ) -> Peer {
-        Peer::listen_with(bin, ns.into(), addr.into(), port, &[])
+        Peer::listen_with(bin, ns, addr, port, &ListenOptions::default())
     }
 
-    /// `listen`, but a server that never closes (nor reads) what it
-    /// accepts: its sockets stay in CLOSE_WAIT once the clients close.
-    pub fn listen_holding<'a>(
+    /// `listen` with options; returns once it listens (and has renamed
+    /// itself, if asked to).
+    pub fn listen_with<'a>(
         bin: &str,
         ns: impl Into<Netns<'a>>,
         addr: impl Into<IpAddr>,
         port: u16,
+        opts: &ListenOptions,
     ) -> Peer {
-        Peer::listen_with(bin, ns.into(), addr.into(), port, &["--hold"])
-    }
-
-    fn listen_with(bin: &str, ns: Netns, addr: IpAddr, port: u16, extra: &[&str]) -> Peer {
-        let (addr, port) = (addr.to_string(), port.to_string());
-        let mut args = vec!["listen", &addr, &port];
-        args.extend_from_slice(extra);
-        let peer = Peer::spawn(bin, ns, &args);
+        let mut args = vec![
+            "listen".to_owned(),
+            addr.into().to_string(),
+            port.to_string(),
+        ];
+        args.extend(opts.args());
+        let peer = Peer::spawn(bin, ns.into(), &args, None);
         peer.wait_line("ready");
         peer
     }
@@ -63,43 +139,54 @@ impl Peer {
         port: u16,
         send_every_ms: Option<u64>,
     ) -> Peer {
-        let ms = send_every_ms.map(|ms| ms.to_string());
-        let extra = match &ms {
-            Some(ms) => vec!["--send-every-ms", ms.as_str()],
-            None => vec![],
+        let opts = ConnectOptions {
+            send_every_ms,
+            ..ConnectOptions::default()
         };
-        Peer::connect_with(bin, ns.into(), addr.into(), port, &extra)
+        Peer::connect_with(bin, ns, addr, port, &opts)
     }
 
-    /// `kdiag-peer connect ADDR PORT --count N` in `ns`: `count` connections
-    /// one after the other, each closed by both sides before the next (the
-    /// server must be a `listen` peer). See `wait_done`.
-    pub fn connect_many<'a>(
+    /// `connect` with options.
+    pub fn connect_with<'a>(
         bin: &str,
         ns: impl Into<Netns<'a>>,
         addr: impl Into<IpAddr>,
         port: u16,
-        count: u32,
+        opts: &ConnectOptions,
     ) -> Peer {
-        let count = count.to_string();
-        Peer::connect_with(bin, ns.into(), addr.into(), port, &["--count", &count])
+        let mut args = vec![
+            "connect".to_owned(),
+            addr.into().to_string(),
+            port.to_string(),
+        ];
+        args.extend(opts.args());
+        Peer::spawn(bin, ns.into(), &args, opts.join_cgroup.as_deref())
     }
 
-    fn connect_with(bin: &str, ns: Netns, addr: IpAddr, port: u16, extra: &[&str]) -> Peer {
-        let (addr, port) = (addr.to_string(), port.to_string());
-        let mut args = vec!["connect", &addr, &port];
-        args.extend_from_slice(extra);
-        Peer::spawn(bin, ns, &args)
-    }
-
-    fn spawn(bin: &str, ns: Netns, args: &[&str]) -> Peer {
-        let mut child = ns
-            .command(bin, args)
+    /// Runs the peer in `ns`, first moved into `cgroup` if given.
+    fn spawn(bin: &str, ns: Netns, args: &[String], cgroup: Option<&Path>) -> Peer {
+        let mut command = ns.command(bin, args);
+        command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {bin} in netns {}: {e}", ns.name()));
+            .stderr(Stdio::piped());
+        if let Some(dir) = cgroup {
+            // Joined before the exec: `ip netns exec` mounts a sysfs of the
+            // new network namespace over /sys, which hides the cgroup mounts
+            // from the peer itself.
+            let procs = CString::new(dir.join("cgroup.procs").into_os_string().into_vec())
+                .expect("cgroup path without NUL");
+            // SAFETY: the closure runs between fork and exec and only makes
+            // async-signal-safe calls (open, write, close) on data prepared
+            // before the fork.
+            unsafe { command.pre_exec(move || join_cgroup(&procs)) };
+        }
+        let mut child = command.spawn().unwrap_or_else(|e| {
+            panic!(
+                "cannot run {bin} in netns {} (cgroup {cgroup:?}): {e}",
+                ns.name()
+            )
+        });
         let stdout = LineLog::spawn(child.stdout.take().expect("piped stdout"));
         let stderr = LineLog::spawn(child.stderr.take().expect("piped stderr"));
         let what = format!(
@@ -114,34 +201,61 @@ impl Peer {
             stdout,
             stderr,
         };
-        peer.wait_exec();
+        peer.wait_exec(bin);
         peer
     }
 
     /// The tests use the spawned child's pid as the peer's pid: true only
     /// because `ip netns exec` execs the program in place rather than
-    /// forking. Wait for the exec and so check that.
-    fn wait_exec(&self) {
-        let comm_path = format!("/proc/{}/comm", self.pid());
+    /// forking. Wait for the exec and so check that. The executable, not the
+    /// comm, tells: a peer may rename itself as soon as it runs.
+    fn wait_exec(&self, bin: &str) {
+        let exe_path = format!("/proc/{}/exe", self.pid());
+        let want = std::fs::canonicalize(bin).unwrap_or_else(|e| panic!("{bin}: {e}"));
         let deadline = Instant::now() + WAIT;
         loop {
-            let comm = std::fs::read_to_string(&comm_path).unwrap_or_default();
-            if comm.trim_end() == PEER_COMM {
+            let exe = std::fs::read_link(&exe_path).ok();
+            if exe.as_ref() == Some(&want) || (exe.is_none() && self.exited_as_peer()) {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "pid {} never became {PEER_COMM} (comm {comm:?}): `ip netns exec` must exec in \
-                 place; stderr: {}",
+                "pid {} never ran {} (it runs {exe:?}): `ip netns exec` must exec in place; \
+                 stderr: {}",
                 self.pid(),
+                want.display(),
                 self.stderr.text()
             );
             thread::sleep(Duration::from_millis(10));
         }
     }
 
+    /// Whether it already exited (a zombie until Drop reaps it) as
+    /// kdiag-peer: a `count` client can be done within milliseconds, and an
+    /// exited process has no exe link any more. Its comm still tells, and
+    /// only listeners rename themselves.
+    fn exited_as_peer(&self) -> bool {
+        let proc_file =
+            |name: &str| std::fs::read_to_string(format!("/proc/{}/{name}", self.pid()));
+        // /proc/PID/stat: "PID (COMM) STATE …"; the comm may hold ')'.
+        let zombie = proc_file("stat").is_ok_and(|stat| {
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        });
+        zombie && proc_file("comm").is_ok_and(|comm| comm.trim_end() == PEER_COMM)
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Its comm now, as /proc shows it.
+    pub fn comm(&self) -> String {
+        let path = format!("/proc/{}/comm", self.pid());
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {path}: {e}", self.what))
+            .trim_end()
+            .to_owned()
     }
 
     /// Waits for "connected LOCAL_ADDR" and returns LOCAL_ADDR.
@@ -153,7 +267,7 @@ impl Peer {
             .unwrap_or_else(|e| panic!("{}: bad local address {local:?}: {e}", self.what))
     }
 
-    /// Waits for `connect_many` to print "done N", i.e. for all its
+    /// Waits for a `ConnectOptions::count` peer to print "done N", i.e. for all its
     /// connections to be closed by both sides; `timeout` bounds the wait.
     pub fn wait_done(&self, timeout: Duration) {
         self.wait_line_within("done ", timeout);

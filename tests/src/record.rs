@@ -89,7 +89,7 @@ pub fn assert_envelope(rec: &Value) {
 /// `YYYY-MM-DDTHH:MM:SS.fffZ` with 1 to 9 fraction digits: RFC 3339 writers
 /// (e.g. `time`'s `Rfc3339`) drop trailing zeros of the nanoseconds, so the
 /// digit count varies between records.
-fn is_rfc3339_utc_nanos(ts: &str) -> bool {
+pub fn is_rfc3339_utc_nanos(ts: &str) -> bool {
     const SHAPE: &str = "dddd-dd-ddTdd:dd:dd.";
     let Some(frac) = ts
         .get(SHAPE.len()..)

@@ -42,13 +42,6 @@ fn wait_retrans(ns: &str, min: u64) {
     }
 }
 
-fn comm_of(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .unwrap_or_default()
-        .trim_end()
-        .to_owned()
-}
-
 #[test]
 fn namespaces_peers_and_drop_rule_make_retransmits() {
     let net = NetnsPair::new();
@@ -61,8 +54,8 @@ fn namespaces_peers_and_drop_rule_make_retransmits() {
         let local = client.wait_connected();
         assert_eq!(local.ip(), net.client.v4);
         // The spawned child is the peer itself (ip netns exec execs in place).
-        assert_eq!(comm_of(client.pid()), PEER_COMM);
-        assert_eq!(comm_of(listener.pid()), PEER_COMM);
+        assert_eq!(client.comm(), PEER_COMM);
+        assert_eq!(listener.comm(), PEER_COMM);
         let before = retrans_segs(&net.client.name);
 
         // ESTABLISHED: data to the now-dropped port is retransmitted.

@@ -1,18 +1,18 @@
 //! Acceptance tests of `kdiag-agent retrans` against the real kernel. Each
-//! test has its own namespaces and ports and filters the agent on its own
-//! port, because every agent traces every namespace and tests run in
-//! parallel.
+//! test has its own namespaces, ports and cgroups and filters the agent on
+//! its own ports, because every agent traces every namespace and tests run
+//! in parallel.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::process::CommandExt;
-use std::thread;
 use std::time::Duration;
 
 use kdiag_tests::WAIT;
-use kdiag_tests::agent::{Agent, EXIT_TIMEOUT};
+use kdiag_tests::agent::Agent;
+use kdiag_tests::cgroup::TestCgroup;
 use kdiag_tests::netns::{Family, NetnsPair, unique_port};
-use kdiag_tests::peer::{PEER_COMM, Peer};
-use kdiag_tests::record::{self, assert_envelope, pid_of, port_field, u64_field};
+use kdiag_tests::peer::{ConnectOptions, ListenOptions, PEER_COMM, Peer};
+use kdiag_tests::record::{self, assert_envelope, is_rfc3339_utc_nanos, port_field, u64_field};
 use serde_json::{Value, json};
 
 const PEER: &str = env!("CARGO_BIN_EXE_kdiag-peer");
@@ -25,21 +25,40 @@ const EXIT_NOPERM: i32 = 77;
 /// Sends 100 bytes this often on ESTABLISHED test connections.
 const SEND_EVERY_MS: u64 = 50;
 
-/// `retrans --port PORT` followed by `extra`.
-fn retrans_args(port: u16, extra: &[&str]) -> Vec<String> {
-    let mut args = vec!["retrans".to_owned(), "--port".to_owned(), port.to_string()];
+/// Retransmits waited for per connection: two show that `conn_retrans`
+/// counts, and come within ~3 s even for SYNs (retried at ~1 s intervals).
+const PER_CONN: usize = 2;
+
+/// `retrans --port P…` (one `--port` per element of `ports`) followed by
+/// `extra`.
+fn retrans_args(ports: &[u16], extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["retrans".to_owned()];
+    for port in ports {
+        args.extend(["--port".to_owned(), port.to_string()]);
+    }
     args.extend(extra.iter().map(|a| (*a).to_owned()));
+    args
+}
+
+/// `global` options followed by `retrans_args(ports, &[])`.
+fn with_globals(global: &[&str], ports: &[u16]) -> Vec<String> {
+    let mut args: Vec<String> = global.iter().map(|a| (*a).to_owned()).collect();
+    args.extend(retrans_args(ports, &[]));
     args
 }
 
 /// Spawns the agent on `args` and waits for its `agent_start`.
 fn start_agent(args: &[String]) -> (Agent, Value) {
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Agent::start(&args, "tcp/tcp_retransmit_skb")
+    start_needing(args, &["tcp/tcp_retransmit_skb"])
 }
 
-/// Matches the retransmit records of connections to `port` (the client's
-/// side: the server of these tests never sends data).
+/// `start_agent`, checking that every tracepoint of `needs` is attached.
+fn start_needing(args: &[String], needs: &[&str]) -> (Agent, Value) {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Agent::start(&args, needs)
+}
+
+/// Matches the retransmit records of connections to `port`.
 fn retrans_to(port: u16) -> impl Fn(&Value) -> bool {
     move |rec| record::is_type(rec, "retrans") && rec.get("dport") == Some(&json!(port))
 }
@@ -49,12 +68,17 @@ struct Expected {
     family: Family,
     state: &'static str,
     kind: &'static str,
-    client: IpAddr,
-    server: IpAddr,
-    dport: u16,
-    pid: u32,
-    /// The client's port when known (not for a connect still in SYN_SENT).
+    saddr: IpAddr,
+    /// The local port, when known (not for a client's connect still in
+    /// SYN_SENT, unless the test asked the kernel with `ss`).
     sport: Option<u16>,
+    daddr: IpAddr,
+    dport: u16,
+    /// The owner.
+    pid: u32,
+    /// The owner's cgroup when the test put it in one; else the record may
+    /// say any path or null.
+    cgroup: Option<String>,
 }
 
 impl Expected {
@@ -64,65 +88,187 @@ impl Expected {
             family,
             state: "SYN_SENT",
             kind: "syn",
-            client: net.client.addr(family),
-            server: net.server.addr(family),
+            saddr: net.client.addr(family),
+            sport: None,
+            daddr: net.server.addr(family),
             dport: port,
             pid: client.pid(),
-            sport: None,
+            cgroup: None,
         }
     }
 
-    /// An established IPv4 client retransmitting data.
+    /// An established IPv4 client retransmitting data from port `sport`.
     fn data(net: &NetnsPair, port: u16, client: &Peer, sport: u16) -> Expected {
         Expected {
             family: Family::V4,
             state: "ESTABLISHED",
             kind: "data",
-            client: net.client.v4.into(),
-            server: net.server.v4.into(),
+            saddr: net.client.v4.into(),
+            sport: Some(sport),
+            daddr: net.server.v4.into(),
             dport: port,
             pid: client.pid(),
-            sport: Some(sport),
+            cgroup: None,
         }
+    }
+
+    /// An IPv4 server retransmitting data on a connection it accepted on
+    /// `port` from the client's `client_port`.
+    fn server_data(net: &NetnsPair, port: u16, server: &Peer, client_port: u16) -> Expected {
+        Expected {
+            family: Family::V4,
+            state: "ESTABLISHED",
+            kind: "data",
+            saddr: net.server.v4.into(),
+            sport: Some(port),
+            daddr: net.client.v4.into(),
+            dport: client_port,
+            pid: server.pid(),
+            cgroup: None,
+        }
+    }
+
+    /// An IPv4 listener on `port` retransmitting its SYN-ACK to the client's
+    /// `client_port`.
+    fn synack(net: &NetnsPair, port: u16, server: &Peer, client_port: u16) -> Expected {
+        Expected {
+            state: "SYN_RECV",
+            kind: "synack",
+            ..Expected::server_data(net, port, server, client_port)
+        }
+    }
+
+    fn with_sport(self, sport: u16) -> Expected {
+        Expected {
+            sport: Some(sport),
+            ..self
+        }
+    }
+
+    fn in_cgroup(self, cgroup: &TestCgroup) -> Expected {
+        Expected {
+            cgroup: Some(cgroup.rel().to_owned()),
+            ..self
+        }
+    }
+
+    /// The fields every record of the connection has, `conn_retrans` aside.
+    fn fields(&self) -> serde_json::Map<String, Value> {
+        let mut want = json!({
+            "type": "retrans",
+            "family": self.family.as_str(),
+            "saddr": self.saddr.to_string(),
+            "daddr": self.daddr.to_string(),
+            "dport": self.dport,
+            "state": self.state,
+            "kind": self.kind,
+            "pid": self.pid,
+            "comm": PEER_COMM,
+        });
+        let want = want.as_object_mut().expect("object");
+        if let Some(sport) = self.sport {
+            want.insert("sport".into(), json!(sport));
+        }
+        if let Some(cgroup) = &self.cgroup {
+            want.insert("cgroup".into(), json!(cgroup));
+        }
+        want.clone()
+    }
+
+    /// Whether `rec` is a retransmit of this connection, exactly as
+    /// expected apart from `conn_retrans`.
+    fn matches(&self, rec: &Value) -> bool {
+        self.fields()
+            .iter()
+            .all(|(key, value)| rec.get(key) == Some(value))
+    }
+
+    /// Whether `rec` is a retransmit on this connection's addresses and
+    /// ports, whatever its other fields say (they are what `check` checks).
+    fn selects(&self, rec: &Value) -> bool {
+        record::is_type(rec, "retrans")
+            && rec.get("saddr") == Some(&json!(self.saddr.to_string()))
+            && rec.get("daddr") == Some(&json!(self.daddr.to_string()))
+            && rec.get("dport") == Some(&json!(self.dport))
+            && self
+                .sport
+                .is_none_or(|sport| rec.get("sport") == Some(&json!(sport)))
+    }
+
+    /// Checks the consecutive retransmit records of the connection: all
+    /// fields as expected, one source port throughout, and `conn_retrans`
+    /// counting 1, 2, … (one retransmit per record, none before the first).
+    fn check(&self, recs: &[Value]) {
+        let want = self.fields();
+        let sport = port_field(&recs[0], "sport");
+        for (i, rec) in recs.iter().enumerate() {
+            assert_envelope(rec);
+            for (key, value) in &want {
+                assert_eq!(rec.get(key), Some(value), "{key:?} of record {i}: {rec}");
+            }
+            assert_eq!(
+                port_field(rec, "sport"),
+                sport,
+                "sport of record {i}: {rec}"
+            );
+            let cgroup = rec.get("cgroup");
+            assert!(
+                cgroup.is_some_and(|c| c.is_string() || c.is_null()),
+                "cgroup of record {i}: {rec}"
+            );
+            assert_eq!(
+                u64_field(rec, "conn_retrans"),
+                i as u64 + 1,
+                "conn_retrans of record {i}: {rec}"
+            );
+        }
+    }
+
+    /// Waits for the connection's first `PER_CONN` retransmits in `agent`'s
+    /// output and checks them.
+    fn wait(&self, agent: &Agent) -> Vec<Value> {
+        let what = format!(
+            "{PER_CONN} {} retransmits {}:{} -> {}:{} (pid {})",
+            self.kind,
+            self.saddr,
+            self.sport.map_or("?".to_owned(), |p| p.to_string()),
+            self.daddr,
+            self.dport,
+            self.pid
+        );
+        let recs = agent.wait_for_n(&what, PER_CONN, WAIT, |r| self.selects(r));
+        self.check(&recs);
+        recs
     }
 }
 
-/// Checks the consecutive retransmit records of one connection: all fields
-/// as expected, one source port throughout, and `conn_retrans` counting
-/// 1, 2, … (one retransmit per record, none before the first).
-fn assert_conn_records(recs: &[Value], exp: &Expected) {
-    let want = json!({
-        "type": "retrans",
-        "family": exp.family.as_str(),
-        "saddr": exp.client.to_string(),
-        "daddr": exp.server.to_string(),
-        "dport": exp.dport,
-        "state": exp.state,
-        "kind": exp.kind,
-        "pid": exp.pid,
-        "comm": PEER_COMM,
-    });
-    let sport = exp.sport.unwrap_or_else(|| port_field(&recs[0], "sport"));
-    for (i, rec) in recs.iter().enumerate() {
-        assert_envelope(rec);
-        for (key, value) in want.as_object().expect("object") {
-            assert_eq!(rec.get(key), Some(value), "{key:?} of record {i}: {rec}");
+/// Stops the agent and checks that each of its `retrans` records is one of
+/// `conns`.
+fn stop_keeping_only(agent: &mut Agent, conns: &[&Expected]) {
+    let recs = agent.stop_ok();
+    let strays: Vec<&Value> = recs
+        .iter()
+        .filter(|r| record::is_type(r, "retrans") && !conns.iter().any(|c| c.matches(r)))
+        .collect();
+    if !strays.is_empty() {
+        agent.fail(&format!(
+            "records of other connections or owners than expected: {strays:?}"
+        ));
+    }
+}
+
+/// Filters that split one set of connections: each agent, started with a
+/// different filter, must report its own connections and nothing else.
+/// They all run at once, so the records one reports prove that the
+/// retransmits the others must leave out did happen while they ran.
+fn assert_each_reports_only(views: &mut [(&mut Agent, Vec<&Expected>)]) {
+    for (agent, conns) in views.iter() {
+        for conn in conns {
+            conn.wait(agent);
         }
-        assert_eq!(
-            port_field(rec, "sport"),
-            sport,
-            "sport of record {i}: {rec}"
-        );
-        let cgroup = rec.get("cgroup");
-        assert!(
-            cgroup.is_some_and(|c| c.is_string() || c.is_null()),
-            "cgroup of record {i}: {rec}"
-        );
-        assert_eq!(
-            u64_field(rec, "conn_retrans"),
-            i as u64 + 1,
-            "conn_retrans of record {i}: {rec}"
-        );
+    }
+    for (agent, conns) in views.iter_mut() {
+        stop_keeping_only(agent, conns);
     }
 }
 
@@ -132,11 +278,9 @@ fn syn_sent(family: Family, extra: &[&str]) -> Value {
     let net = NetnsPair::new();
     let port = unique_port();
     net.drop_server_port(port);
-    let (mut agent, start) = start_agent(&retrans_args(port, extra));
+    let (mut agent, start) = start_agent(&retrans_args(&[port], extra));
     let client = Peer::connect(PEER, &net.client, net.server.addr(family), port, None);
-    // SYN retransmits come ~1 s and ~3 s after the connect.
-    let recs = agent.wait_for_n("2 SYN retransmits", 2, WAIT, retrans_to(port));
-    assert_conn_records(&recs, &Expected::syn(&net, family, port, &client));
+    Expected::syn(&net, family, port, &client).wait(&agent);
     agent.stop_ok();
     start
 }
@@ -171,15 +315,14 @@ fn established(agent_before_connect: bool) {
     let net = NetnsPair::new();
     let port = unique_port();
     let _listener = Peer::listen(PEER, &net.server, net.server.v4, port);
-    let args = retrans_args(port, &[]);
+    let args = retrans_args(&[port], &[]);
     let early = agent_before_connect.then(|| start_agent(&args).0);
     let client = Peer::connect(PEER, &net.client, net.server.v4, port, Some(SEND_EVERY_MS));
     let local = client.wait_connected();
     let mut agent = early.unwrap_or_else(|| start_agent(&args).0);
     net.drop_server_port(port);
     // RTO-driven: ~0.2 s, then doubling.
-    let recs = agent.wait_for_n("2 data retransmits", 2, WAIT, retrans_to(port));
-    assert_conn_records(&recs, &Expected::data(&net, port, &client, local.port()));
+    Expected::data(&net, port, &client, local.port()).wait(&agent);
     agent.stop_ok();
 }
 
@@ -198,39 +341,293 @@ fn pid_filter_keeps_only_that_process() {
     let net = NetnsPair::new();
     let port = unique_port();
     let _listener = Peer::listen(PEER, &net.server, net.server.v4, port);
-    // The pids must be known before the agent starts, so the clients connect
+    // The pids must be known before the agents start, so the clients connect
     // first; established connections then retransmit quickly (RTO ~0.2 s,
     // doubling) once the port is dropped.
-    let clients: Vec<Peer> = (0..2)
-        .map(|_| Peer::connect(PEER, &net.client, net.server.v4, port, Some(SEND_EVERY_MS)))
+    let clients: Vec<(Peer, u16)> = (0..2)
+        .map(|_| {
+            let client = Peer::connect(PEER, &net.client, net.server.v4, port, Some(SEND_EVERY_MS));
+            let sport = client.wait_connected().port();
+            (client, sport)
+        })
         .collect();
-    for client in &clients {
-        client.wait_connected();
-    }
-    let (kept, filtered) = (clients[0].pid(), clients[1].pid());
-    let mut args = vec!["--pid".to_owned(), kept.to_string()];
-    args.extend(retrans_args(port, &[]));
-    let (mut agent, _) = start_agent(&args);
-    net.drop_server_port(port);
-    agent.wait_for_n("2 retransmits of the kept pid", 2, WAIT, |r| {
-        retrans_to(port)(r) && pid_of(r) == Some(kept.into())
-    });
-    // The other client retransmits just as often: give it the same time.
-    thread::sleep(Duration::from_millis(1500));
-    let recs = agent.stop_ok();
-    let strays: Vec<&Value> = recs
+    let conns: Vec<Expected> = clients
         .iter()
-        .filter(|r| record::is_type(r, "retrans") && pid_of(r) != Some(kept.into()))
+        .map(|(client, sport)| Expected::data(&net, port, client, *sport))
         .collect();
-    assert!(
-        strays.is_empty(),
-        "records not of pid {kept} (other client: {filtered}): {strays:?}"
+    // One agent per client, each filtered on its pid.
+    let mut agents: Vec<Agent> = clients
+        .iter()
+        .map(|(client, _)| {
+            let pid = client.pid().to_string();
+            start_agent(&with_globals(&["--pid", &pid], &[port])).0
+        })
+        .collect();
+    net.drop_server_port(port);
+    let mut views: Vec<(&mut Agent, Vec<&Expected>)> = agents
+        .iter_mut()
+        .zip(&conns)
+        .map(|(a, c)| (a, vec![c]))
+        .collect();
+    assert_each_reports_only(&mut views);
+}
+
+/// The comm a renamed listener takes after listen().
+const RENAMED: &str = "renamed-peer";
+
+/// A listener on `port` in `net`'s server namespace that sends every 50 ms
+/// on what it accepts, renaming itself right after listen() if asked to.
+fn sending_listener(net: &NetnsPair, port: u16, rename: Option<&str>) -> Peer {
+    let opts = ListenOptions {
+        send_every_ms: Some(SEND_EVERY_MS),
+        rename_after_listen: rename.map(str::to_owned),
+        ..ListenOptions::default()
+    };
+    Peer::listen_with(PEER, &net.server, net.server.v4, port, &opts)
+}
+
+/// A client connected to `port` of `net`'s server, and its port.
+fn connected_client(net: &NetnsPair, port: u16) -> (Peer, u16) {
+    let client = Peer::connect(PEER, &net.client, net.server.v4, port, None);
+    let client_port = client.wait_connected().port();
+    (client, client_port)
+}
+
+#[test]
+fn accepted_socket_is_owned_by_its_listener() {
+    let net = NetnsPair::new();
+    let port = unique_port();
+    // Started before the listen(), so the kernel programs record the
+    // listener's owner there and hand it to the sockets it accepts.
+    let (mut agent, _) = start_agent(&retrans_args(&[port], &[]));
+    let server = sending_listener(&net, port, Some(RENAMED));
+    let (_client, client_port) = connected_client(&net, port);
+    // /proc now names the server differently from when it listened: an
+    // owner looked up there, not carried over from the listener by the
+    // kernel programs, would say RENAMED instead of PEER_COMM.
+    assert_eq!(server.comm(), RENAMED, "the listener did not rename itself");
+    net.drop_from_server_port(port);
+    // RTO-driven: ~0.2 s, then doubling.
+    let conn = Expected::server_data(&net, port, &server, client_port);
+    conn.wait(&agent);
+    // The client receives nothing, so it has nothing to retransmit.
+    stop_keeping_only(&mut agent, &[&conn]);
+}
+
+#[test]
+fn listeners_on_one_port_in_two_namespaces_keep_their_owners() {
+    let port = unique_port();
+    let nets = [NetnsPair::new(), NetnsPair::new()];
+    // Before the listeners: both are recorded by the kernel programs, under
+    // the same port and family; only the network namespace tells them apart.
+    let (mut agent, _) = start_agent(&retrans_args(&[port], &[]));
+    // Both listen before either accepts: were they told apart by port and
+    // family alone, the second listener would own both connections. Renamed,
+    // so that owners from /proc instead of the listeners would show too.
+    let servers: Vec<Peer> = nets
+        .iter()
+        .map(|net| sending_listener(net, port, Some(RENAMED)))
+        .collect();
+    let clients: Vec<(Peer, u16)> = nets.iter().map(|net| connected_client(net, port)).collect();
+    for net in &nets {
+        net.drop_from_server_port(port);
+    }
+    // Each pair has its own addresses: a record's saddr tells which server
+    // sent it, and its pid must be that server's.
+    let expected: Vec<Expected> = nets
+        .iter()
+        .zip(servers.iter().zip(&clients))
+        .map(|(net, (server, (_, client_port)))| {
+            Expected::server_data(net, port, server, *client_port)
+        })
+        .collect();
+    assert_each_reports_only(&mut [(&mut agent, expected.iter().collect())]);
+}
+
+#[test]
+fn synack_retransmits_are_the_listeners() {
+    let net = NetnsPair::new();
+    let port = unique_port();
+    net.drop_synacks_from_server_port(port);
+    // Before the listen(): the listener's owner is recorded there.
+    let (mut agent, _) = start_needing(
+        &retrans_args(&[port], &[]),
+        &["tcp/tcp_retransmit_skb", "tcp/tcp_retransmit_synack"],
     );
+    let server = Peer::listen(PEER, &net.server, net.server.v4, port);
+    let client = Peer::connect(PEER, &net.client, net.server.v4, port, None);
+    // The client's port as the kernel shows it: the SYN-ACKs go to it.
+    let client_port = net
+        .client
+        .wait_syn_sent_port(SocketAddr::new(net.server.v4.into(), port));
+    // The server resends its SYN-ACK when its timer fires (~1 s, doubling)
+    // and whenever the client's retransmitted SYN (~1 s apart) arrives; all
+    // count on the one request socket.
+    let synack = Expected::synack(&net, port, &server, client_port);
+    let syn = Expected::syn(&net, Family::V4, port, &client).with_sport(client_port);
+    assert_each_reports_only(&mut [(&mut agent, vec![&synack, &syn])]);
+}
+
+#[test]
+fn text_output_has_a_header_and_a_row_per_retransmit() {
+    let net = NetnsPair::new();
+    let port = unique_port();
+    net.drop_server_port(port);
+    let args = with_globals(&["-o", "text"], &[port]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = Agent::spawn(&args);
+    let first = agent.wait_start_text();
+    assert!(
+        first.contains("tcp/tcp_retransmit_skb"),
+        "first line does not list tcp/tcp_retransmit_skb: {first}"
+    );
+    let client = Peer::connect(PEER, &net.client, net.server.v4, port, None);
+    let server = SocketAddr::new(net.server.v4.into(), port);
+    let local = SocketAddr::new(net.client.v4.into(), net.client.wait_syn_sent_port(server));
+    let is_row = |l: &str| !l.starts_with('#') && !l.starts_with("TIME");
+    let rows = agent.wait_for_lines("2 text rows", PER_CONN, WAIT, is_row);
+    let lines = agent.lines();
+    // Comment lines (`#`) may follow the first (degraded features); the
+    // header comes before the first row.
+    let header = lines
+        .iter()
+        .find(|l| !l.starts_with('#'))
+        .expect("rows were found");
+    let columns: Vec<&str> = header.split_whitespace().collect();
+    assert_eq!(columns.first(), Some(&"TIME"), "header: {header}");
+    let cell_at = |name: &str| {
+        columns
+            .iter()
+            .position(|c| *c == name)
+            .unwrap_or_else(|| panic!("no {name} column in header {header:?}"))
+    };
+    for (i, row) in rows.iter().enumerate() {
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(
+            cells.len(),
+            columns.len(),
+            "row {i} {row:?} does not fit header {header:?}"
+        );
+        let cell = |name: &str| cells[cell_at(name)];
+        assert!(is_rfc3339_utc_nanos(cell("TIME")), "TIME of row {i}: {row}");
+        assert_eq!(
+            cell("PID"),
+            client.pid().to_string(),
+            "PID of row {i}: {row}"
+        );
+        assert_eq!(cell("COMM"), PEER_COMM, "COMM of row {i}: {row}");
+        assert_eq!(cell("STATE"), "SYN_SENT", "STATE of row {i}: {row}");
+        for endpoint in [local, server] {
+            assert!(
+                cells.contains(&endpoint.to_string().as_str()),
+                "{endpoint} not in row {i}: {row}"
+            );
+        }
+    }
+    let lines = agent.stop_text_ok();
+    let headers = lines.iter().filter(|l| l.starts_with("TIME")).count();
+    assert_eq!(headers, 1, "header not printed exactly once: {lines:#?}");
+    assert!(
+        lines.iter().all(|l| !l.starts_with('{')),
+        "JSON in text output: {lines:#?}"
+    );
+    assert!(
+        lines.last().is_some_and(|l| l.starts_with('#')),
+        "last line is not the final stats comment: {lines:#?}"
+    );
+}
+
+/// SYN_SENT clients from `net`'s client namespace, one to each of `ports`
+/// (all dropped by the server), the one to `ports[i]` joining `cgroups[i]`
+/// first when given. Returns each client with what its records must say.
+fn syn_clients(
+    net: &NetnsPair,
+    family: Family,
+    ports: &[u16],
+    cgroups: &[&TestCgroup],
+) -> Vec<(Peer, Expected)> {
+    ports
+        .iter()
+        .enumerate()
+        .map(|(i, &port)| {
+            net.drop_server_port(port);
+            let cgroup = cgroups.get(i);
+            let opts = ConnectOptions {
+                join_cgroup: cgroup.map(|c| c.dir().to_owned()),
+                ..ConnectOptions::default()
+            };
+            let server = net.server.addr(family);
+            let client = Peer::connect_with(PEER, &net.client, server, port, &opts);
+            let sport = net.client.wait_syn_sent_port(SocketAddr::new(server, port));
+            let mut conn = Expected::syn(net, family, port, &client).with_sport(sport);
+            if let Some(cgroup) = cgroup {
+                // Joined before connect() (which the SYN_SENT socket shows).
+                assert!(
+                    cgroup.procs().contains(&client.pid()),
+                    "client {} is not in {}",
+                    client.pid(),
+                    cgroup.rel()
+                );
+                conn = conn.in_cgroup(cgroup);
+            }
+            (client, conn)
+        })
+        .collect()
+}
+
+#[test]
+fn cgroup_filter_keeps_that_cgroup_and_below() {
+    let net = NetnsPair::new();
+    let ports = [unique_port(), unique_port(), unique_port()];
+    let kept = TestCgroup::new();
+    let below = kept.child("below");
+    // Its path starts with the kept one's as a string, but it is not below.
+    let sibling = kept.sibling_with_suffix("x");
+    // One agent takes the path relative to the cgroup2 mount, the other the
+    // full path; before the clients connect, so the kernel programs record
+    // the cgroups there.
+    let sibling_dir = sibling.dir().display().to_string();
+    let (mut agent_kept, _) = start_agent(&with_globals(&["--cgroup", kept.rel()], &ports));
+    let (mut agent_sibling, _) = start_agent(&with_globals(&["--cgroup", &sibling_dir], &ports));
+    let clients = syn_clients(&net, Family::V4, &ports, &[&kept, &below, &sibling]);
+    let [kept_conn, below_conn, sibling_conn] = [0, 1, 2].map(|i| &clients[i].1);
+    assert_each_reports_only(&mut [
+        (&mut agent_kept, vec![kept_conn, below_conn]),
+        (&mut agent_sibling, vec![sibling_conn]),
+    ]);
+}
+
+#[test]
+fn family_filters_keep_only_their_family() {
+    let net = NetnsPair::new();
+    let port = unique_port();
+    let (mut agent_v4, _) = start_agent(&retrans_args(&[port], &["-4"]));
+    let (mut agent_v6, _) = start_agent(&retrans_args(&[port], &["-6"]));
+    let v4 = syn_clients(&net, Family::V4, &[port], &[]);
+    let v6 = syn_clients(&net, Family::V6, &[port], &[]);
+    assert_each_reports_only(&mut [
+        (&mut agent_v4, vec![&v4[0].1]),
+        (&mut agent_v6, vec![&v6[0].1]),
+    ]);
+}
+
+#[test]
+fn port_filter_takes_several_ports() {
+    let net = NetnsPair::new();
+    let ports = [unique_port(), unique_port(), unique_port()];
+    let (mut agent_two, _) = start_agent(&retrans_args(&ports[..2], &[]));
+    let (mut agent_third, _) = start_agent(&retrans_args(&ports[2..], &[]));
+    let clients = syn_clients(&net, Family::V4, &ports, &[]);
+    let [first, second, third] = [0, 1, 2].map(|i| &clients[i].1);
+    assert_each_reports_only(&mut [
+        (&mut agent_two, vec![first, second]),
+        (&mut agent_third, vec![third]),
+    ]);
 }
 
 /// An agent filtered on an unused port: started, but with nothing to report.
 fn idle_agent(extra: &[&str]) -> Agent {
-    start_agent(&retrans_args(unique_port(), extra)).0
+    start_agent(&retrans_args(&[unique_port()], extra)).0
 }
 
 /// Checks an agent ended normally: exit 0, `agent_stats` as last line, and
@@ -278,7 +675,7 @@ fn closed_stdout_exits_0() {
     let net = NetnsPair::new();
     let port = unique_port();
     net.drop_server_port(port);
-    let (mut agent, _) = start_agent(&retrans_args(port, &[]));
+    let (mut agent, _) = start_agent(&retrans_args(&[port], &[]));
     let _client = Peer::connect(PEER, &net.client, net.server.v4, port, None);
     agent.wait_for("a first SYN retransmit", WAIT, retrans_to(port));
     agent.close_stdout();
@@ -300,20 +697,6 @@ fn sigkill_leaves_no_programs() {
     agent.assert_programs_released();
 }
 
-/// Runs the agent to its exit (it must not start) and returns its exit code
-/// and stderr.
-fn run_to_exit(args: &[&str], configure: impl FnOnce(&mut std::process::Command)) -> (i32, String) {
-    let mut agent = Agent::spawn_with(args, configure);
-    let status = agent.wait_exit(EXIT_TIMEOUT);
-    let Some(code) = status.code() else {
-        agent.fail(&format!("killed by a signal ({status}) instead of exiting"));
-    };
-    if !agent.records().is_empty() {
-        agent.fail("printed records although it must not start");
-    }
-    (code, agent.stderr())
-}
-
 #[test]
 fn usage_errors_exit_2() {
     let cases: &[&[&str]] = &[
@@ -324,7 +707,7 @@ fn usage_errors_exit_2() {
         &["-p", "abc", "retrans"],
     ];
     for args in cases {
-        let (code, stderr) = run_to_exit(args, |_| {});
+        let (code, stderr) = Agent::run_to_exit(args, |_| {});
         assert_eq!(
             code,
             EXIT_USAGE,
@@ -342,7 +725,7 @@ fn usage_errors_exit_2() {
 #[test]
 fn unprivileged_exits_77() {
     const NOBODY: u32 = 65534;
-    let (code, stderr) = run_to_exit(&["retrans"], |cmd| {
+    let (code, stderr) = Agent::run_to_exit(&["retrans"], |cmd| {
         // std drops the supplementary groups too when root sets the uid.
         cmd.uid(NOBODY).gid(NOBODY);
     });

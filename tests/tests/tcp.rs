@@ -12,10 +12,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use kdiag_tests::WAIT;
-use kdiag_tests::agent::{Agent, EXIT_TIMEOUT};
+use kdiag_tests::agent::Agent;
 use kdiag_tests::netns::{Family, Netns, NetnsPair, unique_port};
 use kdiag_tests::nft::HostPortDrop;
-use kdiag_tests::peer::{PEER_COMM, Peer};
+use kdiag_tests::peer::{ConnectOptions, ListenOptions, PEER_COMM, Peer};
 use kdiag_tests::record::{self, assert_envelope, class_totals, pid_of, port_field, u64_field};
 use kdiag_tests::tcpstat::{snmp_segments, socket_retrans};
 use serde_json::{Value, json};
@@ -36,7 +36,22 @@ fn start_tcp(port: u16, extra: &[&str]) -> Agent {
     let port = port.to_string();
     let mut args = vec!["tcp", "--port", &port];
     args.extend_from_slice(extra);
-    Agent::start(&args, "sock/inet_sock_set_state").0
+    Agent::start(&args, &["sock/inet_sock_set_state"]).0
+}
+
+/// `count` connections from `ns` to a `listen` peer, one after the other,
+/// each closed by both sides before the next (see `Peer::wait_done`).
+fn connections<'a>(
+    ns: impl Into<Netns<'a>>,
+    addr: impl Into<IpAddr>,
+    port: u16,
+    count: u32,
+) -> Peer {
+    let opts = ConnectOptions {
+        count: Some(count),
+        ..ConnectOptions::default()
+    };
+    Peer::connect_with(PEER, ns, addr, port, &opts)
 }
 
 fn is_state(rec: &Value, old: &str, new: &str) -> bool {
@@ -152,7 +167,7 @@ fn every_connection_is_counted_exactly() {
     // owner at listen() and hands it to every accepted child.
     let mut agent = start_tcp(port, &[]);
     let server = Peer::listen(PEER, &net.server, net.server.v4, port);
-    let client = Peer::connect_many(PEER, &net.client, net.server.v4, port, CONNS);
+    let client = connections(&net.client, net.server.v4, port, CONNS);
     client.wait_done(WAIT);
     // The client is done once it has seen each server close, but the server
     // side's last change (LAST_ACK -> CLOSE, on the client's final ACK) can
@@ -162,7 +177,7 @@ fn every_connection_is_counted_exactly() {
     agent.wait_for_n("a tcp_conn per connection and side", n, WAIT, |r| {
         record::is_type(r, "tcp_conn")
     });
-    let misses = agent.recursion_misses();
+    let misses = agent.recursion_misses(&["inet_sock_set_state"]);
     let recs = agent.stop_ok();
     assert_all_accounted(&recs);
     let (cpid, spid) = (client.pid(), server.pid());
@@ -289,8 +304,10 @@ fn tcp_conn_retrans_equals_the_retransmits_seen() {
     // A second agent, the `retrans` class, writes one record per retransmit:
     // the reference the per-connection count must equal.
     let port_arg = port.to_string();
-    let (mut retrans, _) =
-        Agent::start(&["retrans", "--port", &port_arg], "tcp/tcp_retransmit_skb");
+    let (mut retrans, _) = Agent::start(
+        &["retrans", "--port", &port_arg],
+        &["tcp/tcp_retransmit_skb"],
+    );
     let listener = Peer::listen(PEER, &net.server, server.ip(), port);
     let client = Peer::connect(PEER, &net.client, server.ip(), port, Some(SEND_EVERY_MS));
     let local = client.wait_connected();
@@ -356,7 +373,11 @@ fn close_wait_is_owned_by_the_server_that_never_closes() {
     let port = unique_port();
     let mut all = start_tcp(port, &[]);
     let mut only_close_wait = start_tcp(port, &["--state", "CLOSE_WAIT"]);
-    let server = Peer::listen_holding(PEER, &net.server, net.server.v4, port);
+    let holding = ListenOptions {
+        hold: true,
+        ..ListenOptions::default()
+    };
+    let server = Peer::listen_with(PEER, &net.server, net.server.v4, port, &holding);
     let client = Peer::connect(PEER, &net.client, net.server.v4, port, None);
     let local = client.wait_connected();
     let listener = SocketAddr::new(net.server.v4.into(), port);
@@ -486,7 +507,7 @@ fn tcp_summary_ratio_matches_proc_net_snmp() {
     let before = snmp_segments();
     let mut agent = start_tcp(port, &["--interval", "1"]);
     let listener = Peer::listen(PEER, Netns::Root, lo, port);
-    Peer::connect_many(PEER, Netns::Root, lo, port, SNMP_CONNS).wait_done(WAIT);
+    connections(Netns::Root, lo, port, SNMP_CONNS).wait_done(WAIT);
     let client = Peer::connect(PEER, Netns::Root, lo, port, Some(SEND_EVERY_MS));
     let local = client.wait_connected();
     let mut blackhole = HostPortDrop::new(port);
@@ -602,29 +623,17 @@ fn text_output_has_tcpstates_columns() {
     let port = unique_port();
     let port_arg = port.to_string();
     let mut agent = Agent::spawn(&["-o", "text", "tcp", "--port", &port_arg]);
-    agent.wait_for_line("the start line", WAIT, |l| {
-        l.starts_with("# ") && l.contains("attached") && l.contains("sock/inet_sock_set_state")
-    });
+    let first = agent.wait_start_text();
+    assert!(
+        first.contains("sock/inet_sock_set_state"),
+        "not attached: {first}"
+    );
     let _server = Peer::listen(PEER, &net.server, net.server.v4, port);
-    let client = Peer::connect_many(PEER, &net.client, net.server.v4, port, 1);
+    let client = connections(&net.client, net.server.v4, port, 1);
     client.wait_done(WAIT);
     // Both sides closed: the client's and the server's `-> CLOSE`.
-    let closes = |lines: &[String]| lines.iter().filter(|l| l.contains(" -> CLOSE ")).count();
-    let deadline = Instant::now() + WAIT;
-    while closes(&agent.lines()) < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "no two -> CLOSE rows: {:?}",
-            agent.lines()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-    agent.signal(libc::SIGINT);
-    let status = agent.wait_exit(EXIT_TIMEOUT);
-    if status.code() != Some(0) {
-        agent.fail(&format!("exit status {status} after SIGINT"));
-    }
-    let lines = agent.lines();
+    agent.wait_for_lines("two -> CLOSE rows", 2, WAIT, |l| l.contains(" -> CLOSE "));
+    let lines = agent.stop_text_ok();
 
     let is_header = |l: &&String| l.split_whitespace().eq(TEXT_COLUMNS);
     let headers: Vec<&String> = lines.iter().filter(is_header).collect();

@@ -31,12 +31,16 @@ pub fn release_agent(tools: &Tools) -> Result<PathBuf> {
     Ok(agent)
 }
 
-/// `<target dir>/release/kdiag-agent`, honouring CARGO_TARGET_DIR (relative
-/// to the workspace root, where cargo runs) like cargo does.
+/// `<target dir>/release/kdiag-agent`.
 pub fn agent_path() -> PathBuf {
+    target_dir().join("release").join("kdiag-agent")
+}
+
+/// Cargo's target directory, honouring CARGO_TARGET_DIR (relative to the
+/// workspace root, where cargo runs) like cargo does.
+pub fn target_dir() -> PathBuf {
     let root = workspace_root();
-    let target = env::var_os("CARGO_TARGET_DIR")
+    env::var_os("CARGO_TARGET_DIR")
         .map(|dir| root.join(dir))
-        .unwrap_or_else(|| root.join("target"));
-    target.join("release").join("kdiag-agent")
+        .unwrap_or_else(|| root.join("target"))
 }

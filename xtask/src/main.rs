@@ -4,13 +4,15 @@
 //! runs on developer machines and in CI (`.ci/run` only calls
 //! `cargo xtask test`).
 
+mod bench;
 mod build;
 mod run;
 mod setup;
 mod test;
 mod util;
+mod vm_test;
 
-use std::ffi::OsString;
+use std::{ffi::OsString, path::PathBuf, time::Duration};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -47,6 +49,41 @@ enum Command {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
+    /// Benchmark kdiag against libbpf-tools and bpftrace under loads it
+    /// generates itself (loopback bulk transfer, connection churn,
+    /// retransmits through a random-drop rule in a network namespace):
+    /// kernel time per event, overhead, userspace CPU per record, start-up
+    /// and memory. Installs libbpf-tools, bpftrace and iperf3 if missing,
+    /// prints one table and writes it to docs/BENCHMARKS.md. Needs root.
+    Bench {
+        /// Fewer and shorter runs, under three minutes, for routine use.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Run the integration tests inside Debian's 6.1 and 6.12 kernels, each
+    /// booted under QEMU (TCG) from its Debian package (downloaded with
+    /// apt-get, never installed). Needs root. Installs qemu-system-x86 and
+    /// busybox-static when missing; caches kernels and initramfs images in
+    /// target/vm-test. Prints the time, results and skips per kernel, and
+    /// after a full passing run rewrites docs/KERNELS.md.
+    VmTest {
+        /// Kernel series: 6.1, 6.12 or all.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+        /// Fail a guest that has not powered off after this many seconds.
+        #[arg(long, default_value_t = 900)]
+        timeout: u64,
+        /// Tests run at once in each test binary of the guest.
+        #[arg(long, default_value_t = 2)]
+        test_threads: u32,
+        /// Test this kdiag-agent binary instead of building one.
+        #[arg(long)]
+        agent: Option<PathBuf>,
+        /// Arguments for every test binary in the guest, after `--` (e.g.
+        /// a test name filter); with any, docs/KERNELS.md is not written.
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -62,5 +99,19 @@ fn main() -> Result<()> {
         }
         Command::Run { args } => run::run(args),
         Command::Test { args } => test::run(args),
+        Command::Bench { quick } => bench::run(quick),
+        Command::VmTest {
+            kernel,
+            timeout,
+            test_threads,
+            agent,
+            args,
+        } => vm_test::run(vm_test::Options {
+            kernel,
+            timeout: Duration::from_secs(timeout),
+            test_threads,
+            agent,
+            test_args: args,
+        }),
     }
 }

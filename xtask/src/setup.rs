@@ -53,7 +53,7 @@ impl Tools {
 pub fn ensure() -> Result<Tools> {
     // Debian packages first: they are the ones that need root, so a non-root
     // user learns that before waiting for a bpf-linker build.
-    ensure_debian_packages()?;
+    ensure_debian_packages(DEBIAN_TOOLS)?;
     ensure_rust_src()?;
     let bpf_linker = ensure_bpf_linker()?;
     let dir = bpf_linker
@@ -64,7 +64,9 @@ pub fn ensure() -> Result<Tools> {
     Ok(Tools { path })
 }
 
-fn ensure_debian_packages() -> Result<()> {
+/// Checks that each `(binary, Debian package)` is installed, installing the
+/// missing packages with apt-get (needs root).
+pub fn ensure_debian_packages(tools: &[(&'static str, &'static str)]) -> Result<()> {
     let sbin: Vec<&Path> = SBIN_DIRS.iter().map(Path::new).collect();
     // Prints an "ok" line for each binary found, returns the missing ones.
     let check = |tools: &[(&'static str, &'static str)]| -> Vec<(&'static str, &'static str)> {
@@ -80,7 +82,7 @@ fn ensure_debian_packages() -> Result<()> {
             })
             .collect()
     };
-    let missing = check(DEBIAN_TOOLS);
+    let missing = check(tools);
     if missing.is_empty() {
         return Ok(());
     }

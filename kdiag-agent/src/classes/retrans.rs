@@ -43,7 +43,7 @@ const TRACEPOINTS: &[Tracepoint] = &[
 
 /// Which owners to report; the kernel filters ports and family, but owners
 /// of sockets older than the agent are only known here.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct OwnerFilter {
     pub pids: Vec<u32>,
     /// A cgroup v2 path relative to the cgroup2 mount, without trailing `/`.
@@ -130,8 +130,7 @@ impl Class for RetransClass {
     }
 
     fn globals(&self, formats: &Formats, degraded: &mut Vec<Degraded>) -> Vec<Global> {
-        // The state program only keeps owners for this class.
-        vec![tcp_global(formats, &self.tcp, false, degraded)]
+        vec![tcp_global(formats, &self.tcp, degraded)]
     }
 
     fn handles(&self, kind: EventKind) -> bool {

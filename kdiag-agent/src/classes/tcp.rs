@@ -181,8 +181,7 @@ impl Class for TcpClass {
     }
 
     fn globals(&self, formats: &Formats, degraded: &mut Vec<Degraded>) -> Vec<Global> {
-        // State changes are streamed: this class writes them.
-        vec![tcp_global(formats, &self.tcp, true, degraded)]
+        vec![tcp_global(formats, &self.tcp, degraded)]
     }
 
     fn handles(&self, kind: EventKind) -> bool {

@@ -12,16 +12,19 @@ use crate::{
     tracefs::{Format, Formats},
 };
 
-/// The kernel-side TCP filters: `--port` and `-4`/`-6`.
+/// The kernel-side TCP settings: `--port`, `-4`/`-6`, and whether state
+/// changes are sent (only when the `tcp` class runs; `retrans` alone needs
+/// the state program only to learn owners).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TcpFilter {
     pub ports: Vec<u16>,
     /// 0 = both, else AF_INET or AF_INET6.
     pub family: u16,
+    pub stream_states: bool,
 }
 
 impl TcpFilter {
-    pub fn new(ports: &[u16], ipv4: bool, ipv6: bool) -> Result<Self, String> {
+    pub fn new(ports: &[u16], ipv4: bool, ipv6: bool, stream_states: bool) -> Result<Self, String> {
         if ports.len() > MAX_PORTS {
             return Err(format!(
                 "--port: at most {MAX_PORTS} ports, got {}",
@@ -36,18 +39,13 @@ impl TcpFilter {
         Ok(Self {
             ports: ports.to_vec(),
             family,
+            stream_states,
         })
     }
 }
 
-/// `TCP_CONFIG` for these formats and filters; `stream_states` makes the
-/// state program send every state change.
-pub fn tcp_global(
-    formats: &Formats,
-    filter: &TcpFilter,
-    stream_states: bool,
-    degraded: &mut Vec<Degraded>,
-) -> Global {
+/// `TCP_CONFIG` for these formats and settings.
+pub fn tcp_global(formats: &Formats, filter: &TcpFilter, degraded: &mut Vec<Degraded>) -> Global {
     let mut tcp = TcpConfig::DEFAULT;
     tcp.retransmit_skb = tcp_offsets(formats.get("retransmit_skb"));
     tcp.retransmit_synack = tcp_offsets(formats.get("retransmit_synack"));
@@ -67,7 +65,7 @@ pub fn tcp_global(
     let n = filter.ports.len().min(MAX_PORTS);
     tcp.nports = n as u16;
     tcp.ports[..n].copy_from_slice(&filter.ports[..n]);
-    tcp.stream_states = u32::from(stream_states);
+    tcp.stream_states = u32::from(filter.stream_states);
     Global::new("TCP_CONFIG", &tcp)
 }
 
@@ -126,8 +124,8 @@ mod tests {
 
     #[test]
     fn filter_limits() {
-        assert!(TcpFilter::new(&[1; 9], false, false).is_err());
-        let f = TcpFilter::new(&[80, 443], false, true).unwrap();
+        assert!(TcpFilter::new(&[1; 9], false, false, false).is_err());
+        let f = TcpFilter::new(&[80, 443], false, true, true).unwrap();
         assert_eq!((f.family, f.ports.len()), (AF_INET6, 2));
     }
 }

@@ -1,12 +1,15 @@
-//! kdiag-peer: the TCP endpoint the integration tests run inside network
+//! TCP endpoint for the integration tests: one process per endpoint, run in
 //! namespaces. A separate program (not a thread of the test) so that its pid
 //! and comm are its own, as the agent must report them.
 //!
-//!   kdiag-peer listen ADDR PORT [--hold]
+//!   kdiag-peer listen ADDR PORT [--send-every-ms N] [--rename-after-listen NAME] [--hold]
 //!       accept connections; prints "ready" once listening. Each accepted
 //!       connection is read until EOF (what it sends is discarded) and then
-//!       closed, or, with --hold, never read nor closed (the process keeps
-//!       it until it exits, like a server that leaks sockets)
+//!       closed. --send-every-ms: also write 100 bytes every N ms on each
+//!       accepted connection. --rename-after-listen: set its own comm to
+//!       NAME right after listen(), before printing "ready". --hold: never
+//!       read nor close what it accepts (the process keeps it until it
+//!       exits, like a server that leaks sockets)
 //!   kdiag-peer connect ADDR PORT [--send-every-ms N]
 //!       blocking connect; prints "connected LOCAL_ADDR" once established,
 //!       then optionally writes 100 bytes every N ms until an error
@@ -20,24 +23,47 @@ use std::process::ExitCode;
 use std::thread;
 use std::time::Duration;
 
-const USAGE: &str = "usage: kdiag-peer listen ADDR PORT [--hold] | \
+const USAGE: &str = "usage: kdiag-peer listen ADDR PORT [--send-every-ms N] \
+                     [--rename-after-listen NAME] [--hold] | \
                      kdiag-peer connect ADDR PORT [--send-every-ms N | --count N]";
+
+/// Options after ADDR PORT; which ones a mode accepts is checked in `main`.
+#[derive(Default)]
+struct Options {
+    send_every: Option<Duration>,
+    rename_to: Option<String>,
+    hold: bool,
+    count: Option<u64>,
+}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match args.as_slice() {
-        ["listen", addr, port] => parse_addr(addr, port).and_then(|a| listen(a, false)),
-        ["listen", addr, port, "--hold"] => parse_addr(addr, port).and_then(|a| listen(a, true)),
-        ["connect", addr, port] => parse_addr(addr, port).and_then(|a| connect(a, None)),
-        ["connect", addr, port, "--send-every-ms", ms] => {
-            let ms = parse_number(ms);
-            parse_addr(addr, port).and_then(|a| connect(a, Some(Duration::from_millis(ms?))))
-        }
-        ["connect", addr, port, "--count", n] => {
-            let n = parse_number(n);
-            parse_addr(addr, port).and_then(|a| connect_many(a, n?))
-        }
+        [mode @ ("listen" | "connect"), addr, port, rest @ ..] => parse_addr(addr, port)
+            .and_then(|a| Ok((a, parse_options(rest)?)))
+            .and_then(|(a, opts)| match (*mode, &opts) {
+                ("listen", Options { count: None, .. }) => listen(a, &opts),
+                (
+                    "connect",
+                    Options {
+                        rename_to: None,
+                        hold: false,
+                        count: None,
+                        ..
+                    },
+                ) => connect(a, &opts),
+                (
+                    "connect",
+                    Options {
+                        send_every: None,
+                        rename_to: None,
+                        hold: false,
+                        count: Some(count),
+                    },
+                ) => connect_many(a, *count),
+                _ => Err(USAGE.to_owned()),
+            }),
         _ => Err(USAGE.to_owned()),
     };
     match result {
@@ -59,6 +85,32 @@ fn parse_addr(addr: &str, port: &str) -> Result<SocketAddr, String> {
     Ok(SocketAddr::new(ip, port))
 }
 
+fn parse_options(mut rest: &[&str]) -> Result<Options, String> {
+    let mut opts = Options::default();
+    loop {
+        rest = match rest {
+            [] => return Ok(opts),
+            ["--hold", tail @ ..] => {
+                opts.hold = true;
+                tail
+            }
+            ["--send-every-ms", ms, tail @ ..] => {
+                opts.send_every = Some(Duration::from_millis(parse_number(ms)?));
+                tail
+            }
+            ["--count", n, tail @ ..] => {
+                opts.count = Some(parse_number(n)?);
+                tail
+            }
+            ["--rename-after-listen", name, tail @ ..] => {
+                opts.rename_to = Some((*name).to_owned());
+                tail
+            }
+            _ => return Err(USAGE.to_owned()),
+        };
+    }
+}
+
 fn parse_number(s: &str) -> Result<u64, String> {
     s.parse().map_err(|e| format!("bad number {s:?}: {e}"))
 }
@@ -77,13 +129,23 @@ fn drain(conn: &mut TcpStream) {
     while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
 }
 
-fn listen(addr: SocketAddr, hold: bool) -> Result<(), String> {
+fn listen(addr: SocketAddr, opts: &Options) -> Result<(), String> {
     let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+    if let Some(name) = &opts.rename_to {
+        // The main thread's comm is what /proc/PID/comm shows; the agent
+        // must keep reporting the name the socket was listened on with.
+        std::fs::write("/proc/self/comm", name).map_err(|e| format!("rename to {name}: {e}"))?;
+    }
     say("ready")?;
     let mut held = Vec::new();
     for conn in listener.incoming() {
         let mut conn = conn.map_err(|e| format!("accept: {e}"))?;
-        if hold {
+        if let Some(every) = opts.send_every {
+            let writer = conn.try_clone().map_err(|e| format!("clone socket: {e}"))?;
+            // Ends when a write fails (the connection is gone).
+            thread::spawn(move || drop(send_loop(writer, every)));
+        }
+        if opts.hold {
             held.push(conn);
             continue;
         }
@@ -94,23 +156,28 @@ fn listen(addr: SocketAddr, hold: bool) -> Result<(), String> {
     Ok(())
 }
 
-fn connect(addr: SocketAddr, send_every: Option<Duration>) -> Result<(), String> {
-    let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+fn connect(addr: SocketAddr, opts: &Options) -> Result<(), String> {
+    let stream = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
     let local = stream
         .local_addr()
         .map_err(|e| format!("local address: {e}"))?;
     say(&format!("connected {local}"))?;
-    let Some(every) = send_every else {
+    let Some(every) = opts.send_every else {
         // Hold the connection open until killed.
         loop {
             thread::park();
         }
     };
+    Err(format!("send: {}", send_loop(stream, every)))
+}
+
+/// Writes 100 bytes every `every` until a write fails; returns the error.
+fn send_loop(mut stream: TcpStream, every: Duration) -> std::io::Error {
     let payload = [b'k'; 100];
     loop {
-        stream
-            .write_all(&payload)
-            .map_err(|e| format!("send: {e}"))?;
+        if let Err(e) = stream.write_all(&payload) {
+            return e;
+        }
         thread::sleep(every);
     }
 }

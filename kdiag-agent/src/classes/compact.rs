@@ -1,0 +1,272 @@
+//! `compact`: compaction runs (one per zone) with their latency, status,
+//! mode and, for direct compaction, the allocation's order, attributed to
+//! the thread that ran them: the allocating task, kcompactd, or whoever
+//! wrote /proc/sys/vm/compact_memory.
+
+use aya::Ebpf;
+use kdiag_common::{
+    ClassId, EventKind,
+    memory::{CompactConfig, FIELD_ABSENT, MigrateMode, StallEvent, StallKind},
+};
+
+use super::memory::{MemoryScope, ProcessStalls, StallStatsReader, decode_stall, order};
+use crate::{
+    btf,
+    cgroup::CgroupPaths,
+    class::{Class, ClassError, Global, Tracepoint},
+    output::Output,
+    owner::comm_str,
+    record::{Compact, CompactSummary, Degraded},
+    tracefs::Formats,
+    vmstat::VmstatSampler,
+};
+
+const TRACEPOINTS: &[Tracepoint] = &[
+    Tracepoint {
+        group: "compaction",
+        name: "mm_compaction_begin",
+        program: "compaction_begin",
+        required: true,
+    },
+    Tracepoint {
+        group: "compaction",
+        name: "mm_compaction_end",
+        program: "compaction_end",
+        required: true,
+    },
+    // Only for the order of direct compaction; without it order is null.
+    Tracepoint {
+        group: "compaction",
+        name: "mm_compaction_try_to_compact_pages",
+        program: "try_to_compact_pages",
+        required: false,
+    },
+];
+
+/// enum compact_result's names as mm_compaction_end prints them on 6.x
+/// (include/trace/events/compaction.h), for a format file without them.
+const STATUS_NAMES: &[(i64, &str)] = &[
+    (0, "not_suitable_zone"),
+    (1, "skipped"),
+    (2, "deferred"),
+    (3, "no_suitable_page"),
+    (4, "continue"),
+    (5, "complete"),
+    (6, "partial_skipped"),
+    (7, "contended"),
+    (8, "success"),
+];
+
+pub struct CompactClass {
+    scope: MemoryScope,
+    min_latency_ns: u64,
+    cgroups: CgroupPaths,
+    stats: StallStatsReader,
+    vmstat: Option<VmstatSampler>,
+    /// Status names from the running kernel's format file.
+    status_names: Vec<(i64, String)>,
+    /// Offset of `task_struct.flags`, or why it is unknown.
+    task_flags: Result<u32, String>,
+}
+
+impl CompactClass {
+    pub fn new(scope: MemoryScope, min_latency_us: u64, vmstat: Option<VmstatSampler>) -> Self {
+        Self {
+            cgroups: scope.cgroup_paths(),
+            scope,
+            min_latency_ns: min_latency_us.saturating_mul(1000),
+            stats: StallStatsReader::new(),
+            vmstat,
+            status_names: Vec::new(),
+            task_flags: btf::vmlinux()
+                .and_then(|data| btf::member_offset(&data, "task_struct", "flags"))
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// The name of a compaction status: the kernel's, or the number.
+pub fn status_name(names: &[(i64, String)], status: i32) -> String {
+    let status = i64::from(status);
+    names
+        .iter()
+        .map(|(v, n)| (*v, n.as_str()))
+        .chain(STATUS_NAMES.iter().copied())
+        .find(|(v, _)| *v == status)
+        .map_or_else(|| status.to_string(), |(_, n)| n.to_owned())
+}
+
+pub fn mode_name(mode: u32) -> &'static str {
+    match MigrateMode::from_u32(mode) {
+        Some(MigrateMode::Async) => "async",
+        Some(MigrateMode::SyncLight) => "sync_light",
+        _ => "sync",
+    }
+}
+
+/// The record of one compaction run.
+pub fn compact_record(ev: &StallEvent, cgroup: Option<String>, status: String) -> Compact {
+    Compact {
+        pid: Some(ev.tgid),
+        tid: ev.tid,
+        comm: Some(comm_str(&ev.comm)),
+        cgroup,
+        latency_ns: ev.latency_ns,
+        status,
+        mode: mode_name(ev.mode),
+        order: order(ev.order),
+    }
+}
+
+pub fn compact_summary(
+    p: &ProcessStalls,
+    cgroup: Option<String>,
+    interval_ns: u64,
+) -> CompactSummary {
+    let s = p.latencies.summary();
+    CompactSummary {
+        pid: Some(p.tgid),
+        comm: Some(p.comm.clone()),
+        cgroup,
+        count: s.count,
+        total_ns: s.total_ns,
+        max_ns: s.max_ns,
+        p50_ns: s.p50_ns,
+        p99_ns: s.p99_ns,
+        interval_ns,
+    }
+}
+
+impl Class for CompactClass {
+    fn name(&self) -> &'static str {
+        "compact"
+    }
+
+    fn id(&self) -> ClassId {
+        ClassId::Compact
+    }
+
+    fn tracepoints(&self) -> &'static [Tracepoint] {
+        TRACEPOINTS
+    }
+
+    fn globals(&self, formats: &Formats, degraded: &mut Vec<Degraded>) -> Vec<Global> {
+        let at = |program: &str, field: &str| {
+            formats
+                .get(program)
+                .and_then(|f| f.field(field))
+                .map_or(FIELD_ABSENT, |f| f.offset)
+        };
+        let task_flags = match &self.task_flags {
+            Ok(offset) => *offset,
+            Err(why) => {
+                degraded.push(Degraded {
+                    what: "btf/task_struct.flags".to_owned(),
+                    why: format!(
+                        "direct compaction has no order and synchronous runs all show as \"sync\": {why}"
+                    ),
+                });
+                0
+            }
+        };
+        let cfg = CompactConfig {
+            filter: self
+                .scope
+                .filter(&[StallKind::Compact], self.min_latency_ns, degraded),
+            end_status: at("compaction_end", "status"),
+            end_sync: at("compaction_end", "sync"),
+            try_order: at("try_to_compact_pages", "order"),
+            task_flags,
+            ..CompactConfig::DEFAULT
+        };
+        vec![Global::new("COMPACT_CONFIG", &cfg)]
+    }
+
+    fn on_loaded(&mut self, ebpf: &mut Ebpf) -> Result<(), ClassError> {
+        // The names are read here rather than kept from `globals`, which
+        // only borrows the formats.
+        if let Ok(tracefs) = crate::tracefs::Tracefs::open()
+            && let Ok(format) = tracefs.format("compaction", "mm_compaction_end")
+        {
+            self.status_names = format.symbols("status");
+        }
+        self.stats.take(ebpf, "COMPACT_STATS")
+    }
+
+    fn handles(&self, kind: EventKind) -> bool {
+        kind == EventKind::Compact
+    }
+
+    fn on_event(&mut self, data: &[u8], out: &mut Output) -> Result<u64, ClassError> {
+        let ev = decode_stall(data, EventKind::Compact)?;
+        let cgroup = self.cgroups.path(ev.cgroup_id);
+        let status = status_name(&self.status_names, ev.status);
+        out.write(ev.header.ts_ns, &compact_record(&ev, cgroup, status))?;
+        Ok(1)
+    }
+
+    fn on_interval(
+        &mut self,
+        now_ns: u64,
+        interval_ns: u64,
+        out: &mut Output,
+    ) -> Result<(), ClassError> {
+        for p in self.stats.collect() {
+            let cgroup = self.cgroups.path(p.cgroup_id);
+            out.write(now_ns, &compact_summary(&p, cgroup, interval_ns))?;
+        }
+        if let Some(vmstat) = &mut self.vmstat {
+            out.write(now_ns, &vmstat.sample(interval_ns))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kdiag_common::EventHeader;
+
+    use super::*;
+
+    #[test]
+    fn status_from_format_then_table_then_number() {
+        let names = vec![(8, "success_from_format".to_owned())];
+        assert_eq!(status_name(&names, 8), "success_from_format");
+        assert_eq!(status_name(&names, 5), "complete");
+        assert_eq!(status_name(&[], 0), "not_suitable_zone");
+        assert_eq!(status_name(&[], 42), "42");
+    }
+
+    #[test]
+    fn record_fields() {
+        let mut comm = [0; 16];
+        comm[..2].copy_from_slice(b"sh");
+        let ev = StallEvent {
+            header: EventHeader {
+                kind: EventKind::Compact as u32,
+                cpu: 0,
+                ts_ns: 1,
+            },
+            tgid: 42,
+            tid: 42,
+            kind: StallKind::Compact as u32,
+            order: -1,
+            cgroup_id: 0,
+            latency_ns: 17_000_000,
+            nr_reclaimed: 0,
+            status: 5,
+            mode: MigrateMode::Sync as u32,
+            comm,
+        };
+        let r = compact_record(&ev, None, status_name(&[], ev.status));
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            serde_json::json!({
+                "pid": 42, "tid": 42, "comm": "sh", "cgroup": null, "latency_ns": 17_000_000,
+                "status": "complete", "mode": "sync", "order": null
+            })
+        );
+        assert_eq!(mode_name(0), "async");
+        assert_eq!(mode_name(1), "sync_light");
+    }
+}

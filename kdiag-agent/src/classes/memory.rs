@@ -1,0 +1,484 @@
+//! What the memory-stall classes (`reclaim`, `compact`) share: who to
+//! trace and where their memory cgroup is, decoding stall events, and
+//! turning the kernel's per-thread statistics into per-process summaries.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::Path,
+};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap as BpfHashMap, MapData},
+};
+use kdiag_common::{
+    EventKind,
+    memory::{
+        CgroupSource, MAX_PIDS, MemcgOffsets, MigrateMode, NO_CGROUP_FILTER, StallEvent,
+        StallFilter, StallKey, StallKind, StallStats,
+    },
+};
+
+use crate::{
+    btf::{self, BtfError},
+    cgroup::{CgroupPaths, CgroupTarget, MemoryHierarchy, resolve_in},
+    class::ClassError,
+    hist::Latencies,
+    owner::comm_str,
+    record::Degraded,
+    wire::{DecodeError, decode},
+};
+
+/// Who the memory classes trace, and how the programs find a task's memory
+/// cgroup: on a host with the v1 memory controller (hybrid), the v1 memory
+/// cgroup, since that is the limit being hit; on a cgroup v2 host, the
+/// unified cgroup.
+#[derive(Debug)]
+pub struct MemoryScope {
+    hierarchy: MemoryHierarchy,
+    /// The v1 walk's offsets, or why they are unknown.
+    offsets: Result<MemcgOffsets, String>,
+    pids: Vec<u32>,
+    cgroup: Option<CgroupTarget>,
+}
+
+impl MemoryScope {
+    /// `--pid`s and `--cgroup`; errors are usage errors.
+    pub fn new(pids: &[u32], cgroup: Option<&Path>) -> Result<Self, String> {
+        Self::with_hierarchy(MemoryHierarchy::detect(), pids, cgroup)
+    }
+
+    fn with_hierarchy(
+        hierarchy: MemoryHierarchy,
+        pids: &[u32],
+        cgroup: Option<&Path>,
+    ) -> Result<Self, String> {
+        if pids.len() > MAX_PIDS {
+            return Err(format!(
+                "--pid: at most {MAX_PIDS} processes for memory stalls, got {}",
+                pids.len()
+            ));
+        }
+        let offsets = match hierarchy {
+            MemoryHierarchy::V1(_) => btf::vmlinux()
+                .and_then(|data| memcg_offsets(&data))
+                .map_err(|e| e.to_string()),
+            _ => Ok(MemcgOffsets::default()),
+        };
+        let cgroup = match cgroup {
+            None => None,
+            Some(arg) => {
+                let Some(mount) = hierarchy.mount() else {
+                    return Err("--cgroup: no cgroup hierarchy is mounted".to_owned());
+                };
+                if let Err(why) = &offsets {
+                    return Err(format!(
+                        "--cgroup: cannot find v1 memory cgroups in the kernel: {why}"
+                    ));
+                }
+                Some(resolve_in(mount, arg).map_err(|e| format!("--cgroup: {e}"))?)
+            }
+        };
+        Ok(Self {
+            hierarchy,
+            offsets,
+            pids: pids.to_vec(),
+            cgroup,
+        })
+    }
+
+    /// The filter for the programs of `kinds`, dropping stalls shorter than
+    /// `min_latency_ns` after counting them.
+    pub fn filter(
+        &self,
+        kinds: &[StallKind],
+        min_latency_ns: u64,
+        degraded: &mut Vec<Degraded>,
+    ) -> StallFilter {
+        let mut f = StallFilter::DEFAULT;
+        f.kinds = kinds.iter().fold(0, |bits, k| bits | k.bit());
+        f.min_latency_ns = min_latency_ns;
+        f.npids = self.pids.len() as u32;
+        f.pids[..self.pids.len()].copy_from_slice(&self.pids);
+        f.cgroup_source = match (&self.hierarchy, &self.offsets) {
+            (MemoryHierarchy::V1(_), Ok(offsets)) => {
+                f.memcg = *offsets;
+                CgroupSource::V1Memory
+            }
+            (MemoryHierarchy::V1(_), Err(why)) => {
+                degraded.push(Degraded {
+                    what: "btf/memory cgroup".to_owned(),
+                    why: format!("memory records have no cgroup: {why}"),
+                });
+                CgroupSource::None
+            }
+            (MemoryHierarchy::Unified(_), _) => CgroupSource::Unified,
+            (MemoryHierarchy::None, _) => CgroupSource::None,
+        } as u32;
+        if let Some(target) = &self.cgroup {
+            f.cgroup_id = target.id;
+            f.cgroup_level = target.level;
+        } else {
+            f.cgroup_level = NO_CGROUP_FILTER;
+        }
+        f
+    }
+
+    /// Paths for the cgroup ids the programs report.
+    pub fn cgroup_paths(&self) -> CgroupPaths {
+        CgroupPaths::with_mount(self.hierarchy.mount().map(Path::to_path_buf))
+    }
+}
+
+/// Offsets for `task->cgroups->subsys[memory_cgrp_id]->cgroup->kn->id` and
+/// `cgroup->level`, `cgroup->ancestors[]`, from the kernel's BTF.
+fn memcg_offsets(data: &[u8]) -> Result<MemcgOffsets, BtfError> {
+    let memory_id = btf::enum_value(data, "cgroup_subsys_id", "memory_cgrp_id")?;
+    let subsys = btf::member_offset(data, "css_set", "subsys")?;
+    Ok(MemcgOffsets {
+        task_cgroups: btf::member_offset(data, "task_struct", "cgroups")?,
+        // subsys[] holds pointers.
+        css_set_memory: subsys + 8 * memory_id as u32,
+        css_cgroup: btf::member_offset(data, "cgroup_subsys_state", "cgroup")?,
+        cgroup_kn: btf::member_offset(data, "cgroup", "kn")?,
+        cgroup_level: btf::member_offset(data, "cgroup", "level")?,
+        cgroup_ancestors: btf::member_offset(data, "cgroup", "ancestors")?,
+        kn_id: btf::member_offset(data, "kernfs_node", "id")?,
+        _pad: 0,
+    })
+}
+
+/// Decodes one stall event of `expected` kind, checking its fields.
+pub fn decode_stall(data: &[u8], expected: EventKind) -> Result<StallEvent, DecodeError> {
+    let ev: StallEvent = decode(data, expected)?;
+    if StallKind::from_u32(ev.kind).is_none() {
+        return Err(DecodeError::BadField {
+            field: "kind",
+            value: u64::from(ev.kind),
+        });
+    }
+    if MigrateMode::from_u32(ev.mode).is_none() {
+        return Err(DecodeError::BadField {
+            field: "mode",
+            value: u64::from(ev.mode),
+        });
+    }
+    Ok(ev)
+}
+
+/// An order from the programs, null when they had none.
+pub fn order(raw: i32) -> Option<i32> {
+    (raw >= 0).then_some(raw)
+}
+
+/// One process's stalls of one kind over an interval.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessStalls {
+    pub kind: StallKind,
+    pub tgid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    pub latencies: Latencies,
+    pub nr_reclaimed: u64,
+}
+
+/// What one thread added since the previous reading, or `None` if nothing.
+/// The kernel's counters only grow; a count that went down means the entry
+/// was deleted (its thread exited) and its tid reused, so it starts over.
+///
+/// The maximum is exact when the thread's all-time maximum rose in the
+/// interval (the new maximum is then also the interval's); otherwise it is
+/// the top of the interval's highest histogram bucket, capped at the
+/// all-time maximum, so at most 12.5% above the true value.
+pub fn thread_delta(prev: Option<&StallStats>, cur: &StallStats) -> Option<(Latencies, u64)> {
+    let prev = prev.filter(|p| p.count <= cur.count);
+    let zero = StallStats::ZERO;
+    let prev = prev.unwrap_or(&zero);
+    let count = cur.count - prev.count;
+    if count == 0 {
+        return None;
+    }
+    let mut lat = Latencies {
+        count,
+        total_ns: cur.total_ns.saturating_sub(prev.total_ns),
+        ..Latencies::default()
+    };
+    for ((d, c), p) in lat
+        .hist
+        .iter_mut()
+        .zip(cur.hist.iter())
+        .zip(prev.hist.iter())
+    {
+        *d = u64::from(c.saturating_sub(*p));
+    }
+    lat.max_ns = if cur.max_ns > prev.max_ns {
+        cur.max_ns
+    } else {
+        lat.hist_max().min(cur.max_ns)
+    };
+    Some((lat, cur.nr_reclaimed.saturating_sub(prev.nr_reclaimed)))
+}
+
+/// Threads' deltas summed per (kind, process). Comm and cgroup come from
+/// the main thread when it stalled, else from the lowest tid.
+pub fn per_process<'a>(
+    deltas: impl IntoIterator<Item = (&'a StallKey, &'a StallStats, Latencies, u64)>,
+) -> Vec<ProcessStalls> {
+    let mut out: BTreeMap<(u32, u32), (u32, ProcessStalls)> = BTreeMap::new();
+    for (key, cur, lat, nr) in deltas {
+        let Some(kind) = StallKind::from_u32(key.kind) else {
+            continue;
+        };
+        let entry = out.entry((key.kind, cur.tgid)).or_insert_with(|| {
+            (
+                key.tid,
+                ProcessStalls {
+                    kind,
+                    tgid: cur.tgid,
+                    comm: comm_str(&cur.comm),
+                    cgroup_id: cur.cgroup_id,
+                    latencies: Latencies::default(),
+                    nr_reclaimed: 0,
+                },
+            )
+        });
+        let (owner_tid, p) = entry;
+        let better = key.tid == cur.tgid || (*owner_tid != p.tgid && key.tid < *owner_tid);
+        if better {
+            *owner_tid = key.tid;
+            p.comm = comm_str(&cur.comm);
+            p.cgroup_id = cur.cgroup_id;
+        }
+        p.latencies.merge(&lat);
+        p.nr_reclaimed += nr;
+    }
+    out.into_values().map(|(_, p)| p).collect()
+}
+
+/// Reads a class's per-thread statistics map every interval.
+pub struct StallStatsReader {
+    map: Option<BpfHashMap<MapData, StallKey, StallStats>>,
+    prev: HashMap<StallKey, StallStats>,
+}
+
+impl StallStatsReader {
+    pub fn new() -> Self {
+        Self {
+            map: None,
+            prev: HashMap::new(),
+        }
+    }
+
+    /// Takes the map `name` from the loaded programs.
+    pub fn take(&mut self, ebpf: &mut Ebpf, name: &str) -> Result<(), ClassError> {
+        let map = ebpf
+            .take_map(name)
+            .ok_or_else(|| ClassError::Setup(format!("the kernel programs have no {name} map")))?;
+        self.map =
+            Some(BpfHashMap::try_from(map).map_err(|e| ClassError::Setup(format!("{name}: {e}")))?);
+        Ok(())
+    }
+
+    /// Per-process stalls since the previous call. Entries of threads that
+    /// have exited are deleted once read, so the map holds live threads
+    /// only. (Should the tid be reused between the check and the delete, a
+    /// stall of the new thread in that window is lost; tids are reused only
+    /// after the pid space wraps.)
+    pub fn collect(&mut self) -> Vec<ProcessStalls> {
+        let Some(map) = &mut self.map else {
+            return Vec::new();
+        };
+        let current: Vec<(StallKey, StallStats)> = map.iter().filter_map(Result::ok).collect();
+        let deltas: Vec<_> = current
+            .iter()
+            .filter_map(|(key, cur)| {
+                let (lat, nr) = thread_delta(self.prev.get(key), cur)?;
+                Some((key, cur, lat, nr))
+            })
+            .collect();
+        let summaries = per_process(deltas);
+        self.prev.clear();
+        for (key, cur) in current {
+            if Path::new(&format!("/proc/{}/task/{}", cur.tgid, key.tid)).exists() {
+                self.prev.insert(key, cur);
+            } else {
+                let _ = map.remove(&key);
+            }
+        }
+        summaries
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kdiag_common::{EventHeader, memory::hist_bucket};
+
+    use super::*;
+
+    fn stats(tgid: u32, comm: &str, latencies: &[u64]) -> StallStats {
+        let mut s = StallStats {
+            tgid,
+            ..StallStats::ZERO
+        };
+        s.comm[..comm.len()].copy_from_slice(comm.as_bytes());
+        add(&mut s, latencies);
+        s
+    }
+
+    fn add(s: &mut StallStats, latencies: &[u64]) {
+        for &l in latencies {
+            s.count += 1;
+            s.total_ns += l;
+            s.max_ns = s.max_ns.max(l);
+            s.nr_reclaimed += 32;
+            s.hist[hist_bucket(l)] += 1;
+        }
+    }
+
+    #[test]
+    fn deltas_of_cumulative_counters() {
+        let first = stats(10, "dd", &[100_000, 300_000]);
+        let (lat, nr) = thread_delta(None, &first).unwrap();
+        assert_eq!(
+            (lat.count, lat.total_ns, lat.max_ns, nr),
+            (2, 400_000, 300_000, 64)
+        );
+        // Nothing new: no delta.
+        assert!(thread_delta(Some(&first), &first).is_none());
+        // A new, smaller stall: the maximum comes from its bucket, capped by
+        // the all-time maximum, and within 12.5%.
+        let mut second = first;
+        add(&mut second, &[50_000]);
+        let (lat, nr) = thread_delta(Some(&first), &second).unwrap();
+        assert_eq!((lat.count, lat.total_ns, nr), (1, 50_000, 32));
+        assert!(
+            lat.max_ns >= 50_000 && lat.max_ns <= 56_250,
+            "{}",
+            lat.max_ns
+        );
+        assert_eq!(lat.summary().max_ns, 50_000, "capped at the total");
+        // A new all-time maximum is exact.
+        let mut third = second;
+        add(&mut third, &[900_000, 10_000]);
+        let (lat, _) = thread_delta(Some(&second), &third).unwrap();
+        assert_eq!((lat.count, lat.max_ns), (2, 900_000));
+    }
+
+    #[test]
+    fn reused_tid_starts_over() {
+        let old = stats(10, "dd", &[1_000_000, 1_000_000, 1_000_000]);
+        let new = stats(99, "cat", &[20_000]);
+        let (lat, _) = thread_delta(Some(&old), &new).unwrap();
+        assert_eq!((lat.count, lat.total_ns, lat.max_ns), (1, 20_000, 20_000));
+    }
+
+    #[test]
+    fn threads_merge_into_processes_per_kind() {
+        let key = |tid, kind: StallKind| StallKey {
+            tid,
+            kind: kind as u32,
+        };
+        let (k1, k2, k3, k4) = (
+            key(11, StallKind::Memcg),
+            key(10, StallKind::Memcg),
+            key(10, StallKind::Direct),
+            key(20, StallKind::Memcg),
+        );
+        let worker = stats(10, "worker", &[100_000]);
+        let mut main = stats(10, "dd", &[200_000, 400_000]);
+        main.cgroup_id = 7;
+        let direct = stats(10, "dd", &[1_000_000]);
+        let other = stats(20, "cat", &[5_000]);
+        let rows: Vec<_> = [(&k1, &worker), (&k2, &main), (&k3, &direct), (&k4, &other)]
+            .into_iter()
+            .map(|(k, s)| {
+                let (lat, nr) = thread_delta(None, s).unwrap();
+                (k, s, lat, nr)
+            })
+            .collect();
+        let out = per_process(rows);
+        assert_eq!(out.len(), 3);
+        let (direct, memcg, cat) = (&out[0], &out[1], &out[2]);
+        assert_eq!(
+            (direct.kind, direct.tgid, direct.latencies.count),
+            (StallKind::Direct, 10, 1)
+        );
+        assert_eq!((memcg.kind, memcg.tgid), (StallKind::Memcg, 10));
+        assert_eq!(memcg.comm, "dd", "the main thread names the process");
+        assert_eq!(memcg.cgroup_id, 7);
+        let s = memcg.latencies.summary();
+        assert_eq!((s.count, s.total_ns, s.max_ns), (3, 700_000, 400_000));
+        assert_eq!(memcg.nr_reclaimed, 96);
+        assert!(s.p50_ns <= s.p99_ns && s.p99_ns <= s.max_ns && s.max_ns <= s.total_ns);
+        assert_eq!((cat.tgid, cat.comm.as_str()), (20, "cat"));
+    }
+
+    fn event_bytes(ev: &StallEvent) -> Vec<u8> {
+        // SAFETY: a repr(C) plain-data struct viewed as bytes.
+        unsafe {
+            std::slice::from_raw_parts(
+                (ev as *const StallEvent).cast::<u8>(),
+                size_of::<StallEvent>(),
+            )
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_and_rejects_stall_events() {
+        let ev = StallEvent {
+            header: EventHeader {
+                kind: EventKind::Reclaim as u32,
+                cpu: 0,
+                ts_ns: 1,
+            },
+            tgid: 5,
+            tid: 6,
+            kind: StallKind::Memcg as u32,
+            order: -1,
+            cgroup_id: 9,
+            latency_ns: 1000,
+            nr_reclaimed: 32,
+            status: 0,
+            mode: 0,
+            comm: [0; 16],
+        };
+        assert_eq!(decode_stall(&event_bytes(&ev), EventKind::Reclaim), Ok(ev));
+        assert!(matches!(
+            decode_stall(&event_bytes(&ev), EventKind::Compact),
+            Err(DecodeError::WrongKind { .. })
+        ));
+        let b = event_bytes(&ev);
+        assert!(matches!(
+            decode_stall(&b[..b.len() - 1], EventKind::Reclaim),
+            Err(DecodeError::Short { .. })
+        ));
+        let mut bad = ev;
+        bad.kind = 3;
+        assert!(decode_stall(&event_bytes(&bad), EventKind::Reclaim).is_err());
+        let mut bad = ev;
+        bad.mode = 3;
+        assert!(decode_stall(&event_bytes(&bad), EventKind::Reclaim).is_err());
+        assert_eq!((order(-1), order(0), order(9)), (None, Some(0), Some(9)));
+    }
+
+    #[test]
+    fn scope_limits_and_filter() {
+        let too_many: Vec<u32> = (1..=9).collect();
+        assert!(MemoryScope::with_hierarchy(MemoryHierarchy::None, &too_many, None).is_err());
+        assert!(
+            MemoryScope::with_hierarchy(MemoryHierarchy::None, &[], Some(Path::new("/a"))).is_err()
+        );
+        let scope =
+            MemoryScope::with_hierarchy(MemoryHierarchy::Unified("/".into()), &[4, 5], None)
+                .unwrap();
+        let mut degraded = Vec::new();
+        let f = scope.filter(&[StallKind::Direct, StallKind::Memcg], 7, &mut degraded);
+        assert_eq!(f.kinds, 0b11);
+        assert_eq!((f.npids, f.pids[0], f.pids[1]), (2, 4, 5));
+        assert_eq!(f.min_latency_ns, 7);
+        assert_eq!(f.cgroup_source, CgroupSource::Unified as u32);
+        assert_eq!(f.cgroup_level, NO_CGROUP_FILTER);
+        assert!(degraded.is_empty());
+    }
+}

@@ -1,0 +1,291 @@
+//! `reclaim`: threads stalled in direct reclaim (the zone was under its
+//! watermark) or memcg reclaim (their memory cgroup was at its limit), with
+//! per-process summaries and the host's vmstat and PSI beside them.
+
+use aya::Ebpf;
+use kdiag_common::{
+    ClassId, EventKind,
+    memory::{FIELD_ABSENT, ReclaimConfig, StallEvent, StallKind},
+};
+
+use super::memory::{MemoryScope, ProcessStalls, StallStatsReader, decode_stall, order};
+use crate::{
+    cgroup::CgroupPaths,
+    class::{Class, ClassError, Global, Tracepoint},
+    output::Output,
+    owner::comm_str,
+    record::{Degraded, Reclaim, ReclaimSummary},
+    tracefs::Formats,
+    vmstat::VmstatSampler,
+};
+
+/// Which reclaim `--kind` traces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReclaimKind {
+    /// Global direct reclaim.
+    Direct,
+    /// Reclaim against a memory cgroup's limit.
+    Memcg,
+    /// Both.
+    All,
+}
+
+const fn tp(name: &'static str, program: &'static str) -> Tracepoint {
+    Tracepoint {
+        group: "vmscan",
+        name,
+        program,
+        required: true,
+    }
+}
+
+const DIRECT: [Tracepoint; 2] = [
+    tp("mm_vmscan_direct_reclaim_begin", "direct_reclaim_begin"),
+    tp("mm_vmscan_direct_reclaim_end", "direct_reclaim_end"),
+];
+const MEMCG: [Tracepoint; 2] = [
+    tp("mm_vmscan_memcg_reclaim_begin", "memcg_reclaim_begin"),
+    tp("mm_vmscan_memcg_reclaim_end", "memcg_reclaim_end"),
+];
+const ALL: [Tracepoint; 4] = [DIRECT[0], DIRECT[1], MEMCG[0], MEMCG[1]];
+
+pub struct ReclaimClass {
+    scope: MemoryScope,
+    kind: ReclaimKind,
+    min_latency_ns: u64,
+    cgroups: CgroupPaths,
+    stats: StallStatsReader,
+    /// Set for the one memory class that writes `vmstat` records.
+    vmstat: Option<VmstatSampler>,
+}
+
+impl ReclaimClass {
+    pub fn new(
+        scope: MemoryScope,
+        kind: ReclaimKind,
+        min_latency_us: u64,
+        vmstat: Option<VmstatSampler>,
+    ) -> Self {
+        Self {
+            cgroups: scope.cgroup_paths(),
+            scope,
+            kind,
+            min_latency_ns: min_latency_us.saturating_mul(1000),
+            stats: StallStatsReader::new(),
+            vmstat,
+        }
+    }
+
+    fn kinds(&self) -> &'static [StallKind] {
+        match self.kind {
+            ReclaimKind::Direct => &[StallKind::Direct],
+            ReclaimKind::Memcg => &[StallKind::Memcg],
+            ReclaimKind::All => &[StallKind::Direct, StallKind::Memcg],
+        }
+    }
+}
+
+fn kind_name(kind: StallKind) -> &'static str {
+    match kind {
+        StallKind::Memcg => "memcg",
+        _ => "direct",
+    }
+}
+
+/// The record of one reclaim stall; `cgroup` is its memory cgroup's path.
+pub fn reclaim_record(ev: &StallEvent, cgroup: Option<String>) -> Reclaim {
+    let kind = StallKind::from_u32(ev.kind).unwrap_or(StallKind::Direct);
+    Reclaim {
+        kind: kind_name(kind),
+        pid: Some(ev.tgid),
+        tid: ev.tid,
+        comm: Some(comm_str(&ev.comm)),
+        cgroup,
+        latency_ns: ev.latency_ns,
+        nr_reclaimed: ev.nr_reclaimed,
+        // The allocation order is direct reclaim's; memcg reclaim has none.
+        order: if kind == StallKind::Direct {
+            order(ev.order)
+        } else {
+            None
+        },
+    }
+}
+
+/// The summary of one process's reclaim stalls over `interval_ns`.
+pub fn reclaim_summary(
+    p: &ProcessStalls,
+    cgroup: Option<String>,
+    interval_ns: u64,
+) -> ReclaimSummary {
+    let s = p.latencies.summary();
+    ReclaimSummary {
+        kind: kind_name(p.kind),
+        pid: Some(p.tgid),
+        comm: Some(p.comm.clone()),
+        cgroup,
+        count: s.count,
+        total_ns: s.total_ns,
+        max_ns: s.max_ns,
+        p50_ns: s.p50_ns,
+        p99_ns: s.p99_ns,
+        nr_reclaimed: p.nr_reclaimed,
+        interval_ns,
+    }
+}
+
+impl Class for ReclaimClass {
+    fn name(&self) -> &'static str {
+        "reclaim"
+    }
+
+    fn id(&self) -> ClassId {
+        ClassId::Reclaim
+    }
+
+    fn tracepoints(&self) -> &'static [Tracepoint] {
+        match self.kind {
+            ReclaimKind::Direct => &DIRECT,
+            ReclaimKind::Memcg => &MEMCG,
+            ReclaimKind::All => &ALL,
+        }
+    }
+
+    fn globals(&self, formats: &Formats, degraded: &mut Vec<Degraded>) -> Vec<Global> {
+        let at = |program: &str, field: &str| {
+            formats
+                .get(program)
+                .and_then(|f| f.field(field))
+                .map_or(FIELD_ABSENT, |f| f.offset)
+        };
+        let cfg = ReclaimConfig {
+            filter: self
+                .scope
+                .filter(self.kinds(), self.min_latency_ns, degraded),
+            direct_order: at("direct_reclaim_begin", "order"),
+            direct_nr_reclaimed: at("direct_reclaim_end", "nr_reclaimed"),
+            memcg_nr_reclaimed: at("memcg_reclaim_end", "nr_reclaimed"),
+            ..ReclaimConfig::DEFAULT
+        };
+        vec![Global::new("RECLAIM_CONFIG", &cfg)]
+    }
+
+    fn on_loaded(&mut self, ebpf: &mut Ebpf) -> Result<(), ClassError> {
+        self.stats.take(ebpf, "RECLAIM_STATS")
+    }
+
+    fn handles(&self, kind: EventKind) -> bool {
+        kind == EventKind::Reclaim
+    }
+
+    fn on_event(&mut self, data: &[u8], out: &mut Output) -> Result<u64, ClassError> {
+        let ev = decode_stall(data, EventKind::Reclaim)?;
+        let cgroup = self.cgroups.path(ev.cgroup_id);
+        out.write(ev.header.ts_ns, &reclaim_record(&ev, cgroup))?;
+        Ok(1)
+    }
+
+    fn on_interval(
+        &mut self,
+        now_ns: u64,
+        interval_ns: u64,
+        out: &mut Output,
+    ) -> Result<(), ClassError> {
+        for p in self.stats.collect() {
+            let cgroup = self.cgroups.path(p.cgroup_id);
+            out.write(now_ns, &reclaim_summary(&p, cgroup, interval_ns))?;
+        }
+        if let Some(vmstat) = &mut self.vmstat {
+            out.write(now_ns, &vmstat.sample(interval_ns))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kdiag_common::EventHeader;
+
+    use super::*;
+    use crate::hist::Latencies;
+
+    fn event(kind: StallKind) -> StallEvent {
+        let mut comm = [0; 16];
+        comm[..2].copy_from_slice(b"dd");
+        StallEvent {
+            header: EventHeader {
+                kind: EventKind::Reclaim as u32,
+                cpu: 0,
+                ts_ns: 1,
+            },
+            tgid: 100,
+            tid: 101,
+            kind: kind as u32,
+            order: 3,
+            cgroup_id: 5,
+            latency_ns: 250_000,
+            nr_reclaimed: 32,
+            status: 0,
+            mode: 0,
+            comm,
+        }
+    }
+
+    #[test]
+    fn records_have_the_contract_fields() {
+        let r = reclaim_record(&event(StallKind::Direct), Some("/kdt".into()));
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            serde_json::json!({
+                "kind": "direct", "pid": 100, "tid": 101, "comm": "dd", "cgroup": "/kdt",
+                "latency_ns": 250_000, "nr_reclaimed": 32, "order": 3
+            })
+        );
+        let r = reclaim_record(&event(StallKind::Memcg), None);
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["kind"], "memcg");
+        assert!(v["order"].is_null() && v["cgroup"].is_null());
+    }
+
+    #[test]
+    fn summary_fields() {
+        let mut latencies = Latencies::default();
+        latencies.merge(&Latencies {
+            count: 2,
+            total_ns: 300,
+            max_ns: 200,
+            ..Latencies::default()
+        });
+        let p = ProcessStalls {
+            kind: StallKind::Memcg,
+            tgid: 7,
+            comm: "dd".into(),
+            cgroup_id: 1,
+            latencies,
+            nr_reclaimed: 64,
+        };
+        let v = serde_json::to_value(reclaim_summary(&p, Some("/a".into()), 10)).unwrap();
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "cgroup",
+                "comm",
+                "count",
+                "interval_ns",
+                "kind",
+                "max_ns",
+                "nr_reclaimed",
+                "p50_ns",
+                "p99_ns",
+                "pid",
+                "total_ns"
+            ]
+        );
+        assert_eq!(
+            (v["count"].as_u64(), v["nr_reclaimed"].as_u64()),
+            (Some(2), Some(64))
+        );
+    }
+}

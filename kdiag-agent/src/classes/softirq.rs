@@ -1,0 +1,441 @@
+//! `softirq`: service time and queueing delay of softirqs per CPU and
+//! vector, as interval summaries from the kernel's histograms, plus the
+//! softirqs at or over `--min-latency-us` one by one.
+
+use aya::{
+    Ebpf,
+    maps::{Array, MapData, PerCpuArray},
+};
+use kdiag_common::{
+    ClassId, EventKind,
+    softirq::{NO_DELAY, NR_SOFTIRQS, SoftirqConfig, SoftirqEvent, SoftirqSlot, VEC_ABSENT},
+};
+
+use crate::{
+    class::{Class, ClassError, Global, Tracepoint},
+    log2hist::{self, Latency},
+    output::Output,
+    record::{Degraded, Softirq, SoftirqSummary},
+    tracefs::Formats,
+    wire::{DecodeError, decode},
+};
+
+const EXIT: Tracepoint = Tracepoint {
+    group: "irq",
+    name: "softirq_exit",
+    program: "softirq_exit",
+    required: true,
+};
+const ENTRY: Tracepoint = Tracepoint {
+    group: "irq",
+    name: "softirq_entry",
+    program: "softirq_entry",
+    required: true,
+};
+/// Without it there are service times but no queueing delays.
+const RAISE: Tracepoint = Tracepoint {
+    group: "irq",
+    name: "softirq_raise",
+    program: "softirq_raise",
+    required: false,
+};
+
+/// Attached in this order: exit, entry, raise. An exit whose entry was not
+/// seen is ignored and an entry without a raise has no delay, so no
+/// softirq in flight at attach time yields a wrong measurement; the other
+/// order could pair a raise with a much later entry.
+const TRACEPOINTS: &[Tracepoint] = &[EXIT, ENTRY, RAISE];
+
+/// Vector names as the kernel prints them (`softirq_to_name` in
+/// kernel/softirq.c, and the tracepoints' `__print_symbolic`).
+const VEC_NAMES: [&str; NR_SOFTIRQS as usize] = [
+    "HI", "TIMER", "NET_TX", "NET_RX", "BLOCK", "IRQ_POLL", "TASKLET", "SCHED", "HRTIMER", "RCU",
+];
+
+/// The kernel maps this class reads.
+struct Maps {
+    slots: PerCpuArray<MapData, SoftirqSlot>,
+    generation: Array<MapData, u64>,
+}
+
+pub struct SoftirqClass {
+    min_latency_ns: u64,
+    maps: Option<Maps>,
+    /// The last read, per CPU and vector: counters only grow, so each
+    /// interval is the difference to it.
+    last: Vec<[SoftirqSlot; NR_SOFTIRQS as usize]>,
+    /// The generation the kernel programs write maxima for now.
+    generation: u64,
+}
+
+impl SoftirqClass {
+    pub fn new(min_latency_us: u64) -> Self {
+        Self {
+            min_latency_ns: min_latency_us.saturating_mul(1000),
+            maps: None,
+            last: Vec::new(),
+            generation: 0,
+        }
+    }
+
+    /// Reads every CPU's slots: `[cpu][vec]`.
+    fn read(maps: &Maps) -> Result<Vec<[SoftirqSlot; NR_SOFTIRQS as usize]>, ClassError> {
+        let mut now: Vec<[SoftirqSlot; NR_SOFTIRQS as usize]> = Vec::new();
+        for vec in 0..NR_SOFTIRQS {
+            let per_cpu = maps
+                .slots
+                .get(&vec, 0)
+                .map_err(|e| ClassError::Setup(format!("reading SOFTIRQ: {e}")))?;
+            for (cpu, slot) in per_cpu.iter().enumerate() {
+                if now.len() <= cpu {
+                    now.resize(cpu + 1, [SoftirqSlot::ZERO; NR_SOFTIRQS as usize]);
+                }
+                now[cpu][vec as usize] = *slot;
+            }
+        }
+        Ok(now)
+    }
+}
+
+/// Decodes one `softirq` event.
+pub fn decode_softirq(data: &[u8]) -> Result<SoftirqEvent, DecodeError> {
+    let ev: SoftirqEvent = decode(data, EventKind::Softirq)?;
+    if ev.vec >= NR_SOFTIRQS {
+        return Err(DecodeError::BadField {
+            field: "vec",
+            value: u64::from(ev.vec),
+        });
+    }
+    Ok(ev)
+}
+
+pub fn softirq_record(ev: &SoftirqEvent) -> Softirq {
+    Softirq {
+        cpu: ev.header.cpu,
+        vec: VEC_NAMES[ev.vec as usize % VEC_NAMES.len()],
+        service_ns: ev.service_ns,
+        delay_ns: (ev.delay_ns != NO_DELAY).then_some(ev.delay_ns),
+    }
+}
+
+/// The summary of one CPU and vector between two reads, `None` if nothing
+/// ran. Maxima come from the slot of `generation`, the interval just ended.
+pub fn summarize(
+    cpu: u32,
+    vec: usize,
+    before: &SoftirqSlot,
+    now: &SoftirqSlot,
+    generation: u64,
+    interval_ns: u64,
+) -> Option<SoftirqSummary> {
+    let max = now.max[(generation & 1) as usize];
+    let (service_max, delay_max) = if max.generation == generation {
+        (max.service_ns, max.delay_ns)
+    } else {
+        (0, 0)
+    };
+    let total = now.service_total_ns.saturating_sub(before.service_total_ns);
+    let service = log2hist::summarize(
+        &log2hist::delta(&now.service_buckets, &before.service_buckets),
+        service_max,
+        Some(total),
+    )?;
+    let delay: Option<Latency> = log2hist::summarize(
+        &log2hist::delta(&now.delay_buckets, &before.delay_buckets),
+        delay_max,
+        None,
+    );
+    Some(SoftirqSummary {
+        cpu,
+        vec: VEC_NAMES.get(vec)?,
+        count: service.count,
+        service_total_ns: total,
+        service_max_ns: service.max_ns,
+        service_p99_ns: service.p99_ns,
+        delay_max_ns: delay.map(|d| d.max_ns),
+        delay_p99_ns: delay.map(|d| d.p99_ns),
+        interval_ns,
+    })
+}
+
+/// `SOFTIRQ_CONFIG` for these formats: where `vec` is in each record.
+fn config(formats: &Formats, min_latency_ns: u64, degraded: &mut Vec<Degraded>) -> SoftirqConfig {
+    let mut vec_offset = |tp: &Tracepoint| {
+        // A tracepoint without a format was reported by the loader.
+        let Some(format) = formats.get(tp.program) else {
+            return VEC_ABSENT;
+        };
+        match format.field("vec") {
+            Some(f) if f.size == 4 => u32::from(f.offset),
+            _ => {
+                degraded.push(Degraded {
+                    what: format!("{}.vec", tp.path()),
+                    why: "no 4-byte `vec` field in the tracepoint's format: not traced".to_owned(),
+                });
+                VEC_ABSENT
+            }
+        }
+    };
+    SoftirqConfig {
+        raise_vec: vec_offset(&RAISE),
+        entry_vec: vec_offset(&ENTRY),
+        exit_vec: vec_offset(&EXIT),
+        _pad: 0,
+        min_latency_ns,
+    }
+}
+
+impl Class for SoftirqClass {
+    fn name(&self) -> &'static str {
+        "softirq"
+    }
+
+    fn id(&self) -> ClassId {
+        ClassId::Softirq
+    }
+
+    fn tracepoints(&self) -> &'static [Tracepoint] {
+        TRACEPOINTS
+    }
+
+    fn globals(&self, formats: &Formats, degraded: &mut Vec<Degraded>) -> Vec<Global> {
+        let cfg = config(formats, self.min_latency_ns, degraded);
+        vec![Global::new("SOFTIRQ_CONFIG", &cfg)]
+    }
+
+    fn on_loaded(&mut self, ebpf: &mut Ebpf) -> Result<(), ClassError> {
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| ClassError::Setup(format!("the kernel programs have no {name} map")))
+        };
+        let slots = PerCpuArray::try_from(take("SOFTIRQ")?)
+            .map_err(|e| ClassError::Setup(format!("SOFTIRQ: {e}")))?;
+        let generation = Array::try_from(take("SOFTIRQ_GENERATION")?)
+            .map_err(|e| ClassError::Setup(format!("SOFTIRQ_GENERATION: {e}")))?;
+        self.maps = Some(Maps { slots, generation });
+        Ok(())
+    }
+
+    fn handles(&self, kind: EventKind) -> bool {
+        kind == EventKind::Softirq
+    }
+
+    fn on_event(&mut self, data: &[u8], out: &mut Output) -> Result<u64, ClassError> {
+        let ev = decode_softirq(data)?;
+        out.write(ev.header.ts_ns, &softirq_record(&ev))?;
+        Ok(1)
+    }
+
+    fn on_interval(
+        &mut self,
+        now_ns: u64,
+        interval_ns: u64,
+        out: &mut Output,
+    ) -> Result<(), ClassError> {
+        let Some(maps) = &mut self.maps else {
+            return Ok(());
+        };
+        // Switch the programs to the next generation's maxima first, then
+        // read: this generation's slot is complete but for a program that
+        // was running during the switch (see `log2hist::summarize`).
+        let ended = self.generation;
+        maps.generation
+            .set(0, ended + 1, 0)
+            .map_err(|e| ClassError::Setup(format!("writing SOFTIRQ_GENERATION: {e}")))?;
+        self.generation = ended + 1;
+        let now = Self::read(maps)?;
+        for (cpu, slots) in now.iter().enumerate() {
+            for (vec, slot) in slots.iter().enumerate() {
+                let before = self.last.get(cpu).map_or(&SoftirqSlot::ZERO, |s| &s[vec]);
+                if let Some(summary) = summarize(cpu as u32, vec, before, slot, ended, interval_ns)
+                {
+                    out.write(now_ns, &summary)?;
+                }
+            }
+        }
+        self.last = now;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kdiag_common::{
+        EventHeader,
+        softirq::{MaxSlot, bucket_of},
+    };
+
+    use super::*;
+    use crate::tracefs::parse_format;
+
+    fn event(vec: u32, delay_ns: u64) -> SoftirqEvent {
+        SoftirqEvent {
+            header: EventHeader {
+                kind: EventKind::Softirq as u32,
+                cpu: 1,
+                ts_ns: 5,
+            },
+            vec,
+            _pad: 0,
+            service_ns: 1_200_000,
+            delay_ns,
+        }
+    }
+
+    fn bytes(ev: &SoftirqEvent) -> Vec<u8> {
+        // SAFETY: a repr(C) plain-data struct viewed as bytes.
+        unsafe {
+            std::slice::from_raw_parts(
+                std::ptr::from_ref(ev).cast::<u8>(),
+                size_of::<SoftirqEvent>(),
+            )
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_slow_events_with_and_without_a_raise() {
+        let r = softirq_record(&decode_softirq(&bytes(&event(3, 40_000))).unwrap());
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            serde_json::json!({"cpu": 1, "vec": "NET_RX", "service_ns": 1_200_000, "delay_ns": 40_000})
+        );
+        let r = softirq_record(&decode_softirq(&bytes(&event(9, NO_DELAY))).unwrap());
+        assert_eq!((r.vec, r.delay_ns), ("RCU", None));
+    }
+
+    #[test]
+    fn rejects_bad_vectors_and_short_events() {
+        assert!(matches!(
+            decode_softirq(&bytes(&event(10, 0))),
+            Err(DecodeError::BadField { field: "vec", .. })
+        ));
+        let b = bytes(&event(1, 0));
+        assert!(matches!(
+            decode_softirq(&b[..b.len() - 1]),
+            Err(DecodeError::Short { .. })
+        ));
+    }
+
+    /// A slot after `service` samples (and `delay` ones), as the kernel
+    /// programs would leave it, maxima in generation `generation`.
+    fn slot(base: &SoftirqSlot, service: &[u64], delay: &[u64], generation: u64) -> SoftirqSlot {
+        let mut s = *base;
+        let m = &mut s.max[(generation & 1) as usize];
+        if m.generation != generation {
+            *m = MaxSlot {
+                generation,
+                ..MaxSlot::default()
+            };
+        }
+        for &ns in service {
+            s.service_total_ns += ns;
+            s.service_buckets[bucket_of(ns)] += 1;
+            m.service_ns = m.service_ns.max(ns);
+        }
+        for &ns in delay {
+            s.delay_buckets[bucket_of(ns)] += 1;
+            m.delay_ns = m.delay_ns.max(ns);
+        }
+        s
+    }
+
+    #[test]
+    fn intervals_are_differences_with_their_own_maxima() {
+        let first = slot(&SoftirqSlot::ZERO, &[3000, 5000], &[700, 90_000], 0);
+        let s = summarize(0, 3, &SoftirqSlot::ZERO, &first, 0, 1_000_000_000).unwrap();
+        assert_eq!(
+            serde_json::to_value(&s).unwrap(),
+            serde_json::json!({
+                "cpu": 0, "vec": "NET_RX", "count": 2, "service_total_ns": 8000,
+                "service_max_ns": 5000, "service_p99_ns": 5000,
+                "delay_max_ns": 90_000, "delay_p99_ns": 90_000, "interval_ns": 1_000_000_000
+            })
+        );
+        // The next interval: smaller maxima in generation 1, and one entry
+        // whose raise was not seen (a service sample without a delay).
+        let second = slot(&first, &[100, 200, 300], &[50, 60], 1);
+        let s = summarize(0, 3, &first, &second, 1, 1).unwrap();
+        assert_eq!((s.count, s.service_total_ns), (3, 600));
+        assert_eq!((s.service_max_ns, s.delay_max_ns), (300, Some(60)));
+        assert_eq!(s.service_p99_ns, 300);
+        assert_eq!(s.delay_p99_ns, Some(60));
+        // Nothing ran: no summary.
+        assert_eq!(summarize(0, 3, &second, &second, 2, 1), None);
+    }
+
+    #[test]
+    fn entries_without_a_raise_have_no_delay() {
+        let only_service = slot(&SoftirqSlot::ZERO, &[4000], &[], 0);
+        let s = summarize(1, 1, &SoftirqSlot::ZERO, &only_service, 0, 1).unwrap();
+        assert_eq!(
+            (s.vec, s.count, s.delay_max_ns, s.delay_p99_ns),
+            ("TIMER", 1, None, None)
+        );
+    }
+
+    #[test]
+    fn a_stale_generation_is_no_maximum() {
+        // The slot of generation 0 still holds an old maximum while the
+        // interval of generation 2 is summarized: the buckets decide.
+        let old = slot(&SoftirqSlot::ZERO, &[1 << 20], &[], 0);
+        let mut now = old;
+        now.service_total_ns += 1500;
+        now.service_buckets[bucket_of(1500)] += 1;
+        let s = summarize(0, 0, &old, &now, 2, 1).unwrap();
+        assert_eq!(
+            (s.count, s.service_max_ns, s.service_p99_ns),
+            (1, 1500, 1500)
+        );
+    }
+
+    #[test]
+    fn text_rows_in_microseconds() {
+        use crate::record::Record as _;
+        let only_service = slot(&SoftirqSlot::ZERO, &[4000, 1_234_567], &[], 0);
+        let s = summarize(1, 3, &SoftirqSlot::ZERO, &only_service, 0, 1).unwrap();
+        let row = s.text_row("T");
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(
+            cols,
+            [
+                "T", "1", "NET_RX", "2", "1238.5", "1234.5", "1234.5", "-", "-"
+            ],
+            "{row}"
+        );
+        assert_eq!(
+            SoftirqSummary::TEXT_HEADER.split_whitespace().count(),
+            cols.len()
+        );
+        let r = softirq_record(&event(0, 2500));
+        assert_eq!(
+            r.text_row("T").split_whitespace().collect::<Vec<_>>(),
+            ["T", "1", "HI", "1200.0", "2.5"]
+        );
+    }
+
+    #[test]
+    fn config_from_formats() {
+        let text = "format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:unsigned int vec;\toffset:8;\tsize:4;\tsigned:0;
+";
+        let mut formats = Formats::default();
+        formats.insert("softirq_entry", parse_format(text).unwrap());
+        formats.insert("softirq_exit", parse_format(text).unwrap());
+        let odd = text.replace("offset:8", "offset:12");
+        formats.insert("softirq_raise", parse_format(&odd).unwrap());
+        let mut degraded = Vec::new();
+        let cfg = config(&formats, 7000, &mut degraded);
+        assert_eq!((cfg.entry_vec, cfg.exit_vec, cfg.raise_vec), (8, 8, 12));
+        assert_eq!(cfg.min_latency_ns, 7000);
+        assert!(degraded.is_empty());
+        // A tracepoint without the field: absent, and said so.
+        let no_vec = "format:\n\tfield:int other;\toffset:8;\tsize:4;\tsigned:0;\n";
+        formats.insert("softirq_raise", parse_format(no_vec).unwrap());
+        let cfg = config(&formats, 0, &mut degraded);
+        assert_eq!(cfg.raise_vec, VEC_ABSENT);
+        assert_eq!(degraded.len(), 1, "{degraded:?}");
+        assert_eq!(degraded[0].what, "irq/softirq_raise.vec");
+    }
+}

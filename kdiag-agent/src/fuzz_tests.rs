@@ -1,0 +1,57 @@
+//! Property tests: whatever bytes the kernel, /proc or sysfs hand over, the
+//! decoders and parsers return an error or a value, never panic.
+
+use proptest::prelude::*;
+
+use crate::{btf, cgroup, classes, privileges, procfs, tracefs, wire};
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn event_decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let _ = wire::event_kind(&bytes);
+        let _ = classes::retrans::decode_retrans(&bytes);
+        let _ = classes::tcp::decode_state(&bytes);
+    }
+
+    #[test]
+    fn decoders_accept_valid_kinds_with_any_payload(
+        mut bytes in proptest::collection::vec(any::<u8>(), 16..300),
+        kind in 0u32..8,
+    ) {
+        bytes[..4].copy_from_slice(&kind.to_ne_bytes());
+        let _ = classes::retrans::decode_retrans(&bytes);
+        let _ = classes::tcp::decode_state(&bytes);
+    }
+
+    #[test]
+    fn proc_parsers_never_panic(text in "\\PC{0,400}") {
+        let _ = procfs::parse_tcp_table(&text);
+        let _ = procfs::parse_tcp_segments(&text);
+        let _ = procfs::parse_cgroup_v2(text.lines().map(str::to_owned));
+        let _ = tracefs::parse_format(&text);
+        let _ = cgroup::parse_cgroup2_mount(&text);
+        let _ = privileges::effective_caps(&text);
+    }
+
+    #[test]
+    fn proc_tcp_rows_with_plausible_shape(
+        local in "[0-9A-F]{8}:[0-9A-F]{4}",
+        remote in "[0-9A-Fa-z]{0,33}:[0-9A-F]{0,5}",
+        rest in "[ 0-9A-F:a-z-]{0,80}",
+    ) {
+        let text = format!("header\n   0: {local} {remote} {rest}\n");
+        let _ = procfs::parse_tcp_table(&text);
+    }
+
+    #[test]
+    fn btf_reader_never_panics(mut bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = btf::member_offset(&bytes, "sock_common", "skc_net");
+        // With a valid magic, the header's lengths and offsets are garbage.
+        if bytes.len() >= 2 {
+            bytes[..2].copy_from_slice(&0xeb9fu16.to_le_bytes());
+        }
+        let _ = btf::member_offset(&bytes, "sock_common", "skc_net");
+    }
+}

@@ -1,0 +1,133 @@
+//! Softirqs: service time (irq/softirq_entry to irq/softirq_exit) and
+//! queueing delay (irq/softirq_raise to irq/softirq_entry), kept in the
+//! kernel as per-CPU, per-vector log2 histograms.
+
+use crate::EventHeader;
+
+/// Softirq vectors the kernel has (`NR_SOFTIRQS` in include/linux/interrupt.h,
+/// 10 since 4.1: HI, TIMER, NET_TX, NET_RX, BLOCK, IRQ_POLL, TASKLET, SCHED,
+/// HRTIMER, RCU).
+pub const NR_SOFTIRQS: u32 = 10;
+
+/// log2 buckets per histogram. Bucket 0 holds [0, 2) ns, bucket `i` holds
+/// [2^i, 2^(i+1)) ns, and the last one everything from 2^31 ns (2.1 s) up.
+pub const HIST_BUCKETS: usize = 32;
+
+/// The histogram bucket of a latency in nanoseconds: floor(log2(ns)),
+/// at most `HIST_BUCKETS - 1`. Branch-free but for the final clamp, so the
+/// verifier explores two paths, not one per bucket.
+#[inline(always)]
+pub fn bucket_of(ns: u64) -> usize {
+    let log2 = 63 - (ns | 1).leading_zeros() as usize;
+    if log2 < HIST_BUCKETS {
+        log2
+    } else {
+        HIST_BUCKETS - 1
+    }
+}
+
+/// `delay_ns` of a softirq whose raise was not seen (the agent started while
+/// it was pending, or the raise program could not run).
+pub const NO_DELAY: u64 = u64::MAX;
+
+/// Marks a tracepoint field this kernel does not have.
+pub const VEC_ABSENT: u32 = u32::MAX;
+
+/// Configuration of the softirq programs, written into `.rodata` at load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SoftirqConfig {
+    /// Offsets of `vec` in the records of irq/softirq_raise, softirq_entry
+    /// and softirq_exit (from their format files), or [`VEC_ABSENT`].
+    pub raise_vec: u32,
+    pub entry_vec: u32,
+    pub exit_vec: u32,
+    pub _pad: u32,
+    /// Softirqs whose service time or queueing delay is at or over this go
+    /// out one by one as [`SoftirqEvent`]s.
+    pub min_latency_ns: u64,
+}
+const _: () = assert!(size_of::<SoftirqConfig>() == 24);
+
+impl SoftirqConfig {
+    pub const DEFAULT: Self = Self {
+        raise_vec: VEC_ABSENT,
+        entry_vec: VEC_ABSENT,
+        exit_vec: VEC_ABSENT,
+        _pad: 0,
+        min_latency_ns: u64::MAX,
+    };
+}
+
+/// The largest service time and queueing delay of one interval, tagged with
+/// the interval's generation (see [`SoftirqSlot::max`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MaxSlot {
+    pub generation: u64,
+    pub service_ns: u64,
+    /// 0 when no delay was measured.
+    pub delay_ns: u64,
+}
+
+/// Everything the programs keep for one vector on one CPU: the value type of
+/// the per-CPU `SOFTIRQ` array, indexed by vector.
+///
+/// The counters (`service_total_ns`, the buckets) only ever grow: the agent
+/// never resets them, it subtracts its previous read, so an increment that
+/// lands while it reads is counted in this interval or the next, never lost
+/// or counted twice. The number of softirqs is the sum of the service
+/// buckets (one store less per softirq than a separate count).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SoftirqSlot {
+    /// First `softirq_raise` since the last entry, 0 when none is pending.
+    pub raise_ns: u64,
+    /// `softirq_entry` of the handler running now, 0 when none is.
+    pub entry_ns: u64,
+    /// Queueing delay of the handler running now, or [`NO_DELAY`].
+    pub delay_ns: u64,
+    pub service_total_ns: u64,
+    /// A maximum cannot be read as a difference of two reads. The agent
+    /// bumps a generation every interval (the `SOFTIRQ_GENERATION` array);
+    /// the programs keep the maxima of generation `g` in `max[g % 2]`,
+    /// zeroing the slot when its tag is an older generation. After the bump
+    /// to `g + 1` the agent reads `max[g % 2]` while the programs already
+    /// write the other slot.
+    pub max: [MaxSlot; 2],
+    pub service_buckets: [u64; HIST_BUCKETS],
+    pub delay_buckets: [u64; HIST_BUCKETS],
+}
+const _: () = assert!(size_of::<SoftirqSlot>() == 32 + 48 + 2 * 8 * HIST_BUCKETS);
+
+impl SoftirqSlot {
+    pub const ZERO: Self = Self {
+        raise_ns: 0,
+        entry_ns: 0,
+        delay_ns: 0,
+        service_total_ns: 0,
+        max: [MaxSlot {
+            generation: 0,
+            service_ns: 0,
+            delay_ns: 0,
+        }; 2],
+        service_buckets: [0; HIST_BUCKETS],
+        delay_buckets: [0; HIST_BUCKETS],
+    };
+}
+
+/// One softirq at or over the threshold. The header's `cpu` is where it ran,
+/// `ts_ns` when it ended.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SoftirqEvent {
+    pub header: EventHeader,
+    pub vec: u32,
+    pub _pad: u32,
+    pub service_ns: u64,
+    /// Raise to entry, or [`NO_DELAY`].
+    pub delay_ns: u64,
+}
+const _: () = assert!(size_of::<SoftirqEvent>() == 16 + 8 + 16);
+
+crate::impl_pod!(SoftirqConfig, MaxSlot, SoftirqSlot, SoftirqEvent);

@@ -1,0 +1,201 @@
+//! Softirq programs: per-CPU, per-vector histograms of service time (entry
+//! to exit) and queueing delay (raise to entry).
+//!
+//! Softirqs run up to millions of times a second, so nothing leaves the
+//! kernel per softirq but the ones at or over the threshold. The hot path is
+//! one per-CPU array lookup, one clock read and a few loads and stores per
+//! program; no hash map, no helper beyond those.
+//!
+//! Pairing relies on kernel/softirq.c: `__raise_softirq_irqoff` traces
+//! softirq_raise and sets the vector pending on the current CPU; only that
+//! CPU's `handle_softirqs` runs it, tracing softirq_entry and softirq_exit
+//! around each handler. Handlers never nest on a CPU (they run with softirqs
+//! disabled), so one slot per CPU and vector holds all the state.
+//!
+//! Every slot is per-CPU and classic tracepoint programs never nest on one
+//! CPU (the kernel's per-CPU `bpf_prog_active` guard skips a program that
+//! would start while another runs there), so plain increments cannot race.
+
+use core::ptr;
+
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::bpf_ktime_get_ns,
+    macros::{map, tracepoint},
+    maps::{Array, PerCpuArray},
+    programs::TracePointContext,
+};
+use kdiag_common::{
+    ClassId, EventKind,
+    softirq::{
+        NO_DELAY, NR_SOFTIRQS, SoftirqConfig, SoftirqEvent, SoftirqSlot, VEC_ABSENT, bucket_of,
+    },
+};
+
+use crate::output::{emit, header_at};
+
+/// Offsets and threshold, written by the agent at load.
+#[unsafe(no_mangle)]
+static SOFTIRQ_CONFIG: SoftirqConfig = SoftirqConfig::DEFAULT;
+
+/// Per CPU, per vector: pending raise, running handler, histograms.
+#[map]
+static SOFTIRQ: PerCpuArray<SoftirqSlot> = PerCpuArray::with_max_entries(NR_SOFTIRQS, 0);
+
+/// The interval generation, bumped by the agent every interval (see
+/// `SoftirqSlot::max`).
+#[map]
+static SOFTIRQ_GENERATION: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Where `vec` has been in every kernel's softirq records so far (right
+/// after the 8-byte common header).
+const USUAL_VEC_OFFSET: u32 = 8;
+
+/// One field of the configuration: a single load (reading the whole struct
+/// would load every field on the hot path).
+macro_rules! config {
+    ($field:ident) => {
+        // SAFETY: .rodata written by the agent before load.
+        unsafe { ptr::read_volatile(&raw const SOFTIRQ_CONFIG.$field) }
+    };
+}
+
+/// Reads `vec` at `offset` (from the format file). The verifier only lets a
+/// classic tracepoint program load from its context at an offset fixed in
+/// the instruction; aya freezes `.rodata`, so the verifier knows `offset`
+/// and only checks the branch taken. The usual offset is read directly (one
+/// load); any other goes through a probe read (a helper call).
+#[inline(always)]
+fn read_vec(ctx: &TracePointContext, offset: u32) -> Result<u32, i64> {
+    let vec = if offset == USUAL_VEC_OFFSET {
+        // SAFETY: the record starts with the 8-byte common header, and this
+        // tracepoint's format puts the 4-byte `vec` right after it.
+        unsafe {
+            ptr::read(
+                ctx.as_ptr()
+                    .cast::<u8>()
+                    .add(USUAL_VEC_OFFSET as usize)
+                    .cast::<u32>(),
+            )
+        }
+    } else if offset == VEC_ABSENT {
+        return Err(-1);
+    } else {
+        // SAFETY: the offset comes from this tracepoint's format file.
+        unsafe { ctx.read_at::<u32>(offset as usize) }.map_err(i64::from)?
+    };
+    if vec < NR_SOFTIRQS { Ok(vec) } else { Err(-1) }
+}
+
+#[inline(always)]
+fn slot(vec: u32) -> Result<*mut SoftirqSlot, i64> {
+    SOFTIRQ.get_ptr_mut(vec).ok_or(-1)
+}
+
+#[tracepoint]
+pub fn softirq_raise(ctx: TracePointContext) -> u32 {
+    try_softirq_raise(&ctx).unwrap_or(0)
+}
+
+fn try_softirq_raise(ctx: &TracePointContext) -> Result<u32, i64> {
+    let vec = read_vec(ctx, config!(raise_vec))?;
+    let s = slot(vec)?;
+    // SAFETY: a live per-CPU map value (see the module comment).
+    unsafe {
+        // Keep the first raise: later ones while it is pending wait no
+        // longer than it does, and the clock is only read when needed.
+        if (*s).raise_ns == 0 {
+            (*s).raise_ns = bpf_ktime_get_ns();
+        }
+    }
+    Ok(0)
+}
+
+#[tracepoint]
+pub fn softirq_entry(ctx: TracePointContext) -> u32 {
+    try_softirq_entry(&ctx).unwrap_or(0)
+}
+
+fn try_softirq_entry(ctx: &TracePointContext) -> Result<u32, i64> {
+    let vec = read_vec(ctx, config!(entry_vec))?;
+    let s = slot(vec)?;
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: a live per-CPU map value (see the module comment).
+    unsafe {
+        let raised = (*s).raise_ns;
+        (*s).raise_ns = 0;
+        // No raise seen (agent started while it was pending): service time
+        // only. The clock is per-CPU monotonic, but stay safe.
+        (*s).delay_ns = if raised != 0 && raised <= now {
+            now - raised
+        } else {
+            NO_DELAY
+        };
+        (*s).entry_ns = now;
+    }
+    Ok(0)
+}
+
+#[tracepoint]
+pub fn softirq_exit(ctx: TracePointContext) -> u32 {
+    try_softirq_exit(&ctx).unwrap_or(0)
+}
+
+fn try_softirq_exit(ctx: &TracePointContext) -> Result<u32, i64> {
+    let vec = read_vec(ctx, config!(exit_vec))?;
+    let s = slot(vec)?;
+    // SAFETY: a live per-CPU map value (see the module comment).
+    let (entry, delay) = unsafe { ((*s).entry_ns, (*s).delay_ns) };
+    if entry == 0 {
+        // Its entry was not seen: the agent attached mid-handler, or the
+        // entry program was skipped. Not counted.
+        return Ok(0);
+    }
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let service = now.saturating_sub(entry);
+    let slowest = if delay == NO_DELAY || delay < service {
+        service
+    } else {
+        delay
+    };
+    // Out first, counted second: at exit the agent detaches, drains the
+    // buffer, then reads the counters, so a program still running on
+    // another CPU while it detaches cannot leave a counted softirq without
+    // its event in a `--min-latency-us 0` run.
+    if slowest >= config!(min_latency_ns) {
+        let event = SoftirqEvent {
+            header: header_at(EventKind::Softirq, now),
+            vec,
+            _pad: 0,
+            service_ns: service,
+            delay_ns: delay,
+        };
+        emit(ctx, ClassId::Softirq, &event);
+    }
+    let generation = SOFTIRQ_GENERATION.get(0).copied().unwrap_or(0);
+    // SAFETY: a live per-CPU map value (see the module comment).
+    unsafe {
+        (*s).entry_ns = 0;
+        (*s).service_total_ns += service;
+        (*s).service_buckets[bucket_of(service)] += 1;
+        let max = &mut (*s).max[(generation & 1) as usize];
+        if max.generation != generation {
+            // Field by field: a struct assignment becomes a memset call.
+            max.generation = generation;
+            ptr::write_volatile(&raw mut max.service_ns, 0);
+            ptr::write_volatile(&raw mut max.delay_ns, 0);
+        }
+        if service > max.service_ns {
+            max.service_ns = service;
+        }
+        if delay != NO_DELAY {
+            (*s).delay_buckets[bucket_of(delay)] += 1;
+            if delay > max.delay_ns {
+                max.delay_ns = delay;
+            }
+        }
+    }
+    Ok(0)
+}

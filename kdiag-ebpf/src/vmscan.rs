@@ -1,0 +1,93 @@
+//! Reclaim programs: direct reclaim (the allocating task reclaims because
+//! the zone is under its watermark, mm/vmscan.c try_to_free_pages) and memcg
+//! reclaim (the task's memory cgroup is at its limit,
+//! try_to_free_mem_cgroup_pages). Each pair brackets one reclaim call on the
+//! stalled thread.
+
+use core::ptr;
+
+use aya_ebpf::{
+    macros::{map, tracepoint},
+    programs::TracePointContext,
+};
+use kdiag_common::{
+    ClassId, EventKind,
+    memory::{ORDER_UNKNOWN, ReclaimConfig, StallKind},
+};
+
+use crate::stall::{self, Outcome, StatsMap, read_field};
+
+/// Offsets and filters, written by the agent at load.
+#[unsafe(no_mangle)]
+static RECLAIM_CONFIG: ReclaimConfig = ReclaimConfig::DEFAULT;
+
+/// Per-thread reclaim statistics, read by the agent every interval.
+#[map]
+static RECLAIM_STATS: StatsMap = stall::stats_map();
+
+#[inline(always)]
+fn config() -> ReclaimConfig {
+    // SAFETY: .rodata written by the agent before load.
+    unsafe { ptr::read_volatile(&RECLAIM_CONFIG) }
+}
+
+#[tracepoint]
+pub fn direct_reclaim_begin(ctx: TracePointContext) -> u32 {
+    try_direct_reclaim_begin(&ctx).unwrap_or(0)
+}
+
+fn try_direct_reclaim_begin(ctx: &TracePointContext) -> Result<u32, i64> {
+    let cfg = config();
+    let order: i32 = read_field(ctx, cfg.direct_order).unwrap_or(ORDER_UNKNOWN);
+    stall::begin(&cfg.filter, StallKind::Direct, order, 0)
+}
+
+#[tracepoint]
+pub fn memcg_reclaim_begin(_ctx: TracePointContext) -> u32 {
+    try_memcg_reclaim_begin().unwrap_or(0)
+}
+
+fn try_memcg_reclaim_begin() -> Result<u32, i64> {
+    // The begin's `order` is the charge's, not an allocation order worth
+    // reporting (the contract has none for memcg reclaim).
+    stall::begin(&config().filter, StallKind::Memcg, ORDER_UNKNOWN, 0)
+}
+
+#[tracepoint]
+pub fn direct_reclaim_end(ctx: TracePointContext) -> u32 {
+    let offset = config().direct_nr_reclaimed;
+    try_reclaim_end(&ctx, StallKind::Direct, offset).unwrap_or(0)
+}
+
+#[tracepoint]
+pub fn memcg_reclaim_end(ctx: TracePointContext) -> u32 {
+    let offset = config().memcg_nr_reclaimed;
+    try_reclaim_end(&ctx, StallKind::Memcg, offset).unwrap_or(0)
+}
+
+fn try_reclaim_end(
+    ctx: &TracePointContext,
+    kind: StallKind,
+    nr_reclaimed_offset: u16,
+) -> Result<u32, i64> {
+    let Some(ended) = stall::end(kind) else {
+        return Ok(0);
+    };
+    let cfg = config();
+    let outcome = Outcome {
+        kind,
+        order: ended.start.order,
+        nr_reclaimed: read_field(ctx, nr_reclaimed_offset).unwrap_or(0),
+        status: 0,
+        mode: 0,
+    };
+    stall::finish(
+        ctx,
+        ClassId::Reclaim,
+        EventKind::Reclaim,
+        &RECLAIM_STATS,
+        &cfg.filter,
+        &ended,
+        &outcome,
+    )
+}

@@ -1,0 +1,165 @@
+//! How the agent behaves when the host is not what it hoped for, and what it
+//! keeps once running: a missing tracepoint, capabilities after attach.
+
+use std::{fs, path::Path, time::Duration};
+
+use kdiag_tests::{WAIT, agent::Agent, env::require_root};
+
+/// `--duration` of the agents these tests let end on their own: long enough
+/// that `wait_start` still finds the agent holding its programs (it runs
+/// bpftool, which takes over a second in an emulated vm-test guest).
+const RUN_SECS: &str = "3";
+use serde_json::Value;
+
+/// Where the real formats are. The agent mounts tracefs if nobody has, so
+/// one short agent run makes sure it is there.
+fn tracefs() -> &'static Path {
+    let mounted = || {
+        ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+            .into_iter()
+            .map(Path::new)
+            .find(|p| p.join("events").is_dir())
+    };
+    if let Some(p) = mounted() {
+        return p;
+    }
+    let mut probe = Agent::spawn(&["retrans", "-d", RUN_SECS]);
+    probe.wait_start();
+    probe.wait_exit(WAIT);
+    mounted().expect("tracefs is still not mounted after an agent run")
+}
+
+/// A directory laid out like tracefs with only these tracepoints' formats.
+struct FakeFormats(tempdir::Dir);
+
+mod tempdir {
+    use std::path::{Path, PathBuf};
+
+    /// A directory removed on drop, even when the test panics.
+    pub struct Dir(pub PathBuf);
+
+    impl Dir {
+        pub fn new(tag: &str) -> Self {
+            let p = std::env::temp_dir().join(format!("kdt-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).expect("create temp dir");
+            Dir(p)
+        }
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl FakeFormats {
+    fn with(tag: &str, tracepoints: &[&str]) -> Self {
+        let dir = tempdir::Dir::new(tag);
+        for tp in tracepoints {
+            let src = tracefs().join("events").join(tp).join("format");
+            let dst = dir.path().join("events").join(tp);
+            fs::create_dir_all(&dst).unwrap();
+            fs::copy(&src, dst.join("format"))
+                .unwrap_or_else(|e| panic!("copy {}: {e}", src.display()));
+        }
+        FakeFormats(dir)
+    }
+
+    fn arg(&self) -> String {
+        self.0.path().display().to_string()
+    }
+}
+
+#[test]
+fn missing_optional_tracepoint_runs_degraded() {
+    require_root();
+
+    let formats = FakeFormats::with(
+        "degraded",
+        &["tcp/tcp_retransmit_skb", "sock/inet_sock_set_state"],
+    );
+    let dir = formats.arg();
+    let mut agent = Agent::spawn(&["retrans", "--formats-from", &dir, "-d", RUN_SECS]);
+    let start = agent.wait_start();
+    let attached: Vec<&str> = start["attached"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        attached,
+        ["tcp/tcp_retransmit_skb", "sock/inet_sock_set_state"],
+        "{start}"
+    );
+    let degraded = start["degraded"].as_array().unwrap();
+    let synack: Vec<&Value> = degraded
+        .iter()
+        .filter(|d| d["what"] == "tcp/tcp_retransmit_synack")
+        .collect();
+    assert_eq!(synack.len(), 1, "{start}");
+    assert!(
+        synack[0]["why"]
+            .as_str()
+            .unwrap()
+            .contains("does not exist"),
+        "{start}"
+    );
+    let status = agent.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(0), "{}", agent.stderr());
+}
+
+#[test]
+fn missing_required_tracepoint_fails_clearly() {
+    require_root();
+
+    let formats = FakeFormats::with("required", &["sock/inet_sock_set_state"]);
+    let dir = formats.arg();
+    let mut agent = Agent::spawn(&["retrans", "--formats-from", &dir]);
+    let status = agent.wait_exit(Duration::from_secs(5));
+    assert_eq!(status.code(), Some(1), "{}", agent.stderr());
+    let stderr = agent.stderr();
+    assert!(
+        stderr.contains("tcp/tcp_retransmit_skb") && stderr.contains("does not exist"),
+        "{stderr}"
+    );
+    assert!(
+        agent.records().is_empty(),
+        "wrote output: {:?}",
+        agent.records()
+    );
+}
+
+#[test]
+fn capabilities_are_dropped_after_attach() {
+    require_root();
+    let mut agent = Agent::spawn(&["retrans"]);
+    agent.wait_start();
+    let status = fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    let caps = |name: &str| -> u64 {
+        let line = status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {status}"));
+        u64::from_str_radix(line.trim(), 16).unwrap()
+    };
+    // CAP_DAC_READ_SEARCH (2), CAP_SYS_PTRACE (19), CAP_BPF (39).
+    let kept: u64 = (1 << 2) | (1 << 19) | (1 << 39);
+    for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        assert_eq!(caps(set), kept, "{set} in\n{status}");
+    }
+    assert_eq!(caps("CapInh:"), 0);
+    assert_eq!(caps("CapAmb:"), 0);
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("NoNewPrivs:") && l.ends_with('1'))
+    );
+    agent.stop_ok();
+    agent.assert_programs_released();
+}

@@ -1,0 +1,264 @@
+//! Acceptance tests of `kdiag-agent reclaim` against the real kernel. Each
+//! test has its own memory cgroup, sparse file and reader processes, and
+//! filters the agent on them: other tests run in parallel.
+
+use std::time::{Duration, Instant};
+
+use kdiag_tests::agent::{Agent, EXIT_TIMEOUT};
+use kdiag_tests::memory::{
+    Gated, MemoryCgroup, SparseFile, assert_latency_order, assert_one_vmstat,
+    assert_summary_matches, dd, mem_total, of_pid,
+};
+use kdiag_tests::record::{self, ClassTotals, class_totals, pid_of, str_field, u64_field};
+use serde_json::{Value, json};
+
+const MIB: u64 = 1 << 20;
+/// The memory cgroup limit of the memcg tests.
+const LIMIT: u64 = 64 * MIB;
+/// Each memcg reader reads this much: 8 times its cgroup's limit, so it
+/// reclaims hundreds of times (about a second of reading).
+const READ_MIB: u64 = 512;
+/// Reading 512 MiB of a sparse file takes about a second; slack for a busy
+/// 2-core machine.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The tracepoints of `reclaim --kind memcg` and of `--kind direct`.
+const MEMCG: &[&str] = &[
+    "vmscan/mm_vmscan_memcg_reclaim_begin",
+    "vmscan/mm_vmscan_memcg_reclaim_end",
+];
+const DIRECT: &[&str] = &[
+    "vmscan/mm_vmscan_direct_reclaim_begin",
+    "vmscan/mm_vmscan_direct_reclaim_end",
+];
+
+fn run_readers(readers: &mut [&mut Gated]) {
+    for r in readers.iter_mut() {
+        r.go();
+    }
+    for r in readers.iter_mut() {
+        let status = r.wait(READ_TIMEOUT);
+        assert!(status.success(), "reader {} failed: {status}", r.pid());
+    }
+}
+
+/// Checks one memcg `reclaim` record of a reader in `cgroup`.
+fn assert_memcg_record(rec: &Value, pid: u32, cgroup: &str) {
+    let want = json!({
+        "kind": "memcg", "pid": pid, "tid": pid, "comm": "dd", "cgroup": cgroup, "order": null,
+    });
+    for (key, value) in want.as_object().expect("object") {
+        assert_eq!(rec.get(key), Some(value), "{key:?} in {rec}");
+    }
+    assert!(u64_field(rec, "latency_ns") > 0, "latency_ns in {rec}");
+    u64_field(rec, "nr_reclaimed");
+}
+
+#[test]
+fn memcg_reclaim_of_the_filtered_reader_only() {
+    let file = SparseFile::new(2 * READ_MIB * MIB);
+    let cg = MemoryCgroup::new(LIMIT);
+    let mut first = cg.reader(&file, 0, READ_MIB);
+    let mut second = cg.reader(&file, READ_MIB, READ_MIB);
+    let (p1, p2) = (first.pid(), second.pid());
+    let pid_arg = p1.to_string();
+    let (mut by_pid, _) = Agent::start(
+        &["reclaim", "--kind", "memcg", "--pid", &pid_arg, "-i", "0"],
+        MEMCG,
+    );
+    // The same stalls through the kernel's cgroup filter, given as a full
+    // path: both readers, nothing else.
+    let cg_arg = cg.dir().to_str().expect("utf-8 path").to_owned();
+    let (mut by_cgroup, _) = Agent::start(
+        &["reclaim", "--kind", "memcg", "--cgroup", &cg_arg, "-i", "0"],
+        MEMCG,
+    );
+    run_readers(&mut [&mut first, &mut second]);
+    let recs = by_pid.stop_ok();
+    let cg_recs = by_cgroup.stop_ok();
+
+    let events: Vec<Value> = recs
+        .iter()
+        .filter(|r| record::is_type(r, "reclaim"))
+        .cloned()
+        .collect();
+    assert!(!events.is_empty(), "no reclaim records for {p1}");
+    for rec in &events {
+        assert_memcg_record(rec, p1, &cg.path());
+    }
+    let summaries: Vec<&Value> = recs
+        .iter()
+        .filter(|r| record::is_type(r, "reclaim_summary"))
+        .collect();
+    assert_eq!(summaries.len(), 1, "summaries: {summaries:?}");
+    let summary = summaries[0];
+    for (key, value) in [
+        ("kind", json!("memcg")),
+        ("pid", json!(p1)),
+        ("comm", json!("dd")),
+        ("cgroup", json!(cg.path())),
+    ] {
+        assert_eq!(summary.get(key), Some(&value), "{key:?} in {summary}");
+    }
+    assert_summary_matches(summary, &events);
+    let pages: u64 = events.iter().map(|e| u64_field(e, "nr_reclaimed")).sum();
+    assert_eq!(u64_field(summary, "nr_reclaimed"), pages, "in {summary}");
+    assert_one_vmstat(&recs);
+    assert_eq!(
+        class_totals(&recs, "reclaim"),
+        ClassTotals {
+            events: events.len() as u64,
+            dropped: 0,
+            lost: 0
+        },
+        "agent_stats: events = reclaim records, nothing dropped or lost"
+    );
+
+    // The cgroup-filtered agent saw both readers, and only them.
+    let cg_events: Vec<&Value> = cg_recs
+        .iter()
+        .filter(|r| record::is_type(r, "reclaim"))
+        .collect();
+    for pid in [p1, p2] {
+        let mine: Vec<&Value> = cg_events
+            .iter()
+            .copied()
+            .filter(|r| pid_of(r) == Some(pid.into()))
+            .collect();
+        assert!(!mine.is_empty(), "no reclaim of reader {pid} via --cgroup");
+        mine.iter()
+            .for_each(|r| assert_memcg_record(r, pid, &cg.path()));
+    }
+    assert_eq!(
+        cg_events.len(),
+        of_pid(&cg_recs, "reclaim", p1).len() + of_pid(&cg_recs, "reclaim", p2).len(),
+        "records of other processes via --cgroup"
+    );
+}
+
+#[test]
+fn min_latency_keeps_events_in_the_kernel_but_counts_them() {
+    let file = SparseFile::new(READ_MIB * MIB);
+    let cg = MemoryCgroup::new(LIMIT);
+    let mut reader = cg.reader(&file, 0, READ_MIB);
+    let pid = reader.pid().to_string();
+    // 10 s: above any reclaim latency.
+    let (mut agent, _) = Agent::start(
+        &[
+            "reclaim",
+            "--kind",
+            "memcg",
+            "--pid",
+            &pid,
+            "--min-latency-us",
+            "10000000",
+            "-i",
+            "0",
+        ],
+        MEMCG,
+    );
+    run_readers(&mut [&mut reader]);
+    let recs = agent.stop_ok();
+    let events: Vec<&Value> = recs
+        .iter()
+        .filter(|r| record::is_type(r, "reclaim"))
+        .collect();
+    assert!(events.is_empty(), "records under the threshold: {events:?}");
+    let summaries = of_pid(&recs, "reclaim_summary", reader.pid());
+    assert_eq!(summaries.len(), 1, "summaries: {summaries:?}");
+    let s = summaries[0];
+    assert_eq!(str_field(s, "kind"), "memcg", "in {s}");
+    assert!(u64_field(s, "count") > 0, "stalls not counted: {s}");
+    assert!(u64_field(s, "nr_reclaimed") > 0, "pages not counted: {s}");
+    assert_latency_order(s);
+    assert_eq!(class_totals(&recs, "reclaim"), ClassTotals::default());
+}
+
+#[test]
+fn pid_of_no_process_is_a_usage_error() {
+    // A pid that existed and is gone (reaped): nothing reuses it this fast.
+    let mut child = std::process::Command::new("true")
+        .spawn()
+        .expect("spawn true");
+    let gone = child.id().to_string();
+    child.wait().expect("reap");
+    let cases: [&[&str]; 2] = [
+        &["reclaim", "--pid", &gone],
+        &["reclaim", "--cgroup", "/kdiag-no-such-cgroup"],
+    ];
+    for args in cases {
+        let mut agent = Agent::spawn(args);
+        let status = agent.wait_exit(EXIT_TIMEOUT);
+        assert_eq!(status.code(), Some(2), "{args:?}: {}", agent.stderr());
+        let stderr = agent.stderr();
+        assert!(
+            stderr.contains(args[2]),
+            "{args:?}: message does not name {}: {stderr}",
+            args[2]
+        );
+    }
+}
+
+/// Global direct reclaim, for real: readers of a sparse file totalling more
+/// than the machine's memory fill the page cache until allocations have to
+/// reclaim themselves. Slow: it reads until the agent has reported direct
+/// reclaim of a reader (at most 1.5x RAM), which takes as long as filling
+/// the free memory; on a VM whose free memory the host has taken back that
+/// runs at a few hundred MB/s (about 75 s for 21 GiB free of 24 GiB). It
+/// evicts the host's page cache; the file's own cache is dropped at the end.
+#[test]
+fn direct_reclaim_of_readers_filling_memory() {
+    const READERS: u64 = 2;
+    const DEADLINE: Duration = Duration::from_secs(180);
+    let total = mem_total() * 3 / 2;
+    let per_reader_mib = total / READERS / MIB + 1;
+    let file = SparseFile::new(per_reader_mib * READERS * MIB);
+    let mut readers: Vec<Gated> = (0..READERS)
+        .map(|i| Gated::spawn(None, &dd(&file, i * per_reader_mib, per_reader_mib)))
+        .collect();
+    let pids: Vec<String> = readers.iter().map(|r| r.pid().to_string()).collect();
+    let mut args = vec!["reclaim", "--kind", "direct", "-i", "0"];
+    for pid in &pids {
+        args.extend(["--pid", pid.as_str()]);
+    }
+    let (mut agent, _) = Agent::start(&args, DIRECT);
+    let started = Instant::now();
+    readers.iter_mut().for_each(Gated::go);
+    let first = agent.wait_for("a direct reclaim of a reader", DEADLINE, |r| {
+        record::is_type(r, "reclaim")
+    });
+    let took = started.elapsed();
+    // Enough seen: stop reading (Drop kills the readers) and let go of the
+    // file's page cache before anything else.
+    drop(readers);
+    file.drop_cache();
+    let recs = agent.stop_ok();
+    eprintln!("first direct reclaim after {took:?}");
+
+    let events: Vec<&Value> = recs
+        .iter()
+        .filter(|r| record::is_type(r, "reclaim"))
+        .collect();
+    assert!(events.contains(&&first));
+    for rec in &events {
+        assert_eq!(str_field(rec, "kind"), "direct", "in {rec}");
+        let pid = pid_of(rec).expect("pid").to_string();
+        assert!(
+            pids.contains(&pid),
+            "pid of {rec} is not a reader's ({pids:?})"
+        );
+        assert_eq!(str_field(rec, "comm"), "dd", "in {rec}");
+        assert!(u64_field(rec, "latency_ns") > 0, "in {rec}");
+        // Page cache pages: order 0 (the allocation's order is reported).
+        assert!(rec["order"].as_u64().is_some(), "order in {rec}");
+    }
+    for s in recs
+        .iter()
+        .filter(|r| record::is_type(r, "reclaim_summary"))
+    {
+        assert_eq!(str_field(s, "kind"), "direct", "in {s}");
+        let pid = pid_of(s).expect("pid") as u32;
+        let mine: Vec<Value> = of_pid(&recs, "reclaim", pid).into_iter().cloned().collect();
+        assert_summary_matches(s, &mine);
+    }
+}

@@ -1,0 +1,144 @@
+//! The one table: every measurement as median (min-max) of its runs, with
+//! kdiag's target where it has one, as Markdown.
+
+use std::fmt::Write as _;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Unit {
+    Ns,
+    Ms,
+    MiB,
+    Percent,
+    Ratio,
+    PerSec,
+    Count,
+    Gbps,
+}
+
+impl Unit {
+    fn format(self, v: f64) -> String {
+        match self {
+            Unit::Ns => format!("{v:.0} ns"),
+            Unit::Ms => format!("{v:.1} ms"),
+            Unit::MiB => format!("{v:.1} MiB"),
+            Unit::Percent => format!("{v:.3}%"),
+            Unit::Ratio => format!("{v:.3}"),
+            Unit::PerSec => format!("{v:.0}/s"),
+            Unit::Count => format!("{v:.0}"),
+            Unit::Gbps => format!("{v:.1} Gbit/s"),
+        }
+    }
+}
+
+pub struct Row {
+    pub section: &'static str,
+    pub measure: String,
+    pub tracer: String,
+    pub unit: Unit,
+    pub samples: Vec<f64>,
+    /// kdiag's target: the median must be at most this.
+    pub target: Option<f64>,
+}
+
+impl Row {
+    pub fn median(&self) -> f64 {
+        let mut s = self.samples.clone();
+        s.sort_by(f64::total_cmp);
+        match s.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => s[n / 2],
+            n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+        }
+    }
+
+    pub fn holds(&self) -> Option<bool> {
+        self.target.map(|t| self.median() <= t)
+    }
+}
+
+#[derive(Default)]
+pub struct Rows(pub Vec<Row>);
+
+impl Rows {
+    /// Adds a sample to the row (section, measure, tracer), creating it.
+    pub fn add(
+        &mut self,
+        section: &'static str,
+        measure: &str,
+        tracer: &str,
+        unit: Unit,
+        target: Option<f64>,
+        value: f64,
+    ) {
+        if let Some(row) = self
+            .0
+            .iter_mut()
+            .find(|r| r.section == section && r.measure == measure && r.tracer == tracer)
+        {
+            row.samples.push(value);
+            return;
+        }
+        self.0.push(Row {
+            section,
+            measure: measure.to_owned(),
+            tracer: tracer.to_owned(),
+            unit,
+            samples: vec![value],
+            target,
+        });
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut md = String::from(
+            "| section | measure | tracer | median | min-max | runs | kdiag target |\n\
+             |---|---|---|---:|---:|---:|---|\n",
+        );
+        // Sections in order; within one, rows as measured.
+        let mut rows: Vec<&Row> = self.0.iter().collect();
+        rows.sort_by_key(|r| r.section);
+        for r in rows {
+            let min = r.samples.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = r.samples.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let target = match (r.target, r.holds()) {
+                (Some(t), Some(true)) => format!("<= {}: holds", r.unit.format(t)),
+                (Some(t), _) => format!("<= {}: **misses**", r.unit.format(t)),
+                (None, _) => String::new(),
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} - {} | {} | {} |",
+                r.section,
+                r.measure,
+                r.tracer,
+                r.unit.format(r.median()),
+                r.unit.format(min),
+                r.unit.format(max),
+                r.samples.len(),
+                target
+            );
+        }
+        md
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_target() {
+        let mut rows = Rows::default();
+        for v in [3.0, 1.0, 2.0, 10.0] {
+            rows.add("s", "m", "t", Unit::Ns, Some(2.4), v);
+        }
+        let row = &rows.0[0];
+        assert_eq!(row.samples.len(), 4);
+        assert_eq!(row.median(), 2.5);
+        assert_eq!(row.holds(), Some(false));
+        let md = rows.markdown();
+        assert!(
+            md.contains("| s | m | t | 2 ns | 1 ns - 10 ns | 4 | <= 2 ns: **misses** |"),
+            "{md}"
+        );
+    }
+}

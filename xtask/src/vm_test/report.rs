@@ -1,0 +1,172 @@
+//! What the matrix shows: the end-of-run summary, and docs/KERNELS.md, the
+//! table of kernels the suite passed on (only ever written from a passing
+//! run, one row per kernel series).
+
+use std::{fs, path::Path};
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+use super::{guest::Outcome, kernel::Kernel};
+
+pub struct KernelRun {
+    pub series: &'static str,
+    pub kernel: Kernel,
+    pub outcome: Outcome,
+}
+
+/// Per kernel: the verdict, the guest's wall time, the test counts per
+/// binary and every skip with its reason.
+pub fn print_summary(runs: &[(&str, Result<KernelRun>)]) {
+    eprintln!("\nvm-test summary:");
+    for (series, run) in runs {
+        let run = match run {
+            Ok(run) => run,
+            Err(e) => {
+                eprintln!("  {series:<5} FAILED   {e:#}");
+                continue;
+            }
+        };
+        let out = &run.outcome;
+        let total = out.total();
+        eprintln!(
+            "  {series:<5} {:<8} {} ({} {}): {:.0} s in the guest; {} passed, {} failed, {} ignored, {} skipped",
+            if out.ok() { "ok" } else { "FAILED" },
+            run.kernel.release,
+            run.kernel.package,
+            run.kernel.version,
+            out.wall.as_secs_f64(),
+            total.passed,
+            total.failed,
+            total.ignored,
+            out.skips().count(),
+        );
+        for b in &out.binaries {
+            let counts = b.counts.map_or_else(
+                || "no test result line".to_owned(),
+                |c| {
+                    format!(
+                        "{} passed, {} failed, {} ignored",
+                        c.passed, c.failed, c.ignored
+                    )
+                },
+            );
+            eprintln!(
+                "        {:<12} exit {:<3} {:>4} s  {counts}",
+                b.name, b.rc, b.secs
+            );
+        }
+        for skip in out.skips() {
+            eprintln!("        skipped: {skip}");
+        }
+        match &out.probe {
+            Ok(start) => eprintln!(
+                "        transport {}; attached: {}; degraded: {}",
+                start["transport"].as_str().unwrap_or("?"),
+                attached(start),
+                degraded(start),
+            ),
+            Err(e) => eprintln!("        agent probe FAILED: {e}"),
+        }
+    }
+}
+
+const KERNELS_MD_HEAD: &str = "\
+# Supported kernels
+
+Written by `cargo xtask vm-test` (see README, \"Supported kernels\") from its
+last passing run of the whole integration suite on each kernel: Debian's
+kernel package booted under QEMU, the tests running in it as root. Do not
+edit by hand. `attached` and `degraded` are the agent's own `agent_start`
+lines of `kdiag-agent run` in that guest; `tests` counts the passed tests
+per test binary; `skipped` lists the tests that named what the guest could
+not give them.
+
+| series | kernel | Debian package | tested (UTC) | transport | attached | degraded | tests | skipped | guest time |
+|---|---|---|---|---|---|---|---|---|---|
+";
+
+/// Replaces the rows of the series in `runs` (all passing), keeping the
+/// rows of other series.
+pub fn update_kernels_md(path: &Path, runs: &[&KernelRun]) -> Result<()> {
+    let old = fs::read_to_string(path).unwrap_or_default();
+    let date = time::OffsetDateTime::now_utc().date().to_string();
+    let mut rows: Vec<(String, String)> = old
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| series"))
+        .filter_map(|l| {
+            let series = l.split('|').nth(1)?.trim().to_owned();
+            Some((series, l.to_owned()))
+        })
+        .filter(|(series, _)| !runs.iter().any(|r| r.series == series))
+        .collect();
+    for run in runs {
+        rows.push((run.series.to_owned(), row(run, &date)));
+    }
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut text = KERNELS_MD_HEAD.to_owned();
+    for (_, row) in rows {
+        text.push_str(&row);
+        text.push('\n');
+    }
+    fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+fn row(run: &KernelRun, date: &str) -> String {
+    let out = &run.outcome;
+    let start = out.probe.as_ref().unwrap_or(&Value::Null);
+    let tests: Vec<String> = out
+        .binaries
+        .iter()
+        .filter_map(|b| Some(format!("{} {}", b.name, b.counts?.passed)))
+        .collect();
+    let skips: Vec<&str> = out.skips().collect();
+    let cells = [
+        run.series.to_owned(),
+        run.kernel.release.clone(),
+        format!("{} {}", run.kernel.package, run.kernel.version),
+        date.to_owned(),
+        start["transport"].as_str().unwrap_or("?").to_owned(),
+        attached(start),
+        degraded(start),
+        tests.join(", "),
+        if skips.is_empty() {
+            "none".to_owned()
+        } else {
+            skips.join("; ")
+        },
+        format!("{:.0} s", out.wall.as_secs_f64()),
+    ];
+    let cells: Vec<String> = cells.iter().map(|c| c.replace('|', "\\|")).collect();
+    format!("| {} |", cells.join(" | "))
+}
+
+fn attached(start: &Value) -> String {
+    let list: Vec<&str> = start["attached"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    list.join(", ")
+}
+
+fn degraded(start: &Value) -> String {
+    let list: Vec<String> = start["degraded"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|d| {
+                    format!(
+                        "{} ({})",
+                        d["what"].as_str().unwrap_or("?"),
+                        d["why"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if list.is_empty() {
+        "none".to_owned()
+    } else {
+        list.join("; ")
+    }
+}
