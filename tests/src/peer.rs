@@ -208,22 +208,27 @@ impl Peer {
     /// The tests use the spawned child's pid as the peer's pid: true only
     /// because `ip netns exec` execs the program in place rather than
     /// forking. Wait for the exec and so check that. The executable, not the
-    /// comm, tells: a peer may rename itself as soon as it runs.
+    /// comm, tells: a peer may rename itself as soon as it runs. Compared as
+    /// files (device and inode), not paths: in a chroot, as in the vm-test
+    /// guests, the kernel shows the path from outside it.
     fn wait_exec(&self, bin: &str) {
+        use std::os::unix::fs::MetadataExt as _;
         let exe_path = format!("/proc/{}/exe", self.pid());
-        let want = std::fs::canonicalize(bin).unwrap_or_else(|e| panic!("{bin}: {e}"));
+        let want = std::fs::metadata(bin).unwrap_or_else(|e| panic!("{bin}: {e}"));
         let deadline = Instant::now() + WAIT;
         loop {
-            let exe = std::fs::read_link(&exe_path).ok();
-            if exe.as_ref() == Some(&want) || (exe.is_none() && self.exited_as_peer()) {
+            let same_file = std::fs::metadata(&exe_path)
+                .is_ok_and(|m| m.dev() == want.dev() && m.ino() == want.ino());
+            if same_file || self.exited_as_peer() {
                 return;
             }
+            let exe = std::fs::read_link(&exe_path).ok();
             assert!(
                 Instant::now() < deadline,
                 "pid {} never ran {} (it runs {exe:?}): `ip netns exec` must exec in place; \
                  stderr: {}",
                 self.pid(),
-                want.display(),
+                bin,
                 self.stderr.text()
             );
             thread::sleep(Duration::from_millis(10));
