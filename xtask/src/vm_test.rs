@@ -219,7 +219,7 @@ fn build_tests(path: &OsString) -> Result<Vec<TestBinary>> {
 
 /// Directories the guest mounts its own file systems on (see init.sh):
 /// host files there are hidden from the tests.
-const GUEST_MOUNTS: &[&str] = &["/tmp", "/run", "/dev", "/proc", "/sys"];
+const GUEST_MOUNTS: &[&str] = &["/run", "/dev", "/proc", "/sys"];
 
 fn visible_in_guest(path: &Path) -> Result<()> {
     let hidden = GUEST_MOUNTS.iter().find(|m| path.starts_with(m));
