@@ -46,6 +46,12 @@ pub fn agent_path() -> PathBuf {
 /// under test (e.g. `6.1`).
 const VM_KERNEL_VAR: &str = "KDIAG_VM_KERNEL";
 
+/// Whether the tests run in a vm-test guest, whose emulated CPU is tens of
+/// times slower: time bounds stated for real hosts do not hold there.
+pub fn in_emulated_guest() -> bool {
+    std::env::var_os(VM_KERNEL_VAR).is_some()
+}
+
 /// Whether the calling test can go on: `true` when `available`. When not,
 /// inside a vm-test guest the test skips by name: this prints
 /// `SKIP <test>: <reason> (kernel <series>)` on its own line of stderr (not

@@ -647,10 +647,23 @@ fn assert_clean_exit(agent: &Agent, status: std::process::ExitStatus, how: &str)
     agent.assert_programs_released();
 }
 
+/// The contract: SIGINT and SIGTERM end the agent with 0 within a second
+/// (detaching, draining and the final records included).
 fn exits_cleanly_on(signal: libc::c_int, how: &str) {
     let mut agent = idle_agent(&[]);
+    let sent = std::time::Instant::now();
     let (status, _) = agent.stop_with(signal);
+    let took = sent.elapsed();
     assert_clean_exit(&agent, status, how);
+    let bound = if kdiag_tests::env::in_emulated_guest() {
+        Duration::from_secs(15)
+    } else {
+        Duration::from_secs(1)
+    };
+    assert!(
+        took < bound,
+        "{how}: exited {took:?} after the signal, over {bound:?}"
+    );
 }
 
 #[test]
