@@ -334,6 +334,9 @@ fn script(plan: &Plan, nonce: &str) -> String {
         "-i".to_owned(),
         "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
         "HOME=/root".to_owned(),
+        // The host's /tmp is visible but read-only in the guest; the scratch
+        // disk is writable (see init.sh).
+        "TMPDIR=/var/tmp".to_owned(),
         "RUST_BACKTRACE=1".to_owned(),
         format!("KDIAG_AGENT={}", plan.agent.display()),
         // Lets tests skip (by name, counted) what this guest cannot provide.

@@ -42,7 +42,7 @@ mount -t devpts devpts $H/dev/pts || die "devpts"
 mount -t tmpfs tmpfs $H/dev/shm || die "tmpfs on /dev/shm"
 # Writable scratch: /run/netns of `ip netns`. The host's /tmp stays visible
 # (a checkout may live there); the tests' temporary files go to the scratch
-# disk through TMPDIR.
+# disk through TMPDIR (guest.rs).
 mount -t tmpfs tmpfs $H/run || die "tmpfs on /run"
 # A disk file system where the host has one: the memory tests put their
 # sparse files in /var/tmp, whose page cache (unlike tmpfs's) reclaim can
@@ -61,7 +61,6 @@ for c in cpu pids io; do
 done
 ip link set lo up || die "loopback"
 
-export TMPDIR=/var/tmp
 say "guest ready: $(uname -r), $(grep MemTotal /proc/meminfo)"
 sh /results/run.sh
 sync
