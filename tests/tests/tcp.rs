@@ -238,6 +238,11 @@ fn every_connection_is_counted_exactly() {
             let at_connect = is_state(rec, "CLOSE", "SYN_SENT");
             assert_eq!(local.port() == 0, at_connect, "sport in {rec}");
             client_ports.insert(local.port());
+        } else if is_state(rec, "LISTEN", "SYN_RECV") && remote.ip().is_unspecified() {
+            // Before 6.18 (seen on 6.1 and 6.12) the kernel clones the child
+            // from its listener and reports that change before the child has
+            // its remote address: the kernel's record says 0.0.0.0:0.
+            assert_eq!((local, remote.port()), (listener, 0), "in {rec}");
         } else if !is_state(rec, "CLOSE", "LISTEN") {
             assert_eq!((local, remote.ip()), (listener, client_ip), "in {rec}");
         }
@@ -498,6 +503,15 @@ const SNMP_CONNS: u32 = 100;
 
 #[test]
 fn tcp_summary_ratio_matches_proc_net_snmp() {
+    // Measured in the vm-test guests (6.1 and 6.12 under QEMU): `ss -ti`
+    // never shows the loopback socket's total retransmits there, which this
+    // test reads as the ground truth for kdiag's per-connection count.
+    if !kdiag_tests::env::skip_unless(
+        !kdiag_tests::env::in_emulated_guest(),
+        "ss shows no total retransmits for the loopback socket in the emulated guest",
+    ) {
+        return;
+    }
     // Root namespace: the agent reads /proc/net/snmp of its own namespace,
     // so the retransmits must happen there. Loopback keeps them on the
     // machine; the port and the nftables table are this test's alone.
