@@ -506,12 +506,8 @@ impl Record for CompactSummary {
 /// averages (null without /proc/pressure/memory).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Vmstat {
-    pub allocstall: Option<u64>,
-    pub pgscan_direct: Option<u64>,
-    pub pgsteal_direct: Option<u64>,
-    pub compact_stall: Option<u64>,
-    pub compact_fail: Option<u64>,
-    pub compact_success: Option<u64>,
+    #[serde(flatten)]
+    pub counters: crate::vmstat::Counters,
     pub psi_some_avg10: Option<f64>,
     pub psi_full_avg10: Option<f64>,
     pub interval_ns: u64,
@@ -523,12 +519,12 @@ impl Record for Vmstat {
     fn text_row(&self, ts: &str) -> String {
         format!(
             "# {ts} vmstat: allocstall {} pgscan_direct {} pgsteal_direct {} compact_stall {} compact_fail {} compact_success {}; psi memory avg10 some {} full {}",
-            opt(self.allocstall),
-            opt(self.pgscan_direct),
-            opt(self.pgsteal_direct),
-            opt(self.compact_stall),
-            opt(self.compact_fail),
-            opt(self.compact_success),
+            opt(self.counters.allocstall),
+            opt(self.counters.pgscan_direct),
+            opt(self.counters.pgsteal_direct),
+            opt(self.counters.compact_stall),
+            opt(self.counters.compact_fail),
+            opt(self.counters.compact_success),
             opt(self.psi_some_avg10),
             opt(self.psi_full_avg10)
         )

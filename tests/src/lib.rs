@@ -3,8 +3,11 @@
 //! namespaces, so every fixture here owns a kernel resource (namespace,
 //! process, nftables rule, cgroup) and releases it in `Drop`, also when a test panics.
 //!
-//! Nothing here skips: without root or `KDIAG_AGENT` the fixtures panic, so
-//! a misconfigured run fails loudly instead of passing vacuously.
+//! Nothing skips on a host: without root or `KDIAG_AGENT` the fixtures panic,
+//! so a misconfigured run fails loudly instead of passing vacuously. The one
+//! exception is `env::skip_unless` inside a `cargo xtask vm-test` guest,
+//! where a test that needs what the guest cannot give prints a named `SKIP`
+//! line that vm-test counts and reports; on a host it panics too.
 
 pub mod agent;
 pub mod bpf;
