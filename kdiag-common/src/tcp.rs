@@ -73,6 +73,72 @@ impl TcpTpOffsets {
     };
 }
 
+impl TcpTpOffsets {
+    /// Where inet_sock_set_state has kept its fields since 4.16 (the
+    /// `protocol` field's arrival). The programs read a field whose offset
+    /// matches its usual one straight from the record and fall back to a
+    /// probe read otherwise (see the programs' `read`).
+    pub const USUAL_SET_STATE: Self = Self {
+        tuple: TupleOffsets {
+            sport: 24,
+            dport: 26,
+            family: 28,
+            saddr: 32,
+            daddr: 36,
+            saddr_v6: 40,
+            daddr_v6: 56,
+            _pad: 0,
+        },
+        skaddr: 8,
+        req: FIELD_ABSENT,
+        state: 20,
+        oldstate: 16,
+        protocol: 30,
+        _pad: 0,
+    };
+
+    /// tcp_retransmit_skb since 4.16 (`state`); 6.x appended `err`, which
+    /// moves nothing.
+    pub const USUAL_RETRANSMIT_SKB: Self = Self {
+        tuple: TupleOffsets {
+            sport: 28,
+            dport: 30,
+            family: 32,
+            saddr: 34,
+            daddr: 38,
+            saddr_v6: 42,
+            daddr_v6: 58,
+            _pad: 0,
+        },
+        skaddr: 16,
+        req: FIELD_ABSENT,
+        state: 24,
+        oldstate: FIELD_ABSENT,
+        protocol: FIELD_ABSENT,
+        _pad: 0,
+    };
+
+    /// tcp_retransmit_synack since 4.16 (`family`).
+    pub const USUAL_RETRANSMIT_SYNACK: Self = Self {
+        tuple: TupleOffsets {
+            sport: 24,
+            dport: 26,
+            family: 28,
+            saddr: 30,
+            daddr: 34,
+            saddr_v6: 38,
+            daddr_v6: 54,
+            _pad: 0,
+        },
+        skaddr: 8,
+        req: 16,
+        state: FIELD_ABSENT,
+        oldstate: FIELD_ABSENT,
+        protocol: FIELD_ABSENT,
+        _pad: 0,
+    };
+}
+
 /// Most ports `--port` can name; the filter lives in the kernel.
 pub const MAX_PORTS: usize = 8;
 

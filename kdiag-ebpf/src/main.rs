@@ -5,6 +5,7 @@
 #![no_main]
 
 mod compaction;
+mod mem;
 mod output;
 mod softirq;
 mod stall;

@@ -86,9 +86,13 @@ pub fn emit<C: EbpfContext, T>(ctx: &C, class: ClassId, event: &T) {
         // Waking the reader costs more than everything else an event does
         // (an irq_work, in a VM an interrupt to itself: about 10 us measured
         // per retransmit event). So no wakeup per event: the agent drains the
-        // ring on a short timer anyway, and a wakeup is forced only once a
-        // burst has filled an eighth of the ring, long before it overflows.
-        let flags = if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= WAKEUP_BYTES {
+        // ring on a short timer anyway, and a wakeup is forced only when this
+        // event's bytes cross a multiple of an eighth of the ring. Once per
+        // crossing, not for every event past it: while the reader catches
+        // up, events keep arriving, and waking it again changes nothing.
+        let queued = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
+        let after = queued + size_of::<T>() as u64;
+        let flags = if after / WAKEUP_BYTES != queued / WAKEUP_BYTES {
             BPF_RB_FORCE_WAKEUP
         } else {
             BPF_RB_NO_WAKEUP

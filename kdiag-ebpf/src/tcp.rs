@@ -9,19 +9,20 @@
 //! listener's owner through the listener map. Sockets created before the
 //! agent started are resolved by the agent from /proc.
 
-use core::ptr;
+use core::{mem::MaybeUninit, ptr};
 
 use aya_ebpf::{
+    EbpfContext as _,
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, generated as helper,
     },
     macros::{map, tracepoint},
     maps::{LruHashMap, PerCpuArray},
     programs::TracePointContext,
 };
 use kdiag_common::{
-    ClassId, EventKind, Owner,
+    COMM_LEN, ClassId, EventKind, Owner,
     tcp::{
         AF_INET, AF_INET6, FIELD_ABSENT, IPPROTO_TCP, ListenerKey, ROLE_ACTIVE, ROLE_LISTENER,
         ROLE_PASSIVE, ROLE_UNKNOWN, RetransEvent, RetransKind, STATE_TIME_KNOWN, SockInfo,
@@ -30,7 +31,10 @@ use kdiag_common::{
     },
 };
 
-use crate::output::{emit, header};
+use crate::{
+    mem,
+    output::{emit, header, header_at},
+};
 
 /// Offsets and filters, written by the agent at load.
 #[unsafe(no_mangle)]
@@ -66,13 +70,53 @@ fn config() -> &'static TcpConfig {
     unsafe { &*ptr::read_volatile(&&raw const TCP_CONFIG) }
 }
 
+/// Reads the scalar field at `offset` (from the format file) of a record
+/// whose usual layout puts it at `usual`. The verifier lets a classic
+/// tracepoint program load from its context only at an offset fixed in the
+/// instruction; aya freezes `.rodata`, so the verifier knows `offset` and
+/// checks only the branch taken. A field where it usually is costs one load;
+/// one that moved costs a probe-read helper call.
 #[inline(always)]
-fn read<T>(ctx: &TracePointContext, offset: u16) -> Result<T, i64> {
+fn read<T>(ctx: &TracePointContext, offset: u16, usual: u16) -> Result<T, i64> {
+    if offset == usual {
+        // SAFETY: the format file puts this field at `usual`, inside the
+        // record, and the usual layouts align every scalar field.
+        return Ok(unsafe { ptr::read(ctx.as_ptr().cast::<u8>().add(usual as usize).cast::<T>()) });
+    }
+    read_probed(ctx, offset)
+}
+
+/// A field through the probe-read helper, wherever it is.
+#[inline(always)]
+fn read_probed<T>(ctx: &TracePointContext, offset: u16) -> Result<T, i64> {
     if offset == FIELD_ABSENT {
         return Err(-1);
     }
     // SAFETY: the offset comes from this tracepoint's format file.
     unsafe { ctx.read_at::<T>(offset as usize) }.map_err(i64::from)
+}
+
+/// An IPv4 address field (`__u8[4]`, only 2-byte aligned in some records):
+/// two 2-byte loads where it usually is. A byte array read in one go
+/// compiles to a copy through a moved context pointer, which the verifier
+/// refuses.
+#[inline(always)]
+fn read_addr4(ctx: &TracePointContext, offset: u16, usual: u16) -> Result<[u8; 4], i64> {
+    if offset != usual {
+        return read_probed(ctx, offset);
+    }
+    let lo: u16 = read(ctx, usual, usual)?;
+    let hi: u16 = read(ctx, usual + 2, usual + 2)?;
+    let (lo, hi) = (lo.to_ne_bytes(), hi.to_ne_bytes());
+    Ok([lo[0], lo[1], hi[0], hi[1]])
+}
+
+/// One field of a record: `field!(ctx, offsets, usual, path)` reads
+/// `offsets.path`, whose usual offset is `usual.path`.
+macro_rules! field {
+    ($ctx:expr, $offsets:expr, $usual:expr, $($path:ident).+) => {
+        read($ctx, $offsets.$($path).+, $usual.$($path).+)
+    };
 }
 
 /// Reads the connection fields and applies the family and port filters.
@@ -82,11 +126,12 @@ fn read_tuple(
     ctx: &TracePointContext,
     cfg: &TcpConfig,
     offsets: &TcpTpOffsets,
+    usual: &TcpTpOffsets,
 ) -> Result<Option<TcpTuple>, i64> {
-    let o = &offsets.tuple;
-    let family: u16 = read(ctx, o.family)?;
-    let sport: u16 = read(ctx, o.sport)?;
-    let dport: u16 = read(ctx, o.dport)?;
+    let (o, u) = (&offsets.tuple, &usual.tuple);
+    let family: u16 = field!(ctx, o, u, family)?;
+    let sport: u16 = field!(ctx, o, u, sport)?;
+    let dport: u16 = field!(ctx, o, u, dport)?;
     if !cfg.family_allowed(family) || !cfg.port_allowed(sport, dport) {
         return Ok(None);
     }
@@ -98,29 +143,36 @@ fn read_tuple(
     };
     match family {
         AF_INET => {
-            let s: [u8; 4] = read(ctx, o.saddr)?;
-            let d: [u8; 4] = read(ctx, o.daddr)?;
+            let s = read_addr4(ctx, o.saddr, u.saddr)?;
+            let d = read_addr4(ctx, o.daddr, u.daddr)?;
             tuple.saddr[..4].copy_from_slice(&s);
             tuple.daddr[..4].copy_from_slice(&d);
         }
         AF_INET6 => {
-            tuple.saddr = read(ctx, o.saddr_v6)?;
-            tuple.daddr = read(ctx, o.daddr_v6)?;
+            // Probe reads: 16 bytes in one helper call.
+            tuple.saddr = read_probed(ctx, o.saddr_v6)?;
+            tuple.daddr = read_probed(ctx, o.daddr_v6)?;
         }
         _ => return Ok(None),
     }
     Ok(Some(tuple))
 }
 
-/// The current task as a socket owner. Only meaningful in process context.
+/// Writes the current task into `dst` as a socket owner. Only meaningful
+/// in process context.
+///
+/// # Safety
+/// `dst` must be valid for an `Owner`.
 #[inline(always)]
-fn current_owner() -> Owner {
-    Owner {
-        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
-        known: 1,
-        // SAFETY: helper without arguments.
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        comm: bpf_get_current_comm().unwrap_or_default(),
+unsafe fn current_owner(dst: *mut Owner) {
+    // SAFETY: per the caller; the helpers take no pointer but the comm
+    // buffer, which is `dst`'s and COMM_LEN bytes long (on failure the
+    // kernel zeroes it).
+    unsafe {
+        (*dst).tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        (*dst).known = 1;
+        (*dst).cgroup_id = bpf_get_current_cgroup_id();
+        helper::bpf_get_current_comm((&raw mut (*dst).comm).cast(), COMM_LEN as u32);
     }
 }
 
@@ -142,14 +194,14 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 
 fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
     let cfg = config();
-    let o = &cfg.set_state;
-    let protocol: u16 = read(ctx, o.protocol)?;
+    let (o, u) = (&cfg.set_state, &TcpTpOffsets::USUAL_SET_STATE);
+    let protocol: u16 = field!(ctx, o, u, protocol)?;
     if protocol != IPPROTO_TCP {
         return Ok(0);
     }
-    let sk: u64 = read(ctx, o.skaddr)?;
-    let oldstate: i32 = read(ctx, o.oldstate)?;
-    let newstate: i32 = read(ctx, o.state)?;
+    let sk: u64 = field!(ctx, o, u, skaddr)?;
+    let oldstate: i32 = field!(ctx, o, u, oldstate)?;
+    let newstate: i32 = field!(ctx, o, u, state)?;
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     // The event is built in a per-CPU slot: with the socket's state beside
@@ -171,7 +223,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
         Some(p) => {
             // SAFETY: a live map value.
             unsafe {
-                event.owner = (*p).owner;
+                mem::copy(&raw mut event.owner, &raw const (*p).owner);
                 event.created_ns = (*p).created_ns;
                 event.retrans = (*p).retrans;
                 event.role = (*p).role;
@@ -181,25 +233,33 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
             }
         }
         None => {
-            event.owner = Owner::default();
-            event.created_ns = 0;
-            event.retrans = 0;
-            event.role = ROLE_UNKNOWN;
+            // SAFETY: this CPU's event slot; all-zero is an unknown owner.
+            // Volatile stores: plain ones are merged into a memset call.
+            unsafe {
+                mem::zero(&raw mut event.owner);
+                ptr::write_volatile(&raw mut event.created_ns, 0);
+                ptr::write_volatile(&raw mut event.retrans, 0);
+                ptr::write_volatile(&raw mut event.role, ROLE_UNKNOWN);
+            }
             // A socket from before the agent started: time its states from
             // here on.
             if newstate != TCP_CLOSE {
-                let info = SockInfo {
-                    state_since_ns: now,
-                    ..SockInfo::default()
+                let mut info = MaybeUninit::<SockInfo>::uninit();
+                let info = info.as_mut_ptr();
+                // SAFETY: a stack slot for a SockInfo, all zero but its
+                // state time.
+                let _ = unsafe {
+                    mem::zero(info);
+                    (*info).state_since_ns = now;
+                    SOCKS.insert(sk, &*info, 0)
                 };
-                let _ = SOCKS.insert(sk, info, 0);
             }
             0
         }
     };
     if newstate == TCP_CLOSE {
         if oldstate == TCP_LISTEN {
-            let port: u16 = read(ctx, o.tuple.sport)?;
+            let port: u16 = field!(ctx, o, u, tuple.sport)?;
             let _ = LISTENERS.remove(listener_key(cfg, sk, port));
         }
         let _ = SOCKS.remove(sk);
@@ -207,14 +267,13 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
     if cfg.stream_states == 0 {
         return Ok(0);
     }
-    let Some(tuple) = read_tuple(ctx, cfg, o)? else {
+    let Some(tuple) = read_tuple(ctx, cfg, o, u)? else {
         return Ok(0);
     };
-    event.header = header(EventKind::TcpState);
     // Stamped with the clock read that timed the states, so that a closed
     // connection's state times add up exactly to its duration (both are
     // differences of these reads).
-    event.header.ts_ns = now;
+    event.header = header_at(EventKind::TcpState, now);
     event.sock_id = sk;
     event.tuple = tuple;
     event.oldstate = oldstate;
@@ -237,47 +296,65 @@ fn record_birth(
     newstate: i32,
     now: u64,
 ) -> Result<(), i64> {
-    let (owner, role) = match newstate {
-        TCP_SYN_SENT | TCP_LISTEN => {
-            // connect() or listen(): process context, the caller owns it.
-            let owner = current_owner();
-            if newstate == TCP_LISTEN {
-                let port: u16 = read(ctx, cfg.set_state.tuple.sport)?;
-                LISTENERS
-                    .insert(listener_key(cfg, sk, port), owner, 0)
-                    .map_err(i64::from)?;
-                (owner, ROLE_LISTENER)
-            } else {
-                (owner, ROLE_ACTIVE)
-            }
-        }
-        TCP_SYN_RECV if oldstate == TCP_LISTEN => {
-            // A child cloned from its listener, in softirq
-            // (inet_csk_clone_lock): the listener's owner will accept() it.
-            let port: u16 = read(ctx, cfg.set_state.tuple.sport)?;
-            // SAFETY: the value is copied out at once.
-            let owner = unsafe { LISTENERS.get(listener_key(cfg, sk, port)) }
-                .copied()
-                .unwrap_or_default();
-            (owner, ROLE_PASSIVE)
-        }
+    let role = match newstate {
+        TCP_SYN_SENT => ROLE_ACTIVE,
+        TCP_LISTEN => ROLE_LISTENER,
+        TCP_SYN_RECV if oldstate == TCP_LISTEN => ROLE_PASSIVE,
         _ => return Ok(()),
     };
-    let info = SockInfo {
-        owner,
-        role,
-        created_ns: now,
-        ..SockInfo::default()
+    let mut info = MaybeUninit::<SockInfo>::uninit();
+    let info = info.as_mut_ptr();
+    // SAFETY: a stack slot for a SockInfo; all zero is a valid one.
+    unsafe {
+        mem::zero(info);
+        (*info).role = role;
+        (*info).created_ns = now;
+    }
+    // SAFETY: a field of that slot.
+    let owner = unsafe { &raw mut (*info).owner };
+    let port = || {
+        field!(
+            ctx,
+            cfg.set_state,
+            TcpTpOffsets::USUAL_SET_STATE,
+            tuple.sport
+        )
     };
-    SOCKS.insert(sk, info, 0).map_err(i64::from)
+    if role == ROLE_PASSIVE {
+        // A child cloned from its listener, in softirq
+        // (inet_csk_clone_lock): the listener's owner will accept() it.
+        let key = listener_key(cfg, sk, port()?);
+        if let Some(listener) = LISTENERS.get_ptr(key) {
+            // SAFETY: a live map value, copied at once.
+            unsafe { mem::copy(owner, listener) };
+        }
+    } else {
+        // connect() or listen(): process context, the caller owns it.
+        // SAFETY: `owner` is valid, see above.
+        unsafe { current_owner(owner) };
+        if role == ROLE_LISTENER {
+            // SAFETY: just written.
+            let owner = unsafe { &*owner };
+            LISTENERS
+                .insert(listener_key(cfg, sk, port()?), owner, 0)
+                .map_err(i64::from)?;
+        }
+    }
+    // SAFETY: filled in above.
+    SOCKS.insert(sk, unsafe { &*info }, 0).map_err(i64::from)
 }
 
 #[inline(always)]
 fn listener_key(cfg: &TcpConfig, sk: u64, port: u16) -> ListenerKey {
-    ListenerKey {
-        net: sock_net(cfg, sk),
-        port,
-        _pad: [0; 6],
+    let mut key = MaybeUninit::<ListenerKey>::uninit();
+    let p = key.as_mut_ptr();
+    // SAFETY: a stack slot for a ListenerKey: zeroed (its padding is part of
+    // the map key), then filled.
+    unsafe {
+        mem::zero(p);
+        (*p).net = sock_net(cfg, sk);
+        (*p).port = port;
+        key.assume_init()
     }
 }
 
@@ -288,13 +365,13 @@ pub fn retransmit_skb(ctx: TracePointContext) -> u32 {
 
 fn try_retransmit_skb(ctx: &TracePointContext) -> Result<u32, i64> {
     let cfg = config();
-    let o = &cfg.retransmit_skb;
-    let Some(tuple) = read_tuple(ctx, cfg, o)? else {
+    let (o, u) = (&cfg.retransmit_skb, &TcpTpOffsets::USUAL_RETRANSMIT_SKB);
+    let Some(tuple) = read_tuple(ctx, cfg, o, u)? else {
         return Ok(0);
     };
-    let sk: u64 = read(ctx, o.skaddr)?;
+    let sk: u64 = field!(ctx, o, u, skaddr)?;
     // `state` exists since 4.16; without it every retransmit is "data".
-    let state: i32 = read(ctx, o.state).unwrap_or(0);
+    let state: i32 = field!(ctx, o, u, state).unwrap_or(0);
     let (owner, conn_retrans) = match SOCKS.get_ptr_mut(sk) {
         Some(info) => {
             // SAFETY: a live map value. A plain increment is enough: the
@@ -343,14 +420,17 @@ pub fn retransmit_synack(ctx: TracePointContext) -> u32 {
 
 fn try_retransmit_synack(ctx: &TracePointContext) -> Result<u32, i64> {
     let cfg = config();
-    let o = &cfg.retransmit_synack;
-    let Some(tuple) = read_tuple(ctx, cfg, o)? else {
+    let (o, u) = (
+        &cfg.retransmit_synack,
+        &TcpTpOffsets::USUAL_RETRANSMIT_SYNACK,
+    );
+    let Some(tuple) = read_tuple(ctx, cfg, o, u)? else {
         return Ok(0);
     };
     // `skaddr` is the listener; the request socket identifies the
     // connection being set up.
-    let listener: u64 = read(ctx, o.skaddr)?;
-    let req: u64 = read(ctx, o.req)?;
+    let listener: u64 = field!(ctx, o, u, skaddr)?;
+    let req: u64 = field!(ctx, o, u, req)?;
     // SAFETY: the value is copied out immediately.
     let owner = unsafe { SOCKS.get(listener) }
         .map(|info| info.owner)

@@ -122,6 +122,58 @@ mod tests {
         assert_eq!(tcp_offsets(None), TcpTpOffsets::ABSENT);
     }
 
+    /// The usual layouts the programs read directly are what the kernel's
+    /// format files say (these are 6.18's; 4.16 to 6.17 differ only by
+    /// tcp_retransmit_skb's trailing `err`).
+    #[test]
+    fn usual_layouts_match_the_format_files() {
+        let field = |decl: &str, offset: u16, size: u16| {
+            format!("\tfield:{decl};\toffset:{offset};\tsize:{size};\tsigned:0;\n")
+        };
+        let tuple = |at: u16, v4: u16| {
+            [
+                field("__u16 sport", at, 2),
+                field("__u16 dport", at + 2, 2),
+                field("__u16 family", at + 4, 2),
+                field("__u8 saddr[4]", v4, 4),
+                field("__u8 daddr[4]", v4 + 4, 4),
+                field("__u8 saddr_v6[16]", v4 + 8, 16),
+                field("__u8 daddr_v6[16]", v4 + 24, 16),
+            ]
+            .concat()
+        };
+        let set_state = [
+            field("const void * skaddr", 8, 8),
+            field("int oldstate", 16, 4),
+            field("int newstate", 20, 4),
+            tuple(24, 32),
+            field("__u16 protocol", 30, 2),
+        ]
+        .concat();
+        let retransmit_skb = [
+            field("const void * skbaddr", 8, 8),
+            field("const void * skaddr", 16, 8),
+            field("int state", 24, 4),
+            tuple(28, 34),
+            field("int err", 76, 4),
+        ]
+        .concat();
+        let retransmit_synack = [
+            field("const void * skaddr", 8, 8),
+            field("const void * req", 16, 8),
+            tuple(24, 30),
+        ]
+        .concat();
+        let parse =
+            |fields: &str| tcp_offsets(Some(&parse_format(&format!("format:\n{fields}")).unwrap()));
+        assert_eq!(parse(&set_state), TcpTpOffsets::USUAL_SET_STATE);
+        assert_eq!(parse(&retransmit_skb), TcpTpOffsets::USUAL_RETRANSMIT_SKB);
+        assert_eq!(
+            parse(&retransmit_synack),
+            TcpTpOffsets::USUAL_RETRANSMIT_SYNACK
+        );
+    }
+
     #[test]
     fn filter_limits() {
         assert!(TcpFilter::new(&[1; 9], false, false, false).is_err());
