@@ -96,9 +96,9 @@ pub fn load(
     } else {
         RING_BYTES
     };
-    let mut loader = EbpfLoader::new();
-    // No CO-RE relocations in these programs: skip parsing the kernel's BTF
-    // (tens of MiB of peak memory).
+    let mut loader = loader_without_kernel_btf();
+    // No CO-RE relocations in these programs: no kernel BTF (also when the
+    // loader above had to parse it).
     loader
         .btf(None)
         .override_global("TRANSPORT", &wire_transport, true)
@@ -124,6 +124,30 @@ pub fn load(
         attached,
         degraded,
     })
+}
+
+/// aya 0.14's `EbpfLoader::new()` reads and parses the kernel's whole BTF
+/// (about 15 MiB of memory and 20 ms here) before `.btf(None)` can say it
+/// is not wanted (aya issue 1172; later aya versions parse lazily). So the
+/// loader is made on a thread of its own whose root directory is /proc,
+/// where /sys/kernel/btf/vmlinux does not exist: aya's read fails and it
+/// parses nothing. The root is that thread's alone (`unshare(CLONE_FS)`)
+/// and the thread ends at once. Where chroot is not allowed (no
+/// CAP_SYS_CHROOT, a seccomp profile), the loader is made the usual way.
+fn loader_without_kernel_btf() -> EbpfLoader<'static> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: plain syscalls on this thread's own file system
+                // context; the path is a NUL-terminated literal.
+                let _ = unsafe {
+                    libc::unshare(libc::CLONE_FS) == 0 && libc::chroot(c"/proc".as_ptr()) == 0
+                };
+                EbpfLoader::new()
+            })
+            .join()
+    })
+    .unwrap_or_else(|_| EbpfLoader::new())
 }
 
 fn give_up_or_degrade(
