@@ -2,8 +2,8 @@
 
 use time::{OffsetDateTime, format_description::FormatItem, macros::format_description};
 
-const RFC3339_NANOS: &[FormatItem<'static>] =
-    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:9]Z");
+const SECOND: &[FormatItem<'static>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].");
 
 fn clock_ns(clock: libc::clockid_t) -> i128 {
     let mut ts = libc::timespec {
@@ -20,18 +20,28 @@ pub fn monotonic_ns() -> u64 {
     clock_ns(libc::CLOCK_MONOTONIC) as u64
 }
 
+/// Length of an RFC 3339 UTC time with nanoseconds:
+/// `2026-11-21T22:36:07.000000042Z`.
+pub const RFC3339_LEN: usize = 30;
+
+/// `YYYY-MM-DDTHH:MM:SS.`, the part that changes once a second.
+const SECOND_LEN: usize = 20;
+
 /// Converts monotonic timestamps to wall time. The offset between the two
 /// clocks moves when the wall clock is stepped (NTP, an operator), so the
 /// agent calls [`WallClock::resync`] every interval.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct WallClock {
     /// CLOCK_REALTIME - CLOCK_MONOTONIC, in nanoseconds.
     offset_ns: i128,
+    /// The last second formatted, and its text: records come thousands a
+    /// second, and calendar arithmetic is most of a timestamp's cost.
+    second: Option<(i128, [u8; SECOND_LEN])>,
 }
 
 impl WallClock {
     pub fn now() -> Self {
-        let mut clock = Self { offset_ns: 0 };
+        let mut clock = Self::with_offset(0);
         clock.resync();
         clock
     }
@@ -40,22 +50,62 @@ impl WallClock {
         self.offset_ns = clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC);
     }
 
-    #[cfg(test)]
     pub fn with_offset(offset_ns: i128) -> Self {
-        Self { offset_ns }
+        Self {
+            offset_ns,
+            second: None,
+        }
     }
 
-    /// RFC 3339 UTC with nanoseconds, appended to `out`.
-    pub fn format_into(&self, mono_ns: u64, out: &mut String) {
+    /// RFC 3339 UTC with nanoseconds.
+    pub fn format(&mut self, mono_ns: u64) -> [u8; RFC3339_LEN] {
         let unix_ns = i128::from(mono_ns) + self.offset_ns;
-        let formatted = OffsetDateTime::from_unix_timestamp_nanos(unix_ns)
-            .ok()
-            .and_then(|t| t.format(RFC3339_NANOS).ok());
-        out.push_str(
-            formatted
-                .as_deref()
-                .unwrap_or("1970-01-01T00:00:00.000000000Z"),
+        let (sec, nanos) = (
+            unix_ns.div_euclid(1_000_000_000),
+            unix_ns.rem_euclid(1_000_000_000),
         );
+        let prefix = match self.second {
+            Some((cached, text)) if cached == sec => text,
+            _ => {
+                let text = second_text(sec);
+                self.second = Some((sec, text));
+                text
+            }
+        };
+        let mut out = [0u8; RFC3339_LEN];
+        out[..SECOND_LEN].copy_from_slice(&prefix);
+        let mut n = nanos as u32;
+        for digit in out[SECOND_LEN..RFC3339_LEN - 1].iter_mut().rev() {
+            *digit = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        out[RFC3339_LEN - 1] = b'Z';
+        out
+    }
+
+    /// [`WallClock::format`], appended to `out`.
+    pub fn format_into(&mut self, mono_ns: u64, out: &mut String) {
+        let text = self.format(mono_ns);
+        // ASCII digits and punctuation only.
+        out.push_str(std::str::from_utf8(&text).unwrap_or_default());
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.` of a unix second; times the calendar cannot hold
+/// come out as the epoch.
+fn second_text(sec: i128) -> [u8; SECOND_LEN] {
+    const EPOCH: &[u8; SECOND_LEN] = b"1970-01-01T00:00:00.";
+    let formatted = i64::try_from(sec)
+        .ok()
+        .and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok())
+        .and_then(|t| t.format(SECOND).ok());
+    match formatted {
+        Some(f) if f.len() == SECOND_LEN => {
+            let mut text = [0u8; SECOND_LEN];
+            text.copy_from_slice(f.as_bytes());
+            text
+        }
+        _ => *EPOCH,
     }
 }
 
@@ -66,10 +116,28 @@ mod tests {
     #[test]
     fn formats_rfc3339_with_nanoseconds() {
         // 2026-11-21T22:36:07.000000042Z is 1795300567 s after the epoch.
-        let clock = WallClock::with_offset(1_795_300_567_000_000_000);
+        let mut clock = WallClock::with_offset(1_795_300_567_000_000_000);
         let mut s = String::new();
         clock.format_into(42, &mut s);
         assert_eq!(s, "2026-11-21T22:36:07.000000042Z");
+    }
+
+    #[test]
+    fn cached_second_follows_the_clock() {
+        let mut clock = WallClock::with_offset(1_795_300_567_000_000_000);
+        let text = |c: &mut WallClock, ns| String::from_utf8(c.format(ns).to_vec()).unwrap();
+        assert_eq!(
+            text(&mut clock, 999_999_999),
+            "2026-11-21T22:36:07.999999999Z"
+        );
+        assert_eq!(
+            text(&mut clock, 1_000_000_000),
+            "2026-11-21T22:36:08.000000000Z"
+        );
+        // Back in time (a stepped clock, records from another CPU).
+        assert_eq!(text(&mut clock, 5), "2026-11-21T22:36:07.000000005Z");
+        let mut before_epoch = WallClock::with_offset(-1);
+        assert_eq!(text(&mut before_epoch, 0), "1969-12-31T23:59:59.999999999Z");
     }
 
     #[test]

@@ -5,7 +5,10 @@ use std::{
     io::{self, Write},
 };
 
-use crate::{clock::WallClock, record::Record};
+use crate::{
+    clock::{RFC3339_LEN, WallClock},
+    record::Record,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -21,8 +24,7 @@ pub struct Output {
     /// The host name, already JSON-escaped and quoted.
     host_json: String,
     clock: WallClock,
-    /// Reused for every line: no allocation per record once warm.
-    line: String,
+    /// Reused for every record: no allocation per record once warm.
     body: Vec<u8>,
     headers_written: HashSet<&'static str>,
 }
@@ -34,7 +36,6 @@ impl Output {
             format,
             host_json: serde_json::to_string(host).unwrap_or_else(|_| "\"\"".to_owned()),
             clock,
-            line: String::with_capacity(512),
             body: Vec::with_capacity(512),
             headers_written: HashSet::new(),
         }
@@ -46,39 +47,36 @@ impl Output {
 
     /// Writes one record stamped with the monotonic time `mono_ns`.
     pub fn write<R: Record>(&mut self, mono_ns: u64, record: &R) -> io::Result<()> {
-        self.line.clear();
         match self.format {
             Format::Json => {
                 self.body.clear();
                 serde_json::to_writer(&mut self.body, record)?;
-                self.line.push_str("{\"v\":1,\"type\":\"");
-                self.line.push_str(R::TYPE);
-                self.line.push_str("\",\"ts\":\"");
-                self.clock.format_into(mono_ns, &mut self.line);
-                self.line.push_str("\",\"host\":");
-                self.line.push_str(&self.host_json);
-                // The body is a JSON object: splice its members in after the
-                // envelope's.
-                let members = std::str::from_utf8(&self.body)
-                    .map_err(io::Error::other)?
-                    .trim_start_matches('{');
-                if members != "}" {
-                    self.line.push(',');
+                // The body is a JSON object: its members are spliced in after
+                // the envelope's, straight into the output buffer.
+                let members = self.body.strip_prefix(b"{").unwrap_or(&self.body);
+                let out = &mut self.out;
+                out.write_all(b"{\"v\":1,\"type\":\"")?;
+                out.write_all(R::TYPE.as_bytes())?;
+                out.write_all(b"\",\"ts\":\"")?;
+                out.write_all(&self.clock.format(mono_ns))?;
+                out.write_all(b"\",\"host\":")?;
+                out.write_all(self.host_json.as_bytes())?;
+                if members != b"}" {
+                    out.write_all(b",")?;
                 }
-                self.line.push_str(members);
+                out.write_all(members)?;
             }
             Format::Text => {
                 if !R::TEXT_HEADER.is_empty() && self.headers_written.insert(R::TYPE) {
                     self.out.write_all(R::TEXT_HEADER.as_bytes())?;
                     self.out.write_all(b"\n")?;
                 }
-                let mut ts = String::with_capacity(32);
+                let mut ts = String::with_capacity(RFC3339_LEN);
                 self.clock.format_into(mono_ns, &mut ts);
-                self.line.push_str(&record.text_row(&ts));
+                self.out.write_all(record.text_row(&ts).as_bytes())?;
             }
         }
-        self.line.push('\n');
-        self.out.write_all(self.line.as_bytes())
+        self.out.write_all(b"\n")
     }
 
     pub fn flush(&mut self) -> io::Result<()> {
@@ -125,9 +123,9 @@ mod tests {
             },
             conn: Endpoints {
                 family: "ipv4",
-                saddr: "10.0.0.2".to_owned(),
+                saddr: [10, 0, 0, 2].into(),
                 sport: 50000,
-                daddr: "10.0.0.1".to_owned(),
+                daddr: [10, 0, 0, 1].into(),
                 dport: 9001,
             },
             state: "SYN_SENT",

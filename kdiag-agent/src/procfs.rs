@@ -6,7 +6,7 @@
 use std::{
     fs,
     io::{self, BufRead as _},
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::unix::fs::MetadataExt as _,
     path::Path,
 };
@@ -145,12 +145,13 @@ pub fn hostname() -> String {
         .unwrap_or_default()
 }
 
-/// Formats a TCP address for output.
-pub fn format_addr(family_v6: bool, addr: &[u8; 16]) -> String {
+/// A TCP address as the kernel programs report it: IPv4 in the first four
+/// bytes.
+pub fn ip_addr(family_v6: bool, addr: &[u8; 16]) -> IpAddr {
     if family_v6 {
-        Ipv6Addr::from(*addr).to_string()
+        IpAddr::V6(Ipv6Addr::from(*addr))
     } else {
-        Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]).to_string()
+        IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
     }
 }
 
