@@ -4,7 +4,11 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use aya::{Ebpf, EbpfError, EbpfLoader, programs::TracePoint, util::KernelVersion};
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    programs::{RawTracePoint, TracePoint},
+    util::KernelVersion,
+};
 use kdiag_common::Transport;
 
 use crate::{
@@ -63,7 +67,7 @@ pub fn load(
         }
     }
     let mut formats = Formats::default();
-    for tp in &tracepoints {
+    for tp in tracepoints.iter().filter(|tp| !tp.raw) {
         match tracefs.format(tp.group, tp.name) {
             Ok(f) => formats.insert(tp.program, f),
             Err(e) => give_up_or_degrade(tp, e.to_string(), &mut degraded)?,
@@ -110,7 +114,7 @@ pub fn load(
 
     let mut attached = Vec::new();
     for tp in &tracepoints {
-        if !formats.contains(tp.program) {
+        if !tp.raw && !formats.contains(tp.program) {
             continue;
         }
         match attach(&mut ebpf, tp) {
@@ -169,15 +173,22 @@ fn give_up_or_degrade(
 }
 
 fn attach(ebpf: &mut Ebpf, tp: &Tracepoint) -> Result<(), String> {
-    let program: &mut TracePoint = ebpf
+    let program = ebpf
         .program_mut(tp.program)
-        .ok_or_else(|| format!("program {} missing from the object", tp.program))?
-        .try_into()
-        .map_err(|e| format!("{e}"))?;
-    program.load().map_err(|e| format!("verifier: {e}"))?;
-    program
-        .attach(tp.group, tp.name)
-        .map_err(|e| format!("attach: {e}"))?;
+        .ok_or_else(|| format!("program {} missing from the object", tp.program))?;
+    if tp.raw {
+        let program: &mut RawTracePoint = program.try_into().map_err(|e| format!("{e}"))?;
+        program.load().map_err(|e| format!("verifier: {e}"))?;
+        program
+            .attach(tp.name)
+            .map_err(|e| format!("attach: {e}"))?;
+    } else {
+        let program: &mut TracePoint = program.try_into().map_err(|e| format!("{e}"))?;
+        program.load().map_err(|e| format!("verifier: {e}"))?;
+        program
+            .attach(tp.group, tp.name)
+            .map_err(|e| format!("attach: {e}"))?;
+    }
     Ok(())
 }
 

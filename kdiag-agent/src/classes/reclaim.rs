@@ -36,6 +36,7 @@ const fn tp(name: &'static str, program: &'static str) -> Tracepoint {
         name,
         program,
         required: true,
+        raw: false,
     }
 }
 
