@@ -1,10 +1,20 @@
-//! Just enough of a BTF reader to find member offsets and enum values in
-//! the running kernel's types (/sys/kernel/btf/vmlinux), without parsing the
-//! whole type graph: a single pass over the type section per lookup.
+//! Just enough of a BTF reader to find struct member offsets and enum values
+//! in the running kernel's types (/sys/kernel/btf/vmlinux).
+//!
+//! The file is megabytes long and the agent wants a handful of numbers from
+//! it, so it is never held in memory: a caller asks for everything it needs
+//! in one batch, answered by streaming the file through a small buffer. BTF
+//! names types and members by offsets into its string section, so a first
+//! pass over the strings finds the offsets of the wanted names and a second
+//! pass over the types compares offsets instead of strings. Memory is
+//! bounded by the buffer and the batch, whatever the file says.
 //!
 //! Format: include/uapi/linux/btf.h and Documentation/bpf/btf.rst.
 
-use std::{fs, io, path::Path};
+use std::{
+    fs::File,
+    io::{self, BufRead, BufReader, Read, Seek, SeekFrom},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
@@ -12,210 +22,1023 @@ pub enum BtfError {
     Read { path: String, source: io::Error },
     #[error("malformed BTF: {0}")]
     Malformed(&'static str),
-    #[error("struct {0} has no member {1} in the kernel's BTF")]
+    /// The container ("struct sock_common", "enum cgroup_subsys_id") and the
+    /// member or enumerator that no type of that name has.
+    #[error("{0} has no member {1} in the kernel's BTF")]
     NotFound(String, String),
 }
 
+/// A struct member whose byte offset is wanted: `(struct, member)`.
+pub type Member<'a> = (&'a str, &'a str);
+/// An enumerator whose value is wanted: `(enum, enumerator)`.
+pub type Enumerator<'a> = (&'a str, &'a str);
+
 const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 const MAGIC: u16 = 0xeb9f;
+const VERSION: u8 = 1;
+/// The header this reader knows; newer kernels may append fields to it.
+const HEADER_LEN: u32 = 24;
+/// No header comes near this: a larger one is garbage, not a newer format.
+const MAX_HEADER_LEN: u32 = 4096;
+/// Large enough that a regular file takes few reads and most skips need no
+/// seek; sysfs hands over a page per read whatever the buffer.
+const BUF_LEN: usize = 64 * 1024;
+/// Deduplicated BTF, as the kernel's is, holds each name once; more copies
+/// than this of the wanted names mean a file not worth growing memory for.
+const MAX_NAME_COPIES: usize = 1024;
 
-// Kinds (BTF_KIND_*) and the bytes that follow each type's 12-byte header.
+// Kinds (BTF_KIND_*).
 const KIND_INT: u32 = 1;
+const KIND_PTR: u32 = 2;
 const KIND_ARRAY: u32 = 3;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 const KIND_ENUM: u32 = 6;
+const KIND_FWD: u32 = 7;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC: u32 = 12;
 const KIND_FUNC_PROTO: u32 = 13;
 const KIND_VAR: u32 = 14;
 const KIND_DATASEC: u32 = 15;
+const KIND_FLOAT: u32 = 16;
 const KIND_DECL_TAG: u32 = 17;
+const KIND_TYPE_TAG: u32 = 18;
 const KIND_ENUM64: u32 = 19;
 
-/// The running kernel's BTF.
-pub fn vmlinux() -> Result<Vec<u8>, BtfError> {
-    fs::read(Path::new(VMLINUX)).map_err(|source| BtfError::Read {
+/// The byte offsets of `members` and the values of `enumerators` in the
+/// running kernel's BTF, in the order asked, from one pass over the file.
+/// Fails unless every one is found.
+pub fn resolve<const M: usize, const E: usize>(
+    members: [Member; M],
+    enumerators: [Enumerator; E],
+) -> Result<([u32; M], [i64; E]), BtfError> {
+    let file = File::open(VMLINUX).map_err(|source| BtfError::Read {
         path: VMLINUX.to_owned(),
         source,
+    })?;
+    resolve_in(file, VMLINUX, members, enumerators)
+}
+
+/// [`resolve`] in the BTF that `reader` holds; `path` names it in errors.
+///
+/// A struct member's offset is that of the first struct of that name that
+/// has the member; a bitfield's is the byte its first bit is in. Enumerator
+/// values are signed or unsigned as their enum says. Members of nested
+/// anonymous structs and unions, and enumerators of 64-bit enums, are not
+/// looked for.
+pub fn resolve_in<R: Read + Seek, const M: usize, const E: usize>(
+    reader: R,
+    path: &str,
+    members: [Member; M],
+    enumerators: [Enumerator; E],
+) -> Result<([u32; M], [i64; E]), BtfError> {
+    let batch = Batch::new(&members, &enumerators);
+    let mut reader = Reader {
+        inner: BufReader::with_capacity(BUF_LEN, reader),
+        path,
+    };
+    let header = Header::read(&mut reader)?;
+    let names = NameOffsets::find(&mut reader, header.strings, &batch.names)?;
+    let found = batch.find(&mut reader, header.types, &names)?;
+    Ok((
+        answers(found.offsets, &members, "struct")?,
+        answers(found.values, &enumerators, "enum")?,
+    ))
+}
+
+/// The answers as an array, or which query has none.
+fn answers<T: Copy + Default, const N: usize>(
+    found: Vec<Option<T>>,
+    queries: &[(&str, &str); N],
+    container: &str,
+) -> Result<[T; N], BtfError> {
+    let mut out = [T::default(); N];
+    for ((slot, answer), (owner, name)) in out.iter_mut().zip(found).zip(queries) {
+        *slot = answer.ok_or_else(|| {
+            BtfError::NotFound(format!("{container} {owner}"), (*name).to_owned())
+        })?;
+    }
+    Ok(out)
+}
+
+/// The file, buffered, with errors that say what went wrong in BTF terms.
+struct Reader<'p, R> {
+    inner: BufReader<R>,
+    path: &'p str,
+}
+
+impl<R: Read + Seek> Reader<'_, R> {
+    fn seek(&mut self, to: u64) -> Result<(), BtfError> {
+        self.inner
+            .seek(SeekFrom::Start(to))
+            .map(drop)
+            .map_err(|e| self.error(e))
+    }
+
+    /// Skips `n` bytes, without a system call when they are buffered.
+    fn skip(&mut self, n: u32) -> Result<(), BtfError> {
+        self.inner
+            .seek_relative(i64::from(n))
+            .map_err(|e| self.error(e))
+    }
+
+    /// The next `N` little-endian 32-bit words.
+    fn words<const N: usize>(&mut self) -> Result<[u32; N], BtfError> {
+        let mut bytes = [[0; 4]; N];
+        self.inner
+            .read_exact(bytes.as_flattened_mut())
+            .map_err(|e| self.error(e))?;
+        Ok(bytes.map(u32::from_le_bytes))
+    }
+
+    /// The buffered bytes, at most `limit` of them; never empty.
+    fn chunk(&mut self, limit: u32) -> Result<&[u8], BtfError> {
+        let path = self.path;
+        let buf = self.inner.fill_buf().map_err(|e| error(path, e))?;
+        if buf.is_empty() {
+            return Err(BtfError::Malformed("truncated"));
+        }
+        Ok(&buf[..buf.len().min(limit as usize)])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.inner.consume(n);
+    }
+
+    fn error(&self, e: io::Error) -> BtfError {
+        error(self.path, e)
+    }
+}
+
+/// A file that ends early is malformed; any other failure is a read error.
+fn error(path: &str, source: io::Error) -> BtfError {
+    if source.kind() == io::ErrorKind::UnexpectedEof {
+        BtfError::Malformed("truncated")
+    } else {
+        BtfError::Read {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// Where a section is in the file.
+#[derive(Clone, Copy)]
+struct Section {
+    start: u64,
+    len: u32,
+}
+
+/// Where the type and string sections are.
+struct Header {
+    types: Section,
+    strings: Section,
+}
+
+impl Header {
+    fn read<R: Read + Seek>(reader: &mut Reader<R>) -> Result<Self, BtfError> {
+        let [magic_version, hdr_len, type_off, type_len, str_off, str_len] = reader.words()?;
+        if magic_version as u16 != MAGIC {
+            return Err(BtfError::Malformed("bad magic (or not little-endian)"));
+        }
+        if (magic_version >> 16) as u8 != VERSION {
+            return Err(BtfError::Malformed("unknown version"));
+        }
+        if !(HEADER_LEN..=MAX_HEADER_LEN).contains(&hdr_len) {
+            return Err(BtfError::Malformed("implausible header length"));
+        }
+        // Section offsets count from the end of the header.
+        let section = |off: u32, len| Section {
+            start: u64::from(hdr_len) + u64::from(off),
+            len,
+        };
+        Ok(Self {
+            types: section(type_off, type_len),
+            strings: section(str_off, str_len),
+        })
+    }
+}
+
+/// The names a batch asks for, each once, and its queries as indexes into
+/// them: (struct, member) or (enum, enumerator).
+struct Batch<'a> {
+    names: Vec<&'a str>,
+    members: Vec<(usize, usize)>,
+    enumerators: Vec<(usize, usize)>,
+}
+
+impl<'a> Batch<'a> {
+    fn new(members: &[Member<'a>], enumerators: &[Enumerator<'a>]) -> Self {
+        let mut names = Vec::new();
+        let mut pairs = |queries: &[(&'a str, &'a str)]| -> Vec<(usize, usize)> {
+            queries
+                .iter()
+                .map(|&(owner, name)| (intern(&mut names, owner), intern(&mut names, name)))
+                .collect()
+        };
+        let members = pairs(members);
+        let enumerators = pairs(enumerators);
+        Self {
+            names,
+            members,
+            enumerators,
+        }
+    }
+
+    /// Walks the type section until every query has an answer or the
+    /// section ends.
+    fn find<R: Read + Seek>(
+        &self,
+        reader: &mut Reader<R>,
+        types: Section,
+        names: &NameOffsets,
+    ) -> Result<Found, BtfError> {
+        let mut walk = Walk {
+            batch: self,
+            names,
+            found: Found {
+                offsets: vec![None; self.members.len()],
+                values: vec![None; self.enumerators.len()],
+                missing: self.members.len() + self.enumerators.len(),
+            },
+        };
+        reader.seek(types.start)?;
+        let mut left = types.len;
+        while left > 0 && walk.found.missing > 0 {
+            walk.next_type(reader, &mut left)?;
+        }
+        Ok(walk.found)
+    }
+}
+
+/// The index of `name` in `names`, added if new.
+fn intern<'a>(names: &mut Vec<&'a str>, name: &'a str) -> usize {
+    names.iter().position(|&n| n == name).unwrap_or_else(|| {
+        names.push(name);
+        names.len() - 1
     })
 }
 
-/// Byte offset of `skc_net` in `struct sock`. `struct sock` begins with its
-/// `struct sock_common __sk_common`, so the offset within sock_common is the
-/// offset within sock.
-pub fn sk_net_offset() -> Result<u32, BtfError> {
-    member_offset(&vmlinux()?, "sock_common", "skc_net")
+/// The answers so far, by query; `missing` counts those still unanswered.
+struct Found {
+    offsets: Vec<Option<u32>>,
+    values: Vec<Option<i64>>,
+    missing: usize,
 }
 
-/// Byte offset of `member` in the struct named `name`.
-pub fn member_offset(data: &[u8], name: &str, member: &str) -> Result<u32, BtfError> {
-    let found = find_type(data, KIND_STRUCT, name, |strings, entries, kind_flag| {
-        entries.chunks_exact(12).find_map(|m| {
-            let word = |i: usize| u32::from_le_bytes([m[i], m[i + 1], m[i + 2], m[i + 3]]);
-            (string(strings, word(0)) == member.as_bytes()).then(|| {
-                // With kind_flag set the top 8 bits hold a bitfield size.
-                let raw = word(8);
-                let bits = if kind_flag { raw & 0xff_ffff } else { raw };
-                bits / 8
-            })
-        })
-    })?;
-    found.ok_or_else(|| BtfError::NotFound(name.to_owned(), member.to_owned()))
+/// A walk over the type section for one batch.
+struct Walk<'w, 'a> {
+    batch: &'w Batch<'a>,
+    names: &'w NameOffsets,
+    found: Found,
 }
 
-/// The value of `variant` in the enum named `name`.
-pub fn enum_value(data: &[u8], name: &str, variant: &str) -> Result<i64, BtfError> {
-    let found = find_type(data, KIND_ENUM, name, |strings, entries, _| {
-        entries.chunks_exact(8).find_map(|e| {
-            let word = |i: usize| u32::from_le_bytes([e[i], e[i + 1], e[i + 2], e[i + 3]]);
-            (string(strings, word(0)) == variant.as_bytes()).then(|| i64::from(word(4) as i32))
-        })
-    })?;
-    found.ok_or_else(|| BtfError::NotFound(name.to_owned(), variant.to_owned()))
-}
-
-/// The NUL-terminated string at `off` of the string section.
-fn string(strings: &[u8], off: u32) -> &[u8] {
-    let s = strings.get(off as usize..).unwrap_or_default();
-    &s[..s.iter().position(|&b| b == 0).unwrap_or(s.len())]
-}
-
-/// Scans the type section for types of `kind` named `name` and returns the
-/// first `Some` that `look` gives for one of them. `look` gets the string
-/// lookup, the bytes that follow the type's header (members, enumerators)
-/// and its kind_flag.
-fn find_type<R>(
-    data: &[u8],
-    want_kind: u32,
-    name: &str,
-    look: impl Fn(&[u8], &[u8], bool) -> Option<R>,
-) -> Result<Option<R>, BtfError> {
-    let u16_at = |off: usize| -> Result<u16, BtfError> {
-        data.get(off..off + 2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-            .ok_or(BtfError::Malformed("truncated"))
-    };
-    let u32_at = |off: usize| -> Result<u32, BtfError> {
-        data.get(off..off + 4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .ok_or(BtfError::Malformed("truncated"))
-    };
-    if u16_at(0)? != MAGIC {
-        return Err(BtfError::Malformed("bad magic (or not little-endian)"));
-    }
-    let hdr_len = u32_at(4)? as usize;
-    let type_off = hdr_len + u32_at(8)? as usize;
-    let type_len = u32_at(12)? as usize;
-    let str_off = hdr_len + u32_at(16)? as usize;
-    let str_len = u32_at(20)? as usize;
-    let strings = data
-        .get(str_off..str_off + str_len)
-        .ok_or(BtfError::Malformed("string section out of bounds"))?;
-    let end = type_off + type_len;
-    if end > data.len() {
-        return Err(BtfError::Malformed("type section out of bounds"));
-    }
-    let mut pos = type_off;
-    while pos + 12 <= end {
-        let name_off = u32_at(pos)?;
-        let info = u32_at(pos + 4)?;
-        let vlen = (info & 0xffff) as usize;
+impl Walk<'_, '_> {
+    /// Reads the next type, counting it off the `left` bytes of the section,
+    /// and answers the queries it can.
+    fn next_type<R: Read + Seek>(
+        &mut self,
+        reader: &mut Reader<R>,
+        left: &mut u32,
+    ) -> Result<(), BtfError> {
+        let rest = left
+            .checked_sub(12)
+            .ok_or(BtfError::Malformed("type section ends inside a type"))?;
+        let [name_off, info, _size_or_type] = reader.words()?;
         let kind = (info >> 24) & 0x1f;
+        let vlen = info & 0xffff;
         let kind_flag = info >> 31 == 1;
-        pos += 12;
-        let extra = match kind {
-            KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
-            KIND_ARRAY => 12,
-            KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * vlen,
-            KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
-            _ => 0,
-        };
-        if kind == want_kind && string(strings, name_off) == name.as_bytes() {
-            let entries = data
-                .get(pos..pos + extra)
-                .ok_or(BtfError::Malformed("truncated"))?;
-            if let Some(found) = look(strings, entries, kind_flag) {
-                return Ok(Some(found));
+        let extra = extra_len(kind, vlen)?;
+        *left = rest
+            .checked_sub(extra)
+            .ok_or(BtfError::Malformed("a type runs past the type section"))?;
+        let owner = self.names.at(name_off);
+        match (kind, owner) {
+            (KIND_STRUCT, Some(owner)) if owns(&self.batch.members, owner) => {
+                self.members(reader, owner, vlen, kind_flag)
+            }
+            (KIND_ENUM, Some(owner)) if owns(&self.batch.enumerators, owner) => {
+                self.enumerators(reader, owner, vlen, kind_flag)
+            }
+            _ => reader.skip(extra),
+        }
+    }
+
+    /// Reads the `vlen` members of a struct named `owner`.
+    fn members<R: Read + Seek>(
+        &mut self,
+        reader: &mut Reader<R>,
+        owner: usize,
+        vlen: u32,
+        kind_flag: bool,
+    ) -> Result<(), BtfError> {
+        for _ in 0..vlen {
+            let [name_off, _type, offset] = reader.words()?;
+            // With kind_flag set the top 8 bits hold a bitfield's size.
+            let bits = if kind_flag {
+                offset & 0xff_ffff
+            } else {
+                offset
+            };
+            if let Some(name) = self.names.at(name_off) {
+                answer(
+                    &self.batch.members,
+                    (owner, name),
+                    bits / 8,
+                    &mut self.found.offsets,
+                    &mut self.found.missing,
+                );
             }
         }
-        pos += extra;
+        Ok(())
     }
-    Ok(None)
+
+    /// Reads the `vlen` enumerators of an enum named `owner`.
+    fn enumerators<R: Read + Seek>(
+        &mut self,
+        reader: &mut Reader<R>,
+        owner: usize,
+        vlen: u32,
+        signed: bool,
+    ) -> Result<(), BtfError> {
+        for _ in 0..vlen {
+            let [name_off, raw] = reader.words()?;
+            // kind_flag says whether the enum is signed.
+            let value = if signed {
+                i64::from(raw as i32)
+            } else {
+                i64::from(raw)
+            };
+            if let Some(name) = self.names.at(name_off) {
+                answer(
+                    &self.batch.enumerators,
+                    (owner, name),
+                    value,
+                    &mut self.found.values,
+                    &mut self.found.missing,
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether one of `queries` is about a type named `owner`.
+fn owns(queries: &[(usize, usize)], owner: usize) -> bool {
+    queries.iter().any(|&(o, _)| o == owner)
+}
+
+/// Answers the still unanswered `queries` that ask for `key`: the first
+/// type of a name that has the member wins.
+fn answer<T: Copy>(
+    queries: &[(usize, usize)],
+    key: (usize, usize),
+    value: T,
+    slots: &mut [Option<T>],
+    missing: &mut usize,
+) {
+    for (query, slot) in queries.iter().zip(slots) {
+        if *query == key && slot.is_none() {
+            *slot = Some(value);
+            *missing -= 1;
+        }
+    }
+}
+
+/// The bytes that follow a type's 12-byte header, by kind.
+fn extra_len(kind: u32, vlen: u32) -> Result<u32, BtfError> {
+    Ok(match kind {
+        KIND_PTR | KIND_FWD | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT
+        | KIND_FUNC | KIND_FLOAT | KIND_TYPE_TAG => 0,
+        KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+        KIND_ARRAY => 12,
+        KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * vlen,
+        KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
+        // Without its size, where the next type starts is unknown.
+        _ => return Err(BtfError::Malformed("type of an unknown kind (newer BTF?)")),
+    })
+}
+
+/// Where the wanted names are in the string section: (offset, index of the
+/// name in the batch), by offset.
+struct NameOffsets(Vec<(u32, usize)>);
+
+impl NameOffsets {
+    /// Streams the string section, noting each string equal to one of
+    /// `names`. A name can be there more than once, in BTF that is not
+    /// deduplicated, and a type or member may use any of its copies.
+    fn find<R: Read + Seek>(
+        reader: &mut Reader<R>,
+        strings: Section,
+        names: &[&str],
+    ) -> Result<Self, BtfError> {
+        reader.seek(strings.start)?;
+        let mut scan = StringScan::new(names);
+        let mut left = strings.len;
+        while left > 0 {
+            let chunk = reader.chunk(left)?;
+            let n = chunk.len();
+            scan.feed(chunk)?;
+            reader.consume(n);
+            // `chunk` returns at most `left` bytes.
+            left -= n as u32;
+        }
+        Ok(Self(scan.found))
+    }
+
+    /// Which wanted name is at `off`, if any.
+    fn at(&self, off: u32) -> Option<usize> {
+        let i = self.0.binary_search_by_key(&off, |&(o, _)| o).ok()?;
+        self.0.get(i).map(|&(_, name)| name)
+    }
+}
+
+/// The string section seen a chunk at a time: strings are NUL-terminated
+/// and may straddle chunks.
+struct StringScan<'n> {
+    names: &'n [&'n str],
+    longest: usize,
+    /// The current string so far, unless it is longer than every name.
+    current: Vec<u8>,
+    too_long: bool,
+    /// The offsets of the current string and of the next byte.
+    start: u32,
+    pos: u32,
+    found: Vec<(u32, usize)>,
+}
+
+impl<'n> StringScan<'n> {
+    fn new(names: &'n [&'n str]) -> Self {
+        let longest = names.iter().map(|n| n.len()).max().unwrap_or(0);
+        Self {
+            names,
+            longest,
+            current: Vec::with_capacity(longest),
+            too_long: false,
+            start: 0,
+            pos: 0,
+            found: Vec::new(),
+        }
+    }
+
+    fn feed(&mut self, chunk: &[u8]) -> Result<(), BtfError> {
+        // The section is a hundred thousand short strings: a vectorised
+        // search for their ends is most of this pass's speed.
+        let mut from = 0;
+        for nul in memchr::memchr_iter(0, chunk) {
+            self.end_string(chunk.get(from..nul).unwrap_or_default())?;
+            from = nul + 1;
+        }
+        self.extend(chunk.get(from..).unwrap_or_default());
+        Ok(())
+    }
+
+    /// Adds `text` to the current string, unless that makes it longer than
+    /// every wanted name.
+    fn extend(&mut self, text: &[u8]) {
+        // Chunks add up to at most the section's u32 length.
+        self.pos += text.len() as u32;
+        if self.too_long || self.current.len() + text.len() > self.longest {
+            self.too_long = true;
+        } else {
+            self.current.extend_from_slice(text);
+        }
+    }
+
+    /// Ends the current string with `tail`, noting it if it is a wanted
+    /// name.
+    fn end_string(&mut self, tail: &[u8]) -> Result<(), BtfError> {
+        let name = if self.current.is_empty() && !self.too_long {
+            // Most strings lie within one chunk: compare them where they are.
+            self.pos += tail.len() as u32;
+            self.wanted(tail)
+        } else {
+            self.extend(tail);
+            if self.too_long {
+                None
+            } else {
+                self.wanted(&self.current)
+            }
+        };
+        if let Some(name) = name {
+            if self.found.len() == MAX_NAME_COPIES {
+                return Err(BtfError::Malformed("too many copies of a name"));
+            }
+            self.found.push((self.start, name));
+        }
+        self.pos += 1;
+        self.current.clear();
+        self.too_long = false;
+        self.start = self.pos;
+        Ok(())
+    }
+
+    /// Which wanted name `string` is, if any.
+    fn wanted(&self, string: &[u8]) -> Option<usize> {
+        self.names.iter().position(|n| n.as_bytes() == string)
+    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
+    use std::io::Cursor;
+
     use super::*;
 
-    /// A BTF blob with `int`, `struct sock_common { int a; int skc_net; }`
-    /// and `enum cgroup_subsys_id { memory_cgrp_id = 4 }`.
-    fn blob() -> Vec<u8> {
-        let strings = b"\0int\0sock_common\0a\0skc_net\0cgroup_subsys_id\0memory_cgrp_id\0";
-        let mut types = Vec::new();
-        let mut push = |v: u32| types.extend_from_slice(&v.to_le_bytes());
-        // [1] int: name "int", kind INT, size 4, then its 4-byte encoding.
-        push(1);
-        push(KIND_INT << 24);
-        push(4);
-        push(32);
-        // [2] struct sock_common, 2 members, size 8.
-        push(5);
-        push((KIND_STRUCT << 24) | 2);
-        push(8);
-        push(17); // "a"
-        push(1);
-        push(0);
-        push(19); // "skc_net"
-        push(1);
-        push(32); // bit offset
-        // [3] enum cgroup_subsys_id, 1 enumerator, size 4.
-        push(27);
-        push((KIND_ENUM << 24) | 1);
-        push(4);
-        push(44); // "memory_cgrp_id"
-        push(4);
-        let mut out = Vec::new();
-        out.extend_from_slice(&MAGIC.to_le_bytes());
-        out.extend_from_slice(&[1, 0]);
-        for v in [
-            24u32,
-            0,
-            types.len() as u32,
-            types.len() as u32,
-            strings.len() as u32,
-        ] {
-            out.extend_from_slice(&v.to_le_bytes());
+    /// Builds BTF a type at a time. Names are interned, as in the kernel's
+    /// deduplicated string section, unless `copy` asks for a new copy.
+    pub(crate) struct Blob {
+        types: Vec<u8>,
+        strings: Vec<u8>,
+    }
+
+    impl Blob {
+        pub(crate) fn new() -> Self {
+            Self {
+                types: Vec::new(),
+                strings: vec![0],
+            }
         }
-        out.extend_from_slice(&types);
-        out.extend_from_slice(strings);
-        out
+
+        fn name(&mut self, name: &str) -> u32 {
+            let mut off = 0;
+            for s in self.strings.split(|&b| b == 0) {
+                if s == name.as_bytes() {
+                    return off;
+                }
+                off += s.len() as u32 + 1;
+            }
+            self.copy(name)
+        }
+
+        fn copy(&mut self, name: &str) -> u32 {
+            let off = self.strings.len() as u32;
+            self.strings.extend_from_slice(name.as_bytes());
+            self.strings.push(0);
+            off
+        }
+
+        fn words(&mut self, words: &[u32]) -> &mut Self {
+            for w in words {
+                self.types.extend_from_slice(&w.to_le_bytes());
+            }
+            self
+        }
+
+        fn ty(&mut self, name_off: u32, kind: u32, kind_flag: bool, vlen: u32) -> &mut Self {
+            let info = (u32::from(kind_flag) << 31) | (kind << 24) | vlen;
+            self.words(&[name_off, info, 4])
+        }
+
+        fn int(&mut self, name: &str) -> &mut Self {
+            let name = self.name(name);
+            self.ty(name, KIND_INT, false, 0).words(&[32])
+        }
+
+        /// A struct of `(member, offset word)`s, all of them ints.
+        fn structure(&mut self, name: &str, kind_flag: bool, members: &[(&str, u32)]) -> &mut Self {
+            let name = self.name(name);
+            self.ty(name, KIND_STRUCT, kind_flag, members.len() as u32);
+            for &(member, offset) in members {
+                let member = self.name(member);
+                self.words(&[member, 1, offset]);
+            }
+            self
+        }
+
+        fn enumeration(&mut self, name: &str, signed: bool, values: &[(&str, u32)]) -> &mut Self {
+            let name = self.name(name);
+            self.ty(name, KIND_ENUM, signed, values.len() as u32);
+            for &(value, raw) in values {
+                let value = self.name(value);
+                self.words(&[value, raw]);
+            }
+            self
+        }
+
+        /// The BTF, with the string section first if `strings_first`.
+        pub(crate) fn bytes(&self, strings_first: bool) -> Vec<u8> {
+            let (types_len, strings_len) = (self.types.len() as u32, self.strings.len() as u32);
+            let (type_off, str_off) = if strings_first {
+                (strings_len, 0)
+            } else {
+                (0, types_len)
+            };
+            let mut out = Vec::new();
+            out.extend_from_slice(&MAGIC.to_le_bytes());
+            out.extend_from_slice(&[VERSION, 0]);
+            for v in [HEADER_LEN, type_off, types_len, str_off, strings_len] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            if strings_first {
+                out.extend_from_slice(&self.strings);
+                out.extend_from_slice(&self.types);
+            } else {
+                out.extend_from_slice(&self.types);
+                out.extend_from_slice(&self.strings);
+            }
+            out
+        }
+    }
+
+    /// `int`, `struct sock_common { int a; int skc_net; }` and
+    /// `enum cgroup_subsys_id { memory_cgrp_id = 4 }`.
+    pub(crate) fn sample() -> Blob {
+        let mut b = Blob::new();
+        b.int("int")
+            .structure("sock_common", false, &[("a", 0), ("skc_net", 32)])
+            .enumeration("cgroup_subsys_id", false, &[("memory_cgrp_id", 4)]);
+        b
+    }
+
+    fn offset(bytes: &[u8], member: Member) -> Result<u32, BtfError> {
+        resolve_in(Cursor::new(bytes), "test", [member], []).map(|([o], [])| o)
+    }
+
+    fn value(bytes: &[u8], enumerator: Enumerator) -> Result<i64, BtfError> {
+        resolve_in(Cursor::new(bytes), "test", [], [enumerator]).map(|([], [v])| v)
     }
 
     #[test]
     fn finds_member_offset() {
-        assert_eq!(member_offset(&blob(), "sock_common", "skc_net").unwrap(), 4);
-        assert_eq!(member_offset(&blob(), "sock_common", "a").unwrap(), 0);
+        let b = sample().bytes(false);
+        assert_eq!(offset(&b, ("sock_common", "skc_net")).unwrap(), 4);
+        assert_eq!(offset(&b, ("sock_common", "a")).unwrap(), 0);
     }
 
     #[test]
     fn finds_enum_value() {
+        let b = sample().bytes(false);
         assert_eq!(
-            enum_value(&blob(), "cgroup_subsys_id", "memory_cgrp_id").unwrap(),
+            value(&b, ("cgroup_subsys_id", "memory_cgrp_id")).unwrap(),
             4
         );
-        assert!(enum_value(&blob(), "cgroup_subsys_id", "cpu_cgrp_id").is_err());
-        assert!(enum_value(&blob(), "sock_common", "a").is_err());
+        assert!(value(&b, ("cgroup_subsys_id", "cpu_cgrp_id")).is_err());
+        assert!(value(&b, ("sock_common", "a")).is_err());
     }
 
     #[test]
     fn missing_member_and_garbage() {
-        assert!(matches!(
-            member_offset(&blob(), "sock_common", "nope"),
-            Err(BtfError::NotFound(..))
-        ));
-        assert!(member_offset(&[], "x", "y").is_err());
-        assert!(member_offset(&[0x9f, 0xeb, 1, 0, 0xff, 0xff, 0xff, 0xff], "x", "y").is_err());
-        let mut b = blob();
-        b.truncate(40);
-        assert!(member_offset(&b, "sock_common", "skc_net").is_err());
+        let b = sample().bytes(false);
+        let err = offset(&b, ("sock_common", "nope")).unwrap_err();
+        assert!(matches!(&err, BtfError::NotFound(..)), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "struct sock_common has no member nope in the kernel's BTF"
+        );
+        assert!(offset(&[], ("x", "y")).is_err());
+        let garbage = [0x9f, 0xeb, 1, 0, 0xff, 0xff, 0xff, 0xff];
+        assert!(offset(&garbage, ("x", "y")).is_err());
+        assert!(offset(&b[..40], ("sock_common", "skc_net")).is_err());
+    }
+
+    #[test]
+    fn one_batch_answers_members_and_enumerators() {
+        let mut b = sample();
+        b.structure("task_struct", false, &[("usage", 0), ("flags", 352)])
+            .enumeration("zone_type", false, &[("ZONE_DMA", 0), ("ZONE_NORMAL", 2)])
+            .structure("cgroup", false, &[("level", 1728), ("kn", 2048)]);
+        let (offsets, values) = resolve_in(
+            Cursor::new(b.bytes(false)),
+            "test",
+            [
+                ("task_struct", "flags"),
+                ("sock_common", "skc_net"),
+                ("cgroup", "kn"),
+                ("cgroup", "level"),
+                ("task_struct", "flags"),
+            ],
+            [
+                ("zone_type", "ZONE_NORMAL"),
+                ("cgroup_subsys_id", "memory_cgrp_id"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(offsets, [44, 4, 256, 216, 44]);
+        assert_eq!(values, [2, 4]);
+    }
+
+    #[test]
+    fn strings_may_come_before_types() {
+        let b = sample().bytes(true);
+        let (offsets, values) = resolve_in(
+            Cursor::new(b),
+            "test",
+            [("sock_common", "skc_net")],
+            [("cgroup_subsys_id", "memory_cgrp_id")],
+        )
+        .unwrap();
+        assert_eq!((offsets, values), ([4], [4]));
+    }
+
+    /// Hands over at most `step` bytes per read, as sysfs hands over a page.
+    struct Trickle {
+        inner: Cursor<Vec<u8>>,
+        step: usize,
+    }
+
+    impl Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.step);
+            self.inner.read(&mut buf[..n])
+        }
+    }
+
+    impl Seek for Trickle {
+        fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+            self.inner.seek(to)
+        }
+    }
+
+    #[test]
+    fn names_may_straddle_reads() {
+        let mut b = sample();
+        b.structure(
+            "a_longer_struct_name",
+            false,
+            &[("a_longer_member_name", 96)],
+        );
+        for strings_first in [false, true] {
+            for step in 1..8 {
+                let inner = Cursor::new(b.bytes(strings_first));
+                let (offsets, values) = resolve_in(
+                    Trickle { inner, step },
+                    "test",
+                    [
+                        ("sock_common", "skc_net"),
+                        ("a_longer_struct_name", "a_longer_member_name"),
+                    ],
+                    [("cgroup_subsys_id", "memory_cgrp_id")],
+                )
+                .unwrap();
+                assert_eq!((offsets, values), ([4, 12], [4]), "{step}");
+            }
+        }
+    }
+
+    #[test]
+    fn bitfield_offsets_are_the_low_24_bits_with_kind_flag() {
+        let mut b = Blob::new();
+        // Offset words: bitfield size in the top 8 bits, bit offset below.
+        b.int("int")
+            .structure(
+                "bits",
+                true,
+                &[("a", 3 << 24), ("b", (5 << 24) | 37), ("c", 64)],
+            )
+            .structure("plain", false, &[("c", (1 << 24) | 64)]);
+        let (offsets, []) = resolve_in(
+            Cursor::new(b.bytes(false)),
+            "test",
+            [("bits", "a"), ("bits", "b"), ("bits", "c"), ("plain", "c")],
+            [],
+        )
+        .unwrap();
+        // Without kind_flag the whole word is the bit offset.
+        assert_eq!(offsets, [0, 4, 8, ((1 << 24) + 64) / 8]);
+    }
+
+    #[test]
+    fn enumerators_are_signed_as_their_enum_says() {
+        let mut b = Blob::new();
+        b.enumeration("s", true, &[("minus_one", u32::MAX)])
+            .enumeration("u", false, &[("max", u32::MAX)]);
+        let (_, values) = resolve_in(
+            Cursor::new(b.bytes(false)),
+            "test",
+            [],
+            [("s", "minus_one"), ("u", "max")],
+        )
+        .unwrap();
+        assert_eq!(values, [-1, i64::from(u32::MAX)]);
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        // With the types first, the string section is the file's tail and
+        // is always read whole.
+        let b = sample().bytes(false);
+        for len in 0..b.len() {
+            let err = offset(&b[..len], ("sock_common", "skc_net")).unwrap_err();
+            assert!(matches!(err, BtfError::Malformed(_)), "{len}: {err}");
+        }
+        // With the strings first, the walk stops at the last answer: here in
+        // the last type.
+        let b = sample().bytes(true);
+        for len in 0..b.len() {
+            let err = value(&b[..len], ("cgroup_subsys_id", "memory_cgrp_id")).unwrap_err();
+            assert!(matches!(err, BtfError::Malformed(_)), "{len}: {err}");
+        }
+    }
+
+    #[test]
+    fn names_used_elsewhere_are_not_confused() {
+        let mut b = Blob::new();
+        b.int("int")
+            // A member of another struct, a struct, a member and an
+            // enumerator named after what is asked for.
+            .structure("sock", false, &[("skc_net", 0), ("sock_common", 64)])
+            .structure("skc_net", false, &[("sock_common", 8)])
+            .enumeration("sock_common", false, &[("skc_net", 7)])
+            .structure("sock_common", false, &[("a", 0), ("skc_net", 384)]);
+        let bytes = b.bytes(false);
+        assert_eq!(offset(&bytes, ("sock_common", "skc_net")).unwrap(), 48);
+        assert_eq!(offset(&bytes, ("sock", "sock_common")).unwrap(), 8);
+        assert_eq!(offset(&bytes, ("skc_net", "sock_common")).unwrap(), 1);
+        assert_eq!(value(&bytes, ("sock_common", "skc_net")).unwrap(), 7);
+        assert!(value(&bytes, ("sock", "skc_net")).is_err());
+        assert!(offset(&bytes, ("sock_common", "sock")).is_err());
+    }
+
+    #[test]
+    fn the_first_struct_with_the_member_answers() {
+        // Two structs of one name, the second named and with members named
+        // by copies of the strings, as BTF that is not deduplicated has.
+        let mut b = Blob::new();
+        b.int("int").structure("dup", false, &[("a", 0)]);
+        let (dup, a, b_name) = (b.copy("dup"), b.copy("a"), b.copy("b"));
+        b.ty(dup, KIND_STRUCT, false, 2)
+            .words(&[a, 1, 32, b_name, 1, 64]);
+        let (offsets, []) = resolve_in(
+            Cursor::new(b.bytes(false)),
+            "test",
+            [("dup", "a"), ("dup", "b")],
+            [],
+        )
+        .unwrap();
+        assert_eq!(offsets, [0, 8]);
+    }
+
+    #[test]
+    fn every_kind_is_skipped_by_its_size() {
+        // (kind, bytes after the header with vlen 2), from btf.h.
+        let kinds = [
+            (KIND_INT, 4),
+            (KIND_PTR, 0),
+            (KIND_ARRAY, 12),
+            (KIND_STRUCT, 24),
+            (KIND_UNION, 24),
+            (KIND_ENUM, 16),
+            (KIND_FWD, 0),
+            (KIND_TYPEDEF, 0),
+            (KIND_VOLATILE, 0),
+            (KIND_CONST, 0),
+            (KIND_RESTRICT, 0),
+            (KIND_FUNC, 0),
+            (KIND_FUNC_PROTO, 16),
+            (KIND_VAR, 4),
+            (KIND_DATASEC, 24),
+            (KIND_FLOAT, 0),
+            (KIND_DECL_TAG, 4),
+            (KIND_TYPE_TAG, 0),
+            (KIND_ENUM64, 24),
+        ];
+        let mut b = sample();
+        for (kind, extra) in kinds {
+            // Bytes that read as garbage types if not skipped.
+            b.ty(0, kind, false, 2).types.extend(vec![0xff; extra]);
+        }
+        b.structure("last", false, &[("x", 8)]);
+        assert_eq!(offset(&b.bytes(false), ("last", "x")).unwrap(), 1);
+    }
+
+    #[test]
+    fn unknown_kinds_are_malformed() {
+        for kind in [0, 20, 31] {
+            let mut b = sample();
+            b.ty(0, kind, false, 0)
+                .structure("last", false, &[("x", 8)]);
+            let err = offset(&b.bytes(false), ("last", "x")).unwrap_err();
+            assert!(matches!(err, BtfError::Malformed(_)), "{kind}: {err}");
+        }
+    }
+
+    #[test]
+    fn header_and_section_bounds_are_checked() {
+        let good = sample().bytes(false);
+        let with_word = |at: usize, word: u32| {
+            let mut b = good.clone();
+            b[at..at + 4].copy_from_slice(&word.to_le_bytes());
+            b
+        };
+        let version_2 = with_word(0, u32::from(MAGIC) | (2 << 16));
+        let short_header = with_word(4, 8);
+        let long_header = with_word(4, 1 << 20);
+        // A type section that ends inside the struct's members, or inside
+        // the first type's header.
+        let short_types = with_word(12, 30);
+        let ragged_types = with_word(12, 20);
+        for bytes in [
+            version_2,
+            short_header,
+            long_header,
+            short_types,
+            ragged_types,
+        ] {
+            let err = offset(&bytes, ("sock_common", "skc_net")).unwrap_err();
+            assert!(matches!(err, BtfError::Malformed(_)), "{err}");
+        }
+    }
+
+    #[test]
+    fn copies_of_a_name_are_capped() {
+        let mut b = sample();
+        for _ in 0..MAX_NAME_COPIES {
+            b.copy("skc_net");
+        }
+        let err = offset(&b.bytes(false), ("sock_common", "skc_net")).unwrap_err();
+        assert!(matches!(err, BtfError::Malformed(_)), "{err}");
+    }
+
+    #[test]
+    fn read_errors_name_the_file() {
+        struct Failing;
+        impl Read for Failing {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::Error::other("device on fire"))
+            }
+        }
+        impl Seek for Failing {
+            fn seek(&mut self, _: SeekFrom) -> io::Result<u64> {
+                Ok(0)
+            }
+        }
+        let err = resolve_in(Failing, "some/btf", [("a", "b")], []).unwrap_err();
+        assert_eq!(err.to_string(), "cannot read some/btf: device on fire");
+    }
+
+    /// The running kernel's BTF gives what a whole-file reader that compares
+    /// names as strings finds. Skipped where the kernel has no BTF.
+    #[test]
+    fn agrees_with_the_running_kernel() {
+        let Ok(data) = std::fs::read(VMLINUX) else {
+            eprintln!("no {VMLINUX}: skipped");
+            return;
+        };
+        let members = [
+            ("sock_common", "skc_net"),
+            ("task_struct", "flags"),
+            ("task_struct", "cgroups"),
+            ("css_set", "subsys"),
+            ("cgroup_subsys_state", "cgroup"),
+            ("cgroup", "kn"),
+            ("cgroup", "level"),
+            ("cgroup", "ancestors"),
+            ("kernfs_node", "id"),
+        ];
+        let enumerators = [("cgroup_subsys_id", "memory_cgrp_id")];
+        let (offsets, values) = resolve(members, enumerators).unwrap();
+        for (member, offset) in members.into_iter().zip(offsets) {
+            let expected = whole_file_lookup(&data, KIND_STRUCT, member);
+            assert_eq!(Some(i64::from(offset)), expected, "{member:?}");
+        }
+        for (enumerator, value) in enumerators.into_iter().zip(values) {
+            let expected = whole_file_lookup(&data, KIND_ENUM, enumerator);
+            assert_eq!(Some(value), expected, "{enumerator:?}");
+        }
+    }
+
+    /// A member's byte offset or an enumerator's value, found the slow way:
+    /// the whole file in memory, names read as strings, its own kind table.
+    fn whole_file_lookup(data: &[u8], want: u32, (owner, name): (&str, &str)) -> Option<i64> {
+        let word = |at: usize| u32::from_le_bytes(data[at..at + 4].try_into().unwrap());
+        let hdr_len = word(4) as usize;
+        let (types, types_len) = (hdr_len + word(8) as usize, word(12) as usize);
+        let strings = hdr_len + word(16) as usize;
+        let string = |off: u32| {
+            let s = &data[strings + off as usize..];
+            &s[..s.iter().position(|&b| b == 0).unwrap()]
+        };
+        let mut at = types;
+        while at < types + types_len {
+            let (type_name, info) = (word(at), word(at + 4));
+            let (kind, vlen, kind_flag) = (info >> 24 & 0x1f, (info & 0xffff) as usize, info >> 31);
+            at += 12;
+            let (entry, extra) = match kind {
+                1 | 14 | 17 => (4, 4),
+                3 => (12, 12),
+                4 | 5 | 15 | 19 => (12, 12 * vlen),
+                6 | 13 => (8, 8 * vlen),
+                _ => (0, 0),
+            };
+            if kind == want && string(type_name) == owner.as_bytes() {
+                for e in (at..at + extra).step_by(entry) {
+                    if string(word(e)) != name.as_bytes() {
+                        continue;
+                    }
+                    return Some(match (kind, kind_flag) {
+                        (KIND_STRUCT, 1) => i64::from(word(e + 8) & 0xff_ffff) / 8,
+                        (KIND_STRUCT, _) => i64::from(word(e + 8)) / 8,
+                        (_, 1) => i64::from(word(e + 4) as i32),
+                        _ => i64::from(word(e + 4)),
+                    });
+                }
+            }
+            at += extra;
+        }
+        None
     }
 }

@@ -1,6 +1,8 @@
 //! Property tests: whatever bytes the kernel, /proc or sysfs hand over, the
 //! decoders and parsers return an error or a value, never panic.
 
+use std::io::Cursor;
+
 use proptest::prelude::*;
 
 use crate::{btf, cgroup, classes, privileges, procfs, tracefs, wire};
@@ -47,11 +49,48 @@ proptest! {
 
     #[test]
     fn btf_reader_never_panics(mut bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-        let _ = btf::member_offset(&bytes, "sock_common", "skc_net");
-        // With a valid magic, the header's lengths and offsets are garbage.
-        if bytes.len() >= 2 {
-            bytes[..2].copy_from_slice(&0xeb9fu16.to_le_bytes());
+        let _ = resolve_btf(&bytes);
+        // With a valid magic and version, the header's lengths and offsets
+        // are garbage.
+        if bytes.len() >= 4 {
+            bytes[..4].copy_from_slice(&0x0001_eb9fu32.to_le_bytes());
         }
-        let _ = btf::member_offset(&bytes, "sock_common", "skc_net");
+        let _ = resolve_btf(&bytes);
     }
+
+    #[test]
+    fn btf_reader_never_panics_on_sections_in_the_file(
+        body in proptest::collection::vec(any::<u8>(), 0..512),
+        sections in [0u32..600, 0u32..600, 0u32..600, 0u32..600],
+    ) {
+        let mut bytes = 0x0001_eb9fu32.to_le_bytes().to_vec();
+        for word in [24].into_iter().chain(sections) {
+            bytes.extend_from_slice(&word.to_le_bytes());
+        }
+        bytes.extend_from_slice(&body);
+        let _ = resolve_btf(&bytes);
+    }
+
+    #[test]
+    fn btf_reader_never_panics_on_damaged_btf(
+        damage in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+        strings_first in any::<bool>(),
+    ) {
+        let mut bytes = btf::tests::sample().bytes(strings_first);
+        let len = bytes.len();
+        for (at, xor) in damage {
+            bytes[at % len] ^= xor;
+        }
+        let _ = resolve_btf(&bytes);
+    }
+}
+
+/// What the agent asks of the kernel's BTF, asked of `bytes`.
+fn resolve_btf(bytes: &[u8]) -> Result<([u32; 2], [i64; 1]), btf::BtfError> {
+    btf::resolve_in(
+        Cursor::new(bytes),
+        "fuzz",
+        [("sock_common", "skc_net"), ("sock_common", "a")],
+        [("cgroup_subsys_id", "memory_cgrp_id")],
+    )
 }

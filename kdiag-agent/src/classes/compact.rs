@@ -81,8 +81,8 @@ impl CompactClass {
             stats: StallStatsReader::new(),
             vmstat,
             status_names: Vec::new(),
-            task_flags: btf::vmlinux()
-                .and_then(|data| btf::member_offset(&data, "task_struct", "flags"))
+            task_flags: btf::resolve([("task_struct", "flags")], [])
+                .map(|([flags], [])| flags)
                 .map_err(|e| e.to_string()),
         }
     }

@@ -60,9 +60,7 @@ impl MemoryScope {
             ));
         }
         let offsets = match hierarchy {
-            MemoryHierarchy::V1(_) => btf::vmlinux()
-                .and_then(|data| memcg_offsets(&data))
-                .map_err(|e| e.to_string()),
+            MemoryHierarchy::V1(_) => memcg_offsets().map_err(|e| e.to_string()),
             _ => Ok(MemcgOffsets::default()),
         };
         let cgroup = match cgroup {
@@ -132,20 +130,49 @@ impl MemoryScope {
 
 /// Offsets for `task->cgroups->subsys[memory_cgrp_id]->cgroup->kn->id` and
 /// `cgroup->level`, `cgroup->ancestors[]`, from the kernel's BTF.
-fn memcg_offsets(data: &[u8]) -> Result<MemcgOffsets, BtfError> {
-    let memory_id = btf::enum_value(data, "cgroup_subsys_id", "memory_cgrp_id")?;
-    let subsys = btf::member_offset(data, "css_set", "subsys")?;
+fn memcg_offsets() -> Result<MemcgOffsets, BtfError> {
+    let (
+        [
+            task_cgroups,
+            subsys,
+            css_cgroup,
+            cgroup_kn,
+            cgroup_level,
+            cgroup_ancestors,
+            kn_id,
+        ],
+        [memory_id],
+    ) = btf::resolve(
+        [
+            ("task_struct", "cgroups"),
+            ("css_set", "subsys"),
+            ("cgroup_subsys_state", "cgroup"),
+            ("cgroup", "kn"),
+            ("cgroup", "level"),
+            ("cgroup", "ancestors"),
+            ("kernfs_node", "id"),
+        ],
+        [("cgroup_subsys_id", "memory_cgrp_id")],
+    )?;
     Ok(MemcgOffsets {
-        task_cgroups: btf::member_offset(data, "task_struct", "cgroups")?,
-        // subsys[] holds pointers.
-        css_set_memory: subsys + 8 * memory_id as u32,
-        css_cgroup: btf::member_offset(data, "cgroup_subsys_state", "cgroup")?,
-        cgroup_kn: btf::member_offset(data, "cgroup", "kn")?,
-        cgroup_level: btf::member_offset(data, "cgroup", "level")?,
-        cgroup_ancestors: btf::member_offset(data, "cgroup", "ancestors")?,
-        kn_id: btf::member_offset(data, "kernfs_node", "id")?,
+        task_cgroups,
+        css_set_memory: pointer_in(subsys, memory_id)
+            .ok_or(BtfError::Malformed("memory_cgrp_id out of range"))?,
+        css_cgroup,
+        cgroup_kn,
+        cgroup_level,
+        cgroup_ancestors,
+        kn_id,
         _pad: 0,
     })
+}
+
+/// The offset of pointer `index` of the pointer array at `array`.
+fn pointer_in(array: u32, index: i64) -> Option<u32> {
+    u32::try_from(index)
+        .ok()?
+        .checked_mul(8)?
+        .checked_add(array)
 }
 
 /// Decodes one stall event of `expected` kind, checking its fields.
@@ -314,6 +341,14 @@ mod tests {
     use kdiag_common::{EventHeader, memory::hist_bucket};
 
     use super::*;
+
+    #[test]
+    fn memory_css_pointer_offset() {
+        assert_eq!(pointer_in(0, 4), Some(32));
+        assert_eq!(pointer_in(16, 1), Some(24));
+        assert_eq!(pointer_in(0, -1), None);
+        assert_eq!(pointer_in(u32::MAX - 8, 2), None);
+    }
 
     fn stats(tgid: u32, comm: &str, latencies: &[u64]) -> StallStats {
         let mut s = StallStats {

@@ -51,8 +51,10 @@ pub fn tcp_global(formats: &Formats, filter: &TcpFilter, degraded: &mut Vec<Degr
     tcp.retransmit_synack = tcp_offsets(formats.get("retransmit_synack"));
     tcp.set_state = tcp_offsets(formats.get("inet_sock_set_state"));
     if formats.contains("inet_sock_set_state") {
-        match btf::sk_net_offset() {
-            Ok(offset) => tcp.sk_net_offset = offset,
+        // `struct sock` begins with its `struct sock_common __sk_common`, so
+        // the offset within sock_common is the offset within sock.
+        match btf::resolve([("sock_common", "skc_net")], []) {
+            Ok(([offset], [])) => tcp.sk_net_offset = offset,
             Err(e) => degraded.push(Degraded {
                 what: "btf/sock_common.skc_net".to_owned(),
                 why: format!(
