@@ -60,6 +60,14 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// Used by `bench`: holds this many loopback connections (both ends)
+    /// open, prints `ready` once they are established, exits when stdin
+    /// closes.
+    #[command(hide = true)]
+    BenchHold {
+        #[arg(long)]
+        connections: usize,
+    },
     /// Run the integration tests inside Debian's 6.1 and 6.12 kernels, each
     /// booted under QEMU (TCG) from its Debian package (downloaded with
     /// apt-get, never installed). Needs root. Installs qemu-system-x86 and
@@ -100,6 +108,7 @@ fn main() -> Result<()> {
         Command::Run { args } => run::run(args),
         Command::Test { args } => test::run(args),
         Command::Bench { quick } => bench::run(quick),
+        Command::BenchHold { connections } => bench::hold(connections),
         Command::VmTest {
             kernel,
             timeout,

@@ -1,16 +1,20 @@
 //! The loads the benchmark generates itself: loopback bulk transfer
 //! (iperf3), retransmits (iperf3 through an nftables random-drop rule in a
 //! network namespace of its own), connection churn and many idle
-//! connections (small generators here).
+//! connections (small generators here; the idle connections live in child
+//! processes, `xtask bench-hold`, to stay within the open-file limit).
 
 use std::{
+    collections::BTreeSet,
     fs,
-    io::ErrorKind,
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    io::{BufRead, BufReader, ErrorKind, Read},
+    net::{Ipv4Addr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
     process::{Child, Command, Stdio},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc,
     },
     thread::{self, JoinHandle},
     time::{Duration, Instant},
@@ -322,71 +326,214 @@ impl Drop for Churn {
     }
 }
 
-/// Listener ports for [`Held`]: one destination port gives at most the
-/// ephemeral port range (about 28k) of connections, so several are used.
-const HELD_LISTENERS: usize = 8;
+/// The line a holder prints once all its connections are established.
+const HOLD_READY: &str = "ready";
+
+/// How long the holders may take, all together, to open their connections.
+const HOLD_LIMIT: Duration = Duration::from_secs(60);
+
+/// Connections made before the listener accepts them, half the listen
+/// backlog std's listeners get (128): a full accept queue drops SYNs, and a
+/// client retries only a second later.
+const ACCEPT_BATCH: usize = 64;
+
+/// Fds a holder needs besides its connections: stdio and its listeners.
+const FD_SPARE: u64 = 64;
 
 /// `n` established loopback connections, held open until dropped.
+///
+/// Each takes two fds (client and server end), and a process may raise its
+/// soft open-file limit only up to the hard one (beyond needs
+/// CAP_SYS_RESOURCE), so the connections are spread over as many child
+/// processes as the hard limit requires: `xtask bench-hold`, see [`hold`].
 pub struct Held {
-    client: Vec<TcpStream>,
-    server: Arc<Mutex<Vec<TcpStream>>>,
+    holders: Vec<Guarded>,
+    connections: usize,
 }
 
 impl Held {
-    /// Opens `wanted` connections, or as many as the open-file limit
-    /// allows; [`Held::len`] says how many.
-    pub fn open(wanted: usize) -> Result<Self> {
-        let n = fd_room(wanted)?;
-        let server = Arc::new(Mutex::new(Vec::with_capacity(n)));
-        let mut addrs: Vec<SocketAddr> = Vec::new();
-        for _ in 0..HELD_LISTENERS {
-            let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-            addrs.push(listener.local_addr()?);
-            let server = server.clone();
-            // Exits when the listener fails, i.e. never before the process
-            // ends; the thread only holds the listener and accepted streams.
+    /// Opens `n` connections, or fails naming the holder that could not.
+    pub fn open(n: usize) -> Result<Self> {
+        let per_holder = usize::try_from(fd_limit()?.rlim_max.saturating_sub(FD_SPARE) / 2)
+            .unwrap_or(usize::MAX);
+        ensure!(
+            per_holder > 0,
+            "the hard open-file limit leaves no room for connections"
+        );
+        let exe = std::env::current_exe().context("locating the xtask binary")?;
+        let mut held = Self {
+            holders: Vec::new(),
+            connections: n,
+        };
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let shares: Vec<usize> = split(n, n.div_ceil(per_holder)).collect();
+        let mut names = Vec::new();
+        for (i, share) in shares.iter().enumerate() {
+            let mut cmd = Command::new(&exe);
+            cmd.args(["bench-hold", "--connections", &share.to_string()])
+                // A failure is reported by its message alone.
+                .env("RUST_LIB_BACKTRACE", "0");
+            let desc = format!(
+                "connection holder {} of {} (`{}`)",
+                i + 1,
+                shares.len(),
+                describe(&cmd)
+            );
+            let mut child = cmd
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .with_context(|| format!("starting {desc}"))?;
+            let stdout = child.stdout.take().context("holder stdout")?;
+            held.holders.push(Guarded(child));
+            names.push(desc);
+            let ready_tx = ready_tx.clone();
             thread::spawn(move || {
-                while let Ok((stream, _)) = listener.accept() {
-                    if let Ok(mut held) = server.lock() {
-                        held.push(stream);
-                    }
-                }
+                let mut line = String::new();
+                let read = BufReader::new(stdout).read_line(&mut line);
+                let _ = ready_tx.send((i, read.is_ok() && line.trim_end() == HOLD_READY));
             });
         }
-        let mut client = Vec::with_capacity(n);
-        for i in 0..n {
-            let stream = TcpStream::connect(addrs[i % addrs.len()])
-                .with_context(|| format!("opening connection {i} of {n}"))?;
-            client.push(stream);
+        let deadline = Instant::now() + HOLD_LIMIT;
+        let mut waiting: BTreeSet<usize> = (0..held.holders.len()).collect();
+        while !waiting.is_empty() {
+            let Ok((i, ready)) =
+                ready_rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            else {
+                let late: Vec<&str> = waiting.iter().map(|&i| names[i].as_str()).collect();
+                bail!(
+                    "not ready after {}s: {}",
+                    HOLD_LIMIT.as_secs(),
+                    late.join("; ")
+                );
+            };
+            if !ready {
+                let child = &mut held.holders[i].0;
+                let _ = child.kill();
+                let status = child.wait()?;
+                let mut stderr = String::new();
+                if let Some(mut pipe) = child.stderr.take() {
+                    let _ = pipe.read_to_string(&mut stderr);
+                }
+                bail!("{} failed ({status}): {}", names[i], stderr.trim());
+            }
+            waiting.remove(&i);
         }
-        let accepted = probe::poll(Duration::from_secs(30), Duration::from_millis(50), || {
-            let held = server.lock().map(|s| s.len()).unwrap_or(0);
-            (held >= n).then_some(held)
-        });
-        if accepted.is_none() {
-            bail!("the listeners did not accept all {n} connections within 30s");
-        }
-        Ok(Self { client, server })
+        Ok(held)
     }
 
     pub fn len(&self) -> usize {
-        self.client.len()
+        self.connections
     }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.client.clear();
-        if let Ok(mut s) = self.server.lock() {
-            s.clear();
+        // All at once, so they close their sockets in parallel; each
+        // Guarded then reaps its own.
+        for holder in &mut self.holders {
+            let _ = holder.0.kill();
         }
     }
 }
 
-/// Two fds per held connection (client and server end) exceed the default
-/// soft limit; raises it as far as the hard limit allows (raising the hard
-/// limit needs CAP_SYS_RESOURCE) and returns how many connections fit.
-fn fd_room(wanted: usize) -> Result<usize> {
+/// `xtask bench-hold`: opens `n` loopback connections to listeners of this
+/// process and accepts them, prints [`HOLD_READY`] and holds them until
+/// stdin closes, which also happens when the benchmark dies.
+pub fn hold(n: usize) -> Result<()> {
+    raise_fd_limit(2 * n as u64 + FD_SPARE)?;
+    // connect() gives a connection a source port from
+    // net.ipv4.ip_local_port_range that no other connection to the same
+    // address and port uses, trying those of one parity first (the others
+    // are bind()'s): up to half the range per listener port keeps that
+    // search short, more listeners make room for the rest.
+    let per_listener = (ephemeral_ports()? / 2).max(1);
+    let listeners = (0..n.div_ceil(per_listener))
+        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("binding listeners on 127.0.0.1")?;
+    let _ends = connect_and_accept(&listeners, n)?;
+    println!("{HOLD_READY}");
+    std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink())
+        .context("waiting for stdin to close")?;
+    Ok(())
+}
+
+/// `n` connections spread over `listeners`, both ends.
+fn connect_and_accept(listeners: &[TcpListener], n: usize) -> Result<Vec<TcpStream>> {
+    let mut ends = Vec::with_capacity(2 * n);
+    for (listener, share) in listeners.iter().zip(split(n, listeners.len())) {
+        let addr = listener.local_addr()?;
+        let mut left = share;
+        while left > 0 {
+            let batch = left.min(ACCEPT_BATCH);
+            for _ in 0..batch {
+                let open = ends.len() / 2;
+                let client = TcpStream::connect(addr)
+                    .with_context(|| format!("connecting to {addr} with {open} of {n} open"))?;
+                reset_on_close(&client)?;
+                ends.push(client);
+            }
+            for _ in 0..batch {
+                let (server, _) = listener
+                    .accept()
+                    .with_context(|| format!("accepting on {addr}"))?;
+                ends.push(server);
+            }
+            left -= batch;
+        }
+    }
+    Ok(ends)
+}
+
+/// SO_LINGER with a zero timeout: closing sends a reset, so neither end
+/// lingers in TIME_WAIT after the benchmark (the peer of a reset just
+/// closes).
+fn reset_on_close(stream: &TcpStream) -> Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket fd and a linger struct of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    ensure!(
+        rc == 0,
+        "setting SO_LINGER: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
+/// How many ports net.ipv4.ip_local_port_range holds.
+fn ephemeral_ports() -> Result<usize> {
+    let path = "/proc/sys/net/ipv4/ip_local_port_range";
+    let range = fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    let bounds: Vec<usize> = range
+        .split_whitespace()
+        .filter_map(|b| b.parse().ok())
+        .collect();
+    match bounds[..] {
+        [low, high] if low <= high => Ok(high - low + 1),
+        _ => bail!("unexpected {path}: {}", range.trim()),
+    }
+}
+
+/// `total` in `parts` shares differing by at most one.
+fn split(total: usize, parts: usize) -> impl Iterator<Item = usize> {
+    (0..parts).map(move |i| total / parts + usize::from(i < total % parts))
+}
+
+/// This process's open-file limits.
+fn fd_limit() -> Result<libc::rlimit> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -397,16 +544,66 @@ fn fd_room(wanted: usize) -> Result<usize> {
         "reading the open-file limit: {}",
         std::io::Error::last_os_error()
     );
-    limit.rlim_cur = limit.rlim_max.min(2 * wanted as u64 + FD_SPARE);
+    Ok(limit)
+}
+
+/// Raises the soft open-file limit to `fds`, which must be within the hard
+/// limit.
+fn raise_fd_limit(fds: u64) -> Result<()> {
+    let mut limit = fd_limit()?;
+    ensure!(
+        fds <= limit.rlim_max,
+        "{fds} fds needed, over the hard open-file limit of {}",
+        limit.rlim_max
+    );
+    limit.rlim_cur = limit.rlim_cur.max(fds);
     // SAFETY: a valid rlimit for RLIMIT_NOFILE, within the hard limit.
     ensure!(
         unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0,
-        "raising the open-file limit to {}: {}",
-        limit.rlim_cur,
+        "raising the open-file limit to {fds}: {}",
         std::io::Error::last_os_error()
     );
-    Ok(wanted.min((limit.rlim_cur.saturating_sub(FD_SPARE) / 2) as usize))
+    Ok(())
 }
 
-/// Fds left for everything else the benchmark has open.
-const FD_SPARE: u64 = 512;
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+
+    #[test]
+    fn split_is_even_and_complete() {
+        let shares: Vec<usize> = split(100_000, 11).collect();
+        assert_eq!(shares.iter().sum::<usize>(), 100_000);
+        assert_eq!(
+            shares.iter().max().unwrap() - shares.iter().min().unwrap(),
+            1
+        );
+        assert_eq!(split(5, 0).count(), 0);
+    }
+
+    #[test]
+    fn both_ends_of_every_connection_are_held() {
+        let listeners: Vec<TcpListener> = (0..3)
+            .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap())
+            .collect();
+        // More than a batch per listener, not a multiple of either.
+        let n = 3 * ACCEPT_BATCH + 7;
+        let ends = connect_and_accept(&listeners, n).unwrap();
+        assert_eq!(ends.len(), 2 * n);
+        let mut clients: Vec<SocketAddr> = Vec::new();
+        let mut accepted: Vec<SocketAddr> = Vec::new();
+        for end in &ends {
+            let local = end.local_addr().unwrap();
+            if listeners.iter().any(|l| l.local_addr().unwrap() == local) {
+                accepted.push(end.peer_addr().unwrap());
+            } else {
+                clients.push(local);
+            }
+        }
+        clients.sort();
+        accepted.sort();
+        assert_eq!(clients, accepted);
+    }
+}

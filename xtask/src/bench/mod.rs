@@ -15,6 +15,8 @@ mod report;
 mod scenarios;
 mod tracer;
 
+pub use self::load::hold;
+
 use std::{
     fs,
     path::Path,
@@ -393,16 +395,24 @@ fn startup(plan: &Plan, agent: &Path, rows: &mut Rows) -> Result<()> {
 /// kdiag `run` while many connections are open: peak RSS and map memory.
 fn memory(plan: &Plan, agent: &Path, rows: &mut Rows) -> Result<()> {
     let n = plan.held_connections;
-    eprintln!("bench: memory with up to {n} open connections");
+    eprintln!("bench: memory with {n} open connections");
     let running = Tracer::kdiag(agent, &["run"]).start()?;
     thread::sleep(SETTLE);
+    let opening = Instant::now();
     let held = Held::open(n)?;
+    let opened = opening.elapsed();
     // Until the agent has read every state change of the new connections.
     probe::poll(Duration::from_secs(30), Duration::from_millis(100), || {
         let lines = running.lines();
         thread::sleep(Duration::from_millis(200));
         (running.lines() == lines).then_some(())
     });
+    eprintln!(
+        "bench: {} connections open in {:.1}s, agent done reading {:.1}s later",
+        held.len(),
+        opened.as_secs_f64(),
+        (opening.elapsed() - opened).as_secs_f64()
+    );
     let hwm = probe::vm_bytes(running.pid, "VmHWM")? as f64 / MIB;
     let maps = running.bpf()?.map_bytes as f64 / MIB;
     let label = running.label.clone();
@@ -410,8 +420,16 @@ fn memory(plan: &Plan, agent: &Path, rows: &mut Rows) -> Result<()> {
     rows.add(MEMORY, &measure, &label, Unit::MiB, Some(32.0), hwm);
     let measure = format!("BPF map memory, {} connections open", held.len());
     rows.add(MEMORY, &measure, &label, Unit::MiB, None, maps);
+    // What the agent could not take in while they opened (and closed) says
+    // how many of the connections it actually followed.
+    let measure = format!(
+        "dropped + lost (agent_stats), {} connections opened and closed",
+        held.len()
+    );
     drop(held);
-    running.stop()?;
+    let finished = running.stop()?;
+    let lost = finished.class_total("dropped") + finished.class_total("lost");
+    rows.add(MEMORY, &measure, &label, Unit::Count, None, lost as f64);
     Ok(())
 }
 
@@ -465,8 +483,8 @@ fn document(plan: &Plan, agent: &Path, rows: &Rows, took: Duration) -> String {
         doc.push_str(&format!("- {}\n", load.describe()));
     }
     doc.push_str(&format!(
-        "- up to {} loopback connections held open (memory; as many as the open-file \
-         limit allows)\n\nTracers (stdout read and counted \
+        "- {} loopback connections held open (memory), both ends, spread over child \
+         processes within the open-file limit\n\nTracers (stdout read and counted \
          by the benchmark):\n",
         plan.held_connections
     ));
