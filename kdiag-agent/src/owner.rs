@@ -141,7 +141,7 @@ fn find_inode(tuple: &TcpTuple) -> Option<u64> {
         if !seen.insert(ns) {
             continue;
         }
-        let row = procfs::tcp_sockets(pid).into_iter().find(|r| {
+        let row = procfs::tcp_sockets(pid).find(|r| {
             r.inode != 0
                 && r.local == (tuple.saddr, tuple.sport)
                 && r.remote == (tuple.daddr, tuple.dport)

@@ -5,7 +5,7 @@
 
 use std::{
     fs,
-    io::{self, BufRead as _},
+    io::{self, BufRead},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::unix::fs::MetadataExt as _,
     path::Path,
@@ -23,8 +23,13 @@ pub struct TcpRow {
 /// in-memory words in host byte order (`0100007F:1F90` is 127.0.0.1:8080 on
 /// little-endian); they are returned in network byte order, IPv4 in the
 /// first 4 bytes.
-pub fn parse_tcp_table(text: &str) -> Vec<TcpRow> {
-    text.lines().skip(1).filter_map(parse_tcp_row).collect()
+/// Read a line at a time: the table of a busy host runs to tens of
+/// megabytes (200k sockets: 32 MiB of text).
+pub fn tcp_rows(text: impl BufRead) -> impl Iterator<Item = TcpRow> {
+    text.lines()
+        .skip(1)
+        .map_while(Result::ok)
+        .filter_map(|line| parse_tcp_row(&line))
 }
 
 fn parse_tcp_row(line: &str) -> Option<TcpRow> {
@@ -74,12 +79,11 @@ pub fn netns_inode(pid: u32) -> Option<u64> {
 }
 
 /// The TCP sockets of the network namespace `pid` lives in, both families.
-pub fn tcp_sockets(pid: u32) -> Vec<TcpRow> {
+pub fn tcp_sockets(pid: u32) -> impl Iterator<Item = TcpRow> {
     ["tcp", "tcp6"]
-        .iter()
-        .filter_map(|f| fs::read_to_string(format!("/proc/{pid}/net/{f}")).ok())
-        .flat_map(|text| parse_tcp_table(&text))
-        .collect()
+        .into_iter()
+        .filter_map(move |f| fs::File::open(format!("/proc/{pid}/net/{f}")).ok())
+        .flat_map(|file| tcp_rows(io::BufReader::new(file)))
 }
 
 /// Whether `pid` holds a file descriptor on the socket with this inode.
@@ -167,7 +171,7 @@ garbage line
 
     #[test]
     fn parses_ipv4_rows() {
-        let rows = parse_tcp_table(TCP);
+        let rows: Vec<_> = tcp_rows(TCP.as_bytes()).collect();
         assert_eq!(rows.len(), 2);
         assert_eq!(
             rows[0].local,
@@ -183,7 +187,7 @@ garbage line
     #[test]
     fn parses_ipv6_rows() {
         let text = "header\n   0: 00000000000000000000000001000000:0016 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 99 1 0\n";
-        let rows = parse_tcp_table(text);
+        let rows: Vec<_> = tcp_rows(text.as_bytes()).collect();
         assert_eq!(rows.len(), 1);
         assert_eq!(Ipv6Addr::from(rows[0].local.0), Ipv6Addr::LOCALHOST);
         assert_eq!(rows[0].local.1, 22);
@@ -199,7 +203,7 @@ garbage line
             "h\n0: 0100007F:1F90",
             "h\n0: 0100007F:1F90 00:0 0A a b c d e f",
         ] {
-            let _ = parse_tcp_table(text);
+            let _ = tcp_rows(text.as_bytes()).count();
         }
     }
 

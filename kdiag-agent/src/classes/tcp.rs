@@ -50,8 +50,9 @@ const TRACEPOINTS: &[Tracepoint] = &[
     },
 ];
 
-/// Connections followed at once in userspace for `tcp_conn`.
-const MAX_CONNS: usize = 65_536;
+/// Connections followed at once in userspace for `tcp_conn`: 7/8 of 65536,
+/// the most a hash table of 65536 slots holds (about 9 MiB when full).
+const MAX_CONNS: usize = 57_344;
 /// Connections in `tcp_summary.top`.
 const TOP_CONNS: usize = 10;
 /// Distinct retransmitting connections counted per interval for `top`.

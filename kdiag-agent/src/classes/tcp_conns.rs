@@ -3,7 +3,10 @@
 //! closes. Bounded: when full, the connections idle longest are evicted
 //! (their close is then not summarised) and counted.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    num::NonZeroU64,
+};
 
 use kdiag_common::tcp::{TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_RECV, TCP_SYN_SENT};
 
@@ -16,10 +19,15 @@ pub struct ConnHistory {
     pub handshake_ns: Option<u64>,
 }
 
+/// Kept small: a busy host fills the table (136 bytes a connection with
+/// its key).
 #[derive(Debug, Default)]
 struct Conn {
-    state_ns: [Option<u64>; STATE_COUNT],
-    handshake_ns: Option<u64>,
+    state_ns: [u64; STATE_COUNT],
+    /// Bit `i` set: `state_ns[i]` was measured (a state seen for 0 ns still
+    /// counts as seen).
+    states_seen: u16,
+    handshake_ns: Option<NonZeroU64>,
     last_seen_ns: u64,
 }
 
@@ -31,10 +39,14 @@ pub struct ConnTable {
 }
 
 impl ConnTable {
+    /// Room for `max` connections is taken up front: a table that grows
+    /// doubles, holding the old and the new one at once, and ends at twice
+    /// the room it needs. Pages not yet used cost no memory.
     pub fn new(max: usize) -> Self {
+        let max = max.max(1);
         Self {
-            conns: HashMap::new(),
-            max: max.max(1),
+            conns: HashMap::with_capacity(max),
+            max,
             evicted: 0,
         }
     }
@@ -70,9 +82,11 @@ impl ConnTable {
             // of the connection.
             && old != TCP_CLOSE
         {
-            *conn.state_ns[i].get_or_insert(0) += ns;
+            conn.state_ns[i] += ns;
+            conn.states_seen |= 1 << i;
             if new == TCP_ESTABLISHED && (old == TCP_SYN_SENT || old == TCP_SYN_RECV) {
-                conn.handshake_ns = Some(ns);
+                // A handshake of 0 ns is not one the clock can show.
+                conn.handshake_ns = NonZeroU64::new(ns);
             }
         }
         if new != TCP_CLOSE {
@@ -80,11 +94,12 @@ impl ConnTable {
         }
         let conn = self.conns.remove(&sock_id)?;
         let state_ns = (0..STATE_COUNT)
-            .filter_map(|i| Some((state_name(i as i32), conn.state_ns[i]?)))
+            .filter(|i| conn.states_seen & (1 << i) != 0)
+            .map(|i| (state_name(i as i32), conn.state_ns[i]))
             .collect();
         Some(ConnHistory {
             state_ns,
-            handshake_ns: conn.handshake_ns,
+            handshake_ns: conn.handshake_ns.map(NonZeroU64::get),
         })
     }
 
