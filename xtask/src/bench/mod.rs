@@ -133,7 +133,7 @@ pub fn run(quick: bool) -> Result<()> {
 const PER_EVENT: &str = "1 kernel cost";
 
 /// Each tracer alone under the scenario's load: kernel time per program
-/// run.
+/// run and, where the kernel counts the scenario's events, per event.
 fn per_event(
     plan: &Plan,
     scenario: &scenarios::Scenario,
@@ -149,12 +149,17 @@ fn per_event(
     let tracers = scenario.tracers(agent);
     let measure = format!("ns per run, {} load", scenario.class);
     let rate = format!("runs/s, {} load", scenario.class);
+    let count = || scenario.events.as_ref().map(|e| (e.total)()).transpose();
     for _ in 0..plan.rounds {
         for (i, tracer) in tracers.iter().enumerate() {
             let running = tracer.start()?;
             thread::sleep(SETTLE);
+            // The kernel's count is read inside the programs' window, which
+            // is longer only by the reads themselves.
             let before = running.bpf()?;
+            let counted_before = count()?;
             thread::sleep(plan.window());
+            let counted_after = count()?;
             let after = running.bpf()?;
             let names = probe::program_names()?;
             running.stop()?;
@@ -180,6 +185,17 @@ fn per_event(
                     rows.add(PER_EVENT, &m, &who, Unit::Count, None, misses as f64);
                 }
             }
+            if let (Some(events), Some(c0), Some(c1)) =
+                (&scenario.events, counted_before, counted_after)
+            {
+                let m = format!(
+                    "ns per {} (all programs), {} load",
+                    events.name, scenario.class
+                );
+                let ns = after.run_time_ns().saturating_sub(before.run_time_ns()) as f64
+                    / c1.saturating_sub(c0).max(1) as f64;
+                rows.add(PER_EVENT, &m, &tracer.label, Unit::Ns, None, ns);
+            }
         }
     }
     Ok(())
@@ -193,19 +209,7 @@ const OVERHEAD: &str = "2 overhead, bulk";
 fn overhead(plan: &Plan, agent: &Path, rows: &mut Rows) -> Result<()> {
     eprintln!("bench: overhead under {}", Load::Bulk.describe());
     let server = IperfServer::start(None)?;
-    let observers: Vec<(String, Option<f64>, Vec<Tracer>)> = vec![
-        ("no tracer".into(), None, vec![]),
-        (
-            "kdiag-agent run".into(),
-            Some(1.0),
-            vec![Tracer::kdiag(agent, &["run"])],
-        ),
-        (
-            "libbpf-tools softirqs + tcpstates".into(),
-            None,
-            vec![Tracer::libbpf("softirqs"), Tracer::libbpf("tcpstates")],
-        ),
-    ];
+    let observers = observers(agent);
     for round in 0..plan.pairs {
         // Alternate the order, so drift over time favours no one.
         let order: Vec<usize> = if round % 2 == 0 {
@@ -248,6 +252,25 @@ fn overhead(plan: &Plan, agent: &Path, rows: &mut Rows) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What the overhead section attaches in turn, with kdiag's target for the
+/// observer share: nothing, kdiag `run`, and the libbpf-tools covering the
+/// same events.
+fn observers(agent: &Path) -> [(&'static str, Option<f64>, Vec<Tracer>); 3] {
+    [
+        ("no tracer", None, vec![]),
+        (
+            "kdiag-agent run",
+            Some(1.0),
+            vec![Tracer::kdiag(agent, &["run"])],
+        ),
+        (
+            "libbpf-tools softirqs + tcpstates",
+            None,
+            vec![Tracer::libbpf("softirqs"), Tracer::libbpf("tcpstates")],
+        ),
+    ]
 }
 
 /// CPU time of the tracers plus the kernel time of their programs.
@@ -470,9 +493,10 @@ fn document(plan: &Plan, agent: &Path, rows: &Rows, took: Duration) -> String {
          by the benchmark):\n",
         plan.held_connections
     ));
-    let mut tracers: Vec<Tracer> = SCENARIOS.iter().flat_map(|s| s.tracers(agent)).collect();
-    tracers.push(Tracer::kdiag(agent, &["run"]));
-    tracers.extend([Tracer::libbpf("softirqs")]);
+    let tracers = SCENARIOS
+        .iter()
+        .flat_map(|s| s.tracers(agent))
+        .chain(observers(agent).into_iter().flat_map(|(_, _, t)| t));
     let mut seen = Vec::new();
     for t in tracers {
         let line = t
