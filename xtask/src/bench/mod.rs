@@ -62,7 +62,12 @@ struct Plan {
     quick: bool,
     /// Interleaved rounds of the per-event and per-record measurements.
     rounds: usize,
-    /// Seconds each tracer is measured under load.
+    /// Seconds each tracer is measured for its kernel cost. BPF run time is
+    /// counted in ns, so a short window only sees fewer events: thousands a
+    /// second under churn and bulk, a few hundred under retransmits.
+    cost_window_secs: u64,
+    /// Seconds each tracer is measured where CPU time is read from /proc,
+    /// in 10 ms ticks (overhead, per record).
     window_secs: u64,
     /// Rounds of (no tracer, kdiag, libbpf-tools) under bulk load.
     pairs: usize,
@@ -76,6 +81,7 @@ impl Plan {
             Self {
                 quick,
                 rounds: 3,
+                cost_window_secs: 1,
                 window_secs: 2,
                 pairs: 5,
                 startup_runs: 3,
@@ -85,12 +91,17 @@ impl Plan {
             Self {
                 quick,
                 rounds: 5,
+                cost_window_secs: 5,
                 window_secs: 5,
                 pairs: 7,
                 startup_runs: 7,
                 held_connections: 100_000,
             }
         }
+    }
+
+    fn cost_window(&self) -> Duration {
+        Duration::from_secs(self.cost_window_secs)
     }
 
     fn window(&self) -> Duration {
@@ -135,7 +146,7 @@ pub fn run(quick: bool) -> Result<()> {
 const PER_EVENT: &str = "1 kernel cost";
 
 /// Each tracer alone under the scenario's load: kernel time per program
-/// run.
+/// run and, where the kernel counts the scenario's events, per event.
 fn per_event(
     plan: &Plan,
     scenario: &scenarios::Scenario,
@@ -151,12 +162,17 @@ fn per_event(
     let tracers = scenario.tracers(agent);
     let measure = format!("ns per run, {} load", scenario.class);
     let rate = format!("runs/s, {} load", scenario.class);
+    let count = || scenario.events.as_ref().map(|e| (e.total)()).transpose();
     for _ in 0..plan.rounds {
         for (i, tracer) in tracers.iter().enumerate() {
             let running = tracer.start()?;
             thread::sleep(SETTLE);
+            // The kernel's count is read inside the programs' window, which
+            // is longer only by the reads themselves.
             let before = running.bpf()?;
-            thread::sleep(plan.window());
+            let counted_before = count()?;
+            thread::sleep(plan.cost_window());
+            let counted_after = count()?;
             let after = running.bpf()?;
             let names = probe::program_names()?;
             running.stop()?;
@@ -173,7 +189,7 @@ fn per_event(
                 let target = scenario.target_ns.filter(|_| judged);
                 rows.add(PER_EVENT, &measure, &who, Unit::Ns, target, ns);
                 if judged {
-                    let per_sec = runs as f64 / plan.window_secs as f64;
+                    let per_sec = runs as f64 / plan.cost_window_secs as f64;
                     rows.add(PER_EVENT, &rate, &who, Unit::PerSec, None, per_sec);
                 }
                 let misses = a.recursion_misses.saturating_sub(b.recursion_misses);
@@ -181,6 +197,17 @@ fn per_event(
                     let m = format!("recursion misses, {} load", scenario.class);
                     rows.add(PER_EVENT, &m, &who, Unit::Count, None, misses as f64);
                 }
+            }
+            if let (Some(events), Some(c0), Some(c1)) =
+                (&scenario.events, counted_before, counted_after)
+            {
+                let m = format!(
+                    "ns per {} (all programs), {} load",
+                    events.name, scenario.class
+                );
+                let ns = after.run_time_ns().saturating_sub(before.run_time_ns()) as f64
+                    / c1.saturating_sub(c0).max(1) as f64;
+                rows.add(PER_EVENT, &m, &tracer.label, Unit::Ns, None, ns);
             }
         }
     }
@@ -195,19 +222,7 @@ const OVERHEAD: &str = "2 overhead, bulk";
 fn overhead(plan: &Plan, agent: &Path, rows: &mut Rows) -> Result<()> {
     eprintln!("bench: overhead under {}", Load::Bulk.describe());
     let server = IperfServer::start(None)?;
-    let observers: Vec<(String, Option<f64>, Vec<Tracer>)> = vec![
-        ("no tracer".into(), None, vec![]),
-        (
-            "kdiag-agent run".into(),
-            Some(1.0),
-            vec![Tracer::kdiag(agent, &["run"])],
-        ),
-        (
-            "libbpf-tools softirqs + tcpstates".into(),
-            None,
-            vec![Tracer::libbpf("softirqs"), Tracer::libbpf("tcpstates")],
-        ),
-    ];
+    let observers = observers(agent);
     for round in 0..plan.pairs {
         // Alternate the order, so drift over time favours no one.
         let order: Vec<usize> = if round % 2 == 0 {
@@ -250,6 +265,25 @@ fn overhead(plan: &Plan, agent: &Path, rows: &mut Rows) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What the overhead section attaches in turn, with kdiag's target for the
+/// observer share: nothing, kdiag `run`, and the libbpf-tools covering the
+/// same events.
+fn observers(agent: &Path) -> [(&'static str, Option<f64>, Vec<Tracer>); 3] {
+    [
+        ("no tracer", None, vec![]),
+        (
+            "kdiag-agent run",
+            Some(1.0),
+            vec![Tracer::kdiag(agent, &["run"])],
+        ),
+        (
+            "libbpf-tools softirqs + tcpstates",
+            None,
+            vec![Tracer::libbpf("softirqs"), Tracer::libbpf("tcpstates")],
+        ),
+    ]
 }
 
 /// CPU time of the tracers plus the kernel time of their programs.
@@ -458,8 +492,9 @@ fn document(plan: &Plan, agent: &Path, rows: &Rows, took: Duration) -> String {
          Machine: {cpus} CPUs ({cpu}), {mem_gib:.0} GiB RAM, kernel {kernel}.\n\
          Tools: libbpf-tools {libbpf}, bpftrace {bpftrace}, iperf3 {iperf}.\n\n\
          Each tracer runs alone under the load, {rounds} rounds interleaved, \
-         {window} s per measurement ({pairs} rounds for the bulk overhead, {startup} \
-         start-ups each).\n\n",
+         {cost_window} s per kernel cost measurement and {window} s per other \
+         measurement ({pairs} rounds for the bulk overhead, {startup} start-ups \
+         each).\n\n",
         date = output_of("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         took = took.as_secs_f64(),
         cpus = thread::available_parallelism().map_or(0, |n| n.get()),
@@ -474,6 +509,7 @@ fn document(plan: &Plan, agent: &Path, rows: &Rows, took: Duration) -> String {
             .unwrap_or("?")
             .to_owned(),
         rounds = plan.rounds,
+        cost_window = plan.cost_window_secs,
         window = plan.window_secs,
         pairs = plan.pairs,
         startup = plan.startup_runs,
@@ -488,9 +524,10 @@ fn document(plan: &Plan, agent: &Path, rows: &Rows, took: Duration) -> String {
          by the benchmark):\n",
         plan.held_connections
     ));
-    let mut tracers: Vec<Tracer> = SCENARIOS.iter().flat_map(|s| s.tracers(agent)).collect();
-    tracers.push(Tracer::kdiag(agent, &["run"]));
-    tracers.extend([Tracer::libbpf("softirqs")]);
+    let tracers = SCENARIOS
+        .iter()
+        .flat_map(|s| s.tracers(agent))
+        .chain(observers(agent).into_iter().flat_map(|(_, _, t)| t));
     let mut seen = Vec::new();
     for t in tracers {
         let line = t

@@ -1,8 +1,9 @@
 //! What the benchmark reads from the kernel: CPU time from /proc, peak memory
-//! from /proc/PID/status, and each process's BPF programs and maps from
+//! from /proc/PID/status, each process's BPF programs and maps from
 //! /proc/PID/fdinfo (the kernel prints `run_time_ns`, `run_cnt` and
 //! `memlock` there for every BPF fd: kernel/bpf/syscall.c,
-//! bpf_prog_show_fdinfo and bpf_map_show_fdinfo).
+//! bpf_prog_show_fdinfo and bpf_map_show_fdinfo), and how many events of a
+//! kind the kernel has seen, to divide the programs' time by.
 
 use std::{collections::BTreeMap, fs, process::Command, time::Duration};
 
@@ -80,6 +81,25 @@ pub fn process_cpu_ns(pid: u32) -> Result<u64> {
     let field = |i: usize| -> u64 { fields.get(i).and_then(|f| f.parse().ok()).unwrap_or(0) };
     // `rest` starts at field 3 (state).
     Ok((field(11) + field(12)) * tick_ns())
+}
+
+/// Softirqs run since boot, every vector on every CPU: the sum of
+/// /proc/softirqs, which `handle_softirqs` (kernel/softirq.c) counts once
+/// per handler run, right before it fires softirq_entry.
+pub fn softirqs_total() -> Result<u64> {
+    let table = fs::read_to_string("/proc/softirqs").context("reading /proc/softirqs")?;
+    Ok(sum_softirqs(&table))
+}
+
+/// A header line of CPU names (no colon), then `VECTOR: count per CPU` for
+/// each vector.
+fn sum_softirqs(table: &str) -> u64 {
+    table
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .flat_map(|(_, counts)| counts.split_whitespace())
+        .filter_map(|c| c.parse::<u64>().ok())
+        .sum()
 }
 
 /// A `VmXxx:` line of /proc/PID/status, in bytes.
@@ -199,5 +219,19 @@ pub fn poll<T>(limit: Duration, every: Duration, mut f: impl FnMut() -> Option<T
             return None;
         }
         std::thread::sleep(every);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softirqs_summed_over_vectors_and_cpus() {
+        let table = "        CPU0    CPU1\n\
+                     HI:           0       2\n\
+                     TIMER:   376352  301398\n\
+                     NET_RX:      10       7\n";
+        assert_eq!(sum_softirqs(table), 2 + 376352 + 301398 + 10 + 7);
     }
 }

@@ -1,10 +1,13 @@
 //! What the benchmark compares, as data. Each event class is one
 //! [`Scenario`] in [`SCENARIOS`]: the tracepoints its programs sit on, the
-//! load that makes them fire, kdiag's target, and the tools it is compared
-//! with. The per-event cost, start-up and memory sections all read this
-//! table, so benchmarking a new class is one more entry here.
+//! load that makes them fire, kdiag's target, the kernel's own count of the
+//! events where it keeps one, and the tools it is compared with. The
+//! per-event cost, start-up and memory sections all read this table, so
+//! benchmarking a new class is one more entry here.
 
-use super::{load::Load, tracer::Tracer};
+use anyhow::Result;
+
+use super::{load::Load, probe, tracer::Tracer};
 
 pub struct Scenario {
     /// kdiag-agent's subcommand for the class.
@@ -19,10 +22,22 @@ pub struct Scenario {
     pub load: Load,
     /// kdiag's target for each of `programs`, in ns per run.
     pub target_ns: Option<f64>,
+    /// The kernel's own count of the events the class is about, where it
+    /// keeps one: each tracer's run time over all its programs is also
+    /// reported per event. Tracers spread the work over different
+    /// tracepoints, so per run they are not comparable, per event they are.
+    pub events: Option<EventCount>,
     /// Other tracers of the same events. An empty bpftrace program on the
     /// same tracepoints is always measured as well: the floor every tracer
     /// pays there.
     pub comparisons: &'static [Comparison],
+}
+
+/// A running total the kernel keeps, read before and after each window.
+pub struct EventCount {
+    /// One event, as the measure names it.
+    pub name: &'static str,
+    pub total: fn() -> Result<u64>,
 }
 
 pub enum Comparison {
@@ -50,6 +65,7 @@ pub const SCENARIOS: &[Scenario] = &[
         programs: &["inet_sock_set_state"],
         load: Load::Churn,
         target_ns: Some(400.0),
+        events: None,
         comparisons: &[
             Comparison::Libbpf("tcplife"),
             Comparison::Libbpf("tcpstates"),
@@ -61,6 +77,7 @@ pub const SCENARIOS: &[Scenario] = &[
         programs: &["retransmit_skb"],
         load: Load::Retransmits,
         target_ns: Some(2000.0),
+        events: None,
         // libbpf-tools has no tcpretrans, and bpftrace's tcpretrans.bt
         // needs a kprobe: the tracepoint, printing what tcpretrans prints.
         comparisons: &[Comparison::Bpftrace {
@@ -69,6 +86,35 @@ pub const SCENARIOS: &[Scenario] = &[
                      comm, pid, ntop(args->saddr), args->sport, ntop(args->daddr), \
                      args->dport, args->state); }",
         }],
+    },
+    Scenario {
+        class: "softirq",
+        tracepoints: &["irq:softirq_raise", "irq:softirq_entry", "irq:softirq_exit"],
+        // softirq_raise only stamps the raise time for the queueing delay,
+        // and raises of a vector already pending do not add softirqs: it is
+        // not judged per run, but counts in the cost per softirq.
+        programs: &["softirq_entry", "softirq_exit"],
+        load: Load::Bulk,
+        target_ns: Some(50.0),
+        // No target per softirq: kdiag's is to cost at most what
+        // libbpf-tools softirqs costs per softirq, while measuring queueing
+        // delay (one more program) besides the service time both measure.
+        events: Some(EventCount {
+            name: "softirq",
+            total: probe::softirqs_total,
+        }),
+        // libbpf-tools softirqs sums service time per vector; the bpftrace
+        // script keeps it as a histogram per vector.
+        comparisons: &[
+            Comparison::Libbpf("softirqs"),
+            Comparison::Bpftrace {
+                label: "service time hist",
+                script: "tracepoint:irq:softirq_entry { @start[cpu] = nsecs; } \
+                         tracepoint:irq:softirq_exit /@start[cpu]/ { \
+                         @usecs[args->vec] = hist((nsecs - @start[cpu]) / 1000); \
+                         delete(@start[cpu]); }",
+            },
+        ],
     },
 ];
 

@@ -27,6 +27,13 @@ const BPFTRACE_READY: &str = "kdiag-bench-ready";
 /// How long any tracer may take to attach before the benchmark gives up.
 const ATTACH_LIMIT: Duration = Duration::from_secs(30);
 
+/// How often SIGINT is repeated until a tracer exits. bpftrace 0.17 looks
+/// at its SIGINT flag only when the signal interrupts its epoll_wait, so a
+/// SIGINT handled just after a wait timed out is lost, and a script whose
+/// probes print nothing then runs on (fixed in bpftrace 0.19). kdiag and
+/// libbpf-tools take a repeat as the same request.
+const SIGINT_REPEAT: Duration = Duration::from_secs(1);
+
 /// How a tracer shows it is attached.
 #[derive(Debug, Clone, Copy)]
 pub enum Ready {
@@ -259,11 +266,20 @@ impl Running {
         unsafe { libc::kill(self.pid as i32, sig) };
     }
 
-    /// SIGINT, then waits for it to write its last lines and exit.
+    /// SIGINT (repeated, see [`SIGINT_REPEAT`]), then waits for it to write
+    /// its last lines and exit.
     pub fn stop(mut self) -> Result<Finished> {
         self.signal(libc::SIGINT);
+        let mut signalled = Instant::now();
         let exited = probe::poll(Duration::from_secs(10), Duration::from_millis(5), || {
-            self.exited().then_some(())
+            if self.exited() {
+                return Some(());
+            }
+            if signalled.elapsed() >= SIGINT_REPEAT {
+                self.signal(libc::SIGINT);
+                signalled = Instant::now();
+            }
+            None
         });
         if exited.is_none() {
             let stderr = self.kill_and_stderr();
