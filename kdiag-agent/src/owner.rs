@@ -34,11 +34,22 @@ const CACHE_MAX: usize = 16_384;
 /// listener's accept queue has no file descriptor until accept().
 const RETRY_NOT_FOUND_AFTER: Duration = Duration::from_secs(2);
 
+/// A listener: its network namespace (the kernel's address of it, 0 when
+/// unknown) and its port.
+pub type ListenerId = (u64, u16);
+
+/// /proc results; `Err(when)` = not found at `when`.
+type Found = Result<ResolvedOwner, Instant>;
+
 #[derive(Debug, Default)]
 pub struct OwnerResolver {
     cgroups: CgroupPaths,
-    /// /proc results per socket; `Err(when)` = not found at `when`.
-    cache: HashMap<(u64, TcpTuple), Result<ResolvedOwner, Instant>>,
+    /// Per socket.
+    cache: HashMap<(u64, TcpTuple), Found>,
+    /// Per listener the programs did not see at listen(), for the sockets
+    /// it accepts: one lookup serves them all, and it works before accept()
+    /// gives a socket a file descriptor of its own.
+    listeners: HashMap<ListenerId, Found>,
     budget: LookupBudget,
 }
 
@@ -82,8 +93,15 @@ impl OwnerResolver {
     }
 
     /// The owner of the socket `sock_id` with addresses `tuple`, given what
-    /// the kernel captured.
-    pub fn resolve(&mut self, sock_id: u64, owner: &Owner, tuple: &TcpTuple) -> ResolvedOwner {
+    /// the kernel captured. `listener`: the listener that accepted it, when
+    /// it is an accepted socket.
+    pub fn resolve(
+        &mut self,
+        sock_id: u64,
+        owner: &Owner,
+        tuple: &TcpTuple,
+        listener: Option<ListenerId>,
+    ) -> ResolvedOwner {
         if owner.known != 0 {
             return ResolvedOwner {
                 pid: Some(owner.tgid),
@@ -91,27 +109,47 @@ impl OwnerResolver {
                 cgroup: self.cgroups.path(owner.cgroup_id),
             };
         }
-        let key = (sock_id, *tuple);
-        match self.cache.get(&key) {
-            Some(Ok(hit)) => return hit.clone(),
-            Some(Err(when)) if when.elapsed() < RETRY_NOT_FOUND_AFTER => {
-                return ResolvedOwner::default();
-            }
-            _ => {}
+        match listener {
+            Some(id) => cached_lookup(&mut self.listeners, id, &mut self.budget, || {
+                lookup_listener_in_proc(tuple)
+            }),
+            None => cached_lookup(&mut self.cache, (sock_id, *tuple), &mut self.budget, || {
+                lookup_in_proc(tuple)
+            }),
         }
-        let started = Instant::now();
-        if !self.budget.may_start(started) {
+    }
+
+    /// A listener closed: what was learnt of it no longer holds.
+    pub fn forget_listener(&mut self, id: ListenerId) {
+        self.listeners.remove(&id);
+    }
+}
+
+/// `lookup` through `cache` and the time budget.
+fn cached_lookup<K: std::hash::Hash + Eq>(
+    cache: &mut HashMap<K, Found>,
+    key: K,
+    budget: &mut LookupBudget,
+    lookup: impl FnOnce() -> Option<ResolvedOwner>,
+) -> ResolvedOwner {
+    match cache.get(&key) {
+        Some(Ok(hit)) => return hit.clone(),
+        Some(Err(when)) if when.elapsed() < RETRY_NOT_FOUND_AFTER => {
             return ResolvedOwner::default();
         }
-        let found = lookup_in_proc(tuple);
-        self.budget.charge(started.elapsed());
-        if self.cache.len() >= CACHE_MAX {
-            self.cache.clear();
-        }
-        self.cache
-            .insert(key, found.clone().ok_or_else(Instant::now));
-        found.unwrap_or_default()
+        _ => {}
     }
+    let started = Instant::now();
+    if !budget.may_start(started) {
+        return ResolvedOwner::default();
+    }
+    let found = lookup();
+    budget.charge(started.elapsed());
+    if cache.len() >= CACHE_MAX {
+        cache.clear();
+    }
+    cache.insert(key, found.clone().ok_or_else(Instant::now));
+    found.unwrap_or_default()
 }
 
 /// A task's comm: bytes up to the first NUL, invalid UTF-8 replaced.
@@ -123,7 +161,11 @@ pub fn comm_str(comm: &[u8]) -> String {
 /// Finds the socket in the TCP table of each network namespace (one process
 /// per namespace is enough to read it), then the process holding it.
 fn lookup_in_proc(tuple: &TcpTuple) -> Option<ResolvedOwner> {
-    let inode = find_inode(tuple)?;
+    owner_of_inode(find_inode(tuple)?)
+}
+
+/// The first process holding the socket with this inode.
+fn owner_of_inode(inode: u64) -> Option<ResolvedOwner> {
     let pid = procfs::pids().find(|&pid| procfs::has_socket(pid, inode))?;
     Some(ResolvedOwner {
         pid: Some(pid),
@@ -132,7 +174,27 @@ fn lookup_in_proc(tuple: &TcpTuple) -> Option<ResolvedOwner> {
     })
 }
 
+/// Finds the listener an accepted socket came from: a LISTEN socket on its
+/// local port, bound to its local address or to any. Listeners of the same
+/// port in two network namespaces, both bound to any address, cannot be told
+/// apart here; the first namespace found wins.
+fn lookup_listener_in_proc(child: &TcpTuple) -> Option<ResolvedOwner> {
+    const LISTEN: u8 = 0x0A;
+    let inode = find_row(|r| {
+        r.state == LISTEN
+            && r.local.1 == child.sport
+            && (r.local.0 == child.saddr || r.local.0 == [0; 16])
+    })?;
+    owner_of_inode(inode)
+}
+
 fn find_inode(tuple: &TcpTuple) -> Option<u64> {
+    find_row(|r| r.local == (tuple.saddr, tuple.sport) && r.remote == (tuple.daddr, tuple.dport))
+}
+
+/// The inode of the first socket `wanted` accepts in the TCP tables of each
+/// network namespace (one process per namespace is enough to read them).
+fn find_row(wanted: impl Fn(&procfs::TcpRow) -> bool) -> Option<u64> {
     let mut seen = HashSet::new();
     for pid in procfs::pids() {
         let Some(ns) = procfs::netns_inode(pid) else {
@@ -141,11 +203,7 @@ fn find_inode(tuple: &TcpTuple) -> Option<u64> {
         if !seen.insert(ns) {
             continue;
         }
-        let row = procfs::tcp_sockets(pid).find(|r| {
-            r.inode != 0
-                && r.local == (tuple.saddr, tuple.sport)
-                && r.remote == (tuple.daddr, tuple.dport)
-        });
+        let row = procfs::tcp_sockets(pid).find(|r| r.inode != 0 && wanted(r));
         if let Some(row) = row {
             return Some(row.inode);
         }
@@ -165,6 +223,45 @@ mod tests {
     }
 
     #[test]
+    fn one_lookup_serves_a_listener_until_it_is_not_found() {
+        let mut cache = HashMap::new();
+        let mut budget = LookupBudget::default();
+        let server = ResolvedOwner {
+            pid: Some(42),
+            ..ResolvedOwner::default()
+        };
+        let mut lookups = 0;
+        for _ in 0..3 {
+            let got = cached_lookup(&mut cache, (7u64, 80u16), &mut budget, || {
+                lookups += 1;
+                Some(server.clone())
+            });
+            assert_eq!(got, server);
+        }
+        assert_eq!(
+            lookups, 1,
+            "one /proc lookup for every socket of the listener"
+        );
+        // Not found: not looked up again before RETRY_NOT_FOUND_AFTER.
+        for _ in 0..3 {
+            let got = cached_lookup(&mut cache, (7u64, 81u16), &mut budget, || {
+                lookups += 1;
+                None
+            });
+            assert_eq!(got, ResolvedOwner::default());
+        }
+        assert_eq!(lookups, 2);
+    }
+
+    #[test]
+    fn a_closed_listener_is_forgotten() {
+        let mut r = OwnerResolver::default();
+        r.listeners.insert((7, 80), Ok(ResolvedOwner::default()));
+        r.forget_listener((7, 80));
+        assert!(r.listeners.is_empty());
+    }
+
+    #[test]
     fn known_owner_needs_no_proc() {
         let mut r = OwnerResolver::default();
         let owner = Owner {
@@ -173,7 +270,7 @@ mod tests {
             cgroup_id: 0,
             comm: *b"nginx\0\0\0\0\0\0\0\0\0\0\0",
         };
-        let got = r.resolve(1, &owner, &TcpTuple::default());
+        let got = r.resolve(1, &owner, &TcpTuple::default(), None);
         assert_eq!(got.pid, Some(42));
         assert_eq!(got.comm.as_deref(), Some("nginx"));
         assert_eq!(got.cgroup, None);

@@ -16,6 +16,8 @@ use std::{
 pub struct TcpRow {
     pub local: ([u8; 16], u16),
     pub remote: ([u8; 16], u16),
+    /// The kernel's TCP state number (`st`, 0x0A = LISTEN).
+    pub state: u8,
     pub inode: u64,
 }
 
@@ -37,11 +39,13 @@ fn parse_tcp_row(line: &str) -> Option<TcpRow> {
     let _slot = cols.next()?;
     let local = parse_endpoint(cols.next()?)?;
     let remote = parse_endpoint(cols.next()?)?;
-    // st, tx_queue:rx_queue, tr:tm->when, retrnsmt, uid, timeout, inode
-    let inode = cols.nth(6)?.parse().ok()?;
+    let state = u8::from_str_radix(cols.next()?, 16).ok()?;
+    // tx_queue:rx_queue, tr:tm->when, retrnsmt, uid, timeout, inode
+    let inode = cols.nth(5)?.parse().ok()?;
     Some(TcpRow {
         local,
         remote,
+        state,
         inode,
     })
 }
@@ -177,7 +181,8 @@ garbage line
             rows[0].local,
             ([127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], 8080)
         );
-        assert_eq!(rows[0].inode, 12345);
+        assert_eq!((rows[0].state, rows[0].inode), (0x0A, 12345));
+        assert_eq!((rows[1].state, rows[1].inode), (0x01, 678));
         assert_eq!(&rows[1].local.0[..4], &[10, 231, 0, 2]);
         assert_eq!(rows[1].local.1, 50000);
         assert_eq!(&rows[1].remote.0[..4], &[10, 231, 0, 1]);

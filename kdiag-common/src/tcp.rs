@@ -270,8 +270,12 @@ pub struct SockInfo {
     pub created_ns: u64,
     /// When it entered its current state (monotonic ns; 0 = unknown).
     pub state_since_ns: u64,
+    /// An accepted socket's network namespace (kernel address, 0 when
+    /// unknown or not accepted): with its local port it names the listener
+    /// it came from.
+    pub net: u64,
 }
-const _: () = assert!(size_of::<SockInfo>() == 56);
+const _: () = assert!(size_of::<SockInfo>() == 64);
 
 /// How a socket came to be, as far as the programs saw.
 pub const ROLE_UNKNOWN: u32 = 0;
@@ -306,8 +310,13 @@ pub struct TcpStateEvent {
     pub role: u32,
     pub flags: u32,
     pub _pad: u32,
+    /// The network namespace (kernel address, never printed) of an
+    /// accepted socket, and of a listener at its close; else 0. With the
+    /// local port it identifies the listener, for owners the programs did
+    /// not see at listen().
+    pub net: u64,
 }
-const _: () = assert!(size_of::<TcpStateEvent>() == 16 + 8 + 32 + 40 + 8 + 8 + 8 + 16);
+const _: () = assert!(size_of::<TcpStateEvent>() == 16 + 8 + 32 + 40 + 8 + 8 + 8 + 16 + 8);
 
 /// Key of the listener map: a listening port within one network namespace.
 #[repr(C)]

@@ -227,6 +227,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
                 event.created_ns = (*p).created_ns;
                 event.retrans = (*p).retrans;
                 event.role = (*p).role;
+                event.net = (*p).net;
                 let since = (*p).state_since_ns;
                 (*p).state_since_ns = now;
                 since
@@ -240,6 +241,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
                 ptr::write_volatile(&raw mut event.created_ns, 0);
                 ptr::write_volatile(&raw mut event.retrans, 0);
                 ptr::write_volatile(&raw mut event.role, ROLE_UNKNOWN);
+                ptr::write_volatile(&raw mut event.net, 0);
             }
             // A socket from before the agent started: time its states from
             // here on.
@@ -260,7 +262,10 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
     if newstate == TCP_CLOSE {
         if oldstate == TCP_LISTEN {
             let port: u16 = field!(ctx, o, u, tuple.sport)?;
-            let _ = LISTENERS.remove(listener_key(cfg, sk, port));
+            let key = listener_key(cfg, sk, port);
+            // The agent forgets what it learnt of this listener.
+            event.net = key.net;
+            let _ = LISTENERS.remove(key);
         }
         let _ = SOCKS.remove(sk);
     }
@@ -324,6 +329,8 @@ fn record_birth(
         // A child cloned from its listener, in softirq
         // (inet_csk_clone_lock): the listener's owner will accept() it.
         let key = listener_key(cfg, sk, port()?);
+        // SAFETY: a field of the slot above.
+        unsafe { (*info).net = key.net };
         if let Some(listener) = LISTENERS.get_ptr(key) {
             // SAFETY: a live map value, copied at once.
             unsafe { mem::copy(owner, listener) };

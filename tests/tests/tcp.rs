@@ -159,6 +159,56 @@ fn assert_all_accounted(recs: &[Value]) {
     );
 }
 
+/// Servers start before the agent. Their listener's owner was never seen at
+/// listen(), so each accepted child's first change (LISTEN -> SYN_RECV,
+/// before accept() gives it a file descriptor) can only be attributed
+/// through the listener: every change of every accepted connection must
+/// carry the server's pid.
+#[test]
+fn children_of_a_listener_older_than_the_agent_are_attributed() {
+    const N: u32 = 20;
+    let net = NetnsPair::new();
+    let port = unique_port();
+    let server = Peer::listen(PEER, &net.server, net.server.v4, port);
+    let mut agent = start_tcp(port, &[]);
+    let client = connections(&net.client, net.server.v4, port, N);
+    client.wait_done(WAIT);
+    agent.wait_for_n(
+        "a tcp_conn per connection and side",
+        2 * N as usize,
+        WAIT,
+        |r| record::is_type(r, "tcp_conn"),
+    );
+    let recs = agent.stop_ok();
+    assert_all_accounted(&recs);
+    let spid = server.pid();
+    let mut want = BTreeMap::new();
+    expect_changes(
+        &mut want,
+        spid,
+        &[
+            ("LISTEN->SYN_RECV", N),
+            ("SYN_RECV->ESTABLISHED", N),
+            ("ESTABLISHED->CLOSE_WAIT", N),
+            ("CLOSE_WAIT->LAST_ACK", N),
+            ("LAST_ACK->CLOSE", N),
+        ],
+    );
+    let server_side: BTreeMap<_, _> = transitions(&recs)
+        .into_iter()
+        .filter(|((_, change), _)| {
+            ["LISTEN->", "SYN_RECV->", "CLOSE_WAIT->", "LAST_ACK->"]
+                .iter()
+                .any(|from| change.starts_with(from))
+                || change == "ESTABLISHED->CLOSE_WAIT"
+        })
+        .collect();
+    assert_eq!(
+        server_side, want,
+        "server-side tcp_state records per (pid, change) (server {spid})"
+    );
+}
+
 #[test]
 fn every_connection_is_counted_exactly() {
     let net = NetnsPair::new();

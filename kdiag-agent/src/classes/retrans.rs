@@ -142,7 +142,7 @@ impl Class for RetransClass {
 
     fn on_event(&mut self, data: &[u8], out: &mut Output) -> Result<u64, ClassError> {
         let ev = decode_retrans(data)?;
-        let owner = self.owners.resolve(ev.sock_id, &ev.owner, &ev.tuple);
+        let owner = self.owners.resolve(ev.sock_id, &ev.owner, &ev.tuple, None);
         if !self.filter.accepts(&owner) {
             return Ok(0);
         }

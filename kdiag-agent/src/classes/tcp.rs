@@ -6,7 +6,10 @@ use std::collections::HashMap;
 
 use kdiag_common::{
     ClassId, EventKind,
-    tcp::{ROLE_ACTIVE, ROLE_LISTENER, ROLE_PASSIVE, STATE_TIME_KNOWN, TcpStateEvent, TcpTuple},
+    tcp::{
+        ROLE_ACTIVE, ROLE_LISTENER, ROLE_PASSIVE, STATE_TIME_KNOWN, TCP_CLOSE, TCP_LISTEN,
+        TcpStateEvent, TcpTuple,
+    },
 };
 
 use super::{
@@ -87,7 +90,16 @@ impl TcpClass {
 
     fn on_state(&mut self, data: &[u8], out: &mut Output) -> Result<u64, ClassError> {
         let ev = decode_state(data)?;
-        let owner = self.owners.resolve(ev.sock_id, &ev.owner, &ev.tuple);
+        // An accepted socket's owner is its listener's; `net` is 0 when the
+        // programs could not read the namespace, then the port alone names
+        // the listener.
+        let listener = (ev.role == ROLE_PASSIVE).then_some((ev.net, ev.tuple.sport));
+        if ev.oldstate == TCP_LISTEN && ev.newstate == TCP_CLOSE {
+            self.owners.forget_listener((ev.net, ev.tuple.sport));
+        }
+        let owner = self
+            .owners
+            .resolve(ev.sock_id, &ev.owner, &ev.tuple, listener);
         let old_state_ns = (ev.flags & STATE_TIME_KNOWN != 0).then_some(ev.old_state_ns);
         let ts = ev.header.ts_ns;
         // Every change feeds the connection's history, even those the
@@ -135,7 +147,7 @@ impl TcpClass {
         if let Some((_, n)) = self.retrans.get_mut(&key) {
             *n += 1;
         } else if self.retrans.len() < MAX_RETRANS_CONNS {
-            let owner = self.owners.resolve(ev.sock_id, &ev.owner, &ev.tuple);
+            let owner = self.owners.resolve(ev.sock_id, &ev.owner, &ev.tuple, None);
             self.retrans.insert(key, (owner, 1));
         }
         // Counted for the summary; the `retrans` class writes the records.
