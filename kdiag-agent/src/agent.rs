@@ -4,7 +4,7 @@
 
 use std::{fs, io, os::fd::AsFd as _, time::Duration};
 
-use aya::{maps::PerCpuArray, programs::Program};
+use aya::maps::PerCpuArray;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
@@ -192,14 +192,14 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
     // The last interval ends when the programs stop, not after the
     // (slow: one RCU grace period per program) detaching.
     let detached_at = monotonic_ns();
-    for (_, program) in loaded.ebpf.programs_mut() {
-        let _ = match program {
-            Program::TracePoint(p) => p.unload(),
-            Program::RawTracePoint(p) => p.unload(),
-            _ => Ok(()),
-        };
+    let names: Vec<String> = loaded.ebpf.programs().map(|(n, _)| n.to_owned()).collect();
+    for name in names {
+        if let Some(p) = loaded.ebpf.program_mut(&name)
+            && let Ok(tp) = <&mut aya::programs::TracePoint>::try_from(p)
+        {
+            let _ = tp.unload();
+        }
     }
-    wait_for_running_programs();
     if stop == Stop::StdoutClosed {
         return Ok(());
     }
@@ -215,19 +215,6 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
         Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(e.into()),
         _ => Ok(()),
     }
-}
-
-/// Detaching stops new runs, but a program already running on another CPU
-/// may still write an event or bump a counter, after the drain that was to
-/// account for it. A classic tracepoint's detach waits for such runs, a raw
-/// tracepoint's does not. Every program runs inside an RCU read-side
-/// section, and `membarrier(MEMBARRIER_CMD_GLOBAL)` waits for an RCU grace
-/// period: after it, none is running. Where it is refused (nohz_full
-/// CPUs), the window is a program's run time, and the summaries may count
-/// an event or two the stream missed.
-fn wait_for_running_programs() {
-    // SAFETY: membarrier takes no pointers.
-    unsafe { libc::syscall(libc::SYS_membarrier, libc::MEMBARRIER_CMD_GLOBAL, 0, 0) };
 }
 
 /// The classes a command runs.

@@ -19,13 +19,6 @@ pub struct Tracepoint {
     /// Without it the class has nothing to report: the agent fails if a
     /// required tracepoint cannot attach, and runs degraded otherwise.
     pub required: bool,
-    /// Attached as a raw tracepoint: the program gets the tracepoint's
-    /// arguments as they are (`TP_PROTO`), no format file is read, the
-    /// kernel does not fill a trace record first, and the program is only
-    /// skipped if it is already running on that CPU (classic tracepoint
-    /// programs are skipped while any other one runs there). For hot
-    /// tracepoints whose arguments are plain values.
-    pub raw: bool,
 }
 
 impl Tracepoint {

@@ -4,11 +4,7 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use aya::{
-    Ebpf, EbpfError, EbpfLoader,
-    programs::{RawTracePoint, TracePoint},
-    util::KernelVersion,
-};
+use aya::{Ebpf, EbpfError, EbpfLoader, programs::TracePoint, util::KernelVersion};
 use kdiag_common::Transport;
 
 use crate::{
@@ -67,7 +63,7 @@ pub fn load(
         }
     }
     let mut formats = Formats::default();
-    for tp in tracepoints.iter().filter(|tp| !tp.raw) {
+    for tp in &tracepoints {
         match tracefs.format(tp.group, tp.name) {
             Ok(f) => formats.insert(tp.program, f),
             Err(e) => give_up_or_degrade(tp, e.to_string(), &mut degraded)?,
@@ -114,7 +110,7 @@ pub fn load(
 
     let mut attached = Vec::new();
     for tp in &tracepoints {
-        if !tp.raw && !formats.contains(tp.program) {
+        if !formats.contains(tp.program) {
             continue;
         }
         match attach(&mut ebpf, tp) {
@@ -173,22 +169,15 @@ fn give_up_or_degrade(
 }
 
 fn attach(ebpf: &mut Ebpf, tp: &Tracepoint) -> Result<(), String> {
-    let program = ebpf
+    let program: &mut TracePoint = ebpf
         .program_mut(tp.program)
-        .ok_or_else(|| format!("program {} missing from the object", tp.program))?;
-    if tp.raw {
-        let program: &mut RawTracePoint = program.try_into().map_err(|e| format!("{e}"))?;
-        program.load().map_err(|e| format!("verifier: {e}"))?;
-        program
-            .attach(tp.name)
-            .map_err(|e| format!("attach: {e}"))?;
-    } else {
-        let program: &mut TracePoint = program.try_into().map_err(|e| format!("{e}"))?;
-        program.load().map_err(|e| format!("verifier: {e}"))?;
-        program
-            .attach(tp.group, tp.name)
-            .map_err(|e| format!("attach: {e}"))?;
-    }
+        .ok_or_else(|| format!("program {} missing from the object", tp.program))?
+        .try_into()
+        .map_err(|e| format!("{e}"))?;
+    program.load().map_err(|e| format!("verifier: {e}"))?;
+    program
+        .attach(tp.group, tp.name)
+        .map_err(|e| format!("attach: {e}"))?;
     Ok(())
 }
 

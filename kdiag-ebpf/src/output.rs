@@ -108,11 +108,9 @@ pub fn emit<C: EbpfContext, T>(ctx: &C, class: ClassId, event: &T) {
 #[inline(always)]
 pub fn count_loss(class: ClassId, reason: u32) {
     if let Some(counter) = LOSSES.get_ptr_mut(class as u32 * LOSS_REASONS + reason) {
-        // SAFETY: a per-CPU slot of one class. Classic tracepoint programs
-        // never nest on one CPU (the kernel's per-CPU bpf_prog_active
-        // guard), and the one raw tracepoint program that emits
-        // (softirq_exit) never nests with itself, so a plain increment
-        // cannot race.
+        // SAFETY: a per-CPU slot, and classic tracepoint programs never nest
+        // on one CPU (the kernel's per-CPU bpf_prog_active guard), so a plain
+        // increment cannot race.
         unsafe { *counter += 1 };
     }
 }

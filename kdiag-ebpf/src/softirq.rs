@@ -12,35 +12,29 @@
 //! around each handler. Handlers never nest on a CPU (they run with softirqs
 //! disabled), so one slot per CPU and vector holds all the state.
 //!
-//! The programs are raw tracepoints: `vec` is the tracepoint's only
-//! argument, so there is no trace record for the kernel to fill first, and
-//! a run is only skipped if the same program is already running on that
-//! CPU (classic tracepoint programs are skipped while any other one runs
-//! there, which lost about 1% of the raises under load).
-//!
-//! Every slot is per-CPU. Entry and exit never nest with each other (one
-//! handler at a time per CPU), so their plain increments cannot race. A
-//! raise can come from a hard interrupt in the middle of an entry program
-//! on the same CPU; it only touches `raise_ns`, which the entry program
-//! reads and then clears, so such a raise can be lost: its softirq then
-//! has no queueing delay, like one raised before the agent started.
+//! Every slot is per-CPU and classic tracepoint programs never nest on one
+//! CPU (the kernel's per-CPU `bpf_prog_active` guard skips a program that
+//! would start while another runs there), so plain increments cannot race.
 
 use core::ptr;
 
 use aya_ebpf::{
+    EbpfContext as _,
     helpers::bpf_ktime_get_ns,
-    macros::{map, raw_tracepoint},
+    macros::{map, tracepoint},
     maps::{Array, PerCpuArray},
-    programs::RawTracePointContext,
+    programs::TracePointContext,
 };
 use kdiag_common::{
     ClassId, EventKind,
-    softirq::{NO_DELAY, NR_SOFTIRQS, SoftirqConfig, SoftirqEvent, SoftirqSlot, bucket_of},
+    softirq::{
+        NO_DELAY, NR_SOFTIRQS, SoftirqConfig, SoftirqEvent, SoftirqSlot, VEC_ABSENT, bucket_of,
+    },
 };
 
 use crate::output::{emit, header_at};
 
-/// Threshold, written by the agent at load.
+/// Offsets and threshold, written by the agent at load.
 #[unsafe(no_mangle)]
 static SOFTIRQ_CONFIG: SoftirqConfig = SoftirqConfig::DEFAULT;
 
@@ -53,14 +47,44 @@ static SOFTIRQ: PerCpuArray<SoftirqSlot> = PerCpuArray::with_max_entries(NR_SOFT
 #[map]
 static SOFTIRQ_GENERATION: Array<u64> = Array::with_max_entries(1, 0);
 
-/// The slot of the vector in `TP_PROTO(unsigned int vec_nr)`.
+/// Where `vec` has been in every kernel's softirq records so far (right
+/// after the 8-byte common header).
+const USUAL_VEC_OFFSET: u32 = 8;
+
+/// One field of the configuration: a single load (reading the whole struct
+/// would load every field on the hot path).
+macro_rules! config {
+    ($field:ident) => {
+        // SAFETY: .rodata written by the agent before load.
+        unsafe { ptr::read_volatile(&raw const SOFTIRQ_CONFIG.$field) }
+    };
+}
+
+/// Reads `vec` at `offset` (from the format file). The verifier only lets a
+/// classic tracepoint program load from its context at an offset fixed in
+/// the instruction; aya freezes `.rodata`, so the verifier knows `offset`
+/// and only checks the branch taken. The usual offset is read directly (one
+/// load); any other goes through a probe read (a helper call).
 #[inline(always)]
-fn vec_slot(ctx: &RawTracePointContext) -> Result<(u32, *mut SoftirqSlot), i64> {
-    let vec = ctx.arg::<u64>(0) as u32;
-    if vec >= NR_SOFTIRQS {
+fn read_vec(ctx: &TracePointContext, offset: u32) -> Result<u32, i64> {
+    let vec = if offset == USUAL_VEC_OFFSET {
+        // SAFETY: the record starts with the 8-byte common header, and this
+        // tracepoint's format puts the 4-byte `vec` right after it.
+        unsafe {
+            ptr::read(
+                ctx.as_ptr()
+                    .cast::<u8>()
+                    .add(USUAL_VEC_OFFSET as usize)
+                    .cast::<u32>(),
+            )
+        }
+    } else if offset == VEC_ABSENT {
         return Err(-1);
-    }
-    Ok((vec, slot(vec)?))
+    } else {
+        // SAFETY: the offset comes from this tracepoint's format file.
+        unsafe { ctx.read_at::<u32>(offset as usize) }.map_err(i64::from)?
+    };
+    if vec < NR_SOFTIRQS { Ok(vec) } else { Err(-1) }
 }
 
 #[inline(always)]
@@ -68,13 +92,14 @@ fn slot(vec: u32) -> Result<*mut SoftirqSlot, i64> {
     SOFTIRQ.get_ptr_mut(vec).ok_or(-1)
 }
 
-#[raw_tracepoint(tracepoint = "softirq_raise")]
-pub fn softirq_raise(ctx: RawTracePointContext) -> u32 {
+#[tracepoint]
+pub fn softirq_raise(ctx: TracePointContext) -> u32 {
     try_softirq_raise(&ctx).unwrap_or(0)
 }
 
-fn try_softirq_raise(ctx: &RawTracePointContext) -> Result<u32, i64> {
-    let (_, s) = vec_slot(ctx)?;
+fn try_softirq_raise(ctx: &TracePointContext) -> Result<u32, i64> {
+    let vec = read_vec(ctx, config!(raise_vec))?;
+    let s = slot(vec)?;
     // SAFETY: a live per-CPU map value (see the module comment).
     unsafe {
         // Keep the first raise: later ones while it is pending wait no
@@ -86,13 +111,14 @@ fn try_softirq_raise(ctx: &RawTracePointContext) -> Result<u32, i64> {
     Ok(0)
 }
 
-#[raw_tracepoint(tracepoint = "softirq_entry")]
-pub fn softirq_entry(ctx: RawTracePointContext) -> u32 {
+#[tracepoint]
+pub fn softirq_entry(ctx: TracePointContext) -> u32 {
     try_softirq_entry(&ctx).unwrap_or(0)
 }
 
-fn try_softirq_entry(ctx: &RawTracePointContext) -> Result<u32, i64> {
-    let (_, s) = vec_slot(ctx)?;
+fn try_softirq_entry(ctx: &TracePointContext) -> Result<u32, i64> {
+    let vec = read_vec(ctx, config!(entry_vec))?;
+    let s = slot(vec)?;
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: a live per-CPU map value (see the module comment).
@@ -111,13 +137,14 @@ fn try_softirq_entry(ctx: &RawTracePointContext) -> Result<u32, i64> {
     Ok(0)
 }
 
-#[raw_tracepoint(tracepoint = "softirq_exit")]
-pub fn softirq_exit(ctx: RawTracePointContext) -> u32 {
+#[tracepoint]
+pub fn softirq_exit(ctx: TracePointContext) -> u32 {
     try_softirq_exit(&ctx).unwrap_or(0)
 }
 
-fn try_softirq_exit(ctx: &RawTracePointContext) -> Result<u32, i64> {
-    let (vec, s) = vec_slot(ctx)?;
+fn try_softirq_exit(ctx: &TracePointContext) -> Result<u32, i64> {
+    let vec = read_vec(ctx, config!(exit_vec))?;
+    let s = slot(vec)?;
     // SAFETY: a live per-CPU map value (see the module comment).
     let (entry, delay) = unsafe { ((*s).entry_ns, (*s).delay_ns) };
     if entry == 0 {
@@ -137,8 +164,7 @@ fn try_softirq_exit(ctx: &RawTracePointContext) -> Result<u32, i64> {
     // buffer, then reads the counters, so a program still running on
     // another CPU while it detaches cannot leave a counted softirq without
     // its event in a `--min-latency-us 0` run.
-    // SAFETY: .rodata written by the agent before load.
-    if slowest >= unsafe { ptr::read_volatile(&raw const SOFTIRQ_CONFIG.min_latency_ns) } {
+    if slowest >= config!(min_latency_ns) {
         let event = SoftirqEvent {
             header: header_at(EventKind::Softirq, now),
             vec,

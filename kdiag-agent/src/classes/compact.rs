@@ -27,14 +27,12 @@ const TRACEPOINTS: &[Tracepoint] = &[
         name: "mm_compaction_begin",
         program: "compaction_begin",
         required: true,
-        raw: false,
     },
     Tracepoint {
         group: "compaction",
         name: "mm_compaction_end",
         program: "compaction_end",
         required: true,
-        raw: false,
     },
     // Only for the order of direct compaction; without it order is null.
     Tracepoint {
@@ -42,7 +40,6 @@ const TRACEPOINTS: &[Tracepoint] = &[
         name: "mm_compaction_try_to_compact_pages",
         program: "try_to_compact_pages",
         required: false,
-        raw: false,
     },
 ];
 

@@ -36,7 +36,6 @@ const fn tp(name: &'static str, program: &'static str) -> Tracepoint {
         name,
         program,
         required: true,
-        raw: false,
     }
 }
 

@@ -24,14 +24,12 @@ const TRACEPOINTS: &[Tracepoint] = &[
         name: "tcp_retransmit_skb",
         program: "retransmit_skb",
         required: true,
-        raw: false,
     },
     Tracepoint {
         group: "tcp",
         name: "tcp_retransmit_synack",
         program: "retransmit_synack",
         required: false,
-        raw: false,
     },
     // Not a source of records: it tells the kernel programs who owns each
     // socket. Without it every owner comes from /proc.
@@ -40,7 +38,6 @@ const TRACEPOINTS: &[Tracepoint] = &[
         name: "inet_sock_set_state",
         program: "inet_sock_set_state",
         required: false,
-        raw: false,
     },
 ];
 

@@ -8,7 +8,7 @@ use aya::{
 };
 use kdiag_common::{
     ClassId, EventKind,
-    softirq::{NO_DELAY, NR_SOFTIRQS, SoftirqConfig, SoftirqEvent, SoftirqSlot},
+    softirq::{NO_DELAY, NR_SOFTIRQS, SoftirqConfig, SoftirqEvent, SoftirqSlot, VEC_ABSENT},
 };
 
 use crate::{
@@ -25,14 +25,12 @@ const EXIT: Tracepoint = Tracepoint {
     name: "softirq_exit",
     program: "softirq_exit",
     required: true,
-    raw: true,
 };
 const ENTRY: Tracepoint = Tracepoint {
     group: "irq",
     name: "softirq_entry",
     program: "softirq_entry",
     required: true,
-    raw: true,
 };
 /// Without it there are service times but no queueing delays.
 const RAISE: Tracepoint = Tracepoint {
@@ -40,7 +38,6 @@ const RAISE: Tracepoint = Tracepoint {
     name: "softirq_raise",
     program: "softirq_raise",
     required: false,
-    raw: true,
 };
 
 /// Attached in this order: exit, entry, raise. An exit whose entry was not
@@ -161,6 +158,33 @@ pub fn summarize(
     })
 }
 
+/// `SOFTIRQ_CONFIG` for these formats: where `vec` is in each record.
+fn config(formats: &Formats, min_latency_ns: u64, degraded: &mut Vec<Degraded>) -> SoftirqConfig {
+    let mut vec_offset = |tp: &Tracepoint| {
+        // A tracepoint without a format was reported by the loader.
+        let Some(format) = formats.get(tp.program) else {
+            return VEC_ABSENT;
+        };
+        match format.field("vec") {
+            Some(f) if f.size == 4 => u32::from(f.offset),
+            _ => {
+                degraded.push(Degraded {
+                    what: format!("{}.vec", tp.path()),
+                    why: "no 4-byte `vec` field in the tracepoint's format: not traced".to_owned(),
+                });
+                VEC_ABSENT
+            }
+        }
+    };
+    SoftirqConfig {
+        raise_vec: vec_offset(&RAISE),
+        entry_vec: vec_offset(&ENTRY),
+        exit_vec: vec_offset(&EXIT),
+        _pad: 0,
+        min_latency_ns,
+    }
+}
+
 impl Class for SoftirqClass {
     fn name(&self) -> &'static str {
         "softirq"
@@ -174,10 +198,8 @@ impl Class for SoftirqClass {
         TRACEPOINTS
     }
 
-    fn globals(&self, _formats: &Formats, _degraded: &mut Vec<Degraded>) -> Vec<Global> {
-        let cfg = SoftirqConfig {
-            min_latency_ns: self.min_latency_ns,
-        };
+    fn globals(&self, formats: &Formats, degraded: &mut Vec<Degraded>) -> Vec<Global> {
+        let cfg = config(formats, self.min_latency_ns, degraded);
         vec![Global::new("SOFTIRQ_CONFIG", &cfg)]
     }
 
@@ -244,6 +266,7 @@ mod tests {
     };
 
     use super::*;
+    use crate::tracefs::parse_format;
 
     fn event(vec: u32, delay_ns: u64) -> SoftirqEvent {
         SoftirqEvent {
@@ -389,5 +412,30 @@ mod tests {
             r.text_row("T").split_whitespace().collect::<Vec<_>>(),
             ["T", "1", "HI", "1200.0", "2.5"]
         );
+    }
+
+    #[test]
+    fn config_from_formats() {
+        let text = "format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:unsigned int vec;\toffset:8;\tsize:4;\tsigned:0;
+";
+        let mut formats = Formats::default();
+        formats.insert("softirq_entry", parse_format(text).unwrap());
+        formats.insert("softirq_exit", parse_format(text).unwrap());
+        let odd = text.replace("offset:8", "offset:12");
+        formats.insert("softirq_raise", parse_format(&odd).unwrap());
+        let mut degraded = Vec::new();
+        let cfg = config(&formats, 7000, &mut degraded);
+        assert_eq!((cfg.entry_vec, cfg.exit_vec, cfg.raise_vec), (8, 8, 12));
+        assert_eq!(cfg.min_latency_ns, 7000);
+        assert!(degraded.is_empty());
+        // A tracepoint without the field: absent, and said so.
+        let no_vec = "format:\n\tfield:int other;\toffset:8;\tsize:4;\tsigned:0;\n";
+        formats.insert("softirq_raise", parse_format(no_vec).unwrap());
+        let cfg = config(&formats, 0, &mut degraded);
+        assert_eq!(cfg.raise_vec, VEC_ABSENT);
+        assert_eq!(degraded.len(), 1, "{degraded:?}");
+        assert_eq!(degraded[0].what, "irq/softirq_raise.vec");
     }
 }

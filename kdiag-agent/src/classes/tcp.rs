@@ -34,7 +34,6 @@ const TRACEPOINTS: &[Tracepoint] = &[
         name: "inet_sock_set_state",
         program: "inet_sock_set_state",
         required: true,
-        raw: false,
     },
     // Retransmits feed tcp_summary and the per-connection counts.
     Tracepoint {
@@ -42,14 +41,12 @@ const TRACEPOINTS: &[Tracepoint] = &[
         name: "tcp_retransmit_skb",
         program: "retransmit_skb",
         required: false,
-        raw: false,
     },
     Tracepoint {
         group: "tcp",
         name: "tcp_retransmit_synack",
         program: "retransmit_synack",
         required: false,
-        raw: false,
     },
 ];
 
