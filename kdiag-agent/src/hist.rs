@@ -10,8 +10,9 @@
 
 use kdiag_common::memory::{HIST_BUCKETS, hist_bucket_max};
 
-/// count, total, max and two percentiles of one set of latencies.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// count, total, max and two percentiles of one set of latencies; records
+/// flatten it into their own fields.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct LatencySummary {
     pub count: u64,
     pub total_ns: u64,

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 use kdiag_common::tcp::{AF_INET6, TcpTuple};
 use serde::Serialize;
 
-use crate::{owner::ResolvedOwner, procfs};
+use crate::{hist::LatencySummary, owner::ResolvedOwner, procfs};
 
 /// A record type of the contract.
 pub trait Record: Serialize {
@@ -412,6 +412,18 @@ impl Record for Reclaim {
     }
 }
 
+/// `COUNT TOTAL(ms) P50(ms) P99(ms) MAX(ms)` columns.
+fn latency_columns(l: &LatencySummary) -> String {
+    format!(
+        "{:>7} {:>10} {:>8} {:>8} {:>8}",
+        l.count,
+        ms(Some(l.total_ns)),
+        ms(Some(l.p50_ns)),
+        ms(Some(l.p99_ns)),
+        ms(Some(l.max_ns))
+    )
+}
+
 /// One process's reclaim stalls of one kind over an interval.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct ReclaimSummary {
@@ -419,11 +431,8 @@ pub struct ReclaimSummary {
     pub pid: Option<u32>,
     pub comm: Option<String>,
     pub cgroup: Option<String>,
-    pub count: u64,
-    pub total_ns: u64,
-    pub max_ns: u64,
-    pub p50_ns: u64,
-    pub p99_ns: u64,
+    #[serde(flatten)]
+    pub latency: LatencySummary,
     pub nr_reclaimed: u64,
     pub interval_ns: u64,
 }
@@ -433,15 +442,11 @@ impl Record for ReclaimSummary {
     const TEXT_HEADER: &'static str = "# SUMMARY AT                    COMM             PID     KIND     COUNT  TOTAL(ms)  P50(ms)  P99(ms)  MAX(ms)    PAGES";
     fn text_row(&self, ts: &str) -> String {
         format!(
-            "# {ts:<30} {:<16} {:<7} {:<6} {:>7} {:>10} {:>8} {:>8} {:>8} {:>8}",
+            "# {ts:<30} {:<16} {:<7} {:<6} {} {:>8}",
             printable(self.comm.as_deref().unwrap_or("-")),
             opt(self.pid),
             self.kind,
-            self.count,
-            ms(Some(self.total_ns)),
-            ms(Some(self.p50_ns)),
-            ms(Some(self.p99_ns)),
-            ms(Some(self.max_ns)),
+            latency_columns(&self.latency),
             self.nr_reclaimed
         )
     }
@@ -483,11 +488,8 @@ pub struct CompactSummary {
     pub pid: Option<u32>,
     pub comm: Option<String>,
     pub cgroup: Option<String>,
-    pub count: u64,
-    pub total_ns: u64,
-    pub max_ns: u64,
-    pub p50_ns: u64,
-    pub p99_ns: u64,
+    #[serde(flatten)]
+    pub latency: LatencySummary,
     pub interval_ns: u64,
 }
 
@@ -496,14 +498,10 @@ impl Record for CompactSummary {
     const TEXT_HEADER: &'static str = "# SUMMARY AT                    COMM             PID       COUNT  TOTAL(ms)  P50(ms)  P99(ms)  MAX(ms)";
     fn text_row(&self, ts: &str) -> String {
         format!(
-            "# {ts:<30} {:<16} {:<7} {:>7} {:>10} {:>8} {:>8} {:>8}",
+            "# {ts:<30} {:<16} {:<7} {}",
             printable(self.comm.as_deref().unwrap_or("-")),
             opt(self.pid),
-            self.count,
-            ms(Some(self.total_ns)),
-            ms(Some(self.p50_ns)),
-            ms(Some(self.p99_ns)),
-            ms(Some(self.max_ns))
+            latency_columns(&self.latency)
         )
     }
 }

@@ -123,16 +123,11 @@ pub fn compact_summary(
     cgroup: Option<String>,
     interval_ns: u64,
 ) -> CompactSummary {
-    let s = p.latencies.summary();
     CompactSummary {
         pid: Some(p.tgid),
         comm: Some(p.comm.clone()),
         cgroup,
-        count: s.count,
-        total_ns: s.total_ns,
-        max_ns: s.max_ns,
-        p50_ns: s.p50_ns,
-        p99_ns: s.p99_ns,
+        latency: p.latencies.summary(),
         interval_ns,
     }
 }

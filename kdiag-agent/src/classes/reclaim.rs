@@ -118,17 +118,12 @@ pub fn reclaim_summary(
     cgroup: Option<String>,
     interval_ns: u64,
 ) -> ReclaimSummary {
-    let s = p.latencies.summary();
     ReclaimSummary {
         kind: kind_name(p.kind),
         pid: Some(p.tgid),
         comm: Some(p.comm.clone()),
         cgroup,
-        count: s.count,
-        total_ns: s.total_ns,
-        max_ns: s.max_ns,
-        p50_ns: s.p50_ns,
-        p99_ns: s.p99_ns,
+        latency: p.latencies.summary(),
         nr_reclaimed: p.nr_reclaimed,
         interval_ns,
     }
