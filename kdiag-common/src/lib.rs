@@ -6,6 +6,7 @@
 //! sides agree on the layout byte for byte. Sizes are asserted at compile time.
 #![no_std]
 
+pub mod log2;
 pub mod memory;
 pub mod softirq;
 pub mod tcp;

@@ -4,7 +4,7 @@
 //! statistics there (so stalls under `--min-latency-us` still count), and
 //! send each stall at or over the threshold as a [`StallEvent`].
 
-use crate::{COMM_LEN, EventHeader};
+use crate::{COMM_LEN, EventHeader, log2::log2};
 
 /// Marks a tracepoint field this kernel does not have.
 pub const FIELD_ABSENT: u16 = u16::MAX;
@@ -298,22 +298,6 @@ pub const HIST_MIN_EXP: u32 = 10;
 pub const HIST_MAX_EXP: u32 = 33;
 pub const HIST_BUCKETS: usize = 1 + (HIST_MAX_EXP - HIST_MIN_EXP + 1) as usize * HIST_SUB;
 
-/// floor(log2(v)) for v > 0, by halving: the BPF target has no
-/// count-leading-zeros instruction.
-#[inline(always)]
-pub fn log2(mut v: u64) -> u32 {
-    let mut e = 0;
-    let mut shift = 32;
-    while shift > 0 {
-        if v >> shift != 0 {
-            v >>= shift;
-            e += shift;
-        }
-        shift /= 2;
-    }
-    e
-}
-
 /// The histogram bucket of a latency.
 #[inline(always)]
 pub fn hist_bucket(ns: u64) -> usize {
@@ -400,13 +384,6 @@ crate::impl_pod!(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn log2_matches_leading_zeros() {
-        for v in [1u64, 2, 3, 1023, 1024, 1025, 1 << 33, u64::MAX, 12345678] {
-            assert_eq!(log2(v), 63 - v.leading_zeros(), "{v}");
-        }
-    }
 
     #[test]
     fn buckets_cover_values_with_bounded_width() {

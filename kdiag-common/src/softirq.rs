@@ -2,7 +2,7 @@
 //! queueing delay (irq/softirq_raise to irq/softirq_entry), kept in the
 //! kernel as per-CPU, per-vector log2 histograms.
 
-use crate::EventHeader;
+use crate::{EventHeader, log2::log2};
 
 /// Softirq vectors the kernel has (`NR_SOFTIRQS` in include/linux/interrupt.h,
 /// 10 since 4.1: HI, TIMER, NET_TX, NET_RX, BLOCK, IRQ_POLL, TASKLET, SCHED,
@@ -14,16 +14,10 @@ pub const NR_SOFTIRQS: u32 = 10;
 pub const HIST_BUCKETS: usize = 32;
 
 /// The histogram bucket of a latency in nanoseconds: floor(log2(ns)),
-/// at most `HIST_BUCKETS - 1`. Branch-free but for the final clamp, so the
-/// verifier explores two paths, not one per bucket.
+/// at most `HIST_BUCKETS - 1`.
 #[inline(always)]
 pub fn bucket_of(ns: u64) -> usize {
-    let log2 = 63 - (ns | 1).leading_zeros() as usize;
-    if log2 < HIST_BUCKETS {
-        log2
-    } else {
-        HIST_BUCKETS - 1
-    }
+    (log2(ns) as usize).min(HIST_BUCKETS - 1)
 }
 
 /// `delay_ns` of a softirq whose raise was not seen (the agent started while
