@@ -215,48 +215,49 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
 
     // Ownership is tracked for every TCP socket, whatever the filters: they
     // apply to what is reported, and cost more here than they save.
-    record_birth(ctx, cfg, sk, oldstate, newstate, now)?;
-    // Take what we knew of the socket before this change, and the time it
-    // spent in the state it leaves. State changes of one socket happen under
-    // its lock, so these plain updates do not race.
-    let since = match SOCKS.get_ptr_mut(sk) {
-        Some(p) => {
-            // SAFETY: a live map value.
-            unsafe {
-                mem::copy(&raw mut event.owner, &raw const (*p).owner);
-                event.created_ns = (*p).created_ns;
-                event.retrans = (*p).retrans;
-                event.role = (*p).role;
-                event.net = (*p).net;
-                let since = (*p).state_since_ns;
-                (*p).state_since_ns = now;
-                since
+    let since = if record_birth(ctx, cfg, sk, oldstate, newstate, now, event)? {
+        // Born with this change: the state it leaves was not timed.
+        0
+    } else {
+        // Take what we knew of the socket before this change, and the time
+        // it spent in the state it leaves. State changes of one socket
+        // happen under its lock, so these plain updates do not race.
+        match SOCKS.get_ptr_mut(sk) {
+            Some(p) => {
+                // SAFETY: a live map value.
+                unsafe {
+                    take_sock_info(event, p);
+                    let since = (*p).state_since_ns;
+                    (*p).state_since_ns = now;
+                    since
+                }
             }
-        }
-        None => {
-            // SAFETY: this CPU's event slot; all-zero is an unknown owner.
-            // Volatile stores: plain ones are merged into a memset call.
-            unsafe {
-                mem::zero(&raw mut event.owner);
-                ptr::write_volatile(&raw mut event.created_ns, 0);
-                ptr::write_volatile(&raw mut event.retrans, 0);
-                ptr::write_volatile(&raw mut event.role, ROLE_UNKNOWN);
-                ptr::write_volatile(&raw mut event.net, 0);
+            None => {
+                // SAFETY: this CPU's event slot; all-zero is an unknown
+                // owner. Volatile stores: plain ones are merged into a
+                // memset call.
+                unsafe {
+                    mem::zero(&raw mut event.owner);
+                    ptr::write_volatile(&raw mut event.created_ns, 0);
+                    ptr::write_volatile(&raw mut event.retrans, 0);
+                    ptr::write_volatile(&raw mut event.role, ROLE_UNKNOWN);
+                    ptr::write_volatile(&raw mut event.net, 0);
+                }
+                // A socket from before the agent started: time its states
+                // from here on.
+                if newstate != TCP_CLOSE {
+                    let mut info = MaybeUninit::<SockInfo>::uninit();
+                    let info = info.as_mut_ptr();
+                    // SAFETY: a stack slot for a SockInfo, all zero but its
+                    // state time.
+                    let _ = unsafe {
+                        mem::zero(info);
+                        (*info).state_since_ns = now;
+                        SOCKS.insert(sk, &*info, 0)
+                    };
+                }
+                0
             }
-            // A socket from before the agent started: time its states from
-            // here on.
-            if newstate != TCP_CLOSE {
-                let mut info = MaybeUninit::<SockInfo>::uninit();
-                let info = info.as_mut_ptr();
-                // SAFETY: a stack slot for a SockInfo, all zero but its
-                // state time.
-                let _ = unsafe {
-                    mem::zero(info);
-                    (*info).state_since_ns = now;
-                    SOCKS.insert(sk, &*info, 0)
-                };
-            }
-            0
         }
     };
     if newstate == TCP_CLOSE {
@@ -291,7 +292,9 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
 }
 
 /// Enters sockets born with this state change in the socket map, with their
-/// owner: connect(), listen(), and children cloned from a listener.
+/// owner: connect(), listen(), and children cloned from a listener. For
+/// those, fills `event`'s socket fields as the map lookup would (saving
+/// it) and returns true.
 #[inline(always)]
 fn record_birth(
     ctx: &TracePointContext,
@@ -300,12 +303,13 @@ fn record_birth(
     oldstate: i32,
     newstate: i32,
     now: u64,
-) -> Result<(), i64> {
+    event: &mut TcpStateEvent,
+) -> Result<bool, i64> {
     let role = match newstate {
         TCP_SYN_SENT => ROLE_ACTIVE,
         TCP_LISTEN => ROLE_LISTENER,
         TCP_SYN_RECV if oldstate == TCP_LISTEN => ROLE_PASSIVE,
-        _ => return Ok(()),
+        _ => return Ok(false),
     };
     let mut info = MaybeUninit::<SockInfo>::uninit();
     let info = info.as_mut_ptr();
@@ -314,6 +318,7 @@ fn record_birth(
         mem::zero(info);
         (*info).role = role;
         (*info).created_ns = now;
+        (*info).state_since_ns = now;
     }
     // SAFETY: a field of that slot.
     let owner = unsafe { &raw mut (*info).owner };
@@ -348,7 +353,27 @@ fn record_birth(
         }
     }
     // SAFETY: filled in above.
-    SOCKS.insert(sk, unsafe { &*info }, 0).map_err(i64::from)
+    unsafe {
+        SOCKS.insert(sk, &*info, 0).map_err(i64::from)?;
+        take_sock_info(event, info);
+    }
+    Ok(true)
+}
+
+/// Copies what the socket map knows of a socket into its event.
+///
+/// # Safety
+/// `info` must be valid for a `SockInfo`.
+#[inline(always)]
+unsafe fn take_sock_info(event: &mut TcpStateEvent, info: *const SockInfo) {
+    // SAFETY: per the caller.
+    unsafe {
+        mem::copy(&raw mut event.owner, &raw const (*info).owner);
+        event.created_ns = (*info).created_ns;
+        event.retrans = (*info).retrans;
+        event.role = (*info).role;
+        event.net = (*info).net;
+    }
 }
 
 #[inline(always)]
