@@ -7,8 +7,8 @@
 use std::{
     collections::BTreeSet,
     fs,
-    io::{BufRead, BufReader, ErrorKind, Read},
-    net::{Ipv4Addr, TcpListener, TcpStream},
+    io::{BufRead, BufReader, Read},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     process::{Child, Command, Stdio},
     sync::{
@@ -244,10 +244,17 @@ impl IperfStream {
 /// Two CPUs: more threads only contend.
 const CHURN_THREADS: usize = 2;
 
-/// Connection churn on loopback: connect, close, repeat. Client sockets
-/// close first and end in TIME_WAIT, which loopback reuses at once
-/// (net.ipv4.tcp_tw_reuse = 2, the default, reuses for loopback).
+/// Listen backlog of the churn listener. std listens with 128: when the
+/// accepting thread misses a few milliseconds of CPU, the queue overflows,
+/// the SYN is dropped, and its client waits a second for the SYN
+/// retransmit. A tracer that takes CPU then seemed to cut the connection
+/// rate tenfold (measured: 12.9k/s alone, 1.7k/s with a tracer, one
+/// ListenOverflows per lost second).
+const CHURN_BACKLOG: i32 = 4096;
+
+/// Connection churn on loopback: connect, close with a reset, repeat.
 pub struct Churn {
+    addr: SocketAddr,
     stop: Arc<AtomicBool>,
     connections: Arc<AtomicU64>,
     errors: Arc<AtomicU64>,
@@ -262,22 +269,19 @@ impl Churn {
         let errors = Arc::new(AtomicU64::new(0));
         let mut threads = Vec::new();
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("binding 127.0.0.1:0");
+        // Listening again on a listening socket only changes its backlog.
+        // SAFETY: a valid listening socket.
+        let rc = unsafe { libc::listen(listener.as_raw_fd(), CHURN_BACKLOG) };
+        assert_eq!(rc, 0, "listen: {}", std::io::Error::last_os_error());
         let addr = listener.local_addr().expect("listener address");
-        listener
-            .set_nonblocking(true)
-            .expect("non-blocking listener");
         {
             let stop = stop.clone();
+            // Blocking accepts: a thread that sleeps while the queue is
+            // empty lets it overflow. Drop wakes it with one last connect.
             threads.push(thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        // Dropped at once: the server side closes too.
-                        Ok(_) => {}
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                            thread::sleep(Duration::from_micros(200))
-                        }
-                        Err(_) => {}
-                    }
+                    // Dropped at once: the server side closes too.
+                    let _ = listener.accept();
                 }
             }));
         }
@@ -305,6 +309,7 @@ impl Churn {
             }));
         }
         Self {
+            addr,
             stop,
             connections,
             errors,
@@ -324,6 +329,8 @@ impl Churn {
 impl Drop for Churn {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        // Wakes the accepting thread, blocked in accept().
+        let _ = TcpStream::connect(self.addr);
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

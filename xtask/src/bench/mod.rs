@@ -301,6 +301,7 @@ const PER_RECORD: &str = "3 userspace, churn";
 /// losses; then the agent is stopped for a while to show losses counted.
 fn per_record(plan: &Plan, agent: &Path, rows: &mut Rows) -> Result<()> {
     eprintln!("bench: userspace cost under {}", Load::Churn.describe());
+    let overflows0 = probe::listen_overflows()?;
     let churn = Churn::start(None);
     let tracers = [Tracer::kdiag(agent, &["tcp"]), Tracer::libbpf("tcpstates")];
     for _ in 0..plan.rounds {
@@ -358,6 +359,12 @@ fn per_record(plan: &Plan, agent: &Path, rows: &mut Rows) -> Result<()> {
     }
     if churn.errors() > 0 {
         eprintln!("bench: {} churn connects failed", churn.errors());
+    }
+    let overflows = probe::listen_overflows()?.saturating_sub(overflows0);
+    if overflows > 0 {
+        // Each one stalls a client for a second (SYN retransmit): the
+        // connection rates above are then the generator's, not the tracers'.
+        eprintln!("bench: warning: {overflows} SYNs dropped by a full accept queue during churn");
     }
 
     // This machine cannot churn faster than the agent reads, so losses are

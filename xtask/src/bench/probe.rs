@@ -102,6 +102,24 @@ fn sum_softirqs(table: &str) -> u64 {
         .sum()
 }
 
+/// `TcpExt: ListenOverflows` of /proc/net/netstat: SYNs dropped because a
+/// listener's accept queue was full.
+pub fn listen_overflows() -> Result<u64> {
+    let path = "/proc/net/netstat";
+    let text = fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    netstat_value(&text, "TcpExt:", "ListenOverflows")
+        .with_context(|| format!("no TcpExt ListenOverflows in {path}"))
+}
+
+/// /proc/net/netstat holds pairs of lines, names then values, both starting
+/// with the same prefix.
+fn netstat_value(text: &str, prefix: &str, name: &str) -> Option<u64> {
+    let mut lines = text.lines().filter(|l| l.starts_with(prefix));
+    let (names, values) = (lines.next()?, lines.next()?);
+    let at = names.split_whitespace().position(|n| n == name)?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
 /// A `VmXxx:` line of /proc/PID/status, in bytes.
 pub fn vm_bytes(pid: u32, key: &str) -> Result<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))
@@ -225,6 +243,17 @@ pub fn poll<T>(limit: Duration, every: Duration, mut f: impl FnMut() -> Option<T
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn netstat_values_by_name() {
+        let text = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\n\
+                    TcpExt: 0 17 17\n\
+                    IpExt: InNoRoutes\n\
+                    IpExt: 3\n";
+        assert_eq!(netstat_value(text, "TcpExt:", "ListenOverflows"), Some(17));
+        assert_eq!(netstat_value(text, "IpExt:", "InNoRoutes"), Some(3));
+        assert_eq!(netstat_value(text, "TcpExt:", "Missing"), None);
+    }
 
     #[test]
     fn softirqs_summed_over_vectors_and_cpus() {
