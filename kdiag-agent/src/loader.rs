@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, path::Path};
 
 use aya::{Ebpf, EbpfError, EbpfLoader, programs::TracePoint, util::KernelVersion};
-use kdiag_common::Transport;
+use kdiag_common::{RING_BYTES, Transport};
 
 use crate::{
     class::{Class, Tracepoint},
@@ -16,9 +16,6 @@ use crate::{
 
 /// The kernel programs, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kdiag"));
-
-/// Size of the shared ring buffer: about 8000 retransmit events.
-const RING_BYTES: u32 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {

@@ -12,17 +12,18 @@ use aya_ebpf::{
     maps::{PerCpuArray, PerfEventArray, RingBuf},
 };
 use kdiag_common::{
-    ClassId, EventHeader, EventKind, LOSS_DROPPED, LOSS_LOST, LOSS_REASONS, LOSS_SLOTS, Transport,
+    ClassId, EventHeader, EventKind, LOSS_DROPPED, LOSS_LOST, LOSS_REASONS, LOSS_SLOTS, RING_BYTES,
+    Transport,
 };
 
 /// Which transport to write to; a `Transport` set by the agent at load.
 #[unsafe(no_mangle)]
 static TRANSPORT: u32 = Transport::RingBuf as u32;
 
-/// Shared by every class. The agent resizes it at load (and shrinks it to
-/// one page when the perf transport is used).
+/// Shared by every class. The agent sizes it at load: `RING_BYTES`, or one
+/// page when the perf transport is used.
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
 
 #[map]
 static PERF_EVENTS: PerfEventArray<u8> = PerfEventArray::new(0);
@@ -31,10 +32,8 @@ static PERF_EVENTS: PerfEventArray<u8> = PerfEventArray::new(0);
 #[map]
 static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_SLOTS, 0);
 
-/// Queued bytes that make an event wake the reader: an eighth of the
-/// default ring (the agent may size it differently; then this is earlier or
-/// later, never unsafe, since the agent also drains on a timer).
-const WAKEUP_BYTES: u64 = (1 << 20) / 8;
+/// Queued bytes that make an event wake the reader: an eighth of the ring.
+const WAKEUP_BYTES: u64 = RING_BYTES as u64 / 8;
 
 /// -ENOSPC: the perf buffer of this CPU is full.
 const ENOSPC: i64 = -28;
