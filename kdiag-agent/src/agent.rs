@@ -85,9 +85,11 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
     let mut classes = plan(&cli)?;
     privileges::check()?;
 
+    let buffer_bytes = cli.global.buffer_mib << 20;
     let mut loaded = loader::load(
         &classes,
         cli.global.transport,
+        buffer_bytes,
         cli.global.formats_from.as_deref(),
     )?;
     for class in &mut classes {
@@ -101,7 +103,9 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
     let _bpf_stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
 
     let mut reader = match loaded.transport {
-        TransportKind::Perf => Reader::perf(take_map(&mut loaded.ebpf, "PERF_EVENTS")?)?,
+        TransportKind::Perf => {
+            Reader::perf(take_map(&mut loaded.ebpf, "PERF_EVENTS")?, buffer_bytes)?
+        }
         _ => Reader::ring(take_map(&mut loaded.ebpf, "EVENTS")?)?,
     };
     // Everything that needs privileges is done: loading, attaching, opening

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use kdiag_common::DEFAULT_BUFFER_BYTES;
+
 use crate::{output::Format, transport::TransportKind};
 
 /// Production tracing agent: kernel events attributed to processes,
@@ -62,11 +64,28 @@ pub struct GlobalArgs {
     /// How events travel from the kernel.
     #[arg(long, value_enum, default_value = "auto", global = true)]
     pub transport: TransportKind,
+    /// Room for events on their way from the kernel to the agent, in MiB (a
+    /// power of two, 1 to 1024): the BPF ring buffer, or with the perf
+    /// transport the sum of the per-CPU buffers. Events that find it full
+    /// are counted in agent_stats (`dropped`, or `lost` with perf); raise it
+    /// when bursts lose some. It is locked kernel memory.
+    #[arg(long, value_name = "MIB", global = true,
+          default_value_t = DEFAULT_BUFFER_BYTES >> 20, value_parser = buffer_mib)]
+    pub buffer_mib: u32,
     /// Read tracepoint formats from this directory instead of tracefs.
     /// A test seam: it shows how the agent degrades when a tracepoint is
     /// missing, without a kernel that lacks it.
     #[arg(long, value_name = "DIR", global = true, hide = true)]
     pub formats_from: Option<PathBuf>,
+}
+
+/// `--buffer-mib`: the ring buffer's size must be a power-of-two number of
+/// pages; this bound keeps the shift to bytes within a u32.
+fn buffer_mib(arg: &str) -> Result<u32, String> {
+    match arg.parse::<u32>() {
+        Ok(mib @ 1..=1024) if mib.is_power_of_two() => Ok(mib),
+        _ => Err("a power of two from 1 to 1024".into()),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -247,6 +266,9 @@ mod tests {
         let b = Cli::try_parse_from(["kdiag-agent", "retrans", "--port", "80", "-p", "7"]).unwrap();
         assert_eq!(a.global.pids, vec![7]);
         assert_eq!(b.global.pids, vec![7]);
+        assert_eq!(a.global.buffer_mib, 4);
+        let d = Cli::try_parse_from(["kdiag-agent", "tcp", "--buffer-mib", "64"]).unwrap();
+        assert_eq!(d.global.buffer_mib, 64);
         let c =
             Cli::try_parse_from(["kdiag-agent", "reclaim", "--kind", "memcg", "-p", "7"]).unwrap();
         assert!(matches!(
@@ -275,6 +297,9 @@ mod tests {
             &["kdiag-agent", "retrans", "--port", "0"],
             &["kdiag-agent", "retrans", "-4", "-6"],
             &["kdiag-agent", "retrans", "--transport", "carrier-pigeon"],
+            &["kdiag-agent", "retrans", "--buffer-mib", "3"],
+            &["kdiag-agent", "retrans", "--buffer-mib", "0"],
+            &["kdiag-agent", "retrans", "--buffer-mib", "2048"],
             &["kdiag-agent", "nosuchclass"],
             &["kdiag-agent", "tcp", "--state", "HALF_OPEN"],
             &["kdiag-agent", "reclaim", "--kind", "kswapd"],

@@ -5,13 +5,13 @@
 use std::{collections::BTreeMap, path::Path};
 
 use aya::{Ebpf, EbpfError, EbpfLoader, programs::TracePoint, util::KernelVersion};
-use kdiag_common::{RING_BYTES, Transport};
+use kdiag_common::Transport;
 
 use crate::{
     class::{Class, Tracepoint},
     record::Degraded,
     tracefs::{Formats, Tracefs, TracefsError},
-    transport::TransportKind,
+    transport::{TransportKind, page_size},
 };
 
 /// The kernel programs, built by build.rs.
@@ -40,9 +40,12 @@ pub struct Loaded {
 
 /// Loads and attaches the programs of `classes`. Formats come from tracefs,
 /// or from `formats_from` (a directory laid out like tracefs) in tests.
+/// `buffer_bytes`: size of the ring buffer, a power of two of at least a
+/// page (the CLI checks).
 pub fn load(
     classes: &[Box<dyn Class>],
     transport: TransportKind,
+    buffer_bytes: u32,
     formats_from: Option<&Path>,
 ) -> Result<Loaded, LoadError> {
     let tracefs = match formats_from {
@@ -89,16 +92,19 @@ pub fn load(
     } as u32;
     // The unused transport's buffer shrinks to one page.
     let ring_bytes = if transport == TransportKind::Perf {
-        page_size()
+        page_size() as u32
     } else {
-        RING_BYTES
+        buffer_bytes
     };
+    // Wake the reader each time queued bytes cross an eighth of the ring.
+    let wakeup_shift = u64::from(ring_bytes.trailing_zeros().saturating_sub(3));
     let mut loader = loader_without_kernel_btf();
     // No CO-RE relocations in these programs: no kernel BTF (also when the
     // loader above had to parse it).
     loader
         .btf(None)
         .override_global("TRANSPORT", &wire_transport, true)
+        .override_global("WAKEUP_SHIFT", &wakeup_shift, true)
         .map_max_entries("EVENTS", ring_bytes);
     for (name, bytes) in &globals {
         loader.override_global(name, bytes.as_slice(), true);
@@ -192,10 +198,4 @@ fn resolve_transport(asked: TransportKind) -> TransportKind {
         }
         other => other,
     }
-}
-
-fn page_size() -> u32 {
-    // SAFETY: sysconf has no preconditions.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u32::try_from(size).unwrap_or(4096)
 }

@@ -44,9 +44,6 @@ pub enum TransportError {
     Register(io::Error),
 }
 
-/// Pages per CPU for perf buffers (a power of two, as the kernel requires).
-pub const PERF_PAGES: usize = 64;
-
 pub enum Reader {
     Ring(AsyncFd<RingBuf<MapData>>),
     Perf {
@@ -65,16 +62,18 @@ impl Reader {
         Ok(Self::Ring(register(ring)?))
     }
 
-    pub fn perf(map: Map) -> Result<Self, TransportError> {
+    /// `buffer_bytes` is shared out among the CPUs' buffers.
+    pub fn perf(map: Map, buffer_bytes: u32) -> Result<Self, TransportError> {
         let mut array = PerfEventArray::try_from(map).map_err(|source| TransportError::Map {
             name: "PERF_EVENTS",
             source,
         })?;
         let cpus = aya::util::online_cpus().map_err(|(_, e)| TransportError::Cpus(e))?;
+        let pages = perf_pages(buffer_bytes as usize, cpus.len(), page_size());
         let mut buffers = Vec::with_capacity(cpus.len());
         for cpu in cpus {
             let buf = array
-                .open(cpu, Some(PERF_PAGES))
+                .open(cpu, Some(pages))
                 .map_err(|source| TransportError::PerfBuffer { cpu, source })?;
             buffers.push(register(buf)?);
         }
@@ -150,4 +149,35 @@ fn register<T: AsRawFd>(inner: T) -> Result<AsyncFd<T>, TransportError> {
     // open, unchanged, until they are dropped, which the AsyncFd does.
     unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }
         .map_err(|e| TransportError::Register(e.into_parts().1))
+}
+
+pub fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(size).unwrap_or(4096)
+}
+
+/// Pages per CPU for perf buffers: `buffer_bytes` shared out among `cpus`,
+/// rounded down to a power of two (the kernel requires one), at least one.
+fn perf_pages(buffer_bytes: usize, cpus: usize, page_size: usize) -> usize {
+    let per_cpu = buffer_bytes / cpus.max(1) / page_size.max(1);
+    match per_cpu {
+        0 => 1,
+        n => 1 << n.ilog2(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn perf_buffer_shared_out_in_powers_of_two() {
+        let mib = 1 << 20;
+        assert_eq!(perf_pages(4 * mib, 2, 4096), 512);
+        assert_eq!(perf_pages(4 * mib, 3, 4096), 256);
+        assert_eq!(perf_pages(4 * mib, 64, 4096), 16);
+        assert_eq!(perf_pages(mib, 1024, 4096), 1);
+        assert_eq!(perf_pages(mib, 0, 4096), 256);
+    }
 }

@@ -77,11 +77,11 @@ pub enum Transport {
     Perf = 1,
 }
 
-/// Size of the shared BPF ring buffer the agent asks for: about 29,000 TCP
-/// state records, or 100 ms of the busiest loopback churn measured (300k
-/// records/s). At 1 MiB that churn overflowed it whenever the agent waited
-/// a few tens of milliseconds for a CPU.
-pub const RING_BYTES: u32 = 4 << 20;
+/// Default size of the buffer between the programs and the agent (its
+/// `--buffer-mib`): about 29,000 TCP state records, or 100 ms of the busiest
+/// loopback churn measured (300k records/s). At 1 MiB that churn overflowed
+/// it whenever the agent waited a few tens of milliseconds for a CPU.
+pub const DEFAULT_BUFFER_BYTES: u32 = 4 << 20;
 
 /// Indexes into the per-CPU loss counters: `class * LOSS_REASONS + reason`.
 pub const LOSS_DROPPED: u32 = 0;

@@ -12,18 +12,17 @@ use aya_ebpf::{
     maps::{PerCpuArray, PerfEventArray, RingBuf},
 };
 use kdiag_common::{
-    ClassId, EventHeader, EventKind, LOSS_DROPPED, LOSS_LOST, LOSS_REASONS, LOSS_SLOTS, RING_BYTES,
-    Transport,
+    ClassId, EventHeader, EventKind, LOSS_DROPPED, LOSS_LOST, LOSS_REASONS, LOSS_SLOTS, Transport,
 };
 
 /// Which transport to write to; a `Transport` set by the agent at load.
 #[unsafe(no_mangle)]
 static TRANSPORT: u32 = Transport::RingBuf as u32;
 
-/// Shared by every class. The agent sizes it at load: `RING_BYTES`, or one
-/// page when the perf transport is used.
+/// Shared by every class. The agent sizes it at load (`--buffer-mib`, one
+/// page when the perf transport is used).
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
+static EVENTS: RingBuf = RingBuf::with_byte_size(4096, 0);
 
 #[map]
 static PERF_EVENTS: PerfEventArray<u8> = PerfEventArray::new(0);
@@ -32,8 +31,11 @@ static PERF_EVENTS: PerfEventArray<u8> = PerfEventArray::new(0);
 #[map]
 static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_SLOTS, 0);
 
-/// Queued bytes that make an event wake the reader: an eighth of the ring.
-const WAKEUP_BYTES: u64 = RING_BYTES as u64 / 8;
+/// log2 of the queued bytes that make an event wake the reader: an eighth
+/// of the ring, set by the agent at load (the ring's size is a power of
+/// two, so a shift replaces a division).
+#[unsafe(no_mangle)]
+static WAKEUP_SHIFT: u64 = 0;
 
 /// -ENOSPC: the perf buffer of this CPU is full.
 const ENOSPC: i64 = -28;
@@ -91,7 +93,9 @@ pub fn emit<C: EbpfContext, T>(ctx: &C, class: ClassId, event: &T) {
         // up, events keep arriving, and waking it again changes nothing.
         let queued = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
         let after = queued + size_of::<T>() as u64;
-        let flags = if after / WAKEUP_BYTES != queued / WAKEUP_BYTES {
+        // SAFETY: a plain u64 in .rodata, written by the agent before load.
+        let shift = unsafe { ptr::read_volatile(&WAKEUP_SHIFT) };
+        let flags = if after >> shift != queued >> shift {
             BPF_RB_FORCE_WAKEUP
         } else {
             BPF_RB_NO_WAKEUP

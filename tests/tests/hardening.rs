@@ -163,3 +163,66 @@ fn capabilities_are_dropped_after_attach() {
     agent.stop_ok();
     agent.assert_programs_released();
 }
+
+/// `max_entries` of every BPF ring buffer (map type 27) process `pid` holds,
+/// from /proc/PID/fdinfo.
+fn ring_buffer_sizes(pid: u32) -> Vec<u64> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("reading {dir}: {e}"))
+        .filter_map(|entry| fs::read_to_string(entry.ok()?.path()).ok())
+        .filter(|info| {
+            info.lines()
+                .any(|l| l.split_whitespace().eq(["map_type:", "27"]))
+        })
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("max_entries:")?.trim().parse().ok())
+        })
+        .collect()
+}
+
+/// Sizes in bytes of the perf buffers process `pid` has mapped.
+fn perf_buffer_mappings(pid: u32) -> Vec<u64> {
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    maps.lines()
+        .filter(|l| l.ends_with("[perf_event]"))
+        .filter_map(|l| {
+            let (start, end) = l.split_whitespace().next()?.split_once('-')?;
+            let parse = |hex| u64::from_str_radix(hex, 16).ok();
+            Some(parse(end)? - parse(start)?)
+        })
+        .collect()
+}
+
+#[test]
+fn buffer_mib_sizes_the_buffers() {
+    require_root();
+    let mib = 1 << 20;
+    for (args, expected) in [
+        (&["retrans"][..], 4 * mib),
+        (&["retrans", "--buffer-mib", "16"], 16 * mib),
+    ] {
+        let mut agent = Agent::spawn(args);
+        agent.wait_start();
+        assert_eq!(ring_buffer_sizes(agent.pid()), [expected], "{args:?}");
+        agent.stop_ok();
+    }
+
+    // Perf: 2 MiB shared out among the CPUs, a power of two of pages each,
+    // and the kernel's header page on top of each.
+    let mut agent = Agent::spawn(&["retrans", "--transport", "perf", "--buffer-mib", "2"]);
+    agent.wait_start();
+    let buffers = perf_buffer_mappings(agent.pid());
+    assert!(!buffers.is_empty(), "no perf buffer mapped");
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
+    let pages = (2 * mib / buffers.len() as u64 / page).max(1);
+    let pages = 1 << pages.ilog2();
+    assert!(
+        buffers.iter().all(|&b| b == (pages + 1) * page),
+        "{buffers:?}, expected {} bytes each",
+        (pages + 1) * page
+    );
+    agent.stop_ok();
+}
