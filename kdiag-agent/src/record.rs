@@ -65,6 +65,8 @@ pub struct ProgramStats {
     pub name: String,
     pub run_cnt: u64,
     pub run_time_ns: u64,
+    /// `null` where the kernel does not count them (before 5.12).
+    pub recursion_misses: Option<u64>,
 }
 
 /// The agent's own accounting, every interval and once at exit. All

@@ -1,7 +1,11 @@
 //! `agent_stats`: per-class events, drops and losses, per-program kernel run
 //! time, and the agent's own memory and CPU, as deltas per interval.
 
-use std::{collections::BTreeMap, fs};
+use std::{
+    collections::BTreeMap,
+    fs,
+    os::fd::{AsFd as _, AsRawFd as _},
+};
 
 use aya::{
     Ebpf,
@@ -11,8 +15,18 @@ use kdiag_common::{CLASS_COUNT, LOSS_DROPPED, LOSS_LOST, LOSS_REASONS, LOSS_SLOT
 
 use crate::record::{AgentStats, ClassStats, ProgramStats};
 
-/// Run count and run time per program name, as the kernel reports them.
-pub type ProgramCounters = BTreeMap<String, (u64, u64)>;
+/// What the kernel counts for one program, since it was loaded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunCounters {
+    pub run_cnt: u64,
+    pub run_time_ns: u64,
+    /// Runs the kernel skipped because another BPF program was running on
+    /// that CPU; `None` where the kernel does not count them (before 5.12).
+    pub recursion_misses: Option<u64>,
+}
+
+/// Counters per program name.
+pub type ProgramCounters = BTreeMap<String, RunCounters>;
 
 pub struct StatsCollector {
     class_names: Vec<(u32, &'static str)>,
@@ -58,10 +72,18 @@ impl StatsCollector {
         ebpf.programs()
             .filter_map(|(name, p)| {
                 let info = p.info().ok()?;
-                Some((
-                    name.to_owned(),
-                    (info.run_count(), info.run_time().as_nanos() as u64),
-                ))
+                // aya's ProgramInfo leaves out the miss counter; the kernel
+                // also prints it in the program descriptor's fdinfo.
+                let misses = p.fd().ok().and_then(|fd| {
+                    let path = format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd());
+                    recursion_misses(&fs::read_to_string(path).ok()?)
+                });
+                let counters = RunCounters {
+                    run_cnt: info.run_count(),
+                    run_time_ns: info.run_time().as_nanos() as u64,
+                    recursion_misses: misses,
+                };
+                Some((name.to_owned(), counters))
             })
             .collect()
     }
@@ -84,18 +106,7 @@ impl StatsCollector {
             );
         }
         self.last_losses = losses;
-        let program_stats = programs
-            .iter()
-            .map(|(name, &(cnt, time))| {
-                let (last_cnt, last_time) =
-                    self.last_programs.get(name).copied().unwrap_or_default();
-                ProgramStats {
-                    name: name.clone(),
-                    run_cnt: cnt.saturating_sub(last_cnt),
-                    run_time_ns: time.saturating_sub(last_time),
-                }
-            })
-            .collect();
+        let program_stats = program_deltas(&programs, &self.last_programs);
         self.last_programs = programs;
         let cpu = cpu_ns();
         let stats = AgentStats {
@@ -123,6 +134,30 @@ impl StatsCollector {
     }
 }
 
+/// What each program's counters grew by since `last`.
+fn program_deltas(now: &ProgramCounters, last: &ProgramCounters) -> Vec<ProgramStats> {
+    now.iter()
+        .map(|(name, now)| {
+            let last = last.get(name).copied().unwrap_or_default();
+            ProgramStats {
+                name: name.clone(),
+                run_cnt: now.run_cnt.saturating_sub(last.run_cnt),
+                run_time_ns: now.run_time_ns.saturating_sub(last.run_time_ns),
+                recursion_misses: now
+                    .recursion_misses
+                    .map(|n| n.saturating_sub(last.recursion_misses.unwrap_or(0))),
+            }
+        })
+        .collect()
+}
+
+/// The `recursion_misses:` line of a BPF program's fdinfo (Linux 5.12+).
+fn recursion_misses(fdinfo: &str) -> Option<u64> {
+    fdinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("recursion_misses:")?.trim().parse().ok())
+}
+
 /// The agent's user + system CPU time.
 fn cpu_ns() -> u64 {
     // SAFETY: an all-zero rusage is valid; getrusage fills it.
@@ -142,4 +177,47 @@ fn rss_bytes() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     pages * u64::try_from(page).unwrap_or(4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recursion_misses_from_fdinfo() {
+        let fdinfo = "pos:\t0\nflags:\t02000002\nprog_type:\t5\nprog_id:\t38\n\
+                      run_time_ns:\t5123\nrun_cnt:\t17\nrecursion_misses:\t4404\n";
+        assert_eq!(recursion_misses(fdinfo), Some(4404));
+        // Kernels before 5.12 have no such line.
+        assert_eq!(recursion_misses("prog_type:\t5\nrun_cnt:\t17\n"), None);
+    }
+
+    #[test]
+    fn program_counters_become_deltas() {
+        let counters = |cnt, time, misses| RunCounters {
+            run_cnt: cnt,
+            run_time_ns: time,
+            recursion_misses: misses,
+        };
+        let last: ProgramCounters =
+            [("softirq_raise".to_owned(), counters(10, 1000, Some(3)))].into();
+        let now: ProgramCounters = [
+            ("softirq_raise".to_owned(), counters(25, 2500, Some(7))),
+            ("softirq_exit".to_owned(), counters(4, 400, None)),
+        ]
+        .into();
+        let deltas = program_deltas(&now, &last);
+        let by_name = |n: &str| deltas.iter().find(|p| p.name == n).unwrap();
+        let raise = by_name("softirq_raise");
+        assert_eq!(
+            (raise.run_cnt, raise.run_time_ns, raise.recursion_misses),
+            (15, 1500, Some(4))
+        );
+        // First interval of a program: everything since it was loaded.
+        let exit = by_name("softirq_exit");
+        assert_eq!(
+            (exit.run_cnt, exit.run_time_ns, exit.recursion_misses),
+            (4, 400, None)
+        );
+    }
 }

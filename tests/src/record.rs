@@ -66,6 +66,26 @@ pub fn class_totals(recs: &[Value], class: &str) -> ClassTotals {
         })
 }
 
+/// `recursion_misses` of the named programs summed over every
+/// `agent_stats` record (per-interval deltas, so the whole run). Panics if
+/// one is missing or null: every kernel tested counts them (5.12+).
+pub fn recursion_misses_reported(recs: &[Value], programs: &[&str]) -> u64 {
+    recs.iter()
+        .filter(|r| is_type(r, "agent_stats"))
+        .flat_map(|r| {
+            r.get("programs")
+                .and_then(Value::as_array)
+                .unwrap_or_else(|| panic!("no programs list in {r}"))
+        })
+        .filter(|p| {
+            p.get("name")
+                .and_then(Value::as_str)
+                .is_some_and(|n| programs.contains(&n))
+        })
+        .map(|p| u64_field(p, "recursion_misses"))
+        .sum()
+}
+
 /// Checks the envelope every line carries: `"v":1`, a `type`, `ts` in
 /// RFC 3339 UTC with nanoseconds, and a non-empty `host`.
 pub fn assert_envelope(rec: &Value) {

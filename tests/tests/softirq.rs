@@ -150,8 +150,18 @@ fn counts_match_proc_softirqs() {
     // Skipped runs of the entry and exit programs: the only runs whose
     // absence makes the agent count fewer softirqs than the kernel.
     let misses = agent.recursion_misses(&["softirq_entry", "softirq_exit"]);
+    // The raise program is the one that misses most under traffic.
+    let all = ["softirq_raise", "softirq_entry", "softirq_exit"];
+    let all_misses = agent.recursion_misses(&all);
     let recs = agent.stop_ok();
     let after = ProcSoftirqs::read();
+    // The agent reports them too, up to its detaching: at least as many.
+    let reported = record::recursion_misses_reported(&recs, &all);
+    assert!(
+        reported >= all_misses,
+        "agent_stats reports {reported} recursion misses, the kernel counted {all_misses} \
+         before the stop"
+    );
 
     let cpus = before_start.cpus;
     let counts = summary_counts(&recs, cpus);
