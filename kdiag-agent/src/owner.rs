@@ -7,7 +7,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kdiag_common::{Owner, tcp::TcpTuple};
+use kdiag_common::{
+    Owner,
+    tcp::{TCP_LISTEN, TcpTuple},
+};
 
 use crate::{cgroup::CgroupPaths, procfs};
 
@@ -179,9 +182,8 @@ fn owner_of_inode(inode: u64) -> Option<ResolvedOwner> {
 /// port in two network namespaces, both bound to any address, cannot be told
 /// apart here; the first namespace found wins.
 fn lookup_listener_in_proc(child: &TcpTuple) -> Option<ResolvedOwner> {
-    const LISTEN: u8 = 0x0A;
     let inode = find_row(|r| {
-        r.state == LISTEN
+        i32::from(r.state) == TCP_LISTEN
             && r.local.1 == child.sport
             && (r.local.0 == child.saddr || r.local.0 == [0; 16])
     })?;

@@ -71,9 +71,7 @@ impl TcpTpOffsets {
         protocol: FIELD_ABSENT,
         _pad: 0,
     };
-}
 
-impl TcpTpOffsets {
     /// Where inet_sock_set_state has kept its fields since 4.16 (the
     /// `protocol` field's arrival). The programs read a field whose offset
     /// matches its usual one straight from the record and fall back to a

@@ -36,6 +36,9 @@ use crate::{
     output::{emit, header, header_at},
 };
 
+// A zeroed SockInfo is a socket the programs know nothing of.
+const _: () = assert!(ROLE_UNKNOWN == 0);
+
 /// Offsets and filters, written by the agent at load.
 #[unsafe(no_mangle)]
 static TCP_CONFIG: TcpConfig = TcpConfig::DEFAULT;
@@ -233,28 +236,19 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
                 }
             }
             None => {
-                // SAFETY: this CPU's event slot; all-zero is an unknown
-                // owner. Volatile stores: plain ones are merged into a
-                // memset call.
+                // A socket from before the agent started: unknown owner,
+                // role and start (all zero), its states timed from here on.
+                let mut info = MaybeUninit::<SockInfo>::uninit();
+                let info = info.as_mut_ptr();
+                // SAFETY: a stack slot for a SockInfo, all zero but its
+                // state time.
                 unsafe {
-                    mem::zero(&raw mut event.owner);
-                    ptr::write_volatile(&raw mut event.created_ns, 0);
-                    ptr::write_volatile(&raw mut event.retrans, 0);
-                    ptr::write_volatile(&raw mut event.role, ROLE_UNKNOWN);
-                    ptr::write_volatile(&raw mut event.net, 0);
-                }
-                // A socket from before the agent started: time its states
-                // from here on.
-                if newstate != TCP_CLOSE {
-                    let mut info = MaybeUninit::<SockInfo>::uninit();
-                    let info = info.as_mut_ptr();
-                    // SAFETY: a stack slot for a SockInfo, all zero but its
-                    // state time.
-                    let _ = unsafe {
-                        mem::zero(info);
-                        (*info).state_since_ns = now;
-                        SOCKS.insert(sk, &*info, 0)
-                    };
+                    mem::zero(info);
+                    (*info).state_since_ns = now;
+                    take_sock_info(event, info);
+                    if newstate != TCP_CLOSE {
+                        let _ = SOCKS.insert(sk, &*info, 0);
+                    }
                 }
                 0
             }

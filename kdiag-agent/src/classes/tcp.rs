@@ -51,7 +51,8 @@ const TRACEPOINTS: &[Tracepoint] = &[
 ];
 
 /// Connections followed at once in userspace for `tcp_conn`: 7/8 of 65536,
-/// the most a hash table of 65536 slots holds (about 9 MiB when full).
+/// the most a hash table of 65536 slots holds (7 MiB of connections and a
+/// 1 MiB index when full).
 const MAX_CONNS: usize = 57_344;
 /// Connections in `tcp_summary.top`.
 const TOP_CONNS: usize = 10;
