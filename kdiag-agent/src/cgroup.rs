@@ -7,12 +7,14 @@
 //! an unknown id triggers a new walk, at most once per `RESCAN_EVERY`.
 
 use std::{
-    collections::HashMap,
     fs,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
+
+use foldhash::HashMap;
 
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
 /// Bounds the walk on hosts with very many cgroups.
@@ -21,7 +23,9 @@ const MAX_CGROUPS: usize = 100_000;
 #[derive(Debug, Default)]
 pub struct CgroupPaths {
     mount: Option<PathBuf>,
-    paths: HashMap<u64, String>,
+    /// Shared with the records that name them: a path is cloned per
+    /// record, and that is a reference count, not an allocation.
+    paths: HashMap<u64, Arc<str>>,
     last_scan: Option<Instant>,
 }
 
@@ -41,7 +45,7 @@ impl CgroupPaths {
 
     /// The path of cgroup `id` relative to the hierarchy's root (`/` for the
     /// root itself), or `None` when unknown.
-    pub fn path(&mut self, id: u64) -> Option<String> {
+    pub fn path(&mut self, id: u64) -> Option<Arc<str>> {
         if id == 0 {
             return None;
         }
@@ -146,13 +150,13 @@ pub fn resolve_in(mount: &Path, arg: &Path) -> Result<CgroupTarget, String> {
     })
 }
 
-fn walk(root: &Path, dir: &Path, out: &mut HashMap<u64, String>) {
+fn walk(root: &Path, dir: &Path, out: &mut HashMap<u64, Arc<str>>) {
     if out.len() >= MAX_CGROUPS {
         return;
     }
     let Ok(meta) = fs::metadata(dir) else { return };
     let rel = dir.strip_prefix(root).unwrap_or(Path::new(""));
-    out.insert(meta.ino(), format!("/{}", rel.display()));
+    out.insert(meta.ino(), format!("/{}", rel.display()).into());
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };

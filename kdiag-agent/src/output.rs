@@ -118,7 +118,7 @@ mod tests {
         Retrans {
             owner: ResolvedOwner {
                 pid: Some(4242),
-                comm: Some("cu\"rl\n".to_owned()),
+                comm: Some("cu\"rl\n".into()),
                 cgroup: None,
             },
             conn: Endpoints {

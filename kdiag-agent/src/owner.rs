@@ -3,23 +3,29 @@
 //! found in /proc holding the socket's inode.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use kdiag_common::{
-    Owner,
+    COMM_LEN, Owner,
     tcp::{TCP_LISTEN, TcpTuple},
 };
+
+use foldhash::HashMap;
 
 use crate::{cgroup::CgroupPaths, procfs};
 
 /// Owner fields as the records print them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+///
+/// The strings are shared, not owned: an owner is cloned into every record
+/// of its socket, hundreds of thousands a second under connection churn.
 pub struct ResolvedOwner {
     pub pid: Option<u32>,
-    pub comm: Option<String>,
-    pub cgroup: Option<String>,
+    pub comm: Option<Arc<str>>,
+    pub cgroup: Option<Arc<str>>,
 }
 
 /// A /proc lookup walks the TCP table of every network namespace and every
@@ -33,6 +39,8 @@ const LOOKUP_SHARE: f64 = 0.05;
 const LOOKUP_BURST: Duration = Duration::from_millis(250);
 /// Bounds the cache; it is cleared when full (the next events repopulate it).
 const CACHE_MAX: usize = 16_384;
+/// Bounds the comm strings kept; cleared when full, like the cache.
+const COMMS_MAX: usize = 4096;
 /// A socket not found in /proc may be found later: a connection still in its
 /// listener's accept queue has no file descriptor until accept().
 const RETRY_NOT_FOUND_AFTER: Duration = Duration::from_secs(2);
@@ -54,6 +62,9 @@ pub struct OwnerResolver {
     /// gives a socket a file descriptor of its own.
     listeners: HashMap<ListenerId, Found>,
     budget: LookupBudget,
+    /// The comm strings of owners the kernel captured, by their raw bytes:
+    /// decoded once per process name, not once per event.
+    comms: HashMap<[u8; COMM_LEN], Arc<str>>,
 }
 
 /// The time budget of /proc lookups (see [`LOOKUP_SHARE`]).
@@ -108,7 +119,7 @@ impl OwnerResolver {
         if owner.known != 0 {
             return ResolvedOwner {
                 pid: Some(owner.tgid),
-                comm: Some(comm_str(&owner.comm)),
+                comm: Some(self.comm(&owner.comm)),
                 cgroup: self.cgroups.path(owner.cgroup_id),
             };
         }
@@ -120,6 +131,18 @@ impl OwnerResolver {
                 lookup_in_proc(tuple)
             }),
         }
+    }
+
+    fn comm(&mut self, raw: &[u8; COMM_LEN]) -> Arc<str> {
+        if let Some(comm) = self.comms.get(raw) {
+            return comm.clone();
+        }
+        if self.comms.len() >= COMMS_MAX {
+            self.comms.clear();
+        }
+        let comm: Arc<str> = comm_str(raw).into();
+        self.comms.insert(*raw, comm.clone());
+        comm
     }
 
     /// A listener closed: what was learnt of it no longer holds.
@@ -172,8 +195,8 @@ fn owner_of_inode(inode: u64) -> Option<ResolvedOwner> {
     let pid = procfs::pids().find(|&pid| procfs::has_socket(pid, inode))?;
     Some(ResolvedOwner {
         pid: Some(pid),
-        comm: procfs::comm(pid),
-        cgroup: procfs::cgroup_v2(pid),
+        comm: procfs::comm(pid).map(Arc::from),
+        cgroup: procfs::cgroup_v2(pid).map(Arc::from),
     })
 }
 
@@ -226,7 +249,7 @@ mod tests {
 
     #[test]
     fn one_lookup_serves_a_listener_until_it_is_not_found() {
-        let mut cache = HashMap::new();
+        let mut cache = HashMap::default();
         let mut budget = LookupBudget::default();
         let server = ResolvedOwner {
             pid: Some(42),

@@ -3,6 +3,8 @@
 //! the thread that ran them: the allocating task, kcompactd, or whoever
 //! wrote /proc/sys/vm/compact_memory.
 
+use std::sync::Arc;
+
 use aya::Ebpf;
 use kdiag_common::{
     ClassId, EventKind,
@@ -105,7 +107,7 @@ pub fn mode_name(mode: u32) -> &'static str {
 }
 
 /// The record of one compaction run.
-pub fn compact_record(ev: &StallEvent, cgroup: Option<String>, status: String) -> Compact {
+pub fn compact_record(ev: &StallEvent, cgroup: Option<Arc<str>>, status: String) -> Compact {
     Compact {
         pid: Some(ev.tgid),
         tid: ev.tid,
@@ -120,7 +122,7 @@ pub fn compact_record(ev: &StallEvent, cgroup: Option<String>, status: String) -
 
 pub fn compact_summary(
     p: &ProcessStalls,
-    cgroup: Option<String>,
+    cgroup: Option<Arc<str>>,
     interval_ns: u64,
 ) -> CompactSummary {
     CompactSummary {

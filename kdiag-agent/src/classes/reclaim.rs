@@ -2,6 +2,8 @@
 //! watermark) or memcg reclaim (their memory cgroup was at its limit), with
 //! per-process summaries and the host's vmstat and PSI beside them.
 
+use std::sync::Arc;
+
 use aya::Ebpf;
 use kdiag_common::{
     ClassId, EventKind,
@@ -93,7 +95,7 @@ fn kind_name(kind: StallKind) -> &'static str {
 }
 
 /// The record of one reclaim stall; `cgroup` is its memory cgroup's path.
-pub fn reclaim_record(ev: &StallEvent, cgroup: Option<String>) -> Reclaim {
+pub fn reclaim_record(ev: &StallEvent, cgroup: Option<Arc<str>>) -> Reclaim {
     let kind = StallKind::from_u32(ev.kind).unwrap_or(StallKind::Direct);
     Reclaim {
         kind: kind_name(kind),
@@ -115,7 +117,7 @@ pub fn reclaim_record(ev: &StallEvent, cgroup: Option<String>) -> Reclaim {
 /// The summary of one process's reclaim stalls over `interval_ns`.
 pub fn reclaim_summary(
     p: &ProcessStalls,
-    cgroup: Option<String>,
+    cgroup: Option<Arc<str>>,
     interval_ns: u64,
 ) -> ReclaimSummary {
     ReclaimSummary {

@@ -265,7 +265,7 @@ mod tests {
         let owner = |pid, cg: &str| ResolvedOwner {
             pid: Some(pid),
             comm: None,
-            cgroup: Some(cg.to_owned()),
+            cgroup: Some(cg.into()),
         };
         let f = OwnerFilter {
             pids: vec![5],
