@@ -14,6 +14,7 @@ mod loader;
 mod log2hist;
 mod output;
 mod owner;
+mod perf_buffer;
 mod privileges;
 mod procfs;
 mod record;

@@ -8,14 +8,18 @@
 //! on one CPU. The ring buffer keeps its single order; the perf buffers'
 //! batch is put back in time order (see [`PerfBatch`]).
 
-use std::{future::poll_fn, io, os::fd::AsRawFd, task::Poll};
-
-use aya::maps::{
-    Map, MapData, MapError, PerfEventArray, RingBuf,
-    perf::{PerfBufferError, PerfEvent, PerfEventArrayBuffer},
+use std::{
+    future::poll_fn,
+    io,
+    os::fd::{AsFd as _, AsRawFd},
+    task::Poll,
 };
+
+use aya::maps::{Map, MapData, MapError, RingBuf};
 use kdiag_common::EventHeader;
 use tokio::io::{Interest, unix::AsyncFd};
+
+use crate::perf_buffer::PerfBuffer;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum TransportKind {
@@ -43,8 +47,10 @@ pub enum TransportError {
         name: &'static str,
         source: MapError,
     },
+    #[error("the PERF_EVENTS map is not a perf event array")]
+    NotPerfEventArray,
     #[error("cannot open the perf buffer of cpu {cpu}: {source}")]
-    PerfBuffer { cpu: u32, source: PerfBufferError },
+    PerfBuffer { cpu: u32, source: io::Error },
     #[error("cannot list online cpus: {0}")]
     Cpus(io::Error),
     #[error("cannot register the buffer with the event loop: {0}")]
@@ -54,8 +60,11 @@ pub enum TransportError {
 pub enum Reader {
     Ring(AsyncFd<RingBuf<MapData>>),
     Perf {
-        buffers: Vec<AsyncFd<PerfEventArrayBuffer<MapData>>>,
+        buffers: Vec<AsyncFd<PerfBuffer>>,
         batch: PerfBatch,
+        /// The perf event array the programs write through, holding the
+        /// buffers' descriptors.
+        _array: MapData,
     },
 }
 
@@ -68,24 +77,27 @@ impl Reader {
         Ok(Self::Ring(register(ring)?))
     }
 
-    /// `buffer_bytes` is shared out among the CPUs' buffers.
+    /// `buffer_bytes` is shared out among the CPUs' buffers, each waking
+    /// the reader when an eighth of it is queued, as the ring buffer does.
     pub fn perf(map: Map, buffer_bytes: u32) -> Result<Self, TransportError> {
-        let mut array = PerfEventArray::try_from(map).map_err(|source| TransportError::Map {
-            name: "PERF_EVENTS",
-            source,
-        })?;
+        let Map::PerfEventArray(array) = map else {
+            return Err(TransportError::NotPerfEventArray);
+        };
         let cpus = aya::util::online_cpus().map_err(|(_, e)| TransportError::Cpus(e))?;
-        let pages = perf_pages(buffer_bytes as usize, cpus.len(), page_size());
+        let page_size = page_size();
+        let pages = perf_pages(buffer_bytes as usize, cpus.len(), page_size);
+        let watermark = u32::try_from(pages * page_size / 8).unwrap_or(u32::MAX);
         let mut buffers = Vec::with_capacity(cpus.len());
         for cpu in cpus {
-            let buf = array
-                .open(cpu, Some(pages))
+            let buf = PerfBuffer::open(cpu, pages, page_size, watermark)
+                .and_then(|buf| buf.attach_to(array.fd().as_fd(), cpu).map(|()| buf))
                 .map_err(|source| TransportError::PerfBuffer { cpu, source })?;
             buffers.push(register(buf)?);
         }
         Ok(Self::Perf {
             buffers,
             batch: PerfBatch::default(),
+            _array: array,
         })
     }
 
@@ -129,15 +141,9 @@ impl Reader {
                     on_sample(&item);
                 }
             }
-            Self::Perf { buffers, batch } => {
+            Self::Perf { buffers, batch, .. } => {
                 for fd in buffers.iter_mut() {
-                    fd.get_mut().for_each(|event| match event {
-                        PerfEvent::Sample { head, tail } => batch.push(head, tail),
-                        // The programs count each failed output per class
-                        // (kdiag_common::LOSS_LOST); the kernel's own count
-                        // is the same samples, without the class.
-                        PerfEvent::Lost { .. } => {}
-                    });
+                    fd.get_mut().drain_into(batch);
                 }
                 batch.drain_in_time_order(on_sample);
             }
@@ -164,7 +170,7 @@ pub struct PerfBatch {
 
 impl PerfBatch {
     /// Adds a sample, given as the up to two pieces of a perf ring.
-    fn push(&mut self, head: &[u8], tail: &[u8]) {
+    pub fn push(&mut self, head: &[u8], tail: &[u8]) {
         let start = self.bytes.len();
         self.bytes.extend_from_slice(head);
         self.bytes.extend_from_slice(tail);
