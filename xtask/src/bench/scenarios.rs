@@ -27,6 +27,9 @@ pub struct Scenario {
     /// reported per event. Tracers spread the work over different
     /// tracepoints, so per run they are not comparable, per event they are.
     pub events: Option<EventCount>,
+    /// kdiag again with each of these option sets (e.g. the perf
+    /// transport of kernels without the ring buffer), reported, not judged.
+    pub variants: &'static [&'static [&'static str]],
     /// Other tracers of the same events. An empty bpftrace program on the
     /// same tracepoints is always measured as well: the floor every tracer
     /// pays there.
@@ -66,6 +69,7 @@ pub const SCENARIOS: &[Scenario] = &[
         load: Load::Churn,
         target_ns: Some(400.0),
         events: None,
+        variants: &[&["--transport", "perf"]],
         comparisons: &[
             Comparison::Libbpf("tcplife"),
             Comparison::Libbpf("tcpstates"),
@@ -78,6 +82,7 @@ pub const SCENARIOS: &[Scenario] = &[
         load: Load::Retransmits,
         target_ns: Some(2000.0),
         events: None,
+        variants: &[],
         // libbpf-tools has no tcpretrans, and bpftrace's tcpretrans.bt
         // needs a kprobe: the tracepoint, printing what tcpretrans prints.
         comparisons: &[Comparison::Bpftrace {
@@ -103,6 +108,7 @@ pub const SCENARIOS: &[Scenario] = &[
             name: "softirq",
             total: probe::softirqs_total,
         }),
+        variants: &[],
         // libbpf-tools softirqs sums service time per vector; the bpftrace
         // script keeps it as a histogram per vector.
         comparisons: &[
@@ -133,9 +139,17 @@ impl Scenario {
         Tracer::bpftrace("empty program", &format!("{} {{ }}", probes.join(", ")))
     }
 
-    /// kdiag, its comparisons, and the empty program.
+    /// kdiag (first: the one judged), its variants, its comparisons, and
+    /// the empty program.
     pub fn tracers(&self, agent: &std::path::Path) -> Vec<Tracer> {
+        let variants = self.variants.iter().map(|options| {
+            let args: Vec<&str> = std::iter::once(self.class)
+                .chain(options.iter().copied())
+                .collect();
+            Tracer::kdiag(agent, &args)
+        });
         std::iter::once(self.kdiag(agent))
+            .chain(variants)
             .chain(self.comparisons.iter().map(Comparison::tracer))
             .chain(std::iter::once(self.empty_program()))
             .collect()
