@@ -204,7 +204,7 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
         let _ = detach_all(&mut loaded.ebpf, || Ok(()));
         return Ok(());
     }
-    let drained = detach_all(&mut loaded.ebpf, || {
+    let mut drain = || {
         dispatch(
             &mut reader,
             &mut classes,
@@ -212,17 +212,11 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
             &mut stats,
             &mut decode_errors,
         )
-    });
-    let finish = drained
-        .and_then(|()| {
-            dispatch(
-                &mut reader,
-                &mut classes,
-                &mut out,
-                &mut stats,
-                &mut decode_errors,
-            )
-        })
+    };
+    // Drained while detaching, and once more after: what the programs wrote
+    // last.
+    let finish = detach_all(&mut loaded.ebpf, &mut drain)
+        .and_then(|()| drain())
         .and_then(|()| end_interval(&mut classes, &mut stats, programs, detached_at, &mut out));
     match finish {
         Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(e.into()),
