@@ -8,20 +8,19 @@ use std::{
     time::{Duration, Instant},
 };
 
+use foldhash::HashMap;
 use kdiag_common::{
     COMM_LEN, Owner,
     tcp::{TCP_LISTEN, TcpTuple},
 };
 
-use foldhash::HashMap;
-
 use crate::{cgroup::CgroupPaths, procfs};
 
 /// Owner fields as the records print them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 ///
 /// The strings are shared, not owned: an owner is cloned into every record
 /// of its socket, hundreds of thousands a second under connection churn.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ResolvedOwner {
     pub pid: Option<u32>,
     pub comm: Option<Arc<str>>,

@@ -54,15 +54,9 @@ const DATA_TAIL_OFFSET: usize = 1032;
 
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 
-/// `struct perf_event_header`, the start of every record.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct RecordHeader {
-    type_: u32,
-    misc: u16,
-    size: u16,
-}
-const HEADER_LEN: usize = size_of::<RecordHeader>();
+/// `struct perf_event_header`, the start of every record: u32 type, u16
+/// misc, u16 size (of the whole record).
+const HEADER_LEN: usize = 8;
 
 pub struct PerfBuffer {
     /// The mapping: one metadata page, then `data_len` bytes of ring.
@@ -248,17 +242,18 @@ unsafe fn walk(
             )
         }
     };
+    // The 8 bytes from logical position `at`, made contiguous.
+    let bytes = |at: u64| -> [u8; HEADER_LEN] {
+        let mut out = [0; HEADER_LEN];
+        let (a, b) = pieces(at, HEADER_LEN);
+        out[..a.len()].copy_from_slice(a);
+        out[a.len()..].copy_from_slice(b);
+        out
+    };
     while tail < head {
-        let mut raw = [0u8; HEADER_LEN];
-        let (a, b) = pieces(tail, HEADER_LEN);
-        raw[..a.len()].copy_from_slice(a);
-        raw[a.len()..].copy_from_slice(b);
-        let header = RecordHeader {
-            type_: u32::from_ne_bytes([raw[0], raw[1], raw[2], raw[3]]),
-            misc: u16::from_ne_bytes([raw[4], raw[5]]),
-            size: u16::from_ne_bytes([raw[6], raw[7]]),
-        };
-        let size = usize::from(header.size);
+        let header = bytes(tail);
+        let type_ = u32::from_ne_bytes([header[0], header[1], header[2], header[3]]);
+        let size = usize::from(u16::from_ne_bytes([header[6], header[7]]));
         if size < HEADER_LEN || tail + size as u64 > head {
             // Not a record: stop here rather than read past what the
             // kernel published (cannot happen with a well-formed ring).
@@ -266,16 +261,13 @@ unsafe fn walk(
         }
         // A sample: the header, a u32 length, then that many bytes (padded
         // to 8, which is why the length is its own).
-        if header.type_ == PERF_RECORD_SAMPLE && size >= HEADER_LEN + 4 {
-            let mut n = [0u8; 4];
-            let (a, b) = pieces(tail + HEADER_LEN as u64, 4);
-            n[..a.len()].copy_from_slice(a);
-            n[a.len()..].copy_from_slice(b);
-            let n = (u32::from_ne_bytes(n) as usize).min(size - HEADER_LEN - 4);
-            let (a, b) = pieces(tail + HEADER_LEN as u64 + 4, n);
+        if type_ == PERF_RECORD_SAMPLE && size >= HEADER_LEN + 4 {
+            let after = bytes(tail + HEADER_LEN as u64);
+            let n = u32::from_ne_bytes([after[0], after[1], after[2], after[3]]) as usize;
+            let (a, b) = pieces(tail + HEADER_LEN as u64 + 4, n.min(size - HEADER_LEN - 4));
             on_sample(a, b);
         } else {
-            debug_assert_eq!(header.type_, PERF_RECORD_LOST, "misc {}", header.misc);
+            debug_assert_eq!(type_, PERF_RECORD_LOST);
         }
         tail += size as u64;
     }
