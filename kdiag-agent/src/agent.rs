@@ -8,27 +8,27 @@ use aya::maps::PerCpuArray;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
+    attribution::procfs,
+    attribution::vmstat::VmstatSampler,
     class::{Class, ClassError},
     classes::{
-        compact::CompactClass,
         memory::MemoryScope,
-        reclaim::ReclaimClass,
-        retrans::{OwnerFilter, RetransClass},
+        memory::compact::CompactClass,
+        memory::reclaim::ReclaimClass,
         softirq::SoftirqClass,
-        tcp::TcpClass,
-        tcp_config::TcpFilter,
+        tcp::config::TcpFilter,
+        tcp::lifecycle::TcpClass,
+        tcp::retrans::{OwnerFilter, RetransClass},
     },
     cli::{Cli, Command, TcpFilterArgs},
-    clock::{WallClock, monotonic_ns},
-    loader::{self, LoadError},
+    kernel::loader::{self, LoadError},
+    kernel::transport::{Reader, TransportError, TransportKind},
+    kernel::wire,
     output::Output,
+    output::clock::{WallClock, monotonic_ns},
+    output::record::{AgentStart, Degraded},
+    output::stats::{ProgramCounters, StatsCollector},
     privileges::{self, MissingPrivileges},
-    procfs,
-    record::{AgentStart, Degraded},
-    stats::{ProgramCounters, StatsCollector},
-    transport::{Reader, TransportError, TransportKind},
-    vmstat::VmstatSampler,
-    wire,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -7,7 +7,9 @@ use std::io;
 use aya::Ebpf;
 use kdiag_common::{ClassId, EventKind};
 
-use crate::{output::Output, record::Degraded, tracefs::Formats, wire::DecodeError};
+use crate::{
+    kernel::tracefs::Formats, kernel::wire::DecodeError, output::Output, output::record::Degraded,
+};
 
 /// A kernel tracepoint one of kdiag's programs attaches to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 use kdiag_common::DEFAULT_BUFFER_BYTES;
 
-use crate::{output::Format, transport::TransportKind};
+use crate::{kernel::transport::TransportKind, output::Format};
 
 /// Production tracing agent: kernel events attributed to processes,
 /// connections and cgroups, as JSON Lines on stdout.
@@ -168,7 +168,7 @@ pub enum Command {
 pub struct ReclaimArgs {
     /// Which reclaim to trace.
     #[arg(long, value_enum, default_value = "all")]
-    pub kind: crate::classes::reclaim::ReclaimKind,
+    pub kind: crate::classes::memory::reclaim::ReclaimKind,
     /// Write `reclaim` records only for stalls of at least N microseconds;
     /// shorter ones are counted in the kernel and still appear in the
     /// summaries.
@@ -205,7 +205,7 @@ pub struct RunArgs {
     pub softirq_min_latency_us: u64,
     /// The `reclaim` class's --kind.
     #[arg(long, value_enum, default_value = "all")]
-    pub reclaim_kind: crate::classes::reclaim::ReclaimKind,
+    pub reclaim_kind: crate::classes::memory::reclaim::ReclaimKind,
     /// The `reclaim` class's --min-latency-us.
     #[arg(long, value_name = "US", default_value_t = 0)]
     pub reclaim_min_latency_us: u64,
@@ -229,7 +229,7 @@ pub struct TcpArgs {
 
 fn parse_state(s: &str) -> Result<i32, String> {
     let name = s.trim_start_matches("TCP_").trim_start_matches("tcp_");
-    crate::tcp_state::state_number(name).ok_or_else(|| {
+    crate::classes::tcp::state_names::state_number(name).ok_or_else(|| {
         format!("unknown TCP state {s:?}; use a kernel name such as ESTABLISHED or CLOSE_WAIT")
     })
 }

@@ -5,7 +5,10 @@ use std::io::Cursor;
 
 use proptest::prelude::*;
 
-use crate::{btf, cgroup, classes, privileges, procfs, tracefs, wire};
+use crate::{
+    attribution::cgroup, attribution::procfs, classes, kernel::btf, kernel::tracefs, kernel::wire,
+    privileges,
+};
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
@@ -13,8 +16,8 @@ proptest! {
     #[test]
     fn event_decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
         let _ = wire::event_kind(&bytes);
-        let _ = classes::retrans::decode_retrans(&bytes);
-        let _ = classes::tcp::decode_state(&bytes);
+        let _ = classes::tcp::retrans::decode_retrans(&bytes);
+        let _ = classes::tcp::lifecycle::decode_state(&bytes);
     }
 
     #[test]
@@ -23,8 +26,8 @@ proptest! {
         kind in 0u32..8,
     ) {
         bytes[..4].copy_from_slice(&kind.to_ne_bytes());
-        let _ = classes::retrans::decode_retrans(&bytes);
-        let _ = classes::tcp::decode_state(&bytes);
+        let _ = classes::tcp::retrans::decode_retrans(&bytes);
+        let _ = classes::tcp::lifecycle::decode_state(&bytes);
     }
 
     #[test]

@@ -3,27 +3,13 @@
 //! privileges, 1 anything else).
 
 mod agent;
-mod btf;
-mod cgroup;
+mod attribution;
 mod class;
 mod classes;
 mod cli;
-mod clock;
-mod hist;
-mod loader;
-mod log2hist;
+mod kernel;
 mod output;
-mod owner;
-mod perf_buffer;
 mod privileges;
-mod procfs;
-mod record;
-mod stats;
-mod tcp_state;
-mod tracefs;
-mod transport;
-mod vmstat;
-mod wire;
 
 #[cfg(test)]
 mod fuzz_tests;

@@ -13,11 +13,11 @@ use kdiag_common::{
 
 use crate::{
     class::{Class, ClassError, Global, Tracepoint},
-    log2hist::{self, Latency},
+    classes::log2hist::{self, Latency},
+    kernel::tracefs::Formats,
+    kernel::wire::{DecodeError, decode},
     output::Output,
-    record::{Degraded, Softirq, SoftirqSummary},
-    tracefs::Formats,
-    wire::{DecodeError, decode},
+    output::record::{Degraded, Softirq, SoftirqSummary},
 };
 
 const EXIT: Tracepoint = Tracepoint {
@@ -266,7 +266,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::tracefs::parse_format;
+    use crate::kernel::tracefs::parse_format;
 
     fn event(vec: u32, delay_ns: u64) -> SoftirqEvent {
         SoftirqEvent {
@@ -391,7 +391,7 @@ mod tests {
 
     #[test]
     fn text_rows_in_microseconds() {
-        use crate::record::Record as _;
+        use crate::output::record::Record as _;
         let only_service = slot(&SoftirqSlot::ZERO, &[4000, 1_234_567], &[], 0);
         let s = summarize(1, 3, &SoftirqSlot::ZERO, &only_service, 0, 1).unwrap();
         let row = s.text_row("T");

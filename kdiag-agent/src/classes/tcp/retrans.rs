@@ -7,15 +7,15 @@ use kdiag_common::{
     tcp::{RetransEvent, RetransKind},
 };
 
-use super::tcp_config::{TcpFilter, tcp_global};
+use super::config::{TcpFilter, tcp_global};
 use crate::{
+    attribution::owner::{OwnerResolver, ResolvedOwner},
     class::{Class, ClassError, Global, Tracepoint},
+    classes::tcp::state_names::state_name,
+    kernel::tracefs::Formats,
+    kernel::wire::{DecodeError, decode},
     output::Output,
-    owner::{OwnerResolver, ResolvedOwner},
-    record::{Degraded, Endpoints, Retrans},
-    tcp_state::state_name,
-    tracefs::Formats,
-    wire::{DecodeError, decode},
+    output::record::{Degraded, Endpoints, Retrans},
 };
 
 const TRACEPOINTS: &[Tracepoint] = &[
@@ -54,7 +54,7 @@ impl OwnerFilter {
     pub fn new(pids: Vec<u32>, cgroup: Option<PathBuf>) -> Self {
         let cgroup = cgroup.map(|p| {
             let p = p.to_string_lossy().trim_end_matches('/').to_owned();
-            crate::cgroup::relative_to_mount(&p)
+            crate::attribution::cgroup::relative_to_mount(&p)
         });
         Self { pids, cgroup }
     }

@@ -14,7 +14,7 @@ use kdiag_common::{
     tcp::{TCP_LISTEN, TcpTuple},
 };
 
-use crate::{cgroup::CgroupPaths, procfs};
+use crate::{attribution::cgroup::CgroupPaths, attribution::procfs};
 
 /// Owner fields as the records print them.
 ///

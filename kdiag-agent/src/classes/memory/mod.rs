@@ -2,6 +2,9 @@
 //! trace and where their memory cgroup is, decoding stall events, and
 //! turning the kernel's per-thread statistics into per-process summaries.
 
+pub mod compact;
+pub mod reclaim;
+
 use std::{
     collections::{BTreeMap, HashMap},
     path::Path,
@@ -20,13 +23,13 @@ use kdiag_common::{
 };
 
 use crate::{
-    btf::{self, BtfError},
-    cgroup::{CgroupPaths, CgroupTarget, MemoryHierarchy, resolve_in},
+    attribution::cgroup::{CgroupPaths, CgroupTarget, MemoryHierarchy, resolve_in},
+    attribution::owner::comm_str,
     class::ClassError,
-    hist::Latencies,
-    owner::comm_str,
-    record::Degraded,
-    wire::{DecodeError, decode},
+    classes::hist::Latencies,
+    kernel::btf::{self, BtfError},
+    kernel::wire::{DecodeError, decode},
+    output::record::Degraded,
 };
 
 /// Who the memory classes trace, and how the programs find a task's memory

@@ -6,10 +6,10 @@ use kdiag_common::tcp::{
 };
 
 use crate::{
-    btf,
     class::Global,
-    record::Degraded,
-    tracefs::{Format, Formats},
+    kernel::btf,
+    kernel::tracefs::{Format, Formats},
+    output::record::Degraded,
 };
 
 /// The kernel-side TCP settings: `--port`, `-4`/`-6`, and whether state
@@ -105,7 +105,7 @@ pub fn tcp_offsets(format: Option<&Format>) -> TcpTpOffsets {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tracefs::parse_format;
+    use crate::kernel::tracefs::parse_format;
 
     #[test]
     fn offsets_from_set_state_format() {

@@ -5,21 +5,7 @@
 
 use std::{collections::HashMap, fs};
 
-use crate::record::Vmstat;
-
-/// /proc/vmstat counters, summed where several share a prefix; in a
-/// `vmstat` record, their deltas over the interval.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct Counters {
-    /// `allocstall_<zone>` summed over zones (direct reclaim entries;
-    /// kernels before 4.10 had one `allocstall`).
-    pub allocstall: Option<u64>,
-    pub pgscan_direct: Option<u64>,
-    pub pgsteal_direct: Option<u64>,
-    pub compact_stall: Option<u64>,
-    pub compact_fail: Option<u64>,
-    pub compact_success: Option<u64>,
-}
+use crate::output::record::{Vmstat, VmstatCounters as Counters};
 
 pub fn parse_vmstat(text: &str) -> Counters {
     let values: HashMap<&str, u64> = text

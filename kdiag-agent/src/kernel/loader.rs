@@ -9,9 +9,9 @@ use kdiag_common::Transport;
 
 use crate::{
     class::{Class, Tracepoint},
-    record::Degraded,
-    tracefs::{Formats, Tracefs, TracefsError},
-    transport::{TransportKind, page_size},
+    kernel::tracefs::{Formats, Tracefs, TracefsError},
+    kernel::transport::{TransportKind, page_size},
+    output::record::Degraded,
 };
 
 /// The kernel programs, built by build.rs.

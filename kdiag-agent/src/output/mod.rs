@@ -1,13 +1,17 @@
 //! Writes records to stdout as JSON Lines (the default) or text columns.
 
+pub mod clock;
+pub mod record;
+pub mod stats;
+
 use std::{
     collections::HashSet,
     io::{self, Write},
 };
 
 use crate::{
-    clock::{RFC3339_LEN, WallClock},
-    record::Record,
+    output::clock::{RFC3339_LEN, WallClock},
+    output::record::Record,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -90,8 +94,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        owner::ResolvedOwner,
-        record::{Endpoints, Retrans},
+        attribution::owner::ResolvedOwner,
+        output::record::{Endpoints, Retrans},
     };
 
     /// A writer the test can read back after the Output is done with it.

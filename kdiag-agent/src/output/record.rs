@@ -12,7 +12,9 @@ use std::{
 use kdiag_common::tcp::{AF_INET6, TcpTuple};
 use serde::Serialize;
 
-use crate::{hist::LatencySummary, owner::ResolvedOwner, procfs};
+use crate::{
+    attribution::owner::ResolvedOwner, attribution::procfs, classes::hist::LatencySummary,
+};
 
 /// A record type of the contract.
 pub trait Record: Serialize {
@@ -566,13 +568,27 @@ impl Record for CompactSummary {
     }
 }
 
+/// /proc/vmstat counters, summed where several share a prefix; in a
+/// `vmstat` record, their deltas over the interval.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct VmstatCounters {
+    /// `allocstall_<zone>` summed over zones (direct reclaim entries;
+    /// kernels before 4.10 had one `allocstall`).
+    pub allocstall: Option<u64>,
+    pub pgscan_direct: Option<u64>,
+    pub pgsteal_direct: Option<u64>,
+    pub compact_stall: Option<u64>,
+    pub compact_fail: Option<u64>,
+    pub compact_success: Option<u64>,
+}
+
 /// The host's memory pressure over an interval, beside the memory stalls:
 /// /proc/vmstat deltas (null where this kernel lacks the counter) and PSI
 /// averages (null without /proc/pressure/memory).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Vmstat {
     #[serde(flatten)]
-    pub counters: crate::vmstat::Counters,
+    pub counters: VmstatCounters,
     pub psi_some_avg10: Option<f64>,
     pub psi_full_avg10: Option<f64>,
     pub interval_ns: u64,

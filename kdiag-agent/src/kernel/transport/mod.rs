@@ -8,6 +8,8 @@
 //! on one CPU. The ring buffer keeps its single order; the perf buffers'
 //! batch is put back in time order (see [`PerfBatch`]).
 
+pub mod perf;
+
 use std::{
     future::poll_fn,
     io,
@@ -16,10 +18,9 @@ use std::{
 };
 
 use aya::maps::{Map, MapData, MapError, RingBuf};
-use kdiag_common::EventHeader;
 use tokio::io::{Interest, unix::AsyncFd};
 
-use crate::perf_buffer::PerfBuffer;
+use perf::{PerfBatch, PerfBuffer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum TransportKind {
@@ -151,52 +152,6 @@ impl Reader {
     }
 }
 
-/// The samples of one drain of every CPU's perf buffer, copied out and
-/// handed on in the order of their timestamps.
-///
-/// Sorting each drain is enough. A connection's next state change starts
-/// only after the program that reported the previous one has written it
-/// (both run under the socket lock), so a drain that finds the later event
-/// in one CPU's buffer finds the earlier one in its CPU's buffer too, read
-/// after it or before. Without this, 1.5% of the state changes of loopback
-/// churn came out of order per connection, and the connection table took a
-/// connection's close before its establishment.
-#[derive(Debug, Default)]
-pub struct PerfBatch {
-    bytes: Vec<u8>,
-    /// (timestamp, start in `bytes`, length) per sample.
-    samples: Vec<(u64, usize, usize)>,
-}
-
-impl PerfBatch {
-    /// Adds a sample, given as the up to two pieces of a perf ring.
-    pub fn push(&mut self, head: &[u8], tail: &[u8]) {
-        let start = self.bytes.len();
-        self.bytes.extend_from_slice(head);
-        self.bytes.extend_from_slice(tail);
-        let sample = &self.bytes[start..];
-        // A sample too short for a header sorts first; decoding reports it.
-        let ts = sample
-            .get(TS_OFFSET..TS_OFFSET + 8)
-            .and_then(|b| b.try_into().ok())
-            .map_or(0, u64::from_ne_bytes);
-        self.samples.push((ts, start, sample.len()));
-    }
-
-    /// Hands every sample to `on_sample`, oldest first (ties in the order
-    /// they were read), and empties the batch, keeping its memory.
-    fn drain_in_time_order(&mut self, mut on_sample: impl FnMut(&[u8])) {
-        self.samples.sort_by_key(|&(ts, _, _)| ts);
-        for &(_, start, len) in &self.samples {
-            on_sample(&self.bytes[start..start + len]);
-        }
-        self.samples.clear();
-        self.bytes.clear();
-    }
-}
-
-const TS_OFFSET: usize = std::mem::offset_of!(EventHeader, ts_ns);
-
 fn register<T: AsRawFd>(inner: T) -> Result<AsyncFd<T>, TransportError> {
     // SAFETY: aya's ring and perf buffers own their descriptors and keep them
     // open, unchanged, until they are dropped, which the AsyncFd does.
@@ -223,37 +178,6 @@ fn perf_pages(buffer_bytes: usize, cpus: usize, page_size: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A sample: a header with `ts`, then `payload`.
-    fn sample(ts: u64, payload: &[u8]) -> Vec<u8> {
-        let mut s = vec![0; TS_OFFSET];
-        s.extend_from_slice(&ts.to_ne_bytes());
-        s.extend_from_slice(payload);
-        s
-    }
-
-    #[test]
-    fn perf_batch_comes_out_in_time_order() {
-        let mut batch = PerfBatch::default();
-        // CPU 0's buffer, then CPU 1's; one sample wrapped around its ring.
-        let (a, b, c, d) = (
-            sample(30, b"a"),
-            sample(10, b"b"),
-            sample(20, b"c"),
-            sample(30, b"d"),
-        );
-        batch.push(&a, &[]);
-        batch.push(&b[..5], &b[5..]);
-        batch.push(&c, &[]);
-        batch.push(&d, &[]);
-        batch.push(b"short", &[]);
-        let mut out = Vec::new();
-        batch.drain_in_time_order(|s| out.push(s.to_vec()));
-        assert_eq!(out, [b"short".to_vec(), b, c, a, d]);
-        let mut again = 0;
-        batch.drain_in_time_order(|_| again += 1);
-        assert_eq!(again, 0, "drained batch is empty");
-    }
 
     #[test]
     fn perf_buffer_shared_out_in_powers_of_two() {

@@ -10,15 +10,15 @@ use kdiag_common::{
     memory::{FIELD_ABSENT, ReclaimConfig, StallEvent, StallKind},
 };
 
-use super::memory::{MemoryScope, ProcessStalls, StallStatsReader, decode_stall, order};
+use super::{MemoryScope, ProcessStalls, StallStatsReader, decode_stall, order};
 use crate::{
-    cgroup::CgroupPaths,
+    attribution::cgroup::CgroupPaths,
+    attribution::owner::comm_str,
+    attribution::vmstat::VmstatSampler,
     class::{Class, ClassError, Global, Tracepoint},
+    kernel::tracefs::Formats,
     output::Output,
-    owner::comm_str,
-    record::{Degraded, Reclaim, ReclaimSummary},
-    tracefs::Formats,
-    vmstat::VmstatSampler,
+    output::record::{Degraded, Reclaim, ReclaimSummary},
 };
 
 /// Which reclaim `--kind` traces.
@@ -204,7 +204,7 @@ mod tests {
     use kdiag_common::EventHeader;
 
     use super::*;
-    use crate::hist::Latencies;
+    use crate::classes::hist::Latencies;
 
     fn event(kind: StallKind) -> StallEvent {
         let mut comm = [0; 16];

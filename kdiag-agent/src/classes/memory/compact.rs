@@ -11,16 +11,16 @@ use kdiag_common::{
     memory::{CompactConfig, FIELD_ABSENT, MigrateMode, StallEvent, StallKind},
 };
 
-use super::memory::{MemoryScope, ProcessStalls, StallStatsReader, decode_stall, order};
+use super::{MemoryScope, ProcessStalls, StallStatsReader, decode_stall, order};
 use crate::{
-    btf,
-    cgroup::CgroupPaths,
+    attribution::cgroup::CgroupPaths,
+    attribution::owner::comm_str,
+    attribution::vmstat::VmstatSampler,
     class::{Class, ClassError, Global, Tracepoint},
+    kernel::btf,
+    kernel::tracefs::Formats,
     output::Output,
-    owner::comm_str,
-    record::{Compact, CompactSummary, Degraded},
-    tracefs::Formats,
-    vmstat::VmstatSampler,
+    output::record::{Compact, CompactSummary, Degraded},
 };
 
 const TRACEPOINTS: &[Tracepoint] = &[
@@ -182,7 +182,7 @@ impl Class for CompactClass {
     fn on_loaded(&mut self, ebpf: &mut Ebpf) -> Result<(), ClassError> {
         // The names are read here rather than kept from `globals`, which
         // only borrows the formats.
-        if let Ok(tracefs) = crate::tracefs::Tracefs::open()
+        if let Ok(tracefs) = crate::kernel::tracefs::Tracefs::open()
             && let Ok(format) = tracefs.format("compaction", "mm_compaction_end")
         {
             self.status_names = format.symbols("status");

@@ -13,7 +13,7 @@ use aya::{
 };
 use kdiag_common::{CLASS_COUNT, LOSS_DROPPED, LOSS_LOST, LOSS_REASONS, LOSS_SLOTS};
 
-use crate::record::{AgentStats, ClassStats, ProgramStats};
+use crate::output::record::{AgentStats, ClassStats, ProgramStats};
 
 /// What the kernel counts for one program, since it was loaded.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

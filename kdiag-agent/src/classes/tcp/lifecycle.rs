@@ -13,19 +13,19 @@ use kdiag_common::{
 };
 
 use super::{
+    config::{TcpFilter, tcp_global},
+    conns::ConnTable,
     retrans::{OwnerFilter, decode_retrans},
-    tcp_config::{TcpFilter, tcp_global},
-    tcp_conns::ConnTable,
 };
 use crate::{
+    attribution::owner::{OwnerResolver, ResolvedOwner},
+    attribution::procfs,
     class::{Class, ClassError, Global, Tracepoint},
+    classes::tcp::state_names::{STATE_COUNT, state_name},
+    kernel::tracefs::Formats,
+    kernel::wire::{DecodeError, decode},
     output::Output,
-    owner::{OwnerResolver, ResolvedOwner},
-    procfs,
-    record::{Degraded, Endpoints, TcpConn, TcpState, TcpSummary, TopConn},
-    tcp_state::{STATE_COUNT, state_name},
-    tracefs::Formats,
-    wire::{DecodeError, decode},
+    output::record::{Degraded, Endpoints, TcpConn, TcpState, TcpSummary, TopConn},
 };
 
 const TRACEPOINTS: &[Tracepoint] = &[
@@ -203,7 +203,7 @@ impl Class for TcpClass {
     }
 
     fn on_event(&mut self, data: &[u8], out: &mut Output) -> Result<u64, ClassError> {
-        match crate::wire::event_kind(data)? {
+        match crate::kernel::wire::event_kind(data)? {
             EventKind::Retrans => self.on_retrans(data),
             _ => self.on_state(data, out),
         }

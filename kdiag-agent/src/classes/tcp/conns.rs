@@ -9,7 +9,7 @@ use foldhash::{HashMap, HashMapExt as _};
 
 use kdiag_common::tcp::{TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_RECV, TCP_SYN_SENT};
 
-use crate::tcp_state::{STATE_COUNT, state_name};
+use crate::classes::tcp::state_names::{STATE_COUNT, state_name};
 
 /// What a closed connection's record needs from its past.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
