@@ -9,26 +9,22 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     attribution::procfs,
-    attribution::vmstat::VmstatSampler,
-    class::{Class, ClassError},
-    classes::{
-        memory::MemoryScope,
-        memory::compact::CompactClass,
-        memory::reclaim::ReclaimClass,
-        softirq::SoftirqClass,
-        tcp::config::TcpFilter,
-        tcp::lifecycle::TcpClass,
-        tcp::retrans::{OwnerFilter, RetransClass},
+    class::{Class, ClassError, Context},
+    classes,
+    cli::Cli,
+    kernel::{
+        loader::{self, LoadError},
+        transport::{Reader, TransportError, TransportKind},
+        wire,
     },
-    cli::{Cli, Command, TcpFilterArgs},
-    kernel::loader::{self, LoadError},
-    kernel::transport::{Reader, TransportError, TransportKind},
-    kernel::wire,
-    output::Output,
-    output::clock::{WallClock, monotonic_ns},
-    output::record::{AgentStart, Degraded},
-    output::stats::{ProgramCounters, StatsCollector},
+    output::{
+        Output,
+        clock::{WallClock, monotonic_ns},
+        record::{AgentStart, Degraded},
+        stats::{ProgramCounters, StatsCollector},
+    },
     privileges::{self, MissingPrivileges},
+    services::Services,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -43,17 +39,31 @@ pub enum AgentError {
     Transport(#[from] TransportError),
     #[error("the kernel programs have no {0} map")]
     MissingMap(&'static str),
-    #[error("{0}")]
-    Setup(String),
+    #[error("{class}: {source}")]
+    Class {
+        class: &'static str,
+        source: ClassError,
+    },
     #[error("{0}")]
     Io(#[from] io::Error),
+}
+
+impl From<ClassError> for AgentError {
+    /// Errors of making the classes from the command line are usage errors.
+    fn from(e: ClassError) -> Self {
+        Self::Usage(e.to_string())
+    }
 }
 
 impl AgentError {
     /// Exit codes of the CLI contract.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Self::Usage(_) => 2,
+            Self::Usage(_)
+            | Self::Load(LoadError::Configure {
+                source: ClassError::Usage(_),
+                ..
+            }) => 2,
             Self::Privileges(_) => 77,
             _ => 1,
         }
@@ -85,12 +95,13 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
             return Err(AgentError::Usage(format!("--pid {pid}: no such process")));
         }
     }
-    let mut classes = plan(&cli)?;
+    let mut services = Services::new();
+    let mut classes = classes::build(&cli.command, &cli.global, &mut services)?;
     privileges::check()?;
 
     let buffer_bytes = cli.global.buffer_mib << 20;
     let mut loaded = loader::load(
-        &classes,
+        &mut classes,
         cli.global.transport,
         buffer_bytes,
         cli.global.formats_from.as_deref(),
@@ -98,7 +109,10 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
     for class in &mut classes {
         class
             .on_loaded(&mut loaded.ebpf)
-            .map_err(|e| AgentError::Setup(format!("{}: {e}", class.name())))?;
+            .map_err(|source| AgentError::Class {
+                class: class.name(),
+                source,
+            })?;
     }
     // Kernel run-time statistics for agent_stats, for as long as this fd is
     // open: the kernel turns them off again when the agent exits, however it
@@ -165,18 +179,36 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
         let result: io::Result<Option<Stop>> = tokio::select! {
             ready = reader.readable() => {
                 ready?;
-                dispatch(&mut reader, &mut classes, &mut out, &mut stats, &mut decode_errors)
+                dispatch(
+                    &mut reader,
+                    &mut classes,
+                    &mut Context { out: &mut out, services: &mut services },
+                    &mut stats,
+                    &mut decode_errors,
+                )
                     .and_then(|()| out.flush())
                     .map(|()| None)
             }
             _ = interval.tick(), if interval_secs > 0 => {
                 out.clock_mut().resync();
                 let programs = stats.snapshot_programs(&loaded.ebpf);
-                end_interval(&mut classes, &mut stats, programs, monotonic_ns(), &mut out)
-                    .map(|()| None)
+                end_interval(
+                    &mut classes,
+                    &mut stats,
+                    programs,
+                    monotonic_ns(),
+                    &mut Context { out: &mut out, services: &mut services },
+                )
+                .map(|()| None)
             }
             _ = drain.tick() => {
-                dispatch(&mut reader, &mut classes, &mut out, &mut stats, &mut decode_errors)
+                dispatch(
+                    &mut reader,
+                    &mut classes,
+                    &mut Context { out: &mut out, services: &mut services },
+                    &mut stats,
+                    &mut decode_errors,
+                )
                     .and_then(|()| out.flush())
                     .map(|()| None)
             }
@@ -204,92 +236,28 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
         let _ = detach_all(&mut loaded.ebpf, || Ok(()));
         return Ok(());
     }
-    let mut drain = || {
+    let mut cx = Context {
+        out: &mut out,
+        services: &mut services,
+    };
+    let mut drain = |cx: &mut Context<'_>| {
         dispatch(
             &mut reader,
             &mut classes,
-            &mut out,
+            cx,
             &mut stats,
             &mut decode_errors,
         )
     };
     // Drained while detaching, and once more after: what the programs wrote
     // last.
-    let finish = detach_all(&mut loaded.ebpf, &mut drain)
-        .and_then(|()| drain())
-        .and_then(|()| end_interval(&mut classes, &mut stats, programs, detached_at, &mut out));
+    let finish = detach_all(&mut loaded.ebpf, || drain(&mut cx))
+        .and_then(|()| drain(&mut cx))
+        .and_then(|()| end_interval(&mut classes, &mut stats, programs, detached_at, &mut cx));
     match finish {
         Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(e.into()),
         _ => Ok(()),
     }
-}
-
-/// The classes a command runs.
-fn plan(cli: &Cli) -> Result<Vec<Box<dyn Class>>, AgentError> {
-    let owners = OwnerFilter::new(cli.global.pids.clone(), cli.global.cgroup.clone());
-    let classes: Vec<Box<dyn Class>> = match &cli.command {
-        Command::Retrans(args) => vec![Box::new(RetransClass::new(
-            owners,
-            tcp_filter(args, false)?,
-        ))],
-        Command::Tcp(args) => vec![Box::new(TcpClass::new(
-            owners,
-            tcp_filter(&args.filter, true)?,
-            args.state,
-        ))],
-        Command::Run(args) => {
-            // One TCP configuration for both TCP classes: they share programs.
-            let tcp = tcp_filter(&args.tcp.filter, true)?;
-            vec![
-                Box::new(RetransClass::new(owners.clone(), tcp.clone())),
-                Box::new(TcpClass::new(owners, tcp, args.tcp.state)),
-                Box::new(SoftirqClass::new(args.softirq_min_latency_us)),
-                // One vmstat record per interval: reclaim writes it.
-                Box::new(ReclaimClass::new(
-                    memory_scope(cli)?,
-                    args.reclaim_kind,
-                    args.reclaim_min_latency_us,
-                    Some(VmstatSampler::new()),
-                )),
-                Box::new(CompactClass::new(
-                    memory_scope(cli)?,
-                    args.compact_min_latency_us,
-                    None,
-                )),
-            ]
-        }
-        Command::Softirq(args) => {
-            if !cli.global.pids.is_empty() || cli.global.cgroup.is_some() {
-                return Err(AgentError::Usage(
-                    "--pid and --cgroup do not apply to softirq: softirqs run on behalf of no \
-                     process, on whatever CPU raised them, interrupting whichever task is there"
-                        .to_owned(),
-                ));
-            }
-            vec![Box::new(SoftirqClass::new(args.min_latency_us))]
-        }
-        Command::Reclaim(args) => vec![Box::new(ReclaimClass::new(
-            memory_scope(cli)?,
-            args.kind,
-            args.min_latency_us,
-            Some(VmstatSampler::new()),
-        ))],
-        Command::Compact(args) => vec![Box::new(CompactClass::new(
-            memory_scope(cli)?,
-            args.min_latency_us,
-            Some(VmstatSampler::new()),
-        ))],
-    };
-    Ok(classes)
-}
-
-fn tcp_filter(args: &TcpFilterArgs, stream_states: bool) -> Result<TcpFilter, AgentError> {
-    TcpFilter::new(&args.ports, args.ipv4, args.ipv6, stream_states).map_err(AgentError::Usage)
-}
-
-/// `--pid` and `--cgroup` for the memory classes.
-fn memory_scope(cli: &Cli) -> Result<MemoryScope, AgentError> {
-    MemoryScope::new(&cli.global.pids, cli.global.cgroup.as_deref()).map_err(AgentError::Usage)
 }
 
 fn take_map(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<aya::maps::Map, AgentError> {
@@ -328,7 +296,7 @@ fn detach_all(ebpf: &mut aya::Ebpf, mut drain: impl FnMut() -> io::Result<()>) -
 fn dispatch(
     reader: &mut Reader,
     classes: &mut [Box<dyn Class>],
-    out: &mut Output,
+    cx: &mut Context<'_>,
     stats: &mut StatsCollector,
     decode_errors: &mut u64,
 ) -> io::Result<()> {
@@ -354,7 +322,7 @@ fn dispatch(
         let mut handled = false;
         for class in classes.iter_mut().filter(|c| c.handles(kind)) {
             handled = true;
-            match class.on_event(data, out) {
+            match class.on_event(data, cx) {
                 Ok(n) => stats.count_events(class.id() as u32, n),
                 Err(ClassError::Output(e)) => {
                     result = Err(e);
@@ -377,19 +345,19 @@ fn end_interval(
     stats: &mut StatsCollector,
     programs: ProgramCounters,
     now: u64,
-    out: &mut Output,
+    cx: &mut Context<'_>,
 ) -> io::Result<()> {
     let interval_ns = now.saturating_sub(stats.interval_start_ns());
     for class in classes.iter_mut() {
-        match class.on_interval(now, interval_ns, out) {
+        match class.on_interval(now, interval_ns, cx) {
             Ok(()) => {}
             Err(ClassError::Output(e)) => return Err(e),
             Err(e) => eprintln!("kdiag-agent: {}: {e}", class.name()),
         }
     }
     let report = stats.report(programs, now);
-    out.write(now, &report)?;
-    out.flush()
+    cx.out.write(now, &report)?;
+    cx.out.flush()
 }
 
 /// A pipe whose reader has gone reports POLLERR to the writer.

@@ -1,6 +1,7 @@
-//! The event classes and what the agent needs to know of each. Adding a
-//! class means a module in `classes/`, its programs in kdiag-ebpf, its wire
-//! types in kdiag-common, and one arm in `agent::plan`.
+//! What the agent needs to know of each event class, and what it hands
+//! them: the kernel's types before load, the shared services and the output
+//! while running. The classes themselves, and the registry that makes them
+//! from the command line, are in `classes/`.
 
 use std::io;
 
@@ -8,7 +9,13 @@ use aya::Ebpf;
 use kdiag_common::{ClassId, EventKind};
 
 use crate::{
-    kernel::tracefs::Formats, kernel::wire::DecodeError, output::Output, output::record::Degraded,
+    kernel::{
+        btf::{self, Enumerator, Member},
+        tracefs::Formats,
+        wire::DecodeError,
+    },
+    output::{Output, record::Degraded},
+    services::Services,
 };
 
 /// A kernel tracepoint one of kdiag's programs attaches to.
@@ -50,14 +57,46 @@ impl Global {
     }
 }
 
+/// What a class asks of the running kernel's BTF: struct member offsets and
+/// enum values its programs need. Every class's questions are answered in
+/// one pass over the file before load.
+#[derive(Debug, Clone, Copy)]
+pub struct BtfQueries {
+    pub members: &'static [Member<'static>],
+    pub enumerators: &'static [Enumerator<'static>],
+}
+
+/// The running kernel's types, as the classes need them to configure their
+/// programs: the formats of the attached tracepoints (by program name) and
+/// the answers to every class's BTF queries.
+#[derive(Debug, Default)]
+pub struct KernelTypes {
+    pub formats: Formats,
+    pub btf: btf::Answers,
+}
+
+/// What a class works with while the agent runs.
+pub struct Context<'a> {
+    pub out: &'a mut Output,
+    pub services: &'a mut Services,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClassError {
     #[error(transparent)]
     Decode(#[from] DecodeError),
     #[error("writing output: {0}")]
     Output(#[from] io::Error),
+    #[error("the kernel programs have no {0} map")]
+    MissingMap(&'static str),
+    #[error("the {name} map: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    /// An option that this kernel or host cannot honour: a usage error.
     #[error("{0}")]
-    Setup(String),
+    Usage(String),
 }
 
 /// One event class: its tracepoints, how to configure its programs, how to
@@ -68,11 +107,20 @@ pub trait Class {
     fn id(&self) -> ClassId;
     fn tracepoints(&self) -> &'static [Tracepoint];
 
-    /// Globals for its programs, from the tracepoints' formats (offsets) and
-    /// its options (filters). Classes sharing programs return the same
-    /// global with the same value. What the class must do without goes in
-    /// `degraded`.
-    fn globals(&self, formats: &Formats, degraded: &mut Vec<Degraded>) -> Vec<Global>;
+    /// What its programs need from the kernel's BTF.
+    fn btf_queries(&self) -> &'static [BtfQueries] {
+        &[]
+    }
+
+    /// Globals for its programs, from the kernel's types (tracepoint offsets,
+    /// BTF answers) and its options (filters). Classes sharing programs
+    /// return the same global with the same value. What the class must do
+    /// without goes in `degraded`.
+    fn configure(
+        &mut self,
+        kernel: &KernelTypes,
+        degraded: &mut Vec<Degraded>,
+    ) -> Result<Vec<Global>, ClassError>;
 
     /// Called once the programs are loaded and attached, to take the maps the
     /// class reads itself (histograms, counters).
@@ -84,7 +132,7 @@ pub trait Class {
     fn handles(&self, kind: EventKind) -> bool;
 
     /// Decodes one event and writes its records; returns how many.
-    fn on_event(&mut self, data: &[u8], out: &mut Output) -> Result<u64, ClassError>;
+    fn on_event(&mut self, data: &[u8], cx: &mut Context<'_>) -> Result<u64, ClassError>;
 
     /// Every `--interval` and once at exit (after the last events were
     /// drained): writes the class's summaries for the interval that ends at
@@ -93,7 +141,7 @@ pub trait Class {
         &mut self,
         _now_ns: u64,
         _interval_ns: u64,
-        _out: &mut Output,
+        _cx: &mut Context<'_>,
     ) -> Result<(), ClassError> {
         Ok(())
     }

@@ -2,11 +2,11 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser};
 
 use kdiag_common::DEFAULT_BUFFER_BYTES;
 
-use crate::{kernel::transport::TransportKind, output::Format};
+use crate::{classes::Command, kernel::transport::TransportKind, output::Format};
 
 /// Production tracing agent: kernel events attributed to processes,
 /// connections and cgroups, as JSON Lines on stdout.
@@ -88,171 +88,10 @@ fn buffer_mib(arg: &str) -> Result<u32, String> {
     }
 }
 
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Every TCP retransmit with its state, addresses and owning process.
-    ///
-    /// Records: `retrans` (one per retransmit: pid, comm, cgroup, family,
-    /// saddr, sport, daddr, dport, state, kind syn|synack|data, conn_retrans).
-    /// Sockets created before the agent started are attributed through /proc.
-    Retrans(TcpFilterArgs),
-    /// TCP state changes and connection lifecycles, with owner and timing.
-    ///
-    /// Records: `tcp_state` (every state change: owner, addresses, old_state,
-    /// new_state, old_state_ns = time spent in the state left), `tcp_conn`
-    /// (when a connection closes: role active|passive, duration_ns,
-    /// handshake_ns, retrans, state_ns = time per state) and, every
-    /// --interval, `tcp_summary` (retransmits seen, RetransSegs/OutSegs
-    /// deltas and their ratio, the connections retransmitting most).
-    ///
-    /// Sockets piling up in CLOSE_WAIT: `kdiag-agent tcp --state CLOSE_WAIT`
-    /// shows who owns them; a client hanging in connect() shows as
-    /// SYN_SENT -> CLOSE with its SYN_SENT time.
-    Tcp(TcpArgs),
-    /// Every class at once, in one process and one output stream: what a
-    /// log pipeline wants (`kdiag-agent run | vector ...`).
-    ///
-    /// Class options apply to their classes: --port, -4/-6 and --state to
-    /// retrans and tcp, --<class>-... to the others. --pid and
-    /// --cgroup filter the classes that have processes; softirqs, which
-    /// belong to none, are always reported whole.
-    Run(RunArgs),
-    /// Softirq latency per CPU and vector: how long handlers ran and how
-    /// long they waited to run.
-    ///
-    /// Two latencies: service time (softirq_entry to softirq_exit, the
-    /// handler running) and queueing delay (softirq_raise to softirq_entry,
-    /// pending before it ran). Both are kept as histograms in the kernel,
-    /// so the cost stays small at millions of softirqs a second.
-    ///
-    /// Records: `softirq_summary` every --interval and at exit, per CPU and
-    /// vector that ran (cpu, vec, count, service_total_ns, service_max_ns,
-    /// service_p99_ns, delay_max_ns, delay_p99_ns, interval_ns); `softirq`
-    /// for each softirq whose service time or delay is at or over
-    /// --min-latency-us (cpu, vec, service_ns, delay_ns). Vectors are named
-    /// as in /proc/softirqs: HI, TIMER, NET_TX, NET_RX, BLOCK, IRQ_POLL,
-    /// TASKLET, SCHED, HRTIMER, RCU. p99 is a log2-bucket upper bound (less
-    /// than twice the true value, never above the max).
-    ///
-    /// Softirqs run on behalf of no process, so --pid and --cgroup are
-    /// refused.
-    #[command(verbatim_doc_comment)]
-    Softirq(SoftirqArgs),
-    /// Threads stalled in memory reclaim: direct (the system ran short of
-    /// free pages) or memcg (their memory cgroup hit its limit), with
-    /// per-process percentiles.
-    ///
-    /// Records: `reclaim` (one per stall at or over --min-latency-us: kind
-    /// direct|memcg, pid, tid, comm, cgroup, latency_ns, nr_reclaimed,
-    /// order), `reclaim_summary` (per process and kind, every --interval and
-    /// at exit: count, total_ns, max_ns, p50_ns, p99_ns, nr_reclaimed; all
-    /// stalls count, also those under the threshold), `vmstat` (every
-    /// interval: /proc/vmstat deltas of allocstall, pgscan_direct,
-    /// pgsteal_direct, compact_*, and PSI memory avg10). cgroup is the
-    /// memory cgroup: v1 on hosts with the v1 memory controller.
-    Reclaim(ReclaimArgs),
-    /// Compaction runs (one per memory zone) with latency, status, mode
-    /// and, for direct compaction, the allocation's order.
-    ///
-    /// Records: `compact` (one per run at or over --min-latency-us: pid,
-    /// tid, comm, cgroup, latency_ns, status, mode async|sync_light|sync,
-    /// order or null), `compact_summary` (per process, every --interval and
-    /// at exit: count, total_ns, max_ns, p50_ns, p99_ns), `vmstat`.
-    /// Background compaction shows under kcompactd, manual compaction under
-    /// the process that wrote /proc/sys/vm/compact_memory.
-    Compact(CompactArgs),
-}
-
-/// Options of `reclaim`.
-#[derive(Debug, Args)]
-pub struct ReclaimArgs {
-    /// Which reclaim to trace.
-    #[arg(long, value_enum, default_value = "all")]
-    pub kind: crate::classes::memory::reclaim::ReclaimKind,
-    /// Write `reclaim` records only for stalls of at least N microseconds;
-    /// shorter ones are counted in the kernel and still appear in the
-    /// summaries.
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub min_latency_us: u64,
-}
-
-/// Options of `compact`.
-#[derive(Debug, Args)]
-pub struct CompactArgs {
-    /// Write `compact` records only for runs of at least N microseconds;
-    /// shorter ones still appear in the summaries.
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub min_latency_us: u64,
-}
-
-/// Options of `softirq`.
-#[derive(Debug, Args)]
-pub struct SoftirqArgs {
-    /// Write a `softirq` record for every softirq whose service time or
-    /// queueing delay is at or over US microseconds (0: every softirq, for
-    /// debugging only). Summaries count all softirqs either way.
-    #[arg(long, value_name = "US", default_value_t = 1000)]
-    pub min_latency_us: u64,
-}
-
-/// Options of `run`: those of every class.
-#[derive(Debug, Args)]
-pub struct RunArgs {
-    #[command(flatten)]
-    pub tcp: TcpArgs,
-    /// The `softirq` class's --min-latency-us.
-    #[arg(long, value_name = "US", default_value_t = 1000)]
-    pub softirq_min_latency_us: u64,
-    /// The `reclaim` class's --kind.
-    #[arg(long, value_enum, default_value = "all")]
-    pub reclaim_kind: crate::classes::memory::reclaim::ReclaimKind,
-    /// The `reclaim` class's --min-latency-us.
-    #[arg(long, value_name = "US", default_value_t = 0)]
-    pub reclaim_min_latency_us: u64,
-    /// The `compact` class's --min-latency-us.
-    #[arg(long, value_name = "US", default_value_t = 0)]
-    pub compact_min_latency_us: u64,
-}
-
-/// Options of the `tcp` class.
-#[derive(Debug, Args)]
-pub struct TcpArgs {
-    #[command(flatten)]
-    pub filter: TcpFilterArgs,
-    /// Only write state changes into or out of this state (ESTABLISHED,
-    /// SYN_SENT, SYN_RECV, FIN_WAIT1, FIN_WAIT2, TIME_WAIT, CLOSE,
-    /// CLOSE_WAIT, LAST_ACK, LISTEN, CLOSING, NEW_SYN_RECV). tcp_conn records
-    /// are still written for every connection.
-    #[arg(long, value_name = "STATE", value_parser = parse_state)]
-    pub state: Option<i32>,
-}
-
-fn parse_state(s: &str) -> Result<i32, String> {
-    let name = s.trim_start_matches("TCP_").trim_start_matches("tcp_");
-    crate::classes::tcp::state_names::state_number(name).ok_or_else(|| {
-        format!("unknown TCP state {s:?}; use a kernel name such as ESTABLISHED or CLOSE_WAIT")
-    })
-}
-
-/// Which connections the TCP classes report.
-#[derive(Debug, Args)]
-pub struct TcpFilterArgs {
-    /// Only connections with this local or remote port; repeat for several
-    /// (at most 8).
-    #[arg(long = "port", value_name = "PORT",
-          value_parser = clap::value_parser!(u16).range(1..))]
-    pub ports: Vec<u16>,
-    /// Only IPv4.
-    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
-    pub ipv4: bool,
-    /// Only IPv6.
-    #[arg(short = '6', long = "ipv6")]
-    pub ipv6: bool,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::classes::memory::reclaim::ReclaimArgs;
     use clap::CommandFactory;
 
     #[test]

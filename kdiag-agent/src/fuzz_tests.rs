@@ -5,10 +5,24 @@ use std::io::Cursor;
 
 use proptest::prelude::*;
 
+use kdiag_common::EventKind;
+
 use crate::{
-    attribution::cgroup, attribution::procfs, classes, kernel::btf, kernel::tracefs, kernel::wire,
+    attribution::{cgroup, procfs, vmstat},
+    classes,
+    kernel::{btf, tracefs, wire},
     privileges,
 };
+
+/// Every event decoder of every class.
+fn decode_all(bytes: &[u8]) {
+    let _ = wire::event_kind(bytes);
+    let _ = classes::tcp::retrans::decode_retrans(bytes);
+    let _ = classes::tcp::lifecycle::decode_state(bytes);
+    let _ = classes::memory::decode_stall(bytes, EventKind::Reclaim);
+    let _ = classes::memory::decode_stall(bytes, EventKind::Compact);
+    let _ = classes::softirq::decode_softirq(bytes);
+}
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
@@ -16,8 +30,7 @@ proptest! {
     #[test]
     fn event_decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
         let _ = wire::event_kind(&bytes);
-        let _ = classes::tcp::retrans::decode_retrans(&bytes);
-        let _ = classes::tcp::lifecycle::decode_state(&bytes);
+        decode_all(&bytes);
     }
 
     #[test]
@@ -26,8 +39,7 @@ proptest! {
         kind in 0u32..8,
     ) {
         bytes[..4].copy_from_slice(&kind.to_ne_bytes());
-        let _ = classes::tcp::retrans::decode_retrans(&bytes);
-        let _ = classes::tcp::lifecycle::decode_state(&bytes);
+        decode_all(&bytes);
     }
 
     #[test]
@@ -38,6 +50,8 @@ proptest! {
         let _ = tracefs::parse_format(&text);
         let _ = cgroup::parse_cgroup2_mount(&text);
         let _ = privileges::effective_caps(&text);
+        let _ = vmstat::parse_vmstat(&text);
+        let _ = vmstat::parse_psi(&text);
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod cli;
 mod kernel;
 mod output;
 mod privileges;
+mod services;
 
 #[cfg(test)]
 mod fuzz_tests;

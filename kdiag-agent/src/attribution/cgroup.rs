@@ -17,6 +17,12 @@ use std::{
 use foldhash::HashMap;
 
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
+/// An id a walk did not find (a cgroup removed since the event, or one the
+/// walk's bound left out) triggers no new walk for this long: without it, a
+/// stream of events from dead cgroups would walk the hierarchy every second.
+const UNKNOWN_FOR: Duration = Duration::from_secs(30);
+/// Bounds the ids remembered as unknown; cleared when full.
+const MAX_UNKNOWN: usize = 4096;
 /// Bounds the walk on hosts with very many cgroups.
 const MAX_CGROUPS: usize = 100_000;
 
@@ -26,21 +32,24 @@ pub struct CgroupPaths {
     /// Shared with the records that name them: a path is cloned per
     /// record, and that is a reference count, not an allocation.
     paths: HashMap<u64, Arc<str>>,
+    /// Ids not found by a walk made after they were first asked for, and
+    /// when that walk was.
+    unknown: HashMap<u64, Instant>,
     last_scan: Option<Instant>,
 }
 
 impl CgroupPaths {
-    /// Paths in the cgroup2 mount.
-    pub fn new() -> Self {
-        Self::with_mount(find_cgroup2_mount())
-    }
-
     /// Paths in the hierarchy mounted at `mount`.
     pub fn with_mount(mount: Option<PathBuf>) -> Self {
         Self {
             mount,
             ..Self::default()
         }
+    }
+
+    /// The mount of the hierarchy.
+    pub fn mount(&self) -> Option<&Path> {
+        self.mount.as_deref()
     }
 
     /// The path of cgroup `id` relative to the hierarchy's root (`/` for the
@@ -52,13 +61,30 @@ impl CgroupPaths {
         if let Some(p) = self.paths.get(&id) {
             return Some(p.clone());
         }
-        let stale = self.last_scan.is_none_or(|t| t.elapsed() >= RESCAN_EVERY);
+        let now = Instant::now();
+        if self
+            .unknown
+            .get(&id)
+            .is_some_and(|since| now.duration_since(*since) < UNKNOWN_FOR)
+        {
+            return None;
+        }
+        let stale = self
+            .last_scan
+            .is_none_or(|t| now.duration_since(t) >= RESCAN_EVERY);
         if stale && let Some(mount) = self.mount.clone() {
             self.paths.clear();
             walk(&mount, &mount, &mut self.paths);
-            self.last_scan = Some(Instant::now());
+            self.last_scan = Some(now);
         }
-        self.paths.get(&id).cloned()
+        let found = self.paths.get(&id).cloned();
+        if found.is_none() && stale {
+            if self.unknown.len() >= MAX_UNKNOWN {
+                self.unknown.clear();
+            }
+            self.unknown.insert(id, now);
+        }
+        found
     }
 }
 
@@ -169,7 +195,7 @@ fn walk(root: &Path, dir: &Path, out: &mut HashMap<u64, Arc<str>>) {
 
 /// The cgroup2 mount point, from /proc/self/mountinfo (field 5 is the mount
 /// point; the filesystem type follows the ` - ` separator).
-fn find_cgroup2_mount() -> Option<PathBuf> {
+pub fn find_cgroup2_mount() -> Option<PathBuf> {
     let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
     parse_cgroup2_mount(&text)
 }

@@ -4,6 +4,7 @@
 
 use std::{
     collections::HashSet,
+    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -14,7 +15,10 @@ use kdiag_common::{
     tcp::{TCP_LISTEN, TcpTuple},
 };
 
-use crate::{attribution::cgroup::CgroupPaths, attribution::procfs};
+use crate::attribution::{
+    cgroup::{self, CgroupPaths},
+    procfs,
+};
 
 /// Owner fields as the records print them.
 ///
@@ -25,6 +29,37 @@ pub struct ResolvedOwner {
     pub pid: Option<u32>,
     pub comm: Option<Arc<str>>,
     pub cgroup: Option<Arc<str>>,
+}
+
+/// Which owners to report; the kernel filters ports and family, but owners
+/// of sockets older than the agent are only known here.
+#[derive(Debug, Clone, Default)]
+pub struct OwnerFilter {
+    pub pids: Vec<u32>,
+    /// A cgroup v2 path relative to the cgroup2 mount, without trailing `/`.
+    pub cgroup: Option<String>,
+}
+
+impl OwnerFilter {
+    pub fn new(pids: Vec<u32>, cgroup: Option<PathBuf>) -> Self {
+        let cgroup = cgroup.map(|p| {
+            let p = p.to_string_lossy().trim_end_matches('/').to_owned();
+            cgroup::relative_to_mount(&p)
+        });
+        Self { pids, cgroup }
+    }
+
+    pub fn accepts(&self, owner: &ResolvedOwner) -> bool {
+        let pid_ok = self.pids.is_empty() || owner.pid.is_some_and(|p| self.pids.contains(&p));
+        let cgroup_ok = self.cgroup.as_deref().is_none_or(|want| {
+            owner.cgroup.as_deref().is_some_and(|have| {
+                have == want
+                    || want == "/"
+                    || have.strip_prefix(want).is_some_and(|r| r.starts_with('/'))
+            })
+        });
+        pid_ok && cgroup_ok
+    }
 }
 
 /// A /proc lookup walks the TCP table of every network namespace and every
@@ -53,7 +88,6 @@ type Found = Result<ResolvedOwner, Instant>;
 
 #[derive(Debug, Default)]
 pub struct OwnerResolver {
-    cgroups: CgroupPaths,
     /// Per socket.
     cache: HashMap<(u64, TcpTuple), Found>,
     /// Per listener the programs did not see at listen(), for the sockets
@@ -99,17 +133,16 @@ impl LookupBudget {
 
 impl OwnerResolver {
     pub fn new() -> Self {
-        Self {
-            cgroups: CgroupPaths::new(),
-            ..Self::default()
-        }
+        Self::default()
     }
 
     /// The owner of the socket `sock_id` with addresses `tuple`, given what
-    /// the kernel captured. `listener`: the listener that accepted it, when
-    /// it is an accepted socket.
+    /// the kernel captured; `cgroups` names the cgroup ids it captured.
+    /// `listener`: the listener that accepted it, when it is an accepted
+    /// socket.
     pub fn resolve(
         &mut self,
+        cgroups: &mut CgroupPaths,
         sock_id: u64,
         owner: &Owner,
         tuple: &TcpTuple,
@@ -119,7 +152,7 @@ impl OwnerResolver {
             return ResolvedOwner {
                 pid: Some(owner.tgid),
                 comm: Some(self.comm(&owner.comm)),
-                cgroup: self.cgroups.path(owner.cgroup_id),
+                cgroup: cgroups.path(owner.cgroup_id),
             };
         }
         match listener {
@@ -294,7 +327,13 @@ mod tests {
             cgroup_id: 0,
             comm: *b"nginx\0\0\0\0\0\0\0\0\0\0\0",
         };
-        let got = r.resolve(1, &owner, &TcpTuple::default(), None);
+        let got = r.resolve(
+            &mut CgroupPaths::default(),
+            1,
+            &owner,
+            &TcpTuple::default(),
+            None,
+        );
         assert_eq!(got.pid, Some(42));
         assert_eq!(got.comm.as_deref(), Some("nginx"));
         assert_eq!(got.cgroup, None);

@@ -1,7 +1,188 @@
-//! One module per event class, and what the TCP classes share.
+//! The event classes, and the registry that makes them from the command
+//! line: each subcommand and the options `run` takes for each class. One
+//! module per class; the TCP and memory classes share a folder with what
+//! they have in common.
 
 pub mod hist;
 pub mod log2hist;
 pub mod memory;
 pub mod softirq;
 pub mod tcp;
+
+use clap::{Args, Subcommand};
+
+use crate::{
+    attribution::owner::OwnerFilter,
+    class::{Class, ClassError},
+    cli::GlobalArgs,
+    services::Services,
+};
+use memory::{
+    MemoryScope,
+    compact::{CompactArgs, CompactClass},
+    reclaim::{ReclaimArgs, ReclaimClass, ReclaimKind},
+};
+use softirq::{SoftirqArgs, SoftirqClass};
+use tcp::{TcpArgs, TcpFilterArgs, config::TcpFilter, lifecycle::TcpClass, retrans::RetransClass};
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Every TCP retransmit with its state, addresses and owning process.
+    ///
+    /// Records: `retrans` (one per retransmit: pid, comm, cgroup, family,
+    /// saddr, sport, daddr, dport, state, kind syn|synack|data, conn_retrans).
+    /// Sockets created before the agent started are attributed through /proc.
+    Retrans(TcpFilterArgs),
+    /// TCP state changes and connection lifecycles, with owner and timing.
+    ///
+    /// Records: `tcp_state` (every state change: owner, addresses, old_state,
+    /// new_state, old_state_ns = time spent in the state left), `tcp_conn`
+    /// (when a connection closes: role active|passive, duration_ns,
+    /// handshake_ns, retrans, state_ns = time per state) and, every
+    /// --interval, `tcp_summary` (retransmits seen, RetransSegs/OutSegs
+    /// deltas and their ratio, the connections retransmitting most).
+    ///
+    /// Sockets piling up in CLOSE_WAIT: `kdiag-agent tcp --state CLOSE_WAIT`
+    /// shows who owns them; a client hanging in connect() shows as
+    /// SYN_SENT -> CLOSE with its SYN_SENT time.
+    Tcp(TcpArgs),
+    /// Every class at once, in one process and one output stream: what a
+    /// log pipeline wants (`kdiag-agent run | vector ...`).
+    ///
+    /// Class options apply to their classes: --port, -4/-6 and --state to
+    /// retrans and tcp, --<class>-... to the others. --pid and
+    /// --cgroup filter the classes that have processes; softirqs, which
+    /// belong to none, are always reported whole.
+    Run(RunArgs),
+    /// Softirq latency per CPU and vector: how long handlers ran and how
+    /// long they waited to run.
+    ///
+    /// Two latencies: service time (softirq_entry to softirq_exit, the
+    /// handler running) and queueing delay (softirq_raise to softirq_entry,
+    /// pending before it ran). Both are kept as histograms in the kernel,
+    /// so the cost stays small at millions of softirqs a second.
+    ///
+    /// Records: `softirq_summary` every --interval and at exit, per CPU and
+    /// vector that ran (cpu, vec, count, service_total_ns, service_max_ns,
+    /// service_p99_ns, delay_max_ns, delay_p99_ns, interval_ns); `softirq`
+    /// for each softirq whose service time or delay is at or over
+    /// --min-latency-us (cpu, vec, service_ns, delay_ns). Vectors are named
+    /// as in /proc/softirqs: HI, TIMER, NET_TX, NET_RX, BLOCK, IRQ_POLL,
+    /// TASKLET, SCHED, HRTIMER, RCU. p99 is a log2-bucket upper bound (less
+    /// than twice the true value, never above the max).
+    ///
+    /// Softirqs run on behalf of no process, so --pid and --cgroup are
+    /// refused.
+    #[command(verbatim_doc_comment)]
+    Softirq(SoftirqArgs),
+    /// Threads stalled in memory reclaim: direct (the system ran short of
+    /// free pages) or memcg (their memory cgroup hit its limit), with
+    /// per-process percentiles.
+    ///
+    /// Records: `reclaim` (one per stall at or over --min-latency-us: kind
+    /// direct|memcg, pid, tid, comm, cgroup, latency_ns, nr_reclaimed,
+    /// order), `reclaim_summary` (per process and kind, every --interval and
+    /// at exit: count, total_ns, max_ns, p50_ns, p99_ns, nr_reclaimed; all
+    /// stalls count, also those under the threshold), `vmstat` (every
+    /// interval: /proc/vmstat deltas of allocstall, pgscan_direct,
+    /// pgsteal_direct, compact_*, and PSI memory avg10). cgroup is the
+    /// memory cgroup: v1 on hosts with the v1 memory controller.
+    Reclaim(ReclaimArgs),
+    /// Compaction runs (one per memory zone) with latency, status, mode
+    /// and, for direct compaction, the allocation's order.
+    ///
+    /// Records: `compact` (one per run at or over --min-latency-us: pid,
+    /// tid, comm, cgroup, latency_ns, status, mode async|sync_light|sync,
+    /// order or null), `compact_summary` (per process, every --interval and
+    /// at exit: count, total_ns, max_ns, p50_ns, p99_ns), `vmstat`.
+    /// Background compaction shows under kcompactd, manual compaction under
+    /// the process that wrote /proc/sys/vm/compact_memory.
+    Compact(CompactArgs),
+}
+
+/// Options of `run`: those of every class.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub tcp: TcpArgs,
+    /// The `softirq` class's --min-latency-us.
+    #[arg(long, value_name = "US", default_value_t = 1000)]
+    pub softirq_min_latency_us: u64,
+    /// The `reclaim` class's --kind.
+    #[arg(long, value_enum, default_value = "all")]
+    pub reclaim_kind: ReclaimKind,
+    /// The `reclaim` class's --min-latency-us.
+    #[arg(long, value_name = "US", default_value_t = 0)]
+    pub reclaim_min_latency_us: u64,
+    /// The `compact` class's --min-latency-us.
+    #[arg(long, value_name = "US", default_value_t = 0)]
+    pub compact_min_latency_us: u64,
+}
+
+/// The classes `command` runs, with the shared services they use.
+pub fn build(
+    command: &Command,
+    global: &GlobalArgs,
+    services: &mut Services,
+) -> Result<Vec<Box<dyn Class>>, ClassError> {
+    let owners = || OwnerFilter::new(global.pids.clone(), global.cgroup.clone());
+    let memory =
+        || MemoryScope::new(&global.pids, global.cgroup.as_deref()).map_err(ClassError::Usage);
+    let classes: Vec<Box<dyn Class>> = match command {
+        Command::Retrans(args) => vec![Box::new(RetransClass::new(
+            owners(),
+            tcp_filter(args, false)?,
+        ))],
+        Command::Tcp(args) => vec![Box::new(TcpClass::new(
+            owners(),
+            tcp_filter(&args.filter, true)?,
+            args.state,
+        ))],
+        Command::Softirq(args) => {
+            if !global.pids.is_empty() || global.cgroup.is_some() {
+                return Err(ClassError::Usage(
+                    "--pid and --cgroup do not apply to softirq: softirqs run on behalf of no \
+                     process, on whatever CPU raised them, interrupting whichever task is there"
+                        .to_owned(),
+                ));
+            }
+            vec![Box::new(SoftirqClass::new(args.min_latency_us))]
+        }
+        Command::Reclaim(args) => vec![Box::new(ReclaimClass::new(
+            memory()?,
+            args.kind,
+            args.min_latency_us,
+            services,
+        ))],
+        Command::Compact(args) => vec![Box::new(CompactClass::new(
+            memory()?,
+            args.min_latency_us,
+            services,
+        ))],
+        Command::Run(args) => {
+            // One TCP configuration for both TCP classes: they share programs.
+            let tcp = tcp_filter(&args.tcp.filter, true)?;
+            vec![
+                Box::new(RetransClass::new(owners(), tcp.clone())),
+                Box::new(TcpClass::new(owners(), tcp, args.tcp.state)),
+                Box::new(SoftirqClass::new(args.softirq_min_latency_us)),
+                Box::new(ReclaimClass::new(
+                    memory()?,
+                    args.reclaim_kind,
+                    args.reclaim_min_latency_us,
+                    services,
+                )),
+                Box::new(CompactClass::new(
+                    memory()?,
+                    args.compact_min_latency_us,
+                    services,
+                )),
+            ]
+        }
+    };
+    Ok(classes)
+}
+
+fn tcp_filter(args: &TcpFilterArgs, stream_states: bool) -> Result<TcpFilter, ClassError> {
+    TcpFilter::new(&args.ports, args.ipv4, args.ipv6, stream_states).map_err(ClassError::Usage)
+}

@@ -6,19 +6,29 @@ use aya::{
     Ebpf,
     maps::{Array, MapData, PerCpuArray},
 };
+use clap::Args;
 use kdiag_common::{
     ClassId, EventKind,
     softirq::{NO_DELAY, NR_SOFTIRQS, SoftirqConfig, SoftirqEvent, SoftirqSlot, VEC_ABSENT},
 };
 
 use crate::{
-    class::{Class, ClassError, Global, Tracepoint},
+    class::{Class, ClassError, Context, Global, KernelTypes, Tracepoint},
     classes::log2hist::{self, Latency},
     kernel::tracefs::Formats,
     kernel::wire::{DecodeError, decode},
-    output::Output,
     output::record::{Degraded, Softirq, SoftirqSummary},
 };
+
+/// Options of `softirq`.
+#[derive(Debug, Args)]
+pub struct SoftirqArgs {
+    /// Write a `softirq` record for every softirq whose service time or
+    /// queueing delay is at or over US microseconds (0: every softirq, for
+    /// debugging only). Summaries count all softirqs either way.
+    #[arg(long, value_name = "US", default_value_t = 1000)]
+    pub min_latency_us: u64,
+}
 
 const EXIT: Tracepoint = Tracepoint {
     group: "irq",
@@ -82,10 +92,10 @@ impl SoftirqClass {
     fn read(maps: &Maps) -> Result<Vec<[SoftirqSlot; NR_SOFTIRQS as usize]>, ClassError> {
         let mut now: Vec<[SoftirqSlot; NR_SOFTIRQS as usize]> = Vec::new();
         for vec in 0..NR_SOFTIRQS {
-            let per_cpu = maps
-                .slots
-                .get(&vec, 0)
-                .map_err(|e| ClassError::Setup(format!("reading SOFTIRQ: {e}")))?;
+            let per_cpu = maps.slots.get(&vec, 0).map_err(|source| ClassError::Map {
+                name: "SOFTIRQ",
+                source,
+            })?;
             for (cpu, slot) in per_cpu.iter().enumerate() {
                 if now.len() <= cpu {
                     now.resize(cpu + 1, [SoftirqSlot::ZERO; NR_SOFTIRQS as usize]);
@@ -198,20 +208,26 @@ impl Class for SoftirqClass {
         TRACEPOINTS
     }
 
-    fn globals(&self, formats: &Formats, degraded: &mut Vec<Degraded>) -> Vec<Global> {
-        let cfg = config(formats, self.min_latency_ns, degraded);
-        vec![Global::new("SOFTIRQ_CONFIG", &cfg)]
+    fn configure(
+        &mut self,
+        kernel: &KernelTypes,
+        degraded: &mut Vec<Degraded>,
+    ) -> Result<Vec<Global>, ClassError> {
+        let cfg = config(&kernel.formats, self.min_latency_ns, degraded);
+        Ok(vec![Global::new("SOFTIRQ_CONFIG", &cfg)])
     }
 
     fn on_loaded(&mut self, ebpf: &mut Ebpf) -> Result<(), ClassError> {
-        let mut take = |name: &str| {
-            ebpf.take_map(name)
-                .ok_or_else(|| ClassError::Setup(format!("the kernel programs have no {name} map")))
-        };
-        let slots = PerCpuArray::try_from(take("SOFTIRQ")?)
-            .map_err(|e| ClassError::Setup(format!("SOFTIRQ: {e}")))?;
-        let generation = Array::try_from(take("SOFTIRQ_GENERATION")?)
-            .map_err(|e| ClassError::Setup(format!("SOFTIRQ_GENERATION: {e}")))?;
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(ClassError::MissingMap(name));
+        let slots = PerCpuArray::try_from(take("SOFTIRQ")?).map_err(|source| ClassError::Map {
+            name: "SOFTIRQ",
+            source,
+        })?;
+        let generation =
+            Array::try_from(take("SOFTIRQ_GENERATION")?).map_err(|source| ClassError::Map {
+                name: "SOFTIRQ_GENERATION",
+                source,
+            })?;
         self.maps = Some(Maps { slots, generation });
         Ok(())
     }
@@ -220,9 +236,9 @@ impl Class for SoftirqClass {
         kind == EventKind::Softirq
     }
 
-    fn on_event(&mut self, data: &[u8], out: &mut Output) -> Result<u64, ClassError> {
+    fn on_event(&mut self, data: &[u8], cx: &mut Context<'_>) -> Result<u64, ClassError> {
         let ev = decode_softirq(data)?;
-        out.write(ev.header.ts_ns, &softirq_record(&ev))?;
+        cx.out.write(ev.header.ts_ns, &softirq_record(&ev))?;
         Ok(1)
     }
 
@@ -230,7 +246,7 @@ impl Class for SoftirqClass {
         &mut self,
         now_ns: u64,
         interval_ns: u64,
-        out: &mut Output,
+        cx: &mut Context<'_>,
     ) -> Result<(), ClassError> {
         let Some(maps) = &mut self.maps else {
             return Ok(());
@@ -241,7 +257,10 @@ impl Class for SoftirqClass {
         let ended = self.generation;
         maps.generation
             .set(0, ended + 1, 0)
-            .map_err(|e| ClassError::Setup(format!("writing SOFTIRQ_GENERATION: {e}")))?;
+            .map_err(|source| ClassError::Map {
+                name: "SOFTIRQ_GENERATION",
+                source,
+            })?;
         self.generation = ended + 1;
         let now = Self::read(maps)?;
         for (cpu, slots) in now.iter().enumerate() {
@@ -249,7 +268,7 @@ impl Class for SoftirqClass {
                 let before = self.last.get(cpu).map_or(&SoftirqSlot::ZERO, |s| &s[vec]);
                 if let Some(summary) = summarize(cpu as u32, vec, before, slot, ended, interval_ns)
                 {
-                    out.write(now_ns, &summary)?;
+                    cx.out.write(now_ns, &summary)?;
                 }
             }
         }

@@ -12,8 +12,10 @@
 //! Format: include/uapi/linux/btf.h and Documentation/bpf/btf.rst.
 
 use std::{
+    collections::HashMap,
     fs::File,
     io::{self, BufRead, BufReader, Read, Seek, SeekFrom},
+    sync::Arc,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +26,7 @@ pub enum BtfError {
     Malformed(&'static str),
     /// The container ("struct sock_common", "enum cgroup_subsys_id") and the
     /// member or enumerator that no type of that name has.
+    #[cfg(test)]
     #[error("{0} has no member {1} in the kernel's BTF")]
     NotFound(String, String),
 }
@@ -71,6 +74,7 @@ const KIND_ENUM64: u32 = 19;
 /// The byte offsets of `members` and the values of `enumerators` in the
 /// running kernel's BTF, in the order asked, from one pass over the file.
 /// Fails unless every one is found.
+#[cfg(test)]
 pub fn resolve<const M: usize, const E: usize>(
     members: [Member; M],
     enumerators: [Enumerator; E],
@@ -83,33 +87,131 @@ pub fn resolve<const M: usize, const E: usize>(
 }
 
 /// [`resolve`] in the BTF that `reader` holds; `path` names it in errors.
+/// The agent asks through [`Answers`]; the tests ask this way, by array.
 ///
 /// A struct member's offset is that of the first struct of that name that
 /// has the member; a bitfield's is the byte its first bit is in. Enumerator
 /// values are signed or unsigned as their enum says. Members of nested
 /// anonymous structs and unions, and enumerators of 64-bit enums, are not
 /// looked for.
+#[cfg(test)]
 pub fn resolve_in<R: Read + Seek, const M: usize, const E: usize>(
     reader: R,
     path: &str,
     members: [Member; M],
     enumerators: [Enumerator; E],
 ) -> Result<([u32; M], [i64; E]), BtfError> {
-    let batch = Batch::new(&members, &enumerators);
-    let mut reader = Reader {
-        inner: BufReader::with_capacity(BUF_LEN, reader),
-        path,
-    };
-    let header = Header::read(&mut reader)?;
-    let names = NameOffsets::find(&mut reader, header.strings, &batch.names)?;
-    let found = batch.find(&mut reader, header.types, &names)?;
+    let found = find_in(reader, path, &members, &enumerators)?;
     Ok((
         answers(found.offsets, &members, "struct")?,
         answers(found.values, &enumerators, "enum")?,
     ))
 }
 
+/// What every class asked of the kernel's BTF, from one pass over the file
+/// at start-up (the file is megabytes; reading it once per question made
+/// start-up stream it up to five times).
+#[derive(Debug, Default)]
+pub struct Answers {
+    offsets: HashMap<Member<'static>, u32>,
+    values: HashMap<Enumerator<'static>, i64>,
+    /// Why nothing could be answered: no BTF, or a file that is not BTF.
+    unreadable: Option<Arc<BtfError>>,
+}
+
+/// Why one query has no answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Unanswered {
+    #[error(transparent)]
+    Unreadable(Arc<BtfError>),
+    #[error("{0} {1} has no member {2} in the kernel's BTF")]
+    NotFound(&'static str, &'static str, &'static str),
+}
+
+impl Answers {
+    /// Answers `members` and `enumerators` from the running kernel's BTF.
+    pub fn of_kernel(members: &[Member<'static>], enumerators: &[Enumerator<'static>]) -> Self {
+        if members.is_empty() && enumerators.is_empty() {
+            return Self::default();
+        }
+        let found = File::open(VMLINUX)
+            .map_err(|source| BtfError::Read {
+                path: VMLINUX.to_owned(),
+                source,
+            })
+            .and_then(|file| find_in(file, VMLINUX, members, enumerators));
+        match found {
+            Ok(found) => Self {
+                offsets: members
+                    .iter()
+                    .copied()
+                    .zip(found.offsets)
+                    .filter_map(|(q, a)| Some((q, a?)))
+                    .collect(),
+                values: enumerators
+                    .iter()
+                    .copied()
+                    .zip(found.values)
+                    .filter_map(|(q, a)| Some((q, a?)))
+                    .collect(),
+                unreadable: None,
+            },
+            Err(e) => Self {
+                unreadable: Some(Arc::new(e)),
+                ..Self::default()
+            },
+        }
+    }
+
+    /// The byte offset of `member` in `strukt`; the class must have asked.
+    pub fn offset(&self, strukt: &'static str, member: &'static str) -> Result<u32, Unanswered> {
+        self.answer(&self.offsets, (strukt, member), "struct")
+    }
+
+    /// The value of `enumerator` of `enum_name`; the class must have asked.
+    pub fn value(
+        &self,
+        enum_name: &'static str,
+        enumerator: &'static str,
+    ) -> Result<i64, Unanswered> {
+        self.answer(&self.values, (enum_name, enumerator), "enum")
+    }
+
+    fn answer<T: Copy>(
+        &self,
+        found: &HashMap<(&'static str, &'static str), T>,
+        query: (&'static str, &'static str),
+        container: &'static str,
+    ) -> Result<T, Unanswered> {
+        if let Some(e) = &self.unreadable {
+            return Err(Unanswered::Unreadable(e.clone()));
+        }
+        found
+            .get(&query)
+            .copied()
+            .ok_or(Unanswered::NotFound(container, query.0, query.1))
+    }
+}
+
+/// One pass over the BTF in `reader`: an answer or `None` per query.
+fn find_in<R: Read + Seek>(
+    reader: R,
+    path: &str,
+    members: &[Member],
+    enumerators: &[Enumerator],
+) -> Result<Found, BtfError> {
+    let batch = Batch::new(members, enumerators);
+    let mut reader = Reader {
+        inner: BufReader::with_capacity(BUF_LEN, reader),
+        path,
+    };
+    let header = Header::read(&mut reader)?;
+    let names = NameOffsets::find(&mut reader, header.strings, &batch.names)?;
+    batch.find(&mut reader, header.types, &names)
+}
+
 /// The answers as an array, or which query has none.
+#[cfg(test)]
 fn answers<T: Copy + Default, const N: usize>(
     found: Vec<Option<T>>,
     queries: &[(&str, &str); N],

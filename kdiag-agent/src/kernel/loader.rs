@@ -8,7 +8,8 @@ use aya::{Ebpf, EbpfError, EbpfLoader, programs::TracePoint, util::KernelVersion
 use kdiag_common::Transport;
 
 use crate::{
-    class::{Class, Tracepoint},
+    class::{Class, ClassError, KernelTypes, Tracepoint},
+    kernel::btf,
     kernel::tracefs::{Formats, Tracefs, TracefsError},
     kernel::transport::{TransportKind, page_size},
     output::record::Degraded,
@@ -25,6 +26,11 @@ pub enum LoadError {
     Required { what: String, why: String },
     #[error("loading the kernel programs failed: {0}")]
     Load(#[from] EbpfError),
+    #[error("{class}: {source}")]
+    Configure {
+        class: &'static str,
+        source: ClassError,
+    },
     /// Two classes sharing programs asked for different settings.
     #[error("the classes asked for different values of {0}")]
     ConflictingGlobal(&'static str),
@@ -43,7 +49,7 @@ pub struct Loaded {
 /// `buffer_bytes`: size of the ring buffer, a power of two of at least a
 /// page (the CLI checks).
 pub fn load(
-    classes: &[Box<dyn Class>],
+    classes: &mut [Box<dyn Class>],
     transport: TransportKind,
     buffer_bytes: u32,
     formats_from: Option<&Path>,
@@ -69,10 +75,21 @@ pub fn load(
             Err(e) => give_up_or_degrade(tp, e.to_string(), &mut degraded)?,
         }
     }
+    let kernel = KernelTypes {
+        formats,
+        btf: kernel_btf(classes),
+    };
 
     let mut globals = BTreeMap::new();
-    for class in classes {
-        for g in class.globals(&formats, &mut degraded) {
+    for class in classes.iter_mut() {
+        let class_globals =
+            class
+                .configure(&kernel, &mut degraded)
+                .map_err(|source| LoadError::Configure {
+                    class: class.name(),
+                    source,
+                })?;
+        for g in class_globals {
             match globals.get(g.name) {
                 Some(bytes) if *bytes != g.bytes => {
                     return Err(LoadError::ConflictingGlobal(g.name));
@@ -113,7 +130,7 @@ pub fn load(
 
     let mut attached = Vec::new();
     for tp in &tracepoints {
-        if !formats.contains(tp.program) {
+        if !kernel.formats.contains(tp.program) {
             continue;
         }
         match attach(&mut ebpf, tp) {
@@ -127,6 +144,21 @@ pub fn load(
         attached,
         degraded,
     })
+}
+
+/// Every class's BTF queries, answered in one pass over the kernel's BTF.
+fn kernel_btf(classes: &[Box<dyn Class>]) -> btf::Answers {
+    let mut members = Vec::new();
+    let mut enumerators = Vec::new();
+    for q in classes.iter().flat_map(|c| c.btf_queries()) {
+        members.extend_from_slice(q.members);
+        enumerators.extend_from_slice(q.enumerators);
+    }
+    members.sort_unstable();
+    members.dedup();
+    enumerators.sort_unstable();
+    enumerators.dedup();
+    btf::Answers::of_kernel(&members, &enumerators)
 }
 
 /// aya 0.14's `EbpfLoader::new()` reads and parses the kernel's whole BTF

@@ -6,22 +6,28 @@
 use std::sync::Arc;
 
 use aya::Ebpf;
+use clap::Args;
 use kdiag_common::{
     ClassId, EventKind,
     memory::{CompactConfig, FIELD_ABSENT, MigrateMode, StallEvent, StallKind},
 };
 
-use super::{MemoryScope, ProcessStalls, StallStatsReader, decode_stall, order};
+use super::{MEMCG_QUERIES, MemoryScope, ProcessStalls, StallStatsReader, decode_stall, order};
 use crate::{
-    attribution::cgroup::CgroupPaths,
     attribution::owner::comm_str,
-    attribution::vmstat::VmstatSampler,
-    class::{Class, ClassError, Global, Tracepoint},
-    kernel::btf,
-    kernel::tracefs::Formats,
-    output::Output,
+    class::{BtfQueries, Class, ClassError, Context, Global, KernelTypes, Tracepoint},
     output::record::{Compact, CompactSummary, Degraded},
+    services::{Hierarchy, Services},
 };
+
+/// Options of `compact`.
+#[derive(Debug, Args)]
+pub struct CompactArgs {
+    /// Write `compact` records only for runs of at least N microseconds;
+    /// shorter ones still appear in the summaries.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub min_latency_us: u64,
+}
 
 const TRACEPOINTS: &[Tracepoint] = &[
     Tracepoint {
@@ -62,27 +68,27 @@ const STATUS_NAMES: &[(i64, &str)] = &[
 pub struct CompactClass {
     scope: MemoryScope,
     min_latency_ns: u64,
-    cgroups: CgroupPaths,
+    cgroups: Hierarchy,
     stats: StallStatsReader,
-    vmstat: Option<VmstatSampler>,
     /// Status names from the running kernel's format file.
     status_names: Vec<(i64, String)>,
-    /// Offset of `task_struct.flags`, or why it is unknown.
-    task_flags: Result<u32, String>,
 }
 
+/// `task_struct.flags`, for PF_MEMALLOC (direct compaction) and the
+/// synchronous modes.
+const TASK_FLAGS: BtfQueries = BtfQueries {
+    members: &[("task_struct", "flags")],
+    enumerators: &[],
+};
+
 impl CompactClass {
-    pub fn new(scope: MemoryScope, min_latency_us: u64, vmstat: Option<VmstatSampler>) -> Self {
+    pub fn new(scope: MemoryScope, min_latency_us: u64, services: &mut Services) -> Self {
         Self {
-            cgroups: scope.cgroup_paths(),
+            cgroups: services.cgroup_hierarchy(scope.mount()),
             scope,
             min_latency_ns: min_latency_us.saturating_mul(1000),
             stats: StallStatsReader::new(),
-            vmstat,
             status_names: Vec::new(),
-            task_flags: btf::resolve([("task_struct", "flags")], [])
-                .map(|([flags], [])| flags)
-                .map_err(|e| e.to_string()),
         }
     }
 }
@@ -147,15 +153,27 @@ impl Class for CompactClass {
         TRACEPOINTS
     }
 
-    fn globals(&self, formats: &Formats, degraded: &mut Vec<Degraded>) -> Vec<Global> {
+    fn btf_queries(&self) -> &'static [BtfQueries] {
+        &[MEMCG_QUERIES, TASK_FLAGS]
+    }
+
+    fn configure(
+        &mut self,
+        kernel: &KernelTypes,
+        degraded: &mut Vec<Degraded>,
+    ) -> Result<Vec<Global>, ClassError> {
+        let formats = &kernel.formats;
         let at = |program: &str, field: &str| {
             formats
                 .get(program)
                 .and_then(|f| f.field(field))
                 .map_or(FIELD_ABSENT, |f| f.offset)
         };
-        let task_flags = match &self.task_flags {
-            Ok(offset) => *offset,
+        if let Some(end) = formats.get("compaction_end") {
+            self.status_names = end.symbols("status");
+        }
+        let task_flags = match kernel.btf.offset("task_struct", "flags") {
+            Ok(offset) => offset,
             Err(why) => {
                 degraded.push(Degraded {
                     what: "btf/task_struct.flags".to_owned(),
@@ -167,26 +185,22 @@ impl Class for CompactClass {
             }
         };
         let cfg = CompactConfig {
-            filter: self
-                .scope
-                .filter(&[StallKind::Compact], self.min_latency_ns, degraded),
+            filter: self.scope.filter(
+                &[StallKind::Compact],
+                self.min_latency_ns,
+                &kernel.btf,
+                degraded,
+            )?,
             end_status: at("compaction_end", "status"),
             end_sync: at("compaction_end", "sync"),
             try_order: at("try_to_compact_pages", "order"),
             task_flags,
             ..CompactConfig::DEFAULT
         };
-        vec![Global::new("COMPACT_CONFIG", &cfg)]
+        Ok(vec![Global::new("COMPACT_CONFIG", &cfg)])
     }
 
     fn on_loaded(&mut self, ebpf: &mut Ebpf) -> Result<(), ClassError> {
-        // The names are read here rather than kept from `globals`, which
-        // only borrows the formats.
-        if let Ok(tracefs) = crate::kernel::tracefs::Tracefs::open()
-            && let Ok(format) = tracefs.format("compaction", "mm_compaction_end")
-        {
-            self.status_names = format.symbols("status");
-        }
         self.stats.take(ebpf, "COMPACT_STATS")
     }
 
@@ -194,11 +208,12 @@ impl Class for CompactClass {
         kind == EventKind::Compact
     }
 
-    fn on_event(&mut self, data: &[u8], out: &mut Output) -> Result<u64, ClassError> {
+    fn on_event(&mut self, data: &[u8], cx: &mut Context<'_>) -> Result<u64, ClassError> {
         let ev = decode_stall(data, EventKind::Compact)?;
-        let cgroup = self.cgroups.path(ev.cgroup_id);
+        let cgroup = cx.services.cgroup_path(self.cgroups, ev.cgroup_id);
         let status = status_name(&self.status_names, ev.status);
-        out.write(ev.header.ts_ns, &compact_record(&ev, cgroup, status))?;
+        cx.out
+            .write(ev.header.ts_ns, &compact_record(&ev, cgroup, status))?;
         Ok(1)
     }
 
@@ -206,15 +221,14 @@ impl Class for CompactClass {
         &mut self,
         now_ns: u64,
         interval_ns: u64,
-        out: &mut Output,
+        cx: &mut Context<'_>,
     ) -> Result<(), ClassError> {
         for p in self.stats.collect() {
-            let cgroup = self.cgroups.path(p.cgroup_id);
-            out.write(now_ns, &compact_summary(&p, cgroup, interval_ns))?;
+            let cgroup = cx.services.cgroup_path(self.cgroups, p.cgroup_id);
+            cx.out
+                .write(now_ns, &compact_summary(&p, cgroup, interval_ns))?;
         }
-        if let Some(vmstat) = &mut self.vmstat {
-            out.write(now_ns, &vmstat.sample(interval_ns))?;
-        }
+        cx.services.write_vmstat(now_ns, interval_ns, cx.out)?;
         Ok(())
     }
 }

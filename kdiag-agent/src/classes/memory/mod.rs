@@ -23,11 +23,11 @@ use kdiag_common::{
 };
 
 use crate::{
-    attribution::cgroup::{CgroupPaths, CgroupTarget, MemoryHierarchy, resolve_in},
+    attribution::cgroup::{CgroupTarget, MemoryHierarchy, resolve_in},
     attribution::owner::comm_str,
-    class::ClassError,
+    class::{BtfQueries, ClassError},
     classes::hist::Latencies,
-    kernel::btf::{self, BtfError},
+    kernel::btf,
     kernel::wire::{DecodeError, decode},
     output::record::Degraded,
 };
@@ -39,8 +39,6 @@ use crate::{
 #[derive(Debug)]
 pub struct MemoryScope {
     hierarchy: MemoryHierarchy,
-    /// The v1 walk's offsets, or why they are unknown.
-    offsets: Result<MemcgOffsets, String>,
     pids: Vec<u32>,
     cgroup: Option<CgroupTarget>,
 }
@@ -62,48 +60,55 @@ impl MemoryScope {
                 pids.len()
             ));
         }
-        let offsets = match hierarchy {
-            MemoryHierarchy::V1(_) => memcg_offsets().map_err(|e| e.to_string()),
-            _ => Ok(MemcgOffsets::default()),
-        };
         let cgroup = match cgroup {
             None => None,
             Some(arg) => {
                 let Some(mount) = hierarchy.mount() else {
                     return Err("--cgroup: no cgroup hierarchy is mounted".to_owned());
                 };
-                if let Err(why) = &offsets {
-                    return Err(format!(
-                        "--cgroup: cannot find v1 memory cgroups in the kernel: {why}"
-                    ));
-                }
                 Some(resolve_in(mount, arg).map_err(|e| format!("--cgroup: {e}"))?)
             }
         };
         Ok(Self {
             hierarchy,
-            offsets,
             pids: pids.to_vec(),
             cgroup,
         })
     }
 
+    /// The mount of the hierarchy the programs report cgroup ids of.
+    pub fn mount(&self) -> Option<&Path> {
+        self.hierarchy.mount()
+    }
+
     /// The filter for the programs of `kinds`, dropping stalls shorter than
-    /// `min_latency_ns` after counting them.
+    /// `min_latency_ns` after counting them. On a v1 host the programs walk
+    /// to the memory cgroup with offsets from `btf` (asked in
+    /// [`MEMCG_QUERIES`]); without them a `--cgroup` cannot be honoured.
     pub fn filter(
         &self,
         kinds: &[StallKind],
         min_latency_ns: u64,
+        btf: &btf::Answers,
         degraded: &mut Vec<Degraded>,
-    ) -> StallFilter {
+    ) -> Result<StallFilter, ClassError> {
+        let offsets = match self.hierarchy {
+            MemoryHierarchy::V1(_) => memcg_offsets(btf),
+            _ => Ok(MemcgOffsets::default()),
+        };
+        if let (Some(_), Err(why)) = (&self.cgroup, &offsets) {
+            return Err(ClassError::Usage(format!(
+                "--cgroup: cannot find v1 memory cgroups in the kernel: {why}"
+            )));
+        }
         let mut f = StallFilter::DEFAULT;
         f.kinds = kinds.iter().fold(0, |bits, k| bits | k.bit());
         f.min_latency_ns = min_latency_ns;
         f.npids = self.pids.len() as u32;
         f.pids[..self.pids.len()].copy_from_slice(&self.pids);
-        f.cgroup_source = match (&self.hierarchy, &self.offsets) {
+        f.cgroup_source = match (&self.hierarchy, offsets) {
             (MemoryHierarchy::V1(_), Ok(offsets)) => {
-                f.memcg = *offsets;
+                f.memcg = offsets;
                 CgroupSource::V1Memory
             }
             (MemoryHierarchy::V1(_), Err(why)) => {
@@ -122,50 +127,41 @@ impl MemoryScope {
         } else {
             f.cgroup_level = NO_CGROUP_FILTER;
         }
-        f
-    }
-
-    /// Paths for the cgroup ids the programs report.
-    pub fn cgroup_paths(&self) -> CgroupPaths {
-        CgroupPaths::with_mount(self.hierarchy.mount().map(Path::to_path_buf))
+        Ok(f)
     }
 }
 
+/// What the v1 memory cgroup walk needs from the kernel's BTF.
+pub const MEMCG_QUERIES: BtfQueries = BtfQueries {
+    members: &[
+        ("task_struct", "cgroups"),
+        ("css_set", "subsys"),
+        ("cgroup_subsys_state", "cgroup"),
+        ("cgroup", "kn"),
+        ("cgroup", "level"),
+        ("cgroup", "ancestors"),
+        ("kernfs_node", "id"),
+    ],
+    enumerators: &[("cgroup_subsys_id", "memory_cgrp_id")],
+};
+
 /// Offsets for `task->cgroups->subsys[memory_cgrp_id]->cgroup->kn->id` and
 /// `cgroup->level`, `cgroup->ancestors[]`, from the kernel's BTF.
-fn memcg_offsets() -> Result<MemcgOffsets, BtfError> {
-    let (
-        [
-            task_cgroups,
-            subsys,
-            css_cgroup,
-            cgroup_kn,
-            cgroup_level,
-            cgroup_ancestors,
-            kn_id,
-        ],
-        [memory_id],
-    ) = btf::resolve(
-        [
-            ("task_struct", "cgroups"),
-            ("css_set", "subsys"),
-            ("cgroup_subsys_state", "cgroup"),
-            ("cgroup", "kn"),
-            ("cgroup", "level"),
-            ("cgroup", "ancestors"),
-            ("kernfs_node", "id"),
-        ],
-        [("cgroup_subsys_id", "memory_cgrp_id")],
-    )?;
+fn memcg_offsets(btf: &btf::Answers) -> Result<MemcgOffsets, btf::Unanswered> {
+    let subsys = btf.offset("css_set", "subsys")?;
+    let memory_id = btf.value("cgroup_subsys_id", "memory_cgrp_id")?;
     Ok(MemcgOffsets {
-        task_cgroups,
-        css_set_memory: pointer_in(subsys, memory_id)
-            .ok_or(BtfError::Malformed("memory_cgrp_id out of range"))?,
-        css_cgroup,
-        cgroup_kn,
-        cgroup_level,
-        cgroup_ancestors,
-        kn_id,
+        task_cgroups: btf.offset("task_struct", "cgroups")?,
+        css_set_memory: pointer_in(subsys, memory_id).ok_or(btf::Unanswered::NotFound(
+            "enum",
+            "cgroup_subsys_id",
+            "memory_cgrp_id within css_set.subsys",
+        ))?,
+        css_cgroup: btf.offset("cgroup_subsys_state", "cgroup")?,
+        cgroup_kn: btf.offset("cgroup", "kn")?,
+        cgroup_level: btf.offset("cgroup", "level")?,
+        cgroup_ancestors: btf.offset("cgroup", "ancestors")?,
+        kn_id: btf.offset("kernfs_node", "id")?,
         _pad: 0,
     })
 }
@@ -300,12 +296,10 @@ impl StallStatsReader {
     }
 
     /// Takes the map `name` from the loaded programs.
-    pub fn take(&mut self, ebpf: &mut Ebpf, name: &str) -> Result<(), ClassError> {
-        let map = ebpf
-            .take_map(name)
-            .ok_or_else(|| ClassError::Setup(format!("the kernel programs have no {name} map")))?;
+    pub fn take(&mut self, ebpf: &mut Ebpf, name: &'static str) -> Result<(), ClassError> {
+        let map = ebpf.take_map(name).ok_or(ClassError::MissingMap(name))?;
         self.map =
-            Some(BpfHashMap::try_from(map).map_err(|e| ClassError::Setup(format!("{name}: {e}")))?);
+            Some(BpfHashMap::try_from(map).map_err(|source| ClassError::Map { name, source })?);
         Ok(())
     }
 
@@ -511,7 +505,15 @@ mod tests {
             MemoryScope::with_hierarchy(MemoryHierarchy::Unified("/".into()), &[4, 5], None)
                 .unwrap();
         let mut degraded = Vec::new();
-        let f = scope.filter(&[StallKind::Direct, StallKind::Memcg], 7, &mut degraded);
+        let btf = btf::Answers::default();
+        let f = scope
+            .filter(
+                &[StallKind::Direct, StallKind::Memcg],
+                7,
+                &btf,
+                &mut degraded,
+            )
+            .unwrap();
         assert_eq!(f.kinds, 0b11);
         assert_eq!((f.npids, f.pids[0], f.pids[1]), (2, 4, 5));
         assert_eq!(f.min_latency_ns, 7);

@@ -5,21 +5,32 @@
 use std::sync::Arc;
 
 use aya::Ebpf;
+use clap::Args;
 use kdiag_common::{
     ClassId, EventKind,
     memory::{FIELD_ABSENT, ReclaimConfig, StallEvent, StallKind},
 };
 
-use super::{MemoryScope, ProcessStalls, StallStatsReader, decode_stall, order};
+use super::{MEMCG_QUERIES, MemoryScope, ProcessStalls, StallStatsReader, decode_stall, order};
 use crate::{
-    attribution::cgroup::CgroupPaths,
     attribution::owner::comm_str,
-    attribution::vmstat::VmstatSampler,
-    class::{Class, ClassError, Global, Tracepoint},
-    kernel::tracefs::Formats,
-    output::Output,
+    class::{BtfQueries, Class, ClassError, Context, Global, KernelTypes, Tracepoint},
     output::record::{Degraded, Reclaim, ReclaimSummary},
+    services::{Hierarchy, Services},
 };
+
+/// Options of `reclaim`.
+#[derive(Debug, Args)]
+pub struct ReclaimArgs {
+    /// Which reclaim to trace.
+    #[arg(long, value_enum, default_value = "all")]
+    pub kind: ReclaimKind,
+    /// Write `reclaim` records only for stalls of at least N microseconds;
+    /// shorter ones are counted in the kernel and still appear in the
+    /// summaries.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub min_latency_us: u64,
+}
 
 /// Which reclaim `--kind` traces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -55,10 +66,8 @@ pub struct ReclaimClass {
     scope: MemoryScope,
     kind: ReclaimKind,
     min_latency_ns: u64,
-    cgroups: CgroupPaths,
+    cgroups: Hierarchy,
     stats: StallStatsReader,
-    /// Set for the one memory class that writes `vmstat` records.
-    vmstat: Option<VmstatSampler>,
 }
 
 impl ReclaimClass {
@@ -66,15 +75,14 @@ impl ReclaimClass {
         scope: MemoryScope,
         kind: ReclaimKind,
         min_latency_us: u64,
-        vmstat: Option<VmstatSampler>,
+        services: &mut Services,
     ) -> Self {
         Self {
-            cgroups: scope.cgroup_paths(),
+            cgroups: services.cgroup_hierarchy(scope.mount()),
             scope,
             kind,
             min_latency_ns: min_latency_us.saturating_mul(1000),
             stats: StallStatsReader::new(),
-            vmstat,
         }
     }
 
@@ -148,9 +156,18 @@ impl Class for ReclaimClass {
         }
     }
 
-    fn globals(&self, formats: &Formats, degraded: &mut Vec<Degraded>) -> Vec<Global> {
+    fn btf_queries(&self) -> &'static [BtfQueries] {
+        &[MEMCG_QUERIES]
+    }
+
+    fn configure(
+        &mut self,
+        kernel: &KernelTypes,
+        degraded: &mut Vec<Degraded>,
+    ) -> Result<Vec<Global>, ClassError> {
         let at = |program: &str, field: &str| {
-            formats
+            kernel
+                .formats
                 .get(program)
                 .and_then(|f| f.field(field))
                 .map_or(FIELD_ABSENT, |f| f.offset)
@@ -158,13 +175,13 @@ impl Class for ReclaimClass {
         let cfg = ReclaimConfig {
             filter: self
                 .scope
-                .filter(self.kinds(), self.min_latency_ns, degraded),
+                .filter(self.kinds(), self.min_latency_ns, &kernel.btf, degraded)?,
             direct_order: at("direct_reclaim_begin", "order"),
             direct_nr_reclaimed: at("direct_reclaim_end", "nr_reclaimed"),
             memcg_nr_reclaimed: at("memcg_reclaim_end", "nr_reclaimed"),
             ..ReclaimConfig::DEFAULT
         };
-        vec![Global::new("RECLAIM_CONFIG", &cfg)]
+        Ok(vec![Global::new("RECLAIM_CONFIG", &cfg)])
     }
 
     fn on_loaded(&mut self, ebpf: &mut Ebpf) -> Result<(), ClassError> {
@@ -175,10 +192,11 @@ impl Class for ReclaimClass {
         kind == EventKind::Reclaim
     }
 
-    fn on_event(&mut self, data: &[u8], out: &mut Output) -> Result<u64, ClassError> {
+    fn on_event(&mut self, data: &[u8], cx: &mut Context<'_>) -> Result<u64, ClassError> {
         let ev = decode_stall(data, EventKind::Reclaim)?;
-        let cgroup = self.cgroups.path(ev.cgroup_id);
-        out.write(ev.header.ts_ns, &reclaim_record(&ev, cgroup))?;
+        let cgroup = cx.services.cgroup_path(self.cgroups, ev.cgroup_id);
+        cx.out
+            .write(ev.header.ts_ns, &reclaim_record(&ev, cgroup))?;
         Ok(1)
     }
 
@@ -186,15 +204,14 @@ impl Class for ReclaimClass {
         &mut self,
         now_ns: u64,
         interval_ns: u64,
-        out: &mut Output,
+        cx: &mut Context<'_>,
     ) -> Result<(), ClassError> {
         for p in self.stats.collect() {
-            let cgroup = self.cgroups.path(p.cgroup_id);
-            out.write(now_ns, &reclaim_summary(&p, cgroup, interval_ns))?;
+            let cgroup = cx.services.cgroup_path(self.cgroups, p.cgroup_id);
+            cx.out
+                .write(now_ns, &reclaim_summary(&p, cgroup, interval_ns))?;
         }
-        if let Some(vmstat) = &mut self.vmstat {
-            out.write(now_ns, &vmstat.sample(interval_ns))?;
-        }
+        cx.services.write_vmstat(now_ns, interval_ns, cx.out)?;
         Ok(())
     }
 }

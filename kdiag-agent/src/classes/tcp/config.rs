@@ -6,9 +6,8 @@ use kdiag_common::tcp::{
 };
 
 use crate::{
-    class::Global,
-    kernel::btf,
-    kernel::tracefs::{Format, Formats},
+    class::{BtfQueries, Global, KernelTypes},
+    kernel::tracefs::Format,
     output::record::Degraded,
 };
 
@@ -44,8 +43,20 @@ impl TcpFilter {
     }
 }
 
-/// `TCP_CONFIG` for these formats and settings.
-pub fn tcp_global(formats: &Formats, filter: &TcpFilter, degraded: &mut Vec<Degraded>) -> Global {
+/// The socket's network namespace, which tells listeners on one port in
+/// different namespaces apart.
+pub const TCP_QUERIES: BtfQueries = BtfQueries {
+    members: &[("sock_common", "skc_net")],
+    enumerators: &[],
+};
+
+/// `TCP_CONFIG` for the kernel's types and these settings.
+pub fn tcp_global(
+    kernel: &KernelTypes,
+    filter: &TcpFilter,
+    degraded: &mut Vec<Degraded>,
+) -> Global {
+    let formats = &kernel.formats;
     let mut tcp = TcpConfig::DEFAULT;
     tcp.retransmit_skb = tcp_offsets(formats.get("retransmit_skb"));
     tcp.retransmit_synack = tcp_offsets(formats.get("retransmit_synack"));
@@ -53,8 +64,8 @@ pub fn tcp_global(formats: &Formats, filter: &TcpFilter, degraded: &mut Vec<Degr
     if formats.contains("inet_sock_set_state") {
         // `struct sock` begins with its `struct sock_common __sk_common`, so
         // the offset within sock_common is the offset within sock.
-        match btf::resolve([("sock_common", "skc_net")], []) {
-            Ok(([offset], [])) => tcp.sk_net_offset = offset,
+        match kernel.btf.offset("sock_common", "skc_net") {
+            Ok(offset) => tcp.sk_net_offset = offset,
             Err(e) => degraded.push(Degraded {
                 what: "btf/sock_common.skc_net".to_owned(),
                 why: format!(

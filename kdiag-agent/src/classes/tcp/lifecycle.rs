@@ -13,18 +13,18 @@ use kdiag_common::{
 };
 
 use super::{
-    config::{TcpFilter, tcp_global},
+    config::{TCP_QUERIES, TcpFilter, tcp_global},
     conns::ConnTable,
-    retrans::{OwnerFilter, decode_retrans},
+    retrans::decode_retrans,
+    state_names::{STATE_COUNT, state_name},
 };
 use crate::{
-    attribution::owner::{OwnerResolver, ResolvedOwner},
-    attribution::procfs,
-    class::{Class, ClassError, Global, Tracepoint},
-    classes::tcp::state_names::{STATE_COUNT, state_name},
-    kernel::tracefs::Formats,
-    kernel::wire::{DecodeError, decode},
-    output::Output,
+    attribution::{
+        owner::{OwnerFilter, ResolvedOwner},
+        procfs,
+    },
+    class::{BtfQueries, Class, ClassError, Context, Global, KernelTypes, Tracepoint},
+    kernel::wire::{DecodeError, decode, event_kind},
     output::record::{Degraded, Endpoints, TcpConn, TcpState, TcpSummary, TopConn},
 };
 
@@ -60,7 +60,6 @@ const TOP_CONNS: usize = 10;
 const MAX_RETRANS_CONNS: usize = 4096;
 
 pub struct TcpClass {
-    owners: OwnerResolver,
     filter: OwnerFilter,
     tcp: TcpFilter,
     /// Only changes into or out of this state are written as `tcp_state`.
@@ -75,7 +74,6 @@ pub struct TcpClass {
 impl TcpClass {
     pub fn new(filter: OwnerFilter, tcp: TcpFilter, state: Option<i32>) -> Self {
         Self {
-            owners: OwnerResolver::new(),
             filter,
             tcp,
             state,
@@ -86,18 +84,18 @@ impl TcpClass {
         }
     }
 
-    fn on_state(&mut self, data: &[u8], out: &mut Output) -> Result<u64, ClassError> {
+    fn on_state(&mut self, data: &[u8], cx: &mut Context<'_>) -> Result<u64, ClassError> {
         let ev = decode_state(data)?;
         // An accepted socket's owner is its listener's; `net` is 0 when the
         // programs could not read the namespace, then the port alone names
         // the listener.
         let listener = (ev.role == ROLE_PASSIVE).then_some((ev.net, ev.tuple.sport));
         if ev.oldstate == TCP_LISTEN && ev.newstate == TCP_CLOSE {
-            self.owners.forget_listener((ev.net, ev.tuple.sport));
+            cx.services.forget_listener((ev.net, ev.tuple.sport));
         }
-        let owner = self
-            .owners
-            .resolve(ev.sock_id, &ev.owner, &ev.tuple, listener);
+        let owner = cx
+            .services
+            .owner(ev.sock_id, &ev.owner, &ev.tuple, listener);
         let old_state_ns = (ev.flags & STATE_TIME_KNOWN != 0).then_some(ev.old_state_ns);
         let ts = ev.header.ts_ns;
         // Every change feeds the connection's history, even those the
@@ -113,7 +111,8 @@ impl TcpClass {
             .state
             .is_none_or(|s| s == ev.oldstate || s == ev.newstate)
         {
-            out.write(ts, &state_record(&ev, owner.clone(), old_state_ns))?;
+            cx.out
+                .write(ts, &state_record(&ev, owner.clone(), old_state_ns))?;
             written += 1;
         }
         if let Some(history) = closed
@@ -132,20 +131,20 @@ impl TcpClass {
                 retrans: ev.retrans,
                 state_ns: history.state_ns,
             };
-            out.write(ts, &record)?;
+            cx.out.write(ts, &record)?;
             written += 1;
         }
         Ok(written)
     }
 
-    fn on_retrans(&mut self, data: &[u8]) -> Result<u64, ClassError> {
+    fn on_retrans(&mut self, data: &[u8], cx: &mut Context<'_>) -> Result<u64, ClassError> {
         let ev = decode_retrans(data)?;
         self.retrans_total += 1;
         let key = (ev.sock_id, ev.tuple);
         if let Some((_, n)) = self.retrans.get_mut(&key) {
             *n += 1;
         } else if self.retrans.len() < MAX_RETRANS_CONNS {
-            let owner = self.owners.resolve(ev.sock_id, &ev.owner, &ev.tuple, None);
+            let owner = cx.services.owner(ev.sock_id, &ev.owner, &ev.tuple, None);
             self.retrans.insert(key, (owner, 1));
         }
         // Counted for the summary; the `retrans` class writes the records.
@@ -194,18 +193,26 @@ impl Class for TcpClass {
         TRACEPOINTS
     }
 
-    fn globals(&self, formats: &Formats, degraded: &mut Vec<Degraded>) -> Vec<Global> {
-        vec![tcp_global(formats, &self.tcp, degraded)]
+    fn btf_queries(&self) -> &'static [BtfQueries] {
+        &[TCP_QUERIES]
+    }
+
+    fn configure(
+        &mut self,
+        kernel: &KernelTypes,
+        degraded: &mut Vec<Degraded>,
+    ) -> Result<Vec<Global>, ClassError> {
+        Ok(vec![tcp_global(kernel, &self.tcp, degraded)])
     }
 
     fn handles(&self, kind: EventKind) -> bool {
         matches!(kind, EventKind::TcpState | EventKind::Retrans)
     }
 
-    fn on_event(&mut self, data: &[u8], out: &mut Output) -> Result<u64, ClassError> {
-        match crate::kernel::wire::event_kind(data)? {
-            EventKind::Retrans => self.on_retrans(data),
-            _ => self.on_state(data, out),
+    fn on_event(&mut self, data: &[u8], cx: &mut Context<'_>) -> Result<u64, ClassError> {
+        match event_kind(data)? {
+            EventKind::Retrans => self.on_retrans(data, cx),
+            _ => self.on_state(data, cx),
         }
     }
 
@@ -213,7 +220,7 @@ impl Class for TcpClass {
         &mut self,
         now_ns: u64,
         interval_ns: u64,
-        out: &mut Output,
+        cx: &mut Context<'_>,
     ) -> Result<(), ClassError> {
         let snmp = procfs::tcp_segments();
         let delta = match (self.snmp_last, snmp) {
@@ -241,7 +248,7 @@ impl Class for TcpClass {
             conns_evicted: self.conns.take_evicted(),
             interval_ns,
         };
-        out.write(now_ns, &summary)?;
+        cx.out.write(now_ns, &summary)?;
         Ok(())
     }
 }

@@ -6,3 +6,41 @@ pub mod conns;
 pub mod lifecycle;
 pub mod retrans;
 pub mod state_names;
+
+use clap::Args;
+
+/// Options of the `tcp` class.
+#[derive(Debug, Args)]
+pub struct TcpArgs {
+    #[command(flatten)]
+    pub filter: TcpFilterArgs,
+    /// Only write state changes into or out of this state (ESTABLISHED,
+    /// SYN_SENT, SYN_RECV, FIN_WAIT1, FIN_WAIT2, TIME_WAIT, CLOSE,
+    /// CLOSE_WAIT, LAST_ACK, LISTEN, CLOSING, NEW_SYN_RECV). tcp_conn records
+    /// are still written for every connection.
+    #[arg(long, value_name = "STATE", value_parser = parse_state)]
+    pub state: Option<i32>,
+}
+
+fn parse_state(s: &str) -> Result<i32, String> {
+    let name = s.trim_start_matches("TCP_").trim_start_matches("tcp_");
+    state_names::state_number(name).ok_or_else(|| {
+        format!("unknown TCP state {s:?}; use a kernel name such as ESTABLISHED or CLOSE_WAIT")
+    })
+}
+
+/// Which connections the TCP classes report.
+#[derive(Debug, Args)]
+pub struct TcpFilterArgs {
+    /// Only connections with this local or remote port; repeat for several
+    /// (at most 8).
+    #[arg(long = "port", value_name = "PORT",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub ports: Vec<u16>,
+    /// Only IPv4.
+    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
+    pub ipv4: bool,
+    /// Only IPv6.
+    #[arg(short = '6', long = "ipv6")]
+    pub ipv6: bool,
+}

@@ -1,20 +1,18 @@
 //! `retrans`: every TCP retransmit, attributed to the socket's owner.
 
-use std::path::PathBuf;
-
 use kdiag_common::{
     ClassId, EventKind,
     tcp::{RetransEvent, RetransKind},
 };
 
-use super::config::{TcpFilter, tcp_global};
+use super::{
+    config::{TCP_QUERIES, TcpFilter, tcp_global},
+    state_names::state_name,
+};
 use crate::{
-    attribution::owner::{OwnerResolver, ResolvedOwner},
-    class::{Class, ClassError, Global, Tracepoint},
-    classes::tcp::state_names::state_name,
-    kernel::tracefs::Formats,
+    attribution::owner::{OwnerFilter, ResolvedOwner},
+    class::{BtfQueries, Class, ClassError, Context, Global, KernelTypes, Tracepoint},
     kernel::wire::{DecodeError, decode},
-    output::Output,
     output::record::{Degraded, Endpoints, Retrans},
 };
 
@@ -41,50 +39,14 @@ const TRACEPOINTS: &[Tracepoint] = &[
     },
 ];
 
-/// Which owners to report; the kernel filters ports and family, but owners
-/// of sockets older than the agent are only known here.
-#[derive(Debug, Clone, Default)]
-pub struct OwnerFilter {
-    pub pids: Vec<u32>,
-    /// A cgroup v2 path relative to the cgroup2 mount, without trailing `/`.
-    pub cgroup: Option<String>,
-}
-
-impl OwnerFilter {
-    pub fn new(pids: Vec<u32>, cgroup: Option<PathBuf>) -> Self {
-        let cgroup = cgroup.map(|p| {
-            let p = p.to_string_lossy().trim_end_matches('/').to_owned();
-            crate::attribution::cgroup::relative_to_mount(&p)
-        });
-        Self { pids, cgroup }
-    }
-
-    pub fn accepts(&self, owner: &ResolvedOwner) -> bool {
-        let pid_ok = self.pids.is_empty() || owner.pid.is_some_and(|p| self.pids.contains(&p));
-        let cgroup_ok = self.cgroup.as_deref().is_none_or(|want| {
-            owner.cgroup.as_deref().is_some_and(|have| {
-                have == want
-                    || want == "/"
-                    || have.strip_prefix(want).is_some_and(|r| r.starts_with('/'))
-            })
-        });
-        pid_ok && cgroup_ok
-    }
-}
-
 pub struct RetransClass {
-    owners: OwnerResolver,
     filter: OwnerFilter,
     tcp: TcpFilter,
 }
 
 impl RetransClass {
     pub fn new(filter: OwnerFilter, tcp: TcpFilter) -> Self {
-        Self {
-            owners: OwnerResolver::new(),
-            filter,
-            tcp,
-        }
+        Self { filter, tcp }
     }
 }
 
@@ -129,21 +91,29 @@ impl Class for RetransClass {
         TRACEPOINTS
     }
 
-    fn globals(&self, formats: &Formats, degraded: &mut Vec<Degraded>) -> Vec<Global> {
-        vec![tcp_global(formats, &self.tcp, degraded)]
+    fn btf_queries(&self) -> &'static [BtfQueries] {
+        &[TCP_QUERIES]
+    }
+
+    fn configure(
+        &mut self,
+        kernel: &KernelTypes,
+        degraded: &mut Vec<Degraded>,
+    ) -> Result<Vec<Global>, ClassError> {
+        Ok(vec![tcp_global(kernel, &self.tcp, degraded)])
     }
 
     fn handles(&self, kind: EventKind) -> bool {
         kind == EventKind::Retrans
     }
 
-    fn on_event(&mut self, data: &[u8], out: &mut Output) -> Result<u64, ClassError> {
+    fn on_event(&mut self, data: &[u8], cx: &mut Context<'_>) -> Result<u64, ClassError> {
         let ev = decode_retrans(data)?;
-        let owner = self.owners.resolve(ev.sock_id, &ev.owner, &ev.tuple, None);
+        let owner = cx.services.owner(ev.sock_id, &ev.owner, &ev.tuple, None);
         if !self.filter.accepts(&owner) {
             return Ok(0);
         }
-        out.write(ev.header.ts_ns, &retrans_record(&ev, owner))?;
+        cx.out.write(ev.header.ts_ns, &retrans_record(&ev, owner))?;
         Ok(1)
     }
 }

@@ -1,0 +1,109 @@
+//! What every class shares, created once by the agent and handed to the
+//! classes through their [`Context`](crate::class::Context): one socket-owner
+//! resolver (one cache, one /proc time budget), one cgroup-path table per
+//! hierarchy, and one vmstat/PSI sampler. In `run`, the TCP classes see the
+//! same sockets and the memory classes the same cgroups: a copy per class
+//! would resolve and walk everything twice.
+
+use std::{path::Path, sync::Arc};
+
+use kdiag_common::{Owner, tcp::TcpTuple};
+
+use crate::{
+    attribution::{
+        cgroup::{CgroupPaths, find_cgroup2_mount},
+        owner::{ListenerId, OwnerResolver, ResolvedOwner},
+        vmstat::VmstatSampler,
+    },
+    output::Output,
+};
+
+pub struct Services {
+    owners: OwnerResolver,
+    cgroups: CgroupTables,
+    /// The hierarchy of the cgroups the kernel captures with owners
+    /// (`bpf_get_current_cgroup_id`: the unified one).
+    unified: Hierarchy,
+    vmstat: VmstatSampler,
+    /// The end of the last interval whose `vmstat` record was written.
+    vmstat_written: Option<u64>,
+}
+
+/// One cgroup hierarchy's table in [`CgroupTables`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hierarchy(usize);
+
+/// One id -> path table per hierarchy mount.
+#[derive(Debug, Default)]
+struct CgroupTables(Vec<CgroupPaths>);
+
+impl CgroupTables {
+    fn hierarchy(&mut self, mount: Option<&Path>) -> Hierarchy {
+        if let Some(i) = self.0.iter().position(|t| t.mount() == mount) {
+            return Hierarchy(i);
+        }
+        self.0
+            .push(CgroupPaths::with_mount(mount.map(Path::to_path_buf)));
+        Hierarchy(self.0.len() - 1)
+    }
+}
+
+impl Services {
+    pub fn new() -> Self {
+        let mut cgroups = CgroupTables::default();
+        let unified = cgroups.hierarchy(find_cgroup2_mount().as_deref());
+        Self {
+            owners: OwnerResolver::new(),
+            cgroups,
+            unified,
+            vmstat: VmstatSampler::new(),
+            vmstat_written: None,
+        }
+    }
+
+    /// The table of the hierarchy mounted at `mount` (shared by every class
+    /// that names the same one).
+    pub fn cgroup_hierarchy(&mut self, mount: Option<&Path>) -> Hierarchy {
+        self.cgroups.hierarchy(mount)
+    }
+
+    /// The path of cgroup `id` in `hierarchy`, or `None` when unknown.
+    pub fn cgroup_path(&mut self, hierarchy: Hierarchy, id: u64) -> Option<Arc<str>> {
+        self.cgroups.0[hierarchy.0].path(id)
+    }
+
+    /// The owner of the socket `sock_id` with addresses `tuple`, given what
+    /// the kernel captured (see [`OwnerResolver::resolve`]).
+    pub fn owner(
+        &mut self,
+        sock_id: u64,
+        owner: &Owner,
+        tuple: &TcpTuple,
+        listener: Option<ListenerId>,
+    ) -> ResolvedOwner {
+        let cgroups = &mut self.cgroups.0[self.unified.0];
+        self.owners
+            .resolve(cgroups, sock_id, owner, tuple, listener)
+    }
+
+    /// A listener closed: what was learnt of it no longer holds.
+    pub fn forget_listener(&mut self, id: ListenerId) {
+        self.owners.forget_listener(id);
+    }
+
+    /// Writes the host's `vmstat` record for the interval ending at `now_ns`,
+    /// once however many classes ask: each memory class wants it beside its
+    /// summaries, and `run` has two.
+    pub fn write_vmstat(
+        &mut self,
+        now_ns: u64,
+        interval_ns: u64,
+        out: &mut Output,
+    ) -> std::io::Result<()> {
+        if self.vmstat_written == Some(now_ns) {
+            return Ok(());
+        }
+        self.vmstat_written = Some(now_ns);
+        out.write(now_ns, &self.vmstat.sample(interval_ns))
+    }
+}
