@@ -1,0 +1,134 @@
+//! The JSON Lines contract (schema v1): one struct per record type, by area.
+//! The envelope (`v`, `type`, `ts`, `host`) is added by the writer
+//! (`output/mod.rs`). Field names and meanings are documented in
+//! docs/SCHEMA.md; change both together.
+
+mod memory;
+mod softirq;
+mod tcp;
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+pub use memory::{Compact, CompactSummary, Reclaim, ReclaimSummary, Vmstat, VmstatCounters};
+pub use softirq::{Softirq, SoftirqSummary};
+pub use tcp::{Endpoints, Retrans, TcpConn, TcpState, TcpSummary, TopConn};
+
+/// A record type of the contract.
+pub trait Record: Serialize {
+    /// The `type` field.
+    const TYPE: &'static str;
+    /// Column header for `-o text`, printed before the first row.
+    const TEXT_HEADER: &'static str;
+    /// One `-o text` row; `ts` is the formatted time.
+    fn text_row(&self, ts: &str) -> String;
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Degraded {
+    pub what: String,
+    pub why: String,
+}
+
+/// First line of every run, written once everything is attached.
+#[derive(Debug, Serialize)]
+pub struct AgentStart {
+    pub version: &'static str,
+    pub kernel: String,
+    pub transport: &'static str,
+    pub attached: Vec<String>,
+    pub degraded: Vec<Degraded>,
+}
+
+impl Record for AgentStart {
+    const TYPE: &'static str = "agent_start";
+    const TEXT_HEADER: &'static str = "";
+    fn text_row(&self, ts: &str) -> String {
+        let mut s = format!(
+            "# {ts} kdiag-agent {} on {} via {}: attached {}",
+            self.version,
+            self.kernel,
+            self.transport,
+            self.attached.join(" ")
+        );
+        for d in &self.degraded {
+            s.push_str(&format!("\n# degraded: {}: {}", d.what, d.why));
+        }
+        s
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct ClassStats {
+    pub events: u64,
+    pub dropped: u64,
+    pub lost: u64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub name: String,
+    pub run_cnt: u64,
+    pub run_time_ns: u64,
+    /// `null` where the kernel does not count them (before 5.12).
+    pub recursion_misses: Option<u64>,
+}
+
+/// The agent's own accounting, every interval and once at exit. All
+/// counters are deltas over `interval_ns`.
+#[derive(Debug, Serialize)]
+pub struct AgentStats {
+    pub interval_ns: u64,
+    pub classes: BTreeMap<&'static str, ClassStats>,
+    pub programs: Vec<ProgramStats>,
+    pub rss_bytes: u64,
+    pub cpu_ns: u64,
+}
+
+impl Record for AgentStats {
+    const TYPE: &'static str = "agent_stats";
+    const TEXT_HEADER: &'static str = "";
+    fn text_row(&self, ts: &str) -> String {
+        let classes: Vec<String> = self
+            .classes
+            .iter()
+            .map(|(name, c)| {
+                format!(
+                    "{name}: {} events, {} dropped, {} lost",
+                    c.events, c.dropped, c.lost
+                )
+            })
+            .collect();
+        format!(
+            "# {ts} stats over {:.1}s: {}; agent cpu {:.1}ms, rss {} KiB",
+            self.interval_ns as f64 / 1e9,
+            classes.join("; "),
+            self.cpu_ns as f64 / 1e6,
+            self.rss_bytes / 1024
+        )
+    }
+}
+
+// Text columns shared by the areas.
+
+fn ms(ns: Option<u64>) -> String {
+    ns.map_or_else(|| "-".to_owned(), |ns| format!("{:.3}", ns as f64 / 1e6))
+}
+
+/// Control characters (a process can put a newline or an escape sequence in
+/// its comm) would break the columns or the terminal: show them as `?`.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+/// Nanoseconds as microseconds with one decimal, for text columns.
+fn micros(ns: u64) -> String {
+    format!("{}.{}", ns / 1000, ns % 1000 / 100)
+}
