@@ -18,7 +18,7 @@ use crate::{
         wire,
     },
     output::{
-        Output,
+        self, Output,
         clock::{WallClock, monotonic_ns},
         record::{AgentStart, Degraded},
         stats::{ProgramCounters, StatsCollector},
@@ -305,7 +305,7 @@ fn dispatch(
     // an event undecodable: say so once, count, keep going.
     let mut bad = |e: &dyn std::fmt::Display| {
         if *decode_errors == 0 {
-            eprintln!("kdiag-agent: dropping an event that does not decode: {e}");
+            output::diagnose(format_args!("dropping an event that does not decode: {e}"));
         }
         *decode_errors += 1;
     };
@@ -352,7 +352,7 @@ fn end_interval(
         match class.on_interval(now, interval_ns, cx) {
             Ok(()) => {}
             Err(ClassError::Output(e)) => return Err(e),
-            Err(e) => eprintln!("kdiag-agent: {}: {e}", class.name()),
+            Err(e) => output::diagnose(format_args!("{}: {e}", class.name())),
         }
     }
     let report = stats.report(programs, now);

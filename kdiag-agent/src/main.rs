@@ -27,12 +27,12 @@ fn main() {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("kdiag-agent: cannot start the event loop: {e}");
+            output::diagnose(format_args!("cannot start the event loop: {e}"));
             std::process::exit(1);
         }
     };
     if let Err(e) = runtime.block_on(agent::run(cli)) {
-        eprintln!("kdiag-agent: {e}");
+        output::diagnose(&e);
         std::process::exit(e.exit_code());
     }
 }

@@ -718,6 +718,10 @@ fn usage_errors_exit_2() {
         &["--pid", "0", "retrans"],
         &["retrans", "--pid", "abc"],
         &["-p", "abc", "retrans"],
+        // A cgroup that does not exist would match no process: refused,
+        // whether or not the host has a cgroup v2 hierarchy to look in.
+        &["retrans", "--cgroup", "/kdiag-no-such-cgroup"],
+        &["-c", "/kdiag-no-such-cgroup", "tcp"],
     ];
     for args in cases {
         let (code, stderr) = Agent::run_to_exit(args, |_| {});

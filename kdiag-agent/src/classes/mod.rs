@@ -12,7 +12,10 @@ pub mod tcp;
 use clap::{Args, Subcommand};
 
 use crate::{
-    attribution::owner::OwnerFilter,
+    attribution::{
+        cgroup::{find_cgroup2_mount, resolve_in},
+        owner::OwnerFilter,
+    },
     class::{Class, ClassError},
     cli::GlobalArgs,
     services::Services,
@@ -125,16 +128,16 @@ pub fn build(
     global: &GlobalArgs,
     services: &mut Services,
 ) -> Result<Vec<Box<dyn Class>>, ClassError> {
-    let owners = || OwnerFilter::new(global.pids.clone(), global.cgroup.clone());
+    let owners = || owner_filter(global);
     let memory =
         || MemoryScope::new(&global.pids, global.cgroup.as_deref()).map_err(ClassError::Usage);
     let classes: Vec<Box<dyn Class>> = match command {
         Command::Retrans(args) => vec![Box::new(RetransClass::new(
-            owners(),
+            owners()?,
             tcp_filter(args, false)?,
         ))],
         Command::Tcp(args) => vec![Box::new(TcpClass::new(
-            owners(),
+            owners()?,
             tcp_filter(&args.filter, true)?,
             args.state,
         ))],
@@ -163,8 +166,8 @@ pub fn build(
             // One TCP configuration for both TCP classes: they share programs.
             let tcp = tcp_filter(&args.tcp.filter, true)?;
             vec![
-                Box::new(RetransClass::new(owners(), tcp.clone())),
-                Box::new(TcpClass::new(owners(), tcp, args.tcp.state)),
+                Box::new(RetransClass::new(owners()?, tcp.clone())),
+                Box::new(TcpClass::new(owners()?, tcp, args.tcp.state)),
                 Box::new(SoftirqClass::new(args.softirq_min_latency_us)),
                 Box::new(ReclaimClass::new(
                     memory()?,
@@ -181,6 +184,29 @@ pub fn build(
         }
     };
     Ok(classes)
+}
+
+/// `--pid` and `--cgroup` for the TCP classes. Socket owners carry the
+/// cgroup v2 id the kernel captured, so a `--cgroup` must name a cgroup of
+/// the cgroup v2 hierarchy: a typo, or a host without that hierarchy, would
+/// otherwise match no process and write nothing, silently.
+fn owner_filter(global: &GlobalArgs) -> Result<OwnerFilter, ClassError> {
+    if let Some(path) = &global.cgroup {
+        let Some(mount) = find_cgroup2_mount() else {
+            return Err(ClassError::Usage(
+                "--cgroup: the TCP classes filter on cgroup v2 paths, and no cgroup v2 hierarchy \
+                 is mounted on this host"
+                    .to_owned(),
+            ));
+        };
+        resolve_in(&mount, path).map_err(|e| {
+            ClassError::Usage(format!(
+                "--cgroup: no such cgroup in the cgroup v2 hierarchy mounted at {}: {e}",
+                mount.display()
+            ))
+        })?;
+    }
+    Ok(OwnerFilter::new(global.pids.clone(), global.cgroup.clone()))
 }
 
 fn tcp_filter(args: &TcpFilterArgs, stream_states: bool) -> Result<TcpFilter, ClassError> {

@@ -14,6 +14,13 @@ use crate::{
     output::record::Record,
 };
 
+/// Writes a diagnostic to stderr. A closed or full stderr is no reason to
+/// stop tracing (and `eprintln!` would panic on it), so a failed write is
+/// ignored.
+pub fn diagnose(message: impl std::fmt::Display) {
+    let _ = writeln!(io::stderr(), "kdiag-agent: {message}");
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     /// JSON Lines, schema v1 (docs/SCHEMA.md).
