@@ -32,6 +32,8 @@ pub enum AgentError {
     #[error("{0}")]
     Usage(String),
     #[error(transparent)]
+    Options(ClassError),
+    #[error(transparent)]
     Privileges(#[from] MissingPrivileges),
     #[error(transparent)]
     Load(#[from] LoadError),
@@ -48,18 +50,12 @@ pub enum AgentError {
     Io(#[from] io::Error),
 }
 
-impl From<ClassError> for AgentError {
-    /// Errors of making the classes from the command line are usage errors.
-    fn from(e: ClassError) -> Self {
-        Self::Usage(e.to_string())
-    }
-}
-
 impl AgentError {
     /// Exit codes of the CLI contract.
     pub fn exit_code(&self) -> i32 {
         match self {
             Self::Usage(_)
+            | Self::Options(_)
             | Self::Load(LoadError::Configure {
                 source: ClassError::Usage(_),
                 ..
@@ -96,7 +92,9 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
         }
     }
     let mut services = Services::new();
-    let mut classes = classes::build(&cli.command, &cli.global, &mut services)?;
+    // Options the classes cannot honour are usage errors.
+    let mut classes =
+        classes::build(&cli.command, &cli.global, &mut services).map_err(AgentError::Options)?;
     privileges::check()?;
 
     let buffer_bytes = cli.global.buffer_mib << 20;

@@ -9,6 +9,7 @@ use aya::Ebpf;
 use kdiag_common::{ClassId, EventKind};
 
 use crate::{
+    attribution::cgroup::CgroupError,
     kernel::{
         btf::{self, Enumerator, Member},
         tracefs::Formats,
@@ -97,6 +98,12 @@ pub enum ClassError {
     /// An option that this kernel or host cannot honour: a usage error.
     #[error("{0}")]
     Usage(String),
+    /// A `--cgroup` that names no cgroup of the hierarchy it applies to.
+    #[error("--cgroup: no such cgroup in the hierarchy mounted at {}: {source}", hierarchy.display())]
+    Cgroup {
+        hierarchy: std::path::PathBuf,
+        source: CgroupError,
+    },
 }
 
 /// One event class: its tracepoints, how to configure its programs, how to

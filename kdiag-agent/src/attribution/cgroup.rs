@@ -154,8 +154,20 @@ pub struct CgroupTarget {
     pub level: u32,
 }
 
+/// Why a `--cgroup` argument names no cgroup.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("{}: {source}", dir.display())]
+    Unreadable {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} is not a cgroup directory", .0.display())]
+    NotADirectory(PathBuf),
+}
+
 /// Resolves `arg`, a path relative to the mount or a full path under it.
-pub fn resolve_in(mount: &Path, arg: &Path) -> Result<CgroupTarget, String> {
+pub fn resolve_in(mount: &Path, arg: &Path) -> Result<CgroupTarget, CgroupError> {
     let rel = arg.strip_prefix(mount).unwrap_or(arg);
     let parts: Vec<&str> = rel
         .components()
@@ -165,9 +177,12 @@ pub fn resolve_in(mount: &Path, arg: &Path) -> Result<CgroupTarget, String> {
         })
         .collect();
     let dir = parts.iter().fold(mount.to_path_buf(), |d, p| d.join(p));
-    let meta = fs::metadata(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let meta = match fs::metadata(&dir) {
+        Ok(meta) => meta,
+        Err(source) => return Err(CgroupError::Unreadable { dir, source }),
+    };
     if !meta.is_dir() {
-        return Err(format!("{} is not a cgroup directory", dir.display()));
+        return Err(CgroupError::NotADirectory(dir));
     }
     Ok(CgroupTarget {
         path: format!("/{}", parts.join("/")),

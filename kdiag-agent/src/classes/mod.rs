@@ -129,8 +129,7 @@ pub fn build(
     services: &mut Services,
 ) -> Result<Vec<Box<dyn Class>>, ClassError> {
     let owners = || owner_filter(global);
-    let memory =
-        || MemoryScope::new(&global.pids, global.cgroup.as_deref()).map_err(ClassError::Usage);
+    let memory = || MemoryScope::new(&global.pids, global.cgroup.as_deref());
     let classes: Vec<Box<dyn Class>> = match command {
         Command::Retrans(args) => vec![Box::new(RetransClass::new(
             owners()?,
@@ -199,11 +198,9 @@ fn owner_filter(global: &GlobalArgs) -> Result<OwnerFilter, ClassError> {
                     .to_owned(),
             ));
         };
-        resolve_in(&mount, path).map_err(|e| {
-            ClassError::Usage(format!(
-                "--cgroup: no such cgroup in the cgroup v2 hierarchy mounted at {}: {e}",
-                mount.display()
-            ))
+        resolve_in(&mount, path).map_err(|source| ClassError::Cgroup {
+            hierarchy: mount.clone(),
+            source,
         })?;
     }
     Ok(OwnerFilter::new(global.pids.clone(), global.cgroup.clone()))

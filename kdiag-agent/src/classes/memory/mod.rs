@@ -45,7 +45,7 @@ pub struct MemoryScope {
 
 impl MemoryScope {
     /// `--pid`s and `--cgroup`; errors are usage errors.
-    pub fn new(pids: &[u32], cgroup: Option<&Path>) -> Result<Self, String> {
+    pub fn new(pids: &[u32], cgroup: Option<&Path>) -> Result<Self, ClassError> {
         Self::with_hierarchy(MemoryHierarchy::detect(), pids, cgroup)
     }
 
@@ -53,20 +53,25 @@ impl MemoryScope {
         hierarchy: MemoryHierarchy,
         pids: &[u32],
         cgroup: Option<&Path>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, ClassError> {
         if pids.len() > MAX_PIDS {
-            return Err(format!(
+            return Err(ClassError::Usage(format!(
                 "--pid: at most {MAX_PIDS} processes for memory stalls, got {}",
                 pids.len()
-            ));
+            )));
         }
         let cgroup = match cgroup {
             None => None,
             Some(arg) => {
                 let Some(mount) = hierarchy.mount() else {
-                    return Err("--cgroup: no cgroup hierarchy is mounted".to_owned());
+                    return Err(ClassError::Usage(
+                        "--cgroup: no cgroup hierarchy is mounted".to_owned(),
+                    ));
                 };
-                Some(resolve_in(mount, arg).map_err(|e| format!("--cgroup: {e}"))?)
+                Some(resolve_in(mount, arg).map_err(|source| ClassError::Cgroup {
+                    hierarchy: mount.to_path_buf(),
+                    source,
+                })?)
             }
         };
         Ok(Self {
