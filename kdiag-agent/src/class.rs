@@ -58,6 +58,16 @@ impl Global {
     }
 }
 
+/// The size of one of the programs' maps. The object declares each class's
+/// maps with one entry, so the maps of classes that do not run cost next to
+/// nothing; the running classes size theirs here (classes sharing a map:
+/// the largest size wins).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapSize {
+    pub map: &'static str,
+    pub entries: u32,
+}
+
 /// What a class asks of the running kernel's BTF: struct member offsets and
 /// enum values its programs need. Every class's questions are answered in
 /// one pass over the file before load.
@@ -128,6 +138,11 @@ pub trait Class {
         kernel: &KernelTypes,
         degraded: &mut Vec<Degraded>,
     ) -> Result<Vec<Global>, ClassError>;
+
+    /// The sizes of the maps its programs use.
+    fn map_sizes(&self) -> Vec<MapSize> {
+        Vec::new()
+    }
 
     /// Called once the programs are loaded and attached, to take the maps the
     /// class reads itself (histograms, counters).

@@ -143,6 +143,7 @@ mod tests {
             &["kdiag-agent", "tcp", "--state", "HALF_OPEN"],
             &["kdiag-agent", "reclaim", "--kind", "kswapd"],
             &["kdiag-agent", "compact", "--min-latency-us", "-1"],
+            &["kdiag-agent", "tcp", "--max-sockets", "10"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
         }

@@ -30,8 +30,10 @@ static COMPACT_STATS: StatsMap = stall::stats_map();
 
 /// Thread -> order of its latest direct compaction request. Each request
 /// overwrites it, so it is current whenever the thread compacts directly.
+/// One entry in the object: the agent sizes it at load for the classes that
+/// run (see `Class::map_sizes`), and leaves it this small for the others.
 #[map]
-static TRY_ORDER: LruHashMap<u32, i32> = LruHashMap::with_max_entries(10240, 0);
+static TRY_ORDER: LruHashMap<u32, i32> = LruHashMap::with_max_entries(1, 0);
 
 #[inline(always)]
 fn config() -> CompactConfig {

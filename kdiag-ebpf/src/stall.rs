@@ -33,8 +33,11 @@ use crate::output::{count_loss, emit, header};
 /// Stalls in progress. LRU: a begin whose end never comes (the agent
 /// attached or detached in between) ages out instead of filling the map,
 /// and an end without a begin finds nothing and is ignored.
+///
+/// One entry in the object: the agent sizes it at load for the classes that
+/// run (see `Class::map_sizes`), and leaves it this small for the others.
 #[map]
-static STALL_STARTS: LruHashMap<StallKey, StallStart> = LruHashMap::with_max_entries(10240, 0);
+static STALL_STARTS: LruHashMap<StallKey, StallStart> = LruHashMap::with_max_entries(1, 0);
 
 /// One all-zero value to create statistics entries from: a `StallStats` is
 /// larger than the 512-byte BPF stack. Never written.
@@ -44,12 +47,11 @@ static STATS_ZERO: Array<StallStats> = Array::with_max_entries(1, 0);
 /// Per-thread statistics map type. Not preallocated: entries cost memory
 /// only for threads that stalled. Not LRU: an entry evicted silently would
 /// lose counts; when full, new threads' stalls are counted as dropped.
+/// One entry in the object, sized by the agent like `STALL_STARTS`.
 pub type StatsMap = HashMap<StallKey, StallStats>;
 
-pub const STATS_MAX_ENTRIES: u32 = 16384;
-
 pub const fn stats_map() -> StatsMap {
-    HashMap::with_max_entries(STATS_MAX_ENTRIES, BPF_F_NO_PREALLOC)
+    HashMap::with_max_entries(1, BPF_F_NO_PREALLOC)
 }
 
 /// A tracepoint field at an offset from its format file.

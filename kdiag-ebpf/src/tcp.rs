@@ -46,13 +46,17 @@ static TCP_CONFIG: TcpConfig = TcpConfig::DEFAULT;
 /// Socket address -> owner and per-connection counters. LRU, so sockets
 /// whose close we never see (agent started late, map full) age out instead
 /// of filling it.
+/// One entry in the object: the agent sizes it at load for the classes that
+/// run (see `Class::map_sizes`), and leaves it this small for the others.
 #[map]
-static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(65536, 0);
+static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(1, 0);
 
 /// (network namespace, port) of each listener -> its owner, handed to the
 /// children it accepts.
+/// One entry in the object: the agent sizes it at load for the classes that
+/// run (see `Class::map_sizes`), and leaves it this small for the others.
 #[map]
-static LISTENERS: LruHashMap<ListenerKey, Owner> = LruHashMap::with_max_entries(8192, 0);
+static LISTENERS: LruHashMap<ListenerKey, Owner> = LruHashMap::with_max_entries(1, 0);
 
 /// Scratch space for building a state-change event.
 #[map]
@@ -60,8 +64,10 @@ static STATE_EVENT: PerCpuArray<TcpStateEvent> = PerCpuArray::with_max_entries(1
 
 /// Request socket address -> SYN-ACK retransmits so far. Request sockets
 /// have no close event; LRU bounds them.
+/// One entry in the object: the agent sizes it at load for the classes that
+/// run (see `Class::map_sizes`), and leaves it this small for the others.
 #[map]
-static SYNACK_RETRANS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(8192, 0);
+static SYNACK_RETRANS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(1, 0);
 
 /// The configuration, read in place: the agent rewrites .rodata before load,
 /// so the compiler must not fold the defaults in. Reading the address

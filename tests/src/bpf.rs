@@ -104,6 +104,51 @@ pub fn program_ids_held_by(pid: u32) -> BTreeSet<u32> {
         .collect()
 }
 
+/// A BPF map as `bpftool map show -j` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapInfo {
+    /// As the kernel keeps it: at most 15 bytes.
+    pub name: String,
+    pub max_entries: u64,
+    /// The kernel's estimate of the map's memory.
+    pub bytes_memlock: u64,
+}
+
+/// The maps process `pid` holds, from the `map_id:` lines of its fdinfo
+/// and bpftool.
+pub fn maps_held_by(pid: u32) -> Vec<MapInfo> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("reading {dir}: {e}"));
+    let ids: BTreeSet<u64> = entries
+        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("map_id:")?.trim().parse().ok())
+        })
+        .collect();
+    ids.into_iter()
+        .map(|id| {
+            let json = cmd::run("bpftool", &["map", "show", "id", &id.to_string(), "-j"]);
+            let map: Value = serde_json::from_str(&json)
+                .unwrap_or_else(|e| panic!("bpftool map show printed invalid JSON ({e}): {json}"));
+            let number = |key: &str| {
+                map.get(key)
+                    .and_then(Value::as_u64)
+                    .unwrap_or_else(|| panic!("no {key} in {json}"))
+            };
+            MapInfo {
+                name: map
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned(),
+                max_entries: number("max_entries"),
+                bytes_memlock: number("bytes_memlock"),
+            }
+        })
+        .collect()
+}
+
 /// The kdiag programs among `held` (ids), with their names.
 pub fn kdiag_programs_among(held: &BTreeSet<u32>) -> Vec<(u32, String)> {
     loaded_programs()

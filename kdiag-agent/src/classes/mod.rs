@@ -207,5 +207,12 @@ fn owner_filter(global: &GlobalArgs) -> Result<OwnerFilter, ClassError> {
 }
 
 fn tcp_filter(args: &TcpFilterArgs, stream_states: bool) -> Result<TcpFilter, ClassError> {
-    TcpFilter::new(&args.ports, args.ipv4, args.ipv6, stream_states).map_err(ClassError::Usage)
+    TcpFilter::new(
+        &args.ports,
+        args.ipv4,
+        args.ipv6,
+        stream_states,
+        args.max_sockets,
+    )
+    .map_err(ClassError::Usage)
 }

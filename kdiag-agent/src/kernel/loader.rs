@@ -126,6 +126,9 @@ pub fn load(
     for (name, bytes) in &globals {
         loader.override_global(name, bytes.as_slice(), true);
     }
+    for (name, entries) in map_sizes(classes) {
+        loader.map_max_entries(name, entries);
+    }
     let mut ebpf = loader.load(OBJECT)?;
 
     let mut attached = Vec::new();
@@ -144,6 +147,16 @@ pub fn load(
         attached,
         degraded,
     })
+}
+
+/// Every running class's map sizes, the largest where classes share a map.
+fn map_sizes(classes: &[Box<dyn Class>]) -> BTreeMap<&'static str, u32> {
+    let mut sizes = BTreeMap::new();
+    for size in classes.iter().flat_map(|c| c.map_sizes()) {
+        let entries = sizes.entry(size.map).or_insert(size.entries);
+        *entries = (*entries).max(size.entries);
+    }
+    sizes
 }
 
 /// Every class's BTF queries, answered in one pass over the kernel's BTF.

@@ -12,10 +12,13 @@ use kdiag_common::{
     memory::{CompactConfig, FIELD_ABSENT, MigrateMode, StallEvent, StallKind},
 };
 
-use super::{MEMCG_QUERIES, MemoryScope, ProcessStalls, StallStatsReader, decode_stall, order};
+use super::{
+    MAX_STALLS_IN_FLIGHT, MEMCG_QUERIES, MemoryScope, ProcessStalls, StallStatsReader,
+    decode_stall, order, stall_map_sizes,
+};
 use crate::{
     attribution::owner::comm_str,
-    class::{BtfQueries, Class, ClassError, Context, Global, KernelTypes, Tracepoint},
+    class::{BtfQueries, Class, ClassError, Context, Global, KernelTypes, MapSize, Tracepoint},
     output::record::{Compact, CompactSummary, Degraded},
     services::{Hierarchy, Services},
 };
@@ -155,6 +158,17 @@ impl Class for CompactClass {
 
     fn btf_queries(&self) -> &'static [BtfQueries] {
         &[MEMCG_QUERIES, TASK_FLAGS]
+    }
+
+    fn map_sizes(&self) -> Vec<MapSize> {
+        let mut sizes = stall_map_sizes("COMPACT_STATS");
+        // The order of each thread's latest direct compaction request: one
+        // per thread about to stall.
+        sizes.push(MapSize {
+            map: "TRY_ORDER",
+            entries: MAX_STALLS_IN_FLIGHT,
+        });
+        sizes
     }
 
     fn configure(

@@ -25,7 +25,7 @@ use kdiag_common::{
 use crate::{
     attribution::cgroup::{CgroupTarget, MemoryHierarchy, resolve_in},
     attribution::owner::comm_str,
-    class::{BtfQueries, ClassError},
+    class::{BtfQueries, ClassError, MapSize},
     classes::hist::Latencies,
     kernel::btf,
     kernel::wire::{DecodeError, decode},
@@ -134,6 +134,27 @@ impl MemoryScope {
         }
         Ok(f)
     }
+}
+
+/// Threads in a stall at once, whose begin the programs keep until its end.
+pub const MAX_STALLS_IN_FLIGHT: u32 = 10240;
+/// Threads with stall statistics at once (per memory class); entries of
+/// exited threads are deleted every interval.
+pub const MAX_STALLING_THREADS: u32 = 16384;
+
+/// The maps of a memory class's programs: stalls in flight (shared by the
+/// memory classes) and its per-thread statistics, `stats_map`.
+pub fn stall_map_sizes(stats_map: &'static str) -> Vec<MapSize> {
+    vec![
+        MapSize {
+            map: "STALL_STARTS",
+            entries: MAX_STALLS_IN_FLIGHT,
+        },
+        MapSize {
+            map: stats_map,
+            entries: MAX_STALLING_THREADS,
+        },
+    ]
 }
 
 /// What the v1 memory cgroup walk needs from the kernel's BTF.

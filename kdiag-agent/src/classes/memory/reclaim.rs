@@ -11,10 +11,13 @@ use kdiag_common::{
     memory::{FIELD_ABSENT, ReclaimConfig, StallEvent, StallKind},
 };
 
-use super::{MEMCG_QUERIES, MemoryScope, ProcessStalls, StallStatsReader, decode_stall, order};
+use super::{
+    MEMCG_QUERIES, MemoryScope, ProcessStalls, StallStatsReader, decode_stall, order,
+    stall_map_sizes,
+};
 use crate::{
     attribution::owner::comm_str,
-    class::{BtfQueries, Class, ClassError, Context, Global, KernelTypes, Tracepoint},
+    class::{BtfQueries, Class, ClassError, Context, Global, KernelTypes, MapSize, Tracepoint},
     output::record::{Degraded, Reclaim, ReclaimSummary},
     services::{Hierarchy, Services},
 };
@@ -158,6 +161,10 @@ impl Class for ReclaimClass {
 
     fn btf_queries(&self) -> &'static [BtfQueries] {
         &[MEMCG_QUERIES]
+    }
+
+    fn map_sizes(&self) -> Vec<MapSize> {
+        stall_map_sizes("RECLAIM_STATS")
     }
 
     fn configure(

@@ -6,7 +6,7 @@ use kdiag_common::tcp::{
 };
 
 use crate::{
-    class::{BtfQueries, Global, KernelTypes},
+    class::{BtfQueries, Global, KernelTypes, MapSize},
     kernel::tracefs::Format,
     output::record::Degraded,
 };
@@ -20,10 +20,18 @@ pub struct TcpFilter {
     /// 0 = both, else AF_INET or AF_INET6.
     pub family: u16,
     pub stream_states: bool,
+    /// `--max-sockets`: the size of the programs' socket map.
+    pub max_sockets: u32,
 }
 
 impl TcpFilter {
-    pub fn new(ports: &[u16], ipv4: bool, ipv6: bool, stream_states: bool) -> Result<Self, String> {
+    pub fn new(
+        ports: &[u16],
+        ipv4: bool,
+        ipv6: bool,
+        stream_states: bool,
+        max_sockets: u32,
+    ) -> Result<Self, String> {
         if ports.len() > MAX_PORTS {
             return Err(format!(
                 "--port: at most {MAX_PORTS} ports, got {}",
@@ -39,9 +47,36 @@ impl TcpFilter {
             ports: ports.to_vec(),
             family,
             stream_states,
+            max_sockets,
         })
     }
+
+    /// The TCP programs' maps: the sockets followed, the listeners whose
+    /// owners their children inherit, the request sockets whose SYN-ACK
+    /// retransmits are counted.
+    pub fn map_sizes(&self) -> Vec<MapSize> {
+        vec![
+            MapSize {
+                map: "SOCKS",
+                entries: self.max_sockets,
+            },
+            MapSize {
+                map: "LISTENERS",
+                entries: MAX_LISTENERS,
+            },
+            MapSize {
+                map: "SYNACK_RETRANS",
+                entries: MAX_PENDING_SYNACKS,
+            },
+        ]
+    }
 }
+
+/// Listening sockets followed at once.
+const MAX_LISTENERS: u32 = 8192;
+/// Request sockets (half-open connections) whose SYN-ACK retransmits are
+/// counted at once.
+const MAX_PENDING_SYNACKS: u32 = 8192;
 
 /// The socket's network namespace, which tells listeners on one port in
 /// different namespaces apart.
@@ -189,8 +224,8 @@ mod tests {
 
     #[test]
     fn filter_limits() {
-        assert!(TcpFilter::new(&[1; 9], false, false, false).is_err());
-        let f = TcpFilter::new(&[80, 443], false, true, true).unwrap();
+        assert!(TcpFilter::new(&[1; 9], false, false, false, 1024).is_err());
+        let f = TcpFilter::new(&[80, 443], false, true, true, 1024).unwrap();
         assert_eq!((f.family, f.ports.len()), (AF_INET6, 2));
     }
 }

@@ -23,7 +23,7 @@ use crate::{
         owner::{OwnerFilter, ResolvedOwner},
         procfs,
     },
-    class::{BtfQueries, Class, ClassError, Context, Global, KernelTypes, Tracepoint},
+    class::{BtfQueries, Class, ClassError, Context, Global, KernelTypes, MapSize, Tracepoint},
     kernel::wire::{DecodeError, decode, event_kind},
     output::record::{Degraded, Endpoints, TcpConn, TcpState, TcpSummary, TopConn},
 };
@@ -195,6 +195,10 @@ impl Class for TcpClass {
 
     fn btf_queries(&self) -> &'static [BtfQueries] {
         &[TCP_QUERIES]
+    }
+
+    fn map_sizes(&self) -> Vec<MapSize> {
+        self.tcp.map_sizes()
     }
 
     fn configure(

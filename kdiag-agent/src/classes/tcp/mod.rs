@@ -43,4 +43,15 @@ pub struct TcpFilterArgs {
     /// Only IPv6.
     #[arg(short = '6', long = "ipv6")]
     pub ipv6: bool,
+    /// Sockets the kernel programs follow at once, for their owners and
+    /// state times (about 140 bytes of kernel memory each). Past it the
+    /// least recently used are forgotten: their later records have no
+    /// owner or state time, unless /proc still shows who holds them. Raise
+    /// it on hosts with more live TCP sockets (`ss -s`).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_SOCKETS,
+          value_parser = clap::value_parser!(u32).range(1024..=16 << 20))]
+    pub max_sockets: u32,
 }
+
+/// The default `--max-sockets`.
+pub const DEFAULT_MAX_SOCKETS: u32 = 65536;

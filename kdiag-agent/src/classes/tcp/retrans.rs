@@ -11,7 +11,7 @@ use super::{
 };
 use crate::{
     attribution::owner::{OwnerFilter, ResolvedOwner},
-    class::{BtfQueries, Class, ClassError, Context, Global, KernelTypes, Tracepoint},
+    class::{BtfQueries, Class, ClassError, Context, Global, KernelTypes, MapSize, Tracepoint},
     kernel::wire::{DecodeError, decode},
     output::record::{Degraded, Endpoints, Retrans},
 };
@@ -93,6 +93,10 @@ impl Class for RetransClass {
 
     fn btf_queries(&self) -> &'static [BtfQueries] {
         &[TCP_QUERIES]
+    }
+
+    fn map_sizes(&self) -> Vec<MapSize> {
+        self.tcp.map_sizes()
     }
 
     fn configure(
