@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::identity::{self, Identity};
 use crate::lines::LineLog;
 use crate::record::{self, assert_envelope};
 use crate::{WAIT, bpf, cmd, env};
@@ -18,13 +19,16 @@ pub const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the kernel may take to free the agent's programs after it exits.
 const UNLOAD_TIMEOUT: Duration = Duration::from_millis(1500);
 
-/// A running `$KDIAG_AGENT <args>`; killed in Drop if still running.
+/// A running `$KDIAG_AGENT <args>` (or its shared copy, run as another
+/// identity); killed in Drop if still running.
 pub struct Agent {
     // Cells so that `fail` (on &self) can still collect the exit status of
     // an agent that died, which is most of the diagnosis.
     child: RefCell<Child>,
     pid: u32,
     path: PathBuf,
+    /// Who it runs as, for messages.
+    who: String,
     args: Vec<String>,
     stdout: LineLog,
     stderr: LineLog,
@@ -34,29 +38,38 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Runs `$KDIAG_AGENT args…` as root, as the tests do unless they say
+    /// otherwise.
     pub fn spawn(args: &[&str]) -> Agent {
-        Agent::spawn_with(args, |_| {})
+        let path = env::agent_path();
+        Agent::spawn_command(Command::new(&path), path, "root".to_owned(), args)
     }
 
-    /// `spawn`, letting the caller adjust the command first (e.g. its uid).
-    pub fn spawn_with(args: &[&str], configure: impl FnOnce(&mut Command)) -> Agent {
-        let path = env::agent_path();
-        let mut command = Command::new(&path);
+    /// Runs the agent as `who` (another user, or fewer capabilities): a copy
+    /// every user can reach (`identity::shared_agent`), since the built
+    /// agent may be in a checkout only root can enter.
+    pub fn spawn_as(who: &Identity, args: &[&str]) -> Agent {
+        let copy = identity::shared_agent();
+        let command = who.command(copy);
+        Agent::spawn_command(command, copy.path().to_owned(), who.to_string(), args)
+    }
+
+    fn spawn_command(mut command: Command, path: PathBuf, who: String, args: &[&str]) -> Agent {
         command
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        configure(&mut command);
         let mut child = command
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {} {args:?}: {e}", path.display()));
+            .unwrap_or_else(|e| panic!("cannot run {} {args:?} as {who}: {e}", path.display()));
         Agent {
             stdout: LineLog::spawn(child.stdout.take().expect("piped stdout")),
             stderr: LineLog::spawn(child.stderr.take().expect("piped stderr")),
             pid: child.id(),
             child: RefCell::new(child),
             path,
+            who,
             args: args.iter().map(|a| (*a).to_owned()).collect(),
             status: Cell::new(None),
             programs: BTreeSet::new(),
@@ -81,19 +94,27 @@ impl Agent {
         self.pid
     }
 
-    /// Runs the agent with `args` (its command adjusted by `configure`, e.g.
-    /// its uid) to its exit, which must come before it writes any record
-    /// (usage errors, missing privileges); returns the exit code and stderr.
-    pub fn run_to_exit(args: &[&str], configure: impl FnOnce(&mut Command)) -> (i32, String) {
-        let mut agent = Agent::spawn_with(args, configure);
-        let status = agent.wait_exit(EXIT_TIMEOUT);
+    /// Runs the agent as root with `args` to its exit, which must come
+    /// before it writes any record (usage errors); returns the exit code
+    /// and stderr.
+    pub fn run_to_exit(args: &[&str]) -> (i32, String) {
+        Agent::spawn(args).exit_before_records()
+    }
+
+    /// `run_to_exit` as `who` (e.g. missing privileges).
+    pub fn run_to_exit_as(who: &Identity, args: &[&str]) -> (i32, String) {
+        Agent::spawn_as(who, args).exit_before_records()
+    }
+
+    fn exit_before_records(mut self) -> (i32, String) {
+        let status = self.wait_exit(EXIT_TIMEOUT);
         let Some(code) = status.code() else {
-            agent.fail(&format!("killed by a signal ({status}) instead of exiting"));
+            self.fail(&format!("killed by a signal ({status}) instead of exiting"));
         };
-        if !agent.records().is_empty() {
-            agent.fail("printed records although it must not start");
+        if !self.records().is_empty() {
+            self.fail("printed records although it must not start");
         }
-        (code, agent.stderr())
+        (code, self.stderr())
     }
 
     /// Waits for the first line, which must be `agent_start`, checks it
@@ -347,9 +368,10 @@ impl Agent {
         // reaped so the status is part of the message.
         self.poll_exit(Duration::from_millis(300));
         panic!(
-            "{msg}\nagent: {} {}\npid: {}, exit: {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            "{msg}\nagent: {} {}\nas: {}\npid: {}, exit: {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
             self.path.display(),
             self.args.join(" "),
+            self.who,
             self.pid(),
             self.status.get(),
             self.stdout.text(),

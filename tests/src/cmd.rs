@@ -75,6 +75,18 @@ pub fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `run` for a prepared command (e.g. with arguments that are paths).
+pub fn run_command(cmd: &mut Command) -> String {
+    let out = output(cmd);
+    assert!(
+        out.status.success(),
+        "`{cmd:?}` failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// `run` inside network namespace `ns` (via `ip netns exec`).
 pub fn run_in(ns: &str, program: &str, args: &[&str]) -> String {
     let mut full = vec!["netns", "exec", ns, program];

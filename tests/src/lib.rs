@@ -8,6 +8,11 @@
 //! exception is `env::skip_unless` inside a `cargo xtask vm-test` guest,
 //! where a test that needs what the guest cannot give prints a named `SKIP`
 //! line that vm-test counts and reports; on a host it panics too.
+//!
+//! Nothing depends on where the checkout is: the tests run as root, and what
+//! runs as another user or with fewer capabilities (`identity`) runs from a
+//! copy every user can reach, so the suite passes also from a directory
+//! only root may enter.
 
 pub mod agent;
 pub mod bpf;
@@ -15,6 +20,7 @@ pub mod bystander;
 pub mod cgroup;
 pub mod cmd;
 pub mod env;
+pub mod identity;
 pub mod lines;
 pub mod loopback;
 pub mod memory;
@@ -24,6 +30,7 @@ pub mod peer;
 pub mod record;
 pub mod softirqs;
 pub mod tcpstat;
+pub mod tempdir;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 
 use std::{fs, path::Path, time::Duration};
 
-use kdiag_tests::{WAIT, agent::Agent, env::require_root};
+use kdiag_tests::{WAIT, agent::Agent, env::require_root, tempdir::TempDir};
 
 /// `--duration` of the agents these tests let end on their own: long enough
 /// that `wait_start` still finds the agent holding its programs (it runs
@@ -30,36 +30,11 @@ fn tracefs() -> &'static Path {
 }
 
 /// A directory laid out like tracefs with only these tracepoints' formats.
-struct FakeFormats(tempdir::Dir);
-
-mod tempdir {
-    use std::path::{Path, PathBuf};
-
-    /// A directory removed on drop, even when the test panics.
-    pub struct Dir(pub PathBuf);
-
-    impl Dir {
-        pub fn new(tag: &str) -> Self {
-            let p = std::env::temp_dir().join(format!("kdt-{tag}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).expect("create temp dir");
-            Dir(p)
-        }
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
+struct FakeFormats(TempDir);
 
 impl FakeFormats {
     fn with(tag: &str, tracepoints: &[&str]) -> Self {
-        let dir = tempdir::Dir::new(tag);
+        let dir = TempDir::new(tag);
         for tp in tracepoints {
             let src = tracefs().join("events").join(tp).join("format");
             let dst = dir.path().join("events").join(tp);

@@ -4,12 +4,12 @@
 //! in parallel.
 
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
 use kdiag_tests::WAIT;
 use kdiag_tests::agent::Agent;
 use kdiag_tests::cgroup::TestCgroup;
+use kdiag_tests::identity::Identity;
 use kdiag_tests::netns::{Family, NetnsPair, unique_port};
 use kdiag_tests::peer::{ConnectOptions, ListenOptions, PEER_COMM, Peer};
 use kdiag_tests::record::{self, assert_envelope, is_rfc3339_utc_nanos, port_field, u64_field};
@@ -724,7 +724,7 @@ fn usage_errors_exit_2() {
         &["-c", "/kdiag-no-such-cgroup", "tcp"],
     ];
     for args in cases {
-        let (code, stderr) = Agent::run_to_exit(args, |_| {});
+        let (code, stderr) = Agent::run_to_exit(args);
         assert_eq!(
             code,
             EXIT_USAGE,
@@ -741,14 +741,11 @@ fn usage_errors_exit_2() {
 
 #[test]
 fn unprivileged_exits_77() {
-    const NOBODY: u32 = 65534;
-    let (code, stderr) = Agent::run_to_exit(&["retrans"], |cmd| {
-        // std drops the supplementary groups too when root sets the uid.
-        cmd.uid(NOBODY).gid(NOBODY);
-    });
-    assert_eq!(code, EXIT_NOPERM, "as uid {NOBODY}: stderr: {stderr}");
+    let nobody = Identity::nobody();
+    let (code, stderr) = Agent::run_to_exit_as(&nobody, &["retrans"]);
+    assert_eq!(code, EXIT_NOPERM, "as {nobody}: stderr: {stderr}");
     assert!(
         stderr.contains("CAP_BPF"),
-        "as uid {NOBODY}: stderr does not mention CAP_BPF: {stderr}"
+        "as {nobody}: stderr does not mention CAP_BPF: {stderr}"
     );
 }

@@ -262,7 +262,7 @@ fn pid_and_cgroup_are_usage_errors() {
         &["--pid", own.as_str(), "softirq"][..],
         &["softirq", "--cgroup", "/"],
     ] {
-        let (code, stderr) = Agent::run_to_exit(args, |_| {});
+        let (code, stderr) = Agent::run_to_exit(args);
         assert_eq!(
             code,
             EXIT_USAGE,
@@ -275,6 +275,6 @@ fn pid_and_cgroup_are_usage_errors() {
             args.join(" ")
         );
     }
-    let (code, stderr) = Agent::run_to_exit(&["softirq", "--min-latency-us", "-1"], |_| {});
+    let (code, stderr) = Agent::run_to_exit(&["softirq", "--min-latency-us", "-1"]);
     assert_eq!(code, EXIT_USAGE, "negative threshold: {stderr}");
 }

@@ -1,8 +1,9 @@
 //! `cargo xtask build`: the release agent, with the eBPF object embedded.
 
-use std::{env, path::PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, ensure};
+use serde_json::Value;
 
 use crate::{
     setup::Tools,
@@ -22,7 +23,7 @@ pub fn release_agent(tools: &Tools) -> Result<PathBuf> {
         .stdout(std::io::stderr());
     eprintln!("building: kdiag-agent (release)");
     run_checked(&mut cmd).context("building kdiag-agent")?;
-    let agent = agent_path();
+    let agent = agent_path()?;
     ensure!(
         agent.is_file(),
         "cargo built kdiag-agent, but {} does not exist",
@@ -32,15 +33,32 @@ pub fn release_agent(tools: &Tools) -> Result<PathBuf> {
 }
 
 /// `<target dir>/release/kdiag-agent`.
-pub fn agent_path() -> PathBuf {
-    target_dir().join("release").join("kdiag-agent")
+pub fn agent_path() -> Result<PathBuf> {
+    Ok(target_dir()?.join("release").join("kdiag-agent"))
 }
 
-/// Cargo's target directory, honouring CARGO_TARGET_DIR (relative to the
-/// workspace root, where cargo runs) like cargo does.
-pub fn target_dir() -> PathBuf {
-    let root = workspace_root();
-    env::var_os("CARGO_TARGET_DIR")
-        .map(|dir| root.join(dir))
-        .unwrap_or_else(|| root.join("target"))
+/// Cargo's target directory for this workspace, as cargo itself resolves
+/// it: `CARGO_TARGET_DIR`, `CARGO_BUILD_TARGET_DIR` or `build.target-dir`
+/// (relative ones from where cargo runs, the workspace root here), else
+/// `<root>/target`.
+pub fn target_dir() -> Result<PathBuf> {
+    let mut cmd = util::cargo();
+    cmd.current_dir(workspace_root())
+        .args(["metadata", "--format-version", "1", "--no-deps"]);
+    let out = cmd
+        .output()
+        .with_context(|| format!("could not start `{}`", util::describe(&cmd)))?;
+    ensure!(
+        out.status.success(),
+        "`{}` failed ({}): {}",
+        util::describe(&cmd),
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let metadata: Value =
+        serde_json::from_slice(&out.stdout).context("parsing `cargo metadata` output")?;
+    let dir = metadata["target_directory"]
+        .as_str()
+        .context("`cargo metadata` gave no target_directory")?;
+    Ok(PathBuf::from(dir))
 }

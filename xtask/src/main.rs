@@ -32,7 +32,8 @@ enum Command {
     /// iproute2 and bpftool. Idempotent: only missing items are installed.
     Setup,
     /// Run setup, then build the release agent and print its path
-    /// (target/release/kdiag-agent).
+    /// (`<target dir>/release/kdiag-agent`, `target/` unless cargo is told
+    /// otherwise, e.g. by CARGO_TARGET_DIR).
     Build,
     /// Build the release agent, then run it with the given arguments
     /// (through sudo when not root), forwarding its exit code.

@@ -90,7 +90,7 @@ pub fn run(opts: Options) -> Result<()> {
         visible_in_guest(path)?;
     }
     let root = workspace_root();
-    let cache = build::target_dir().join("vm-test");
+    let cache = build::target_dir()?.join("vm-test");
     let cwd = root.join("tests");
     let mut test_args = vec![format!("--test-threads={}", opts.test_threads)];
     let partial = !opts.test_args.is_empty() || opts.agent.is_some();
