@@ -91,6 +91,12 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
             return Err(AgentError::Usage(format!("--pid {pid}: no such process")));
         }
     }
+    // Before anything is loaded: a signal that came before the handlers
+    // would kill the agent without its final agent_stats (the kernel would
+    // still detach everything); one that comes while loading ends the run
+    // as soon as it starts.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
     let mut services = Services::new();
     // Options the classes cannot honour are usage errors.
     let mut classes =
@@ -140,11 +146,6 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
         &procfs::hostname(),
         WallClock::now(),
     );
-    // Before agent_start: whoever waits for that line may signal at once,
-    // and a signal that came before the handlers would kill the agent
-    // without its final agent_stats.
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
     let start = AgentStart {
         version: env!("CARGO_PKG_VERSION"),
         kernel: procfs::kernel_release(),
@@ -163,6 +164,9 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
     tokio::pin!(deadline);
     let interval_secs = cli.global.interval;
     let mut interval = tokio::time::interval(Duration::from_secs(interval_secs.max(1)));
+    // After a stall (the host starved the agent), one summary for the time
+    // missed, not a burst of empty ones.
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     interval.tick().await;
     let mut stdout_check = tokio::time::interval(STDOUT_CHECK);
     let mut drain = tokio::time::interval(DRAIN_EVERY);
@@ -192,7 +196,6 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
                     .map(|()| None)
             }
             _ = interval.tick(), if interval_secs > 0 => {
-                out.clock_mut().resync();
                 let programs = stats.snapshot_programs(&loaded.ebpf);
                 end_interval(
                     &mut classes,
@@ -312,6 +315,9 @@ fn dispatch(
     stats: &mut StatsCollector,
     decode_errors: &mut u64,
 ) -> io::Result<()> {
+    // Timestamps follow a stepped wall clock from the next drain on, with
+    // `--interval 0` too.
+    cx.out.clock_mut().resync();
     let mut result = Ok(());
     // Only a mismatch between the agent and its own kernel programs can make
     // an event undecodable: say so once, count, keep going.
