@@ -3,8 +3,11 @@
 //! Every event the kernel sends starts with an [`EventHeader`]; its `kind`
 //! says which payload follows. All structs are `#[repr(C)]`, `Copy`, built
 //! from fixed-size fields with explicit padding and no `bool`, so that both
-//! sides agree on the layout byte for byte. Sizes are asserted at compile time.
+//! sides agree on the layout byte for byte. bytemuck's `Pod` derive checks
+//! at compile time that none has padding, and sizes are asserted.
 #![no_std]
+
+use bytemuck::{Pod, Zeroable};
 
 pub mod log2;
 pub mod memory;
@@ -39,7 +42,7 @@ impl EventKind {
 
 /// First bytes of every event.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct EventHeader {
     /// An [`EventKind`] as u32.
     pub kind: u32,
@@ -55,7 +58,7 @@ pub const COMM_LEN: usize = 16;
 
 /// The process that owns a socket, captured in process context.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Owner {
     /// Thread group id (the userspace pid).
     pub tgid: u32,
@@ -105,17 +108,25 @@ pub const CLASS_COUNT: u32 = 5;
 /// Size of the per-CPU loss counter array.
 pub const LOSS_SLOTS: u32 = CLASS_COUNT * LOSS_REASONS;
 
-/// Implements `aya::Pod` for the userspace side (the types are plain old
-/// data: any byte pattern is a valid value).
+/// Implements `aya::Pod` for the userspace side, for wire types that derive
+/// `bytemuck::Pod` (checked here, on both sides): that derive refuses a
+/// type with padding or with a field that is not itself plain old data, so
+/// any byte pattern is a valid value and no byte of it is uninitialized.
 #[macro_export]
 macro_rules! impl_pod {
     ($($t:ty),* $(,)?) => {
         $(
+            const _: () = $crate::assert_pod::<$t>();
             #[cfg(feature = "user")]
-            // SAFETY: repr(C), Copy, integer and array fields only.
+            // SAFETY: bytemuck::Pod, asserted above: repr(C), no padding,
+            // integer and array fields only.
             unsafe impl aya::Pod for $t {}
         )*
     };
 }
+
+/// Compiles only for a `bytemuck::Pod` type (see [`impl_pod`]).
+#[doc(hidden)]
+pub const fn assert_pod<T: Pod>() {}
 
 impl_pod!(EventHeader, Owner);

@@ -4,6 +4,8 @@
 //! statistics there (so stalls under `--min-latency-us` still count), and
 //! send each stall at or over the threshold as a [`StallEvent`].
 
+use bytemuck::{Pod, Zeroable};
+
 use crate::{COMM_LEN, EventHeader, log2::log2};
 
 /// Marks a tracepoint field this kernel does not have.
@@ -57,7 +59,7 @@ pub enum CgroupSource {
 /// its id (`kn->id`, which is also the inode number of its directory in the
 /// cgroup mount) and its ancestors (`level`, `ancestors[]`).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct MemcgOffsets {
     pub task_cgroups: u32,
     /// `css_set.subsys` plus 8 × `memory_cgrp_id`.
@@ -80,7 +82,7 @@ pub const NO_CGROUP_FILTER: u32 = u32::MAX;
 /// Who to trace and how to find their cgroup; part of each memory class's
 /// configuration.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct StallFilter {
     pub memcg: MemcgOffsets,
     /// A [`CgroupSource`] as u32.
@@ -139,7 +141,7 @@ impl StallFilter {
 
 /// `RECLAIM_CONFIG`: tracepoint offsets and filters of the reclaim programs.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct ReclaimConfig {
     pub filter: StallFilter,
     /// `order` of mm_vmscan_direct_reclaim_begin.
@@ -165,7 +167,7 @@ impl ReclaimConfig {
 /// `COMPACT_CONFIG`: tracepoint offsets and filters of the compaction
 /// programs.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct CompactConfig {
     pub filter: StallFilter,
     /// `status` and `sync` of mm_compaction_end.
@@ -241,7 +243,7 @@ pub const ORDER_UNKNOWN: i32 = -1;
 
 /// One thread's stall of one kind.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct StallKey {
     pub tid: u32,
     /// A [`StallKind`] as u32.
@@ -251,7 +253,7 @@ const _: () = assert!(size_of::<StallKey>() == 8);
 
 /// A stall in progress, from its begin tracepoint.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct StallStart {
     pub ts_ns: u64,
     pub cgroup_id: u64,
@@ -265,7 +267,7 @@ const _: () = assert!(size_of::<StallStart>() == 24);
 /// One stall at or over the threshold. Sent with kind `Reclaim` or
 /// `Compact`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct StallEvent {
     pub header: EventHeader,
     pub tgid: u32,
@@ -331,7 +333,7 @@ pub fn hist_bucket_max(b: usize) -> u64 {
 /// (a reset would race with the programs). Written only by programs running
 /// on that thread, which runs on one CPU at a time.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct StallStats {
     pub tgid: u32,
     pub _pad: u32,

@@ -2,6 +2,8 @@
 //! queueing delay (irq/softirq_raise to irq/softirq_entry), kept in the
 //! kernel as per-CPU, per-vector log2 histograms.
 
+use bytemuck::{Pod, Zeroable};
+
 use crate::{EventHeader, log2::log2};
 
 /// Softirq vectors the kernel has (`NR_SOFTIRQS` in include/linux/interrupt.h,
@@ -29,7 +31,7 @@ pub const VEC_ABSENT: u32 = u32::MAX;
 
 /// Configuration of the softirq programs, written into `.rodata` at load.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct SoftirqConfig {
     /// Offsets of `vec` in the records of irq/softirq_raise, softirq_entry
     /// and softirq_exit (from their format files), or [`VEC_ABSENT`].
@@ -56,7 +58,7 @@ impl SoftirqConfig {
 /// The largest service time and queueing delay of one interval, tagged with
 /// the interval's generation (see [`SoftirqSlot::max`]).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct MaxSlot {
     pub generation: u64,
     pub service_ns: u64,
@@ -73,7 +75,7 @@ pub struct MaxSlot {
 /// or counted twice. The number of softirqs is the sum of the service
 /// buckets (one store less per softirq than a separate count).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct SoftirqSlot {
     /// First `softirq_raise` since the last entry, 0 when none is pending.
     pub raise_ns: u64,
@@ -113,7 +115,7 @@ impl SoftirqSlot {
 /// One softirq at or over the threshold. The header's `cpu` is where it ran,
 /// `ts_ns` when it ended.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct SoftirqEvent {
     pub header: EventHeader,
     pub vec: u32,
