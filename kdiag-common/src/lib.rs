@@ -14,29 +14,40 @@ pub mod memory;
 pub mod softirq;
 pub mod tcp;
 
-/// Which payload follows the [`EventHeader`].
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EventKind {
-    Retrans = 1,
-    TcpState = 2,
-    TcpConn = 3,
-    Reclaim = 4,
-    Compact = 5,
-    Softirq = 6,
+/// Declares a `#[repr(u32)]` enum of the wire from one table of variants:
+/// the enum, `ALL` (every variant, in the table's order), and the u32 ->
+/// enum conversion (`TryFrom<u32>`, derived by num_enum). Adding a variant
+/// is one line of its table.
+macro_rules! wire_enum {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident {
+            $($(#[$vmeta:meta])* $variant:ident $(= $value:literal)?,)+
+        }
+    ) => {
+        $(#[$meta])*
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, num_enum::TryFromPrimitive)]
+        $vis enum $name {
+            $($(#[$vmeta])* $variant $(= $value)?,)+
+        }
+
+        impl $name {
+            /// Every variant, in declaration order.
+            pub const ALL: [Self; [$(Self::$variant),+].len()] = [$(Self::$variant),+];
+        }
+    };
 }
 
-impl EventKind {
-    pub const fn from_u32(v: u32) -> Option<Self> {
-        match v {
-            1 => Some(Self::Retrans),
-            2 => Some(Self::TcpState),
-            3 => Some(Self::TcpConn),
-            4 => Some(Self::Reclaim),
-            5 => Some(Self::Compact),
-            6 => Some(Self::Softirq),
-            _ => None,
-        }
+wire_enum! {
+    /// Which payload follows the [`EventHeader`].
+    pub enum EventKind {
+        Retrans = 1,
+        TcpState = 2,
+        TcpConn = 3,
+        Reclaim = 4,
+        Compact = 5,
+        Softirq = 6,
     }
 }
 
@@ -93,17 +104,29 @@ pub const LOSS_DROPPED: u32 = 0;
 pub const LOSS_LOST: u32 = 1;
 pub const LOSS_REASONS: u32 = 2;
 
-/// Event classes, as indexes for per-class counters.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ClassId {
-    Retrans = 0,
-    Tcp = 1,
-    Reclaim = 2,
-    Compact = 3,
-    Softirq = 4,
+wire_enum! {
+    /// Event classes, as indexes for per-class counters: numbered from 0 in
+    /// the order listed.
+    pub enum ClassId {
+        Retrans,
+        Tcp,
+        Reclaim,
+        Compact,
+        Softirq,
+    }
 }
-pub const CLASS_COUNT: u32 = 5;
+
+/// Number of classes, from [`ClassId`]'s table.
+pub const CLASS_COUNT: u32 = ClassId::ALL.len() as u32;
+
+// A class id indexes arrays of CLASS_COUNT entries.
+const _: () = {
+    let mut i = 0;
+    while i < ClassId::ALL.len() {
+        assert!(ClassId::ALL[i] as usize == i);
+        i += 1;
+    }
+};
 
 /// Size of the per-CPU loss counter array.
 pub const LOSS_SLOTS: u32 = CLASS_COUNT * LOSS_REASONS;
