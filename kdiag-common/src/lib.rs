@@ -97,6 +97,24 @@ pub enum Transport {
 /// it whenever the agent waited a few tens of milliseconds for a CPU.
 pub const DEFAULT_BUFFER_BYTES: u32 = 4 << 20;
 
+/// The reader is woken each time the bytes queued in its buffer cross a
+/// multiple of 1/2^`WAKEUP_FRACTION_SHIFT` of the buffer (an eighth), and
+/// drains on a short timer in between. Not once per event: a wakeup is an
+/// irq_work, an interrupt the CPU sends itself, and costs more than
+/// everything else an event does. Not at a fuller buffer either: the rest
+/// of it holds what arrives while the woken reader waits for a CPU. The
+/// ring buffer's programs apply it through [`wakeup_shift`], the perf
+/// buffers through their watermark.
+pub const WAKEUP_FRACTION_SHIFT: u32 = 3;
+
+/// The programs' `WAKEUP_SHIFT` for a ring buffer of `ring_bytes` (a power
+/// of two): log2 of the [`WAKEUP_FRACTION_SHIFT`] fraction of it.
+pub const fn wakeup_shift(ring_bytes: u32) -> u64 {
+    ring_bytes
+        .trailing_zeros()
+        .saturating_sub(WAKEUP_FRACTION_SHIFT) as u64
+}
+
 /// Indexes into the per-CPU loss counters: `class * LOSS_REASONS + reason`.
 pub const LOSS_DROPPED: u32 = 0;
 /// A perf buffer had no room (the kernel also reports these as perf "lost"
@@ -153,3 +171,19 @@ macro_rules! impl_pod {
 pub const fn assert_pod<T: Pod>() {}
 
 impl_pod!(EventHeader, Owner);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wakeup_at_an_eighth_of_the_ring() {
+        assert_eq!(
+            1 << wakeup_shift(DEFAULT_BUFFER_BYTES),
+            DEFAULT_BUFFER_BYTES / 8
+        );
+        assert_eq!(wakeup_shift(4096), 9);
+        // A ring smaller than 2^WAKEUP_FRACTION_SHIFT bytes wakes on every byte.
+        assert_eq!(wakeup_shift(4), 0);
+    }
+}

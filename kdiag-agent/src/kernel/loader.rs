@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, path::Path};
 
 use aya::{Ebpf, EbpfError, EbpfLoader, programs::TracePoint, util::KernelVersion};
-use kdiag_common::Transport;
+use kdiag_common::{Transport, wakeup_shift};
 
 use crate::{
     class::{Class, Tracepoint},
@@ -96,8 +96,7 @@ pub fn load(
     } else {
         buffer_bytes
     };
-    // Wake the reader each time queued bytes cross an eighth of the ring.
-    let wakeup_shift = u64::from(ring_bytes.trailing_zeros().saturating_sub(3));
+    let wakeup_shift = wakeup_shift(ring_bytes);
     let mut loader = loader_without_kernel_btf();
     // No CO-RE relocations in these programs: no kernel BTF (also when the
     // loader above had to parse it).
