@@ -64,6 +64,10 @@ pub struct EventHeader {
 }
 const _: () = assert!(size_of::<EventHeader>() == 16);
 
+/// Marks a tracepoint field this kernel does not have, among the offsets the
+/// agent reads from the tracepoints' format files and hands the programs.
+pub const FIELD_ABSENT: u16 = u16::MAX;
+
 /// Length of a task's comm, including the terminating NUL (TASK_COMM_LEN).
 pub const COMM_LEN: usize = 16;
 

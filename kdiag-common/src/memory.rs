@@ -8,8 +8,7 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::{COMM_LEN, EventHeader, log2::log2};
 
-/// Marks a tracepoint field this kernel does not have.
-pub const FIELD_ABSENT: u16 = u16::MAX;
+pub use crate::FIELD_ABSENT;
 
 /// What stalled. Also the `kind` of [`StallKey`], so that one thread's
 /// reclaim and compaction pair separately.

@@ -26,30 +26,29 @@ pub fn bucket_of(ns: u64) -> usize {
 /// it was pending, or the raise program could not run).
 pub const NO_DELAY: u64 = u64::MAX;
 
-/// Marks a tracepoint field this kernel does not have.
-pub const VEC_ABSENT: u32 = u32::MAX;
+pub use crate::FIELD_ABSENT;
 
 /// Configuration of the softirq programs, written into `.rodata` at load.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct SoftirqConfig {
     /// Offsets of `vec` in the records of irq/softirq_raise, softirq_entry
-    /// and softirq_exit (from their format files), or [`VEC_ABSENT`].
-    pub raise_vec: u32,
-    pub entry_vec: u32,
-    pub exit_vec: u32,
-    pub _pad: u32,
+    /// and softirq_exit (from their format files), or [`FIELD_ABSENT`].
+    pub raise_vec: u16,
+    pub entry_vec: u16,
+    pub exit_vec: u16,
+    pub _pad: u16,
     /// Softirqs whose service time or queueing delay is at or over this go
     /// out one by one as [`SoftirqEvent`]s.
     pub min_latency_ns: u64,
 }
-const _: () = assert!(size_of::<SoftirqConfig>() == 24);
+const _: () = assert!(size_of::<SoftirqConfig>() == 16);
 
 impl SoftirqConfig {
     pub const DEFAULT: Self = Self {
-        raise_vec: VEC_ABSENT,
-        entry_vec: VEC_ABSENT,
-        exit_vec: VEC_ABSENT,
+        raise_vec: FIELD_ABSENT,
+        entry_vec: FIELD_ABSENT,
+        exit_vec: FIELD_ABSENT,
         _pad: 0,
         min_latency_ns: u64::MAX,
     };

@@ -16,8 +16,7 @@ pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u16 = 6;
 
-/// Marks a tracepoint field this kernel does not have.
-pub const FIELD_ABSENT: u16 = u16::MAX;
+pub use crate::FIELD_ABSENT;
 
 /// Offsets of the connection fields every TCP tracepoint carries
 /// (`sport`, `dport`, `family`, `saddr`, `daddr`, `saddr_v6`, `daddr_v6`),

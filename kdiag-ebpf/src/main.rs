@@ -5,6 +5,7 @@
 #![no_main]
 
 mod compaction;
+mod ctx;
 mod mem;
 mod output;
 mod softirq;

@@ -19,7 +19,6 @@
 use core::ptr;
 
 use aya_ebpf::{
-    EbpfContext as _,
     helpers::bpf_ktime_get_ns,
     macros::{map, tracepoint},
     maps::{Array, PerCpuArray},
@@ -27,12 +26,13 @@ use aya_ebpf::{
 };
 use kdiag_common::{
     ClassId, EventKind,
-    softirq::{
-        NO_DELAY, NR_SOFTIRQS, SoftirqConfig, SoftirqEvent, SoftirqSlot, VEC_ABSENT, bucket_of,
-    },
+    softirq::{NO_DELAY, NR_SOFTIRQS, SoftirqConfig, SoftirqEvent, SoftirqSlot, bucket_of},
 };
 
-use crate::output::{emit, header_at};
+use crate::{
+    ctx,
+    output::{emit, header_at},
+};
 
 /// Offsets and threshold, written by the agent at load.
 #[unsafe(no_mangle)]
@@ -49,7 +49,7 @@ static SOFTIRQ_GENERATION: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Where `vec` has been in every kernel's softirq records so far (right
 /// after the 8-byte common header).
-const USUAL_VEC_OFFSET: u32 = 8;
+const USUAL_VEC_OFFSET: u16 = 8;
 
 /// One field of the configuration: a single load (reading the whole struct
 /// would load every field on the hot path).
@@ -60,30 +60,11 @@ macro_rules! config {
     };
 }
 
-/// Reads `vec` at `offset` (from the format file). The verifier only lets a
-/// classic tracepoint program load from its context at an offset fixed in
-/// the instruction; aya freezes `.rodata`, so the verifier knows `offset`
-/// and only checks the branch taken. The usual offset is read directly (one
-/// load); any other goes through a probe read (a helper call).
+/// The record's `vec` (a 4-byte field: the agent checks its size) at
+/// `offset`, if it is a vector the kernel has.
 #[inline(always)]
-fn read_vec(ctx: &TracePointContext, offset: u32) -> Result<u32, i64> {
-    let vec = if offset == USUAL_VEC_OFFSET {
-        // SAFETY: the record starts with the 8-byte common header, and this
-        // tracepoint's format puts the 4-byte `vec` right after it.
-        unsafe {
-            ptr::read(
-                ctx.as_ptr()
-                    .cast::<u8>()
-                    .add(USUAL_VEC_OFFSET as usize)
-                    .cast::<u32>(),
-            )
-        }
-    } else if offset == VEC_ABSENT {
-        return Err(-1);
-    } else {
-        // SAFETY: the offset comes from this tracepoint's format file.
-        unsafe { ctx.read_at::<u32>(offset as usize) }.map_err(i64::from)?
-    };
+fn read_vec(ctx: &TracePointContext, offset: u16) -> Result<u32, i64> {
+    let vec: u32 = ctx::field(ctx, offset, USUAL_VEC_OFFSET)?;
     if vec < NR_SOFTIRQS { Ok(vec) } else { Err(-1) }
 }
 

@@ -18,13 +18,12 @@ use aya_ebpf::{
     },
     macros::map,
     maps::{Array, HashMap, LruHashMap},
-    programs::TracePointContext,
 };
 use kdiag_common::{
     ClassId, EventKind, LOSS_DROPPED,
     memory::{
-        CgroupSource, FIELD_ABSENT, NO_CGROUP_FILTER, StallEvent, StallFilter, StallKey, StallKind,
-        StallStart, StallStats, hist_bucket,
+        CgroupSource, NO_CGROUP_FILTER, StallEvent, StallFilter, StallKey, StallKind, StallStart,
+        StallStats, hist_bucket,
     },
 };
 
@@ -50,16 +49,6 @@ pub const STATS_MAX_ENTRIES: u32 = 16384;
 
 pub const fn stats_map() -> StatsMap {
     HashMap::with_max_entries(STATS_MAX_ENTRIES, BPF_F_NO_PREALLOC)
-}
-
-/// A tracepoint field at an offset from its format file.
-#[inline(always)]
-pub fn read_field<T>(ctx: &TracePointContext, offset: u16) -> Result<T, i64> {
-    if offset == FIELD_ABSENT {
-        return Err(-1);
-    }
-    // SAFETY: the offset comes from this tracepoint's format file.
-    unsafe { ctx.read_at::<T>(offset as usize) }.map_err(i64::from)
 }
 
 #[inline(always)]

@@ -12,10 +12,13 @@ use aya_ebpf::{
 };
 use kdiag_common::{
     ClassId, EventKind,
-    memory::{ORDER_UNKNOWN, ReclaimConfig, StallKind},
+    memory::{FIELD_ABSENT, ORDER_UNKNOWN, ReclaimConfig, StallKind},
 };
 
-use crate::stall::{self, Outcome, StatsMap, read_field};
+use crate::{
+    ctx,
+    stall::{self, Outcome, StatsMap},
+};
 
 /// Offsets and filters, written by the agent at load.
 #[unsafe(no_mangle)]
@@ -38,7 +41,9 @@ pub fn direct_reclaim_begin(ctx: TracePointContext) -> u32 {
 
 fn try_direct_reclaim_begin(ctx: &TracePointContext) -> Result<u32, i64> {
     let cfg = config();
-    let order: i32 = read_field(ctx, cfg.direct_order).unwrap_or(ORDER_UNKNOWN);
+    // The memory tracepoints fire once per stall, rarely enough to read
+    // their fields with the helper wherever they are: no usual offsets.
+    let order: i32 = ctx::field(ctx, cfg.direct_order, FIELD_ABSENT).unwrap_or(ORDER_UNKNOWN);
     stall::begin(&cfg.filter, StallKind::Direct, order, 0)
 }
 
@@ -77,7 +82,7 @@ fn try_reclaim_end(
     let outcome = Outcome {
         kind,
         order: ended.start.order,
-        nr_reclaimed: read_field(ctx, nr_reclaimed_offset).unwrap_or(0),
+        nr_reclaimed: ctx::field(ctx, nr_reclaimed_offset, FIELD_ABSENT).unwrap_or(0),
         status: 0,
         mode: 0,
     };

@@ -8,7 +8,7 @@ use aya::{
 };
 use kdiag_common::{
     ClassId, EventKind,
-    softirq::{NO_DELAY, NR_SOFTIRQS, SoftirqConfig, SoftirqEvent, SoftirqSlot, VEC_ABSENT},
+    softirq::{FIELD_ABSENT, NO_DELAY, NR_SOFTIRQS, SoftirqConfig, SoftirqEvent, SoftirqSlot},
 };
 
 use crate::{
@@ -163,16 +163,16 @@ fn config(formats: &Formats, min_latency_ns: u64, degraded: &mut Vec<Degraded>) 
     let mut vec_offset = |tp: &Tracepoint| {
         // A tracepoint without a format was reported by the loader.
         let Some(format) = formats.get(tp.program) else {
-            return VEC_ABSENT;
+            return FIELD_ABSENT;
         };
         match format.field("vec") {
-            Some(f) if f.size == 4 => u32::from(f.offset),
+            Some(f) if f.size == 4 => f.offset,
             _ => {
                 degraded.push(Degraded {
                     what: format!("{}.vec", tp.path()),
                     why: "no 4-byte `vec` field in the tracepoint's format: not traced".to_owned(),
                 });
-                VEC_ABSENT
+                FIELD_ABSENT
             }
         }
     };
@@ -434,7 +434,7 @@ mod tests {
         let no_vec = "format:\n\tfield:int other;\toffset:8;\tsize:4;\tsigned:0;\n";
         formats.insert("softirq_raise", parse_format(no_vec).unwrap());
         let cfg = config(&formats, 0, &mut degraded);
-        assert_eq!(cfg.raise_vec, VEC_ABSENT);
+        assert_eq!(cfg.raise_vec, FIELD_ABSENT);
         assert_eq!(degraded.len(), 1, "{degraded:?}");
         assert_eq!(degraded[0].what, "irq/softirq_raise.vec");
     }
