@@ -5,8 +5,6 @@
 //! manual one. Direct compaction announces itself with
 //! mm_compaction_try_to_compact_pages, which gives the allocation's order.
 
-use core::ptr;
-
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, generated::bpf_get_current_task},
     macros::{map, tracepoint},
@@ -20,6 +18,7 @@ use kdiag_common::{
 
 use crate::{
     ctx,
+    rodata::rodata,
     stall::{self, Outcome, StatsMap},
 };
 
@@ -37,9 +36,8 @@ static COMPACT_STATS: StatsMap = stall::stats_map();
 static TRY_ORDER: LruHashMap<u32, i32> = LruHashMap::with_max_entries(10240, 0);
 
 #[inline(always)]
-fn config() -> CompactConfig {
-    // SAFETY: .rodata written by the agent before load.
-    unsafe { ptr::read_volatile(&COMPACT_CONFIG) }
+fn config() -> &'static CompactConfig {
+    rodata(&COMPACT_CONFIG)
 }
 
 #[tracepoint]
@@ -82,7 +80,7 @@ pub fn compaction_begin(_ctx: TracePointContext) -> u32 {
 
 fn try_compaction_begin() -> Result<u32, i64> {
     let cfg = config();
-    let flags = task_flags(&cfg);
+    let flags = task_flags(cfg);
     let tid = bpf_get_current_pid_tgid() as u32;
     // __alloc_pages_direct_compact() runs try_to_compact_pages() under
     // memalloc_noreclaim_save(), i.e. with PF_MEMALLOC: a run with it set is

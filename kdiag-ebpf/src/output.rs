@@ -16,6 +16,8 @@ use kdiag_common::{
     wakeup_shift,
 };
 
+use crate::rodata::rodata;
+
 /// Which transport to write to; a `Transport` set by the agent at load.
 #[unsafe(no_mangle)]
 static TRANSPORT: u32 = Transport::RingBuf as u32;
@@ -66,8 +68,7 @@ pub fn header_at(kind: EventKind, ts_ns: u64) -> EventHeader {
 /// fit.
 #[inline(always)]
 pub fn emit<C: EbpfContext, T>(ctx: &C, class: ClassId, event: &T) {
-    // SAFETY: a plain u32 in .rodata, written by the agent before load.
-    let transport = unsafe { ptr::read_volatile(&TRANSPORT) };
+    let transport = *rodata(&TRANSPORT);
     let reason = if transport == Transport::Perf as u32 {
         // aya's PerfEventArray::output discards the helper's result, which
         // we need to count losses, so call the helper directly.
@@ -98,8 +99,7 @@ pub fn emit<C: EbpfContext, T>(ctx: &C, class: ClassId, event: &T) {
         // up, events keep arriving, and waking it again changes nothing.
         let queued = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
         let after = queued + size_of::<T>() as u64;
-        // SAFETY: a plain u64 in .rodata, written by the agent before load.
-        let shift = unsafe { ptr::read_volatile(&WAKEUP_SHIFT) };
+        let shift = *rodata(&WAKEUP_SHIFT);
         let flags = if after >> shift != queued >> shift {
             BPF_RB_FORCE_WAKEUP
         } else {

@@ -32,6 +32,7 @@ use kdiag_common::{
 use crate::{
     ctx,
     output::{emit, header_at},
+    rodata::rodata,
 };
 
 /// Offsets and threshold, written by the agent at load.
@@ -51,13 +52,9 @@ static SOFTIRQ_GENERATION: Array<u64> = Array::with_max_entries(1, 0);
 /// after the 8-byte common header).
 const USUAL_VEC_OFFSET: u16 = 8;
 
-/// One field of the configuration: a single load (reading the whole struct
-/// would load every field on the hot path).
-macro_rules! config {
-    ($field:ident) => {
-        // SAFETY: .rodata written by the agent before load.
-        unsafe { ptr::read_volatile(&raw const SOFTIRQ_CONFIG.$field) }
-    };
+#[inline(always)]
+fn config() -> &'static SoftirqConfig {
+    rodata(&SOFTIRQ_CONFIG)
 }
 
 /// The record's `vec` (a 4-byte field: the agent checks its size) at
@@ -79,7 +76,7 @@ pub fn softirq_raise(ctx: TracePointContext) -> u32 {
 }
 
 fn try_softirq_raise(ctx: &TracePointContext) -> Result<u32, i64> {
-    let vec = read_vec(ctx, config!(raise_vec))?;
+    let vec = read_vec(ctx, config().raise_vec)?;
     let s = slot(vec)?;
     // SAFETY: a live per-CPU map value (see the module comment).
     unsafe {
@@ -98,7 +95,7 @@ pub fn softirq_entry(ctx: TracePointContext) -> u32 {
 }
 
 fn try_softirq_entry(ctx: &TracePointContext) -> Result<u32, i64> {
-    let vec = read_vec(ctx, config!(entry_vec))?;
+    let vec = read_vec(ctx, config().entry_vec)?;
     let s = slot(vec)?;
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -124,7 +121,8 @@ pub fn softirq_exit(ctx: TracePointContext) -> u32 {
 }
 
 fn try_softirq_exit(ctx: &TracePointContext) -> Result<u32, i64> {
-    let vec = read_vec(ctx, config!(exit_vec))?;
+    let cfg = config();
+    let vec = read_vec(ctx, cfg.exit_vec)?;
     let s = slot(vec)?;
     // SAFETY: a live per-CPU map value (see the module comment).
     let (entry, delay) = unsafe { ((*s).entry_ns, (*s).delay_ns) };
@@ -145,7 +143,7 @@ fn try_softirq_exit(ctx: &TracePointContext) -> Result<u32, i64> {
     // buffer, then reads the counters, so a program still running on
     // another CPU while it detaches cannot leave a counted softirq without
     // its event in a `--min-latency-us 0` run.
-    if slowest >= config!(min_latency_ns) {
+    if slowest >= cfg.min_latency_ns {
         let event = SoftirqEvent {
             header: header_at(EventKind::Softirq, now),
             vec,

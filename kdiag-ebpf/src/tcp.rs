@@ -9,7 +9,7 @@
 //! listener's owner through the listener map. Sockets created before the
 //! agent started are resolved by the agent from /proc.
 
-use core::{mem::MaybeUninit, ptr};
+use core::mem::MaybeUninit;
 
 use aya_ebpf::{
     helpers::{
@@ -33,6 +33,7 @@ use kdiag_common::{
 use crate::{
     ctx, mem,
     output::{emit, header, header_at},
+    rodata::rodata,
 };
 
 // A zeroed SockInfo is a socket the programs know nothing of.
@@ -62,14 +63,9 @@ static STATE_EVENT: PerCpuArray<TcpStateEvent> = PerCpuArray::with_max_entries(1
 #[map]
 static SYNACK_RETRANS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(8192, 0);
 
-/// The configuration, read in place: the agent rewrites .rodata before load,
-/// so the compiler must not fold the defaults in. Reading the address
-/// through a volatile load hides the object from it without copying the
-/// whole struct onto the 512-byte stack.
 #[inline(always)]
 fn config() -> &'static TcpConfig {
-    // SAFETY: the address of a static, valid for the program's life.
-    unsafe { &*ptr::read_volatile(&&raw const TCP_CONFIG) }
+    rodata(&TCP_CONFIG)
 }
 
 /// An IPv4 address field (`__u8[4]`, only 2-byte aligned in some records):

@@ -4,8 +4,6 @@
 //! try_to_free_mem_cgroup_pages). Each pair brackets one reclaim call on the
 //! stalled thread.
 
-use core::ptr;
-
 use aya_ebpf::{
     macros::{map, tracepoint},
     programs::TracePointContext,
@@ -17,6 +15,7 @@ use kdiag_common::{
 
 use crate::{
     ctx,
+    rodata::rodata,
     stall::{self, Outcome, StatsMap},
 };
 
@@ -29,9 +28,8 @@ static RECLAIM_CONFIG: ReclaimConfig = ReclaimConfig::DEFAULT;
 static RECLAIM_STATS: StatsMap = stall::stats_map();
 
 #[inline(always)]
-fn config() -> ReclaimConfig {
-    // SAFETY: .rodata written by the agent before load.
-    unsafe { ptr::read_volatile(&RECLAIM_CONFIG) }
+fn config() -> &'static ReclaimConfig {
+    rodata(&RECLAIM_CONFIG)
 }
 
 #[tracepoint]
