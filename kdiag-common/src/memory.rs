@@ -6,7 +6,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::{COMM_LEN, EventHeader, log2::log2};
+use crate::{COMM_LEN, EventHeader, log2::Scale};
 
 pub use crate::FIELD_ABSENT;
 
@@ -287,45 +287,12 @@ pub struct StallEvent {
 }
 const _: () = assert!(size_of::<StallEvent>() == 16 + 16 + 8 * 3 + 8 + 16);
 
-/// Per-thread latency histogram: log-linear, [`HIST_SUB`] buckets per power
-/// of two from 2^[`HIST_MIN_EXP`] ns, one bucket below that, and the top
-/// bucket also holding everything over 2^([`HIST_MAX_EXP`]+1) ns. A value's
-/// bucket spans at most 1/[`HIST_SUB`] of its lower bound.
-pub const HIST_SUB_BITS: u32 = 3;
-pub const HIST_SUB: usize = 1 << HIST_SUB_BITS;
-/// 1.024 µs.
-pub const HIST_MIN_EXP: u32 = 10;
-/// Up to 2^34 ns, about 17 s.
-pub const HIST_MAX_EXP: u32 = 33;
-pub const HIST_BUCKETS: usize = 1 + (HIST_MAX_EXP - HIST_MIN_EXP + 1) as usize * HIST_SUB;
-
-/// The histogram bucket of a latency.
-#[inline(always)]
-pub fn hist_bucket(ns: u64) -> usize {
-    if ns < 1 << HIST_MIN_EXP {
-        return 0;
-    }
-    let e = log2(ns);
-    if e > HIST_MAX_EXP {
-        return HIST_BUCKETS - 1;
-    }
-    let sub = ((ns >> (e - HIST_SUB_BITS)) as usize) & (HIST_SUB - 1);
-    1 + (e - HIST_MIN_EXP) as usize * HIST_SUB + sub
-}
-
-/// The largest latency bucket `b` holds (u64::MAX for the top bucket).
-pub fn hist_bucket_max(b: usize) -> u64 {
-    if b == 0 {
-        return (1 << HIST_MIN_EXP) - 1;
-    }
-    if b >= HIST_BUCKETS - 1 {
-        return u64::MAX;
-    }
-    let e = HIST_MIN_EXP + ((b - 1) / HIST_SUB) as u32;
-    let sub = ((b - 1) % HIST_SUB) as u64;
-    let width = 1u64 << (e - HIST_SUB_BITS);
-    (1u64 << e) + (sub + 1) * width - 1
-}
+/// Per-thread latency histogram: 8 buckets per power of two from 1.024 µs
+/// (2^10 ns), one bucket below that, up to 2^34 ns (about 17 s), the top
+/// bucket also holding everything longer. A latency's bucket is less than
+/// 1/8 of its lower bound wide.
+pub const HIST: Scale = Scale::new(10, 3, 33);
+pub const HIST_BUCKETS: usize = HIST.buckets();
 
 /// One thread's stalls of one kind since the agent started: counters that
 /// only grow, so the agent takes differences and never has to reset them
@@ -387,26 +354,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn buckets_cover_values_with_bounded_width() {
-        let mut last = 0;
-        for v in (0..40).flat_map(|e| [1u64 << e, (1u64 << e) + 1, (3u64 << e) / 2]) {
-            let b = hist_bucket(v);
-            assert!(b < HIST_BUCKETS);
-            assert!(v <= hist_bucket_max(b), "{v} over its bucket {b}");
-            if b > 0 {
-                assert!(v > hist_bucket_max(b - 1), "{v} under its bucket {b}");
-            }
-            if b > 0 && b < HIST_BUCKETS - 1 {
-                // The bucket's top is at most 1/8 above any value in it.
-                assert!(hist_bucket_max(b) - v < v / HIST_SUB as u64 + 1, "{v}");
-            }
-            assert!(b >= last);
-            last = b;
-        }
-        assert_eq!(hist_bucket(0), 0);
-        assert_eq!(hist_bucket(1023), 0);
-        assert_eq!(hist_bucket(1024), 1);
-        assert_eq!(hist_bucket(u64::MAX), HIST_BUCKETS - 1);
+    fn histogram_bounds() {
+        assert_eq!(HIST_BUCKETS, 193);
+        assert_eq!((HIST.bucket(1023), HIST.bucket(1024)), (0, 1));
+        assert_eq!((HIST.bucket_max(1), HIST.bucket_min(2)), (1151, 1152));
+        assert_eq!(HIST.bucket_min(HIST_BUCKETS - 1), 15 << 30);
+        assert_eq!(HIST.bucket(u64::MAX), HIST_BUCKETS - 1);
     }
 
     #[test]

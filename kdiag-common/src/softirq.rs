@@ -4,23 +4,19 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::{EventHeader, log2::log2};
+use crate::{EventHeader, log2::Scale};
 
 /// Softirq vectors the kernel has (`NR_SOFTIRQS` in include/linux/interrupt.h,
 /// 10 since 4.1: HI, TIMER, NET_TX, NET_RX, BLOCK, IRQ_POLL, TASKLET, SCHED,
 /// HRTIMER, RCU).
 pub const NR_SOFTIRQS: u32 = 10;
 
-/// log2 buckets per histogram. Bucket 0 holds [0, 2) ns, bucket `i` holds
-/// [2^i, 2^(i+1)) ns, and the last one everything from 2^31 ns (2.1 s) up.
-pub const HIST_BUCKETS: usize = 32;
-
-/// The histogram bucket of a latency in nanoseconds: floor(log2(ns)),
-/// at most `HIST_BUCKETS - 1`.
-#[inline(always)]
-pub fn bucket_of(ns: u64) -> usize {
-    (log2(ns) as usize).min(HIST_BUCKETS - 1)
-}
+/// Service time and delay histograms: log2 buckets. Bucket 0 holds [0, 2)
+/// ns, bucket `i` holds [2^i, 2^(i+1)) ns (`HIST.bucket(ns)` is
+/// floor(log2(ns))), and the last one everything from 2^31 ns (2.1 s) up.
+pub const HIST: Scale = Scale::new(1, 0, 31);
+pub const HIST_BUCKETS: usize = HIST.buckets();
+const _: () = assert!(HIST_BUCKETS == 32);
 
 /// `delay_ns` of a softirq whose raise was not seen (the agent started while
 /// it was pending, or the raise program could not run).

@@ -26,7 +26,7 @@ use aya_ebpf::{
 };
 use kdiag_common::{
     ClassId, EventKind,
-    softirq::{NO_DELAY, NR_SOFTIRQS, SoftirqConfig, SoftirqEvent, SoftirqSlot, bucket_of},
+    softirq::{HIST, NO_DELAY, NR_SOFTIRQS, SoftirqConfig, SoftirqEvent, SoftirqSlot},
 };
 
 use crate::{
@@ -158,7 +158,7 @@ fn try_softirq_exit(ctx: &TracePointContext) -> Result<u32, i64> {
     unsafe {
         (*s).entry_ns = 0;
         (*s).service_total_ns += service;
-        (*s).service_buckets[bucket_of(service)] += 1;
+        (*s).service_buckets[HIST.bucket(service)] += 1;
         let max = &mut (*s).max[(generation & 1) as usize];
         if max.generation != generation {
             // Field by field: a struct assignment becomes a memset call.
@@ -170,7 +170,7 @@ fn try_softirq_exit(ctx: &TracePointContext) -> Result<u32, i64> {
             max.service_ns = service;
         }
         if delay != NO_DELAY {
-            (*s).delay_buckets[bucket_of(delay)] += 1;
+            (*s).delay_buckets[HIST.bucket(delay)] += 1;
             if delay > max.delay_ns {
                 max.delay_ns = delay;
             }

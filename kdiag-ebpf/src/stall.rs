@@ -22,8 +22,8 @@ use aya_ebpf::{
 use kdiag_common::{
     ClassId, EventKind, LOSS_DROPPED,
     memory::{
-        CgroupSource, NO_CGROUP_FILTER, StallEvent, StallFilter, StallKey, StallKind, StallStart,
-        StallStats, hist_bucket,
+        CgroupSource, HIST, NO_CGROUP_FILTER, StallEvent, StallFilter, StallKey, StallKind,
+        StallStart, StallStats,
     },
 };
 
@@ -198,7 +198,7 @@ pub fn finish<C: EbpfContext>(
     match thread_stats(stats, key) {
         Some(s) => {
             let lat = ended.latency_ns;
-            let bucket = hist_bucket(lat);
+            let bucket = HIST.bucket(lat);
             // SAFETY: a live map value. Only this thread's programs write
             // it (the key holds its tid), and a thread runs on one CPU at a
             // time; classic tracepoint programs do not nest on a CPU. So

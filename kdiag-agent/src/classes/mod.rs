@@ -1,7 +1,6 @@
 //! One module per event class, and what the TCP classes share.
 
 pub mod hist;
-pub mod log2hist;
 pub mod memory;
 pub mod softirq;
 pub mod tcp;

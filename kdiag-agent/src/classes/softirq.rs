@@ -8,12 +8,14 @@ use aya::{
 };
 use kdiag_common::{
     ClassId, EventKind,
-    softirq::{FIELD_ABSENT, NO_DELAY, NR_SOFTIRQS, SoftirqConfig, SoftirqEvent, SoftirqSlot},
+    softirq::{
+        FIELD_ABSENT, HIST, NO_DELAY, NR_SOFTIRQS, SoftirqConfig, SoftirqEvent, SoftirqSlot,
+    },
 };
 
 use crate::{
     class::{Class, ClassError, Global, Tracepoint},
-    classes::log2hist::{self, Latency},
+    classes::hist::{self, Latency},
     kernel::tracefs::Formats,
     kernel::wire::{DecodeError, decode},
     output::Output,
@@ -135,13 +137,15 @@ pub fn summarize(
         (0, 0)
     };
     let total = now.service_total_ns.saturating_sub(before.service_total_ns);
-    let service = log2hist::summarize(
-        &log2hist::delta(&now.service_buckets, &before.service_buckets),
+    let service = hist::summarize(
+        &HIST,
+        &hist::delta(&now.service_buckets, &before.service_buckets),
         service_max,
         Some(total),
     )?;
-    let delay: Option<Latency> = log2hist::summarize(
-        &log2hist::delta(&now.delay_buckets, &before.delay_buckets),
+    let delay: Option<Latency> = hist::summarize(
+        &HIST,
+        &hist::delta(&now.delay_buckets, &before.delay_buckets),
         delay_max,
         None,
     );
@@ -237,7 +241,7 @@ impl Class for SoftirqClass {
         };
         // Switch the programs to the next generation's maxima first, then
         // read: this generation's slot is complete but for a program that
-        // was running during the switch (see `log2hist::summarize`).
+        // was running during the switch (see `hist::summarize`).
         let ended = self.generation;
         maps.generation
             .set(0, ended + 1, 0)
@@ -260,10 +264,7 @@ impl Class for SoftirqClass {
 
 #[cfg(test)]
 mod tests {
-    use kdiag_common::{
-        EventHeader,
-        softirq::{MaxSlot, bucket_of},
-    };
+    use kdiag_common::{EventHeader, softirq::MaxSlot};
 
     use super::*;
     use crate::kernel::tracefs::parse_format;
@@ -330,11 +331,11 @@ mod tests {
         }
         for &ns in service {
             s.service_total_ns += ns;
-            s.service_buckets[bucket_of(ns)] += 1;
+            s.service_buckets[HIST.bucket(ns)] += 1;
             m.service_ns = m.service_ns.max(ns);
         }
         for &ns in delay {
-            s.delay_buckets[bucket_of(ns)] += 1;
+            s.delay_buckets[HIST.bucket(ns)] += 1;
             m.delay_ns = m.delay_ns.max(ns);
         }
         s
@@ -381,7 +382,7 @@ mod tests {
         let old = slot(&SoftirqSlot::ZERO, &[1 << 20], &[], 0);
         let mut now = old;
         now.service_total_ns += 1500;
-        now.service_buckets[bucket_of(1500)] += 1;
+        now.service_buckets[HIST.bucket(1500)] += 1;
         let s = summarize(0, 0, &old, &now, 2, 1).unwrap();
         assert_eq!(
             (s.count, s.service_max_ns, s.service_p99_ns),
