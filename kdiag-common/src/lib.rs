@@ -96,9 +96,10 @@ pub enum Transport {
 }
 
 /// Default size of the buffer between the programs and the agent (its
-/// `--buffer-mib`): about 29,000 TCP state records, or 100 ms of the busiest
-/// loopback churn measured (300k records/s). At 1 MiB that churn overflowed
-/// it whenever the agent waited a few tens of milliseconds for a CPU.
+/// `--buffer-mib`): room for what the busiest loopback churn measured
+/// writes while the agent waits tens of milliseconds for a CPU, which
+/// overflowed smaller buffers (docs/BENCHMARKS.md, "Drops at maximum
+/// churn").
 pub const DEFAULT_BUFFER_BYTES: u32 = 4 << 20;
 
 /// The reader is woken each time the bytes queued in its buffer cross a

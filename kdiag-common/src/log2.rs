@@ -1,11 +1,12 @@
 //! floor(log2), and the log-linear bucket scale of every kernel histogram.
 //!
 //! The BPF instruction set has no count-leading-zeros, and LLVM expands
-//! `u64::leading_zeros` into about fifty instructions with four 64-bit
-//! constants. Softirq exit runs this twice per softirq, right after a handler
-//! has evicted the program's code from the caches, so its size costs time.
-//! The de Bruijn method below is a third of that, has no branch (one
-//! verifier path) and its table is 64 bytes of `.rodata`.
+//! `u64::leading_zeros` into a long sequence with several 64-bit constants.
+//! Softirq exit runs this twice per softirq, right after a handler has
+//! evicted the program's code from the caches, so its size costs time. The
+//! de Bruijn method below is much shorter (docs/BENCHMARKS.md, "log2
+//! buckets"), has no branch (one verifier path) and its table is 64 bytes
+//! of `.rodata`.
 
 /// A de Bruijn sequence B(2, 6): the top six bits of `DE_BRUIJN << k` are
 /// distinct for every k in 0..64.

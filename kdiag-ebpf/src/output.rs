@@ -90,8 +90,8 @@ pub fn emit<C: EbpfContext, T>(ctx: &C, class: ClassId, event: &T) {
         }
     } else {
         // Waking the reader costs more than everything else an event does
-        // (an irq_work, in a VM an interrupt to itself: about 10 us measured
-        // per retransmit event). So no wakeup per event: the agent drains the
+        // (an irq_work, in a VM an interrupt to itself; docs/BENCHMARKS.md
+        // has the figures). So no wakeup per event: the agent drains the
         // ring on a short timer anyway, and a wakeup is forced only when this
         // event's bytes cross a multiple of 2^WAKEUP_SHIFT bytes (an eighth
         // of the ring, kdiag_common::WAKEUP_FRACTION_SHIFT). Once per

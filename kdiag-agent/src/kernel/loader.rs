@@ -129,11 +129,12 @@ pub fn load(
 }
 
 /// aya 0.14's `EbpfLoader::new()` reads and parses the kernel's whole BTF
-/// (about 15 MiB of memory and 20 ms here) before `.btf(None)` can say it
-/// is not wanted (aya issue 1172; later aya versions parse lazily). So the
-/// loader is made on a thread of its own whose root directory is /proc,
-/// where /sys/kernel/btf/vmlinux does not exist: aya's read fails and it
-/// parses nothing. The root is that thread's alone (`unshare(CLONE_FS)`)
+/// (megabytes of memory and milliseconds of start-up, measured in
+/// docs/BENCHMARKS.md) before `.btf(None)` can say it is not wanted (aya
+/// issue 1172; later aya versions parse lazily). So the loader is made on a
+/// thread of its own whose root directory is /proc, where
+/// /sys/kernel/btf/vmlinux does not exist: aya's read fails and it parses
+/// nothing. The root is that thread's alone (`unshare(CLONE_FS)`)
 /// and the thread ends at once. Where chroot is not allowed (no
 /// CAP_SYS_CHROOT, a seccomp profile), the loader is made the usual way.
 fn loader_without_kernel_btf() -> EbpfLoader<'static> {
