@@ -3,43 +3,57 @@
 //! Every event the kernel sends starts with an [`EventHeader`]; its `kind`
 //! says which payload follows. All structs are `#[repr(C)]`, `Copy`, built
 //! from fixed-size fields with explicit padding and no `bool`, so that both
-//! sides agree on the layout byte for byte. Sizes are asserted at compile time.
+//! sides agree on the layout byte for byte. bytemuck's `Pod` derive checks
+//! at compile time that none has padding, and sizes are asserted.
 #![no_std]
+
+use bytemuck::{Pod, Zeroable};
 
 pub mod log2;
 pub mod memory;
 pub mod softirq;
 pub mod tcp;
 
-/// Which payload follows the [`EventHeader`].
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EventKind {
-    Retrans = 1,
-    TcpState = 2,
-    TcpConn = 3,
-    Reclaim = 4,
-    Compact = 5,
-    Softirq = 6,
+/// Declares a `#[repr(u32)]` enum of the wire from one table of variants:
+/// the enum, `ALL` (every variant, in the table's order), and the u32 ->
+/// enum conversion (`TryFrom<u32>`, derived by num_enum). Adding a variant
+/// is one line of its table.
+macro_rules! wire_enum {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident {
+            $($(#[$vmeta:meta])* $variant:ident $(= $value:literal)?,)+
+        }
+    ) => {
+        $(#[$meta])*
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, num_enum::TryFromPrimitive)]
+        $vis enum $name {
+            $($(#[$vmeta])* $variant $(= $value)?,)+
+        }
+
+        impl $name {
+            /// Every variant, in declaration order.
+            pub const ALL: [Self; [$(Self::$variant),+].len()] = [$(Self::$variant),+];
+        }
+    };
 }
 
-impl EventKind {
-    pub const fn from_u32(v: u32) -> Option<Self> {
-        match v {
-            1 => Some(Self::Retrans),
-            2 => Some(Self::TcpState),
-            3 => Some(Self::TcpConn),
-            4 => Some(Self::Reclaim),
-            5 => Some(Self::Compact),
-            6 => Some(Self::Softirq),
-            _ => None,
-        }
+wire_enum! {
+    /// Which payload follows the [`EventHeader`].
+    pub enum EventKind {
+        Retrans = 1,
+        TcpState = 2,
+        TcpConn = 3,
+        Reclaim = 4,
+        Compact = 5,
+        Softirq = 6,
     }
 }
 
 /// First bytes of every event.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct EventHeader {
     /// An [`EventKind`] as u32.
     pub kind: u32,
@@ -50,12 +64,16 @@ pub struct EventHeader {
 }
 const _: () = assert!(size_of::<EventHeader>() == 16);
 
+/// Marks a tracepoint field this kernel does not have, among the offsets the
+/// agent reads from the tracepoints' format files and hands the programs.
+pub const FIELD_ABSENT: u16 = u16::MAX;
+
 /// Length of a task's comm, including the terminating NUL (TASK_COMM_LEN).
 pub const COMM_LEN: usize = 16;
 
 /// The process that owns a socket, captured in process context.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Owner {
     /// Thread group id (the userspace pid).
     pub tgid: u32,
@@ -78,10 +96,29 @@ pub enum Transport {
 }
 
 /// Default size of the buffer between the programs and the agent (its
-/// `--buffer-mib`): about 29,000 TCP state records, or 100 ms of the busiest
-/// loopback churn measured (300k records/s). At 1 MiB that churn overflowed
-/// it whenever the agent waited a few tens of milliseconds for a CPU.
+/// `--buffer-mib`): room for what the busiest loopback churn measured
+/// writes while the agent waits tens of milliseconds for a CPU, which
+/// overflowed smaller buffers (docs/BENCHMARKS.md, "Drops at maximum
+/// churn").
 pub const DEFAULT_BUFFER_BYTES: u32 = 4 << 20;
+
+/// The reader is woken each time the bytes queued in its buffer cross a
+/// multiple of 1/2^`WAKEUP_FRACTION_SHIFT` of the buffer (an eighth), and
+/// drains on a short timer in between. Not once per event: a wakeup is an
+/// irq_work, an interrupt the CPU sends itself, and costs more than
+/// everything else an event does. Not at a fuller buffer either: the rest
+/// of it holds what arrives while the woken reader waits for a CPU. The
+/// ring buffer's programs apply it through [`wakeup_shift`], the perf
+/// buffers through their watermark.
+pub const WAKEUP_FRACTION_SHIFT: u32 = 3;
+
+/// The programs' `WAKEUP_SHIFT` for a ring buffer of `ring_bytes` (a power
+/// of two): log2 of the [`WAKEUP_FRACTION_SHIFT`] fraction of it.
+pub const fn wakeup_shift(ring_bytes: u32) -> u64 {
+    ring_bytes
+        .trailing_zeros()
+        .saturating_sub(WAKEUP_FRACTION_SHIFT) as u64
+}
 
 /// Indexes into the per-CPU loss counters: `class * LOSS_REASONS + reason`.
 pub const LOSS_DROPPED: u32 = 0;
@@ -90,32 +127,68 @@ pub const LOSS_DROPPED: u32 = 0;
 pub const LOSS_LOST: u32 = 1;
 pub const LOSS_REASONS: u32 = 2;
 
-/// Event classes, as indexes for per-class counters.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ClassId {
-    Retrans = 0,
-    Tcp = 1,
-    Reclaim = 2,
-    Compact = 3,
-    Softirq = 4,
+wire_enum! {
+    /// Event classes, as indexes for per-class counters: numbered from 0 in
+    /// the order listed.
+    pub enum ClassId {
+        Retrans,
+        Tcp,
+        Reclaim,
+        Compact,
+        Softirq,
+    }
 }
-pub const CLASS_COUNT: u32 = 5;
+
+/// Number of classes, from [`ClassId`]'s table.
+pub const CLASS_COUNT: u32 = ClassId::ALL.len() as u32;
+
+// A class id indexes arrays of CLASS_COUNT entries.
+const _: () = {
+    let mut i = 0;
+    while i < ClassId::ALL.len() {
+        assert!(ClassId::ALL[i] as usize == i);
+        i += 1;
+    }
+};
 
 /// Size of the per-CPU loss counter array.
 pub const LOSS_SLOTS: u32 = CLASS_COUNT * LOSS_REASONS;
 
-/// Implements `aya::Pod` for the userspace side (the types are plain old
-/// data: any byte pattern is a valid value).
+/// Implements `aya::Pod` for the userspace side, for wire types that derive
+/// `bytemuck::Pod` (checked here, on both sides): that derive refuses a
+/// type with padding or with a field that is not itself plain old data, so
+/// any byte pattern is a valid value and no byte of it is uninitialized.
 #[macro_export]
 macro_rules! impl_pod {
     ($($t:ty),* $(,)?) => {
         $(
+            const _: () = $crate::assert_pod::<$t>();
             #[cfg(feature = "user")]
-            // SAFETY: repr(C), Copy, integer and array fields only.
+            // SAFETY: bytemuck::Pod, asserted above: repr(C), no padding,
+            // integer and array fields only.
             unsafe impl aya::Pod for $t {}
         )*
     };
 }
 
+/// Compiles only for a `bytemuck::Pod` type (see [`impl_pod`]).
+#[doc(hidden)]
+pub const fn assert_pod<T: Pod>() {}
+
 impl_pod!(EventHeader, Owner);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wakeup_at_an_eighth_of_the_ring() {
+        assert_eq!(
+            1 << wakeup_shift(DEFAULT_BUFFER_BYTES),
+            DEFAULT_BUFFER_BYTES / 8
+        );
+        assert_eq!(wakeup_shift(4096), 9);
+        // A ring smaller than 2^WAKEUP_FRACTION_SHIFT bytes wakes on every byte.
+        assert_eq!(wakeup_shift(4), 0);
+    }
+}

@@ -4,10 +4,11 @@
 //! statistics there (so stalls under `--min-latency-us` still count), and
 //! send each stall at or over the threshold as a [`StallEvent`].
 
-use crate::{COMM_LEN, EventHeader, log2::log2};
+use bytemuck::{Pod, Zeroable};
 
-/// Marks a tracepoint field this kernel does not have.
-pub const FIELD_ABSENT: u16 = u16::MAX;
+use crate::{COMM_LEN, EventHeader, log2::Scale};
+
+pub use crate::FIELD_ABSENT;
 
 /// What stalled. Also the `kind` of [`StallKey`], so that one thread's
 /// reclaim and compaction pair separately.
@@ -57,7 +58,7 @@ pub enum CgroupSource {
 /// its id (`kn->id`, which is also the inode number of its directory in the
 /// cgroup mount) and its ancestors (`level`, `ancestors[]`).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct MemcgOffsets {
     pub task_cgroups: u32,
     /// `css_set.subsys` plus 8 × `memory_cgrp_id`.
@@ -80,7 +81,7 @@ pub const NO_CGROUP_FILTER: u32 = u32::MAX;
 /// Who to trace and how to find their cgroup; part of each memory class's
 /// configuration.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct StallFilter {
     pub memcg: MemcgOffsets,
     /// A [`CgroupSource`] as u32.
@@ -139,7 +140,7 @@ impl StallFilter {
 
 /// `RECLAIM_CONFIG`: tracepoint offsets and filters of the reclaim programs.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct ReclaimConfig {
     pub filter: StallFilter,
     /// `order` of mm_vmscan_direct_reclaim_begin.
@@ -165,7 +166,7 @@ impl ReclaimConfig {
 /// `COMPACT_CONFIG`: tracepoint offsets and filters of the compaction
 /// programs.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct CompactConfig {
     pub filter: StallFilter,
     /// `status` and `sync` of mm_compaction_end.
@@ -241,7 +242,7 @@ pub const ORDER_UNKNOWN: i32 = -1;
 
 /// One thread's stall of one kind.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct StallKey {
     pub tid: u32,
     /// A [`StallKind`] as u32.
@@ -251,7 +252,7 @@ const _: () = assert!(size_of::<StallKey>() == 8);
 
 /// A stall in progress, from its begin tracepoint.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct StallStart {
     pub ts_ns: u64,
     pub cgroup_id: u64,
@@ -265,7 +266,7 @@ const _: () = assert!(size_of::<StallStart>() == 24);
 /// One stall at or over the threshold. Sent with kind `Reclaim` or
 /// `Compact`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct StallEvent {
     pub header: EventHeader,
     pub tgid: u32,
@@ -286,52 +287,19 @@ pub struct StallEvent {
 }
 const _: () = assert!(size_of::<StallEvent>() == 16 + 16 + 8 * 3 + 8 + 16);
 
-/// Per-thread latency histogram: log-linear, [`HIST_SUB`] buckets per power
-/// of two from 2^[`HIST_MIN_EXP`] ns, one bucket below that, and the top
-/// bucket also holding everything over 2^([`HIST_MAX_EXP`]+1) ns. A value's
-/// bucket spans at most 1/[`HIST_SUB`] of its lower bound.
-pub const HIST_SUB_BITS: u32 = 3;
-pub const HIST_SUB: usize = 1 << HIST_SUB_BITS;
-/// 1.024 µs.
-pub const HIST_MIN_EXP: u32 = 10;
-/// Up to 2^34 ns, about 17 s.
-pub const HIST_MAX_EXP: u32 = 33;
-pub const HIST_BUCKETS: usize = 1 + (HIST_MAX_EXP - HIST_MIN_EXP + 1) as usize * HIST_SUB;
-
-/// The histogram bucket of a latency.
-#[inline(always)]
-pub fn hist_bucket(ns: u64) -> usize {
-    if ns < 1 << HIST_MIN_EXP {
-        return 0;
-    }
-    let e = log2(ns);
-    if e > HIST_MAX_EXP {
-        return HIST_BUCKETS - 1;
-    }
-    let sub = ((ns >> (e - HIST_SUB_BITS)) as usize) & (HIST_SUB - 1);
-    1 + (e - HIST_MIN_EXP) as usize * HIST_SUB + sub
-}
-
-/// The largest latency bucket `b` holds (u64::MAX for the top bucket).
-pub fn hist_bucket_max(b: usize) -> u64 {
-    if b == 0 {
-        return (1 << HIST_MIN_EXP) - 1;
-    }
-    if b >= HIST_BUCKETS - 1 {
-        return u64::MAX;
-    }
-    let e = HIST_MIN_EXP + ((b - 1) / HIST_SUB) as u32;
-    let sub = ((b - 1) % HIST_SUB) as u64;
-    let width = 1u64 << (e - HIST_SUB_BITS);
-    (1u64 << e) + (sub + 1) * width - 1
-}
+/// Per-thread latency histogram: 8 buckets per power of two from 1.024 µs
+/// (2^10 ns), one bucket below that, up to 2^34 ns (about 17 s), the top
+/// bucket also holding everything longer. A latency's bucket is less than
+/// 1/8 of its lower bound wide.
+pub const HIST: Scale = Scale::new(10, 3, 33);
+pub const HIST_BUCKETS: usize = HIST.buckets();
 
 /// One thread's stalls of one kind since the agent started: counters that
 /// only grow, so the agent takes differences and never has to reset them
 /// (a reset would race with the programs). Written only by programs running
 /// on that thread, which runs on one CPU at a time.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct StallStats {
     pub tgid: u32,
     pub _pad: u32,
@@ -386,26 +354,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn buckets_cover_values_with_bounded_width() {
-        let mut last = 0;
-        for v in (0..40).flat_map(|e| [1u64 << e, (1u64 << e) + 1, (3u64 << e) / 2]) {
-            let b = hist_bucket(v);
-            assert!(b < HIST_BUCKETS);
-            assert!(v <= hist_bucket_max(b), "{v} over its bucket {b}");
-            if b > 0 {
-                assert!(v > hist_bucket_max(b - 1), "{v} under its bucket {b}");
-            }
-            if b > 0 && b < HIST_BUCKETS - 1 {
-                // The bucket's top is at most 1/8 above any value in it.
-                assert!(hist_bucket_max(b) - v < v / HIST_SUB as u64 + 1, "{v}");
-            }
-            assert!(b >= last);
-            last = b;
-        }
-        assert_eq!(hist_bucket(0), 0);
-        assert_eq!(hist_bucket(1023), 0);
-        assert_eq!(hist_bucket(1024), 1);
-        assert_eq!(hist_bucket(u64::MAX), HIST_BUCKETS - 1);
+    fn histogram_bounds() {
+        assert_eq!(HIST_BUCKETS, 193);
+        assert_eq!((HIST.bucket(1023), HIST.bucket(1024)), (0, 1));
+        assert_eq!((HIST.bucket_max(1), HIST.bucket_min(2)), (1151, 1152));
+        assert_eq!(HIST.bucket_min(HIST_BUCKETS - 1), 15 << 30);
+        assert_eq!(HIST.bucket(u64::MAX), HIST_BUCKETS - 1);
     }
 
     #[test]

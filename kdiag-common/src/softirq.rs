@@ -2,52 +2,49 @@
 //! queueing delay (irq/softirq_raise to irq/softirq_entry), kept in the
 //! kernel as per-CPU, per-vector log2 histograms.
 
-use crate::{EventHeader, log2::log2};
+use bytemuck::{Pod, Zeroable};
+
+use crate::{EventHeader, log2::Scale};
 
 /// Softirq vectors the kernel has (`NR_SOFTIRQS` in include/linux/interrupt.h,
 /// 10 since 4.1: HI, TIMER, NET_TX, NET_RX, BLOCK, IRQ_POLL, TASKLET, SCHED,
 /// HRTIMER, RCU).
 pub const NR_SOFTIRQS: u32 = 10;
 
-/// log2 buckets per histogram. Bucket 0 holds [0, 2) ns, bucket `i` holds
-/// [2^i, 2^(i+1)) ns, and the last one everything from 2^31 ns (2.1 s) up.
-pub const HIST_BUCKETS: usize = 32;
-
-/// The histogram bucket of a latency in nanoseconds: floor(log2(ns)),
-/// at most `HIST_BUCKETS - 1`.
-#[inline(always)]
-pub fn bucket_of(ns: u64) -> usize {
-    (log2(ns) as usize).min(HIST_BUCKETS - 1)
-}
+/// Service time and delay histograms: log2 buckets. Bucket 0 holds [0, 2)
+/// ns, bucket `i` holds [2^i, 2^(i+1)) ns (`HIST.bucket(ns)` is
+/// floor(log2(ns))), and the last one everything from 2^31 ns (2.1 s) up.
+pub const HIST: Scale = Scale::new(1, 0, 31);
+pub const HIST_BUCKETS: usize = HIST.buckets();
+const _: () = assert!(HIST_BUCKETS == 32);
 
 /// `delay_ns` of a softirq whose raise was not seen (the agent started while
 /// it was pending, or the raise program could not run).
 pub const NO_DELAY: u64 = u64::MAX;
 
-/// Marks a tracepoint field this kernel does not have.
-pub const VEC_ABSENT: u32 = u32::MAX;
+pub use crate::FIELD_ABSENT;
 
 /// Configuration of the softirq programs, written into `.rodata` at load.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct SoftirqConfig {
     /// Offsets of `vec` in the records of irq/softirq_raise, softirq_entry
-    /// and softirq_exit (from their format files), or [`VEC_ABSENT`].
-    pub raise_vec: u32,
-    pub entry_vec: u32,
-    pub exit_vec: u32,
-    pub _pad: u32,
+    /// and softirq_exit (from their format files), or [`FIELD_ABSENT`].
+    pub raise_vec: u16,
+    pub entry_vec: u16,
+    pub exit_vec: u16,
+    pub _pad: u16,
     /// Softirqs whose service time or queueing delay is at or over this go
     /// out one by one as [`SoftirqEvent`]s.
     pub min_latency_ns: u64,
 }
-const _: () = assert!(size_of::<SoftirqConfig>() == 24);
+const _: () = assert!(size_of::<SoftirqConfig>() == 16);
 
 impl SoftirqConfig {
     pub const DEFAULT: Self = Self {
-        raise_vec: VEC_ABSENT,
-        entry_vec: VEC_ABSENT,
-        exit_vec: VEC_ABSENT,
+        raise_vec: FIELD_ABSENT,
+        entry_vec: FIELD_ABSENT,
+        exit_vec: FIELD_ABSENT,
         _pad: 0,
         min_latency_ns: u64::MAX,
     };
@@ -56,7 +53,7 @@ impl SoftirqConfig {
 /// The largest service time and queueing delay of one interval, tagged with
 /// the interval's generation (see [`SoftirqSlot::max`]).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct MaxSlot {
     pub generation: u64,
     pub service_ns: u64,
@@ -73,7 +70,7 @@ pub struct MaxSlot {
 /// or counted twice. The number of softirqs is the sum of the service
 /// buckets (one store less per softirq than a separate count).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct SoftirqSlot {
     /// First `softirq_raise` since the last entry, 0 when none is pending.
     pub raise_ns: u64,
@@ -113,7 +110,7 @@ impl SoftirqSlot {
 /// One softirq at or over the threshold. The header's `cpu` is where it ran,
 /// `ts_ns` when it ended.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct SoftirqEvent {
     pub header: EventHeader,
     pub vec: u32,

@@ -1,6 +1,8 @@
 //! TCP: retransmits (tcp/tcp_retransmit_skb, tcp/tcp_retransmit_synack) and
 //! socket ownership from sock/inet_sock_set_state.
 
+use bytemuck::{Pod, Zeroable};
+
 use crate::{EventHeader, Owner};
 
 /// Kernel TCP states (include/net/tcp_states.h).
@@ -14,15 +16,14 @@ pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u16 = 6;
 
-/// Marks a tracepoint field this kernel does not have.
-pub const FIELD_ABSENT: u16 = u16::MAX;
+pub use crate::FIELD_ABSENT;
 
 /// Offsets of the connection fields every TCP tracepoint carries
 /// (`sport`, `dport`, `family`, `saddr`, `daddr`, `saddr_v6`, `daddr_v6`),
 /// read from the tracepoint's format file at start-up because they move
 /// between kernel versions.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct TupleOffsets {
     pub sport: u16,
     pub dport: u16,
@@ -40,7 +41,7 @@ pub struct TupleOffsets {
 /// `oldstate` and `protocol` are inet_sock_set_state's. Fields a tracepoint
 /// does not have are [`FIELD_ABSENT`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct TcpTpOffsets {
     pub tuple: TupleOffsets,
     pub skaddr: u16,
@@ -142,7 +143,7 @@ pub const MAX_PORTS: usize = 8;
 
 /// Configuration of the TCP programs, written into `.rodata` at load.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct TcpConfig {
     pub retransmit_skb: TcpTpOffsets,
     pub retransmit_synack: TcpTpOffsets,
@@ -200,7 +201,7 @@ impl TcpConfig {
 /// A connection's addresses. `saddr`/`sport` are the local end. IPv4
 /// addresses fill the first 4 bytes of the 16.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct TcpTuple {
     pub family: u16,
     pub sport: u16,
@@ -236,7 +237,7 @@ impl RetransKind {
 
 /// One retransmit.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct RetransEvent {
     pub header: EventHeader,
     /// Identifies the socket (or the request socket, for SYN-ACKs) while it
@@ -257,7 +258,7 @@ const _: () = assert!(size_of::<RetransEvent>() == 16 + 8 + 32 + 40 + 16);
 
 /// Per-socket state kept in the kernel, keyed by the socket's address.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SockInfo {
     pub owner: Owner,
     /// Retransmits counted so far.
@@ -290,7 +291,7 @@ pub const STATE_TIME_KNOWN: u32 = 1;
 /// One TCP state change (sock/inet_sock_set_state), with what the programs
 /// know of the socket at that moment.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct TcpStateEvent {
     pub header: EventHeader,
     /// Identifies the socket while it lives; never printed.
@@ -318,7 +319,7 @@ const _: () = assert!(size_of::<TcpStateEvent>() == 16 + 8 + 32 + 40 + 8 + 8 + 8
 
 /// Key of the listener map: a listening port within one network namespace.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct ListenerKey {
     /// The namespace's `struct net` address (0 when its offset is unknown);
     /// stays in the kernel map, never leaves it.

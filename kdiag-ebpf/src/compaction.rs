@@ -5,8 +5,6 @@
 //! manual one. Direct compaction announces itself with
 //! mm_compaction_try_to_compact_pages, which gives the allocation's order.
 
-use core::ptr;
-
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, generated::bpf_get_current_task},
     macros::{map, tracepoint},
@@ -15,10 +13,14 @@ use aya_ebpf::{
 };
 use kdiag_common::{
     ClassId, EventKind,
-    memory::{CompactConfig, MigrateMode, ORDER_UNKNOWN, PF_MEMALLOC, StallKind},
+    memory::{CompactConfig, FIELD_ABSENT, MigrateMode, ORDER_UNKNOWN, PF_MEMALLOC, StallKind},
 };
 
-use crate::stall::{self, Outcome, StatsMap, read_field};
+use crate::{
+    ctx,
+    rodata::rodata,
+    stall::{self, Outcome, StatsMap},
+};
 
 /// Offsets and filters, written by the agent at load.
 #[unsafe(no_mangle)]
@@ -36,9 +38,8 @@ static COMPACT_STATS: StatsMap = stall::stats_map();
 static TRY_ORDER: LruHashMap<u32, i32> = LruHashMap::with_max_entries(1, 0);
 
 #[inline(always)]
-fn config() -> CompactConfig {
-    // SAFETY: .rodata written by the agent before load.
-    unsafe { ptr::read_volatile(&COMPACT_CONFIG) }
+fn config() -> &'static CompactConfig {
+    rodata(&COMPACT_CONFIG)
 }
 
 #[tracepoint]
@@ -52,7 +53,9 @@ fn try_try_to_compact_pages(ctx: &TracePointContext) -> Result<u32, i64> {
     if !cfg.filter.pid_allowed((pid_tgid >> 32) as u32) {
         return Ok(0);
     }
-    let order: i32 = read_field(ctx, cfg.try_order)?;
+    // As in the reclaim programs, fields are read with the helper (no usual
+    // offsets): these tracepoints fire once per compaction run.
+    let order: i32 = ctx::field(ctx, cfg.try_order, FIELD_ABSENT)?;
     TRY_ORDER
         .insert(pid_tgid as u32, order, 0)
         .map_err(i64::from)?;
@@ -79,7 +82,7 @@ pub fn compaction_begin(_ctx: TracePointContext) -> u32 {
 
 fn try_compaction_begin() -> Result<u32, i64> {
     let cfg = config();
-    let flags = task_flags(&cfg);
+    let flags = task_flags(cfg);
     let tid = bpf_get_current_pid_tgid() as u32;
     // __alloc_pages_direct_compact() runs try_to_compact_pages() under
     // memalloc_noreclaim_save(), i.e. with PF_MEMALLOC: a run with it set is
@@ -106,12 +109,12 @@ fn try_compaction_end(ctx: &TracePointContext) -> Result<u32, i64> {
         return Ok(0);
     };
     let cfg = config();
-    let sync: u8 = read_field(ctx, cfg.end_sync).unwrap_or(0);
+    let sync: u8 = ctx::field(ctx, cfg.end_sync, FIELD_ABSENT).unwrap_or(0);
     let outcome = Outcome {
         kind: StallKind::Compact,
         order: ended.start.order,
         nr_reclaimed: 0,
-        status: read_field(ctx, cfg.end_status).unwrap_or(-1),
+        status: ctx::field(ctx, cfg.end_status, FIELD_ABSENT).unwrap_or(-1),
         mode: MigrateMode::of_run(sync != 0, ended.start.flags) as u32,
     };
     stall::finish(

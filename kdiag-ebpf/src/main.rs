@@ -3,10 +3,15 @@
 //! tracepoint programs.
 #![no_std]
 #![no_main]
+// Inline asm on the BPF target (rodata.rs). The crate only builds with a
+// nightly toolchain anyway (-Z build-std), and aya-ebpf enables the same.
+#![feature(asm_experimental_arch)]
 
 mod compaction;
+mod ctx;
 mod mem;
 mod output;
+mod rodata;
 mod softirq;
 mod stall;
 mod tcp;

@@ -13,16 +13,22 @@ use aya_ebpf::{
 };
 use kdiag_common::{
     ClassId, EventHeader, EventKind, LOSS_DROPPED, LOSS_LOST, LOSS_REASONS, LOSS_SLOTS, Transport,
+    wakeup_shift,
 };
+
+use crate::rodata::rodata;
 
 /// Which transport to write to; a `Transport` set by the agent at load.
 #[unsafe(no_mangle)]
 static TRANSPORT: u32 = Transport::RingBuf as u32;
 
+/// Size of `EVENTS` in the object; the agent sets the real one at load.
+const EVENTS_BYTES: u32 = 4096;
+
 /// Shared by every class. The agent sizes it at load (`--buffer-mib`, one
 /// page when the perf transport is used).
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(4096, 0);
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 #[map]
 static PERF_EVENTS: PerfEventArray<u8> = PerfEventArray::new(0);
@@ -31,11 +37,11 @@ static PERF_EVENTS: PerfEventArray<u8> = PerfEventArray::new(0);
 #[map]
 static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_SLOTS, 0);
 
-/// log2 of the queued bytes that make an event wake the reader: an eighth
-/// of the ring, set by the agent at load (the ring's size is a power of
-/// two, so a shift replaces a division).
+/// log2 of the queued bytes that make an event wake the reader
+/// (`kdiag_common::wakeup_shift`), set by the agent at load for the ring's
+/// size (a power of two, so a shift replaces a division).
 #[unsafe(no_mangle)]
-static WAKEUP_SHIFT: u64 = 0;
+static WAKEUP_SHIFT: u64 = wakeup_shift(EVENTS_BYTES);
 
 /// -ENOSPC: the perf buffer of this CPU is full.
 const ENOSPC: i64 = -28;
@@ -62,8 +68,7 @@ pub fn header_at(kind: EventKind, ts_ns: u64) -> EventHeader {
 /// fit.
 #[inline(always)]
 pub fn emit<C: EbpfContext, T>(ctx: &C, class: ClassId, event: &T) {
-    // SAFETY: a plain u32 in .rodata, written by the agent before load.
-    let transport = unsafe { ptr::read_volatile(&TRANSPORT) };
+    let transport = *rodata(&TRANSPORT);
     let reason = if transport == Transport::Perf as u32 {
         // aya's PerfEventArray::output discards the helper's result, which
         // we need to count losses, so call the helper directly.
@@ -85,16 +90,16 @@ pub fn emit<C: EbpfContext, T>(ctx: &C, class: ClassId, event: &T) {
         }
     } else {
         // Waking the reader costs more than everything else an event does
-        // (an irq_work, in a VM an interrupt to itself: about 10 us measured
-        // per retransmit event). So no wakeup per event: the agent drains the
+        // (an irq_work, in a VM an interrupt to itself; docs/BENCHMARKS.md
+        // has the figures). So no wakeup per event: the agent drains the
         // ring on a short timer anyway, and a wakeup is forced only when this
-        // event's bytes cross a multiple of an eighth of the ring. Once per
+        // event's bytes cross a multiple of 2^WAKEUP_SHIFT bytes (an eighth
+        // of the ring, kdiag_common::WAKEUP_FRACTION_SHIFT). Once per
         // crossing, not for every event past it: while the reader catches
         // up, events keep arriving, and waking it again changes nothing.
         let queued = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
         let after = queued + size_of::<T>() as u64;
-        // SAFETY: a plain u64 in .rodata, written by the agent before load.
-        let shift = unsafe { ptr::read_volatile(&WAKEUP_SHIFT) };
+        let shift = *rodata(&WAKEUP_SHIFT);
         let flags = if after >> shift != queued >> shift {
             BPF_RB_FORCE_WAKEUP
         } else {

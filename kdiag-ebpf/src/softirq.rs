@@ -19,7 +19,6 @@
 use core::ptr;
 
 use aya_ebpf::{
-    EbpfContext as _,
     helpers::bpf_ktime_get_ns,
     macros::{map, tracepoint},
     maps::{Array, PerCpuArray},
@@ -27,12 +26,14 @@ use aya_ebpf::{
 };
 use kdiag_common::{
     ClassId, EventKind,
-    softirq::{
-        NO_DELAY, NR_SOFTIRQS, SoftirqConfig, SoftirqEvent, SoftirqSlot, VEC_ABSENT, bucket_of,
-    },
+    softirq::{HIST, NO_DELAY, NR_SOFTIRQS, SoftirqConfig, SoftirqEvent, SoftirqSlot},
 };
 
-use crate::output::{emit, header_at};
+use crate::{
+    ctx,
+    output::{emit, header_at},
+    rodata::rodata,
+};
 
 /// Offsets and threshold, written by the agent at load.
 #[unsafe(no_mangle)]
@@ -49,41 +50,18 @@ static SOFTIRQ_GENERATION: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Where `vec` has been in every kernel's softirq records so far (right
 /// after the 8-byte common header).
-const USUAL_VEC_OFFSET: u32 = 8;
+const USUAL_VEC_OFFSET: u16 = 8;
 
-/// One field of the configuration: a single load (reading the whole struct
-/// would load every field on the hot path).
-macro_rules! config {
-    ($field:ident) => {
-        // SAFETY: .rodata written by the agent before load.
-        unsafe { ptr::read_volatile(&raw const SOFTIRQ_CONFIG.$field) }
-    };
+#[inline(always)]
+fn config() -> &'static SoftirqConfig {
+    rodata(&SOFTIRQ_CONFIG)
 }
 
-/// Reads `vec` at `offset` (from the format file). The verifier only lets a
-/// classic tracepoint program load from its context at an offset fixed in
-/// the instruction; aya freezes `.rodata`, so the verifier knows `offset`
-/// and only checks the branch taken. The usual offset is read directly (one
-/// load); any other goes through a probe read (a helper call).
+/// The record's `vec` (a 4-byte field: the agent checks its size) at
+/// `offset`, if it is a vector the kernel has.
 #[inline(always)]
-fn read_vec(ctx: &TracePointContext, offset: u32) -> Result<u32, i64> {
-    let vec = if offset == USUAL_VEC_OFFSET {
-        // SAFETY: the record starts with the 8-byte common header, and this
-        // tracepoint's format puts the 4-byte `vec` right after it.
-        unsafe {
-            ptr::read(
-                ctx.as_ptr()
-                    .cast::<u8>()
-                    .add(USUAL_VEC_OFFSET as usize)
-                    .cast::<u32>(),
-            )
-        }
-    } else if offset == VEC_ABSENT {
-        return Err(-1);
-    } else {
-        // SAFETY: the offset comes from this tracepoint's format file.
-        unsafe { ctx.read_at::<u32>(offset as usize) }.map_err(i64::from)?
-    };
+fn read_vec(ctx: &TracePointContext, offset: u16) -> Result<u32, i64> {
+    let vec: u32 = ctx::field(ctx, offset, USUAL_VEC_OFFSET)?;
     if vec < NR_SOFTIRQS { Ok(vec) } else { Err(-1) }
 }
 
@@ -98,7 +76,7 @@ pub fn softirq_raise(ctx: TracePointContext) -> u32 {
 }
 
 fn try_softirq_raise(ctx: &TracePointContext) -> Result<u32, i64> {
-    let vec = read_vec(ctx, config!(raise_vec))?;
+    let vec = read_vec(ctx, config().raise_vec)?;
     let s = slot(vec)?;
     // SAFETY: a live per-CPU map value (see the module comment).
     unsafe {
@@ -117,7 +95,7 @@ pub fn softirq_entry(ctx: TracePointContext) -> u32 {
 }
 
 fn try_softirq_entry(ctx: &TracePointContext) -> Result<u32, i64> {
-    let vec = read_vec(ctx, config!(entry_vec))?;
+    let vec = read_vec(ctx, config().entry_vec)?;
     let s = slot(vec)?;
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -143,7 +121,8 @@ pub fn softirq_exit(ctx: TracePointContext) -> u32 {
 }
 
 fn try_softirq_exit(ctx: &TracePointContext) -> Result<u32, i64> {
-    let vec = read_vec(ctx, config!(exit_vec))?;
+    let cfg = config();
+    let vec = read_vec(ctx, cfg.exit_vec)?;
     let s = slot(vec)?;
     // SAFETY: a live per-CPU map value (see the module comment).
     let (entry, delay) = unsafe { ((*s).entry_ns, (*s).delay_ns) };
@@ -164,7 +143,7 @@ fn try_softirq_exit(ctx: &TracePointContext) -> Result<u32, i64> {
     // buffer, then reads the counters, so a program still running on
     // another CPU while it detaches cannot leave a counted softirq without
     // its event in a `--min-latency-us 0` run.
-    if slowest >= config!(min_latency_ns) {
+    if slowest >= cfg.min_latency_ns {
         let event = SoftirqEvent {
             header: header_at(EventKind::Softirq, now),
             vec,
@@ -179,7 +158,7 @@ fn try_softirq_exit(ctx: &TracePointContext) -> Result<u32, i64> {
     unsafe {
         (*s).entry_ns = 0;
         (*s).service_total_ns += service;
-        (*s).service_buckets[bucket_of(service)] += 1;
+        (*s).service_buckets[HIST.bucket(service)] += 1;
         let max = &mut (*s).max[(generation & 1) as usize];
         if max.generation != generation {
             // Field by field: a struct assignment becomes a memset call.
@@ -191,7 +170,7 @@ fn try_softirq_exit(ctx: &TracePointContext) -> Result<u32, i64> {
             max.service_ns = service;
         }
         if delay != NO_DELAY {
-            (*s).delay_buckets[bucket_of(delay)] += 1;
+            (*s).delay_buckets[HIST.bucket(delay)] += 1;
             if delay > max.delay_ns {
                 max.delay_ns = delay;
             }

@@ -18,13 +18,12 @@ use aya_ebpf::{
     },
     macros::map,
     maps::{Array, HashMap, LruHashMap},
-    programs::TracePointContext,
 };
 use kdiag_common::{
     ClassId, EventKind, LOSS_DROPPED,
     memory::{
-        CgroupSource, FIELD_ABSENT, NO_CGROUP_FILTER, StallEvent, StallFilter, StallKey, StallKind,
-        StallStart, StallStats, hist_bucket,
+        CgroupSource, HIST, NO_CGROUP_FILTER, StallEvent, StallFilter, StallKey, StallKind,
+        StallStart, StallStats,
     },
 };
 
@@ -52,16 +51,6 @@ pub type StatsMap = HashMap<StallKey, StallStats>;
 
 pub const fn stats_map() -> StatsMap {
     HashMap::with_max_entries(1, BPF_F_NO_PREALLOC)
-}
-
-/// A tracepoint field at an offset from its format file.
-#[inline(always)]
-pub fn read_field<T>(ctx: &TracePointContext, offset: u16) -> Result<T, i64> {
-    if offset == FIELD_ABSENT {
-        return Err(-1);
-    }
-    // SAFETY: the offset comes from this tracepoint's format file.
-    unsafe { ctx.read_at::<T>(offset as usize) }.map_err(i64::from)
 }
 
 #[inline(always)]
@@ -211,7 +200,7 @@ pub fn finish<C: EbpfContext>(
     match thread_stats(stats, key) {
         Some(s) => {
             let lat = ended.latency_ns;
-            let bucket = hist_bucket(lat);
+            let bucket = HIST.bucket(lat);
             // SAFETY: a live map value. Only this thread's programs write
             // it (the key holds its tid), and a thread runs on one CPU at a
             // time; classic tracepoint programs do not nest on a CPU. So

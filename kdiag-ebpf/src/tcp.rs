@@ -9,10 +9,9 @@
 //! listener's owner through the listener map. Sockets created before the
 //! agent started are resolved by the agent from /proc.
 
-use core::{mem::MaybeUninit, ptr};
+use core::mem::MaybeUninit;
 
 use aya_ebpf::{
-    EbpfContext as _,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         bpf_probe_read_kernel, generated as helper,
@@ -32,8 +31,9 @@ use kdiag_common::{
 };
 
 use crate::{
-    mem,
+    ctx, mem,
     output::{emit, header, header_at},
+    rodata::rodata,
 };
 
 // A zeroed SockInfo is a socket the programs know nothing of.
@@ -69,53 +69,21 @@ static STATE_EVENT: PerCpuArray<TcpStateEvent> = PerCpuArray::with_max_entries(1
 #[map]
 static SYNACK_RETRANS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(1, 0);
 
-/// The configuration, read in place: the agent rewrites .rodata before load,
-/// so the compiler must not fold the defaults in. Reading the address
-/// through a volatile load hides the object from it without copying the
-/// whole struct onto the 512-byte stack.
 #[inline(always)]
 fn config() -> &'static TcpConfig {
-    // SAFETY: the address of a static, valid for the program's life.
-    unsafe { &*ptr::read_volatile(&&raw const TCP_CONFIG) }
-}
-
-/// Reads the scalar field at `offset` (from the format file) of a record
-/// whose usual layout puts it at `usual`. The verifier lets a classic
-/// tracepoint program load from its context only at an offset fixed in the
-/// instruction; aya freezes `.rodata`, so the verifier knows `offset` and
-/// checks only the branch taken. A field where it usually is costs one load;
-/// one that moved costs a probe-read helper call.
-#[inline(always)]
-fn read<T>(ctx: &TracePointContext, offset: u16, usual: u16) -> Result<T, i64> {
-    if offset == usual {
-        // SAFETY: the format file puts this field at `usual`, inside the
-        // record, and the usual layouts align every scalar field.
-        return Ok(unsafe { ptr::read(ctx.as_ptr().cast::<u8>().add(usual as usize).cast::<T>()) });
-    }
-    read_probed(ctx, offset)
-}
-
-/// A field through the probe-read helper, wherever it is.
-#[inline(always)]
-fn read_probed<T>(ctx: &TracePointContext, offset: u16) -> Result<T, i64> {
-    if offset == FIELD_ABSENT {
-        return Err(-1);
-    }
-    // SAFETY: the offset comes from this tracepoint's format file.
-    unsafe { ctx.read_at::<T>(offset as usize) }.map_err(i64::from)
+    rodata(&TCP_CONFIG)
 }
 
 /// An IPv4 address field (`__u8[4]`, only 2-byte aligned in some records):
-/// two 2-byte loads where it usually is. A byte array read in one go
-/// compiles to a copy through a moved context pointer, which the verifier
-/// refuses.
+/// two 2-byte loads where it usually is (see `ctx::field` on arrays), one
+/// probe read elsewhere.
 #[inline(always)]
 fn read_addr4(ctx: &TracePointContext, offset: u16, usual: u16) -> Result<[u8; 4], i64> {
     if offset != usual {
-        return read_probed(ctx, offset);
+        return ctx::field(ctx, offset, FIELD_ABSENT);
     }
-    let lo: u16 = read(ctx, usual, usual)?;
-    let hi: u16 = read(ctx, usual + 2, usual + 2)?;
+    let lo: u16 = ctx::field(ctx, usual, usual)?;
+    let hi: u16 = ctx::field(ctx, usual + 2, usual + 2)?;
     let (lo, hi) = (lo.to_ne_bytes(), hi.to_ne_bytes());
     Ok([lo[0], lo[1], hi[0], hi[1]])
 }
@@ -124,7 +92,7 @@ fn read_addr4(ctx: &TracePointContext, offset: u16, usual: u16) -> Result<[u8; 4
 /// `offsets.path`, whose usual offset is `usual.path`.
 macro_rules! field {
     ($ctx:expr, $offsets:expr, $usual:expr, $($path:ident).+) => {
-        read($ctx, $offsets.$($path).+, $usual.$($path).+)
+        ctx::field($ctx, $offsets.$($path).+, $usual.$($path).+)
     };
 }
 
@@ -159,8 +127,8 @@ fn read_tuple(
         }
         AF_INET6 => {
             // Probe reads: 16 bytes in one helper call.
-            tuple.saddr = read_probed(ctx, o.saddr_v6)?;
-            tuple.daddr = read_probed(ctx, o.daddr_v6)?;
+            tuple.saddr = ctx::field(ctx, o.saddr_v6, FIELD_ABSENT)?;
+            tuple.daddr = ctx::field(ctx, o.daddr_v6, FIELD_ABSENT)?;
         }
         _ => return Ok(None),
     }

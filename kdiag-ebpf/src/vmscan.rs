@@ -4,18 +4,20 @@
 //! try_to_free_mem_cgroup_pages). Each pair brackets one reclaim call on the
 //! stalled thread.
 
-use core::ptr;
-
 use aya_ebpf::{
     macros::{map, tracepoint},
     programs::TracePointContext,
 };
 use kdiag_common::{
     ClassId, EventKind,
-    memory::{ORDER_UNKNOWN, ReclaimConfig, StallKind},
+    memory::{FIELD_ABSENT, ORDER_UNKNOWN, ReclaimConfig, StallKind},
 };
 
-use crate::stall::{self, Outcome, StatsMap, read_field};
+use crate::{
+    ctx,
+    rodata::rodata,
+    stall::{self, Outcome, StatsMap},
+};
 
 /// Offsets and filters, written by the agent at load.
 #[unsafe(no_mangle)]
@@ -26,9 +28,8 @@ static RECLAIM_CONFIG: ReclaimConfig = ReclaimConfig::DEFAULT;
 static RECLAIM_STATS: StatsMap = stall::stats_map();
 
 #[inline(always)]
-fn config() -> ReclaimConfig {
-    // SAFETY: .rodata written by the agent before load.
-    unsafe { ptr::read_volatile(&RECLAIM_CONFIG) }
+fn config() -> &'static ReclaimConfig {
+    rodata(&RECLAIM_CONFIG)
 }
 
 #[tracepoint]
@@ -38,7 +39,9 @@ pub fn direct_reclaim_begin(ctx: TracePointContext) -> u32 {
 
 fn try_direct_reclaim_begin(ctx: &TracePointContext) -> Result<u32, i64> {
     let cfg = config();
-    let order: i32 = read_field(ctx, cfg.direct_order).unwrap_or(ORDER_UNKNOWN);
+    // The memory tracepoints fire once per stall, rarely enough to read
+    // their fields with the helper wherever they are: no usual offsets.
+    let order: i32 = ctx::field(ctx, cfg.direct_order, FIELD_ABSENT).unwrap_or(ORDER_UNKNOWN);
     stall::begin(&cfg.filter, StallKind::Direct, order, 0)
 }
 
@@ -77,7 +80,7 @@ fn try_reclaim_end(
     let outcome = Outcome {
         kind,
         order: ended.start.order,
-        nr_reclaimed: read_field(ctx, nr_reclaimed_offset).unwrap_or(0),
+        nr_reclaimed: ctx::field(ctx, nr_reclaimed_offset, FIELD_ABSENT).unwrap_or(0),
         status: 0,
         mode: 0,
     };

@@ -4,7 +4,6 @@
 //! they have in common.
 
 pub mod hist;
-pub mod log2hist;
 pub mod memory;
 pub mod softirq;
 pub mod tcp;

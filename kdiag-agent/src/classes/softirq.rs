@@ -9,12 +9,14 @@ use aya::{
 use clap::Args;
 use kdiag_common::{
     ClassId, EventKind,
-    softirq::{NO_DELAY, NR_SOFTIRQS, SoftirqConfig, SoftirqEvent, SoftirqSlot, VEC_ABSENT},
+    softirq::{
+        FIELD_ABSENT, HIST, NO_DELAY, NR_SOFTIRQS, SoftirqConfig, SoftirqEvent, SoftirqSlot,
+    },
 };
 
 use crate::{
     class::{Class, ClassError, Context, Global, KernelTypes, Tracepoint},
-    classes::log2hist::{self, Latency},
+    classes::hist::{self, Latency},
     kernel::tracefs::Formats,
     kernel::wire::{DecodeError, decode},
     output::record::{Degraded, Softirq, SoftirqSummary},
@@ -145,13 +147,15 @@ pub fn summarize(
         (0, 0)
     };
     let total = now.service_total_ns.saturating_sub(before.service_total_ns);
-    let service = log2hist::summarize(
-        &log2hist::delta(&now.service_buckets, &before.service_buckets),
+    let service = hist::summarize(
+        &HIST,
+        &hist::delta(&now.service_buckets, &before.service_buckets),
         service_max,
         Some(total),
     )?;
-    let delay: Option<Latency> = log2hist::summarize(
-        &log2hist::delta(&now.delay_buckets, &before.delay_buckets),
+    let delay: Option<Latency> = hist::summarize(
+        &HIST,
+        &hist::delta(&now.delay_buckets, &before.delay_buckets),
         delay_max,
         None,
     );
@@ -173,16 +177,16 @@ fn config(formats: &Formats, min_latency_ns: u64, degraded: &mut Vec<Degraded>) 
     let mut vec_offset = |tp: &Tracepoint| {
         // A tracepoint without a format was reported by the loader.
         let Some(format) = formats.get(tp.program) else {
-            return VEC_ABSENT;
+            return FIELD_ABSENT;
         };
         match format.field("vec") {
-            Some(f) if f.size == 4 => u32::from(f.offset),
+            Some(f) if f.size == 4 => f.offset,
             _ => {
                 degraded.push(Degraded {
                     what: format!("{}.vec", tp.path()),
                     why: "no 4-byte `vec` field in the tracepoint's format: not traced".to_owned(),
                 });
-                VEC_ABSENT
+                FIELD_ABSENT
             }
         }
     };
@@ -253,7 +257,7 @@ impl Class for SoftirqClass {
         };
         // Switch the programs to the next generation's maxima first, then
         // read: this generation's slot is complete but for a program that
-        // was running during the switch (see `log2hist::summarize`).
+        // was running during the switch (see `hist::summarize`).
         let ended = self.generation;
         maps.generation
             .set(0, ended + 1, 0)
@@ -279,10 +283,7 @@ impl Class for SoftirqClass {
 
 #[cfg(test)]
 mod tests {
-    use kdiag_common::{
-        EventHeader,
-        softirq::{MaxSlot, bucket_of},
-    };
+    use kdiag_common::{EventHeader, softirq::MaxSlot};
 
     use super::*;
     use crate::kernel::tracefs::parse_format;
@@ -349,11 +350,11 @@ mod tests {
         }
         for &ns in service {
             s.service_total_ns += ns;
-            s.service_buckets[bucket_of(ns)] += 1;
+            s.service_buckets[HIST.bucket(ns)] += 1;
             m.service_ns = m.service_ns.max(ns);
         }
         for &ns in delay {
-            s.delay_buckets[bucket_of(ns)] += 1;
+            s.delay_buckets[HIST.bucket(ns)] += 1;
             m.delay_ns = m.delay_ns.max(ns);
         }
         s
@@ -400,7 +401,7 @@ mod tests {
         let old = slot(&SoftirqSlot::ZERO, &[1 << 20], &[], 0);
         let mut now = old;
         now.service_total_ns += 1500;
-        now.service_buckets[bucket_of(1500)] += 1;
+        now.service_buckets[HIST.bucket(1500)] += 1;
         let s = summarize(0, 0, &old, &now, 2, 1).unwrap();
         assert_eq!(
             (s.count, s.service_max_ns, s.service_p99_ns),
@@ -453,7 +454,7 @@ mod tests {
         let no_vec = "format:\n\tfield:int other;\toffset:8;\tsize:4;\tsigned:0;\n";
         formats.insert("softirq_raise", parse_format(no_vec).unwrap());
         let cfg = config(&formats, 0, &mut degraded);
-        assert_eq!(cfg.raise_vec, VEC_ABSENT);
+        assert_eq!(cfg.raise_vec, FIELD_ABSENT);
         assert_eq!(degraded.len(), 1, "{degraded:?}");
         assert_eq!(degraded[0].what, "irq/softirq_raise.vec");
     }

@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, path::Path};
 
 use aya::{Ebpf, EbpfError, EbpfLoader, programs::TracePoint, util::KernelVersion};
-use kdiag_common::Transport;
+use kdiag_common::{Transport, wakeup_shift};
 
 use crate::{
     class::{Class, ClassError, KernelTypes, Tracepoint},
@@ -113,8 +113,7 @@ pub fn load(
     } else {
         buffer_bytes
     };
-    // Wake the reader each time queued bytes cross an eighth of the ring.
-    let wakeup_shift = u64::from(ring_bytes.trailing_zeros().saturating_sub(3));
+    let wakeup_shift = wakeup_shift(ring_bytes);
     let mut loader = loader_without_kernel_btf();
     // No CO-RE relocations in these programs: no kernel BTF (also when the
     // loader above had to parse it).
@@ -175,11 +174,12 @@ fn kernel_btf(classes: &[Box<dyn Class>]) -> btf::Answers {
 }
 
 /// aya 0.14's `EbpfLoader::new()` reads and parses the kernel's whole BTF
-/// (about 15 MiB of memory and 20 ms here) before `.btf(None)` can say it
-/// is not wanted (aya issue 1172; later aya versions parse lazily). So the
-/// loader is made on a thread of its own whose root directory is /proc,
-/// where /sys/kernel/btf/vmlinux does not exist: aya's read fails and it
-/// parses nothing. The root is that thread's alone (`unshare(CLONE_FS)`)
+/// (megabytes of memory and milliseconds of start-up, measured in
+/// docs/BENCHMARKS.md) before `.btf(None)` can say it is not wanted (aya
+/// issue 1172; later aya versions parse lazily). So the loader is made on a
+/// thread of its own whose root directory is /proc, where
+/// /sys/kernel/btf/vmlinux does not exist: aya's read fails and it parses
+/// nothing. The root is that thread's alone (`unshare(CLONE_FS)`)
 /// and the thread ends at once. Where chroot is not allowed (no
 /// CAP_SYS_CHROOT, a seccomp profile), the loader is made the usual way.
 fn loader_without_kernel_btf() -> EbpfLoader<'static> {

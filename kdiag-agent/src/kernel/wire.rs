@@ -32,7 +32,7 @@ pub fn read_struct<T: aya::Pod>(data: &[u8]) -> Result<T, DecodeError> {
 /// The kind of an event, from its header.
 pub fn event_kind(data: &[u8]) -> Result<EventKind, DecodeError> {
     let header: EventHeader = read_struct(data)?;
-    EventKind::from_u32(header.kind).ok_or(DecodeError::UnknownKind(header.kind))
+    EventKind::try_from(header.kind).map_err(|_| DecodeError::UnknownKind(header.kind))
 }
 
 /// Reads an event of type `T` whose header must say `expected`.
@@ -50,6 +50,15 @@ pub fn decode<T: aya::Pod>(data: &[u8], expected: EventKind) -> Result<T, Decode
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_kind_decodes() {
+        for kind in EventKind::ALL {
+            let mut header = [0; size_of::<EventHeader>()];
+            header[..4].copy_from_slice(&(kind as u32).to_ne_bytes());
+            assert_eq!(event_kind(&header), Ok(kind));
+        }
+    }
 
     #[test]
     fn short_and_unknown() {

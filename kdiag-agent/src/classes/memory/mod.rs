@@ -361,7 +361,7 @@ impl StallStatsReader {
 
 #[cfg(test)]
 mod tests {
-    use kdiag_common::{EventHeader, memory::hist_bucket};
+    use kdiag_common::{EventHeader, memory::HIST};
 
     use super::*;
 
@@ -389,7 +389,7 @@ mod tests {
             s.total_ns += l;
             s.max_ns = s.max_ns.max(l);
             s.nr_reclaimed += 32;
-            s.hist[hist_bucket(l)] += 1;
+            s.hist[HIST.bucket(l)] += 1;
         }
     }
 

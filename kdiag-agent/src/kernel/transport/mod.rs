@@ -18,6 +18,7 @@ use std::{
 };
 
 use aya::maps::{Map, MapData, MapError, RingBuf};
+use kdiag_common::WAKEUP_FRACTION_SHIFT;
 use tokio::io::{Interest, unix::AsyncFd};
 
 use perf::{PerfBatch, PerfBuffer};
@@ -79,7 +80,8 @@ impl Reader {
     }
 
     /// `buffer_bytes` is shared out among the CPUs' buffers, each waking
-    /// the reader when an eighth of it is queued, as the ring buffer does.
+    /// the reader when the same fraction of it is queued as the ring
+    /// buffer does (`kdiag_common::WAKEUP_FRACTION_SHIFT`).
     pub fn perf(map: Map, buffer_bytes: u32) -> Result<Self, TransportError> {
         let Map::PerfEventArray(array) = map else {
             return Err(TransportError::NotPerfEventArray);
@@ -87,7 +89,8 @@ impl Reader {
         let cpus = aya::util::online_cpus().map_err(|(_, e)| TransportError::Cpus(e))?;
         let page_size = page_size();
         let pages = perf_pages(buffer_bytes as usize, cpus.len(), page_size);
-        let watermark = u32::try_from(pages * page_size / 8).unwrap_or(u32::MAX);
+        let watermark =
+            u32::try_from((pages * page_size) >> WAKEUP_FRACTION_SHIFT).unwrap_or(u32::MAX);
         let mut buffers = Vec::with_capacity(cpus.len());
         for cpu in cpus {
             let buf = PerfBuffer::open(cpu, pages, page_size, watermark)

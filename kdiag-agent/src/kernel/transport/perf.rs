@@ -2,10 +2,11 @@
 //! rather than through aya's `PerfEventArray::open`: aya 0.14 asks the
 //! kernel to wake the reader after every sample (`wakeup_events = 1`), and
 //! each wakeup is an irq_work, an interrupt the CPU sends itself (in a VM, an
-//! exit to the hypervisor). inet_sock_set_state cost 8.5-10.5 us per run
-//! that way under connection churn. These buffers wake the reader only when
-//! the bytes queued cross a watermark, like the ring buffer's programs do;
-//! the agent's drain timer reads whatever stays below it.
+//! exit to the hypervisor), which made inet_sock_set_state several times
+//! dearer under connection churn (docs/BENCHMARKS.md, "Perf transport").
+//! These buffers wake the reader only when the bytes queued cross a
+//! watermark, like the ring buffer's programs do; the agent's drain timer
+//! reads whatever stays below it.
 //!
 //! The layouts and constants are the kernel's stable ABI
 //! (include/uapi/linux/perf_event.h and bpf.h), which libc does not carry.
@@ -280,9 +281,10 @@ unsafe fn walk(
 /// only after the program that reported the previous one has written it
 /// (both run under the socket lock), so a drain that finds the later event
 /// in one CPU's buffer finds the earlier one in its CPU's buffer too, read
-/// after it or before. Without this, 1.5% of the state changes of loopback
-/// churn came out of order per connection, and the connection table took a
-/// connection's close before its establishment.
+/// after it or before. Without this, state changes of one connection came
+/// out of order under loopback churn (docs/BENCHMARKS.md has how often),
+/// and the connection table took a connection's close before its
+/// establishment.
 #[derive(Debug, Default)]
 pub struct PerfBatch {
     bytes: Vec<u8>,
