@@ -7,6 +7,7 @@ mod attribution;
 mod class;
 mod classes;
 mod cli;
+mod errors;
 mod kernel;
 mod output;
 mod privileges;
@@ -31,7 +32,7 @@ fn main() {
         }
     };
     if let Err(e) = runtime.block_on(agent::run(cli)) {
-        eprintln!("kdiag-agent: {e}");
+        eprintln!("kdiag-agent: {}", errors::Chain(&e));
         std::process::exit(e.exit_code());
     }
 }
