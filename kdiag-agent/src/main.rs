@@ -11,6 +11,7 @@ mod errors;
 mod kernel;
 mod output;
 mod privileges;
+mod sys;
 
 #[cfg(test)]
 mod fuzz_tests;

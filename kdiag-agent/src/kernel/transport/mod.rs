@@ -20,6 +20,7 @@ use std::{
 use aya::maps::{Map, MapData, MapError, RingBuf};
 use tokio::io::{Interest, unix::AsyncFd};
 
+use crate::sys::SyscallError;
 use perf::{PerfBatch, PerfBuffer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -50,8 +51,12 @@ pub enum TransportError {
     },
     #[error("the PERF_EVENTS map is not a perf event array")]
     NotPerfEventArray,
-    #[error("cannot open the perf buffer of cpu {cpu}: {source}")]
-    PerfBuffer { cpu: u32, source: io::Error },
+    #[error("cannot open the perf buffer of cpu {cpu}")]
+    PerfBuffer {
+        cpu: u32,
+        #[source]
+        source: SyscallError,
+    },
     #[error("cannot list online cpus: {0}")]
     Cpus(io::Error),
     #[error("cannot register the buffer with the event loop: {0}")]
@@ -144,7 +149,7 @@ impl Reader {
             }
             Self::Perf { buffers, batch, .. } => {
                 for fd in buffers.iter_mut() {
-                    fd.get_mut().drain_into(batch);
+                    batch.read_from(fd.get_mut());
                 }
                 batch.drain_in_time_order(on_sample);
             }
