@@ -45,10 +45,5 @@ fn main() {
 /// memory the agent would never use again. A fixed threshold keeps large
 /// blocks in mappings of their own, returned when freed.
 fn return_freed_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only changes allocator parameters; called before any
-    // thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
-    }
+    sys::process::set_mmap_threshold(128 * 1024);
 }

@@ -10,8 +10,9 @@ use kdiag_common::Transport;
 use crate::{
     class::{Class, Tracepoint},
     kernel::tracefs::{Formats, Tracefs, TracefsError},
-    kernel::transport::{TransportKind, page_size},
+    kernel::transport::TransportKind,
     output::record::Degraded,
+    sys,
 };
 
 /// The kernel programs, built by build.rs.
@@ -92,7 +93,7 @@ pub fn load(
     } as u32;
     // The unused transport's buffer shrinks to one page.
     let ring_bytes = if transport == TransportKind::Perf {
-        page_size() as u32
+        sys::process::page_size() as u32
     } else {
         buffer_bytes
     };
@@ -141,11 +142,7 @@ fn loader_without_kernel_btf() -> EbpfLoader<'static> {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
-                // SAFETY: plain syscalls on this thread's own file system
-                // context; the path is a NUL-terminated literal.
-                let _ = unsafe {
-                    libc::unshare(libc::CLONE_FS) == 0 && libc::chroot(c"/proc".as_ptr()) == 0
-                };
+                let _ = sys::fs::chroot_this_thread(Path::new("/proc"));
                 EbpfLoader::new()
             })
             .join()

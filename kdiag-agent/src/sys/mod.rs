@@ -1,6 +1,15 @@
-//! The agent's system calls, each behind a safe function.
+//! The agent's system calls: every raw syscall and libc call, each behind a
+//! safe function, so that `unsafe` lives here and nowhere else in the agent.
+//! Built on rustix, on the caps crate for capabilities, and on libc only for
+//! what neither has (`perf_event_open`, `bpf`, `getrusage`, `mallopt`).
+//! [`pod`] holds the byte views of the wire types, the other unsafe code.
 
+pub mod caps;
+pub mod fd;
+pub mod fs;
 pub mod perf;
+pub mod pod;
+pub mod process;
 
 use std::io;
 

@@ -10,17 +10,15 @@
 
 pub mod perf;
 
-use std::{
-    future::poll_fn,
-    io,
-    os::fd::{AsFd as _, AsRawFd},
-    task::Poll,
-};
+use std::{future::poll_fn, io, os::fd::AsFd as _, task::Poll};
 
 use aya::maps::{Map, MapData, MapError, RingBuf};
-use tokio::io::{Interest, unix::AsyncFd};
+use tokio::io::unix::AsyncFd;
 
-use crate::sys::SyscallError;
+use crate::sys::{
+    self, SyscallError,
+    fd::{OwnedFdHolder, register_readable},
+};
 use perf::{PerfBatch, PerfBuffer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -90,7 +88,7 @@ impl Reader {
             return Err(TransportError::NotPerfEventArray);
         };
         let cpus = aya::util::online_cpus().map_err(|(_, e)| TransportError::Cpus(e))?;
-        let page_size = page_size();
+        let page_size = sys::process::page_size();
         let pages = perf_pages(buffer_bytes as usize, cpus.len(), page_size);
         let watermark = u32::try_from(pages * page_size / 8).unwrap_or(u32::MAX);
         let mut buffers = Vec::with_capacity(cpus.len());
@@ -157,17 +155,8 @@ impl Reader {
     }
 }
 
-fn register<T: AsRawFd>(inner: T) -> Result<AsyncFd<T>, TransportError> {
-    // SAFETY: aya's ring and perf buffers own their descriptors and keep them
-    // open, unchanged, until they are dropped, which the AsyncFd does.
-    unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }
-        .map_err(|e| TransportError::Register(e.into_parts().1))
-}
-
-pub fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(size).unwrap_or(4096)
+fn register<T: OwnedFdHolder>(inner: T) -> Result<AsyncFd<T>, TransportError> {
+    register_readable(inner).map_err(TransportError::Register)
 }
 
 /// Pages per CPU for perf buffers: `buffer_bytes` shared out among `cpus`,
