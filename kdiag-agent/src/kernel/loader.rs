@@ -4,11 +4,16 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use aya::{Ebpf, EbpfError, EbpfLoader, programs::TracePoint, util::KernelVersion};
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    programs::{ProgramError, TracePoint},
+    util::KernelVersion,
+};
 use kdiag_common::Transport;
 
 use crate::{
     class::{Class, Tracepoint},
+    errors::Chain,
     kernel::tracefs::{Formats, Tracefs, TracefsError},
     kernel::transport::TransportKind,
     output::record::Degraded,
@@ -22,13 +27,36 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kd
 pub enum LoadError {
     #[error(transparent)]
     Tracefs(#[from] TracefsError),
-    #[error("cannot attach {what}, which this class needs: {why}")]
-    Required { what: String, why: String },
-    #[error("loading the kernel programs failed: {0}")]
+    #[error("cannot attach {what}, which this class needs")]
+    Required {
+        what: String,
+        #[source]
+        source: AttachError,
+    },
+    #[error("loading the kernel programs failed")]
     Load(#[from] EbpfError),
     /// Two classes sharing programs asked for different settings.
     #[error("the classes asked for different values of {0}")]
     ConflictingGlobal(&'static str),
+}
+
+/// Why the program of one tracepoint is not attached.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error(transparent)]
+    Format(#[from] TracefsError),
+    #[error("program {0} missing from the object")]
+    MissingProgram(&'static str),
+    #[error("program {program} is not a tracepoint program")]
+    NotTracePoint {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("loading the program failed")]
+    Load(#[source] ProgramError),
+    #[error("attaching the program failed")]
+    Attach(#[source] ProgramError),
 }
 
 pub struct Loaded {
@@ -67,7 +95,7 @@ pub fn load(
     for tp in &tracepoints {
         match tracefs.format(tp.group, tp.name) {
             Ok(f) => formats.insert(tp.program, f),
-            Err(e) => give_up_or_degrade(tp, e.to_string(), &mut degraded)?,
+            Err(e) => give_up_or_degrade(tp, e.into(), &mut degraded)?,
         }
     }
 
@@ -119,7 +147,7 @@ pub fn load(
         }
         match attach(&mut ebpf, tp) {
             Ok(()) => attached.push(*tp),
-            Err(why) => give_up_or_degrade(tp, why, &mut degraded)?,
+            Err(e) => give_up_or_degrade(tp, e, &mut degraded)?,
         }
     }
     Ok(Loaded {
@@ -150,34 +178,39 @@ fn loader_without_kernel_btf() -> EbpfLoader<'static> {
     .unwrap_or_else(|_| EbpfLoader::new())
 }
 
+/// A tracepoint that cannot attach: the end of loading when its class
+/// needs it, an entry in `degraded` (the error and its causes) otherwise.
 fn give_up_or_degrade(
     tp: &Tracepoint,
-    why: String,
+    error: AttachError,
     degraded: &mut Vec<Degraded>,
 ) -> Result<(), LoadError> {
     if tp.required {
         return Err(LoadError::Required {
             what: tp.path(),
-            why,
+            source: error,
         });
     }
     degraded.push(Degraded {
         what: tp.path(),
-        why,
+        why: Chain(&error).to_string(),
     });
     Ok(())
 }
 
-fn attach(ebpf: &mut Ebpf, tp: &Tracepoint) -> Result<(), String> {
+fn attach(ebpf: &mut Ebpf, tp: &Tracepoint) -> Result<(), AttachError> {
     let program: &mut TracePoint = ebpf
         .program_mut(tp.program)
-        .ok_or_else(|| format!("program {} missing from the object", tp.program))?
+        .ok_or(AttachError::MissingProgram(tp.program))?
         .try_into()
-        .map_err(|e| format!("{e}"))?;
-    program.load().map_err(|e| format!("verifier: {e}"))?;
+        .map_err(|source| AttachError::NotTracePoint {
+            program: tp.program,
+            source,
+        })?;
+    program.load().map_err(AttachError::Load)?;
     program
         .attach(tp.group, tp.name)
-        .map_err(|e| format!("attach: {e}"))?;
+        .map_err(AttachError::Attach)?;
     Ok(())
 }
 

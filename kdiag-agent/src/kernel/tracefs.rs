@@ -23,8 +23,12 @@ pub enum TracefsError {
     },
     #[error("tracepoint {0} does not exist on this kernel")]
     Missing(String),
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("{path}: {reason}")]
     Parse { path: PathBuf, reason: String },
 }

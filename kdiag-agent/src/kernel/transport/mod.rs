@@ -42,9 +42,10 @@ impl TransportKind {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    #[error("cannot use the {name} map: {source}")]
+    #[error("cannot use the {name} map")]
     Map {
         name: &'static str,
+        #[source]
         source: MapError,
     },
     #[error("the PERF_EVENTS map is not a perf event array")]
@@ -55,10 +56,10 @@ pub enum TransportError {
         #[source]
         source: SyscallError,
     },
-    #[error("cannot list online cpus: {0}")]
-    Cpus(io::Error),
-    #[error("cannot register the buffer with the event loop: {0}")]
-    Register(io::Error),
+    #[error("cannot list online cpus")]
+    Cpus(#[source] io::Error),
+    #[error("cannot register the buffer with the event loop")]
+    Register(#[source] io::Error),
 }
 
 pub enum Reader {
