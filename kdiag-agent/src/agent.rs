@@ -131,7 +131,7 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
     if let Err(e) = privileges::drop_after_attach() {
         degraded.push(Degraded {
             what: "capabilities".to_owned(),
-            why: format!("still holding them all: {e}"),
+            why: format!("still holding them all: {}", crate::errors::Chain(&e)),
         });
     }
     let losses = PerCpuArray::try_from(take_map(&mut loaded.ebpf, "LOSSES")?)
@@ -380,13 +380,5 @@ fn end_interval(
 
 /// A pipe whose reader has gone reports POLLERR to the writer.
 fn stdout_closed(fd: &std::os::fd::OwnedFd) -> bool {
-    use std::os::fd::AsRawFd as _;
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: 0,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, zero timeout.
-    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-    n > 0 && pfd.revents & (libc::POLLERR | libc::POLLHUP) != 0
+    crate::sys::fd::peer_closed(fd.as_fd())
 }

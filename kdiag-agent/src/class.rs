@@ -46,14 +46,9 @@ pub struct Global {
 
 impl Global {
     pub fn new<T: aya::Pod>(name: &'static str, value: &T) -> Self {
-        // SAFETY: T is Pod: plain bytes, no padding with undefined contents
-        // (the wire types make their padding explicit).
-        let bytes = unsafe {
-            std::slice::from_raw_parts(std::ptr::from_ref(value).cast::<u8>(), size_of::<T>())
-        };
         Self {
             name,
-            bytes: bytes.to_vec(),
+            bytes: crate::sys::pod::bytes_of(value).to_vec(),
         }
     }
 }

@@ -7,10 +7,12 @@ mod attribution;
 mod class;
 mod classes;
 mod cli;
+mod errors;
 mod kernel;
 mod output;
 mod privileges;
 mod services;
+mod sys;
 
 #[cfg(test)]
 mod fuzz_tests;
@@ -32,7 +34,7 @@ fn main() {
         }
     };
     if let Err(e) = runtime.block_on(agent::run(cli)) {
-        output::diagnose(&e);
+        output::diagnose(errors::Chain(&e));
         std::process::exit(e.exit_code());
     }
 }
@@ -44,10 +46,5 @@ fn main() {
 /// memory the agent would never use again. A fixed threshold keeps large
 /// blocks in mappings of their own, returned when freed.
 fn return_freed_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only changes allocator parameters; called before any
-    // thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
-    }
+    sys::process::set_mmap_threshold(128 * 1024);
 }

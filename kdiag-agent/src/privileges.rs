@@ -5,6 +5,11 @@
 
 use std::fs;
 
+use crate::sys::{
+    SyscallError,
+    caps::{self, CapsError},
+};
+
 const CAP_DAC_READ_SEARCH: u32 = 2;
 const CAP_SETPCAP: u32 = 8;
 const CAP_SYS_PTRACE: u32 = 19;
@@ -56,9 +61,22 @@ pub fn check() -> Result<(), MissingPrivileges> {
 pub const KEPT_AFTER_ATTACH: u64 =
     (1 << CAP_BPF) | (1 << CAP_SYS_PTRACE) | (1 << CAP_DAC_READ_SEARCH);
 
+/// Which step of giving up capabilities failed.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot drop capabilities: {0}")]
-pub struct DropError(std::io::Error);
+pub enum DropError {
+    #[error("cannot clear the ambient capabilities")]
+    Ambient(#[source] CapsError),
+    #[error("cannot drop capability {cap} from the bounding set")]
+    Bounding {
+        cap: u32,
+        #[source]
+        source: CapsError,
+    },
+    #[error("cannot set no_new_privs")]
+    NoNewPrivs(#[source] SyscallError),
+    #[error("cannot reduce the effective and permitted capabilities")]
+    Reduce(#[source] CapsError),
+}
 
 /// Drops every capability but [`KEPT_AFTER_ATTACH`] from the effective,
 /// permitted, inheritable, ambient and bounding sets, and sets
@@ -67,77 +85,22 @@ pub fn drop_after_attach() -> Result<(), DropError> {
     let last = fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok())
-        .unwrap_or(40);
-    let os_err = || DropError(std::io::Error::last_os_error());
-    // SAFETY: prctl with integer arguments only.
-    unsafe {
-        if libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL,
-            0,
-            0,
-            0,
-        ) != 0
-        {
-            return Err(os_err());
-        }
-        // Dropping from the bounding set needs CAP_SETPCAP, which goes last.
-        let has_setpcap =
-            effective_caps(&fs::read_to_string("/proc/self/status").unwrap_or_default())
-                .is_some_and(|c| c & (1 << CAP_SETPCAP) != 0);
-        if has_setpcap {
-            for cap in (0..=last).filter(|c| KEPT_AFTER_ATTACH & (1 << c) == 0) {
-                if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
-                    return Err(os_err());
-                }
-            }
-        }
-        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-            return Err(os_err());
+        .unwrap_or(40)
+        .min(caps::last_known());
+    caps::clear_ambient().map_err(DropError::Ambient)?;
+    // Dropping from the bounding set needs CAP_SETPCAP, which goes last.
+    let has_setpcap = effective_caps(&fs::read_to_string("/proc/self/status").unwrap_or_default())
+        .is_some_and(|c| c & (1 << CAP_SETPCAP) != 0);
+    if has_setpcap {
+        for cap in (0..=last).filter(|c| KEPT_AFTER_ATTACH & (1 << c) == 0) {
+            caps::drop_bounding(cap).map_err(|source| DropError::Bounding { cap, source })?;
         }
     }
-    let header = CapHeader {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid: 0,
-    };
+    caps::set_no_new_privs().map_err(DropError::NoNewPrivs)?;
     let keep = KEPT_AFTER_ATTACH
         & effective_caps(&fs::read_to_string("/proc/self/status").unwrap_or_default()).unwrap_or(0);
-    let data = [
-        CapData {
-            effective: keep as u32,
-            permitted: keep as u32,
-            inheritable: 0,
-        },
-        CapData {
-            effective: (keep >> 32) as u32,
-            permitted: (keep >> 32) as u32,
-            inheritable: 0,
-        },
-    ];
-    // SAFETY: capset with a valid v3 header and two data words.
-    let rc = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) };
-    if rc != 0 {
-        return Err(os_err());
-    }
-    Ok(())
+    caps::limit_to(keep).map_err(DropError::Reduce)
 }
-
-/// `struct __user_cap_header_struct` (linux/capability.h).
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: i32,
-}
-
-/// `struct __user_cap_data_struct`.
-#[repr(C)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
 fn allowed(caps: u64) -> bool {
     let has = |bit: u32| caps & (1 << bit) != 0;

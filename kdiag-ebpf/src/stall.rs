@@ -65,9 +65,10 @@ fn read_u64(addr: u64) -> Result<u64, i64> {
 fn current_cgroup(f: &StallFilter) -> (u64, bool) {
     let unfiltered = f.cgroup_level == NO_CGROUP_FILTER;
     if f.cgroup_source == CgroupSource::Unified as u32 {
-        // SAFETY: helpers without pointer arguments.
+        // SAFETY: a helper without arguments.
         let id = unsafe { bpf_get_current_cgroup_id() };
         let ok = unfiltered
+            // SAFETY: a helper without pointer arguments.
             || unsafe { bpf_get_current_ancestor_cgroup_id(f.cgroup_level as i32) } == f.cgroup_id;
         (id, ok)
     } else if f.cgroup_source == CgroupSource::V1Memory as u32 {

@@ -303,14 +303,7 @@ mod tests {
     }
 
     fn bytes(ev: &SoftirqEvent) -> Vec<u8> {
-        // SAFETY: a repr(C) plain-data struct viewed as bytes.
-        unsafe {
-            std::slice::from_raw_parts(
-                std::ptr::from_ref(ev).cast::<u8>(),
-                size_of::<SoftirqEvent>(),
-            )
-        }
-        .to_vec()
+        crate::sys::pod::bytes_of(ev).to_vec()
     }
 
     #[test]

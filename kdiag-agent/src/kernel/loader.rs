@@ -4,15 +4,21 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use aya::{Ebpf, EbpfError, EbpfLoader, programs::TracePoint, util::KernelVersion};
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    programs::{ProgramError, TracePoint},
+    util::KernelVersion,
+};
 use kdiag_common::{Transport, wakeup_shift};
 
 use crate::{
     class::{Class, ClassError, KernelTypes, Tracepoint},
+    errors::Chain,
     kernel::btf,
     kernel::tracefs::{Formats, Tracefs, TracefsError},
-    kernel::transport::{TransportKind, page_size},
+    kernel::transport::TransportKind,
     output::record::Degraded,
+    sys,
 };
 
 /// The kernel programs, built by build.rs.
@@ -22,9 +28,13 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kd
 pub enum LoadError {
     #[error(transparent)]
     Tracefs(#[from] TracefsError),
-    #[error("cannot attach {what}, which this class needs: {why}")]
-    Required { what: String, why: String },
-    #[error("loading the kernel programs failed: {0}")]
+    #[error("cannot attach {what}, which this class needs")]
+    Required {
+        what: String,
+        #[source]
+        source: AttachError,
+    },
+    #[error("loading the kernel programs failed")]
     Load(#[from] EbpfError),
     #[error("{class}: {source}")]
     Configure {
@@ -34,6 +44,25 @@ pub enum LoadError {
     /// Two classes sharing programs asked for different settings.
     #[error("the classes asked for different values of {0}")]
     ConflictingGlobal(&'static str),
+}
+
+/// Why the program of one tracepoint is not attached.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error(transparent)]
+    Format(#[from] TracefsError),
+    #[error("program {0} missing from the object")]
+    MissingProgram(&'static str),
+    #[error("program {program} is not a tracepoint program")]
+    NotTracePoint {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("loading the program failed")]
+    Load(#[source] ProgramError),
+    #[error("attaching the program failed")]
+    Attach(#[source] ProgramError),
 }
 
 pub struct Loaded {
@@ -72,7 +101,7 @@ pub fn load(
     for tp in &tracepoints {
         match tracefs.format(tp.group, tp.name) {
             Ok(f) => formats.insert(tp.program, f),
-            Err(e) => give_up_or_degrade(tp, e.to_string(), &mut degraded)?,
+            Err(e) => give_up_or_degrade(tp, e.into(), &mut degraded)?,
         }
     }
     let kernel = KernelTypes {
@@ -109,7 +138,7 @@ pub fn load(
     } as u32;
     // The unused transport's buffer shrinks to one page.
     let ring_bytes = if transport == TransportKind::Perf {
-        page_size() as u32
+        sys::process::page_size() as u32
     } else {
         buffer_bytes
     };
@@ -137,7 +166,7 @@ pub fn load(
         }
         match attach(&mut ebpf, tp) {
             Ok(()) => attached.push(*tp),
-            Err(why) => give_up_or_degrade(tp, why, &mut degraded)?,
+            Err(e) => give_up_or_degrade(tp, e, &mut degraded)?,
         }
     }
     Ok(Loaded {
@@ -186,11 +215,7 @@ fn loader_without_kernel_btf() -> EbpfLoader<'static> {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
-                // SAFETY: plain syscalls on this thread's own file system
-                // context; the path is a NUL-terminated literal.
-                let _ = unsafe {
-                    libc::unshare(libc::CLONE_FS) == 0 && libc::chroot(c"/proc".as_ptr()) == 0
-                };
+                let _ = sys::fs::chroot_this_thread(Path::new("/proc"));
                 EbpfLoader::new()
             })
             .join()
@@ -198,34 +223,39 @@ fn loader_without_kernel_btf() -> EbpfLoader<'static> {
     .unwrap_or_else(|_| EbpfLoader::new())
 }
 
+/// A tracepoint that cannot attach: the end of loading when its class
+/// needs it, an entry in `degraded` (the error and its causes) otherwise.
 fn give_up_or_degrade(
     tp: &Tracepoint,
-    why: String,
+    error: AttachError,
     degraded: &mut Vec<Degraded>,
 ) -> Result<(), LoadError> {
     if tp.required {
         return Err(LoadError::Required {
             what: tp.path(),
-            why,
+            source: error,
         });
     }
     degraded.push(Degraded {
         what: tp.path(),
-        why,
+        why: Chain(&error).to_string(),
     });
     Ok(())
 }
 
-fn attach(ebpf: &mut Ebpf, tp: &Tracepoint) -> Result<(), String> {
+fn attach(ebpf: &mut Ebpf, tp: &Tracepoint) -> Result<(), AttachError> {
     let program: &mut TracePoint = ebpf
         .program_mut(tp.program)
-        .ok_or_else(|| format!("program {} missing from the object", tp.program))?
+        .ok_or(AttachError::MissingProgram(tp.program))?
         .try_into()
-        .map_err(|e| format!("{e}"))?;
-    program.load().map_err(|e| format!("verifier: {e}"))?;
+        .map_err(|source| AttachError::NotTracePoint {
+            program: tp.program,
+            source,
+        })?;
+    program.load().map_err(AttachError::Load)?;
     program
         .attach(tp.group, tp.name)
-        .map_err(|e| format!("attach: {e}"))?;
+        .map_err(AttachError::Attach)?;
     Ok(())
 }
 

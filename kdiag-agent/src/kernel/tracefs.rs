@@ -11,17 +11,24 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::sys::{self, SyscallError};
+
 #[derive(Debug, thiserror::Error)]
 pub enum TracefsError {
-    #[error("tracefs is not mounted and mounting it at {path} failed: {source}")]
+    #[error("tracefs is not mounted, and mounting it at {path} failed")]
     Mount {
         path: &'static str,
-        source: io::Error,
+        #[source]
+        source: SyscallError,
     },
     #[error("tracepoint {0} does not exist on this kernel")]
     Missing(String),
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("{path}: {reason}")]
     Parse { path: PathBuf, reason: String },
 }
@@ -45,7 +52,7 @@ impl Tracefs {
             });
         }
         let target = MOUNTS[0];
-        mount_tracefs(target).map_err(|source| TracefsError::Mount {
+        sys::fs::mount_tracefs(Path::new(target)).map_err(|source| TracefsError::Mount {
             path: target,
             source,
         })?;
@@ -79,27 +86,6 @@ impl Tracefs {
 /// A mounted tracefs has an `events` directory; the bare mount point does not.
 fn is_mounted(path: &Path) -> bool {
     path.join("events").is_dir()
-}
-
-fn mount_tracefs(target: &str) -> io::Result<()> {
-    let source = c"tracefs";
-    let fstype = c"tracefs";
-    let target = std::ffi::CString::new(target).map_err(io::Error::other)?;
-    // SAFETY: valid NUL-terminated strings and a null data pointer.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 /// One field of a tracepoint record.

@@ -18,15 +18,10 @@ pub enum DecodeError {
 /// so longer is fine). `read_unaligned`: the bytes come from a ring buffer
 /// slice with no alignment guarantee.
 pub fn read_struct<T: aya::Pod>(data: &[u8]) -> Result<T, DecodeError> {
-    let need = size_of::<T>();
-    if data.len() < need {
-        return Err(DecodeError::Short {
-            len: data.len(),
-            need,
-        });
-    }
-    // SAFETY: length checked above; T is Pod, so any bytes are a valid T.
-    Ok(unsafe { std::ptr::read_unaligned(data.as_ptr().cast::<T>()) })
+    crate::sys::pod::read(data).ok_or(DecodeError::Short {
+        len: data.len(),
+        need: size_of::<T>(),
+    })
 }
 
 /// The kind of an event, from its header.

@@ -2,22 +2,14 @@
 
 use time::{OffsetDateTime, format_description::FormatItem, macros::format_description};
 
+use crate::sys;
+
 const SECOND: &[FormatItem<'static>] =
     format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].");
 
-fn clock_ns(clock: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid clock id and a valid out pointer; these clocks cannot fail.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
-}
-
 /// Monotonic nanoseconds now, on the clock the kernel programs stamp with.
 pub fn monotonic_ns() -> u64 {
-    clock_ns(libc::CLOCK_MONOTONIC) as u64
+    sys::process::monotonic_ns() as u64
 }
 
 /// Length of an RFC 3339 UTC time with nanoseconds:
@@ -47,7 +39,7 @@ impl WallClock {
     }
 
     pub fn resync(&mut self) {
-        self.offset_ns = clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC);
+        self.offset_ns = sys::process::realtime_ns() - sys::process::monotonic_ns();
     }
 
     pub fn with_offset(offset_ns: i128) -> Self {

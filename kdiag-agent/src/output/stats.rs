@@ -24,7 +24,10 @@ use aya::{
 };
 use kdiag_common::{CLASS_COUNT, LOSS_DROPPED, LOSS_LOST, LOSS_REASONS, LOSS_SLOTS};
 
-use crate::output::record::{AgentStats, ClassStats, ProgramStats};
+use crate::{
+    output::record::{AgentStats, ClassStats, ProgramStats},
+    sys,
+};
 
 /// What the kernel counts for one program, since it was loaded.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -73,7 +76,7 @@ impl StatsCollector {
             window: None,
             sampled: BTreeMap::new(),
             sampled_ns: 0,
-            last_cpu_ns: cpu_ns(),
+            last_cpu_ns: sys::process::cpu_time_ns(),
             last_mono_ns: now_mono_ns,
         }
     }
@@ -160,7 +163,7 @@ impl StatsCollector {
         let program_stats = program_deltas(&programs, &self.last_programs, &self.sampled);
         self.last_programs = programs;
         self.sampled.clear();
-        let cpu = cpu_ns();
+        let cpu = sys::process::cpu_time_ns();
         let stats = AgentStats {
             interval_ns: now_mono_ns.saturating_sub(self.last_mono_ns),
             classes,
@@ -268,25 +271,13 @@ fn recursion_misses(fdinfo: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix("recursion_misses:")?.trim().parse().ok())
 }
 
-/// The agent's user + system CPU time.
-fn cpu_ns() -> u64 {
-    // SAFETY: an all-zero rusage is valid; getrusage fills it.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointer; RUSAGE_SELF cannot fail.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    let tv = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
-    tv(usage.ru_utime) + tv(usage.ru_stime)
-}
-
 /// Resident set size, from /proc/self/statm (pages).
 fn rss_bytes() -> u64 {
     let pages = fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
         .unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    pages * u64::try_from(page).unwrap_or(4096)
+    pages * sys::process::page_size() as u64
 }
 
 #[cfg(test)]

@@ -551,8 +551,9 @@ fn fd_limit() -> Result<libc::rlimit> {
         rlim_max: 0,
     };
     // SAFETY: a valid rlimit to fill.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
     ensure!(
-        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0,
+        rc == 0,
         "reading the open-file limit: {}",
         std::io::Error::last_os_error()
     );
@@ -570,8 +571,9 @@ fn raise_fd_limit(fds: u64) -> Result<()> {
     );
     limit.rlim_cur = limit.rlim_cur.max(fds);
     // SAFETY: a valid rlimit for RLIMIT_NOFILE, within the hard limit.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
     ensure!(
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0,
+        rc == 0,
         "raising the open-file limit to {fds}: {}",
         std::io::Error::last_os_error()
     );

@@ -472,14 +472,7 @@ mod tests {
     }
 
     fn event_bytes(ev: &StallEvent) -> Vec<u8> {
-        // SAFETY: a repr(C) plain-data struct viewed as bytes.
-        unsafe {
-            std::slice::from_raw_parts(
-                (ev as *const StallEvent).cast::<u8>(),
-                size_of::<StallEvent>(),
-            )
-        }
-        .to_vec()
+        crate::sys::pod::bytes_of(ev).to_vec()
     }
 
     #[test]

@@ -157,14 +157,7 @@ mod tests {
     }
 
     fn bytes(ev: &RetransEvent) -> Vec<u8> {
-        // SAFETY: a repr(C) plain-data struct viewed as bytes.
-        unsafe {
-            std::slice::from_raw_parts(
-                (ev as *const RetransEvent).cast::<u8>(),
-                size_of::<RetransEvent>(),
-            )
-        }
-        .to_vec()
+        crate::sys::pod::bytes_of(ev).to_vec()
     }
 
     #[test]

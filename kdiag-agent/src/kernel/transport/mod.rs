@@ -10,17 +10,16 @@
 
 pub mod perf;
 
-use std::{
-    future::poll_fn,
-    io,
-    os::fd::{AsFd as _, AsRawFd},
-    task::Poll,
-};
+use std::{future::poll_fn, io, os::fd::AsFd as _, task::Poll};
 
 use aya::maps::{Map, MapData, MapError, RingBuf};
 use kdiag_common::WAKEUP_FRACTION_SHIFT;
-use tokio::io::{Interest, unix::AsyncFd};
+use tokio::io::unix::AsyncFd;
 
+use crate::sys::{
+    self, SyscallError,
+    fd::{OwnedFdHolder, register_readable},
+};
 use perf::{PerfBatch, PerfBuffer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -44,19 +43,24 @@ impl TransportKind {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    #[error("cannot use the {name} map: {source}")]
+    #[error("cannot use the {name} map")]
     Map {
         name: &'static str,
+        #[source]
         source: MapError,
     },
     #[error("the PERF_EVENTS map is not a perf event array")]
     NotPerfEventArray,
-    #[error("cannot open the perf buffer of cpu {cpu}: {source}")]
-    PerfBuffer { cpu: u32, source: io::Error },
-    #[error("cannot list online cpus: {0}")]
-    Cpus(io::Error),
-    #[error("cannot register the buffer with the event loop: {0}")]
-    Register(io::Error),
+    #[error("cannot open the perf buffer of cpu {cpu}")]
+    PerfBuffer {
+        cpu: u32,
+        #[source]
+        source: SyscallError,
+    },
+    #[error("cannot list online cpus")]
+    Cpus(#[source] io::Error),
+    #[error("cannot register the buffer with the event loop")]
+    Register(#[source] io::Error),
 }
 
 pub enum Reader {
@@ -87,7 +91,7 @@ impl Reader {
             return Err(TransportError::NotPerfEventArray);
         };
         let cpus = aya::util::online_cpus().map_err(|(_, e)| TransportError::Cpus(e))?;
-        let page_size = page_size();
+        let page_size = sys::process::page_size();
         let pages = perf_pages(buffer_bytes as usize, cpus.len(), page_size);
         let watermark =
             u32::try_from((pages * page_size) >> WAKEUP_FRACTION_SHIFT).unwrap_or(u32::MAX);
@@ -147,7 +151,7 @@ impl Reader {
             }
             Self::Perf { buffers, batch, .. } => {
                 for fd in buffers.iter_mut() {
-                    fd.get_mut().drain_into(batch);
+                    batch.read_from(fd.get_mut());
                 }
                 batch.drain_in_time_order(on_sample);
             }
@@ -155,17 +159,8 @@ impl Reader {
     }
 }
 
-fn register<T: AsRawFd>(inner: T) -> Result<AsyncFd<T>, TransportError> {
-    // SAFETY: aya's ring and perf buffers own their descriptors and keep them
-    // open, unchanged, until they are dropped, which the AsyncFd does.
-    unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }
-        .map_err(|e| TransportError::Register(e.into_parts().1))
-}
-
-pub fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(size).unwrap_or(4096)
+fn register<T: OwnedFdHolder>(inner: T) -> Result<AsyncFd<T>, TransportError> {
+    register_readable(inner).map_err(TransportError::Register)
 }
 
 /// Pages per CPU for perf buffers: `buffer_bytes` shared out among `cpus`,

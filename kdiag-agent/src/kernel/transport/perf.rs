@@ -8,270 +8,77 @@
 //! watermark, like the ring buffer's programs do; the agent's drain timer
 //! reads whatever stays below it.
 //!
-//! The layouts and constants are the kernel's stable ABI
-//! (include/uapi/linux/perf_event.h and bpf.h), which libc does not carry.
+//! The record layouts are the kernel's (include/uapi/linux/perf_event.h),
+//! from aya's generated bindings.
 
-use std::{
-    io,
-    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
-    ptr::{self, NonNull},
-    sync::atomic::{Ordering, fence},
-};
+use std::mem::offset_of;
 
+use aya_obj::generated::{perf_event_header, perf_event_type};
 use kdiag_common::EventHeader;
 
-/// `struct perf_event_attr` up to `PERF_ATTR_SIZE_VER0` (64 bytes), which
-/// every kernel accepts and which holds every field used here.
-#[repr(C)]
-#[derive(Default)]
-struct PerfEventAttr {
-    type_: u32,
-    size: u32,
-    config: u64,
-    sample_period: u64,
-    sample_type: u64,
-    read_format: u64,
-    /// The attribute bit field: `disabled` is bit 0, `watermark` bit 14.
-    flags: u64,
-    /// `wakeup_watermark` when the `watermark` bit is set.
-    wakeup_watermark: u32,
-    bp_type: u32,
-    config1: u64,
-}
-const _: () = assert!(size_of::<PerfEventAttr>() == 64);
+pub use crate::sys::perf::PerfBuffer;
+use crate::sys::perf::RingView;
 
-const PERF_TYPE_SOFTWARE: u32 = 1;
-const PERF_COUNT_SW_BPF_OUTPUT: u64 = 10;
-const PERF_SAMPLE_RAW: u64 = 1 << 10;
-const ATTR_FLAG_WATERMARK: u64 = 1 << 14;
-const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 1 << 3;
-/// `_IO('$', 0)`.
-const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
-const PERF_RECORD_LOST: u32 = 2;
-const PERF_RECORD_SAMPLE: u32 = 9;
-/// `data_head` and `data_tail` in `struct perf_event_mmap_page`.
-const DATA_HEAD_OFFSET: usize = 1024;
-const DATA_TAIL_OFFSET: usize = 1032;
+/// `struct perf_event_header`, the start of every record: its type, and its
+/// size (of the whole record).
+const HEADER_LEN: usize = size_of::<perf_event_header>();
+const TYPE_AT: usize = offset_of!(perf_event_header, type_);
+const SIZE_AT: usize = offset_of!(perf_event_header, size);
+/// A PERF_SAMPLE_RAW sample follows its header with a u32 size, then that
+/// many bytes (perf_event.h, PERF_RECORD_SAMPLE: `u32 size; char data[size]`).
+const RAW_SIZE_LEN: usize = size_of::<u32>();
+const PERF_RECORD_SAMPLE: u32 = perf_event_type::PERF_RECORD_SAMPLE as u32;
+const PERF_RECORD_LOST: u32 = perf_event_type::PERF_RECORD_LOST as u32;
 
-const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-
-/// `struct perf_event_header`, the start of every record: u32 type, u16
-/// misc, u16 size (of the whole record).
-const HEADER_LEN: usize = 8;
-
-pub struct PerfBuffer {
-    /// The mapping: one metadata page, then `data_len` bytes of ring.
-    map: NonNull<u8>,
-    map_len: usize,
-    data_len: usize,
-    page_size: usize,
-    fd: OwnedFd,
-}
-
-// SAFETY: the mapping is owned by this value alone and only read or written
-// through `&mut self` (the kernel's side is synchronised by data_head and
-// data_tail, as the perf ABI specifies).
-unsafe impl Send for PerfBuffer {}
-
-impl PerfBuffer {
-    /// Opens the BPF output event of `cpu` with a ring of `pages` pages (a
-    /// power of two) that wakes its reader when `watermark` bytes are
-    /// queued, maps it and enables it.
-    pub fn open(cpu: u32, pages: usize, page_size: usize, watermark: u32) -> io::Result<Self> {
-        let attr = PerfEventAttr {
-            type_: PERF_TYPE_SOFTWARE,
-            size: size_of::<PerfEventAttr>() as u32,
-            config: PERF_COUNT_SW_BPF_OUTPUT,
-            sample_period: 1,
-            sample_type: PERF_SAMPLE_RAW,
-            flags: ATTR_FLAG_WATERMARK,
-            wakeup_watermark: watermark.max(1),
-            ..PerfEventAttr::default()
+/// Hands each sample in `ring` to `on_sample` as the up to two pieces it
+/// wraps into; other records (lost-sample reports) are skipped: the programs
+/// count each failed output per class (kdiag_common::LOSS_LOST), and the
+/// kernel's own count is the same samples without the class.
+fn walk(ring: &RingView<'_>, mut on_sample: impl FnMut(&[u8], &[u8])) {
+    let mut tail = ring.tail();
+    while tail < ring.head() {
+        // A record shorter than a header, or one that ends past head, is not
+        // one: stop here rather than read past what the kernel published
+        // (cannot happen with a well-formed ring).
+        let Some(header) = contiguous::<HEADER_LEN>(ring, tail) else {
+            return;
         };
-        // SAFETY: `attr` is a valid perf_event_attr of the size it states;
-        // pid -1 with a cpu is "every process on that CPU".
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_perf_event_open,
-                &raw const attr,
-                -1 as libc::pid_t,
-                cpu as libc::c_int,
-                -1 as libc::c_int,
-                PERF_FLAG_FD_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a descriptor the kernel just returned, owned by nothing else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-        let data_len = pages * page_size;
-        let map_len = data_len + page_size;
-        // SAFETY: a fresh shared mapping of the event's buffer; checked below.
-        let map = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if map == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let buffer = Self {
-            map: NonNull::new(map.cast()).ok_or_else(io::Error::last_os_error)?,
-            map_len,
-            data_len,
-            page_size,
-            fd,
-        };
-        // SAFETY: an ioctl without argument on our perf event descriptor.
-        if unsafe { libc::ioctl(buffer.fd.as_raw_fd(), PERF_EVENT_IOC_ENABLE, 0) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(buffer)
-    }
-
-    /// Makes this buffer the one the programs write to on `cpu`: its
-    /// descriptor into the perf event array `map` at index `cpu`.
-    pub fn attach_to(&self, map: BorrowedFd<'_>, cpu: u32) -> io::Result<()> {
-        let value = self.fd.as_raw_fd() as u32;
-        // `union bpf_attr` for BPF_MAP_UPDATE_ELEM: map_fd, padding, key and
-        // value pointers, flags (BPF_ANY = 0).
-        let attr: [u64; 4] = [
-            u64::from(map.as_raw_fd() as u32),
-            ptr::from_ref(&cpu) as u64,
-            ptr::from_ref(&value) as u64,
-            0,
-        ];
-        // SAFETY: `attr` is a valid bpf_attr of the size given; the key and
-        // value it points to live until the call returns.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_ELEM,
-                attr.as_ptr(),
-                size_of_val(&attr) as libc::c_uint,
-            )
-        };
-        if ret < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// Copies every sample queued into `batch` and frees their room.
-    pub fn drain_into(&mut self, batch: &mut PerfBatch) {
-        let meta = self.map.as_ptr();
-        // SAFETY: both fields lie in the mapping's first page. data_head is
-        // written by the kernel: read it once, then fence (acquire) so the
-        // records before it are read after it, as perf_event.h prescribes.
-        let head = unsafe { ptr::read_volatile(meta.add(DATA_HEAD_OFFSET).cast::<u64>()) };
-        fence(Ordering::Acquire);
-        // SAFETY: as above; only this reader writes data_tail.
-        let tail = unsafe { ptr::read_volatile(meta.add(DATA_TAIL_OFFSET).cast::<u64>()) };
-        if head == tail {
+        let type_ = u32::from_ne_bytes(field(&header, TYPE_AT));
+        let size = usize::from(u16::from_ne_bytes(field(&header, SIZE_AT)));
+        if size < HEADER_LEN || tail + size as u64 > ring.head() {
             return;
         }
-        // SAFETY: the data area follows the first page, `data_len` bytes,
-        // and the kernel leaves [tail, head) alone until data_tail moves.
-        unsafe {
-            walk(
-                meta.add(self.page_size),
-                self.data_len,
-                tail,
-                head,
-                |h, t| batch.push(h, t),
-            );
-        }
-        // Every read above completes before the kernel may reuse the room.
-        fence(Ordering::SeqCst);
-        // SAFETY: data_tail, in the first page; this reader is its only writer.
-        unsafe { ptr::write_volatile(meta.add(DATA_TAIL_OFFSET).cast::<u64>(), head) };
-    }
-}
-
-impl AsRawFd for PerfBuffer {
-    fn as_raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-}
-
-impl AsFd for PerfBuffer {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
-    }
-}
-
-impl Drop for PerfBuffer {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `open`, unmapped once; the descriptor
-        // closes after it.
-        unsafe { libc::munmap(self.map.as_ptr().cast(), self.map_len) };
-    }
-}
-
-/// Hands each sample recorded in [tail, head) of the ring at `data` (`len`
-/// bytes, a power of two) to `on_sample` as the up to two pieces it wraps
-/// into; other records (lost-sample reports) are skipped: the programs count
-/// each failed output per class (kdiag_common::LOSS_LOST), and the kernel's
-/// own count is the same samples without the class.
-///
-/// # Safety
-/// `data` must be valid for reads of `len` bytes, and [tail, head) must hold
-/// complete perf records that nothing writes while this runs.
-unsafe fn walk(
-    data: *const u8,
-    len: usize,
-    mut tail: u64,
-    head: u64,
-    mut on_sample: impl FnMut(&[u8], &[u8]),
-) {
-    // Pieces of the ring from logical position `at`, `n` bytes, split where
-    // it wraps.
-    let pieces = |at: u64, n: usize| -> (&[u8], &[u8]) {
-        let start = (at % len as u64) as usize;
-        let first = n.min(len - start);
-        // SAFETY: both ranges are inside the ring (per the caller).
-        unsafe {
-            (
-                std::slice::from_raw_parts(data.add(start), first),
-                std::slice::from_raw_parts(data, n - first),
-            )
-        }
-    };
-    // The 8 bytes from logical position `at`, made contiguous.
-    let bytes = |at: u64| -> [u8; HEADER_LEN] {
-        let mut out = [0; HEADER_LEN];
-        let (a, b) = pieces(at, HEADER_LEN);
-        out[..a.len()].copy_from_slice(a);
-        out[a.len()..].copy_from_slice(b);
-        out
-    };
-    while tail < head {
-        let header = bytes(tail);
-        let type_ = u32::from_ne_bytes([header[0], header[1], header[2], header[3]]);
-        let size = usize::from(u16::from_ne_bytes([header[6], header[7]]));
-        if size < HEADER_LEN || tail + size as u64 > head {
-            // Not a record: stop here rather than read past what the
-            // kernel published (cannot happen with a well-formed ring).
-            return;
-        }
-        // A sample: the header, a u32 length, then that many bytes (padded
-        // to 8, which is why the length is its own).
-        if type_ == PERF_RECORD_SAMPLE && size >= HEADER_LEN + 4 {
-            let after = bytes(tail + HEADER_LEN as u64);
-            let n = u32::from_ne_bytes([after[0], after[1], after[2], after[3]]) as usize;
-            let (a, b) = pieces(tail + HEADER_LEN as u64 + 4, n.min(size - HEADER_LEN - 4));
+        // The raw size is its own field because the record is padded to 8.
+        if type_ == PERF_RECORD_SAMPLE && size >= HEADER_LEN + RAW_SIZE_LEN {
+            let at = tail + HEADER_LEN as u64;
+            let Some(raw_size) = contiguous::<RAW_SIZE_LEN>(ring, at) else {
+                return;
+            };
+            let n = u32::from_ne_bytes(raw_size) as usize;
+            let at = at + RAW_SIZE_LEN as u64;
+            let Some((a, b)) = ring.get(at, n.min(size - HEADER_LEN - RAW_SIZE_LEN)) else {
+                return;
+            };
             on_sample(a, b);
         } else {
             debug_assert_eq!(type_, PERF_RECORD_LOST);
         }
         tail += size as u64;
     }
+}
+
+/// The `N` bytes of `ring` from position `at`, made contiguous.
+fn contiguous<const N: usize>(ring: &RingView<'_>, at: u64) -> Option<[u8; N]> {
+    let (a, b) = ring.get(at, N)?;
+    let mut out = [0; N];
+    out[..a.len()].copy_from_slice(a);
+    out[a.len()..].copy_from_slice(b);
+    Some(out)
+}
+
+/// The `N` bytes of `bytes` from `at`.
+fn field<const N: usize>(bytes: &[u8], at: usize) -> [u8; N] {
+    std::array::from_fn(|i| bytes[at + i])
 }
 
 /// The samples of one drain of every CPU's perf buffer, copied out and
@@ -293,6 +100,12 @@ pub struct PerfBatch {
 }
 
 impl PerfBatch {
+    /// Copies every sample queued in `buffer` into the batch and frees their
+    /// room.
+    pub fn read_from(&mut self, buffer: &mut PerfBuffer) {
+        buffer.read(|ring| walk(ring, |head, tail| self.push(head, tail)));
+    }
+
     /// Adds a sample, given as the up to two pieces of a perf ring.
     pub fn push(&mut self, head: &[u8], tail: &[u8]) {
         let start = self.bytes.len();
@@ -319,7 +132,7 @@ impl PerfBatch {
     }
 }
 
-const TS_OFFSET: usize = std::mem::offset_of!(EventHeader, ts_ns);
+const TS_OFFSET: usize = offset_of!(EventHeader, ts_ns);
 
 #[cfg(test)]
 mod tests {
@@ -371,15 +184,15 @@ mod tests {
     }
 
     fn header(type_: u32, size: usize) -> Vec<u8> {
-        let mut h = type_.to_ne_bytes().to_vec();
-        h.extend_from_slice(&0u16.to_ne_bytes());
-        h.extend_from_slice(&(size as u16).to_ne_bytes());
+        let mut h = vec![0; HEADER_LEN];
+        h[TYPE_AT..TYPE_AT + 4].copy_from_slice(&type_.to_ne_bytes());
+        h[SIZE_AT..SIZE_AT + 2].copy_from_slice(&(size as u16).to_ne_bytes());
         h
     }
 
     /// A sample record as the kernel writes it: padded to 8 bytes.
     fn sample(payload: &[u8]) -> Vec<u8> {
-        let size = (HEADER_LEN + 4 + payload.len()).next_multiple_of(8);
+        let size = (HEADER_LEN + RAW_SIZE_LEN + payload.len()).next_multiple_of(8);
         let mut r = header(PERF_RECORD_SAMPLE, size);
         r.extend_from_slice(&(payload.len() as u32).to_ne_bytes());
         r.extend_from_slice(payload);
@@ -396,12 +209,9 @@ mod tests {
 
     fn samples(data: &[u8], tail: u64, head: u64) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
-        // SAFETY: `data` is a live buffer of its length, written before.
-        unsafe {
-            walk(data.as_ptr(), data.len(), tail, head, |a, b| {
-                out.push([a, b].concat());
-            });
-        }
+        walk(&RingView::new(data, tail, head), |a, b| {
+            out.push([a, b].concat());
+        });
         out
     }
 

@@ -1,0 +1,49 @@
+//! File descriptors: polling one, and registering one with the event loop.
+
+use std::{
+    io,
+    os::fd::{AsRawFd, BorrowedFd},
+};
+
+use aya::maps::{MapData, RingBuf};
+use rustix::event::{PollFd, PollFlags, Timespec, poll};
+use tokio::io::{Interest, unix::AsyncFd};
+
+use super::perf::PerfBuffer;
+
+/// Whether the other end of the pipe or socket `fd` writes to is gone: a
+/// writer whose reader has closed sees POLLERR (a pipe) or POLLHUP. Does
+/// not wait.
+pub fn peer_closed(fd: BorrowedFd<'_>) -> bool {
+    let mut fds = [PollFd::from_borrowed_fd(fd, PollFlags::empty())];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let ready = poll(&mut fds, Some(&now)).unwrap_or(0);
+    ready > 0 && fds[0].revents().intersects(PollFlags::ERR | PollFlags::HUP)
+}
+
+/// A value that owns one open file descriptor, the one `as_raw_fd` returns,
+/// from its creation until it is dropped.
+///
+/// # Safety
+/// `as_raw_fd` returns that same descriptor every time, and nothing closes
+/// it or puts another file behind it before the value is dropped.
+pub unsafe trait OwnedFdHolder: AsRawFd {}
+
+// SAFETY: a RingBuf owns its map (MapData), whose descriptor it returns and
+// which closes only when the map is dropped.
+unsafe impl OwnedFdHolder for RingBuf<MapData> {}
+
+// SAFETY: a PerfBuffer owns the OwnedFd it returns, closed only on drop.
+unsafe impl OwnedFdHolder for PerfBuffer {}
+
+/// Registers `inner`'s descriptor with the event loop, to be woken when it is
+/// readable.
+pub fn register_readable<T: OwnedFdHolder>(inner: T) -> io::Result<AsyncFd<T>> {
+    // SAFETY: T's descriptor stays open and unchanged until `inner` is
+    // dropped (OwnedFdHolder), which the AsyncFd does.
+    unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}

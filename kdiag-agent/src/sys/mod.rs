@@ -1,0 +1,38 @@
+//! The agent's system calls: every raw syscall and libc call, each behind a
+//! safe function, so that `unsafe` lives here and nowhere else in the agent.
+//! Built on rustix, on the caps crate for capabilities, and on libc only for
+//! what neither has (`perf_event_open`, `bpf`, `getrusage`, `mallopt`).
+//! [`pod`] holds the byte views of the wire types, the other unsafe code.
+
+pub mod caps;
+pub mod fd;
+pub mod fs;
+pub mod perf;
+pub mod pod;
+pub mod process;
+
+use std::io;
+
+/// A system call the kernel refused, and its error.
+#[derive(Debug, thiserror::Error)]
+#[error("`{call}` failed")]
+pub struct SyscallError {
+    /// The system call, as its man page names it.
+    pub call: &'static str,
+    #[source]
+    pub source: io::Error,
+}
+
+impl SyscallError {
+    fn new(call: &'static str, source: impl Into<io::Error>) -> Self {
+        Self {
+            call,
+            source: source.into(),
+        }
+    }
+
+    /// For libc calls, which leave their error in errno.
+    fn last_os_error(call: &'static str) -> Self {
+        Self::new(call, io::Error::last_os_error())
+    }
+}

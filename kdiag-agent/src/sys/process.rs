@@ -1,0 +1,59 @@
+//! The process itself: allocator settings, CPU time, clocks, page size.
+
+use rustix::time::{ClockId, clock_gettime};
+
+/// Makes glibc serve blocks of `bytes` and more from mappings of their own,
+/// returned to the kernel when freed (`mallopt(M_MMAP_THRESHOLD)`, which also
+/// stops glibc from raising the threshold by itself). Returns whether it did:
+/// only a process that still has one thread may call mallopt, which glibc
+/// marks MT-Unsafe (malloc reads the parameters it writes without a lock).
+/// Other C libraries have no such setting.
+pub fn set_mmap_threshold(bytes: i32) -> bool {
+    #[cfg(target_env = "gnu")]
+    if single_threaded() {
+        // SAFETY: the process has one thread (checked just above; only this
+        // thread could start another), so nothing reads the allocator's
+        // parameters while mallopt writes them.
+        return unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, bytes) } == 1;
+    }
+    let _ = bytes;
+    false
+}
+
+/// One entry in /proc/self/task: the calling thread alone.
+#[cfg(target_env = "gnu")]
+fn single_threaded() -> bool {
+    std::fs::read_dir("/proc/self/task").is_ok_and(|tasks| tasks.count() == 1)
+}
+
+/// The process's user plus system CPU time, in nanoseconds
+/// (`getrusage(RUSAGE_SELF)`, which rustix does not have).
+pub fn cpu_time_ns() -> u64 {
+    // SAFETY: rusage is integers only; all-zero is a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a rusage; RUSAGE_SELF cannot fail.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &raw mut usage) };
+    let tv = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock the kernel programs stamp
+/// events with (`bpf_ktime_get_ns`).
+pub fn monotonic_ns() -> i128 {
+    clock_ns(ClockId::Monotonic)
+}
+
+/// CLOCK_REALTIME (wall time) in nanoseconds since the Unix epoch.
+pub fn realtime_ns() -> i128 {
+    clock_ns(ClockId::Realtime)
+}
+
+fn clock_ns(clock: ClockId) -> i128 {
+    let ts = clock_gettime(clock);
+    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+}
+
+/// The size of a memory page, from the auxiliary vector.
+pub fn page_size() -> usize {
+    rustix::param::page_size()
+}
