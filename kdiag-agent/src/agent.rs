@@ -21,7 +21,7 @@ use crate::{
         self, Output,
         clock::{WallClock, monotonic_ns},
         record::{AgentStart, Degraded},
-        stats::{ProgramCounters, StatsCollector, WindowSchedule},
+        stats::{ProgramCounters, StatsCollector},
     },
     privileges::{self, MissingPrivileges},
     services::Services,
@@ -118,6 +118,10 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
                 source,
             })?;
     }
+    // Kernel run-time statistics for agent_stats, for as long as this fd is
+    // open: the kernel turns them off again when the agent exits, however it
+    // exits. Without them (old kernels) run counts read as zero.
+    let _bpf_stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
 
     let mut reader = match loaded.transport {
         TransportKind::Perf => {
@@ -172,14 +176,6 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
     let mut drain = tokio::time::interval(DRAIN_EVERY);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut decode_errors = 0u64;
-    // Kernel run-time statistics, on only in the windows of this schedule
-    // (see output/stats.rs).
-    let mut windows = WindowSchedule::new(
-        Duration::from_secs(interval_secs),
-        tokio::time::Instant::now().into_std(),
-    );
-    let window_change = tokio::time::sleep_until(windows.next().into());
-    tokio::pin!(window_change);
 
     let stop = loop {
         let result: io::Result<Option<Stop>> = tokio::select! {
@@ -217,15 +213,6 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
                     .and_then(|()| out.flush())
                     .map(|()| None)
             }
-            () = &mut window_change => {
-                if windows.advance() {
-                    stats.open_window(&loaded.ebpf, monotonic_ns());
-                } else {
-                    stats.close_window(&loaded.ebpf, monotonic_ns());
-                }
-                window_change.as_mut().reset(windows.next().into());
-                Ok(None)
-            }
             _ = stdout_check.tick() => Ok(stdout_closed(&stdout).then_some(Stop::StdoutClosed)),
             _ = sigint.recv() => Ok(Some(Stop::Signal)),
             _ = sigterm.recv() => Ok(Some(Stop::Signal)),
@@ -241,7 +228,6 @@ pub async fn run(cli: Cli) -> Result<(), AgentError> {
 
     // Detach first, so nothing new arrives; then everything already in the
     // buffers is written before the final accounting.
-    stats.close_window(&loaded.ebpf, monotonic_ns());
     let programs = stats.snapshot_programs(&loaded.ebpf);
     // The last interval ends when the programs stop, not after the
     // (slow: one RCU grace period per program) detaching.

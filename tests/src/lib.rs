@@ -16,7 +16,6 @@
 
 pub mod agent;
 pub mod bpf;
-pub mod bystander;
 pub mod cgroup;
 pub mod cmd;
 pub mod env;

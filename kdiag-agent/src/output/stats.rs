@@ -1,21 +1,10 @@
 //! `agent_stats`: per-class events, drops and losses, per-program kernel run
 //! time, and the agent's own memory and CPU, as deltas per interval.
-//!
-//! The kernel's run-time statistics (`run_cnt`, `run_time_ns`) are one
-//! host-wide switch: while any `BPF_ENABLE_STATS` descriptor is open, every
-//! BPF program on the host, other tools' and other vendors' datapaths
-//! included, pays two clock reads per run. So the agent turns them on only
-//! in short windows ([`WindowSchedule`]): a tenth of the time, away from the
-//! interval boundaries, and reports what its programs did in those windows
-//! with how long they lasted. The descriptor is the only thing that keeps
-//! them on, and the kernel closes it however the agent ends, SIGKILL
-//! included.
 
 use std::{
     collections::BTreeMap,
     fs,
-    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
-    time::{Duration, Instant},
+    os::fd::{AsFd as _, AsRawFd as _},
 };
 
 use aya::{
@@ -48,15 +37,7 @@ pub struct StatsCollector {
     /// Records written per class id since the last report.
     events: [u64; CLASS_COUNT as usize],
     last_losses: [u64; LOSS_SLOTS as usize],
-    /// Cumulative counters at the last report, for `recursion_misses`
-    /// (counted by the kernel whether statistics are on or not).
     last_programs: ProgramCounters,
-    /// The statistics window now open: the descriptor that keeps them on,
-    /// when it opened (monotonic ns) and the counters then.
-    window: Option<(OwnedFd, u64, ProgramCounters)>,
-    /// Runs and run time inside the windows closed since the last report.
-    sampled: ProgramCounters,
-    sampled_ns: u64,
     last_cpu_ns: u64,
     last_mono_ns: u64,
 }
@@ -73,9 +54,6 @@ impl StatsCollector {
             events: [0; CLASS_COUNT as usize],
             last_losses: [0; LOSS_SLOTS as usize],
             last_programs: BTreeMap::new(),
-            window: None,
-            sampled: BTreeMap::new(),
-            sampled_ns: 0,
             last_cpu_ns: sys::process::cpu_time_ns(),
             last_mono_ns: now_mono_ns,
         }
@@ -90,35 +68,6 @@ impl StatsCollector {
     /// Monotonic time the current interval began.
     pub fn interval_start_ns(&self) -> u64 {
         self.last_mono_ns
-    }
-
-    /// Turns the kernel's run-time statistics on until [`Self::close_window`].
-    /// Without BPF_ENABLE_STATS (before 5.8) no window opens and programs
-    /// report no runs.
-    pub fn open_window(&mut self, ebpf: &Ebpf, now_mono_ns: u64) {
-        if self.window.is_some() {
-            return;
-        }
-        if let Ok(fd) = aya::sys::enable_stats(aya::sys::Stats::RunTime) {
-            self.window = Some((fd, now_mono_ns, self.snapshot_programs(ebpf)));
-        }
-    }
-
-    /// Adds what the programs did since the window opened, then turns the
-    /// statistics off again (unless another holder keeps them on).
-    pub fn close_window(&mut self, ebpf: &Ebpf, now_mono_ns: u64) {
-        let Some((fd, opened_ns, at_open)) = self.window.take() else {
-            return;
-        };
-        let now = self.snapshot_programs(ebpf);
-        drop(fd);
-        for (name, c) in &now {
-            let before = at_open.get(name).copied().unwrap_or_default();
-            let sum = self.sampled.entry(name.clone()).or_default();
-            sum.run_cnt += c.run_cnt.saturating_sub(before.run_cnt);
-            sum.run_time_ns += c.run_time_ns.saturating_sub(before.run_time_ns);
-        }
-        self.sampled_ns += now_mono_ns.saturating_sub(opened_ns);
     }
 
     /// Per-program counters; read them before the programs are unloaded.
@@ -160,15 +109,13 @@ impl StatsCollector {
             );
         }
         self.last_losses = losses;
-        let program_stats = program_deltas(&programs, &self.last_programs, &self.sampled);
+        let program_stats = program_deltas(&programs, &self.last_programs);
         self.last_programs = programs;
-        self.sampled.clear();
         let cpu = sys::process::cpu_time_ns();
         let stats = AgentStats {
             interval_ns: now_mono_ns.saturating_sub(self.last_mono_ns),
             classes,
             programs: program_stats,
-            programs_sampled_ns: std::mem::take(&mut self.sampled_ns),
             rss_bytes: rss_bytes(),
             cpu_ns: cpu.saturating_sub(self.last_cpu_ns),
         };
@@ -190,72 +137,15 @@ impl StatsCollector {
     }
 }
 
-/// When the statistics windows open and close: one every `period` (the
-/// interval, at most [`MAX_PERIOD`]), a tenth of it long, in the middle of
-/// the period so that it never straddles an interval's end. The first opens
-/// half a second after start at most, so that short runs are measured too.
-#[derive(Debug, Clone, Copy)]
-pub struct WindowSchedule {
-    period: Duration,
-    len: Duration,
-    /// When the next change is due, and whether it opens a window.
-    next: Instant,
-    opens: bool,
-}
-
-/// Windows come at least this often, also with `--interval 0`.
-pub const MAX_PERIOD: Duration = Duration::from_secs(10);
-const MIN_WINDOW: Duration = Duration::from_millis(50);
-
-impl WindowSchedule {
-    pub fn new(interval: Duration, start: Instant) -> Self {
-        let period = if interval.is_zero() {
-            MAX_PERIOD
-        } else {
-            interval.min(MAX_PERIOD)
-        };
-        let len = (period / 10).max(MIN_WINDOW).min(period / 2);
-        Self {
-            period,
-            len,
-            next: start + (period / 2 - len / 2).min(Duration::from_millis(500)),
-            opens: true,
-        }
-    }
-
-    /// When the next window opens or closes.
-    pub fn next(&self) -> Instant {
-        self.next
-    }
-
-    /// Moves past the change due now; returns whether it opens a window.
-    pub fn advance(&mut self) -> bool {
-        let opens = self.opens;
-        self.next += if opens {
-            self.len
-        } else {
-            self.period - self.len
-        };
-        self.opens = !opens;
-        opens
-    }
-}
-
-/// Each program's runs and run time in the statistics windows (`sampled`),
-/// and its recursion misses since `last`.
-fn program_deltas(
-    now: &ProgramCounters,
-    last: &ProgramCounters,
-    sampled: &ProgramCounters,
-) -> Vec<ProgramStats> {
+/// What each program's counters grew by since `last`.
+fn program_deltas(now: &ProgramCounters, last: &ProgramCounters) -> Vec<ProgramStats> {
     now.iter()
         .map(|(name, now)| {
             let last = last.get(name).copied().unwrap_or_default();
-            let sampled = sampled.get(name).copied().unwrap_or_default();
             ProgramStats {
                 name: name.clone(),
-                run_cnt: sampled.run_cnt,
-                run_time_ns: sampled.run_time_ns,
+                run_cnt: now.run_cnt.saturating_sub(last.run_cnt),
+                run_time_ns: now.run_time_ns.saturating_sub(last.run_time_ns),
                 recursion_misses: now
                     .recursion_misses
                     .map(|n| n.saturating_sub(last.recursion_misses.unwrap_or(0))),
@@ -294,7 +184,7 @@ mod tests {
     }
 
     #[test]
-    fn runs_come_from_the_windows_and_misses_from_the_interval() {
+    fn program_counters_become_deltas() {
         let counters = |cnt, time, misses| RunCounters {
             run_cnt: cnt,
             run_time_ns: time,
@@ -307,49 +197,18 @@ mod tests {
             ("softirq_exit".to_owned(), counters(4, 400, None)),
         ]
         .into();
-        let sampled: ProgramCounters =
-            [("softirq_raise".to_owned(), counters(6, 600, None))].into();
-        let deltas = program_deltas(&now, &last, &sampled);
+        let deltas = program_deltas(&now, &last);
         let by_name = |n: &str| deltas.iter().find(|p| p.name == n).unwrap();
         let raise = by_name("softirq_raise");
         assert_eq!(
             (raise.run_cnt, raise.run_time_ns, raise.recursion_misses),
-            (6, 600, Some(4))
+            (15, 1500, Some(4))
         );
-        // No window saw it run: no runs, and its misses since it was loaded.
+        // First interval of a program: everything since it was loaded.
         let exit = by_name("softirq_exit");
         assert_eq!(
             (exit.run_cnt, exit.run_time_ns, exit.recursion_misses),
-            (0, 0, None)
+            (4, 400, None)
         );
-    }
-
-    #[test]
-    fn windows_are_a_tenth_of_each_period_away_from_its_ends() {
-        let start = Instant::now();
-        let ms = Duration::from_millis;
-        let mut s = WindowSchedule::new(Duration::from_secs(1), start);
-        let mut changes = Vec::new();
-        for _ in 0..4 {
-            let at = s.next() - start;
-            changes.push((at, s.advance()));
-        }
-        assert_eq!(
-            changes,
-            [
-                (ms(450), true),
-                (ms(550), false),
-                (ms(1450), true),
-                (ms(1550), false)
-            ]
-        );
-        // Long intervals: periods of at most 10 s, the first window early.
-        let mut s = WindowSchedule::new(Duration::from_secs(60), start);
-        assert_eq!((s.next() - start, s.advance()), (ms(500), true));
-        assert_eq!((s.next() - start, s.advance()), (ms(1500), false));
-        assert_eq!(s.next() - start, ms(10_500));
-        // Only at exit (-i 0): windows every 10 s all the same.
-        let s = WindowSchedule::new(Duration::ZERO, start);
-        assert_eq!(s.next() - start, ms(500));
     }
 }

@@ -82,9 +82,6 @@ pub struct AgentStats {
     pub interval_ns: u64,
     pub classes: BTreeMap<&'static str, ClassStats>,
     pub programs: Vec<ProgramStats>,
-    /// How long the kernel's run-time statistics were on in this interval:
-    /// programs' `run_cnt` and `run_time_ns` count only that time.
-    pub programs_sampled_ns: u64,
     pub rss_bytes: u64,
     pub cpu_ns: u64,
 }
