@@ -28,7 +28,7 @@ use crate::{
 };
 
 #[derive(Debug, thiserror::Error)]
-pub enum AgentError {
+pub(crate) enum AgentError {
     #[error("{0}")]
     Usage(String),
     #[error(transparent)]
@@ -52,7 +52,7 @@ pub enum AgentError {
 
 impl AgentError {
     /// Exit codes of the CLI contract.
-    pub fn exit_code(&self) -> i32 {
+    pub(crate) fn exit_code(&self) -> i32 {
         match self {
             Self::Usage(_)
             | Self::Options(_)
@@ -85,7 +85,7 @@ const DRAIN_EVERY: Duration = Duration::from_millis(100);
 /// `detach_all`).
 const DRAIN_WHILE_DETACHING: Duration = Duration::from_millis(5);
 
-pub async fn run(cli: Cli) -> Result<(), AgentError> {
+pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
     for &pid in &cli.global.pids {
         if !procfs::process_exists(pid) {
             return Err(AgentError::Usage(format!("--pid {pid}: no such process")));
@@ -268,8 +268,9 @@ fn take_map(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<aya::maps::Map, 
 /// Detaches every program, calling `drain` every `DRAIN_WHILE_DETACHING`
 /// until it is done (and no more after its first error). Detaching waits
 /// for an RCU grace period per program, tens of milliseconds on a busy host,
-/// while the programs still run: at 300k events/s the 4 MiB ring fills in
-/// about 90 ms, and undrained it lost 9-12k events in 2 of 7 stops.
+/// while the programs still run: at the fastest connection churn the ring
+/// fills in less time than that, and undrained it overflowed at stop
+/// (docs/BENCHMARKS.md, "Drops at maximum churn").
 fn detach_all(ebpf: &mut aya::Ebpf, mut drain: impl FnMut() -> io::Result<()>) -> io::Result<()> {
     let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_owned()).collect();
     std::thread::scope(|scope| {

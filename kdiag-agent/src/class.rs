@@ -21,7 +21,7 @@ use crate::{
 
 /// A kernel tracepoint one of kdiag's programs attaches to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Tracepoint {
+pub(crate) struct Tracepoint {
     pub group: &'static str,
     pub name: &'static str,
     /// The program's name in the eBPF object.
@@ -32,20 +32,20 @@ pub struct Tracepoint {
 }
 
 impl Tracepoint {
-    pub fn path(&self) -> String {
+    pub(crate) fn path(&self) -> String {
         format!("{}/{}", self.group, self.name)
     }
 }
 
 /// A value for one of the programs' `.rodata` globals, set before load.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Global {
+pub(crate) struct Global {
     pub name: &'static str,
     pub bytes: Vec<u8>,
 }
 
 impl Global {
-    pub fn new<T: aya::Pod>(name: &'static str, value: &T) -> Self {
+    pub(crate) fn new<T: aya::Pod>(name: &'static str, value: &T) -> Self {
         Self {
             name,
             bytes: crate::sys::pod::bytes_of(value).to_vec(),
@@ -58,7 +58,7 @@ impl Global {
 /// nothing; the running classes size theirs here (classes sharing a map:
 /// the largest size wins).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MapSize {
+pub(crate) struct MapSize {
     pub map: &'static str,
     pub entries: u32,
 }
@@ -67,7 +67,7 @@ pub struct MapSize {
 /// enum values its programs need. Every class's questions are answered in
 /// one pass over the file before load.
 #[derive(Debug, Clone, Copy)]
-pub struct BtfQueries {
+pub(crate) struct BtfQueries {
     pub members: &'static [Member<'static>],
     pub enumerators: &'static [Enumerator<'static>],
 }
@@ -76,19 +76,19 @@ pub struct BtfQueries {
 /// programs: the formats of the attached tracepoints (by program name) and
 /// the answers to every class's BTF queries.
 #[derive(Debug, Default)]
-pub struct KernelTypes {
+pub(crate) struct KernelTypes {
     pub formats: Formats,
     pub btf: btf::Answers,
 }
 
 /// What a class works with while the agent runs.
-pub struct Context<'a> {
+pub(crate) struct Context<'a> {
     pub out: &'a mut Output,
     pub services: &'a mut Services,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ClassError {
+pub(crate) enum ClassError {
     #[error(transparent)]
     Decode(#[from] DecodeError),
     #[error("writing output: {0}")]
@@ -113,7 +113,7 @@ pub enum ClassError {
 
 /// One event class: its tracepoints, how to configure its programs, how to
 /// decode its events, the records it writes.
-pub trait Class {
+pub(crate) trait Class {
     /// Its name in `agent_stats` and on the command line.
     fn name(&self) -> &'static str;
     fn id(&self) -> ClassId;

@@ -22,7 +22,7 @@ use crate::{classes::Command, kernel::transport::TransportKind, output::Format};
 ///   sudo kdiag-agent compact -o text             compaction runs, for people
 #[derive(Debug, Parser)]
 #[command(name = "kdiag-agent", version, verbatim_doc_comment)]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(flatten)]
     pub global: GlobalArgs,
     #[command(subcommand)]
@@ -31,7 +31,7 @@ pub struct Cli {
 
 /// Options every event class takes.
 #[derive(Debug, Args)]
-pub struct GlobalArgs {
+pub(crate) struct GlobalArgs {
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value = "json", global = true)]
     pub output: Format,

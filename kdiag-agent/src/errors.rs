@@ -5,7 +5,7 @@ use std::{error::Error, fmt};
 /// Displays an error followed by its sources, each after `: `. A source
 /// whose message already ends the text is not repeated: some errors (std's,
 /// aya's) include their source's message in their own.
-pub struct Chain<'a>(pub &'a (dyn Error + 'static));
+pub(crate) struct Chain<'a>(pub &'a (dyn Error + 'static));
 
 impl fmt::Display for Chain<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -23,12 +23,12 @@ const CAP_BPF: u32 = 39;
      to load and attach its kernel programs; it has {have}. Run it as root (sudo kdiag-agent ...) \
      or grant those capabilities"
 )]
-pub struct MissingPrivileges {
+pub(crate) struct MissingPrivileges {
     have: String,
 }
 
 /// Ok when the effective capabilities allow loading tracepoint programs.
-pub fn check() -> Result<(), MissingPrivileges> {
+pub(crate) fn check() -> Result<(), MissingPrivileges> {
     let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
     let caps = effective_caps(&status).unwrap_or(0);
     if allowed(caps) {
@@ -58,12 +58,12 @@ pub fn check() -> Result<(), MissingPrivileges> {
 /// CAP_DAC_READ_SEARCH to read other users' /proc/PID/fd when looking up the
 /// owner of a socket older than the agent. Ring and perf buffers are already
 /// mapped and need nothing.
-pub const KEPT_AFTER_ATTACH: u64 =
+pub(crate) const KEPT_AFTER_ATTACH: u64 =
     (1 << CAP_BPF) | (1 << CAP_SYS_PTRACE) | (1 << CAP_DAC_READ_SEARCH);
 
 /// Which step of giving up capabilities failed.
 #[derive(Debug, thiserror::Error)]
-pub enum DropError {
+pub(crate) enum DropError {
     #[error("cannot clear the ambient capabilities")]
     Ambient(#[source] CapsError),
     #[error("cannot drop capability {cap} from the bounding set")]
@@ -81,7 +81,7 @@ pub enum DropError {
 /// Drops every capability but [`KEPT_AFTER_ATTACH`] from the effective,
 /// permitted, inheritable, ambient and bounding sets, and sets
 /// no_new_privs, so nothing can bring them back.
-pub fn drop_after_attach() -> Result<(), DropError> {
+pub(crate) fn drop_after_attach() -> Result<(), DropError> {
     let last = fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok())
@@ -108,7 +108,7 @@ fn allowed(caps: u64) -> bool {
 }
 
 /// The `CapEff:` mask of /proc/self/status.
-pub fn effective_caps(status: &str) -> Option<u64> {
+pub(crate) fn effective_caps(status: &str) -> Option<u64> {
     let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
     u64::from_str_radix(hex.trim(), 16).ok()
 }

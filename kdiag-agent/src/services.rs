@@ -18,7 +18,7 @@ use crate::{
     output::Output,
 };
 
-pub struct Services {
+pub(crate) struct Services {
     owners: OwnerResolver,
     cgroups: CgroupTables,
     /// The hierarchy of the cgroups the kernel captures with owners
@@ -31,7 +31,7 @@ pub struct Services {
 
 /// One cgroup hierarchy's table in [`CgroupTables`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Hierarchy(usize);
+pub(crate) struct Hierarchy(usize);
 
 /// One id -> path table per hierarchy mount.
 #[derive(Debug, Default)]
@@ -49,7 +49,7 @@ impl CgroupTables {
 }
 
 impl Services {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut cgroups = CgroupTables::default();
         let unified = cgroups.hierarchy(find_cgroup2_mount().as_deref());
         Self {
@@ -63,18 +63,18 @@ impl Services {
 
     /// The table of the hierarchy mounted at `mount` (shared by every class
     /// that names the same one).
-    pub fn cgroup_hierarchy(&mut self, mount: Option<&Path>) -> Hierarchy {
+    pub(crate) fn cgroup_hierarchy(&mut self, mount: Option<&Path>) -> Hierarchy {
         self.cgroups.hierarchy(mount)
     }
 
     /// The path of cgroup `id` in `hierarchy`, or `None` when unknown.
-    pub fn cgroup_path(&mut self, hierarchy: Hierarchy, id: u64) -> Option<Arc<str>> {
+    pub(crate) fn cgroup_path(&mut self, hierarchy: Hierarchy, id: u64) -> Option<Arc<str>> {
         self.cgroups.0[hierarchy.0].path(id)
     }
 
     /// The owner of the socket `sock_id` with addresses `tuple`, given what
     /// the kernel captured (see [`OwnerResolver::resolve`]).
-    pub fn owner(
+    pub(crate) fn owner(
         &mut self,
         sock_id: u64,
         owner: &Owner,
@@ -87,14 +87,14 @@ impl Services {
     }
 
     /// A listener closed: what was learnt of it no longer holds.
-    pub fn forget_listener(&mut self, id: ListenerId) {
+    pub(crate) fn forget_listener(&mut self, id: ListenerId) {
         self.owners.forget_listener(id);
     }
 
     /// Writes the host's `vmstat` record for the interval ending at `now_ns`,
     /// once however many classes ask: each memory class wants it beside its
     /// summaries, and `run` has two.
-    pub fn write_vmstat(
+    pub(crate) fn write_vmstat(
         &mut self,
         now_ns: u64,
         interval_ns: u64,

@@ -43,7 +43,7 @@ fn config() -> &'static CompactConfig {
 }
 
 #[tracepoint]
-pub fn try_to_compact_pages(ctx: TracePointContext) -> u32 {
+pub(crate) fn try_to_compact_pages(ctx: TracePointContext) -> u32 {
     try_try_to_compact_pages(&ctx).unwrap_or(0)
 }
 
@@ -76,7 +76,7 @@ fn task_flags(cfg: &CompactConfig) -> u32 {
 }
 
 #[tracepoint]
-pub fn compaction_begin(_ctx: TracePointContext) -> u32 {
+pub(crate) fn compaction_begin(_ctx: TracePointContext) -> u32 {
     try_compaction_begin().unwrap_or(0)
 }
 
@@ -100,7 +100,7 @@ fn try_compaction_begin() -> Result<u32, i64> {
 }
 
 #[tracepoint]
-pub fn compaction_end(ctx: TracePointContext) -> u32 {
+pub(crate) fn compaction_end(ctx: TracePointContext) -> u32 {
     try_compaction_end(&ctx).unwrap_or(0)
 }
 

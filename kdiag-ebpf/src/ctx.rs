@@ -25,7 +25,7 @@ use kdiag_common::FIELD_ABSENT;
 /// compiles to a copy through a moved context pointer, which the verifier
 /// refuses.
 #[inline(always)]
-pub fn field<T>(ctx: &TracePointContext, offset: u16, usual: u16) -> Result<T, i64> {
+pub(crate) fn field<T>(ctx: &TracePointContext, offset: u16, usual: u16) -> Result<T, i64> {
     if usual != FIELD_ABSENT && offset == usual {
         // SAFETY: the format file puts this field at `usual`, inside the
         // record, and the usual layouts align every scalar field.

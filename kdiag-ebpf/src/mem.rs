@@ -24,7 +24,7 @@ impl<T> Words<T> {
 /// # Safety
 /// Both must be valid for a `T` (map values, stack slots).
 #[inline(always)]
-pub unsafe fn copy<T>(dst: *mut T, src: *const T) {
+pub(crate) unsafe fn copy<T>(dst: *mut T, src: *const T) {
     let (d, s) = (dst.cast::<u64>(), src.cast::<u64>());
     let mut i = 0;
     while i < Words::<T>::COUNT {
@@ -40,7 +40,7 @@ pub unsafe fn copy<T>(dst: *mut T, src: *const T) {
 /// # Safety
 /// `dst` must be valid for a `T`, and all-zero must be a valid `T`.
 #[inline(always)]
-pub unsafe fn zero<T>(dst: *mut T) {
+pub(crate) unsafe fn zero<T>(dst: *mut T) {
     let d = dst.cast::<u64>();
     let mut i = 0;
     while i < Words::<T>::COUNT {

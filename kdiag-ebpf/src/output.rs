@@ -48,14 +48,14 @@ const ENOSPC: i64 = -28;
 
 /// The header every event starts with: its kind, this CPU, now.
 #[inline(always)]
-pub fn header(kind: EventKind) -> EventHeader {
+pub(crate) fn header(kind: EventKind) -> EventHeader {
     // SAFETY: helper without arguments.
     header_at(kind, unsafe { bpf_ktime_get_ns() })
 }
 
 /// `header`, for a program that has already read the clock.
 #[inline(always)]
-pub fn header_at(kind: EventKind, ts_ns: u64) -> EventHeader {
+pub(crate) fn header_at(kind: EventKind, ts_ns: u64) -> EventHeader {
     EventHeader {
         kind: kind as u32,
         // SAFETY: helper without arguments.
@@ -67,7 +67,7 @@ pub fn header_at(kind: EventKind, ts_ns: u64) -> EventHeader {
 /// Sends `event` to userspace, counting it as dropped or lost if it does not
 /// fit.
 #[inline(always)]
-pub fn emit<C: EbpfContext, T>(ctx: &C, class: ClassId, event: &T) {
+pub(crate) fn emit<C: EbpfContext, T>(ctx: &C, class: ClassId, event: &T) {
     let transport = *rodata(&TRANSPORT);
     let reason = if transport == Transport::Perf as u32 {
         // aya's PerfEventArray::output discards the helper's result, which
@@ -114,7 +114,7 @@ pub fn emit<C: EbpfContext, T>(ctx: &C, class: ClassId, event: &T) {
 }
 
 #[inline(always)]
-pub fn count_loss(class: ClassId, reason: u32) {
+pub(crate) fn count_loss(class: ClassId, reason: u32) {
     if let Some(counter) = LOSSES.get_ptr_mut(class as u32 * LOSS_REASONS + reason) {
         // SAFETY: a per-CPU slot, and classic tracepoint programs never nest
         // on one CPU (the kernel's per-CPU bpf_prog_active guard), so a plain

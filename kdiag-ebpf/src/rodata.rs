@@ -24,7 +24,7 @@ use core::{arch::asm, ptr};
 /// the object from the compiler just as well, and costs nothing: the reads
 /// through the returned reference are real loads of the fields used.
 #[inline(always)]
-pub fn rodata<T>(global: &'static T) -> &'static T {
+pub(crate) fn rodata<T>(global: &'static T) -> &'static T {
     let mut p = ptr::from_ref(global);
     // SAFETY: an empty template: no instruction, no memory access; `p`
     // comes back as it went in.

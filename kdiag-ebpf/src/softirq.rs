@@ -71,7 +71,7 @@ fn slot(vec: u32) -> Result<*mut SoftirqSlot, i64> {
 }
 
 #[tracepoint]
-pub fn softirq_raise(ctx: TracePointContext) -> u32 {
+pub(crate) fn softirq_raise(ctx: TracePointContext) -> u32 {
     try_softirq_raise(&ctx).unwrap_or(0)
 }
 
@@ -90,7 +90,7 @@ fn try_softirq_raise(ctx: &TracePointContext) -> Result<u32, i64> {
 }
 
 #[tracepoint]
-pub fn softirq_entry(ctx: TracePointContext) -> u32 {
+pub(crate) fn softirq_entry(ctx: TracePointContext) -> u32 {
     try_softirq_entry(&ctx).unwrap_or(0)
 }
 
@@ -116,7 +116,7 @@ fn try_softirq_entry(ctx: &TracePointContext) -> Result<u32, i64> {
 }
 
 #[tracepoint]
-pub fn softirq_exit(ctx: TracePointContext) -> u32 {
+pub(crate) fn softirq_exit(ctx: TracePointContext) -> u32 {
     try_softirq_exit(&ctx).unwrap_or(0)
 }
 

@@ -47,9 +47,9 @@ static STATS_ZERO: Array<StallStats> = Array::with_max_entries(1, 0);
 /// only for threads that stalled. Not LRU: an entry evicted silently would
 /// lose counts; when full, new threads' stalls are counted as dropped.
 /// One entry in the object, sized by the agent like `STALL_STARTS`.
-pub type StatsMap = HashMap<StallKey, StallStats>;
+pub(crate) type StatsMap = HashMap<StallKey, StallStats>;
 
-pub const fn stats_map() -> StatsMap {
+pub(crate) const fn stats_map() -> StatsMap {
     HashMap::with_max_entries(1, BPF_F_NO_PREALLOC)
 }
 
@@ -115,7 +115,7 @@ fn v1_memory_cgroup(f: &StallFilter) -> Result<(u64, bool), i64> {
 /// thread started stalling, if it passes the filters. `flags` is kept for
 /// the end (compaction's task flags).
 #[inline(always)]
-pub fn begin(f: &StallFilter, kind: StallKind, order: i32, flags: u32) -> Result<u32, i64> {
+pub(crate) fn begin(f: &StallFilter, kind: StallKind, order: i32, flags: u32) -> Result<u32, i64> {
     if f.kinds & kind.bit() == 0 {
         return Ok(0);
     }
@@ -143,17 +143,17 @@ pub fn begin(f: &StallFilter, kind: StallKind, order: i32, flags: u32) -> Result
 }
 
 /// A stall that ended on the current thread.
-pub struct Ended {
-    pub start: StallStart,
-    pub tgid: u32,
-    pub tid: u32,
-    pub latency_ns: u64,
+pub(crate) struct Ended {
+    pub(crate) start: StallStart,
+    pub(crate) tgid: u32,
+    pub(crate) tid: u32,
+    pub(crate) latency_ns: u64,
 }
 
 /// An end tracepoint: the matching begin of the current thread, taken out
 /// of the map. `None`: no begin (filtered out, or it predates the agent).
 #[inline(always)]
-pub fn end(kind: StallKind) -> Option<Ended> {
+pub(crate) fn end(kind: StallKind) -> Option<Ended> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let key = StallKey {
         tid: pid_tgid as u32,
@@ -173,18 +173,18 @@ pub fn end(kind: StallKind) -> Option<Ended> {
 }
 
 /// What one end adds to the record and the statistics.
-pub struct Outcome {
-    pub kind: StallKind,
-    pub order: i32,
-    pub nr_reclaimed: u64,
-    pub status: i32,
-    pub mode: u32,
+pub(crate) struct Outcome {
+    pub(crate) kind: StallKind,
+    pub(crate) order: i32,
+    pub(crate) nr_reclaimed: u64,
+    pub(crate) status: i32,
+    pub(crate) mode: u32,
 }
 
 /// Counts an ended stall in the thread's statistics and sends it if it is
 /// at or over the threshold.
 #[inline(always)]
-pub fn finish<C: EbpfContext>(
+pub(crate) fn finish<C: EbpfContext>(
     ctx: &C,
     class: ClassId,
     event_kind: EventKind,

@@ -165,7 +165,7 @@ fn sock_net(cfg: &TcpConfig, sk: u64) -> u64 {
 }
 
 #[tracepoint]
-pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+pub(crate) fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     try_inet_sock_set_state(&ctx).unwrap_or(0)
 }
 
@@ -359,7 +359,7 @@ fn listener_key(cfg: &TcpConfig, sk: u64, port: u16) -> ListenerKey {
 }
 
 #[tracepoint]
-pub fn retransmit_skb(ctx: TracePointContext) -> u32 {
+pub(crate) fn retransmit_skb(ctx: TracePointContext) -> u32 {
     try_retransmit_skb(&ctx).unwrap_or(0)
 }
 
@@ -414,7 +414,7 @@ fn try_retransmit_skb(ctx: &TracePointContext) -> Result<u32, i64> {
 }
 
 #[tracepoint]
-pub fn retransmit_synack(ctx: TracePointContext) -> u32 {
+pub(crate) fn retransmit_synack(ctx: TracePointContext) -> u32 {
     try_retransmit_synack(&ctx).unwrap_or(0)
 }
 

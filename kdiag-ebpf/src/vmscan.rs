@@ -33,7 +33,7 @@ fn config() -> &'static ReclaimConfig {
 }
 
 #[tracepoint]
-pub fn direct_reclaim_begin(ctx: TracePointContext) -> u32 {
+pub(crate) fn direct_reclaim_begin(ctx: TracePointContext) -> u32 {
     try_direct_reclaim_begin(&ctx).unwrap_or(0)
 }
 
@@ -46,7 +46,7 @@ fn try_direct_reclaim_begin(ctx: &TracePointContext) -> Result<u32, i64> {
 }
 
 #[tracepoint]
-pub fn memcg_reclaim_begin(_ctx: TracePointContext) -> u32 {
+pub(crate) fn memcg_reclaim_begin(_ctx: TracePointContext) -> u32 {
     try_memcg_reclaim_begin().unwrap_or(0)
 }
 
@@ -57,13 +57,13 @@ fn try_memcg_reclaim_begin() -> Result<u32, i64> {
 }
 
 #[tracepoint]
-pub fn direct_reclaim_end(ctx: TracePointContext) -> u32 {
+pub(crate) fn direct_reclaim_end(ctx: TracePointContext) -> u32 {
     let offset = config().direct_nr_reclaimed;
     try_reclaim_end(&ctx, StallKind::Direct, offset).unwrap_or(0)
 }
 
 #[tracepoint]
-pub fn memcg_reclaim_end(ctx: TracePointContext) -> u32 {
+pub(crate) fn memcg_reclaim_end(ctx: TracePointContext) -> u32 {
     let offset = config().memcg_nr_reclaimed;
     try_reclaim_end(&ctx, StallKind::Memcg, offset).unwrap_or(0)
 }

@@ -13,7 +13,7 @@ use crate::{
 /// Builds `kdiag-agent` in release mode and returns the absolute path of the
 /// binary. kdiag-agent's build.rs builds kdiag-ebpf through aya-build, which
 /// is why this needs the [`Tools`] from setup.
-pub fn release_agent(tools: &Tools) -> Result<PathBuf> {
+pub(crate) fn release_agent(tools: &Tools) -> Result<PathBuf> {
     let root = workspace_root();
     let mut cmd = util::cargo();
     cmd.current_dir(&root)
@@ -33,7 +33,7 @@ pub fn release_agent(tools: &Tools) -> Result<PathBuf> {
 }
 
 /// `<target dir>/release/kdiag-agent`.
-pub fn agent_path() -> Result<PathBuf> {
+pub(crate) fn agent_path() -> Result<PathBuf> {
     Ok(target_dir()?.join("release").join("kdiag-agent"))
 }
 
@@ -41,7 +41,7 @@ pub fn agent_path() -> Result<PathBuf> {
 /// it: `CARGO_TARGET_DIR`, `CARGO_BUILD_TARGET_DIR` or `build.target-dir`
 /// (relative ones from where cargo runs, the workspace root here), else
 /// `<root>/target`.
-pub fn target_dir() -> Result<PathBuf> {
+pub(crate) fn target_dir() -> Result<PathBuf> {
     let mut cmd = util::cargo();
     cmd.current_dir(workspace_root())
         .args(["metadata", "--format-version", "1", "--no-deps"]);

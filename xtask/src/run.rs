@@ -9,7 +9,7 @@ use crate::{
     util::{self, describe},
 };
 
-pub fn run(args: Vec<OsString>) -> Result<()> {
+pub(crate) fn run(args: Vec<OsString>) -> Result<()> {
     let tools = setup::ensure()?;
     let agent = build::release_agent(&tools)?;
     // Loading eBPF programs needs root (or CAP_BPF and friends); sudo is the

@@ -35,7 +35,7 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
 const SBIN_DIRS: &[&str] = &["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
 
 /// What later steps need to know about the installed tools.
-pub struct Tools {
+pub(crate) struct Tools {
     /// PATH for child cargo processes, with the directory of the pinned
     /// bpf-linker first: rustc looks `bpf-linker` up on PATH, and another
     /// version may come earlier on the caller's PATH.
@@ -44,13 +44,13 @@ pub struct Tools {
 
 impl Tools {
     /// The PATH to give to cargo invocations that may build kdiag-ebpf.
-    pub fn path(&self) -> &OsString {
+    pub(crate) fn path(&self) -> &OsString {
         &self.path
     }
 }
 
 /// Checks every item, installing the missing ones, one status line each.
-pub fn ensure() -> Result<Tools> {
+pub(crate) fn ensure() -> Result<Tools> {
     // Debian packages first: they are the ones that need root, so a non-root
     // user learns that before waiting for a bpf-linker build.
     ensure_debian_packages(DEBIAN_TOOLS)?;
@@ -66,7 +66,7 @@ pub fn ensure() -> Result<Tools> {
 
 /// Checks that each `(binary, Debian package)` is installed, installing the
 /// missing packages with apt-get (needs root).
-pub fn ensure_debian_packages(tools: &[(&'static str, &'static str)]) -> Result<()> {
+pub(crate) fn ensure_debian_packages(tools: &[(&'static str, &'static str)]) -> Result<()> {
     let sbin: Vec<&Path> = SBIN_DIRS.iter().map(Path::new).collect();
     // Prints an "ok" line for each binary found, returns the missing ones.
     let check = |tools: &[(&'static str, &'static str)]| -> Vec<(&'static str, &'static str)> {

@@ -15,7 +15,7 @@ use crate::{
 /// The steps, in order; the summary lists those not reached as skipped.
 const STEPS: [&str; 4] = ["setup", "build agent", "unit tests", "integration tests"];
 
-pub fn run(extra: Vec<OsString>) -> Result<()> {
+pub(crate) fn run(extra: Vec<OsString>) -> Result<()> {
     // Checked before anything else: the integration tests load eBPF programs
     // and change network configuration, and a non-root run must fail loudly
     // (never skip them) without first spending minutes on builds.

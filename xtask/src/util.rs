@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context, Result, ensure};
 
 /// The workspace root: xtask lives in `<root>/xtask`.
-pub fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask's manifest dir has a parent")
@@ -20,12 +20,12 @@ pub fn workspace_root() -> PathBuf {
 
 /// A `cargo` command for the same toolchain that runs xtask. `cargo run` sets
 /// `CARGO` to the cargo binary in use; fall back to PATH otherwise.
-pub fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
 /// The command line of `cmd`, for messages.
-pub fn describe(cmd: &Command) -> String {
+pub(crate) fn describe(cmd: &Command) -> String {
     std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(OsStr::to_string_lossy)
@@ -34,7 +34,7 @@ pub fn describe(cmd: &Command) -> String {
 }
 
 /// Runs `cmd` to completion and fails unless it exits successfully.
-pub fn run_checked(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run_checked(cmd: &mut Command) -> Result<()> {
     let desc = describe(cmd);
     let status = cmd
         .status()
@@ -48,7 +48,7 @@ pub fn run_checked(cmd: &mut Command) -> Result<()> {
 /// Read from /proc to avoid a libc dependency just for `geteuid`; `id -u` is
 /// the fallback when /proc is not mounted. If both fail we report "not root",
 /// which is the safe answer: callers then use sudo or refuse to run.
-pub fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     if let Ok(status) = fs::read_to_string("/proc/self/status") {
         // "Uid:\t<real>\t<effective>\t<saved>\t<fs>"
         if let Some(euid) = status
@@ -66,7 +66,7 @@ pub fn is_root() -> bool {
 }
 
 /// Finds an executable named `name` on PATH, then in `extra_dirs`.
-pub fn find_program(name: &str, extra_dirs: &[&Path]) -> Option<PathBuf> {
+pub(crate) fn find_program(name: &str, extra_dirs: &[&Path]) -> Option<PathBuf> {
     path_dirs()
         .into_iter()
         .chain(extra_dirs.iter().map(|dir| dir.to_path_buf()))
@@ -75,13 +75,13 @@ pub fn find_program(name: &str, extra_dirs: &[&Path]) -> Option<PathBuf> {
 }
 
 /// The directories on PATH, in order.
-pub fn path_dirs() -> Vec<PathBuf> {
+pub(crate) fn path_dirs() -> Vec<PathBuf> {
     env::var_os("PATH")
         .map(|path| env::split_paths(&path).collect())
         .unwrap_or_default()
 }
 
-pub fn is_executable(path: &Path) -> bool {
+pub(crate) fn is_executable(path: &Path) -> bool {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;

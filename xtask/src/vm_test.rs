@@ -38,7 +38,7 @@ const VM_TOOLS: &[(&str, &str)] = &[
     ("xz", "xz-utils"),
 ];
 
-pub struct Options {
+pub(crate) struct Options {
     /// `6.1`, `6.12` or `all`.
     pub kernel: String,
     pub timeout: Duration,
@@ -51,7 +51,7 @@ pub struct Options {
     pub test_args: Vec<OsString>,
 }
 
-pub fn run(opts: Options) -> Result<()> {
+pub(crate) fn run(opts: Options) -> Result<()> {
     if !util::is_root() {
         bail!(
             "`cargo xtask vm-test` needs root: the tests run as root in the guest, and QEMU \

@@ -27,7 +27,7 @@ const MAX_UNKNOWN: usize = 4096;
 const MAX_CGROUPS: usize = 100_000;
 
 #[derive(Debug, Default)]
-pub struct CgroupPaths {
+pub(crate) struct CgroupPaths {
     mount: Option<PathBuf>,
     /// Shared with the records that name them: a path is cloned per
     /// record, and that is a reference count, not an allocation.
@@ -40,7 +40,7 @@ pub struct CgroupPaths {
 
 impl CgroupPaths {
     /// Paths in the hierarchy mounted at `mount`.
-    pub fn with_mount(mount: Option<PathBuf>) -> Self {
+    pub(crate) fn with_mount(mount: Option<PathBuf>) -> Self {
         Self {
             mount,
             ..Self::default()
@@ -48,13 +48,13 @@ impl CgroupPaths {
     }
 
     /// The mount of the hierarchy.
-    pub fn mount(&self) -> Option<&Path> {
+    pub(crate) fn mount(&self) -> Option<&Path> {
         self.mount.as_deref()
     }
 
     /// The path of cgroup `id` relative to the hierarchy's root (`/` for the
     /// root itself), or `None` when unknown.
-    pub fn path(&mut self, id: u64) -> Option<Arc<str>> {
+    pub(crate) fn path(&mut self, id: u64) -> Option<Arc<str>> {
         if id == 0 {
             return None;
         }
@@ -90,7 +90,7 @@ impl CgroupPaths {
 
 /// A `--cgroup` argument as a path relative to the cgroup2 mount: full
 /// paths under the mount are shortened, relative ones kept.
-pub fn relative_to_mount(path: &str) -> String {
+pub(crate) fn relative_to_mount(path: &str) -> String {
     let rel = find_cgroup2_mount()
         .and_then(|m| {
             Path::new(path)
@@ -104,7 +104,7 @@ pub fn relative_to_mount(path: &str) -> String {
 
 /// Where memory cgroups live on this host.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MemoryHierarchy {
+pub(crate) enum MemoryHierarchy {
     /// The v1 memory controller is mounted here (on hybrid hosts the
     /// unified hierarchy then has no memory controller: the limits that
     /// matter are in this one).
@@ -115,12 +115,12 @@ pub enum MemoryHierarchy {
 }
 
 impl MemoryHierarchy {
-    pub fn detect() -> Self {
+    pub(crate) fn detect() -> Self {
         let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         parse_memory_hierarchy(&text)
     }
 
-    pub fn mount(&self) -> Option<&Path> {
+    pub(crate) fn mount(&self) -> Option<&Path> {
         match self {
             Self::V1(m) | Self::Unified(m) => Some(m),
             Self::None => None,
@@ -145,7 +145,7 @@ fn parse_memory_hierarchy(mountinfo: &str) -> MemoryHierarchy {
 
 /// A `--cgroup` argument resolved in the hierarchy mounted at `mount`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CgroupTarget {
+pub(crate) struct CgroupTarget {
     /// Relative to the mount, `/` for the root.
     pub path: String,
     /// Its id (the directory's inode number).
@@ -156,7 +156,7 @@ pub struct CgroupTarget {
 
 /// Why a `--cgroup` argument names no cgroup.
 #[derive(Debug, thiserror::Error)]
-pub enum CgroupError {
+pub(crate) enum CgroupError {
     #[error("{}: {source}", dir.display())]
     Unreadable {
         dir: PathBuf,
@@ -167,7 +167,7 @@ pub enum CgroupError {
 }
 
 /// Resolves `arg`, a path relative to the mount or a full path under it.
-pub fn resolve_in(mount: &Path, arg: &Path) -> Result<CgroupTarget, CgroupError> {
+pub(crate) fn resolve_in(mount: &Path, arg: &Path) -> Result<CgroupTarget, CgroupError> {
     let rel = arg.strip_prefix(mount).unwrap_or(arg);
     let parts: Vec<&str> = rel
         .components()
@@ -210,12 +210,12 @@ fn walk(root: &Path, dir: &Path, out: &mut HashMap<u64, Arc<str>>) {
 
 /// The cgroup2 mount point, from /proc/self/mountinfo (field 5 is the mount
 /// point; the filesystem type follows the ` - ` separator).
-pub fn find_cgroup2_mount() -> Option<PathBuf> {
+pub(crate) fn find_cgroup2_mount() -> Option<PathBuf> {
     let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
     parse_cgroup2_mount(&text)
 }
 
-pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+pub(crate) fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
     mountinfo.lines().find_map(|line| {
         let (left, right) = line.split_once(" - ")?;
         (right.split_whitespace().next()? == "cgroup2")

@@ -2,7 +2,7 @@
 //! task runs in, what /proc says of both; and the host-wide counters written
 //! beside the memory stalls.
 
-pub mod cgroup;
-pub mod owner;
-pub mod procfs;
-pub mod vmstat;
+pub(crate) mod cgroup;
+pub(crate) mod owner;
+pub(crate) mod procfs;
+pub(crate) mod vmstat;

@@ -25,7 +25,7 @@ use crate::attribution::{
 /// The strings are shared, not owned: an owner is cloned into every record
 /// of its socket, hundreds of thousands a second under connection churn.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct ResolvedOwner {
+pub(crate) struct ResolvedOwner {
     pub pid: Option<u32>,
     pub comm: Option<Arc<str>>,
     pub cgroup: Option<Arc<str>>,
@@ -34,14 +34,14 @@ pub struct ResolvedOwner {
 /// Which owners to report; the kernel filters ports and family, but owners
 /// of sockets older than the agent are only known here.
 #[derive(Debug, Clone, Default)]
-pub struct OwnerFilter {
+pub(crate) struct OwnerFilter {
     pub pids: Vec<u32>,
     /// A cgroup v2 path relative to the cgroup2 mount, without trailing `/`.
     pub cgroup: Option<String>,
 }
 
 impl OwnerFilter {
-    pub fn new(pids: Vec<u32>, cgroup: Option<PathBuf>) -> Self {
+    pub(crate) fn new(pids: Vec<u32>, cgroup: Option<PathBuf>) -> Self {
         let cgroup = cgroup.map(|p| {
             let p = p.to_string_lossy().trim_end_matches('/').to_owned();
             cgroup::relative_to_mount(&p)
@@ -49,7 +49,7 @@ impl OwnerFilter {
         Self { pids, cgroup }
     }
 
-    pub fn accepts(&self, owner: &ResolvedOwner) -> bool {
+    pub(crate) fn accepts(&self, owner: &ResolvedOwner) -> bool {
         let pid_ok = self.pids.is_empty() || owner.pid.is_some_and(|p| self.pids.contains(&p));
         let cgroup_ok = self.cgroup.as_deref().is_none_or(|want| {
             owner.cgroup.as_deref().is_some_and(|have| {
@@ -81,13 +81,13 @@ const RETRY_NOT_FOUND_AFTER: Duration = Duration::from_secs(2);
 
 /// A listener: its network namespace (the kernel's address of it, 0 when
 /// unknown) and its port.
-pub type ListenerId = (u64, u16);
+pub(crate) type ListenerId = (u64, u16);
 
 /// /proc results; `Err(when)` = not found at `when`.
 type Found = Result<ResolvedOwner, Instant>;
 
 #[derive(Debug, Default)]
-pub struct OwnerResolver {
+pub(crate) struct OwnerResolver {
     /// Per socket.
     cache: HashMap<(u64, TcpTuple), Found>,
     /// Per listener the programs did not see at listen(), for the sockets
@@ -132,7 +132,7 @@ impl LookupBudget {
 }
 
 impl OwnerResolver {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
@@ -140,7 +140,7 @@ impl OwnerResolver {
     /// the kernel captured; `cgroups` names the cgroup ids it captured.
     /// `listener`: the listener that accepted it, when it is an accepted
     /// socket.
-    pub fn resolve(
+    pub(crate) fn resolve(
         &mut self,
         cgroups: &mut CgroupPaths,
         sock_id: u64,
@@ -178,7 +178,7 @@ impl OwnerResolver {
     }
 
     /// A listener closed: what was learnt of it no longer holds.
-    pub fn forget_listener(&mut self, id: ListenerId) {
+    pub(crate) fn forget_listener(&mut self, id: ListenerId) {
         self.listeners.remove(&id);
     }
 }
@@ -211,7 +211,7 @@ fn cached_lookup<K: std::hash::Hash + Eq>(
 }
 
 /// A task's comm: bytes up to the first NUL, invalid UTF-8 replaced.
-pub fn comm_str(comm: &[u8]) -> String {
+pub(crate) fn comm_str(comm: &[u8]) -> String {
     let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
     String::from_utf8_lossy(&comm[..end]).into_owned()
 }

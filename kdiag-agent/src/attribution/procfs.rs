@@ -13,7 +13,7 @@ use std::{
 
 /// One row of /proc/<pid>/net/tcp or tcp6: a socket's addresses and inode.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TcpRow {
+pub(crate) struct TcpRow {
     pub local: ([u8; 16], u16),
     pub remote: ([u8; 16], u16),
     /// The kernel's TCP state number (`st`, 0x0A = LISTEN).
@@ -27,7 +27,7 @@ pub struct TcpRow {
 /// first 4 bytes.
 /// Read a line at a time: the table of a busy host runs to tens of
 /// megabytes (200k sockets: 32 MiB of text).
-pub fn tcp_rows(text: impl BufRead) -> impl Iterator<Item = TcpRow> {
+pub(crate) fn tcp_rows(text: impl BufRead) -> impl Iterator<Item = TcpRow> {
     text.lines()
         .skip(1)
         .map_while(Result::ok)
@@ -68,7 +68,7 @@ fn parse_endpoint(s: &str) -> Option<([u8; 16], u16)> {
 }
 
 /// Pids in /proc, in directory order.
-pub fn pids() -> impl Iterator<Item = u32> {
+pub(crate) fn pids() -> impl Iterator<Item = u32> {
     fs::read_dir("/proc")
         .into_iter()
         .flatten()
@@ -76,14 +76,14 @@ pub fn pids() -> impl Iterator<Item = u32> {
 }
 
 /// The network namespace inode of a process.
-pub fn netns_inode(pid: u32) -> Option<u64> {
+pub(crate) fn netns_inode(pid: u32) -> Option<u64> {
     fs::metadata(format!("/proc/{pid}/ns/net"))
         .ok()
         .map(|m| m.ino())
 }
 
 /// The TCP sockets of the network namespace `pid` lives in, both families.
-pub fn tcp_sockets(pid: u32) -> impl Iterator<Item = TcpRow> {
+pub(crate) fn tcp_sockets(pid: u32) -> impl Iterator<Item = TcpRow> {
     ["tcp", "tcp6"]
         .into_iter()
         .filter_map(move |f| fs::File::open(format!("/proc/{pid}/net/{f}")).ok())
@@ -91,7 +91,7 @@ pub fn tcp_sockets(pid: u32) -> impl Iterator<Item = TcpRow> {
 }
 
 /// Whether `pid` holds a file descriptor on the socket with this inode.
-pub fn has_socket(pid: u32, inode: u64) -> bool {
+pub(crate) fn has_socket(pid: u32, inode: u64) -> bool {
     let want = format!("socket:[{inode}]");
     let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else {
         return false;
@@ -101,22 +101,22 @@ pub fn has_socket(pid: u32, inode: u64) -> bool {
 }
 
 /// The process's name (`comm`), without the trailing newline.
-pub fn comm(pid: u32) -> Option<String> {
+pub(crate) fn comm(pid: u32) -> Option<String> {
     let s = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
     Some(s.trim_end_matches('\n').to_owned())
 }
 
-pub fn process_exists(pid: u32) -> bool {
+pub(crate) fn process_exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// The unified (v2) cgroup path of a process, from its `0::` line.
-pub fn cgroup_v2(pid: u32) -> Option<String> {
+pub(crate) fn cgroup_v2(pid: u32) -> Option<String> {
     let file = fs::File::open(format!("/proc/{pid}/cgroup")).ok()?;
     parse_cgroup_v2(io::BufReader::new(file).lines().map_while(Result::ok))
 }
 
-pub fn parse_cgroup_v2(lines: impl Iterator<Item = String>) -> Option<String> {
+pub(crate) fn parse_cgroup_v2(lines: impl Iterator<Item = String>) -> Option<String> {
     lines
         .filter_map(|l| l.strip_prefix("0::").map(str::to_owned))
         .next()
@@ -124,12 +124,12 @@ pub fn parse_cgroup_v2(lines: impl Iterator<Item = String>) -> Option<String> {
 
 /// `Tcp: RetransSegs` and `OutSegs` from /proc/net/snmp (this network
 /// namespace's counters).
-pub fn tcp_segments() -> Option<(u64, u64)> {
+pub(crate) fn tcp_segments() -> Option<(u64, u64)> {
     parse_tcp_segments(&fs::read_to_string("/proc/net/snmp").ok()?)
 }
 
 /// /proc/net/snmp has, per protocol, a line of names then a line of values.
-pub fn parse_tcp_segments(text: &str) -> Option<(u64, u64)> {
+pub(crate) fn parse_tcp_segments(text: &str) -> Option<(u64, u64)> {
     let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
     let names: Vec<&str> = tcp.next()?.split_whitespace().collect();
     let values: Vec<&str> = tcp.next()?.split_whitespace().collect();
@@ -141,13 +141,13 @@ pub fn parse_tcp_segments(text: &str) -> Option<(u64, u64)> {
 }
 
 /// The running kernel's release, as `uname -r` prints it.
-pub fn kernel_release() -> String {
+pub(crate) fn kernel_release() -> String {
     fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())
         .unwrap_or_default()
 }
 
-pub fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_owned())
         .unwrap_or_default()
@@ -155,7 +155,7 @@ pub fn hostname() -> String {
 
 /// A TCP address as the kernel programs report it: IPv4 in the first four
 /// bytes.
-pub fn ip_addr(family_v6: bool, addr: &[u8; 16]) -> IpAddr {
+pub(crate) fn ip_addr(family_v6: bool, addr: &[u8; 16]) -> IpAddr {
     if family_v6 {
         IpAddr::V6(Ipv6Addr::from(*addr))
     } else {

@@ -7,7 +7,7 @@ use std::{collections::HashMap, fs};
 
 use crate::output::record::{Vmstat, VmstatCounters as Counters};
 
-pub fn parse_vmstat(text: &str) -> Counters {
+pub(crate) fn parse_vmstat(text: &str) -> Counters {
     let values: HashMap<&str, u64> = text
         .lines()
         .filter_map(|l| {
@@ -32,7 +32,7 @@ pub fn parse_vmstat(text: &str) -> Counters {
 }
 
 /// `avg10` of the `some` and `full` lines of /proc/pressure/memory.
-pub fn parse_psi(text: &str) -> (Option<f64>, Option<f64>) {
+pub(crate) fn parse_psi(text: &str) -> (Option<f64>, Option<f64>) {
     let avg10 = |kind: &str| {
         text.lines()
             .find(|l| l.split_whitespace().next() == Some(kind))?
@@ -46,20 +46,20 @@ pub fn parse_psi(text: &str) -> (Option<f64>, Option<f64>) {
 
 /// Takes the deltas from one interval to the next.
 #[derive(Debug, Default)]
-pub struct VmstatSampler {
+pub(crate) struct VmstatSampler {
     last: Counters,
 }
 
 impl VmstatSampler {
     /// Starts counting from now.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             last: read_counters(),
         }
     }
 
     /// The record for the interval since the last sample.
-    pub fn sample(&mut self, interval_ns: u64) -> Vmstat {
+    pub(crate) fn sample(&mut self, interval_ns: u64) -> Vmstat {
         let now = read_counters();
         let psi = fs::read_to_string("/proc/pressure/memory")
             .map(|t| parse_psi(&t))
@@ -75,7 +75,7 @@ fn read_counters() -> Counters {
 }
 
 /// Deltas from `last` to `now`; a counter missing from either is null.
-pub fn vmstat_record(
+pub(crate) fn vmstat_record(
     last: &Counters,
     now: &Counters,
     (psi_some_avg10, psi_full_avg10): (Option<f64>, Option<f64>),

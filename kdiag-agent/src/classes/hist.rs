@@ -19,14 +19,14 @@ use kdiag_common::{log2::Scale, memory};
 
 /// The counts added between two reads of the same kernel buckets, which
 /// only grow.
-pub fn delta<const N: usize>(now: &[u64; N], before: &[u64; N]) -> [u64; N] {
+pub(crate) fn delta<const N: usize>(now: &[u64; N], before: &[u64; N]) -> [u64; N] {
     std::array::from_fn(|i| now[i].saturating_sub(before[i]))
 }
 
 /// Percentile `q` (in percent) of the values in `buckets`, by the rule in
 /// the module's documentation but not yet capped at the maximum; `None`
 /// for an empty histogram.
-pub fn percentile(scale: &Scale, buckets: &[u64], q: u64) -> Option<u64> {
+pub(crate) fn percentile(scale: &Scale, buckets: &[u64], q: u64) -> Option<u64> {
     let n: u64 = buckets.iter().sum();
     let rank = (n * q).div_ceil(100).max(1);
     let mut seen = 0;
@@ -39,7 +39,7 @@ pub fn percentile(scale: &Scale, buckets: &[u64], q: u64) -> Option<u64> {
 
 /// The bounds of the highest non-empty bucket, where the largest value
 /// lies; `None` for an empty histogram.
-pub fn top_bucket(scale: &Scale, buckets: &[u64]) -> Option<(u64, u64)> {
+pub(crate) fn top_bucket(scale: &Scale, buckets: &[u64]) -> Option<(u64, u64)> {
     let b = buckets.iter().rposition(|&count| count > 0)?;
     Some((scale.bucket_min(b), scale.bucket_max(b)))
 }
@@ -47,7 +47,7 @@ pub fn top_bucket(scale: &Scale, buckets: &[u64]) -> Option<(u64, u64)> {
 /// count, total, max and two percentiles of one set of latencies; records
 /// flatten it into their own fields.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct LatencySummary {
+pub(crate) struct LatencySummary {
     pub count: u64,
     pub total_ns: u64,
     pub max_ns: u64,
@@ -58,7 +58,7 @@ pub struct LatencySummary {
 /// Memory stalls accumulated over an interval: counters and a histogram on
 /// `memory::HIST`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Latencies {
+pub(crate) struct Latencies {
     pub count: u64,
     pub total_ns: u64,
     pub max_ns: u64,
@@ -77,7 +77,7 @@ impl Default for Latencies {
 }
 
 impl Latencies {
-    pub fn merge(&mut self, other: &Latencies) {
+    pub(crate) fn merge(&mut self, other: &Latencies) {
         self.count += other.count;
         self.total_ns = self.total_ns.saturating_add(other.total_ns);
         self.max_ns = self.max_ns.max(other.max_ns);
@@ -88,14 +88,14 @@ impl Latencies {
 
     /// The top of the highest non-empty bucket: an upper bound of the
     /// largest latency the histogram holds (0 when empty).
-    pub fn hist_max(&self) -> u64 {
+    pub(crate) fn hist_max(&self) -> u64 {
         top_bucket(&memory::HIST, &self.hist).map_or(0, |(_, hi)| hi)
     }
 
     /// The summary. Whatever the inputs (the counters and the histogram are
     /// read from the kernel while it may be adding to them, so they can be
     /// one stall apart), p50 <= p99 <= max <= total holds.
-    pub fn summary(&self) -> LatencySummary {
+    pub(crate) fn summary(&self) -> LatencySummary {
         let max_ns = self.max_ns.min(self.total_ns);
         let percentile = |q| percentile(&memory::HIST, &self.hist, q).unwrap_or(0);
         let p99_ns = percentile(99).min(max_ns);
@@ -113,7 +113,7 @@ impl Latencies {
 /// Count, maximum and 99th percentile of one interval of a softirq
 /// histogram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Latency {
+pub(crate) struct Latency {
     pub count: u64,
     pub max_ns: u64,
     pub p99_ns: u64,
@@ -129,7 +129,7 @@ pub struct Latency {
 /// given the interval's `total`, between total / count and total. p99 is
 /// capped at it, so `p99_ns <= max_ns` always, and with a total,
 /// `max_ns <= total <= count * max_ns`.
-pub fn summarize(
+pub(crate) fn summarize(
     scale: &Scale,
     b: &[u64],
     reported_max: u64,

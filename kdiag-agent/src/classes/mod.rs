@@ -3,10 +3,10 @@
 //! module per class; the TCP and memory classes share a folder with what
 //! they have in common.
 
-pub mod hist;
-pub mod memory;
-pub mod softirq;
-pub mod tcp;
+pub(crate) mod hist;
+pub(crate) mod memory;
+pub(crate) mod softirq;
+pub(crate) mod tcp;
 
 use clap::{Args, Subcommand};
 
@@ -28,7 +28,7 @@ use softirq::{SoftirqArgs, SoftirqClass};
 use tcp::{TcpArgs, TcpFilterArgs, config::TcpFilter, lifecycle::TcpClass, retrans::RetransClass};
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Every TCP retransmit with its state, addresses and owning process.
     ///
     /// Records: `retrans` (one per retransmit: pid, comm, cgroup, family,
@@ -104,7 +104,7 @@ pub enum Command {
 
 /// Options of `run`: those of every class.
 #[derive(Debug, Args)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     #[command(flatten)]
     pub tcp: TcpArgs,
     /// The `softirq` class's --min-latency-us.
@@ -122,7 +122,7 @@ pub struct RunArgs {
 }
 
 /// The classes `command` runs, with the shared services they use.
-pub fn build(
+pub(crate) fn build(
     command: &Command,
     global: &GlobalArgs,
     services: &mut Services,

@@ -24,7 +24,7 @@ use crate::{
 
 /// Options of `softirq`.
 #[derive(Debug, Args)]
-pub struct SoftirqArgs {
+pub(crate) struct SoftirqArgs {
     /// Write a `softirq` record for every softirq whose service time or
     /// queueing delay is at or over US microseconds (0: every softirq, for
     /// debugging only). Summaries count all softirqs either way.
@@ -70,7 +70,7 @@ struct Maps {
     generation: Array<MapData, u64>,
 }
 
-pub struct SoftirqClass {
+pub(crate) struct SoftirqClass {
     min_latency_ns: u64,
     maps: Option<Maps>,
     /// The last read, per CPU and vector: counters only grow, so each
@@ -81,7 +81,7 @@ pub struct SoftirqClass {
 }
 
 impl SoftirqClass {
-    pub fn new(min_latency_us: u64) -> Self {
+    pub(crate) fn new(min_latency_us: u64) -> Self {
         Self {
             min_latency_ns: min_latency_us.saturating_mul(1000),
             maps: None,
@@ -110,7 +110,7 @@ impl SoftirqClass {
 }
 
 /// Decodes one `softirq` event.
-pub fn decode_softirq(data: &[u8]) -> Result<SoftirqEvent, DecodeError> {
+pub(crate) fn decode_softirq(data: &[u8]) -> Result<SoftirqEvent, DecodeError> {
     let ev: SoftirqEvent = decode(data, EventKind::Softirq)?;
     if ev.vec >= NR_SOFTIRQS {
         return Err(DecodeError::BadField {
@@ -121,7 +121,7 @@ pub fn decode_softirq(data: &[u8]) -> Result<SoftirqEvent, DecodeError> {
     Ok(ev)
 }
 
-pub fn softirq_record(ev: &SoftirqEvent) -> Softirq {
+pub(crate) fn softirq_record(ev: &SoftirqEvent) -> Softirq {
     Softirq {
         cpu: ev.header.cpu,
         vec: VEC_NAMES[ev.vec as usize % VEC_NAMES.len()],
@@ -132,7 +132,7 @@ pub fn softirq_record(ev: &SoftirqEvent) -> Softirq {
 
 /// The summary of one CPU and vector between two reads, `None` if nothing
 /// ran. Maxima come from the slot of `generation`, the interval just ended.
-pub fn summarize(
+pub(crate) fn summarize(
     cpu: u32,
     vec: usize,
     before: &SoftirqSlot,

@@ -19,7 +19,7 @@ use std::{
 };
 
 #[derive(Debug, thiserror::Error)]
-pub enum BtfError {
+pub(crate) enum BtfError {
     #[error("cannot read {path}: {source}")]
     Read { path: String, source: io::Error },
     #[error("malformed BTF: {0}")]
@@ -32,9 +32,9 @@ pub enum BtfError {
 }
 
 /// A struct member whose byte offset is wanted: `(struct, member)`.
-pub type Member<'a> = (&'a str, &'a str);
+pub(crate) type Member<'a> = (&'a str, &'a str);
 /// An enumerator whose value is wanted: `(enum, enumerator)`.
-pub type Enumerator<'a> = (&'a str, &'a str);
+pub(crate) type Enumerator<'a> = (&'a str, &'a str);
 
 const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 const MAGIC: u16 = 0xeb9f;
@@ -75,7 +75,7 @@ const KIND_ENUM64: u32 = 19;
 /// running kernel's BTF, in the order asked, from one pass over the file.
 /// Fails unless every one is found.
 #[cfg(test)]
-pub fn resolve<const M: usize, const E: usize>(
+pub(crate) fn resolve<const M: usize, const E: usize>(
     members: [Member; M],
     enumerators: [Enumerator; E],
 ) -> Result<([u32; M], [i64; E]), BtfError> {
@@ -95,7 +95,7 @@ pub fn resolve<const M: usize, const E: usize>(
 /// anonymous structs and unions, and enumerators of 64-bit enums, are not
 /// looked for.
 #[cfg(test)]
-pub fn resolve_in<R: Read + Seek, const M: usize, const E: usize>(
+pub(crate) fn resolve_in<R: Read + Seek, const M: usize, const E: usize>(
     reader: R,
     path: &str,
     members: [Member; M],
@@ -112,7 +112,7 @@ pub fn resolve_in<R: Read + Seek, const M: usize, const E: usize>(
 /// at start-up (the file is megabytes; reading it once per question made
 /// start-up stream it up to five times).
 #[derive(Debug, Default)]
-pub struct Answers {
+pub(crate) struct Answers {
     offsets: HashMap<Member<'static>, u32>,
     values: HashMap<Enumerator<'static>, i64>,
     /// Why nothing could be answered: no BTF, or a file that is not BTF.
@@ -121,7 +121,7 @@ pub struct Answers {
 
 /// Why one query has no answer.
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum Unanswered {
+pub(crate) enum Unanswered {
     #[error(transparent)]
     Unreadable(Arc<BtfError>),
     #[error("{0} {1} has no member {2} in the kernel's BTF")]
@@ -130,7 +130,10 @@ pub enum Unanswered {
 
 impl Answers {
     /// Answers `members` and `enumerators` from the running kernel's BTF.
-    pub fn of_kernel(members: &[Member<'static>], enumerators: &[Enumerator<'static>]) -> Self {
+    pub(crate) fn of_kernel(
+        members: &[Member<'static>],
+        enumerators: &[Enumerator<'static>],
+    ) -> Self {
         if members.is_empty() && enumerators.is_empty() {
             return Self::default();
         }
@@ -164,12 +167,16 @@ impl Answers {
     }
 
     /// The byte offset of `member` in `strukt`; the class must have asked.
-    pub fn offset(&self, strukt: &'static str, member: &'static str) -> Result<u32, Unanswered> {
+    pub(crate) fn offset(
+        &self,
+        strukt: &'static str,
+        member: &'static str,
+    ) -> Result<u32, Unanswered> {
         self.answer(&self.offsets, (strukt, member), "struct")
     }
 
     /// The value of `enumerator` of `enum_name`; the class must have asked.
-    pub fn value(
+    pub(crate) fn value(
         &self,
         enum_name: &'static str,
         enumerator: &'static str,

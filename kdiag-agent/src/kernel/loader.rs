@@ -25,7 +25,7 @@ use crate::{
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kdiag"));
 
 #[derive(Debug, thiserror::Error)]
-pub enum LoadError {
+pub(crate) enum LoadError {
     #[error(transparent)]
     Tracefs(#[from] TracefsError),
     #[error("cannot attach {what}, which this class needs")]
@@ -48,7 +48,7 @@ pub enum LoadError {
 
 /// Why the program of one tracepoint is not attached.
 #[derive(Debug, thiserror::Error)]
-pub enum AttachError {
+pub(crate) enum AttachError {
     #[error(transparent)]
     Format(#[from] TracefsError),
     #[error("program {0} missing from the object")]
@@ -65,7 +65,7 @@ pub enum AttachError {
     Attach(#[source] ProgramError),
 }
 
-pub struct Loaded {
+pub(crate) struct Loaded {
     pub ebpf: Ebpf,
     /// Ring buffer or perf, never `Auto`.
     pub transport: TransportKind,
@@ -77,7 +77,7 @@ pub struct Loaded {
 /// or from `formats_from` (a directory laid out like tracefs) in tests.
 /// `buffer_bytes`: size of the ring buffer, a power of two of at least a
 /// page (the CLI checks).
-pub fn load(
+pub(crate) fn load(
     classes: &mut [Box<dyn Class>],
     transport: TransportKind,
     buffer_bytes: u32,

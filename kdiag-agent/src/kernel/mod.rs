@@ -2,8 +2,8 @@
 //! types (BTF), loading and attaching the programs, the buffers events
 //! arrive through, and the wire format they arrive in.
 
-pub mod btf;
-pub mod loader;
-pub mod tracefs;
-pub mod transport;
-pub mod wire;
+pub(crate) mod btf;
+pub(crate) mod loader;
+pub(crate) mod tracefs;
+pub(crate) mod transport;
+pub(crate) mod wire;

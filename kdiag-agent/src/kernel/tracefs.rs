@@ -14,7 +14,7 @@ use std::{
 use crate::sys::{self, SyscallError};
 
 #[derive(Debug, thiserror::Error)]
-pub enum TracefsError {
+pub(crate) enum TracefsError {
     #[error("tracefs is not mounted, and mounting it at {path} failed")]
     Mount {
         path: &'static str,
@@ -37,7 +37,7 @@ pub enum TracefsError {
 const MOUNTS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 
 #[derive(Debug, Clone)]
-pub struct Tracefs {
+pub(crate) struct Tracefs {
     root: PathBuf,
 }
 
@@ -45,7 +45,7 @@ impl Tracefs {
     /// Finds tracefs, mounting it at /sys/kernel/tracing (as systemd does at
     /// boot) when no one has. The mount is left in place: other tools expect
     /// it there, and it holds no state of ours.
-    pub fn open() -> Result<Self, TracefsError> {
+    pub(crate) fn open() -> Result<Self, TracefsError> {
         if let Some(root) = MOUNTS.iter().map(Path::new).find(|p| is_mounted(p)) {
             return Ok(Self {
                 root: root.to_path_buf(),
@@ -62,14 +62,14 @@ impl Tracefs {
     }
 
     /// Formats under `root` (laid out like tracefs) instead of the kernel's.
-    pub fn at(root: &Path) -> Self {
+    pub(crate) fn at(root: &Path) -> Self {
         Self {
             root: root.to_path_buf(),
         }
     }
 
     /// The format of `group/name`.
-    pub fn format(&self, group: &str, name: &str) -> Result<Format, TracefsError> {
+    pub(crate) fn format(&self, group: &str, name: &str) -> Result<Format, TracefsError> {
         let dir = self.root.join("events").join(group).join(name);
         let path = dir.join("format");
         let text = match fs::read_to_string(&path) {
@@ -90,7 +90,7 @@ fn is_mounted(path: &Path) -> bool {
 
 /// One field of a tracepoint record.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Field {
+pub(crate) struct Field {
     pub name: String,
     pub offset: u16,
     pub size: u16,
@@ -98,20 +98,20 @@ pub struct Field {
 
 /// The fields of a tracepoint record, from its format file.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Format {
+pub(crate) struct Format {
     pub fields: Vec<Field>,
     /// The `print fmt:` line, without the prefix.
     pub print_fmt: String,
 }
 
 impl Format {
-    pub fn field(&self, name: &str) -> Option<&Field> {
+    pub(crate) fn field(&self, name: &str) -> Option<&Field> {
         self.fields.iter().find(|f| f.name == name)
     }
 
     /// The value names the kernel prints for `field`, from its
     /// `__print_symbolic(REC->field, {1, "name"}, ...)` in the print format.
-    pub fn symbols(&self, field: &str) -> Vec<(i64, String)> {
+    pub(crate) fn symbols(&self, field: &str) -> Vec<(i64, String)> {
         let marker = format!("__print_symbolic(REC->{field},");
         let Some(start) = self.print_fmt.find(&marker) else {
             return Vec::new();
@@ -130,25 +130,25 @@ impl Format {
 
 /// The formats of the attached tracepoints, by program name.
 #[derive(Debug, Default)]
-pub struct Formats(HashMap<&'static str, Format>);
+pub(crate) struct Formats(HashMap<&'static str, Format>);
 
 impl Formats {
-    pub fn insert(&mut self, program: &'static str, format: Format) {
+    pub(crate) fn insert(&mut self, program: &'static str, format: Format) {
         self.0.insert(program, format);
     }
 
-    pub fn get(&self, program: &str) -> Option<&Format> {
+    pub(crate) fn get(&self, program: &str) -> Option<&Format> {
         self.0.get(program)
     }
 
-    pub fn contains(&self, program: &str) -> bool {
+    pub(crate) fn contains(&self, program: &str) -> bool {
         self.0.contains_key(program)
     }
 }
 
 /// Parses a format file. Lines look like
 /// `\tfield:__u8 saddr[4];\toffset:34;\tsize:4;\tsigned:0;`.
-pub fn parse_format(text: &str) -> Result<Format, String> {
+pub(crate) fn parse_format(text: &str) -> Result<Format, String> {
     let mut fields = Vec::new();
     let mut print_fmt = String::new();
     for line in text.lines() {

@@ -3,7 +3,7 @@
 use kdiag_common::{EventHeader, EventKind};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DecodeError {
+pub(crate) enum DecodeError {
     #[error("event of {len} bytes is shorter than the {need} bytes of its kind")]
     Short { len: usize, need: usize },
     #[error("unknown event kind {0}")]
@@ -17,7 +17,7 @@ pub enum DecodeError {
 /// Reads `T` from the start of `data` (perf samples carry trailing padding,
 /// so longer is fine). `read_unaligned`: the bytes come from a ring buffer
 /// slice with no alignment guarantee.
-pub fn read_struct<T: aya::Pod>(data: &[u8]) -> Result<T, DecodeError> {
+pub(crate) fn read_struct<T: aya::Pod>(data: &[u8]) -> Result<T, DecodeError> {
     crate::sys::pod::read(data).ok_or(DecodeError::Short {
         len: data.len(),
         need: size_of::<T>(),
@@ -25,13 +25,13 @@ pub fn read_struct<T: aya::Pod>(data: &[u8]) -> Result<T, DecodeError> {
 }
 
 /// The kind of an event, from its header.
-pub fn event_kind(data: &[u8]) -> Result<EventKind, DecodeError> {
+pub(crate) fn event_kind(data: &[u8]) -> Result<EventKind, DecodeError> {
     let header: EventHeader = read_struct(data)?;
     EventKind::try_from(header.kind).map_err(|_| DecodeError::UnknownKind(header.kind))
 }
 
 /// Reads an event of type `T` whose header must say `expected`.
-pub fn decode<T: aya::Pod>(data: &[u8], expected: EventKind) -> Result<T, DecodeError> {
+pub(crate) fn decode<T: aya::Pod>(data: &[u8], expected: EventKind) -> Result<T, DecodeError> {
     let header: EventHeader = read_struct(data)?;
     if header.kind != expected as u32 {
         return Err(DecodeError::WrongKind {

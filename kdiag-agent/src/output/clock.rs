@@ -8,13 +8,13 @@ const SECOND: &[FormatItem<'static>] =
     format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].");
 
 /// Monotonic nanoseconds now, on the clock the kernel programs stamp with.
-pub fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     sys::process::monotonic_ns() as u64
 }
 
 /// Length of an RFC 3339 UTC time with nanoseconds:
 /// `2026-11-21T22:36:07.000000042Z`.
-pub const RFC3339_LEN: usize = 30;
+pub(crate) const RFC3339_LEN: usize = 30;
 
 /// `YYYY-MM-DDTHH:MM:SS.`, the part that changes once a second.
 const SECOND_LEN: usize = 20;
@@ -23,7 +23,7 @@ const SECOND_LEN: usize = 20;
 /// clocks moves when the wall clock is stepped (NTP, an operator), so the
 /// agent calls [`WallClock::resync`] every interval.
 #[derive(Debug, Clone)]
-pub struct WallClock {
+pub(crate) struct WallClock {
     /// CLOCK_REALTIME - CLOCK_MONOTONIC, in nanoseconds.
     offset_ns: i128,
     /// The last second formatted, and its text: records come thousands a
@@ -32,17 +32,17 @@ pub struct WallClock {
 }
 
 impl WallClock {
-    pub fn now() -> Self {
+    pub(crate) fn now() -> Self {
         let mut clock = Self::with_offset(0);
         clock.resync();
         clock
     }
 
-    pub fn resync(&mut self) {
+    pub(crate) fn resync(&mut self) {
         self.offset_ns = sys::process::realtime_ns() - sys::process::monotonic_ns();
     }
 
-    pub fn with_offset(offset_ns: i128) -> Self {
+    pub(crate) fn with_offset(offset_ns: i128) -> Self {
         Self {
             offset_ns,
             second: None,
@@ -50,7 +50,7 @@ impl WallClock {
     }
 
     /// RFC 3339 UTC with nanoseconds.
-    pub fn format(&mut self, mono_ns: u64) -> [u8; RFC3339_LEN] {
+    pub(crate) fn format(&mut self, mono_ns: u64) -> [u8; RFC3339_LEN] {
         let unix_ns = i128::from(mono_ns) + self.offset_ns;
         let (sec, nanos) = (
             unix_ns.div_euclid(1_000_000_000),
@@ -76,7 +76,7 @@ impl WallClock {
     }
 
     /// [`WallClock::format`], appended to `out`.
-    pub fn format_into(&mut self, mono_ns: u64, out: &mut String) {
+    pub(crate) fn format_into(&mut self, mono_ns: u64, out: &mut String) {
         let text = self.format(mono_ns);
         // ASCII digits and punctuation only.
         out.push_str(std::str::from_utf8(&text).unwrap_or_default());

@@ -1,8 +1,8 @@
 //! Writes records to stdout as JSON Lines (the default) or text columns.
 
-pub mod clock;
-pub mod record;
-pub mod stats;
+pub(crate) mod clock;
+pub(crate) mod record;
+pub(crate) mod stats;
 
 use std::{
     collections::HashSet,
@@ -17,19 +17,19 @@ use crate::{
 /// Writes a diagnostic to stderr. A closed or full stderr is no reason to
 /// stop tracing (and `eprintln!` would panic on it), so a failed write is
 /// ignored.
-pub fn diagnose(message: impl std::fmt::Display) {
+pub(crate) fn diagnose(message: impl std::fmt::Display) {
     let _ = writeln!(io::stderr(), "kdiag-agent: {message}");
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
+pub(crate) enum Format {
     /// JSON Lines, schema v1 (docs/SCHEMA.md).
     Json,
     /// Aligned columns for people.
     Text,
 }
 
-pub struct Output {
+pub(crate) struct Output {
     out: io::BufWriter<Box<dyn Write>>,
     format: Format,
     /// The host name, already JSON-escaped and quoted.
@@ -41,7 +41,7 @@ pub struct Output {
 }
 
 impl Output {
-    pub fn new(out: Box<dyn Write>, format: Format, host: &str, clock: WallClock) -> Self {
+    pub(crate) fn new(out: Box<dyn Write>, format: Format, host: &str, clock: WallClock) -> Self {
         Self {
             out: io::BufWriter::with_capacity(64 * 1024, out),
             format,
@@ -52,12 +52,12 @@ impl Output {
         }
     }
 
-    pub fn clock_mut(&mut self) -> &mut WallClock {
+    pub(crate) fn clock_mut(&mut self) -> &mut WallClock {
         &mut self.clock
     }
 
     /// Writes one record stamped with the monotonic time `mono_ns`.
-    pub fn write<R: Record>(&mut self, mono_ns: u64, record: &R) -> io::Result<()> {
+    pub(crate) fn write<R: Record>(&mut self, mono_ns: u64, record: &R) -> io::Result<()> {
         match self.format {
             Format::Json => {
                 self.body.clear();
@@ -90,7 +90,7 @@ impl Output {
         self.out.write_all(b"\n")
     }
 
-    pub fn flush(&mut self) -> io::Result<()> {
+    pub(crate) fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
     }
 }
@@ -107,7 +107,7 @@ mod tests {
 
     /// A writer the test can read back after the Output is done with it.
     #[derive(Clone, Default)]
-    pub struct SharedBuf(Rc<RefCell<Vec<u8>>>);
+    pub(super) struct SharedBuf(Rc<RefCell<Vec<u8>>>);
 
     impl Write for SharedBuf {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -120,7 +120,7 @@ mod tests {
     }
 
     impl SharedBuf {
-        pub fn text(&self) -> String {
+        pub(super) fn text(&self) -> String {
             String::from_utf8(self.0.borrow().clone()).unwrap()
         }
     }

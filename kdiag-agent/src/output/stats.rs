@@ -20,7 +20,7 @@ use crate::{
 
 /// What the kernel counts for one program, since it was loaded.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RunCounters {
+pub(crate) struct RunCounters {
     pub run_cnt: u64,
     pub run_time_ns: u64,
     /// Runs the kernel skipped because another BPF program was running on
@@ -29,9 +29,9 @@ pub struct RunCounters {
 }
 
 /// Counters per program name.
-pub type ProgramCounters = BTreeMap<String, RunCounters>;
+pub(crate) type ProgramCounters = BTreeMap<String, RunCounters>;
 
-pub struct StatsCollector {
+pub(crate) struct StatsCollector {
     class_names: Vec<(u32, &'static str)>,
     losses: PerCpuArray<MapData, u64>,
     /// Records written per class id since the last report.
@@ -43,7 +43,7 @@ pub struct StatsCollector {
 }
 
 impl StatsCollector {
-    pub fn new(
+    pub(crate) fn new(
         class_names: Vec<(u32, &'static str)>,
         losses: PerCpuArray<MapData, u64>,
         now_mono_ns: u64,
@@ -59,19 +59,19 @@ impl StatsCollector {
         }
     }
 
-    pub fn count_events(&mut self, class: u32, n: u64) {
+    pub(crate) fn count_events(&mut self, class: u32, n: u64) {
         if let Some(c) = self.events.get_mut(class as usize) {
             *c += n;
         }
     }
 
     /// Monotonic time the current interval began.
-    pub fn interval_start_ns(&self) -> u64 {
+    pub(crate) fn interval_start_ns(&self) -> u64 {
         self.last_mono_ns
     }
 
     /// Per-program counters; read them before the programs are unloaded.
-    pub fn snapshot_programs(&self, ebpf: &Ebpf) -> ProgramCounters {
+    pub(crate) fn snapshot_programs(&self, ebpf: &Ebpf) -> ProgramCounters {
         ebpf.programs()
             .filter_map(|(name, p)| {
                 let info = p.info().ok()?;
@@ -92,7 +92,7 @@ impl StatsCollector {
     }
 
     /// The report for the interval ending now, and the start of the next.
-    pub fn report(&mut self, programs: ProgramCounters, now_mono_ns: u64) -> AgentStats {
+    pub(crate) fn report(&mut self, programs: ProgramCounters, now_mono_ns: u64) -> AgentStats {
         let losses = self.read_losses();
         let mut classes = BTreeMap::new();
         for &(id, name) in &self.class_names {

@@ -6,24 +6,24 @@
 
 use caps::{CapSet, Capability, CapsHashSet};
 
-pub use caps::errors::CapsError;
+pub(crate) use caps::errors::CapsError;
 
 use super::SyscallError;
 
 /// Empties the ambient set.
-pub fn clear_ambient() -> Result<(), CapsError> {
+pub(crate) fn clear_ambient() -> Result<(), CapsError> {
     caps::clear(None, CapSet::Ambient)
 }
 
 /// Removes capability `cap` from the bounding set (needs CAP_SETPCAP).
-pub fn drop_bounding(cap: u32) -> Result<(), CapsError> {
+pub(crate) fn drop_bounding(cap: u32) -> Result<(), CapsError> {
     caps::drop(None, CapSet::Bounding, capability(cap)?)
 }
 
 /// Sets the effective and permitted sets to `keep` and empties the
 /// inheritable set. `keep` must be within the permitted set: capabilities
 /// can be given up here, not gained.
-pub fn limit_to(keep: u64) -> Result<(), CapsError> {
+pub(crate) fn limit_to(keep: u64) -> Result<(), CapsError> {
     let keep: CapsHashSet = caps::all()
         .into_iter()
         .filter(|c| keep & c.bitmask() != 0)
@@ -36,7 +36,7 @@ pub fn limit_to(keep: u64) -> Result<(), CapsError> {
 
 /// The highest capability number this module can name: CAP_CHECKPOINT_RESTORE,
 /// also the highest Linux has (as of 6.18).
-pub fn last_known() -> u32 {
+pub(crate) fn last_known() -> u32 {
     caps::all()
         .iter()
         .map(|c| u32::from(c.index()))
@@ -53,7 +53,7 @@ fn capability(cap: u32) -> Result<Capability, CapsError> {
 
 /// Sets no_new_privs: nothing this thread or its children execute can gain
 /// privileges (set-user-ID bits, file capabilities). It cannot be unset.
-pub fn set_no_new_privs() -> Result<(), SyscallError> {
+pub(crate) fn set_no_new_privs() -> Result<(), SyscallError> {
     rustix::thread::set_no_new_privs(true)
         .map_err(|e| SyscallError::new("prctl(PR_SET_NO_NEW_PRIVS)", e))
 }

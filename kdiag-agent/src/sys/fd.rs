@@ -14,7 +14,7 @@ use super::perf::PerfBuffer;
 /// Whether the other end of the pipe or socket `fd` writes to is gone: a
 /// writer whose reader has closed sees POLLERR (a pipe) or POLLHUP. Does
 /// not wait.
-pub fn peer_closed(fd: BorrowedFd<'_>) -> bool {
+pub(crate) fn peer_closed(fd: BorrowedFd<'_>) -> bool {
     let mut fds = [PollFd::from_borrowed_fd(fd, PollFlags::empty())];
     let now = Timespec {
         tv_sec: 0,
@@ -30,7 +30,7 @@ pub fn peer_closed(fd: BorrowedFd<'_>) -> bool {
 /// # Safety
 /// `as_raw_fd` returns that same descriptor every time, and nothing closes
 /// it or puts another file behind it before the value is dropped.
-pub unsafe trait OwnedFdHolder: AsRawFd {}
+pub(crate) unsafe trait OwnedFdHolder: AsRawFd {}
 
 // SAFETY: a RingBuf owns its map (MapData), whose descriptor it returns and
 // which closes only when the map is dropped.
@@ -41,7 +41,7 @@ unsafe impl OwnedFdHolder for PerfBuffer {}
 
 /// Registers `inner`'s descriptor with the event loop, to be woken when it is
 /// readable.
-pub fn register_readable<T: OwnedFdHolder>(inner: T) -> io::Result<AsyncFd<T>> {
+pub(crate) fn register_readable<T: OwnedFdHolder>(inner: T) -> io::Result<AsyncFd<T>> {
     // SAFETY: T's descriptor stays open and unchanged until `inner` is
     // dropped (OwnedFdHolder), which the AsyncFd does.
     unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }

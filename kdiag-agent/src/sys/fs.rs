@@ -11,7 +11,7 @@ use rustix::{
 use super::SyscallError;
 
 /// Mounts a tracefs at `target`.
-pub fn mount_tracefs(target: &Path) -> Result<(), SyscallError> {
+pub(crate) fn mount_tracefs(target: &Path) -> Result<(), SyscallError> {
     mount("tracefs", target, "tracefs", MountFlags::empty(), None)
         .map_err(|e| SyscallError::new("mount", e))
 }
@@ -19,7 +19,7 @@ pub fn mount_tracefs(target: &Path) -> Result<(), SyscallError> {
 /// Gives the calling thread a file system context of its own (root, working
 /// directory, umask: `unshare(CLONE_FS)`) and makes `root` its root
 /// directory. The process's other threads keep theirs.
-pub fn chroot_this_thread(root: &Path) -> Result<(), SyscallError> {
+pub(crate) fn chroot_this_thread(root: &Path) -> Result<(), SyscallError> {
     // SAFETY: what makes unshare unsafe is CLONE_FILES (descriptors of other
     // threads that this one could no longer use); CLONE_FS splits off only
     // the root and working directories and the umask.

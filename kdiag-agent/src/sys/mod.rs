@@ -4,19 +4,19 @@
 //! what neither has (`perf_event_open`, `bpf`, `getrusage`, `mallopt`).
 //! [`pod`] holds the byte views of the wire types, the other unsafe code.
 
-pub mod caps;
-pub mod fd;
-pub mod fs;
-pub mod perf;
-pub mod pod;
-pub mod process;
+pub(crate) mod caps;
+pub(crate) mod fd;
+pub(crate) mod fs;
+pub(crate) mod perf;
+pub(crate) mod pod;
+pub(crate) mod process;
 
 use std::io;
 
 /// A system call the kernel refused, and its error.
 #[derive(Debug, thiserror::Error)]
 #[error("`{call}` failed")]
-pub struct SyscallError {
+pub(crate) struct SyscallError {
     /// The system call, as its man page names it.
     pub call: &'static str,
     #[source]

@@ -25,7 +25,7 @@ use rustix::{
 
 use super::SyscallError;
 
-pub struct PerfBuffer {
+pub(crate) struct PerfBuffer {
     /// One metadata page (`perf_event_mmap_page`), then `data_len` bytes of
     /// ring. Unmapped before the descriptor closes.
     map: Mapping,
@@ -38,7 +38,7 @@ impl PerfBuffer {
     /// Opens the BPF output event of `cpu` with a ring of `pages` pages of
     /// `page_size` bytes (a power of two of them) that wakes its reader when
     /// `watermark` bytes are queued, maps it and enables it.
-    pub fn open(
+    pub(crate) fn open(
         cpu: u32,
         pages: usize,
         page_size: usize,
@@ -89,7 +89,7 @@ impl PerfBuffer {
 
     /// Makes this buffer the one the programs write to on `cpu`: its
     /// descriptor into the perf event array `map` at index `cpu`.
-    pub fn attach_to(&self, map: BorrowedFd<'_>, cpu: u32) -> Result<(), SyscallError> {
+    pub(crate) fn attach_to(&self, map: BorrowedFd<'_>, cpu: u32) -> Result<(), SyscallError> {
         let value = self.fd.as_raw_fd() as u32;
         // SAFETY: bpf_attr is a union of integer structs: all-zero is a
         // valid value, and what the kernel requires of the bytes not set.
@@ -123,7 +123,7 @@ impl PerfBuffer {
     /// the one of tools/include/linux/ring_buffer.h: load data_head with
     /// acquire (the records before it are complete), store data_tail with
     /// release (the reads of the records are done).
-    pub fn read(&mut self, on_records: impl FnOnce(&RingView<'_>)) {
+    pub(crate) fn read(&mut self, on_records: impl FnOnce(&RingView<'_>)) {
         let head = self.data_head().load(Ordering::Acquire);
         // Only this reader writes data_tail.
         let tail = self.data_tail().load(Ordering::Relaxed);
@@ -212,7 +212,7 @@ impl Drop for Mapping {
 /// (bytes written since the ring was created; the ring holds `len` bytes and
 /// position `p` is at byte `p % len`), which do not change while the view
 /// lives.
-pub struct RingView<'a> {
+pub(crate) struct RingView<'a> {
     data: NonNull<u8>,
     len: usize,
     tail: u64,
@@ -223,7 +223,7 @@ pub struct RingView<'a> {
 impl<'a> RingView<'a> {
     /// A view of a ring held in `data`: a copy of one, in tests.
     #[cfg(test)]
-    pub fn new(data: &'a [u8], tail: u64, head: u64) -> Self {
+    pub(crate) fn new(data: &'a [u8], tail: u64, head: u64) -> Self {
         Self {
             data: NonNull::from(data).cast(),
             len: data.len(),
@@ -246,17 +246,17 @@ impl<'a> RingView<'a> {
         }
     }
 
-    pub fn tail(&self) -> u64 {
+    pub(crate) fn tail(&self) -> u64 {
         self.tail
     }
 
-    pub fn head(&self) -> u64 {
+    pub(crate) fn head(&self) -> u64 {
         self.head
     }
 
     /// The `n` bytes from position `at`, as the up to two pieces the end of
     /// the ring splits them into; `None` unless they all lie in [tail, head).
-    pub fn get(&self, at: u64, n: usize) -> Option<(&'a [u8], &'a [u8])> {
+    pub(crate) fn get(&self, at: u64, n: usize) -> Option<(&'a [u8], &'a [u8])> {
         let end = at.checked_add(n as u64)?;
         if at < self.tail || end > self.head || n > self.len || self.len == 0 {
             return None;

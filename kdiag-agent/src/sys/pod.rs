@@ -3,7 +3,7 @@
 
 /// The bytes of `value`.
 #[inline]
-pub fn bytes_of<T: aya::Pod>(value: &T) -> &[u8] {
+pub(crate) fn bytes_of<T: aya::Pod>(value: &T) -> &[u8] {
     // SAFETY: `value` is valid for reads of size_of::<T>() bytes for the
     // lifetime of the borrow, and a Pod type has no padding bytes of
     // undefined content (the wire types make their padding explicit fields).
@@ -14,7 +14,7 @@ pub fn bytes_of<T: aya::Pod>(value: &T) -> &[u8] {
 /// are too short. Unaligned: the bytes come from ring buffers with no
 /// alignment guarantee.
 #[inline]
-pub fn read<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+pub(crate) fn read<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
     if bytes.len() < size_of::<T>() {
         return None;
     }

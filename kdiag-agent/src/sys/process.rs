@@ -8,7 +8,7 @@ use rustix::time::{ClockId, clock_gettime};
 /// only a process that still has one thread may call mallopt, which glibc
 /// marks MT-Unsafe (malloc reads the parameters it writes without a lock).
 /// Other C libraries have no such setting.
-pub fn set_mmap_threshold(bytes: i32) -> bool {
+pub(crate) fn set_mmap_threshold(bytes: i32) -> bool {
     #[cfg(target_env = "gnu")]
     if single_threaded() {
         // SAFETY: the process has one thread (checked just above; only this
@@ -28,7 +28,7 @@ fn single_threaded() -> bool {
 
 /// The process's user plus system CPU time, in nanoseconds
 /// (`getrusage(RUSAGE_SELF)`, which rustix does not have).
-pub fn cpu_time_ns() -> u64 {
+pub(crate) fn cpu_time_ns() -> u64 {
     // SAFETY: rusage is integers only; all-zero is a valid value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: a valid pointer to a rusage; RUSAGE_SELF cannot fail.
@@ -39,12 +39,12 @@ pub fn cpu_time_ns() -> u64 {
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock the kernel programs stamp
 /// events with (`bpf_ktime_get_ns`).
-pub fn monotonic_ns() -> i128 {
+pub(crate) fn monotonic_ns() -> i128 {
     clock_ns(ClockId::Monotonic)
 }
 
 /// CLOCK_REALTIME (wall time) in nanoseconds since the Unix epoch.
-pub fn realtime_ns() -> i128 {
+pub(crate) fn realtime_ns() -> i128 {
     clock_ns(ClockId::Realtime)
 }
 
@@ -54,6 +54,6 @@ fn clock_ns(clock: ClockId) -> i128 {
 }
 
 /// The size of a memory page, from the auxiliary vector.
-pub fn page_size() -> usize {
+pub(crate) fn page_size() -> usize {
     rustix::param::page_size()
 }

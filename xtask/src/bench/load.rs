@@ -33,7 +33,7 @@ const IPERF_PORT: u16 = 5291;
 const DROP_PERCENT: u32 = 2;
 
 /// A continuous load, kept running while tracers come and go.
-pub enum Load {
+pub(super) enum Load {
     /// Loopback iperf3, both ends on CPU 0.
     Bulk,
     /// Connection churn at the generator's full speed.
@@ -44,13 +44,13 @@ pub enum Load {
 }
 
 /// A running [`Load`]; stops when dropped.
-pub struct Running {
+pub(super) struct Running {
     _iperf: Option<IperfStream>,
     _churn: Option<Churn>,
 }
 
 impl Load {
-    pub fn start(&self) -> Result<Running> {
+    pub(super) fn start(&self) -> Result<Running> {
         let (iperf, churn) = match self {
             Load::Bulk => (Some(IperfStream::start(None)?), None),
             Load::Churn => (None, Some(Churn::start(None))),
@@ -62,7 +62,7 @@ impl Load {
         })
     }
 
-    pub fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
         match self {
             Load::Bulk => format!(
                 "loopback TCP bulk transfer: iperf3 -s -B 127.0.0.1 -p {IPERF_PORT}; \
@@ -93,7 +93,7 @@ impl Drop for Guarded {
 
 /// A network namespace of the benchmark's own, deleted when dropped (its
 /// nftables table goes with it).
-pub struct Netns {
+pub(super) struct Netns {
     name: String,
 }
 
@@ -136,13 +136,13 @@ impl Drop for Netns {
 }
 
 /// An iperf3 server listening on 127.0.0.1, in a namespace or not.
-pub struct IperfServer {
+pub(super) struct IperfServer {
     server: Guarded,
     netns: Option<Netns>,
 }
 
 impl IperfServer {
-    pub fn start(netns: Option<Netns>) -> Result<Self> {
+    pub(super) fn start(netns: Option<Netns>) -> Result<Self> {
         let port = IPERF_PORT.to_string();
         let argv = ["iperf3", "-s", "-B", "127.0.0.1", "-p", &port];
         let mut cmd = match &netns {
@@ -187,7 +187,7 @@ impl IperfServer {
     }
 
     /// One client run of `secs` seconds; returns the received bits/s.
-    pub fn measure(&self, secs: u64) -> Result<f64> {
+    pub(super) fn measure(&self, secs: u64) -> Result<f64> {
         let secs = secs.to_string();
         let mut cmd = self.client(&["-t", &secs, "-J"]);
         let desc = describe(&cmd);
@@ -218,7 +218,7 @@ fn listening(pid: u32, port: u16) -> bool {
 }
 
 /// A server and one long-running client: a continuous stream.
-pub struct IperfStream {
+pub(super) struct IperfStream {
     _client: Guarded,
     _server: IperfServer,
 }
@@ -254,7 +254,7 @@ const CHURN_THREADS: usize = 2;
 const CHURN_BACKLOG: i32 = 4096;
 
 /// Connection churn on loopback: connect, close with a reset, repeat.
-pub struct Churn {
+pub(super) struct Churn {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     connections: Arc<AtomicU64>,
@@ -264,7 +264,7 @@ pub struct Churn {
 
 impl Churn {
     /// `rate`: connections per second in all, or as many as possible.
-    pub fn start(rate: Option<u64>) -> Self {
+    pub(super) fn start(rate: Option<u64>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(AtomicU64::new(0));
@@ -318,11 +318,11 @@ impl Churn {
         }
     }
 
-    pub fn connections(&self) -> u64 {
+    pub(super) fn connections(&self) -> u64 {
         self.connections.load(Ordering::Relaxed)
     }
 
-    pub fn errors(&self) -> u64 {
+    pub(super) fn errors(&self) -> u64 {
         self.errors.load(Ordering::Relaxed)
     }
 }
@@ -358,14 +358,14 @@ const FD_SPARE: u64 = 64;
 /// soft open-file limit only up to the hard one (beyond needs
 /// CAP_SYS_RESOURCE), so the connections are spread over as many child
 /// processes as the hard limit requires: `xtask bench-hold`, see [`hold`].
-pub struct Held {
+pub(super) struct Held {
     holders: Vec<Guarded>,
     connections: usize,
 }
 
 impl Held {
     /// Opens `n` connections, or fails naming the holder that could not.
-    pub fn open(n: usize) -> Result<Self> {
+    pub(super) fn open(n: usize) -> Result<Self> {
         let per_holder = usize::try_from(fd_limit()?.rlim_max.saturating_sub(FD_SPARE) / 2)
             .unwrap_or(usize::MAX);
         ensure!(
@@ -435,7 +435,7 @@ impl Held {
         Ok(held)
     }
 
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.connections
     }
 }
@@ -453,7 +453,7 @@ impl Drop for Held {
 /// `xtask bench-hold`: opens `n` loopback connections to listeners of this
 /// process and accepts them, prints [`HOLD_READY`] and holds them until
 /// stdin closes, which also happens when the benchmark dies.
-pub fn hold(n: usize) -> Result<()> {
+pub(crate) fn hold(n: usize) -> Result<()> {
     raise_fd_limit(2 * n as u64 + FD_SPARE)?;
     // connect() gives a connection a source port from
     // net.ipv4.ip_local_port_range that no other connection to the same

@@ -15,7 +15,7 @@ mod report;
 mod scenarios;
 mod tracer;
 
-pub use self::load::hold;
+pub(crate) use self::load::hold;
 
 use std::{
     fs,
@@ -109,7 +109,7 @@ impl Plan {
     }
 }
 
-pub fn run(quick: bool) -> Result<()> {
+pub(crate) fn run(quick: bool) -> Result<()> {
     if !util::is_root() {
         bail!(
             "`cargo xtask bench` loads eBPF programs, sets kernel.bpf_stats_enabled and \

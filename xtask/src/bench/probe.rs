@@ -11,14 +11,14 @@ use anyhow::{Context, Result, ensure};
 
 /// A sysctl set for the benchmark's life and restored when dropped, also
 /// when the benchmark fails or panics.
-pub struct Sysctl {
+pub(super) struct Sysctl {
     path: String,
     previous: String,
 }
 
 impl Sysctl {
     /// `name` in /proc/sys form, e.g. `kernel/bpf_stats_enabled`.
-    pub fn set(name: &str, value: &str) -> Result<Self> {
+    pub(super) fn set(name: &str, value: &str) -> Result<Self> {
         let path = format!("/proc/sys/{name}");
         let previous = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
         fs::write(&path, value).with_context(|| format!("writing {value} to {path}"))?;
@@ -49,7 +49,7 @@ fn tick_ns() -> u64 {
 
 /// CPU time the whole machine spent busy (not idle, not waiting for I/O),
 /// summed over CPUs, from the `cpu` line of /proc/stat.
-pub fn machine_busy_ns() -> Result<u64> {
+pub(super) fn machine_busy_ns() -> Result<u64> {
     let stat = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
     let line = stat
         .lines()
@@ -68,7 +68,7 @@ pub fn machine_busy_ns() -> Result<u64> {
 }
 
 /// User + system CPU time of a process (all its threads).
-pub fn process_cpu_ns(pid: u32) -> Result<u64> {
+pub(super) fn process_cpu_ns(pid: u32) -> Result<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     // The command name may contain spaces and parentheses: fields are
@@ -86,7 +86,7 @@ pub fn process_cpu_ns(pid: u32) -> Result<u64> {
 /// Softirqs run since boot, every vector on every CPU: the sum of
 /// /proc/softirqs, which `handle_softirqs` (kernel/softirq.c) counts once
 /// per handler run, right before it fires softirq_entry.
-pub fn softirqs_total() -> Result<u64> {
+pub(super) fn softirqs_total() -> Result<u64> {
     let table = fs::read_to_string("/proc/softirqs").context("reading /proc/softirqs")?;
     Ok(sum_softirqs(&table))
 }
@@ -104,7 +104,7 @@ fn sum_softirqs(table: &str) -> u64 {
 
 /// `TcpExt: ListenOverflows` of /proc/net/netstat: SYNs dropped because a
 /// listener's accept queue was full.
-pub fn listen_overflows() -> Result<u64> {
+pub(super) fn listen_overflows() -> Result<u64> {
     let path = "/proc/net/netstat";
     let text = fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
     netstat_value(&text, "TcpExt:", "ListenOverflows")
@@ -121,7 +121,7 @@ fn netstat_value(text: &str, prefix: &str, name: &str) -> Option<u64> {
 }
 
 /// A `VmXxx:` line of /proc/PID/status, in bytes.
-pub fn vm_bytes(pid: u32, key: &str) -> Result<u64> {
+pub(super) fn vm_bytes(pid: u32, key: &str) -> Result<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
     let kib = status
@@ -134,7 +134,7 @@ pub fn vm_bytes(pid: u32, key: &str) -> Result<u64> {
 
 /// One BPF program's kernel statistics.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct ProgStat {
+pub(super) struct ProgStat {
     pub run_cnt: u64,
     pub run_time_ns: u64,
     pub recursion_misses: u64,
@@ -142,7 +142,7 @@ pub struct ProgStat {
 
 /// The BPF objects a process holds open.
 #[derive(Debug, Default)]
-pub struct BpfObjects {
+pub(super) struct BpfObjects {
     /// By program id.
     pub programs: BTreeMap<u32, ProgStat>,
     /// Whether any BPF link or perf event carries a program: attached.
@@ -153,12 +153,12 @@ pub struct BpfObjects {
 }
 
 impl BpfObjects {
-    pub fn run_time_ns(&self) -> u64 {
+    pub(super) fn run_time_ns(&self) -> u64 {
         self.programs.values().map(|p| p.run_time_ns).sum()
     }
 }
 
-pub fn bpf_objects(pid: u32) -> Result<BpfObjects> {
+pub(super) fn bpf_objects(pid: u32) -> Result<BpfObjects> {
     let dir = format!("/proc/{pid}/fdinfo");
     let mut objects = BpfObjects::default();
     let mut maps = BTreeMap::new();
@@ -201,7 +201,7 @@ pub fn bpf_objects(pid: u32) -> Result<BpfObjects> {
 }
 
 /// Program names by id, from `bpftool prog show -j` (fdinfo has no names).
-pub fn program_names() -> Result<BTreeMap<u32, String>> {
+pub(super) fn program_names() -> Result<BTreeMap<u32, String>> {
     let out = Command::new("bpftool")
         .args(["prog", "show", "--json"])
         .output()
@@ -227,7 +227,11 @@ pub fn program_names() -> Result<BTreeMap<u32, String>> {
 }
 
 /// Polls `f` every `every` until it returns `Some`, for at most `limit`.
-pub fn poll<T>(limit: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+pub(super) fn poll<T>(
+    limit: Duration,
+    every: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> Option<T> {
     let start = std::time::Instant::now();
     loop {
         if let Some(v) = f() {

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Unit {
+pub(super) enum Unit {
     Ns,
     Ms,
     MiB,
@@ -30,7 +30,7 @@ impl Unit {
     }
 }
 
-pub struct Row {
+pub(super) struct Row {
     pub section: &'static str,
     pub measure: String,
     pub tracer: String,
@@ -41,7 +41,7 @@ pub struct Row {
 }
 
 impl Row {
-    pub fn median(&self) -> f64 {
+    pub(super) fn median(&self) -> f64 {
         let mut s = self.samples.clone();
         s.sort_by(f64::total_cmp);
         match s.len() {
@@ -51,17 +51,17 @@ impl Row {
         }
     }
 
-    pub fn holds(&self) -> Option<bool> {
+    pub(super) fn holds(&self) -> Option<bool> {
         self.target.map(|t| self.median() <= t)
     }
 }
 
 #[derive(Default)]
-pub struct Rows(pub Vec<Row>);
+pub(super) struct Rows(pub Vec<Row>);
 
 impl Rows {
     /// Adds a sample to the row (section, measure, tracer), creating it.
-    pub fn add(
+    pub(super) fn add(
         &mut self,
         section: &'static str,
         measure: &str,
@@ -88,7 +88,7 @@ impl Rows {
         });
     }
 
-    pub fn markdown(&self) -> String {
+    pub(super) fn markdown(&self) -> String {
         let mut md = String::from(
             "| section | measure | tracer | median | min-max | runs | kdiag target |\n\
              |---|---|---|---:|---:|---:|---|\n",

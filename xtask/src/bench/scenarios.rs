@@ -9,7 +9,7 @@ use anyhow::Result;
 
 use super::{load::Load, probe, tracer::Tracer};
 
-pub struct Scenario {
+pub(super) struct Scenario {
     /// kdiag-agent's subcommand for the class.
     pub class: &'static str,
     /// `group:name` of each tracepoint whose cost is compared.
@@ -37,13 +37,13 @@ pub struct Scenario {
 }
 
 /// A running total the kernel keeps, read before and after each window.
-pub struct EventCount {
+pub(super) struct EventCount {
     /// One event, as the measure names it.
     pub name: &'static str,
     pub total: fn() -> Result<u64>,
 }
 
-pub enum Comparison {
+pub(super) enum Comparison {
     /// A libbpf-tools program by name.
     Libbpf(&'static str),
     Bpftrace {
@@ -53,7 +53,7 @@ pub enum Comparison {
 }
 
 impl Comparison {
-    pub fn tracer(&self) -> Tracer {
+    pub(super) fn tracer(&self) -> Tracer {
         match self {
             Comparison::Libbpf(tool) => Tracer::libbpf(tool),
             Comparison::Bpftrace { label, script } => Tracer::bpftrace(label, script),
@@ -61,7 +61,7 @@ impl Comparison {
     }
 }
 
-pub const SCENARIOS: &[Scenario] = &[
+pub(super) const SCENARIOS: &[Scenario] = &[
     Scenario {
         class: "tcp",
         tracepoints: &["sock:inet_sock_set_state"],
@@ -125,12 +125,12 @@ pub const SCENARIOS: &[Scenario] = &[
 ];
 
 impl Scenario {
-    pub fn kdiag(&self, agent: &std::path::Path) -> Tracer {
+    pub(super) fn kdiag(&self, agent: &std::path::Path) -> Tracer {
         Tracer::kdiag(agent, &[self.class])
     }
 
     /// bpftrace with an empty action on the same tracepoints.
-    pub fn empty_program(&self) -> Tracer {
+    pub(super) fn empty_program(&self) -> Tracer {
         let probes: Vec<String> = self
             .tracepoints
             .iter()
@@ -141,7 +141,7 @@ impl Scenario {
 
     /// kdiag (first: the one judged), its variants, its comparisons, and
     /// the empty program.
-    pub fn tracers(&self, agent: &std::path::Path) -> Vec<Tracer> {
+    pub(super) fn tracers(&self, agent: &std::path::Path) -> Vec<Tracer> {
         let variants = self.variants.iter().map(|options| {
             let args: Vec<&str> = std::iter::once(self.class)
                 .chain(options.iter().copied())
@@ -157,7 +157,7 @@ impl Scenario {
 
     /// Whether `kernel_name` (the kernel keeps 15 characters of a program's
     /// name) is one of this class's judged programs.
-    pub fn judges(&self, kernel_name: &str) -> bool {
+    pub(super) fn judges(&self, kernel_name: &str) -> bool {
         self.programs
             .iter()
             .any(|p| p.starts_with(kernel_name) && !kernel_name.is_empty())

@@ -36,7 +36,7 @@ const SIGINT_REPEAT: Duration = Duration::from_secs(1);
 
 /// How a tracer shows it is attached.
 #[derive(Debug, Clone, Copy)]
-pub enum Ready {
+pub(super) enum Ready {
     /// It prints a line containing this once attached.
     Line(&'static str),
     /// It holds an attached BPF program (a link or perf event fd). For
@@ -46,7 +46,7 @@ pub enum Ready {
 }
 
 #[derive(Debug, Clone)]
-pub struct Tracer {
+pub(super) struct Tracer {
     pub label: String,
     pub argv: Vec<String>,
     pub ready: Ready,
@@ -54,7 +54,7 @@ pub struct Tracer {
 
 impl Tracer {
     /// `kdiag-agent <args>`, with summaries only at exit (`-i 0`).
-    pub fn kdiag(agent: &Path, args: &[&str]) -> Self {
+    pub(super) fn kdiag(agent: &Path, args: &[&str]) -> Self {
         let mut argv = vec![agent.display().to_string(), "-i".into(), "0".into()];
         argv.extend(args.iter().map(|a| a.to_string()));
         Self {
@@ -65,7 +65,7 @@ impl Tracer {
     }
 
     /// A libbpf-tools program, as Debian installs it.
-    pub fn libbpf(tool: &str) -> Self {
+    pub(super) fn libbpf(tool: &str) -> Self {
         Self {
             label: format!("libbpf-tools {tool}"),
             argv: vec![format!("/usr/sbin/{tool}")],
@@ -74,7 +74,7 @@ impl Tracer {
     }
 
     /// A bpftrace script; a BEGIN probe announces that it is attached.
-    pub fn bpftrace(label: &str, script: &str) -> Self {
+    pub(super) fn bpftrace(label: &str, script: &str) -> Self {
         Self {
             label: format!("bpftrace {label}"),
             argv: vec![
@@ -86,7 +86,7 @@ impl Tracer {
         }
     }
 
-    pub fn command_line(&self) -> String {
+    pub(super) fn command_line(&self) -> String {
         self.argv
             .iter()
             .map(|a| {
@@ -101,7 +101,7 @@ impl Tracer {
     }
 
     /// Starts it and waits until it is attached.
-    pub fn start(&self) -> Result<Running> {
+    pub(super) fn start(&self) -> Result<Running> {
         let started = Instant::now();
         let mut child = Command::new(&self.argv[0])
             .args(&self.argv[1..])
@@ -212,7 +212,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-pub struct Running {
+pub(super) struct Running {
     pub label: String,
     child: Child,
     pub pid: u32,
@@ -225,7 +225,7 @@ pub struct Running {
 }
 
 /// What a stopped tracer leaves behind.
-pub struct Finished {
+pub(super) struct Finished {
     /// kdiag's agent_stats lines, parsed.
     pub agent_stats: Vec<serde_json::Value>,
 }
@@ -233,7 +233,7 @@ pub struct Finished {
 impl Finished {
     /// Sum of a per-class counter (`events`, `dropped`, `lost`) over every
     /// agent_stats line and class.
-    pub fn class_total(&self, counter: &str) -> u64 {
+    pub(super) fn class_total(&self, counter: &str) -> u64 {
         self.agent_stats
             .iter()
             .filter_map(|s| s.get("classes")?.as_object())
@@ -245,15 +245,15 @@ impl Finished {
 
 impl Running {
     /// Output lines so far.
-    pub fn lines(&self) -> u64 {
+    pub(super) fn lines(&self) -> u64 {
         self.lines.load(Ordering::Relaxed)
     }
 
-    pub fn cpu_ns(&self) -> Result<u64> {
+    pub(super) fn cpu_ns(&self) -> Result<u64> {
         probe::process_cpu_ns(self.pid)
     }
 
-    pub fn bpf(&self) -> Result<BpfObjects> {
+    pub(super) fn bpf(&self) -> Result<BpfObjects> {
         probe::bpf_objects(self.pid)
     }
 
@@ -261,14 +261,14 @@ impl Running {
         !matches!(self.child.try_wait(), Ok(None))
     }
 
-    pub fn signal(&self, sig: i32) {
+    pub(super) fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child, which we have not reaped yet.
         unsafe { libc::kill(self.pid as i32, sig) };
     }
 
     /// SIGINT (repeated, see [`SIGINT_REPEAT`]), then waits for it to write
     /// its last lines and exit.
-    pub fn stop(mut self) -> Result<Finished> {
+    pub(super) fn stop(mut self) -> Result<Finished> {
         self.signal(libc::SIGINT);
         let mut signalled = Instant::now();
         let exited = probe::poll(Duration::from_secs(10), Duration::from_millis(5), || {

@@ -53,14 +53,14 @@ const SCRATCH_BYTES: u64 = 4 << 30;
 const KERNEL_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
 
 /// A test binary of kdiag-tests, as cargo built it on the host.
-pub struct TestBinary {
+pub(super) struct TestBinary {
     /// The test target's name (`retrans` for tests/tests/retrans.rs).
     pub name: String,
     pub path: PathBuf,
 }
 
 /// What to run in the guest.
-pub struct Plan<'a> {
+pub(super) struct Plan<'a> {
     pub series: &'a str,
     pub agent: &'a Path,
     /// The directory cargo runs the tests in (the kdiag-tests package).
@@ -72,7 +72,7 @@ pub struct Plan<'a> {
 }
 
 /// What one guest run showed.
-pub struct Outcome {
+pub(super) struct Outcome {
     pub wall: Duration,
     /// The `agent_start` line of `kdiag-agent run` in the guest, or why
     /// there is none.
@@ -80,7 +80,7 @@ pub struct Outcome {
     pub binaries: Vec<BinaryOutcome>,
 }
 
-pub struct BinaryOutcome {
+pub(super) struct BinaryOutcome {
     pub name: String,
     pub rc: i32,
     pub counts: Option<Counts>,
@@ -91,7 +91,7 @@ pub struct BinaryOutcome {
 
 /// libtest's final `test result:` line.
 #[derive(Default, Debug, PartialEq, Eq, Clone, Copy)]
-pub struct Counts {
+pub(super) struct Counts {
     pub passed: u32,
     pub failed: u32,
     pub ignored: u32,
@@ -99,7 +99,7 @@ pub struct Counts {
 }
 
 impl Outcome {
-    pub fn ok(&self) -> bool {
+    pub(super) fn ok(&self) -> bool {
         self.probe.is_ok()
             && self
                 .binaries
@@ -108,7 +108,7 @@ impl Outcome {
             && self.total().passed > 0
     }
 
-    pub fn total(&self) -> Counts {
+    pub(super) fn total(&self) -> Counts {
         self.binaries
             .iter()
             .filter_map(|b| b.counts)
@@ -120,7 +120,7 @@ impl Outcome {
             })
     }
 
-    pub fn skips(&self) -> impl Iterator<Item = &str> {
+    pub(super) fn skips(&self) -> impl Iterator<Item = &str> {
         self.binaries
             .iter()
             .flat_map(|b| b.skips.iter().map(String::as_str))
@@ -129,7 +129,7 @@ impl Outcome {
 
 /// Boots `kernel` with `plan`; fails when the guest did not carry the plan
 /// out to the end (its tests failing is reported in the [`Outcome`]).
-pub fn run(qemu: &Path, kernel: &Kernel, plan: &Plan, results: &Path) -> Result<Outcome> {
+pub(super) fn run(qemu: &Path, kernel: &Kernel, plan: &Plan, results: &Path) -> Result<Outcome> {
     if results.exists() {
         fs::remove_dir_all(results).with_context(|| format!("removing {}", results.display()))?;
     }

@@ -9,14 +9,14 @@ use anyhow::{Context, Result};
 use super::modules::Module;
 
 /// PID 1 of the guest.
-pub const INIT: &str = include_str!("init.sh");
+pub(super) const INIT: &str = include_str!("init.sh");
 
 /// Modules the guest loads, before their dependencies are added: the 9p
 /// shares over virtio, veth and nftables for the network tests, the scratch
 /// disk (ext2 is served by the ext4 driver) for the memory tests.
 /// crc32c_generic is a soft dependency of nf_tables (through libcrc32c),
 /// which `depends=` does not list.
-pub const MODULES: &[&str] = &[
+pub(super) const MODULES: &[&str] = &[
     "virtio_pci",
     "9pnet_virtio",
     "9p",
@@ -28,7 +28,7 @@ pub const MODULES: &[&str] = &[
 ];
 
 /// Builds the archive from busybox (static) and the resolved modules.
-pub fn build(busybox: &Path, modules: &[Module]) -> Result<Vec<u8>> {
+pub(super) fn build(busybox: &Path, modules: &[Module]) -> Result<Vec<u8>> {
     let busybox = fs::read(busybox).with_context(|| format!("reading {}", busybox.display()))?;
     let mut cpio = Cpio::default();
     for dir in [

@@ -18,13 +18,13 @@ use crate::util::{describe, run_checked};
 /// A kernel series the matrix covers and how Debian names its packages:
 /// `<prefix><N><suffix>`, newer packages having a larger N. The generic
 /// `amd64` flavour: the `cloud` one has no 9p, which the guest needs.
-pub struct Series {
+pub(super) struct Series {
     pub name: &'static str,
     prefix: &'static str,
     suffix: &'static str,
 }
 
-pub const SERIES: &[Series] = &[
+pub(super) const SERIES: &[Series] = &[
     // Debian 12's own kernel (bookworm, bookworm-security).
     Series {
         name: "6.1",
@@ -41,7 +41,7 @@ pub const SERIES: &[Series] = &[
 ];
 
 /// A kernel ready to boot.
-pub struct Kernel {
+pub(super) struct Kernel {
     /// Debian package and version, e.g. `linux-image-6.1.0-56-amd64-unsigned`
     /// `6.1.192-2`.
     pub package: String,
@@ -56,7 +56,7 @@ impl Series {
     /// The newest package of this series the configured apt sources offer.
     /// Runs `apt-get update` once when nothing matches (a fresh machine's
     /// package lists may be empty).
-    pub fn newest_package(&self) -> Result<(String, String)> {
+    pub(super) fn newest_package(&self) -> Result<(String, String)> {
         if let Some(found) = self.search()? {
             return Ok(found);
         }
@@ -121,7 +121,12 @@ fn candidate(package: &str) -> Result<Option<String>> {
 
 /// Downloads and unpacks `package` into `cache` (once), and builds the
 /// initramfs (again whenever its inputs change).
-pub fn prepare(cache: &Path, package: &str, version: &str, busybox: &Path) -> Result<Kernel> {
+pub(super) fn prepare(
+    cache: &Path,
+    package: &str,
+    version: &str,
+    busybox: &Path,
+) -> Result<Kernel> {
     let dir = cache.join(format!("{package}_{version}"));
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let deb = download(&dir, package, version)?;

@@ -18,7 +18,7 @@ use anyhow::{Context, Result, bail, ensure};
 
 /// A module to put into the initramfs: its name (underscores, as the kernel
 /// spells it) and its uncompressed object.
-pub struct Module {
+pub(super) struct Module {
     pub name: String,
     pub object: Vec<u8>,
 }
@@ -26,7 +26,7 @@ pub struct Module {
 /// `wanted` and everything they depend on, dependencies first, so that
 /// loading them in this order with plain `insmod` always succeeds. Modules
 /// this kernel has built in (listed in `modules.builtin`) are left out.
-pub fn resolve(modules_dir: &Path, wanted: &[&str]) -> Result<Vec<Module>> {
+pub(super) fn resolve(modules_dir: &Path, wanted: &[&str]) -> Result<Vec<Module>> {
     let files = index(modules_dir)?;
     let mut order = Vec::new();
     let mut seen = builtin(modules_dir)?;
@@ -149,7 +149,7 @@ fn read_object(path: &Path) -> Result<Vec<u8>> {
 /// The value of `key` in the `.modinfo` section of an ELF64 little-endian
 /// object: NUL-separated `key=value` strings (include/linux/moduleparam.h,
 /// `__MODULE_INFO`). `None` when the key is absent.
-pub fn modinfo(elf: &[u8], key: &str) -> Result<Option<String>> {
+pub(super) fn modinfo(elf: &[u8], key: &str) -> Result<Option<String>> {
     let section = section(elf, ".modinfo")?.context("no .modinfo section")?;
     let prefix = format!("{key}=");
     Ok(section

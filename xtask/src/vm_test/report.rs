@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::{guest::Outcome, kernel::Kernel};
 
-pub struct KernelRun {
+pub(super) struct KernelRun {
     pub series: &'static str,
     pub kernel: Kernel,
     pub outcome: Outcome,
@@ -17,7 +17,7 @@ pub struct KernelRun {
 
 /// Per kernel: the verdict, the guest's wall time, the test counts per
 /// binary and every skip with its reason.
-pub fn print_summary(runs: &[(&str, Result<KernelRun>)]) {
+pub(super) fn print_summary(runs: &[(&str, Result<KernelRun>)]) {
     eprintln!("\nvm-test summary:");
     for (series, run) in runs {
         let run = match run {
@@ -88,7 +88,7 @@ not give them.
 
 /// Replaces the rows of the series in `runs` (all passing), keeping the
 /// rows of other series.
-pub fn update_kernels_md(path: &Path, runs: &[&KernelRun]) -> Result<()> {
+pub(super) fn update_kernels_md(path: &Path, runs: &[&KernelRun]) -> Result<()> {
     let old = fs::read_to_string(path).unwrap_or_default();
     let date = time::OffsetDateTime::now_utc().date().to_string();
     let mut rows: Vec<(String, String)> = old

@@ -25,7 +25,7 @@ use crate::{
 
 /// Options of `compact`.
 #[derive(Debug, Args)]
-pub struct CompactArgs {
+pub(crate) struct CompactArgs {
     /// Write `compact` records only for runs of at least N microseconds;
     /// shorter ones still appear in the summaries.
     #[arg(long, value_name = "N", default_value_t = 0)]
@@ -68,7 +68,7 @@ const STATUS_NAMES: &[(i64, &str)] = &[
     (8, "success"),
 ];
 
-pub struct CompactClass {
+pub(crate) struct CompactClass {
     scope: MemoryScope,
     min_latency_ns: u64,
     cgroups: Hierarchy,
@@ -85,7 +85,7 @@ const TASK_FLAGS: BtfQueries = BtfQueries {
 };
 
 impl CompactClass {
-    pub fn new(scope: MemoryScope, min_latency_us: u64, services: &mut Services) -> Self {
+    pub(crate) fn new(scope: MemoryScope, min_latency_us: u64, services: &mut Services) -> Self {
         Self {
             cgroups: services.cgroup_hierarchy(scope.mount()),
             scope,
@@ -97,7 +97,7 @@ impl CompactClass {
 }
 
 /// The name of a compaction status: the kernel's, or the number.
-pub fn status_name(names: &[(i64, String)], status: i32) -> String {
+pub(crate) fn status_name(names: &[(i64, String)], status: i32) -> String {
     let status = i64::from(status);
     names
         .iter()
@@ -107,7 +107,7 @@ pub fn status_name(names: &[(i64, String)], status: i32) -> String {
         .map_or_else(|| status.to_string(), |(_, n)| n.to_owned())
 }
 
-pub fn mode_name(mode: u32) -> &'static str {
+pub(crate) fn mode_name(mode: u32) -> &'static str {
     match MigrateMode::from_u32(mode) {
         Some(MigrateMode::Async) => "async",
         Some(MigrateMode::SyncLight) => "sync_light",
@@ -116,7 +116,7 @@ pub fn mode_name(mode: u32) -> &'static str {
 }
 
 /// The record of one compaction run.
-pub fn compact_record(ev: &StallEvent, cgroup: Option<Arc<str>>, status: String) -> Compact {
+pub(crate) fn compact_record(ev: &StallEvent, cgroup: Option<Arc<str>>, status: String) -> Compact {
     Compact {
         pid: Some(ev.tgid),
         tid: ev.tid,
@@ -129,7 +129,7 @@ pub fn compact_record(ev: &StallEvent, cgroup: Option<Arc<str>>, status: String)
     }
 }
 
-pub fn compact_summary(
+pub(crate) fn compact_summary(
     p: &ProcessStalls,
     cgroup: Option<Arc<str>>,
     interval_ns: u64,

@@ -2,8 +2,8 @@
 //! trace and where their memory cgroup is, decoding stall events, and
 //! turning the kernel's per-thread statistics into per-process summaries.
 
-pub mod compact;
-pub mod reclaim;
+pub(crate) mod compact;
+pub(crate) mod reclaim;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -37,7 +37,7 @@ use crate::{
 /// cgroup, since that is the limit being hit; on a cgroup v2 host, the
 /// unified cgroup.
 #[derive(Debug)]
-pub struct MemoryScope {
+pub(crate) struct MemoryScope {
     hierarchy: MemoryHierarchy,
     pids: Vec<u32>,
     cgroup: Option<CgroupTarget>,
@@ -45,7 +45,7 @@ pub struct MemoryScope {
 
 impl MemoryScope {
     /// `--pid`s and `--cgroup`; errors are usage errors.
-    pub fn new(pids: &[u32], cgroup: Option<&Path>) -> Result<Self, ClassError> {
+    pub(crate) fn new(pids: &[u32], cgroup: Option<&Path>) -> Result<Self, ClassError> {
         Self::with_hierarchy(MemoryHierarchy::detect(), pids, cgroup)
     }
 
@@ -82,7 +82,7 @@ impl MemoryScope {
     }
 
     /// The mount of the hierarchy the programs report cgroup ids of.
-    pub fn mount(&self) -> Option<&Path> {
+    pub(crate) fn mount(&self) -> Option<&Path> {
         self.hierarchy.mount()
     }
 
@@ -90,7 +90,7 @@ impl MemoryScope {
     /// `min_latency_ns` after counting them. On a v1 host the programs walk
     /// to the memory cgroup with offsets from `btf` (asked in
     /// [`MEMCG_QUERIES`]); without them a `--cgroup` cannot be honoured.
-    pub fn filter(
+    pub(crate) fn filter(
         &self,
         kinds: &[StallKind],
         min_latency_ns: u64,
@@ -137,14 +137,14 @@ impl MemoryScope {
 }
 
 /// Threads in a stall at once, whose begin the programs keep until its end.
-pub const MAX_STALLS_IN_FLIGHT: u32 = 10240;
+pub(crate) const MAX_STALLS_IN_FLIGHT: u32 = 10240;
 /// Threads with stall statistics at once (per memory class); entries of
 /// exited threads are deleted every interval.
-pub const MAX_STALLING_THREADS: u32 = 16384;
+pub(crate) const MAX_STALLING_THREADS: u32 = 16384;
 
 /// The maps of a memory class's programs: stalls in flight (shared by the
 /// memory classes) and its per-thread statistics, `stats_map`.
-pub fn stall_map_sizes(stats_map: &'static str) -> Vec<MapSize> {
+pub(crate) fn stall_map_sizes(stats_map: &'static str) -> Vec<MapSize> {
     vec![
         MapSize {
             map: "STALL_STARTS",
@@ -158,7 +158,7 @@ pub fn stall_map_sizes(stats_map: &'static str) -> Vec<MapSize> {
 }
 
 /// What the v1 memory cgroup walk needs from the kernel's BTF.
-pub const MEMCG_QUERIES: BtfQueries = BtfQueries {
+pub(crate) const MEMCG_QUERIES: BtfQueries = BtfQueries {
     members: &[
         ("task_struct", "cgroups"),
         ("css_set", "subsys"),
@@ -201,7 +201,7 @@ fn pointer_in(array: u32, index: i64) -> Option<u32> {
 }
 
 /// Decodes one stall event of `expected` kind, checking its fields.
-pub fn decode_stall(data: &[u8], expected: EventKind) -> Result<StallEvent, DecodeError> {
+pub(crate) fn decode_stall(data: &[u8], expected: EventKind) -> Result<StallEvent, DecodeError> {
     let ev: StallEvent = decode(data, expected)?;
     if StallKind::from_u32(ev.kind).is_none() {
         return Err(DecodeError::BadField {
@@ -219,13 +219,13 @@ pub fn decode_stall(data: &[u8], expected: EventKind) -> Result<StallEvent, Deco
 }
 
 /// An order from the programs, null when they had none.
-pub fn order(raw: i32) -> Option<i32> {
+pub(crate) fn order(raw: i32) -> Option<i32> {
     (raw >= 0).then_some(raw)
 }
 
 /// One process's stalls of one kind over an interval.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProcessStalls {
+pub(crate) struct ProcessStalls {
     pub kind: StallKind,
     pub tgid: u32,
     pub comm: String,
@@ -242,7 +242,10 @@ pub struct ProcessStalls {
 /// interval (the new maximum is then also the interval's); otherwise it is
 /// the top of the interval's highest histogram bucket, capped at the
 /// all-time maximum, so at most 12.5% above the true value.
-pub fn thread_delta(prev: Option<&StallStats>, cur: &StallStats) -> Option<(Latencies, u64)> {
+pub(crate) fn thread_delta(
+    prev: Option<&StallStats>,
+    cur: &StallStats,
+) -> Option<(Latencies, u64)> {
     let prev = prev.filter(|p| p.count <= cur.count);
     let zero = StallStats::ZERO;
     let prev = prev.unwrap_or(&zero);
@@ -273,7 +276,7 @@ pub fn thread_delta(prev: Option<&StallStats>, cur: &StallStats) -> Option<(Late
 
 /// Threads' deltas summed per (kind, process). Comm and cgroup come from
 /// the main thread when it stalled, else from the lowest tid.
-pub fn per_process<'a>(
+pub(crate) fn per_process<'a>(
     deltas: impl IntoIterator<Item = (&'a StallKey, &'a StallStats, Latencies, u64)>,
 ) -> Vec<ProcessStalls> {
     let mut out: BTreeMap<(u32, u32), (u32, ProcessStalls)> = BTreeMap::new();
@@ -308,13 +311,13 @@ pub fn per_process<'a>(
 }
 
 /// Reads a class's per-thread statistics map every interval.
-pub struct StallStatsReader {
+pub(crate) struct StallStatsReader {
     map: Option<BpfHashMap<MapData, StallKey, StallStats>>,
     prev: HashMap<StallKey, StallStats>,
 }
 
 impl StallStatsReader {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             map: None,
             prev: HashMap::new(),
@@ -322,7 +325,7 @@ impl StallStatsReader {
     }
 
     /// Takes the map `name` from the loaded programs.
-    pub fn take(&mut self, ebpf: &mut Ebpf, name: &'static str) -> Result<(), ClassError> {
+    pub(crate) fn take(&mut self, ebpf: &mut Ebpf, name: &'static str) -> Result<(), ClassError> {
         let map = ebpf.take_map(name).ok_or(ClassError::MissingMap(name))?;
         self.map =
             Some(BpfHashMap::try_from(map).map_err(|source| ClassError::Map { name, source })?);
@@ -334,7 +337,7 @@ impl StallStatsReader {
     /// only. (Should the tid be reused between the check and the delete, a
     /// stall of the new thread in that window is lost; tids are reused only
     /// after the pid space wraps.)
-    pub fn collect(&mut self) -> Vec<ProcessStalls> {
+    pub(crate) fn collect(&mut self) -> Vec<ProcessStalls> {
         let Some(map) = &mut self.map else {
             return Vec::new();
         };

@@ -24,7 +24,7 @@ use crate::{
 
 /// Options of `reclaim`.
 #[derive(Debug, Args)]
-pub struct ReclaimArgs {
+pub(crate) struct ReclaimArgs {
     /// Which reclaim to trace.
     #[arg(long, value_enum, default_value = "all")]
     pub kind: ReclaimKind,
@@ -37,7 +37,7 @@ pub struct ReclaimArgs {
 
 /// Which reclaim `--kind` traces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ReclaimKind {
+pub(crate) enum ReclaimKind {
     /// Global direct reclaim.
     Direct,
     /// Reclaim against a memory cgroup's limit.
@@ -65,7 +65,7 @@ const MEMCG: [Tracepoint; 2] = [
 ];
 const ALL: [Tracepoint; 4] = [DIRECT[0], DIRECT[1], MEMCG[0], MEMCG[1]];
 
-pub struct ReclaimClass {
+pub(crate) struct ReclaimClass {
     scope: MemoryScope,
     kind: ReclaimKind,
     min_latency_ns: u64,
@@ -74,7 +74,7 @@ pub struct ReclaimClass {
 }
 
 impl ReclaimClass {
-    pub fn new(
+    pub(crate) fn new(
         scope: MemoryScope,
         kind: ReclaimKind,
         min_latency_us: u64,
@@ -106,7 +106,7 @@ fn kind_name(kind: StallKind) -> &'static str {
 }
 
 /// The record of one reclaim stall; `cgroup` is its memory cgroup's path.
-pub fn reclaim_record(ev: &StallEvent, cgroup: Option<Arc<str>>) -> Reclaim {
+pub(crate) fn reclaim_record(ev: &StallEvent, cgroup: Option<Arc<str>>) -> Reclaim {
     let kind = StallKind::from_u32(ev.kind).unwrap_or(StallKind::Direct);
     Reclaim {
         kind: kind_name(kind),
@@ -126,7 +126,7 @@ pub fn reclaim_record(ev: &StallEvent, cgroup: Option<Arc<str>>) -> Reclaim {
 }
 
 /// The summary of one process's reclaim stalls over `interval_ns`.
-pub fn reclaim_summary(
+pub(crate) fn reclaim_summary(
     p: &ProcessStalls,
     cgroup: Option<Arc<str>>,
     interval_ns: u64,

@@ -15,7 +15,7 @@ use crate::{
 /// changes are sent (only when the `tcp` class runs; `retrans` alone needs
 /// the state program only to learn owners).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TcpFilter {
+pub(crate) struct TcpFilter {
     pub ports: Vec<u16>,
     /// 0 = both, else AF_INET or AF_INET6.
     pub family: u16,
@@ -25,7 +25,7 @@ pub struct TcpFilter {
 }
 
 impl TcpFilter {
-    pub fn new(
+    pub(crate) fn new(
         ports: &[u16],
         ipv4: bool,
         ipv6: bool,
@@ -54,7 +54,7 @@ impl TcpFilter {
     /// The TCP programs' maps: the sockets followed, the listeners whose
     /// owners their children inherit, the request sockets whose SYN-ACK
     /// retransmits are counted.
-    pub fn map_sizes(&self) -> Vec<MapSize> {
+    pub(crate) fn map_sizes(&self) -> Vec<MapSize> {
         vec![
             MapSize {
                 map: "SOCKS",
@@ -80,13 +80,13 @@ const MAX_PENDING_SYNACKS: u32 = 8192;
 
 /// The socket's network namespace, which tells listeners on one port in
 /// different namespaces apart.
-pub const TCP_QUERIES: BtfQueries = BtfQueries {
+pub(crate) const TCP_QUERIES: BtfQueries = BtfQueries {
     members: &[("sock_common", "skc_net")],
     enumerators: &[],
 };
 
 /// `TCP_CONFIG` for the kernel's types and these settings.
-pub fn tcp_global(
+pub(crate) fn tcp_global(
     kernel: &KernelTypes,
     filter: &TcpFilter,
     degraded: &mut Vec<Degraded>,
@@ -119,7 +119,7 @@ pub fn tcp_global(
 
 /// Offsets of the TCP fields in a tracepoint's format; absent ones (and all
 /// of them, when the tracepoint is missing) are `FIELD_ABSENT`.
-pub fn tcp_offsets(format: Option<&Format>) -> TcpTpOffsets {
+pub(crate) fn tcp_offsets(format: Option<&Format>) -> TcpTpOffsets {
     let Some(f) = format else {
         return TcpTpOffsets::ABSENT;
     };

@@ -13,7 +13,7 @@ use crate::classes::tcp::state_names::{STATE_COUNT, state_name};
 
 /// What a closed connection's record needs from its past.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ConnHistory {
+pub(crate) struct ConnHistory {
     pub state_ns: BTreeMap<&'static str, u64>,
     pub handshake_ns: Option<u64>,
 }
@@ -38,7 +38,7 @@ struct Conn {
 /// the connections became 18, with both held while it copied). Now that can
 /// only happen to the small index.
 #[derive(Debug)]
-pub struct ConnTable {
+pub(crate) struct ConnTable {
     /// Socket -> its slot. Hashed with foldhash, as the agent's other maps
     /// looked up per event: SipHash, std's default, took 6% of the agent's
     /// time per record under churn, and its resistance to chosen keys buys
@@ -54,7 +54,7 @@ pub struct ConnTable {
 impl ConnTable {
     /// Room for `max` connections is taken up front, so that the table never
     /// reallocates. Pages not yet used cost no memory.
-    pub fn new(max: usize) -> Self {
+    pub(crate) fn new(max: usize) -> Self {
         let max = max.max(1);
         Self {
             index: HashMap::with_capacity(max),
@@ -65,19 +65,19 @@ impl ConnTable {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.index.len()
     }
 
     /// Connections evicted since the last call.
-    pub fn take_evicted(&mut self) -> u64 {
+    pub(crate) fn take_evicted(&mut self) -> u64 {
         std::mem::take(&mut self.evicted)
     }
 
     /// Records one state change of socket `sock_id`; `old_state_ns` is the
     /// time spent in `old` when known. Returns the history when the socket
     /// closes.
-    pub fn on_change(
+    pub(crate) fn on_change(
         &mut self,
         sock_id: u64,
         old: i32,

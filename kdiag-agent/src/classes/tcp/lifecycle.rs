@@ -59,7 +59,7 @@ const TOP_CONNS: usize = 10;
 /// Distinct retransmitting connections counted per interval for `top`.
 const MAX_RETRANS_CONNS: usize = 4096;
 
-pub struct TcpClass {
+pub(crate) struct TcpClass {
     filter: OwnerFilter,
     tcp: TcpFilter,
     /// Only changes into or out of this state are written as `tcp_state`.
@@ -72,7 +72,7 @@ pub struct TcpClass {
 }
 
 impl TcpClass {
-    pub fn new(filter: OwnerFilter, tcp: TcpFilter, state: Option<i32>) -> Self {
+    pub(crate) fn new(filter: OwnerFilter, tcp: TcpFilter, state: Option<i32>) -> Self {
         Self {
             filter,
             tcp,
@@ -153,7 +153,7 @@ impl TcpClass {
 }
 
 /// Decodes one `tcp_state` event.
-pub fn decode_state(data: &[u8]) -> Result<TcpStateEvent, DecodeError> {
+pub(crate) fn decode_state(data: &[u8]) -> Result<TcpStateEvent, DecodeError> {
     let ev: TcpStateEvent = decode(data, EventKind::TcpState)?;
     for (field, state) in [("oldstate", ev.oldstate), ("newstate", ev.newstate)] {
         if !(1..STATE_COUNT as i32).contains(&state) {
@@ -166,7 +166,7 @@ pub fn decode_state(data: &[u8]) -> Result<TcpStateEvent, DecodeError> {
     Ok(ev)
 }
 
-pub fn state_record(
+pub(crate) fn state_record(
     ev: &TcpStateEvent,
     owner: ResolvedOwner,
     old_state_ns: Option<u64>,

@@ -1,17 +1,17 @@
 //! The TCP classes (`retrans`, `tcp`) and what they share: one set of kernel
 //! programs configured by one filter, the connection table, state names.
 
-pub mod config;
-pub mod conns;
-pub mod lifecycle;
-pub mod retrans;
-pub mod state_names;
+pub(crate) mod config;
+pub(crate) mod conns;
+pub(crate) mod lifecycle;
+pub(crate) mod retrans;
+pub(crate) mod state_names;
 
 use clap::Args;
 
 /// Options of the `tcp` class.
 #[derive(Debug, Args)]
-pub struct TcpArgs {
+pub(crate) struct TcpArgs {
     #[command(flatten)]
     pub filter: TcpFilterArgs,
     /// Only write state changes into or out of this state (ESTABLISHED,
@@ -31,7 +31,7 @@ fn parse_state(s: &str) -> Result<i32, String> {
 
 /// Which connections the TCP classes report.
 #[derive(Debug, Args)]
-pub struct TcpFilterArgs {
+pub(crate) struct TcpFilterArgs {
     /// Only connections with this local or remote port; repeat for several
     /// (at most 8).
     #[arg(long = "port", value_name = "PORT",
@@ -54,4 +54,4 @@ pub struct TcpFilterArgs {
 }
 
 /// The default `--max-sockets`.
-pub const DEFAULT_MAX_SOCKETS: u32 = 65536;
+pub(crate) const DEFAULT_MAX_SOCKETS: u32 = 65536;

@@ -39,19 +39,19 @@ const TRACEPOINTS: &[Tracepoint] = &[
     },
 ];
 
-pub struct RetransClass {
+pub(crate) struct RetransClass {
     filter: OwnerFilter,
     tcp: TcpFilter,
 }
 
 impl RetransClass {
-    pub fn new(filter: OwnerFilter, tcp: TcpFilter) -> Self {
+    pub(crate) fn new(filter: OwnerFilter, tcp: TcpFilter) -> Self {
         Self { filter, tcp }
     }
 }
 
 /// Decodes one `retrans` event.
-pub fn decode_retrans(data: &[u8]) -> Result<RetransEvent, DecodeError> {
+pub(crate) fn decode_retrans(data: &[u8]) -> Result<RetransEvent, DecodeError> {
     let ev: RetransEvent = decode(data, EventKind::Retrans)?;
     if RetransKind::from_u32(ev.kind).is_none() {
         return Err(DecodeError::BadField {
@@ -63,7 +63,7 @@ pub fn decode_retrans(data: &[u8]) -> Result<RetransEvent, DecodeError> {
 }
 
 /// The record for a decoded event and its owner.
-pub fn retrans_record(ev: &RetransEvent, owner: ResolvedOwner) -> Retrans {
+pub(crate) fn retrans_record(ev: &RetransEvent, owner: ResolvedOwner) -> Retrans {
     let kind = match RetransKind::from_u32(ev.kind) {
         Some(RetransKind::Syn) => "syn",
         Some(RetransKind::SynAck) => "synack",

@@ -2,7 +2,7 @@
 //! `TCP_` prefix as the tracepoints' print formats do.
 
 /// Number of kernel TCP states, 0 included.
-pub const STATE_COUNT: usize = 13;
+pub(crate) const STATE_COUNT: usize = 13;
 
 const NAMES: [&str; STATE_COUNT] = [
     "UNKNOWN",
@@ -21,7 +21,7 @@ const NAMES: [&str; STATE_COUNT] = [
 ];
 
 /// The kernel's number for a state name (`"CLOSE_WAIT"`, any case).
-pub fn state_number(name: &str) -> Option<i32> {
+pub(crate) fn state_number(name: &str) -> Option<i32> {
     NAMES
         .iter()
         .skip(1)
@@ -29,7 +29,7 @@ pub fn state_number(name: &str) -> Option<i32> {
         .map(|i| i as i32 + 1)
 }
 
-pub fn state_name(state: i32) -> &'static str {
+pub(crate) fn state_name(state: i32) -> &'static str {
     usize::try_from(state)
         .ok()
         .and_then(|i| NAMES.get(i))

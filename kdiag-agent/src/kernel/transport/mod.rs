@@ -8,7 +8,7 @@
 //! on one CPU. The ring buffer keeps its single order; the perf buffers'
 //! batch is put back in time order (see [`PerfBatch`]).
 
-pub mod perf;
+pub(crate) mod perf;
 
 use std::{future::poll_fn, io, os::fd::AsFd as _, task::Poll};
 
@@ -23,7 +23,7 @@ use crate::sys::{
 use perf::{PerfBatch, PerfBuffer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum TransportKind {
+pub(crate) enum TransportKind {
     /// The BPF ring buffer where the kernel has it (5.8+), else perf.
     Auto,
     /// One BPF ring buffer shared by all CPUs, events in order.
@@ -33,7 +33,7 @@ pub enum TransportKind {
 }
 
 impl TransportKind {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Auto | Self::Ringbuf => "ringbuf",
             Self::Perf => "perf",
@@ -42,7 +42,7 @@ impl TransportKind {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum TransportError {
+pub(crate) enum TransportError {
     #[error("cannot use the {name} map")]
     Map {
         name: &'static str,
@@ -63,7 +63,7 @@ pub enum TransportError {
     Register(#[source] io::Error),
 }
 
-pub enum Reader {
+pub(crate) enum Reader {
     Ring(AsyncFd<RingBuf<MapData>>),
     Perf {
         buffers: Vec<AsyncFd<PerfBuffer>>,
@@ -75,7 +75,7 @@ pub enum Reader {
 }
 
 impl Reader {
-    pub fn ring(map: Map) -> Result<Self, TransportError> {
+    pub(crate) fn ring(map: Map) -> Result<Self, TransportError> {
         let ring = RingBuf::try_from(map).map_err(|source| TransportError::Map {
             name: "EVENTS",
             source,
@@ -86,7 +86,7 @@ impl Reader {
     /// `buffer_bytes` is shared out among the CPUs' buffers, each waking
     /// the reader when the same fraction of it is queued as the ring
     /// buffer does (`kdiag_common::WAKEUP_FRACTION_SHIFT`).
-    pub fn perf(map: Map, buffer_bytes: u32) -> Result<Self, TransportError> {
+    pub(crate) fn perf(map: Map, buffer_bytes: u32) -> Result<Self, TransportError> {
         let Map::PerfEventArray(array) = map else {
             return Err(TransportError::NotPerfEventArray);
         };
@@ -110,7 +110,7 @@ impl Reader {
     }
 
     /// Waits until some buffer has data.
-    pub async fn readable(&mut self) -> io::Result<()> {
+    pub(crate) async fn readable(&mut self) -> io::Result<()> {
         let fds: Vec<&AsyncFd<_>> = match self {
             Self::Ring(fd) => {
                 let mut guard = fd.readable_mut().await?;
@@ -141,7 +141,7 @@ impl Reader {
     }
 
     /// Hands every queued sample to `on_sample`.
-    pub fn drain(&mut self, mut on_sample: impl FnMut(&[u8])) {
+    pub(crate) fn drain(&mut self, mut on_sample: impl FnMut(&[u8])) {
         match self {
             Self::Ring(fd) => {
                 let ring = fd.get_mut();

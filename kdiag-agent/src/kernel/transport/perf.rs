@@ -16,7 +16,7 @@ use std::mem::offset_of;
 use aya_obj::generated::{perf_event_header, perf_event_type};
 use kdiag_common::EventHeader;
 
-pub use crate::sys::perf::PerfBuffer;
+pub(crate) use crate::sys::perf::PerfBuffer;
 use crate::sys::perf::RingView;
 
 /// `struct perf_event_header`, the start of every record: its type, and its
@@ -93,7 +93,7 @@ fn field<const N: usize>(bytes: &[u8], at: usize) -> [u8; N] {
 /// and the connection table took a connection's close before its
 /// establishment.
 #[derive(Debug, Default)]
-pub struct PerfBatch {
+pub(crate) struct PerfBatch {
     bytes: Vec<u8>,
     /// (timestamp, start in `bytes`, length) per sample.
     samples: Vec<(u64, usize, usize)>,
@@ -102,12 +102,12 @@ pub struct PerfBatch {
 impl PerfBatch {
     /// Copies every sample queued in `buffer` into the batch and frees their
     /// room.
-    pub fn read_from(&mut self, buffer: &mut PerfBuffer) {
+    pub(crate) fn read_from(&mut self, buffer: &mut PerfBuffer) {
         buffer.read(|ring| walk(ring, |head, tail| self.push(head, tail)));
     }
 
     /// Adds a sample, given as the up to two pieces of a perf ring.
-    pub fn push(&mut self, head: &[u8], tail: &[u8]) {
+    pub(crate) fn push(&mut self, head: &[u8], tail: &[u8]) {
         let start = self.bytes.len();
         self.bytes.extend_from_slice(head);
         self.bytes.extend_from_slice(tail);
@@ -122,7 +122,7 @@ impl PerfBatch {
 
     /// Hands every sample to `on_sample`, oldest first (ties in the order
     /// they were read), and empties the batch, keeping its memory.
-    pub fn drain_in_time_order(&mut self, mut on_sample: impl FnMut(&[u8])) {
+    pub(crate) fn drain_in_time_order(&mut self, mut on_sample: impl FnMut(&[u8])) {
         self.samples.sort_by_key(|&(ts, _, _)| ts);
         for &(_, start, len) in &self.samples {
             on_sample(&self.bytes[start..start + len]);

@@ -10,7 +10,7 @@ use crate::classes::hist::LatencySummary;
 
 /// One reclaim stall: a thread in direct or memcg reclaim.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Reclaim {
+pub(crate) struct Reclaim {
     pub kind: &'static str,
     pub pid: Option<u32>,
     pub tid: u32,
@@ -52,7 +52,7 @@ fn latency_columns(l: &LatencySummary) -> String {
 
 /// One process's reclaim stalls of one kind over an interval.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct ReclaimSummary {
+pub(crate) struct ReclaimSummary {
     pub kind: &'static str,
     pub pid: Option<u32>,
     pub comm: Option<String>,
@@ -80,7 +80,7 @@ impl Record for ReclaimSummary {
 
 /// One compaction run over one zone.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Compact {
+pub(crate) struct Compact {
     pub pid: Option<u32>,
     pub tid: u32,
     pub comm: Option<String>,
@@ -110,7 +110,7 @@ impl Record for Compact {
 
 /// One process's compaction runs over an interval.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct CompactSummary {
+pub(crate) struct CompactSummary {
     pub pid: Option<u32>,
     pub comm: Option<String>,
     pub cgroup: Option<Arc<str>>,
@@ -135,7 +135,7 @@ impl Record for CompactSummary {
 /// /proc/vmstat counters, summed where several share a prefix; in a
 /// `vmstat` record, their deltas over the interval.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct VmstatCounters {
+pub(crate) struct VmstatCounters {
     /// `allocstall_<zone>` summed over zones (direct reclaim entries;
     /// kernels before 4.10 had one `allocstall`).
     pub allocstall: Option<u64>,
@@ -150,7 +150,7 @@ pub struct VmstatCounters {
 /// /proc/vmstat deltas (null where this kernel lacks the counter) and PSI
 /// averages (null without /proc/pressure/memory).
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Vmstat {
+pub(crate) struct Vmstat {
     #[serde(flatten)]
     pub counters: VmstatCounters,
     pub psi_some_avg10: Option<f64>,

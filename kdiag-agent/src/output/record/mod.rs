@@ -11,12 +11,12 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-pub use memory::{Compact, CompactSummary, Reclaim, ReclaimSummary, Vmstat, VmstatCounters};
-pub use softirq::{Softirq, SoftirqSummary};
-pub use tcp::{Endpoints, Retrans, TcpConn, TcpState, TcpSummary, TopConn};
+pub(crate) use memory::{Compact, CompactSummary, Reclaim, ReclaimSummary, Vmstat, VmstatCounters};
+pub(crate) use softirq::{Softirq, SoftirqSummary};
+pub(crate) use tcp::{Endpoints, Retrans, TcpConn, TcpState, TcpSummary, TopConn};
 
 /// A record type of the contract.
-pub trait Record: Serialize {
+pub(crate) trait Record: Serialize {
     /// The `type` field.
     const TYPE: &'static str;
     /// Column header for `-o text`, printed before the first row.
@@ -26,14 +26,14 @@ pub trait Record: Serialize {
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Degraded {
+pub(crate) struct Degraded {
     pub what: String,
     pub why: String,
 }
 
 /// First line of every run, written once everything is attached.
 #[derive(Debug, Serialize)]
-pub struct AgentStart {
+pub(crate) struct AgentStart {
     pub version: &'static str,
     pub kernel: String,
     pub transport: &'static str,
@@ -60,14 +60,14 @@ impl Record for AgentStart {
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
-pub struct ClassStats {
+pub(crate) struct ClassStats {
     pub events: u64,
     pub dropped: u64,
     pub lost: u64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct ProgramStats {
+pub(crate) struct ProgramStats {
     pub name: String,
     pub run_cnt: u64,
     pub run_time_ns: u64,
@@ -78,7 +78,7 @@ pub struct ProgramStats {
 /// The agent's own accounting, every interval and once at exit. All
 /// counters are deltas over `interval_ns`.
 #[derive(Debug, Serialize)]
-pub struct AgentStats {
+pub(crate) struct AgentStats {
     pub interval_ns: u64,
     pub classes: BTreeMap<&'static str, ClassStats>,
     pub programs: Vec<ProgramStats>,

@@ -6,7 +6,7 @@ use super::{Record, micros};
 
 /// One softirq at or over `--min-latency-us`.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Softirq {
+pub(crate) struct Softirq {
     pub cpu: u32,
     pub vec: &'static str,
     pub service_ns: u64,
@@ -31,7 +31,7 @@ impl Record for Softirq {
 
 /// Softirqs of one vector on one CPU over one interval.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct SoftirqSummary {
+pub(crate) struct SoftirqSummary {
     pub cpu: u32,
     pub vec: &'static str,
     pub count: u64,

@@ -14,7 +14,7 @@ use crate::attribution::{owner::ResolvedOwner, procfs};
 
 /// A connection's two ends, local first.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Endpoints {
+pub(crate) struct Endpoints {
     pub family: &'static str,
     #[serde(serialize_with = "ip_text")]
     pub saddr: IpAddr,
@@ -88,7 +88,7 @@ impl std::fmt::Write for AddrText {
 }
 
 impl Endpoints {
-    pub fn new(t: &TcpTuple) -> Self {
+    pub(crate) fn new(t: &TcpTuple) -> Self {
         let v6 = t.family == AF_INET6;
         Self {
             family: if v6 { "ipv6" } else { "ipv4" },
@@ -132,7 +132,7 @@ macro_rules! conn_header {
 
 /// One TCP retransmit.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Retrans {
+pub(crate) struct Retrans {
     #[serde(flatten)]
     pub owner: ResolvedOwner,
     #[serde(flatten)]
@@ -159,7 +159,7 @@ impl Record for Retrans {
 
 /// One TCP state change.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct TcpState {
+pub(crate) struct TcpState {
     #[serde(flatten)]
     pub owner: ResolvedOwner,
     #[serde(flatten)]
@@ -186,7 +186,7 @@ impl Record for TcpState {
 
 /// A connection's life, written when it closes.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct TcpConn {
+pub(crate) struct TcpConn {
     #[serde(flatten)]
     pub owner: ResolvedOwner,
     #[serde(flatten)]
@@ -216,7 +216,7 @@ impl Record for TcpConn {
 
 /// A connection among the interval's most retransmitting ones.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct TopConn {
+pub(crate) struct TopConn {
     #[serde(flatten)]
     pub owner: ResolvedOwner,
     #[serde(flatten)]
@@ -226,7 +226,7 @@ pub struct TopConn {
 
 /// The interval's TCP retransmit picture, beside the kernel's counters.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct TcpSummary {
+pub(crate) struct TcpSummary {
     /// Retransmit calls kdiag saw (all ports and families it watches).
     pub retrans: u64,
     /// `Tcp: RetransSegs` and `OutSegs` deltas of /proc/net/snmp (the agent's
