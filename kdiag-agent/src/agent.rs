@@ -99,8 +99,12 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut services = Services::new();
     // Options the classes cannot honour are usage errors.
+    let scope = classes::Scope {
+        pids: &cli.global.pids,
+        cgroup: cli.global.cgroup.as_deref(),
+    };
     let mut classes =
-        classes::build(&cli.command, &cli.global, &mut services).map_err(AgentError::Options)?;
+        classes::build(&cli.command, scope, &mut services).map_err(AgentError::Options)?;
     privileges::check()?;
 
     let buffer_bytes = cli.global.buffer_mib << 20;

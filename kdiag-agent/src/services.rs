@@ -12,10 +12,10 @@ use kdiag_common::{Owner, tcp::TcpTuple};
 use crate::{
     attribution::{
         cgroup::{CgroupPaths, find_cgroup2_mount},
-        owner::{ListenerId, OwnerResolver, ResolvedOwner},
+        owner::{ListenerId, OwnerResolver},
         vmstat::VmstatSampler,
     },
-    output::Output,
+    output::{Output, record::ResolvedOwner},
 };
 
 pub(crate) struct Services {

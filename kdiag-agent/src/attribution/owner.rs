@@ -19,17 +19,7 @@ use crate::attribution::{
     cgroup::{self, CgroupPaths},
     procfs,
 };
-
-/// Owner fields as the records print them.
-///
-/// The strings are shared, not owned: an owner is cloned into every record
-/// of its socket, hundreds of thousands a second under connection churn.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub(crate) struct ResolvedOwner {
-    pub pid: Option<u32>,
-    pub comm: Option<Arc<str>>,
-    pub cgroup: Option<Arc<str>>,
-}
+use crate::output::record::ResolvedOwner;
 
 /// Which owners to report; the kernel filters ports and family, but owners
 /// of sockets older than the agent are only known here.

@@ -6,7 +6,6 @@
 use std::{
     fs,
     io::{self, BufRead},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::unix::fs::MetadataExt as _,
     path::Path,
 };
@@ -153,18 +152,10 @@ pub(crate) fn hostname() -> String {
         .unwrap_or_default()
 }
 
-/// A TCP address as the kernel programs report it: IPv4 in the first four
-/// bytes.
-pub(crate) fn ip_addr(family_v6: bool, addr: &[u8; 16]) -> IpAddr {
-    if family_v6 {
-        IpAddr::V6(Ipv6Addr::from(*addr))
-    } else {
-        IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv6Addr;
+
     use super::*;
 
     const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode

@@ -17,6 +17,8 @@
 
 use kdiag_common::{log2::Scale, memory};
 
+use crate::output::record::LatencySummary;
+
 /// The counts added between two reads of the same kernel buckets, which
 /// only grow.
 pub(crate) fn delta<const N: usize>(now: &[u64; N], before: &[u64; N]) -> [u64; N] {
@@ -42,17 +44,6 @@ pub(crate) fn percentile(scale: &Scale, buckets: &[u64], q: u64) -> Option<u64> 
 pub(crate) fn top_bucket(scale: &Scale, buckets: &[u64]) -> Option<(u64, u64)> {
     let b = buckets.iter().rposition(|&count| count > 0)?;
     Some((scale.bucket_min(b), scale.bucket_max(b)))
-}
-
-/// count, total, max and two percentiles of one set of latencies; records
-/// flatten it into their own fields.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub(crate) struct LatencySummary {
-    pub count: u64,
-    pub total_ns: u64,
-    pub max_ns: u64,
-    pub p50_ns: u64,
-    pub p99_ns: u64,
 }
 
 /// Memory stalls accumulated over an interval: counters and a histogram on

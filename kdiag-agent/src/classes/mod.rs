@@ -8,6 +8,8 @@ pub(crate) mod memory;
 pub(crate) mod softirq;
 pub(crate) mod tcp;
 
+use std::path::Path;
+
 use clap::{Args, Subcommand};
 
 use crate::{
@@ -16,7 +18,6 @@ use crate::{
         owner::OwnerFilter,
     },
     class::{Class, ClassError},
-    cli::GlobalArgs,
     services::Services,
 };
 use memory::{
@@ -121,14 +122,21 @@ pub(crate) struct RunArgs {
     pub compact_min_latency_us: u64,
 }
 
-/// The classes `command` runs, with the shared services they use.
+/// Whose events the classes report: `--pid` and `--cgroup`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Scope<'a> {
+    pub pids: &'a [u32],
+    pub cgroup: Option<&'a Path>,
+}
+
+/// The classes `command` runs for `scope`, with the shared services they use.
 pub(crate) fn build(
     command: &Command,
-    global: &GlobalArgs,
+    scope: Scope<'_>,
     services: &mut Services,
 ) -> Result<Vec<Box<dyn Class>>, ClassError> {
-    let owners = || owner_filter(global);
-    let memory = || MemoryScope::new(&global.pids, global.cgroup.as_deref());
+    let owners = || owner_filter(scope);
+    let memory = || MemoryScope::new(scope.pids, scope.cgroup);
     let classes: Vec<Box<dyn Class>> = match command {
         Command::Retrans(args) => vec![Box::new(RetransClass::new(
             owners()?,
@@ -140,7 +148,7 @@ pub(crate) fn build(
             args.state,
         ))],
         Command::Softirq(args) => {
-            if !global.pids.is_empty() || global.cgroup.is_some() {
+            if !scope.pids.is_empty() || scope.cgroup.is_some() {
                 return Err(ClassError::Usage(
                     "--pid and --cgroup do not apply to softirq: softirqs run on behalf of no \
                      process, on whatever CPU raised them, interrupting whichever task is there"
@@ -188,8 +196,8 @@ pub(crate) fn build(
 /// cgroup v2 id the kernel captured, so a `--cgroup` must name a cgroup of
 /// the cgroup v2 hierarchy: a typo, or a host without that hierarchy, would
 /// otherwise match no process and write nothing, silently.
-fn owner_filter(global: &GlobalArgs) -> Result<OwnerFilter, ClassError> {
-    if let Some(path) = &global.cgroup {
+fn owner_filter(scope: Scope<'_>) -> Result<OwnerFilter, ClassError> {
+    if let Some(path) = scope.cgroup {
         let Some(mount) = find_cgroup2_mount() else {
             return Err(ClassError::Usage(
                 "--cgroup: the TCP classes filter on cgroup v2 paths, and no cgroup v2 hierarchy \
@@ -202,7 +210,10 @@ fn owner_filter(global: &GlobalArgs) -> Result<OwnerFilter, ClassError> {
             source,
         })?;
     }
-    Ok(OwnerFilter::new(global.pids.clone(), global.cgroup.clone()))
+    Ok(OwnerFilter::new(
+        scope.pids.to_vec(),
+        scope.cgroup.map(Path::to_path_buf),
+    ))
 }
 
 fn tcp_filter(args: &TcpFilterArgs, stream_states: bool) -> Result<TcpFilter, ClassError> {

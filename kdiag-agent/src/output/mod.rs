@@ -101,7 +101,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        attribution::owner::ResolvedOwner,
+        output::record::ResolvedOwner,
         output::record::{Endpoints, Retrans},
     };
 

@@ -19,12 +19,10 @@ use super::{
     state_names::{STATE_COUNT, state_name},
 };
 use crate::{
-    attribution::{
-        owner::{OwnerFilter, ResolvedOwner},
-        procfs,
-    },
+    attribution::{owner::OwnerFilter, procfs},
     class::{BtfQueries, Class, ClassError, Context, Global, KernelTypes, MapSize, Tracepoint},
     kernel::wire::{DecodeError, decode, event_kind},
+    output::record::ResolvedOwner,
     output::record::{Degraded, Endpoints, TcpConn, TcpState, TcpSummary, TopConn},
 };
 

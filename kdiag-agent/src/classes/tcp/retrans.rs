@@ -10,9 +10,10 @@ use super::{
     state_names::state_name,
 };
 use crate::{
-    attribution::owner::{OwnerFilter, ResolvedOwner},
+    attribution::owner::OwnerFilter,
     class::{BtfQueries, Class, ClassError, Context, Global, KernelTypes, MapSize, Tracepoint},
     kernel::wire::{DecodeError, decode},
+    output::record::ResolvedOwner,
     output::record::{Degraded, Endpoints, Retrans},
 };
 

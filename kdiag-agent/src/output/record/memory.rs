@@ -6,7 +6,17 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::{Record, ms, opt, printable};
-use crate::classes::hist::LatencySummary;
+
+/// count, total, max and two percentiles of one set of latencies; records
+/// flatten it into their own fields.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub(crate) struct LatencySummary {
+    pub count: u64,
+    pub total_ns: u64,
+    pub max_ns: u64,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+}
 
 /// One reclaim stall: a thread in direct or memcg reclaim.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]

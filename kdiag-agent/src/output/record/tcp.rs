@@ -3,14 +3,14 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use kdiag_common::tcp::{AF_INET6, TcpTuple};
 use serde::Serialize;
 
+use super::ResolvedOwner;
 use super::{Record, ms, opt, printable};
-use crate::attribution::{owner::ResolvedOwner, procfs};
 
 /// A connection's two ends, local first.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -92,9 +92,9 @@ impl Endpoints {
         let v6 = t.family == AF_INET6;
         Self {
             family: if v6 { "ipv6" } else { "ipv4" },
-            saddr: procfs::ip_addr(v6, &t.saddr),
+            saddr: ip_addr(v6, &t.saddr),
             sport: t.sport,
-            daddr: procfs::ip_addr(v6, &t.daddr),
+            daddr: ip_addr(v6, &t.daddr),
             dport: t.dport,
         }
     }
@@ -264,6 +264,16 @@ impl Record for TcpSummary {
 /// `addr:port`, with IPv6 addresses in brackets.
 fn endpoint(addr: &IpAddr, port: u16) -> String {
     std::net::SocketAddr::new(*addr, port).to_string()
+}
+
+/// A TCP address as the kernel programs report it: IPv4 in the first four
+/// bytes.
+fn ip_addr(family_v6: bool, addr: &[u8; 16]) -> IpAddr {
+    if family_v6 {
+        IpAddr::V6(Ipv6Addr::from(*addr))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
+    }
 }
 
 #[cfg(test)]
