@@ -13,7 +13,7 @@ use crate::{
     classes,
     cli::Cli,
     kernel::{
-        loader::{self, LoadError},
+        loader::{self, LoadError, Loaded},
         transport::{Reader, TransportError, TransportKind},
         wire,
     },
@@ -56,10 +56,11 @@ impl AgentError {
         match self {
             Self::Usage(_)
             | Self::Options(_)
-            | Self::Load(LoadError::Configure {
-                source: ClassError::Usage(_),
+            // An option this kernel cannot honour (found while configuring).
+            | Self::Class {
+                source: ClassError::Usage(_) | ClassError::Cgroup { .. },
                 ..
-            }) => 2,
+            } => 2,
             Self::Privileges(_) => 77,
             _ => 1,
         }
@@ -108,7 +109,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
     privileges::check()?;
 
     let buffer_bytes = cli.global.buffer_mib << 20;
-    let mut loaded = loader::load(
+    let mut loaded = load(
         &mut classes,
         cli.global.transport,
         buffer_bytes,
@@ -263,6 +264,44 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
         Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(e.into()),
         _ => Ok(()),
     }
+}
+
+/// Loads and attaches the programs of `classes`: the kernel's types for
+/// their tracepoints and BTF queries, then each class's configuration of
+/// its programs from them, then the object.
+fn load(
+    classes: &mut [Box<dyn Class>],
+    transport: TransportKind,
+    buffer_bytes: u32,
+    formats_from: Option<&std::path::Path>,
+) -> Result<Loaded, AgentError> {
+    let tracepoints = loader::merge_tracepoints(classes.iter().flat_map(|c| c.tracepoints()));
+    let queries: Vec<_> = classes
+        .iter()
+        .flat_map(|c| c.btf_queries())
+        .copied()
+        .collect();
+    let mut degraded = Vec::new();
+    let kernel = loader::kernel_types(&tracepoints, &queries, formats_from, &mut degraded)?;
+    let (mut globals, mut map_sizes) = (Vec::new(), Vec::new());
+    for class in classes.iter_mut() {
+        let configured = class.configure(&kernel, &mut degraded);
+        globals.extend(configured.map_err(|source| AgentError::Class {
+            class: class.name(),
+            source,
+        })?);
+        map_sizes.extend(class.map_sizes());
+    }
+    let loaded = loader::load(
+        &tracepoints,
+        &kernel,
+        globals,
+        map_sizes,
+        transport,
+        buffer_bytes,
+        degraded,
+    )?;
+    Ok(loaded)
 }
 
 fn take_map(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<aya::maps::Map, AgentError> {

@@ -1,5 +1,5 @@
 //! What every class shares, created once by the agent and handed to the
-//! classes through their [`Context`](crate::class::Context): one socket-owner
+//! classes through their `Context` (class.rs): one socket-owner
 //! resolver (one cache, one /proc time budget), one cgroup-path table per
 //! hierarchy, and one vmstat/PSI sampler. In `run`, the TCP classes see the
 //! same sockets and the memory classes the same cgroups: a copy per class

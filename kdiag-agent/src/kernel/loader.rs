@@ -1,6 +1,8 @@
-//! Loads the kernel programs: reads the tracepoints' layouts, lets each class
-//! turn them (and its filters) into its programs' globals, loads the object,
-//! attaches each program, and reports what could not attach.
+//! Loads the kernel programs in two steps, with the classes' configuration
+//! in between: [`kernel_types`] reads the tracepoints' layouts and answers
+//! the BTF queries; [`load`] loads the object with the globals and map sizes
+//! the classes made of them, attaches each program, and reports what could
+//! not attach.
 
 use std::{collections::BTreeMap, path::Path};
 
@@ -12,11 +14,13 @@ use aya::{
 use kdiag_common::{Transport, wakeup_shift};
 
 use crate::{
-    class::{Class, ClassError, KernelTypes, Tracepoint},
     errors::Chain,
-    kernel::btf,
-    kernel::tracefs::{Formats, Tracefs, TracefsError},
-    kernel::transport::TransportKind,
+    kernel::{
+        btf,
+        setup::{BtfQueries, Global, KernelTypes, MapSize, Tracepoint},
+        tracefs::{Formats, Tracefs, TracefsError},
+        transport::TransportKind,
+    },
     output::record::Degraded,
     sys,
 };
@@ -36,11 +40,6 @@ pub(crate) enum LoadError {
     },
     #[error("loading the kernel programs failed")]
     Load(#[from] EbpfError),
-    #[error("{class}: {source}")]
-    Configure {
-        class: &'static str,
-        source: ClassError,
-    },
     /// Two classes sharing programs asked for different settings.
     #[error("the classes asked for different values of {0}")]
     ConflictingGlobal(&'static str),
@@ -73,61 +72,75 @@ pub(crate) struct Loaded {
     pub degraded: Vec<Degraded>,
 }
 
-/// Loads and attaches the programs of `classes`. Formats come from tracefs,
-/// or from `formats_from` (a directory laid out like tracefs) in tests.
-/// `buffer_bytes`: size of the ring buffer, a power of two of at least a
-/// page (the CLI checks).
-pub(crate) fn load(
-    classes: &mut [Box<dyn Class>],
-    transport: TransportKind,
-    buffer_bytes: u32,
-    formats_from: Option<&Path>,
-) -> Result<Loaded, LoadError> {
-    let tracefs = match formats_from {
-        Some(root) => Tracefs::at(root),
-        None => Tracefs::open()?,
-    };
-    let mut degraded = Vec::new();
-    // Classes can share a tracepoint (retrans and tcp both use
-    // inet_sock_set_state): attach each once.
+/// The tracepoints of every class that runs, each once (classes can share
+/// one: retrans and tcp both use inet_sock_set_state), required when any of
+/// them requires it.
+pub(crate) fn merge_tracepoints<'a>(all: impl Iterator<Item = &'a Tracepoint>) -> Vec<Tracepoint> {
     let mut tracepoints: Vec<Tracepoint> = Vec::new();
-    for tp in classes.iter().flat_map(|c| c.tracepoints()) {
+    for tp in all {
         match tracepoints.iter_mut().find(|t| t.program == tp.program) {
             Some(t) => t.required |= tp.required,
             None => tracepoints.push(*tp),
         }
     }
+    tracepoints
+}
+
+/// The kernel's types for `tracepoints` and `queries`: formats from tracefs,
+/// or from `formats_from` (a directory laid out like tracefs) in tests, and
+/// every BTF query answered in one pass. A tracepoint without a format is
+/// the end when required, and in `degraded` otherwise.
+pub(crate) fn kernel_types(
+    tracepoints: &[Tracepoint],
+    queries: &[BtfQueries],
+    formats_from: Option<&Path>,
+    degraded: &mut Vec<Degraded>,
+) -> Result<KernelTypes, LoadError> {
+    let tracefs = match formats_from {
+        Some(root) => Tracefs::at(root),
+        None => Tracefs::open()?,
+    };
     let mut formats = Formats::default();
-    for tp in &tracepoints {
+    for tp in tracepoints {
         match tracefs.format(tp.group, tp.name) {
             Ok(f) => formats.insert(tp.program, f),
-            Err(e) => give_up_or_degrade(tp, e.into(), &mut degraded)?,
+            Err(e) => give_up_or_degrade(tp, e.into(), degraded)?,
         }
     }
-    let kernel = KernelTypes {
+    Ok(KernelTypes {
         formats,
-        btf: kernel_btf(classes),
-    };
+        btf: answer(queries),
+    })
+}
 
-    let mut globals = BTreeMap::new();
-    for class in classes.iter_mut() {
-        let class_globals =
-            class
-                .configure(&kernel, &mut degraded)
-                .map_err(|source| LoadError::Configure {
-                    class: class.name(),
-                    source,
-                })?;
-        for g in class_globals {
-            match globals.get(g.name) {
-                Some(bytes) if *bytes != g.bytes => {
-                    return Err(LoadError::ConflictingGlobal(g.name));
-                }
-                _ => {
-                    globals.insert(g.name, g.bytes);
-                }
+/// Loads the object with `globals` and `map_sizes` (the largest where
+/// classes share a map) and attaches the programs of `tracepoints` that
+/// have a format in `kernel`. `buffer_bytes`: size of the ring buffer, a
+/// power of two of at least a page (the CLI checks).
+pub(crate) fn load(
+    tracepoints: &[Tracepoint],
+    kernel: &KernelTypes,
+    globals: Vec<Global>,
+    map_sizes: Vec<MapSize>,
+    transport: TransportKind,
+    buffer_bytes: u32,
+    mut degraded: Vec<Degraded>,
+) -> Result<Loaded, LoadError> {
+    let mut merged = BTreeMap::new();
+    for g in globals {
+        match merged.get(g.name) {
+            Some(bytes) if *bytes != g.bytes => {
+                return Err(LoadError::ConflictingGlobal(g.name));
+            }
+            _ => {
+                merged.insert(g.name, g.bytes);
             }
         }
+    }
+    let mut sizes = BTreeMap::new();
+    for size in map_sizes {
+        let entries = sizes.entry(size.map).or_insert(size.entries);
+        *entries = (*entries).max(size.entries);
     }
     degraded.dedup();
 
@@ -151,16 +164,16 @@ pub(crate) fn load(
         .override_global("TRANSPORT", &wire_transport, true)
         .override_global("WAKEUP_SHIFT", &wakeup_shift, true)
         .map_max_entries("EVENTS", ring_bytes);
-    for (name, bytes) in &globals {
+    for (name, bytes) in &merged {
         loader.override_global(name, bytes.as_slice(), true);
     }
-    for (name, entries) in map_sizes(classes) {
+    for (name, entries) in sizes {
         loader.map_max_entries(name, entries);
     }
     let mut ebpf = loader.load(OBJECT)?;
 
     let mut attached = Vec::new();
-    for tp in &tracepoints {
+    for tp in tracepoints {
         if !kernel.formats.contains(tp.program) {
             continue;
         }
@@ -177,21 +190,11 @@ pub(crate) fn load(
     })
 }
 
-/// Every running class's map sizes, the largest where classes share a map.
-fn map_sizes(classes: &[Box<dyn Class>]) -> BTreeMap<&'static str, u32> {
-    let mut sizes = BTreeMap::new();
-    for size in classes.iter().flat_map(|c| c.map_sizes()) {
-        let entries = sizes.entry(size.map).or_insert(size.entries);
-        *entries = (*entries).max(size.entries);
-    }
-    sizes
-}
-
-/// Every class's BTF queries, answered in one pass over the kernel's BTF.
-fn kernel_btf(classes: &[Box<dyn Class>]) -> btf::Answers {
+/// Every BTF query, answered in one pass over the kernel's BTF.
+fn answer(queries: &[BtfQueries]) -> btf::Answers {
     let mut members = Vec::new();
     let mut enumerators = Vec::new();
-    for q in classes.iter().flat_map(|c| c.btf_queries()) {
+    for q in queries {
         members.extend_from_slice(q.members);
         enumerators.extend_from_slice(q.enumerators);
     }

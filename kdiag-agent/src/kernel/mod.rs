@@ -4,6 +4,7 @@
 
 pub(crate) mod btf;
 pub(crate) mod loader;
+pub(crate) mod setup;
 pub(crate) mod tracefs;
 pub(crate) mod transport;
 pub(crate) mod wire;

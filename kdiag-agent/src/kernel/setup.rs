@@ -1,0 +1,71 @@
+//! What the classes ask of the kernel side before load, and what it answers:
+//! the tracepoints their programs attach to, the BTF they need, the globals
+//! and map sizes that configure the programs, and the kernel's types (the
+//! tracepoints' formats and the BTF answers) they configure them from.
+
+use crate::kernel::{
+    btf::{self, Enumerator, Member},
+    tracefs::Formats,
+};
+
+/// A kernel tracepoint one of kdiag's programs attaches to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Tracepoint {
+    pub group: &'static str,
+    pub name: &'static str,
+    /// The program's name in the eBPF object.
+    pub program: &'static str,
+    /// Without it the class has nothing to report: the agent fails if a
+    /// required tracepoint cannot attach, and runs degraded otherwise.
+    pub required: bool,
+}
+
+impl Tracepoint {
+    pub(crate) fn path(&self) -> String {
+        format!("{}/{}", self.group, self.name)
+    }
+}
+
+/// A value for one of the programs' `.rodata` globals, set before load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Global {
+    pub name: &'static str,
+    pub bytes: Vec<u8>,
+}
+
+impl Global {
+    pub(crate) fn new<T: aya::Pod>(name: &'static str, value: &T) -> Self {
+        Self {
+            name,
+            bytes: crate::sys::pod::bytes_of(value).to_vec(),
+        }
+    }
+}
+
+/// The size of one of the programs' maps. The object declares each class's
+/// maps with one entry, so the maps of classes that do not run cost next to
+/// nothing; the running classes size theirs here (classes sharing a map:
+/// the largest size wins).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MapSize {
+    pub map: &'static str,
+    pub entries: u32,
+}
+
+/// What a class asks of the running kernel's BTF: struct member offsets and
+/// enum values its programs need. Every class's questions are answered in
+/// one pass over the file before load.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BtfQueries {
+    pub members: &'static [Member<'static>],
+    pub enumerators: &'static [Enumerator<'static>],
+}
+
+/// The running kernel's types, as the classes need them to configure their
+/// programs: the formats of the attached tracepoints (by program name) and
+/// the answers to every class's BTF queries.
+#[derive(Debug, Default)]
+pub(crate) struct KernelTypes {
+    pub formats: Formats,
+    pub btf: btf::Answers,
+}
