@@ -9,7 +9,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     attribution::procfs,
-    class::{Class, ClassError, Context},
+    class::{Class, ClassError, Context, HOUSEKEEPING},
     classes,
     cli::Cli,
     kernel::{
@@ -178,6 +178,8 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     interval.tick().await;
     let mut stdout_check = tokio::time::interval(STDOUT_CHECK);
+    let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+    housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drain = tokio::time::interval(DRAIN_EVERY);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut decode_errors = 0u64;
@@ -217,6 +219,10 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
                 )
                     .and_then(|()| out.flush())
                     .map(|()| None)
+            }
+            _ = housekeeping.tick() => {
+                classes.iter_mut().for_each(|c| c.housekeeping());
+                Ok(None)
             }
             _ = stdout_check.tick() => Ok(stdout_closed(&stdout).then_some(Stop::StdoutClosed)),
             _ = sigint.recv() => Ok(Some(Stop::Signal)),

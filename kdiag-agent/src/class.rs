@@ -18,6 +18,9 @@ use crate::{
     services::Services,
 };
 
+/// How often [`Class::housekeeping`] runs.
+pub(crate) const HOUSEKEEPING: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What a class works with while the agent runs.
 pub(crate) struct Context<'a> {
     pub out: &'a mut Output,
@@ -81,6 +84,10 @@ pub(crate) trait Class {
     fn on_loaded(&mut self, _ebpf: &mut Ebpf) -> Result<(), ClassError> {
         Ok(())
     }
+
+    /// Every [`HOUSEKEEPING`] whatever the interval (also with `--interval
+    /// 0`): keeps the kernel maps the class reads itself from filling up.
+    fn housekeeping(&mut self) {}
 
     /// Whether events of this kind belong to this class.
     fn handles(&self, kind: EventKind) -> bool;

@@ -107,6 +107,7 @@ pub fn program_ids_held_by(pid: u32) -> BTreeSet<u32> {
 /// A BPF map as `bpftool map show -j` describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MapInfo {
+    pub id: u64,
     /// As the kernel keeps it: at most 15 bytes.
     pub name: String,
     pub max_entries: u64,
@@ -137,6 +138,7 @@ pub fn maps_held_by(pid: u32) -> Vec<MapInfo> {
                     .unwrap_or_else(|| panic!("no {key} in {json}"))
             };
             MapInfo {
+                id,
                 name: map
                     .get("name")
                     .and_then(Value::as_str)
@@ -147,6 +149,17 @@ pub fn maps_held_by(pid: u32) -> Vec<MapInfo> {
             }
         })
         .collect()
+}
+
+/// How many entries map `id` holds now (`bpftool map dump`).
+pub fn map_entries(id: u64) -> usize {
+    let json = cmd::run("bpftool", &["map", "dump", "id", &id.to_string(), "-j"]);
+    let entries: Value = serde_json::from_str(&json)
+        .unwrap_or_else(|e| panic!("bpftool map dump printed invalid JSON ({e}): {json}"));
+    entries
+        .as_array()
+        .unwrap_or_else(|| panic!("bpftool map dump did not print an array: {json}"))
+        .len()
 }
 
 /// The kdiag programs among `held` (ids), with their names.

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use kdiag_tests::agent::{Agent, EXIT_TIMEOUT};
+use kdiag_tests::bpf::{map_entries, maps_held_by};
 use kdiag_tests::memory::{
     Gated, MemoryCgroup, SparseFile, assert_latency_order, assert_one_vmstat,
     assert_summary_matches, dd, mem_total, of_pid,
@@ -52,6 +53,54 @@ fn assert_memcg_record(rec: &Value, pid: u32, cgroup: &str) {
     }
     assert!(u64_field(rec, "latency_ns") > 0, "latency_ns in {rec}");
     u64_field(rec, "nr_reclaimed");
+}
+
+/// With `--interval 0` the summaries come at exit only, yet the per-thread
+/// statistics of threads that exited are taken out of the kernel map as the
+/// agent runs (else a long run fills it and new stalls are dropped), and
+/// still counted in the summary at exit.
+#[test]
+fn exited_threads_leave_the_map_and_stay_in_the_summary() {
+    let file = SparseFile::new(READ_MIB * MIB);
+    let cg = MemoryCgroup::new(LIMIT);
+    let mut reader = cg.reader(&file, 0, READ_MIB);
+    let pid = reader.pid();
+    let cg_arg = cg.dir().to_str().expect("utf-8 path").to_owned();
+    let (mut agent, _) = Agent::start(
+        &["reclaim", "--kind", "memcg", "--cgroup", &cg_arg, "-i", "0"],
+        MEMCG,
+    );
+    let stats_map = maps_held_by(agent.pid())
+        .into_iter()
+        .find(|m| m.name == "RECLAIM_STATS")
+        .expect("the agent holds RECLAIM_STATS");
+    run_readers(&mut [&mut reader]);
+    assert!(
+        map_entries(stats_map.id) > 0,
+        "the reader's stalls are not in RECLAIM_STATS"
+    );
+    // Housekeeping runs every 10 s.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while map_entries(stats_map.id) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the exited reader's entry is still in RECLAIM_STATS after 15 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let recs = agent.stop_ok();
+    let events: Vec<Value> = recs
+        .iter()
+        .filter(|r| record::is_type(r, "reclaim") && pid_of(r) == Some(u64::from(pid)))
+        .cloned()
+        .collect();
+    assert!(!events.is_empty(), "no reclaim records for {pid}");
+    let summaries: Vec<&Value> = recs
+        .iter()
+        .filter(|r| record::is_type(r, "reclaim_summary") && pid_of(r) == Some(u64::from(pid)))
+        .collect();
+    assert_eq!(summaries.len(), 1, "summaries of {pid}: {summaries:?}");
+    assert_summary_matches(summaries[0], &events);
 }
 
 #[test]

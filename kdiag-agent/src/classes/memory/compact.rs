@@ -218,6 +218,10 @@ impl Class for CompactClass {
         self.stats.take(ebpf, "COMPACT_STATS")
     }
 
+    fn housekeeping(&mut self) {
+        self.stats.prune();
+    }
+
     fn handles(&self, kind: EventKind) -> bool {
         kind == EventKind::Compact
     }

@@ -310,10 +310,18 @@ pub(crate) fn per_process<'a>(
     out.into_values().map(|(_, p)| p).collect()
 }
 
+/// Whether the thread of a statistics entry still runs.
+fn thread_alive(key: &StallKey, stats: &StallStats) -> bool {
+    Path::new(&format!("/proc/{}/task/{}", stats.tgid, key.tid)).exists()
+}
+
 /// Reads a class's per-thread statistics map every interval.
 pub(crate) struct StallStatsReader {
     map: Option<BpfHashMap<MapData, StallKey, StallStats>>,
     prev: HashMap<StallKey, StallStats>,
+    /// What threads that exited since the last `collect` stalled, taken
+    /// out of the map by `prune`.
+    exited: Vec<(StallKey, StallStats, Latencies, u64)>,
 }
 
 impl StallStatsReader {
@@ -321,6 +329,29 @@ impl StallStatsReader {
         Self {
             map: None,
             prev: HashMap::new(),
+            exited: Vec::new(),
+        }
+    }
+
+    /// Deletes the entries of threads that have exited, keeping what they
+    /// stalled since the last `collect` for the next one. The map is not
+    /// LRU (an evicted entry would lose counts), so without this a long run
+    /// with `--interval 0` (summaries at exit only) would fill it with dead
+    /// threads and count the stalls of new ones as dropped.
+    pub(crate) fn prune(&mut self) {
+        let Some(map) = &mut self.map else {
+            return;
+        };
+        let current: Vec<(StallKey, StallStats)> = map.iter().filter_map(Result::ok).collect();
+        for (key, cur) in current {
+            if thread_alive(&key, &cur) {
+                continue;
+            }
+            if let Some((lat, nr)) = thread_delta(self.prev.get(&key), &cur) {
+                self.exited.push((key, cur, lat, nr));
+            }
+            self.prev.remove(&key);
+            let _ = map.remove(&key);
         }
     }
 
@@ -342,17 +373,19 @@ impl StallStatsReader {
             return Vec::new();
         };
         let current: Vec<(StallKey, StallStats)> = map.iter().filter_map(Result::ok).collect();
-        let deltas: Vec<_> = current
+        let live = current.iter().filter_map(|(key, cur)| {
+            let (lat, nr) = thread_delta(self.prev.get(key), cur)?;
+            Some((key, cur, lat, nr))
+        });
+        let exited = self
+            .exited
             .iter()
-            .filter_map(|(key, cur)| {
-                let (lat, nr) = thread_delta(self.prev.get(key), cur)?;
-                Some((key, cur, lat, nr))
-            })
-            .collect();
-        let summaries = per_process(deltas);
+            .map(|(key, cur, lat, nr)| (key, cur, lat.clone(), *nr));
+        let summaries = per_process(live.chain(exited));
+        self.exited.clear();
         self.prev.clear();
         for (key, cur) in current {
-            if Path::new(&format!("/proc/{}/task/{}", cur.tgid, key.tid)).exists() {
+            if thread_alive(&key, &cur) {
                 self.prev.insert(key, cur);
             } else {
                 let _ = map.remove(&key);

@@ -195,6 +195,10 @@ impl Class for ReclaimClass {
         self.stats.take(ebpf, "RECLAIM_STATS")
     }
 
+    fn housekeeping(&mut self) {
+        self.stats.prune();
+    }
+
     fn handles(&self, kind: EventKind) -> bool {
         kind == EventKind::Reclaim
     }
