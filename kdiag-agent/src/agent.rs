@@ -56,6 +56,7 @@ impl AgentError {
         match self {
             Self::Usage(_)
             | Self::Options(_)
+            | Self::Load(LoadError::NoRingBuf)
             // An option this kernel cannot honour (found while configuring).
             | Self::Class {
                 source: ClassError::Usage(_) | ClassError::Cgroup { .. },

@@ -40,6 +40,9 @@ pub(crate) enum LoadError {
     },
     #[error("loading the kernel programs failed")]
     Load(#[from] EbpfError),
+    /// `--transport ringbuf` where the kernel has none: a usage error.
+    #[error("--transport ringbuf: this kernel has no BPF ring buffer (Linux 5.8+); use perf")]
+    NoRingBuf,
     /// Two classes sharing programs asked for different settings.
     #[error("the classes asked for different values of {0}")]
     ConflictingGlobal(&'static str),
@@ -144,7 +147,7 @@ pub(crate) fn load(
     }
     degraded.dedup();
 
-    let transport = resolve_transport(transport);
+    let transport = resolve_transport(transport)?;
     let wire_transport = match transport {
         TransportKind::Perf => Transport::Perf,
         _ => Transport::RingBuf,
@@ -263,17 +266,34 @@ fn attach(ebpf: &mut Ebpf, tp: &Tracepoint) -> Result<(), AttachError> {
 }
 
 /// The BPF ring buffer exists since 5.8.
-fn resolve_transport(asked: TransportKind) -> TransportKind {
+fn resolve_transport(asked: TransportKind) -> Result<TransportKind, LoadError> {
+    let has_ringbuf = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 8, 0));
+    transport_for(asked, has_ringbuf)
+}
+
+fn transport_for(asked: TransportKind, has_ringbuf: bool) -> Result<TransportKind, LoadError> {
     match asked {
-        TransportKind::Auto => {
-            let has_ringbuf =
-                KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 8, 0));
-            if has_ringbuf {
-                TransportKind::Ringbuf
-            } else {
-                TransportKind::Perf
-            }
-        }
-        other => other,
+        TransportKind::Auto if has_ringbuf => Ok(TransportKind::Ringbuf),
+        TransportKind::Auto => Ok(TransportKind::Perf),
+        TransportKind::Ringbuf if !has_ringbuf => Err(LoadError::NoRingBuf),
+        other => Ok(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transports_by_kernel() {
+        use TransportKind::{Auto, Perf, Ringbuf};
+        assert!(matches!(transport_for(Auto, true), Ok(Ringbuf)));
+        assert!(matches!(transport_for(Auto, false), Ok(Perf)));
+        assert!(matches!(transport_for(Perf, true), Ok(Perf)));
+        assert!(matches!(transport_for(Ringbuf, true), Ok(Ringbuf)));
+        assert!(matches!(
+            transport_for(Ringbuf, false),
+            Err(LoadError::NoRingBuf)
+        ));
     }
 }
