@@ -183,7 +183,6 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
     housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drain = tokio::time::interval(DRAIN_EVERY);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut decode_errors = 0u64;
 
     let stop = loop {
         let result: io::Result<Option<Stop>> = tokio::select! {
@@ -194,7 +193,6 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
                     &mut classes,
                     &mut Context { out: &mut out, services: &mut services },
                     &mut stats,
-                    &mut decode_errors,
                 )
                     .and_then(|()| out.flush())
                     .map(|()| None)
@@ -216,7 +214,6 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
                     &mut classes,
                     &mut Context { out: &mut out, services: &mut services },
                     &mut stats,
-                    &mut decode_errors,
                 )
                     .and_then(|()| out.flush())
                     .map(|()| None)
@@ -253,15 +250,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
         out: &mut out,
         services: &mut services,
     };
-    let mut drain = |cx: &mut Context<'_>| {
-        dispatch(
-            &mut reader,
-            &mut classes,
-            cx,
-            &mut stats,
-            &mut decode_errors,
-        )
-    };
+    let mut drain = |cx: &mut Context<'_>| dispatch(&mut reader, &mut classes, cx, &mut stats);
     // Drained while detaching, and once more after: what the programs wrote
     // last.
     let finish = detach_all(&mut loaded.ebpf, || drain(&mut cx))
@@ -350,19 +339,20 @@ fn dispatch(
     classes: &mut [Box<dyn Class>],
     cx: &mut Context<'_>,
     stats: &mut StatsCollector,
-    decode_errors: &mut u64,
 ) -> io::Result<()> {
     // Timestamps follow a stepped wall clock from the next drain on, with
     // `--interval 0` too.
     cx.out.clock_mut().resync();
     let mut result = Ok(());
     // Only a mismatch between the agent and its own kernel programs can make
-    // an event undecodable: say so once, count, keep going.
+    // an event undecodable: say so once, count it in agent_stats, keep going.
+    let first = stats.decode_errors_total() == 0;
+    let mut undecodable = 0u64;
     let mut bad = |e: &dyn std::fmt::Display| {
-        if *decode_errors == 0 {
+        if first && undecodable == 0 {
             output::diagnose(format_args!("dropping an event that does not decode: {e}"));
         }
-        *decode_errors += 1;
+        undecodable += 1;
     };
     reader.drain(|data| {
         if result.is_err() {
@@ -390,6 +380,7 @@ fn dispatch(
             bad(&wire::DecodeError::UnknownKind(kind as u32));
         }
     });
+    stats.count_decode_errors(undecodable);
     result
 }
 

@@ -66,6 +66,15 @@ pub fn class_totals(recs: &[Value], class: &str) -> ClassTotals {
         })
 }
 
+/// `decode_errors` summed over every `agent_stats` record: events the agent
+/// received and could not decode. Panics if a record lacks the field.
+pub fn decode_errors(recs: &[Value]) -> u64 {
+    recs.iter()
+        .filter(|r| is_type(r, "agent_stats"))
+        .map(|r| u64_field(r, "decode_errors"))
+        .sum()
+}
+
 /// `recursion_misses` of the named programs summed over every
 /// `agent_stats` record (per-interval deltas, so the whole run). Panics if
 /// one is missing or null: every kernel tested counts them (5.12+).

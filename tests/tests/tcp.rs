@@ -145,9 +145,9 @@ fn assert_conn(rec: &Value, role: &str, pid: u32, states: &[&str]) -> BTreeMap<S
 fn assert_all_accounted(recs: &[Value]) {
     let totals = class_totals(recs, "tcp");
     assert_eq!(
-        (totals.dropped, totals.lost),
-        (0, 0),
-        "events dropped or lost: {totals:?}"
+        (totals.dropped, totals.lost, record::decode_errors(recs)),
+        (0, 0, 0),
+        "events dropped, lost or undecodable: {totals:?}"
     );
     let written = recs
         .iter()

@@ -38,6 +38,9 @@ pub(crate) struct StatsCollector {
     events: [u64; CLASS_COUNT as usize],
     last_losses: [u64; LOSS_SLOTS as usize],
     last_programs: ProgramCounters,
+    /// Events that did not decode, since the last report and since start.
+    decode_errors: u64,
+    decode_errors_total: u64,
     last_cpu_ns: u64,
     last_mono_ns: u64,
 }
@@ -54,9 +57,22 @@ impl StatsCollector {
             events: [0; CLASS_COUNT as usize],
             last_losses: [0; LOSS_SLOTS as usize],
             last_programs: BTreeMap::new(),
+            decode_errors: 0,
+            decode_errors_total: 0,
             last_cpu_ns: sys::process::cpu_time_ns(),
             last_mono_ns: now_mono_ns,
         }
+    }
+
+    /// Events that did not decode, written nowhere else.
+    pub(crate) fn count_decode_errors(&mut self, n: u64) {
+        self.decode_errors += n;
+        self.decode_errors_total += n;
+    }
+
+    /// Events that did not decode since start.
+    pub(crate) fn decode_errors_total(&self) -> u64 {
+        self.decode_errors_total
     }
 
     pub(crate) fn count_events(&mut self, class: u32, n: u64) {
@@ -116,6 +132,7 @@ impl StatsCollector {
             interval_ns: now_mono_ns.saturating_sub(self.last_mono_ns),
             classes,
             programs: program_stats,
+            decode_errors: std::mem::take(&mut self.decode_errors),
             rss_bytes: rss_bytes(),
             cpu_ns: cpu.saturating_sub(self.last_cpu_ns),
         };

@@ -95,6 +95,9 @@ pub(crate) struct AgentStats {
     pub interval_ns: u64,
     pub classes: BTreeMap<&'static str, ClassStats>,
     pub programs: Vec<ProgramStats>,
+    /// Events the kernel programs sent that the agent could not decode
+    /// (a mismatch between the agent and its programs): written nowhere.
+    pub decode_errors: u64,
     pub rss_bytes: u64,
     pub cpu_ns: u64,
 }
