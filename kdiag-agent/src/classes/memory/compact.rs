@@ -241,13 +241,8 @@ impl Class for CompactClass {
         interval_ns: u64,
         cx: &mut Context<'_>,
     ) -> Result<(), ClassError> {
-        for p in self.stats.collect() {
-            let cgroup = cx.services.cgroup_path(self.cgroups, p.cgroup_id);
-            cx.out
-                .write(now_ns, &compact_summary(&p, cgroup, interval_ns))?;
-        }
-        cx.services.write_vmstat(now_ns, interval_ns, cx.out)?;
-        Ok(())
+        self.stats
+            .write_summaries(self.cgroups, now_ns, interval_ns, cx, compact_summary)
     }
 }
 

@@ -8,6 +8,7 @@ pub(crate) mod reclaim;
 use std::{
     collections::{BTreeMap, HashMap},
     path::Path,
+    sync::Arc,
 };
 
 use aya::{
@@ -25,11 +26,12 @@ use kdiag_common::{
 use crate::{
     attribution::cgroup::{CgroupTarget, MemoryHierarchy, resolve_in},
     attribution::owner::comm_str,
-    class::{BtfQueries, ClassError, MapSize},
+    class::{BtfQueries, ClassError, Context, MapSize},
     classes::hist::Latencies,
     kernel::btf,
     kernel::wire::{DecodeError, decode},
-    output::record::Degraded,
+    output::record::{Degraded, Record},
+    services::Hierarchy,
 };
 
 /// Who the memory classes trace, and how the programs find a task's memory
@@ -360,6 +362,25 @@ impl StallStatsReader {
         let map = ebpf.take_map(name).ok_or(ClassError::MissingMap(name))?;
         self.map =
             Some(BpfHashMap::try_from(map).map_err(|source| ClassError::Map { name, source })?);
+        Ok(())
+    }
+
+    /// Writes each process's summary of the interval, as `summary` makes it
+    /// from its stalls, its cgroup's path in `hierarchy` and the interval,
+    /// then the host's `vmstat` record beside them.
+    pub(crate) fn write_summaries<R: Record>(
+        &mut self,
+        hierarchy: Hierarchy,
+        now_ns: u64,
+        interval_ns: u64,
+        cx: &mut Context<'_>,
+        summary: impl Fn(&ProcessStalls, Option<Arc<str>>, u64) -> R,
+    ) -> Result<(), ClassError> {
+        for p in self.collect() {
+            let cgroup = cx.services.cgroup_path(hierarchy, p.cgroup_id);
+            cx.out.write(now_ns, &summary(&p, cgroup, interval_ns))?;
+        }
+        cx.services.write_vmstat(now_ns, interval_ns, cx.out)?;
         Ok(())
     }
 
