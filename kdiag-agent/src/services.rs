@@ -5,7 +5,7 @@
 //! same sockets and the memory classes the same cgroups: a copy per class
 //! would resolve and walk everything twice.
 
-use std::{path::Path, sync::Arc};
+use std::path::Path;
 
 use kdiag_common::{Owner, tcp::TcpTuple};
 
@@ -15,7 +15,10 @@ use crate::{
         owner::{ListenerId, OwnerResolver},
         vmstat::VmstatSampler,
     },
-    output::{Output, record::ResolvedOwner},
+    output::{
+        Output,
+        record::{Cgroup, ResolvedOwner},
+    },
 };
 
 pub(crate) struct Services {
@@ -67,9 +70,9 @@ impl Services {
         self.cgroups.hierarchy(mount)
     }
 
-    /// The path of cgroup `id` in `hierarchy`, or `None` when unknown.
-    pub(crate) fn cgroup_path(&mut self, hierarchy: Hierarchy, id: u64) -> Option<Arc<str>> {
-        self.cgroups.0[hierarchy.0].path(id)
+    /// Cgroup `id` of `hierarchy` as records name it.
+    pub(crate) fn cgroup(&mut self, hierarchy: Hierarchy, id: u64) -> Cgroup {
+        self.cgroups.0[hierarchy.0].name(id)
     }
 
     /// The owner of the socket `sock_id` with addresses `tuple`, given what

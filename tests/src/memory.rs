@@ -127,16 +127,32 @@ impl Hierarchy {
 pub struct MemoryCgroup {
     dir: PathBuf,
     name: String,
+    /// Every directory created, outermost first.
+    created: Vec<PathBuf>,
 }
 
 impl MemoryCgroup {
     pub fn new(limit_bytes: u64) -> MemoryCgroup {
+        Self::nested(limit_bytes, &[])
+    }
+
+    /// A cgroup at `<unique>/<below...>`, the limit on the innermost: to
+    /// give it the shape of a container runtime's path.
+    pub fn nested(limit_bytes: u64, below: &[&str]) -> MemoryCgroup {
         env::require_root();
         let hierarchy = Hierarchy::detect();
-        let name = unique_name();
-        let dir = hierarchy.mount().join(&name);
-        fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-        let cg = MemoryCgroup { dir, name };
+        let mut name = unique_name();
+        let mut dir = hierarchy.mount().join(&name);
+        let mut created = Vec::new();
+        for part in std::iter::once(None).chain(below.iter().map(Some)) {
+            if let Some(part) = part {
+                dir.push(part);
+                name = format!("{name}/{part}");
+            }
+            fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+            created.push(dir.clone());
+        }
+        let cg = MemoryCgroup { dir, name, created };
         let limit_file = match hierarchy {
             Hierarchy::V1(_) => "memory.limit_in_bytes",
             Hierarchy::V2(_) => "memory.max",
@@ -170,13 +186,19 @@ impl Drop for MemoryCgroup {
     fn drop(&mut self) {
         // The readers are gone by now (fields and locals drop first); the
         // kernel may need a moment to let go of an exited task's cgroup.
-        for _ in 0..50 {
-            if fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
+        for dir in self.created.iter().rev() {
+            let removed = (0..50).any(|_| {
+                let gone = fs::remove_dir(dir).is_ok() || !dir.exists();
+                if !gone {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                gone
+            });
+            if !removed {
+                eprintln!("could not remove cgroup {}", dir.display());
                 return;
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
-        eprintln!("could not remove cgroup {}", self.dir.display());
     }
 }
 

@@ -47,12 +47,51 @@ fn run_readers(readers: &mut [&mut Gated]) {
 fn assert_memcg_record(rec: &Value, pid: u32, cgroup: &str) {
     let want = json!({
         "kind": "memcg", "pid": pid, "tid": pid, "comm": "dd", "cgroup": cgroup, "order": null,
+        // An ordinary cgroup shows no container.
+        "container_id": null, "pod_uid": null,
     });
     for (key, value) in want.as_object().expect("object") {
         assert_eq!(rec.get(key), Some(value), "{key:?} in {rec}");
     }
     assert!(u64_field(rec, "latency_ns") > 0, "latency_ns in {rec}");
     u64_field(rec, "nr_reclaimed");
+}
+
+/// A reader in a cgroup shaped like a Kubernetes container's (kubelet's
+/// systemd driver, containerd): its records name the container and the pod.
+#[test]
+fn records_name_the_container_and_pod_of_the_cgroup() {
+    const ID: &str = "6d3b1f0a9e8c7b6a5f4e3d2c1b0a99887766554433221100ffeeddccbbaa9988";
+    const UID: &str = "1b2c3d4e-5f60-4a1b-8c2d-3e4f5a6b7c8d";
+    let pod = format!("kubepods-burstable-pod{}.slice", UID.replace('-', "_"));
+    let container = format!("cri-containerd-{ID}.scope");
+    let file = SparseFile::new(READ_MIB * MIB);
+    let cg = MemoryCgroup::nested(LIMIT, &[&pod, &container]);
+    let mut reader = cg.reader(&file, 0, READ_MIB);
+    let pid = reader.pid();
+    let cg_arg = cg.dir().to_str().expect("utf-8 path").to_owned();
+    let (mut agent, _) = Agent::start(
+        &["reclaim", "--kind", "memcg", "--cgroup", &cg_arg, "-i", "0"],
+        MEMCG,
+    );
+    run_readers(&mut [&mut reader]);
+    let recs = agent.stop_ok();
+    let ours: Vec<&Value> = recs
+        .iter()
+        .filter(|r| {
+            (record::is_type(r, "reclaim") || record::is_type(r, "reclaim_summary"))
+                && pid_of(r) == Some(u64::from(pid))
+        })
+        .collect();
+    assert!(
+        ours.iter().any(|r| record::is_type(r, "reclaim_summary")),
+        "no reclaim_summary for {pid}: {ours:?}"
+    );
+    for rec in ours {
+        assert_eq!(rec["cgroup"], json!(cg.path()), "cgroup of {rec}");
+        assert_eq!(rec["container_id"], json!(ID), "container_id of {rec}");
+        assert_eq!(rec["pod_uid"], json!(UID), "pod_uid of {rec}");
+    }
 }
 
 /// With `--interval 0` the summaries come at exit only, yet the per-thread

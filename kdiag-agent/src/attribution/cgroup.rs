@@ -16,6 +16,11 @@ use std::{
 
 use foldhash::HashMap;
 
+use crate::{
+    attribution::container::identify,
+    output::record::{Cgroup, CgroupName},
+};
+
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
 /// An id a walk did not find (a cgroup removed since the event, or one the
 /// walk's bound left out) triggers no new walk for this long: without it, a
@@ -31,7 +36,7 @@ pub(crate) struct CgroupPaths {
     mount: Option<PathBuf>,
     /// Shared with the records that name them: a path is cloned per
     /// record, and that is a reference count, not an allocation.
-    paths: HashMap<u64, Arc<str>>,
+    paths: HashMap<u64, Arc<CgroupName>>,
     /// Ids not found by a walk made after they were first asked for, and
     /// when that walk was.
     unknown: HashMap<u64, Instant>,
@@ -52,9 +57,14 @@ impl CgroupPaths {
         self.mount.as_deref()
     }
 
-    /// The path of cgroup `id` relative to the hierarchy's root (`/` for the
-    /// root itself), or `None` when unknown.
-    pub(crate) fn path(&mut self, id: u64) -> Option<Arc<str>> {
+    /// Cgroup `id` as records name it: its path relative to the hierarchy's
+    /// root (`/` for the root itself) and the container and pod it shows;
+    /// unknown ids name none.
+    pub(crate) fn name(&mut self, id: u64) -> Cgroup {
+        Cgroup(self.lookup(id))
+    }
+
+    fn lookup(&mut self, id: u64) -> Option<Arc<CgroupName>> {
         if id == 0 {
             return None;
         }
@@ -191,13 +201,13 @@ pub(crate) fn resolve_in(mount: &Path, arg: &Path) -> Result<CgroupTarget, Cgrou
     })
 }
 
-fn walk(root: &Path, dir: &Path, out: &mut HashMap<u64, Arc<str>>) {
+fn walk(root: &Path, dir: &Path, out: &mut HashMap<u64, Arc<CgroupName>>) {
     if out.len() >= MAX_CGROUPS {
         return;
     }
     let Ok(meta) = fs::metadata(dir) else { return };
     let rel = dir.strip_prefix(root).unwrap_or(Path::new(""));
-    out.insert(meta.ino(), format!("/{}", rel.display()).into());
+    out.insert(meta.ino(), cgroup_name(&format!("/{}", rel.display())));
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
@@ -206,6 +216,16 @@ fn walk(root: &Path, dir: &Path, out: &mut HashMap<u64, Arc<str>>) {
             walk(root, &entry.path(), out);
         }
     }
+}
+
+/// A cgroup's name in records, from its path relative to the mount.
+pub(crate) fn cgroup_name(path: &str) -> Arc<CgroupName> {
+    let identity = identify(path);
+    Arc::new(CgroupName {
+        path: path.into(),
+        container_id: identity.container_id.map(Arc::from),
+        pod_uid: identity.pod_uid.map(Arc::from),
+    })
 }
 
 /// The cgroup2 mount point, from /proc/self/mountinfo (field 5 is the mount

@@ -3,6 +3,7 @@
 //! beside the memory stalls.
 
 pub(crate) mod cgroup;
+pub(crate) mod container;
 pub(crate) mod owner;
 pub(crate) mod procfs;
 pub(crate) mod vmstat;

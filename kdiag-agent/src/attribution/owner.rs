@@ -16,10 +16,10 @@ use kdiag_common::{
 };
 
 use crate::attribution::{
-    cgroup::{self, CgroupPaths},
+    cgroup::{self, CgroupPaths, cgroup_name},
     procfs,
 };
-use crate::output::record::ResolvedOwner;
+use crate::output::record::{Cgroup, ResolvedOwner};
 
 /// Which owners to report; the kernel filters ports and family, but owners
 /// of sockets older than the agent are only known here.
@@ -42,7 +42,7 @@ impl OwnerFilter {
     pub(crate) fn accepts(&self, owner: &ResolvedOwner) -> bool {
         let pid_ok = self.pids.is_empty() || owner.pid.is_some_and(|p| self.pids.contains(&p));
         let cgroup_ok = self.cgroup.as_deref().is_none_or(|want| {
-            owner.cgroup.as_deref().is_some_and(|have| {
+            owner.cgroup.path().is_some_and(|have| {
                 have == want
                     || want == "/"
                     || have.strip_prefix(want).is_some_and(|r| r.starts_with('/'))
@@ -142,7 +142,7 @@ impl OwnerResolver {
             return ResolvedOwner {
                 pid: Some(owner.tgid),
                 comm: Some(self.comm(&owner.comm)),
-                cgroup: cgroups.path(owner.cgroup_id),
+                cgroup: cgroups.name(owner.cgroup_id),
             };
         }
         match listener {
@@ -218,7 +218,7 @@ fn owner_of_inode(inode: u64) -> Option<ResolvedOwner> {
     Some(ResolvedOwner {
         pid: Some(pid),
         comm: procfs::comm(pid).map(Arc::from),
-        cgroup: procfs::cgroup_v2(pid).map(Arc::from),
+        cgroup: Cgroup(procfs::cgroup_v2(pid).map(|p| cgroup_name(&p))),
     })
 }
 
@@ -326,7 +326,7 @@ mod tests {
         );
         assert_eq!(got.pid, Some(42));
         assert_eq!(got.comm.as_deref(), Some("nginx"));
-        assert_eq!(got.cgroup, None);
+        assert_eq!(got.cgroup, Cgroup::default());
     }
 
     #[test]

@@ -101,7 +101,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        output::record::ResolvedOwner,
+        output::record::{Cgroup, ResolvedOwner},
         output::record::{Endpoints, Retrans},
     };
 
@@ -130,7 +130,7 @@ mod tests {
             owner: ResolvedOwner {
                 pid: Some(4242),
                 comm: Some("cu\"rl\n".into()),
-                cgroup: None,
+                cgroup: Cgroup::default(),
             },
             conn: Endpoints {
                 family: "ipv4",
@@ -156,7 +156,7 @@ mod tests {
         assert_eq!(
             text,
             "{\"v\":1,\"type\":\"retrans\",\"ts\":\"2026-11-21T22:36:07.000000005Z\",\"host\":\"web-1\",\
-             \"pid\":4242,\"comm\":\"cu\\\"rl\\n\",\"cgroup\":null,\"family\":\"ipv4\",\
+             \"pid\":4242,\"comm\":\"cu\\\"rl\\n\",\"cgroup\":null,\"container_id\":null,\"pod_uid\":null,\"family\":\"ipv4\",\
              \"saddr\":\"10.0.0.2\",\"sport\":50000,\"daddr\":\"10.0.0.1\",\"dport\":9001,\
              \"state\":\"SYN_SENT\",\"kind\":\"syn\",\"conn_retrans\":2}\n"
         );

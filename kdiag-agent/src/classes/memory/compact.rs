@@ -3,8 +3,6 @@
 //! the thread that ran them: the allocating task, kcompactd, or whoever
 //! wrote /proc/sys/vm/compact_memory.
 
-use std::sync::Arc;
-
 use aya::Ebpf;
 use clap::Args;
 use kdiag_common::{
@@ -19,7 +17,7 @@ use super::{
 use crate::{
     attribution::owner::comm_str,
     class::{BtfQueries, Class, ClassError, Context, Global, KernelTypes, MapSize, Tracepoint},
-    output::record::{Compact, CompactSummary, Degraded},
+    output::record::{Cgroup, Compact, CompactSummary, Degraded},
     services::{Hierarchy, Services},
 };
 
@@ -116,7 +114,7 @@ pub(crate) fn mode_name(mode: u32) -> &'static str {
 }
 
 /// The record of one compaction run.
-pub(crate) fn compact_record(ev: &StallEvent, cgroup: Option<Arc<str>>, status: String) -> Compact {
+pub(crate) fn compact_record(ev: &StallEvent, cgroup: Cgroup, status: String) -> Compact {
     Compact {
         pid: Some(ev.tgid),
         tid: ev.tid,
@@ -131,7 +129,7 @@ pub(crate) fn compact_record(ev: &StallEvent, cgroup: Option<Arc<str>>, status: 
 
 pub(crate) fn compact_summary(
     p: &ProcessStalls,
-    cgroup: Option<Arc<str>>,
+    cgroup: Cgroup,
     interval_ns: u64,
 ) -> CompactSummary {
     CompactSummary {
@@ -228,7 +226,7 @@ impl Class for CompactClass {
 
     fn on_event(&mut self, data: &[u8], cx: &mut Context<'_>) -> Result<u64, ClassError> {
         let ev = decode_stall(data, EventKind::Compact)?;
-        let cgroup = cx.services.cgroup_path(self.cgroups, ev.cgroup_id);
+        let cgroup = cx.services.cgroup(self.cgroups, ev.cgroup_id);
         let status = status_name(&self.status_names, ev.status);
         cx.out
             .write(ev.header.ts_ns, &compact_record(&ev, cgroup, status))?;
@@ -282,11 +280,12 @@ mod tests {
             mode: MigrateMode::Sync as u32,
             comm,
         };
-        let r = compact_record(&ev, None, status_name(&[], ev.status));
+        let r = compact_record(&ev, Cgroup::default(), status_name(&[], ev.status));
         assert_eq!(
             serde_json::to_value(&r).unwrap(),
             serde_json::json!({
-                "pid": 42, "tid": 42, "comm": "sh", "cgroup": null, "latency_ns": 17_000_000,
+                "pid": 42, "tid": 42, "comm": "sh", "cgroup": null, "container_id": null,
+                "pod_uid": null, "latency_ns": 17_000_000,
                 "status": "complete", "mode": "sync", "order": null
             })
         );

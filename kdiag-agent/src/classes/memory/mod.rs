@@ -8,7 +8,6 @@ pub(crate) mod reclaim;
 use std::{
     collections::{BTreeMap, HashMap},
     path::Path,
-    sync::Arc,
 };
 
 use aya::{
@@ -30,7 +29,7 @@ use crate::{
     classes::hist::Latencies,
     kernel::btf,
     kernel::wire::{DecodeError, decode},
-    output::record::{Degraded, Record},
+    output::record::{Cgroup, Degraded, Record},
     services::Hierarchy,
 };
 
@@ -374,10 +373,10 @@ impl StallStatsReader {
         now_ns: u64,
         interval_ns: u64,
         cx: &mut Context<'_>,
-        summary: impl Fn(&ProcessStalls, Option<Arc<str>>, u64) -> R,
+        summary: impl Fn(&ProcessStalls, Cgroup, u64) -> R,
     ) -> Result<(), ClassError> {
         for p in self.collect() {
-            let cgroup = cx.services.cgroup_path(hierarchy, p.cgroup_id);
+            let cgroup = cx.services.cgroup(hierarchy, p.cgroup_id);
             cx.out.write(now_ns, &summary(&p, cgroup, interval_ns))?;
         }
         cx.services.write_vmstat(now_ns, interval_ns, cx.out)?;

@@ -2,8 +2,6 @@
 //! watermark) or memcg reclaim (their memory cgroup was at its limit), with
 //! per-process summaries and the host's vmstat and PSI beside them.
 
-use std::sync::Arc;
-
 use aya::Ebpf;
 use clap::Args;
 use kdiag_common::{
@@ -18,7 +16,7 @@ use super::{
 use crate::{
     attribution::owner::comm_str,
     class::{BtfQueries, Class, ClassError, Context, Global, KernelTypes, MapSize, Tracepoint},
-    output::record::{Degraded, Reclaim, ReclaimSummary},
+    output::record::{Cgroup, Degraded, Reclaim, ReclaimSummary},
     services::{Hierarchy, Services},
 };
 
@@ -106,7 +104,7 @@ fn kind_name(kind: StallKind) -> &'static str {
 }
 
 /// The record of one reclaim stall; `cgroup` is its memory cgroup's path.
-pub(crate) fn reclaim_record(ev: &StallEvent, cgroup: Option<Arc<str>>) -> Reclaim {
+pub(crate) fn reclaim_record(ev: &StallEvent, cgroup: Cgroup) -> Reclaim {
     let kind = StallKind::from_u32(ev.kind).unwrap_or(StallKind::Direct);
     Reclaim {
         kind: kind_name(kind),
@@ -128,7 +126,7 @@ pub(crate) fn reclaim_record(ev: &StallEvent, cgroup: Option<Arc<str>>) -> Recla
 /// The summary of one process's reclaim stalls over `interval_ns`.
 pub(crate) fn reclaim_summary(
     p: &ProcessStalls,
-    cgroup: Option<Arc<str>>,
+    cgroup: Cgroup,
     interval_ns: u64,
 ) -> ReclaimSummary {
     ReclaimSummary {
@@ -205,7 +203,7 @@ impl Class for ReclaimClass {
 
     fn on_event(&mut self, data: &[u8], cx: &mut Context<'_>) -> Result<u64, ClassError> {
         let ev = decode_stall(data, EventKind::Reclaim)?;
-        let cgroup = cx.services.cgroup_path(self.cgroups, ev.cgroup_id);
+        let cgroup = cx.services.cgroup(self.cgroups, ev.cgroup_id);
         cx.out
             .write(ev.header.ts_ns, &reclaim_record(&ev, cgroup))?;
         Ok(1)
@@ -253,15 +251,19 @@ mod tests {
 
     #[test]
     fn records_have_the_contract_fields() {
-        let r = reclaim_record(&event(StallKind::Direct), Some("/kdt".into()));
+        let r = reclaim_record(
+            &event(StallKind::Direct),
+            Cgroup(Some(crate::attribution::cgroup::cgroup_name("/kdt"))),
+        );
         assert_eq!(
             serde_json::to_value(&r).unwrap(),
             serde_json::json!({
                 "kind": "direct", "pid": 100, "tid": 101, "comm": "dd", "cgroup": "/kdt",
+                "container_id": null, "pod_uid": null,
                 "latency_ns": 250_000, "nr_reclaimed": 32, "order": 3
             })
         );
-        let r = reclaim_record(&event(StallKind::Memcg), None);
+        let r = reclaim_record(&event(StallKind::Memcg), Cgroup::default());
         let v = serde_json::to_value(&r).unwrap();
         assert_eq!(v["kind"], "memcg");
         assert!(v["order"].is_null() && v["cgroup"].is_null());
@@ -284,7 +286,12 @@ mod tests {
             latencies,
             nr_reclaimed: 64,
         };
-        let v = serde_json::to_value(reclaim_summary(&p, Some("/a".into()), 10)).unwrap();
+        let v = serde_json::to_value(reclaim_summary(
+            &p,
+            Cgroup(Some(crate::attribution::cgroup::cgroup_name("/a"))),
+            10,
+        ))
+        .unwrap();
         let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         keys.sort_unstable();
         assert_eq!(
@@ -292,6 +299,7 @@ mod tests {
             [
                 "cgroup",
                 "comm",
+                "container_id",
                 "count",
                 "interval_ns",
                 "kind",
@@ -300,6 +308,7 @@ mod tests {
                 "p50_ns",
                 "p99_ns",
                 "pid",
+                "pod_uid",
                 "total_ns"
             ]
         );

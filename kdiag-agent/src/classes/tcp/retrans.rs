@@ -131,6 +131,7 @@ mod tests {
     };
 
     use super::*;
+    use crate::output::record::Cgroup;
 
     fn event() -> RetransEvent {
         let mut tuple = TcpTuple {
@@ -167,14 +168,15 @@ mod tests {
         let owner = ResolvedOwner {
             pid: Some(77),
             comm: Some("curl".into()),
-            cgroup: Some("/a".into()),
+            cgroup: Cgroup(Some(crate::attribution::cgroup::cgroup_name("/a"))),
         };
         let r = retrans_record(&ev, owner);
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(
             json,
             serde_json::json!({
-                "pid": 77, "comm": "curl", "cgroup": "/a", "family": "ipv4",
+                "pid": 77, "comm": "curl", "cgroup": "/a", "container_id": null, "pod_uid": null,
+                "family": "ipv4",
                 "saddr": "10.231.0.2", "sport": 50000, "daddr": "10.231.0.1", "dport": 9001,
                 "state": "SYN_SENT", "kind": "syn", "conn_retrans": 3
             })
@@ -233,7 +235,7 @@ mod tests {
         let owner = |pid, cg: &str| ResolvedOwner {
             pid: Some(pid),
             comm: None,
-            cgroup: Some(cg.into()),
+            cgroup: Cgroup(Some(crate::attribution::cgroup::cgroup_name(cg))),
         };
         let f = OwnerFilter {
             pids: vec![5],

@@ -1,11 +1,9 @@
 //! Memory-stall records: reclaim and compaction stalls, their per-process
 //! summaries, and the host's vmstat and PSI beside them.
 
-use std::sync::Arc;
-
 use serde::Serialize;
 
-use super::{Record, ms, opt, printable};
+use super::{Cgroup, Record, ms, opt, printable};
 
 /// count, total, max and two percentiles of one set of latencies; records
 /// flatten it into their own fields.
@@ -25,7 +23,8 @@ pub(crate) struct Reclaim {
     pub pid: Option<u32>,
     pub tid: u32,
     pub comm: Option<String>,
-    pub cgroup: Option<Arc<str>>,
+    #[serde(flatten)]
+    pub cgroup: Cgroup,
     pub latency_ns: u64,
     pub nr_reclaimed: u64,
     pub order: Option<i32>,
@@ -66,7 +65,8 @@ pub(crate) struct ReclaimSummary {
     pub kind: &'static str,
     pub pid: Option<u32>,
     pub comm: Option<String>,
-    pub cgroup: Option<Arc<str>>,
+    #[serde(flatten)]
+    pub cgroup: Cgroup,
     #[serde(flatten)]
     pub latency: LatencySummary,
     pub nr_reclaimed: u64,
@@ -94,7 +94,8 @@ pub(crate) struct Compact {
     pub pid: Option<u32>,
     pub tid: u32,
     pub comm: Option<String>,
-    pub cgroup: Option<Arc<str>>,
+    #[serde(flatten)]
+    pub cgroup: Cgroup,
     pub latency_ns: u64,
     pub status: String,
     pub mode: &'static str,
@@ -123,7 +124,8 @@ impl Record for Compact {
 pub(crate) struct CompactSummary {
     pub pid: Option<u32>,
     pub comm: Option<String>,
-    pub cgroup: Option<Arc<str>>,
+    #[serde(flatten)]
+    pub cgroup: Cgroup,
     #[serde(flatten)]
     pub latency: LatencySummary,
     pub interval_ns: u64,

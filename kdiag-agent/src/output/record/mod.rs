@@ -25,7 +25,45 @@ pub(crate) use tcp::{Endpoints, Retrans, TcpConn, TcpState, TcpSummary, TopConn}
 pub(crate) struct ResolvedOwner {
     pub pid: Option<u32>,
     pub comm: Option<Arc<str>>,
-    pub cgroup: Option<Arc<str>>,
+    #[serde(flatten)]
+    pub cgroup: Cgroup,
+}
+
+/// A cgroup as records name it: its path relative to its hierarchy's
+/// mount, and the container and pod the path shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CgroupName {
+    pub path: Arc<str>,
+    pub container_id: Option<Arc<str>>,
+    pub pod_uid: Option<Arc<str>>,
+}
+
+/// The `cgroup`, `container_id` and `pod_uid` fields of a record, `null`
+/// where unknown. Shared, not owned: cloned into every record of its
+/// processes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Cgroup(pub Option<Arc<CgroupName>>);
+
+impl Cgroup {
+    /// The path, when known.
+    pub(crate) fn path(&self) -> Option<&str> {
+        self.0.as_ref().map(|c| &*c.path)
+    }
+}
+
+impl Serialize for Cgroup {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let name = self.0.as_deref();
+        let mut map = serializer.serialize_map(Some(3))?;
+        map.serialize_entry("cgroup", &name.map(|c| &*c.path))?;
+        map.serialize_entry(
+            "container_id",
+            &name.and_then(|c| c.container_id.as_deref()),
+        )?;
+        map.serialize_entry("pod_uid", &name.and_then(|c| c.pod_uid.as_deref()))?;
+        map.end()
+    }
 }
 
 /// A record type of the contract.
