@@ -59,7 +59,8 @@ impl AgentError {
             | Self::Load(LoadError::NoRingBuf)
             // An option this kernel cannot honour (found while configuring).
             | Self::Class {
-                source: ClassError::Usage(_) | ClassError::Cgroup { .. },
+                source:
+                    ClassError::Usage(_) | ClassError::Cgroup { .. } | ClassError::Container { .. },
                 ..
             } => 2,
             Self::Privileges(_) => 77,
@@ -104,6 +105,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
     let scope = classes::Scope {
         pids: &cli.global.pids,
         cgroup: cli.global.cgroup.as_deref(),
+        container: cli.global.container.as_deref(),
     };
     let mut classes =
         classes::build(&cli.command, scope, &mut services).map_err(AgentError::Options)?;

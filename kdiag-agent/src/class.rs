@@ -12,7 +12,7 @@ use kdiag_common::{ClassId, EventKind};
 // vocabulary; the classes name it through here.
 pub(crate) use crate::kernel::setup::{BtfQueries, Global, KernelTypes, MapSize, Tracepoint};
 use crate::{
-    attribution::cgroup::CgroupError,
+    attribution::cgroup::{CgroupError, ContainerError},
     kernel::wire::DecodeError,
     output::{Output, record::Degraded},
     services::Services,
@@ -43,6 +43,14 @@ pub(crate) enum ClassError {
     /// An option that this kernel or host cannot honour: a usage error.
     #[error("{0}")]
     Usage(String),
+    /// A `--container` with no cgroup, or several, in the hierarchy a class
+    /// reads.
+    #[error("--container {id}: in the hierarchy mounted at {}: {source}", hierarchy.display())]
+    Container {
+        id: String,
+        hierarchy: std::path::PathBuf,
+        source: ContainerError,
+    },
     /// A `--cgroup` that names no cgroup of the hierarchy it applies to.
     #[error("--cgroup: no such cgroup in the hierarchy mounted at {}: {source}", hierarchy.display())]
     Cgroup {

@@ -48,6 +48,13 @@ pub(crate) struct GlobalArgs {
     /// (`/sys/fs/cgroup/memory/...`), since its limits are the ones hit.
     #[arg(short = 'c', long, value_name = "PATH", global = true)]
     pub cgroup: Option<PathBuf>,
+    /// Only processes of this container: its id as `container_id` shows it
+    /// (64 hex digits, or a unique prefix of at least 12 as `docker ps`
+    /// prints it), or a systemd-nspawn machine's name. The same as
+    /// `--cgroup` with the container's cgroup, found in the hierarchy each
+    /// class reads (see `--cgroup`).
+    #[arg(long, value_name = "ID", global = true, conflicts_with = "cgroup")]
+    pub container: Option<String>,
     /// Write summaries and agent_stats every SECS seconds (0: only at exit).
     #[arg(
         short = 'i',

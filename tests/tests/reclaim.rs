@@ -74,8 +74,42 @@ fn records_name_the_container_and_pod_of_the_cgroup() {
         &["reclaim", "--kind", "memcg", "--cgroup", &cg_arg, "-i", "0"],
         MEMCG,
     );
+    // The same filter by the container's id, as `docker ps` abbreviates it.
+    let (mut by_container, _) = Agent::start(
+        &[
+            "reclaim",
+            "--kind",
+            "memcg",
+            "--container",
+            &ID[..12],
+            "-i",
+            "0",
+        ],
+        MEMCG,
+    );
     run_readers(&mut [&mut reader]);
     let recs = agent.stop_ok();
+    let container_recs = by_container.stop_ok();
+    // Each agent times the stalls itself: compare what identifies them.
+    let stalls = |recs: &[Value]| {
+        recs.iter()
+            .filter(|r| record::is_type(r, "reclaim"))
+            .map(|r| {
+                (
+                    pid_of(r),
+                    r["container_id"].clone(),
+                    u64_field(r, "nr_reclaimed"),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert!(!stalls(&recs).is_empty(), "no reclaim records for {pid}");
+    assert_eq!(
+        stalls(&container_recs),
+        stalls(&recs),
+        "--container {} and --cgroup {cg_arg} write the same stalls",
+        &ID[..12]
+    );
     let ours: Vec<&Value> = recs
         .iter()
         .filter(|r| {
@@ -270,9 +304,10 @@ fn pid_of_no_process_is_a_usage_error() {
         .expect("spawn true");
     let gone = child.id().to_string();
     child.wait().expect("reap");
-    let cases: [&[&str]; 2] = [
+    let cases: [&[&str]; 3] = [
         &["reclaim", "--pid", &gone],
         &["reclaim", "--cgroup", "/kdiag-no-such-cgroup"],
+        &["reclaim", "--container", "0123456789abcdef0123"],
     ];
     for args in cases {
         let mut agent = Agent::spawn(args);

@@ -201,6 +201,45 @@ pub(crate) fn resolve_in(mount: &Path, arg: &Path) -> Result<CgroupTarget, Cgrou
     })
 }
 
+/// Why a `--container` names no single cgroup.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ContainerError {
+    #[error("no container's cgroup has that id (or a name of that prefix)")]
+    NotFound,
+    #[error("the prefix matches several containers: {0}")]
+    Ambiguous(String),
+}
+
+/// The cgroup of the container `id` in the hierarchy mounted at `mount`,
+/// relative to it: the one whose path shows that container id (a prefix of
+/// at least 12 characters of a 64-hex id will do, as `docker ps` prints
+/// them). A container's cgroups below its own (systemd-nspawn's payload
+/// subtree) are its, not others.
+pub(crate) fn find_container(mount: &Path, id: &str) -> Result<PathBuf, ContainerError> {
+    let matches = |have: &str| have == id || (id.len() >= 12 && have.starts_with(id));
+    let mut all = HashMap::default();
+    walk(mount, mount, &mut all);
+    let mut found: Vec<(Arc<str>, Arc<str>)> = all
+        .into_values()
+        .filter_map(|c| {
+            let have = c.container_id.clone()?;
+            matches(&have).then(|| (have, c.path.clone()))
+        })
+        .collect();
+    // The outermost cgroup of each container.
+    found.sort_by_key(|(_, path)| path.len());
+    let mut ids: Vec<&Arc<str>> = found.iter().map(|(id, _)| id).collect();
+    ids.sort();
+    ids.dedup();
+    match ids.len() {
+        0 => Err(ContainerError::NotFound),
+        1 => Ok(PathBuf::from(&*found[0].1)),
+        _ => Err(ContainerError::Ambiguous(
+            ids.iter().map(|i| &***i).collect::<Vec<_>>().join(", "),
+        )),
+    }
+}
+
 fn walk(root: &Path, dir: &Path, out: &mut HashMap<u64, Arc<CgroupName>>) {
     if out.len() >= MAX_CGROUPS {
         return;
@@ -264,6 +303,36 @@ mod tests {
             MemoryHierarchy::Unified("/sys/fs/cgroup".into())
         );
         assert_eq!(parse_memory_hierarchy(""), MemoryHierarchy::None);
+    }
+
+    #[test]
+    fn finds_containers_by_id_or_prefix() {
+        let root = std::env::temp_dir().join(format!("kdiag-ct-{}", std::process::id()));
+        let a = format!("{}{}", "ab12cd34ef56", "0".repeat(52));
+        let b = format!("{}{}", "ab12cd34ef56", "1".repeat(52));
+        let c = format!("{}{}", "ffff", "2".repeat(60));
+        let pod = "kubepods-burstable-pod1b2c3d4e_5f60_4a1b_8c2d_3e4f5a6b7c8d.slice";
+        for dir in [
+            format!("kubepods.slice/{pod}/cri-containerd-{a}.scope"),
+            format!("system.slice/docker-{b}.scope"),
+            format!("system.slice/docker-{c}.scope/inner"),
+        ] {
+            fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        let found = |id: &str| find_container(&root, id);
+        assert_eq!(
+            found(&a).unwrap(),
+            PathBuf::from(format!("/kubepods.slice/{pod}/cri-containerd-{a}.scope"))
+        );
+        // A container's own cgroup, not the ones below it.
+        assert_eq!(
+            found(&c[..12]).unwrap(),
+            PathBuf::from(format!("/system.slice/docker-{c}.scope"))
+        );
+        assert!(matches!(found(&a[..12]), Err(ContainerError::Ambiguous(_))));
+        assert!(matches!(found(&c[..11]), Err(ContainerError::NotFound)));
+        assert!(matches!(found("nope"), Err(ContainerError::NotFound)));
+        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

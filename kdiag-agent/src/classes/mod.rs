@@ -8,13 +8,13 @@ pub(crate) mod memory;
 pub(crate) mod softirq;
 pub(crate) mod tcp;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 
 use crate::{
     attribution::{
-        cgroup::{find_cgroup2_mount, resolve_in},
+        cgroup::{MemoryHierarchy, find_cgroup2_mount, find_container, resolve_in},
         owner::OwnerFilter,
     },
     class::{Class, ClassError},
@@ -122,11 +122,39 @@ pub(crate) struct RunArgs {
     pub compact_min_latency_us: u64,
 }
 
-/// Whose events the classes report: `--pid` and `--cgroup`.
+/// Whose events the classes report: `--pid`, and `--cgroup` or
+/// `--container`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Scope<'a> {
     pub pids: &'a [u32],
     pub cgroup: Option<&'a Path>,
+    pub container: Option<&'a str>,
+}
+
+impl Scope<'_> {
+    /// The cgroup to filter on in the hierarchy mounted at `mount`: the
+    /// `--cgroup` given, or the container's cgroup there.
+    fn cgroup_in(&self, mount: Option<&Path>) -> Result<Option<PathBuf>, ClassError> {
+        let Some(id) = self.container else {
+            return Ok(self.cgroup.map(Path::to_path_buf));
+        };
+        let Some(mount) = mount else {
+            return Err(ClassError::Usage(format!(
+                "--container {id}: no cgroup hierarchy to find it in is mounted on this host"
+            )));
+        };
+        find_container(mount, id)
+            .map(Some)
+            .map_err(|source| ClassError::Container {
+                id: id.to_owned(),
+                hierarchy: mount.to_path_buf(),
+                source,
+            })
+    }
+
+    fn filters_processes(&self) -> bool {
+        !self.pids.is_empty() || self.cgroup.is_some() || self.container.is_some()
+    }
 }
 
 /// The classes `command` runs for `scope`, with the shared services they use.
@@ -136,7 +164,10 @@ pub(crate) fn build(
     services: &mut Services,
 ) -> Result<Vec<Box<dyn Class>>, ClassError> {
     let owners = || owner_filter(scope);
-    let memory = || MemoryScope::new(scope.pids, scope.cgroup);
+    let memory = || {
+        let cgroup = scope.cgroup_in(MemoryHierarchy::detect().mount())?;
+        MemoryScope::new(scope.pids, cgroup.as_deref())
+    };
     let classes: Vec<Box<dyn Class>> = match command {
         Command::Retrans(args) => vec![Box::new(RetransClass::new(
             owners()?,
@@ -148,7 +179,7 @@ pub(crate) fn build(
             args.state,
         ))],
         Command::Softirq(args) => {
-            if !scope.pids.is_empty() || scope.cgroup.is_some() {
+            if scope.filters_processes() {
                 return Err(ClassError::Usage(
                     "--pid and --cgroup do not apply to softirq: softirqs run on behalf of no \
                      process, on whatever CPU raised them, interrupting whichever task is there"
@@ -192,13 +223,15 @@ pub(crate) fn build(
     Ok(classes)
 }
 
-/// `--pid` and `--cgroup` for the TCP classes. Socket owners carry the
-/// cgroup v2 id the kernel captured, so a `--cgroup` must name a cgroup of
-/// the cgroup v2 hierarchy: a typo, or a host without that hierarchy, would
-/// otherwise match no process and write nothing, silently.
+/// `--pid` and `--cgroup` (or `--container`) for the TCP classes. Socket
+/// owners carry the cgroup v2 id the kernel captured, so the cgroup must be
+/// one of the cgroup v2 hierarchy: a typo, or a host without that
+/// hierarchy, would otherwise match no process and write nothing, silently.
 fn owner_filter(scope: Scope<'_>) -> Result<OwnerFilter, ClassError> {
-    if let Some(path) = scope.cgroup {
-        let Some(mount) = find_cgroup2_mount() else {
+    let mount = find_cgroup2_mount();
+    let cgroup = scope.cgroup_in(mount.as_deref())?;
+    if let Some(path) = &cgroup {
+        let Some(mount) = mount else {
             return Err(ClassError::Usage(
                 "--cgroup: the TCP classes filter on cgroup v2 paths, and no cgroup v2 hierarchy \
                  is mounted on this host"
@@ -210,10 +243,7 @@ fn owner_filter(scope: Scope<'_>) -> Result<OwnerFilter, ClassError> {
             source,
         })?;
     }
-    Ok(OwnerFilter::new(
-        scope.pids.to_vec(),
-        scope.cgroup.map(Path::to_path_buf),
-    ))
+    Ok(OwnerFilter::new(scope.pids.to_vec(), cgroup))
 }
 
 fn tcp_filter(args: &TcpFilterArgs, stream_states: bool) -> Result<TcpFilter, ClassError> {
