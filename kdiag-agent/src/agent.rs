@@ -132,6 +132,9 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
     // Everything that needs privileges is done: loading, attaching, opening
     // the buffers.
     let mut degraded = loaded.degraded.clone();
+    // Who holds each socket, while every process's descriptors are still
+    // readable.
+    services.before_dropping_privileges();
     if let Err(e) = privileges::drop_after_attach() {
         degraded.push(Degraded {
             what: "capabilities".to_owned(),

@@ -20,6 +20,9 @@ use crate::{
 
 pub(crate) struct Services {
     owners: OwnerResolver,
+    /// Whether a class resolves socket owners, so that the agent snapshots
+    /// who holds each socket before giving up its privileges.
+    owners_wanted: bool,
     cgroups: CgroupTables,
     /// The hierarchy of the cgroups the kernel captures with owners
     /// (`bpf_get_current_cgroup_id`: the unified one).
@@ -54,6 +57,7 @@ impl Services {
         let unified = cgroups.hierarchy(find_cgroup2_mount().as_deref());
         Self {
             owners: OwnerResolver::new(),
+            owners_wanted: false,
             cgroups,
             unified,
             vmstat: VmstatSampler::new(),
@@ -70,6 +74,20 @@ impl Services {
     /// The path of cgroup `id` in `hierarchy`, or `None` when unknown.
     pub(crate) fn cgroup_path(&mut self, hierarchy: Hierarchy, id: u64) -> Option<Arc<str>> {
         self.cgroups.0[hierarchy.0].path(id)
+    }
+
+    /// A class will ask for socket owners.
+    pub(crate) fn want_socket_owners(&mut self) {
+        self.owners_wanted = true;
+    }
+
+    /// What needs privileges the agent gives up once attached: who holds
+    /// each socket now, if a class will ask for socket owners (see
+    /// [`OwnerResolver::snapshot_holders`]).
+    pub(crate) fn before_dropping_privileges(&mut self) {
+        if self.owners_wanted {
+            self.owners.snapshot_holders();
+        }
     }
 
     /// The owner of the socket `sock_id` with addresses `tuple`, given what

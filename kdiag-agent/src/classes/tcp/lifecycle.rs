@@ -26,6 +26,7 @@ use crate::{
     class::{BtfQueries, Class, ClassError, Context, Global, KernelTypes, MapSize, Tracepoint},
     kernel::wire::{DecodeError, decode, event_kind},
     output::record::{Degraded, Endpoints, TcpConn, TcpState, TcpSummary, TopConn},
+    services::Services,
 };
 
 const TRACEPOINTS: &[Tracepoint] = &[
@@ -72,7 +73,13 @@ pub(crate) struct TcpClass {
 }
 
 impl TcpClass {
-    pub(crate) fn new(filter: OwnerFilter, tcp: TcpFilter, state: Option<i32>) -> Self {
+    pub(crate) fn new(
+        filter: OwnerFilter,
+        tcp: TcpFilter,
+        state: Option<i32>,
+        services: &mut Services,
+    ) -> Self {
+        services.want_socket_owners();
         Self {
             filter,
             tcp,
