@@ -161,6 +161,13 @@ pub(crate) fn kernel_release() -> String {
         .unwrap_or_default()
 }
 
+/// Whether the kernel's BPF run-time statistics are on for the whole host
+/// (`kernel.bpf_stats_enabled`; an enable held by a descriptor does not
+/// show there).
+pub(crate) fn bpf_stats_enabled() -> bool {
+    fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() == "1")
+}
+
 pub(crate) fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_owned())
