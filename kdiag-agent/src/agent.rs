@@ -2,7 +2,11 @@
 //! its class, tick intervals, and shut down in order: detach, drain, write
 //! the final accounting.
 
-use std::{fs, io, os::fd::AsFd as _, time::Duration};
+use std::{
+    fs, io,
+    os::fd::{AsFd as _, BorrowedFd},
+    time::Duration,
+};
 
 use aya::maps::PerCpuArray;
 use tokio::signal::unix::{SignalKind, signal};
@@ -23,8 +27,9 @@ use crate::{
         record::{AgentStart, Degraded},
         stats::{ProgramCounters, StatsCollector},
     },
-    privileges::{self, MissingPrivileges},
+    privileges::{self, DropError, MissingPrivileges, RunAs, UserError},
     services::Services,
+    sys,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +40,10 @@ pub(crate) enum AgentError {
     Options(ClassError),
     #[error(transparent)]
     Privileges(#[from] MissingPrivileges),
+    #[error(transparent)]
+    User(#[from] UserError),
+    #[error(transparent)]
+    Drop(#[from] DropError),
     #[error(transparent)]
     Load(#[from] LoadError),
     #[error(transparent)]
@@ -57,6 +66,7 @@ impl AgentError {
             Self::Usage(_)
             | Self::Options(_)
             | Self::Load(LoadError::NoRingBuf)
+            | Self::User(UserError::NoSuchUser(_) | UserError::Root(_))
             // An option this kernel cannot honour (found while configuring).
             | Self::Class {
                 source:
@@ -94,6 +104,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
             return Err(AgentError::Usage(format!("--pid {pid}: no such process")));
         }
     }
+    let run_as = RunAs::lookup(&cli.global.user)?;
     // Before anything is loaded: a signal that came before the handlers
     // would kill the agent without its final agent_stats (the kernel would
     // still detach everything); one that comes while loading ends the run
@@ -110,6 +121,9 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
     let mut classes =
         classes::build(&cli.command, scope, &mut services).map_err(AgentError::Options)?;
     privileges::check()?;
+    // Before loading: an agent that could not give up what it must once
+    // attached would only attach to stop.
+    privileges::check_drop(&run_as)?;
 
     let buffer_bytes = cli.global.buffer_mib << 20;
     let mut loaded = load(
@@ -128,8 +142,9 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
     }
     // Kernel run-time statistics for agent_stats, for as long as this fd is
     // open: the kernel turns them off again when the agent exits, however it
-    // exits. Without them (old kernels) run counts read as zero.
-    let _bpf_stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
+    // exits. Without them (old kernels, no CAP_SYS_ADMIN) run counts read as
+    // zero, unless an administrator turned them on for the whole host.
+    let bpf_stats = aya::sys::enable_stats(aya::sys::Stats::RunTime);
 
     let mut reader = match loaded.transport {
         TransportKind::Perf => {
@@ -138,12 +153,24 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
         _ => Reader::ring(take_map(&mut loaded.ebpf, "EVENTS")?)?,
     };
     // Everything that needs privileges is done: loading, attaching, opening
-    // the buffers.
+    // the buffers; and, with every process's descriptors still readable,
+    // noting who holds each socket. Should giving them up fail, the agent
+    // stops, and everything it attached goes with it.
+    services.before_dropping_privileges();
+    let dropped = privileges::drop_after_attach(&run_as, bpf_descriptor(&loaded.ebpf))?;
     let mut degraded = loaded.degraded.clone();
-    if let Err(e) = privileges::drop_after_attach() {
+    degraded.extend(dropped.degraded.clone());
+    if let Err(e) = &bpf_stats
+        && !procfs::bpf_stats_enabled()
+    {
         degraded.push(Degraded {
-            what: "capabilities".to_owned(),
-            why: format!("still holding them all: {}", crate::errors::Chain(&e)),
+            what: "program statistics".to_owned(),
+            why: format!(
+                "cannot turn on the kernel's BPF run-time statistics (it takes CAP_SYS_ADMIN): \
+                 {}; run_cnt and run_time_ns in agent_stats stay 0 unless \
+                 kernel.bpf_stats_enabled is set",
+                crate::errors::Chain(e)
+            ),
         });
     }
     let losses = PerCpuArray::try_from(take_map(&mut loaded.ebpf, "LOSSES")?)
@@ -164,9 +191,23 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
         transport: loaded.transport.name(),
         attached: loaded.attached.iter().map(|t| t.path()).collect(),
         degraded,
+        uid: dropped.uid,
+        gid: dropped.gid,
+        capabilities: privileges::cap_names(dropped.caps),
     };
     out.write(monotonic_ns(), &start)?;
     out.flush()?;
+    if cli.global.try_forbidden_syscall {
+        match sys::seccomp::try_forbidden_call() {
+            Ok(()) => output::diagnose(format_args!(
+                "--try-forbidden-syscall: socket() was allowed"
+            )),
+            Err(e) => output::diagnose(format_args!(
+                "--try-forbidden-syscall: socket() refused: {}",
+                crate::errors::Chain(&e)
+            )),
+        }
+    }
 
     let deadline = tokio::time::sleep(
         cli.global
@@ -300,6 +341,14 @@ fn load(
         degraded,
     )?;
     Ok(loaded)
+}
+
+/// A descriptor of one of the loaded programs, to probe which bpf() commands
+/// need a capability.
+fn bpf_descriptor(ebpf: &aya::Ebpf) -> Option<BorrowedFd<'_>> {
+    ebpf.programs()
+        .find_map(|(_, p)| p.fd().ok())
+        .map(|fd| fd.as_fd())
 }
 
 fn take_map(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<aya::maps::Map, AgentError> {

@@ -11,8 +11,10 @@ use crate::{classes::Command, kernel::transport::TransportKind, output::Format};
 /// Production tracing agent: kernel events attributed to processes,
 /// connections and cgroups, as JSON Lines on stdout.
 ///
-/// Needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN): run it as root. It
-/// detaches everything it attached when it exits, however it exits.
+/// Needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN): run it as root. Once
+/// attached it runs as --user (nobody), without root's capabilities, under a
+/// seccomp filter. It detaches everything it attached when it exits, however
+/// it exits.
 ///
 /// Examples:
 ///   sudo kdiag-agent retrans                    every TCP retransmit
@@ -79,6 +81,16 @@ pub(crate) struct GlobalArgs {
     #[arg(long, value_name = "MIB", global = true,
           default_value_t = DEFAULT_BUFFER_BYTES >> 20, value_parser = buffer_mib)]
     pub buffer_mib: u32,
+    /// Once attached, run as this user and its group, with no supplementary
+    /// groups and no capability the rest of the run does not need. The user
+    /// must exist and must not be root.
+    #[arg(long, value_name = "NAME", default_value = "nobody", global = true)]
+    pub user: String,
+    /// Once started, try a system call the seccomp filter does not allow and
+    /// say on stderr whether the kernel refused it. A test seam: it shows
+    /// the filter is in force.
+    #[arg(long, global = true, hide = true)]
+    pub try_forbidden_syscall: bool,
     /// Read tracepoint formats from this directory instead of tracefs.
     /// A test seam: it shows how the agent degrades when a tracepoint is
     /// missing, without a kernel that lacks it.

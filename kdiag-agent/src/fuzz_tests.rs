@@ -49,7 +49,7 @@ proptest! {
         let _ = procfs::parse_cgroup_v2(text.lines().map(str::to_owned));
         let _ = tracefs::parse_format(&text);
         let _ = cgroup::parse_cgroup2_mount(&text);
-        let _ = privileges::effective_caps(&text);
+        let _ = privileges::ProcStatus::parse(&text);
         let _ = vmstat::parse_vmstat(&text);
         let _ = vmstat::parse_psi(&text);
     }

@@ -23,6 +23,9 @@ use crate::{
 
 pub(crate) struct Services {
     owners: OwnerResolver,
+    /// Whether a class resolves socket owners, so that the agent snapshots
+    /// who holds each socket before giving up its privileges.
+    owners_wanted: bool,
     cgroups: CgroupTables,
     /// The hierarchy of the cgroups the kernel captures with owners
     /// (`bpf_get_current_cgroup_id`: the unified one).
@@ -57,6 +60,7 @@ impl Services {
         let unified = cgroups.hierarchy(find_cgroup2_mount().as_deref());
         Self {
             owners: OwnerResolver::new(),
+            owners_wanted: false,
             cgroups,
             unified,
             vmstat: VmstatSampler::new(),
@@ -73,6 +77,20 @@ impl Services {
     /// Cgroup `id` of `hierarchy` as records name it.
     pub(crate) fn cgroup(&mut self, hierarchy: Hierarchy, id: u64) -> Cgroup {
         self.cgroups.0[hierarchy.0].name(id)
+    }
+
+    /// A class will ask for socket owners.
+    pub(crate) fn want_socket_owners(&mut self) {
+        self.owners_wanted = true;
+    }
+
+    /// What needs privileges the agent gives up once attached: who holds
+    /// each socket now, if a class will ask for socket owners (see
+    /// [`OwnerResolver::snapshot_holders`]).
+    pub(crate) fn before_dropping_privileges(&mut self) {
+        if self.owners_wanted {
+            self.owners.snapshot_holders();
+        }
     }
 
     /// The owner of the socket `sock_id` with addresses `tuple`, given what

@@ -28,6 +28,8 @@ pub const NOBODY: u32 = 65534;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cap {
     DacReadSearch,
+    Setgid,
+    Setuid,
     Setpcap,
     SysPtrace,
     SysAdmin,
@@ -36,10 +38,30 @@ pub enum Cap {
 }
 
 impl Cap {
+    /// Every capability an [`Identity`] may keep.
+    pub const ALL: [Cap; 8] = [
+        Cap::DacReadSearch,
+        Cap::Setgid,
+        Cap::Setuid,
+        Cap::Setpcap,
+        Cap::SysPtrace,
+        Cap::SysAdmin,
+        Cap::Perfmon,
+        Cap::Bpf,
+    ];
+
+    /// The capability named `name` (`CAP_BPF`), if an [`Identity`] may keep
+    /// it.
+    pub fn from_name(name: &str) -> Option<Cap> {
+        Cap::ALL.into_iter().find(|cap| cap.name() == name)
+    }
+
     /// Its number (linux/capability.h).
     pub fn bit(self) -> u32 {
         match self {
             Cap::DacReadSearch => 2,
+            Cap::Setgid => 6,
+            Cap::Setuid => 7,
             Cap::Setpcap => 8,
             Cap::SysPtrace => 19,
             Cap::SysAdmin => 21,
@@ -51,6 +73,8 @@ impl Cap {
     pub fn name(self) -> &'static str {
         match self {
             Cap::DacReadSearch => "CAP_DAC_READ_SEARCH",
+            Cap::Setgid => "CAP_SETGID",
+            Cap::Setuid => "CAP_SETUID",
             Cap::Setpcap => "CAP_SETPCAP",
             Cap::SysPtrace => "CAP_SYS_PTRACE",
             Cap::SysAdmin => "CAP_SYS_ADMIN",

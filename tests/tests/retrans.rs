@@ -722,6 +722,9 @@ fn usage_errors_exit_2() {
         // whether or not the host has a cgroup v2 hierarchy to look in.
         &["retrans", "--cgroup", "/kdiag-no-such-cgroup"],
         &["-c", "/kdiag-no-such-cgroup", "tcp"],
+        // Once attached it runs as --user: one that exists, and not root.
+        &["--user", "kdiag-no-such-user", "retrans"],
+        &["retrans", "--user", "root"],
     ];
     for args in cases {
         let (code, stderr) = Agent::run_to_exit(args);

@@ -28,6 +28,9 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("ip", "iproute2"),
     ("bpftool", "bpftool"),
+    // Rates the systemd unit (`systemd-analyze security --offline=yes`);
+    // works where PID 1 is not systemd.
+    ("systemd-analyze", "systemd"),
 ];
 
 /// Where Debian puts admin binaries; a non-root PATH often lacks them, but the

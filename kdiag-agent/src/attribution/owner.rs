@@ -1,6 +1,8 @@
 //! Who owns a socket: the owner the kernel programs captured in process
 //! context, or, for sockets created before the agent started, the process
-//! found in /proc holding the socket's inode.
+//! that held the socket's inode when the agent took its snapshot of every
+//! process's descriptors (while it could still read them all: see
+//! [`OwnerResolver::snapshot_holders`]).
 
 use std::{
     collections::HashSet,
@@ -52,8 +54,8 @@ impl OwnerFilter {
     }
 }
 
-/// A /proc lookup walks the TCP table of every network namespace and every
-/// process's file descriptors, and its cost grows with them (a /proc/net/tcp
+/// A /proc lookup walks the TCP table of every network namespace, and its
+/// cost grows with them (a /proc/net/tcp
 /// read took 0.7 s with 38k TIME_WAIT sockets under connection churn). So
 /// lookups draw on a time budget: it refills at LOOKUP_SHARE of wall time
 /// and holds at most LOOKUP_BURST, a lookup may start while the budget is
@@ -65,8 +67,8 @@ const LOOKUP_BURST: Duration = Duration::from_millis(250);
 const CACHE_MAX: usize = 16_384;
 /// Bounds the comm strings kept; cleared when full, like the cache.
 const COMMS_MAX: usize = 4096;
-/// A socket not found in /proc may be found later: a connection still in its
-/// listener's accept queue has no file descriptor until accept().
+/// A socket not found in /proc may be found later: a connection that was not
+/// yet in the TCP table when it was looked up.
 const RETRY_NOT_FOUND_AFTER: Duration = Duration::from_secs(2);
 
 /// A listener: its network namespace (the kernel's address of it, 0 when
@@ -88,6 +90,51 @@ pub(crate) struct OwnerResolver {
     /// The comm strings of owners the kernel captured, by their raw bytes:
     /// decoded once per process name, not once per event.
     comms: HashMap<[u8; COMM_LEN], Arc<str>>,
+    /// Who held each socket at start-up.
+    holders: Holders,
+}
+
+/// Socket inode -> the process holding it, from one walk of every
+/// process's file descriptors. Reading another user's descriptors takes
+/// CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH, which the agent gives up once
+/// attached; by then the kernel programs capture the owner of every socket
+/// that changes state, so only sockets older than the agent need this.
+#[derive(Debug, Default)]
+struct Holders {
+    /// The first process (in /proc order) holding each socket.
+    by_inode: HashMap<u64, u32>,
+    /// Those processes' owner fields, as they were at the walk.
+    owners: HashMap<u32, ResolvedOwner>,
+}
+
+impl Holders {
+    /// Walks every process's descriptors.
+    fn take() -> Self {
+        let mut holders = Self::default();
+        for pid in procfs::pids() {
+            let mut first_holder = false;
+            for inode in procfs::socket_inodes(pid) {
+                if let std::collections::hash_map::Entry::Vacant(e) = holders.by_inode.entry(inode)
+                {
+                    e.insert(pid);
+                    first_holder = true;
+                }
+            }
+            if first_holder {
+                let owner = ResolvedOwner {
+                    pid: Some(pid),
+                    comm: procfs::comm(pid).map(Arc::from),
+                    cgroup: Cgroup(procfs::cgroup_v2(pid).map(|p| cgroup_name(&p))),
+                };
+                holders.owners.insert(pid, owner);
+            }
+        }
+        holders
+    }
+
+    fn owner(&self, inode: u64) -> Option<ResolvedOwner> {
+        self.owners.get(self.by_inode.get(&inode)?).cloned()
+    }
 }
 
 /// The time budget of /proc lookups (see [`LOOKUP_SHARE`]).
@@ -126,6 +173,16 @@ impl OwnerResolver {
         Self::default()
     }
 
+    /// Notes which process holds each socket now: the owners of sockets
+    /// older than the agent, for the rest of the run. Taken once attached
+    /// (a socket created later changes state under the programs' eyes) and
+    /// before the agent gives up the capabilities that let it read every
+    /// process's descriptors. Returns the number of sockets found.
+    pub(crate) fn snapshot_holders(&mut self) -> usize {
+        self.holders = Holders::take();
+        self.holders.by_inode.len()
+    }
+
     /// The owner of the socket `sock_id` with addresses `tuple`, given what
     /// the kernel captured; `cgroups` names the cgroup ids it captured.
     /// `listener`: the listener that accepted it, when it is an accepted
@@ -145,12 +202,19 @@ impl OwnerResolver {
                 cgroup: cgroups.name(owner.cgroup_id),
             };
         }
+        let holders = &self.holders;
         match listener {
             Some(id) => cached_lookup(&mut self.listeners, id, &mut self.budget, || {
-                lookup_listener_in_proc(tuple)
+                holders.owner(find_listener_inode(tuple)?)
             }),
+            // A socket not held at the snapshot and whose owner the programs
+            // did not see is, but for a full socket map, one accepted after
+            // it from a listener older than the agent: the listener's owner
+            // accepted it.
             None => cached_lookup(&mut self.cache, (sock_id, *tuple), &mut self.budget, || {
-                lookup_in_proc(tuple)
+                find_inode(tuple)
+                    .and_then(|inode| holders.owner(inode))
+                    .or_else(|| holders.owner(find_listener_inode(tuple)?))
             }),
         }
     }
@@ -206,33 +270,16 @@ pub(crate) fn comm_str(comm: &[u8]) -> String {
     String::from_utf8_lossy(&comm[..end]).into_owned()
 }
 
-/// Finds the socket in the TCP table of each network namespace (one process
-/// per namespace is enough to read it), then the process holding it.
-fn lookup_in_proc(tuple: &TcpTuple) -> Option<ResolvedOwner> {
-    owner_of_inode(find_inode(tuple)?)
-}
-
-/// The first process holding the socket with this inode.
-fn owner_of_inode(inode: u64) -> Option<ResolvedOwner> {
-    let pid = procfs::pids().find(|&pid| procfs::has_socket(pid, inode))?;
-    Some(ResolvedOwner {
-        pid: Some(pid),
-        comm: procfs::comm(pid).map(Arc::from),
-        cgroup: Cgroup(procfs::cgroup_v2(pid).map(|p| cgroup_name(&p))),
-    })
-}
-
 /// Finds the listener an accepted socket came from: a LISTEN socket on its
 /// local port, bound to its local address or to any. Listeners of the same
 /// port in two network namespaces, both bound to any address, cannot be told
 /// apart here; the first namespace found wins.
-fn lookup_listener_in_proc(child: &TcpTuple) -> Option<ResolvedOwner> {
-    let inode = find_row(|r| {
+fn find_listener_inode(child: &TcpTuple) -> Option<u64> {
+    find_row(|r| {
         i32::from(r.state) == TCP_LISTEN
             && r.local.1 == child.sport
             && (r.local.0 == child.saddr || r.local.0 == [0; 16])
-    })?;
-    owner_of_inode(inode)
+    })
 }
 
 fn find_inode(tuple: &TcpTuple) -> Option<u64> {
@@ -244,7 +291,7 @@ fn find_inode(tuple: &TcpTuple) -> Option<u64> {
 fn find_row(wanted: impl Fn(&procfs::TcpRow) -> bool) -> Option<u64> {
     let mut seen = HashSet::new();
     for pid in procfs::pids() {
-        let Some(ns) = procfs::netns_inode(pid) else {
+        let Some(ns) = procfs::tcp_table_id(pid) else {
             continue;
         };
         if !seen.insert(ns) {

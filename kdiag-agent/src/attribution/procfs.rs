@@ -74,9 +74,14 @@ pub(crate) fn pids() -> impl Iterator<Item = u32> {
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
 }
 
-/// The network namespace inode of a process.
-pub(crate) fn netns_inode(pid: u32) -> Option<u64> {
-    fs::metadata(format!("/proc/{pid}/ns/net"))
+/// What tells the network namespace of `pid` apart from the others: the
+/// inode number of its /proc/PID/net/tcp. Each namespace registers a table
+/// of its own (tcp4_proc_init_net in net/ipv4/tcp_ipv4.c), and every /proc
+/// entry gets an inode number of its own (proc_register in
+/// fs/proc/generic.c). Unlike /proc/PID/ns/net, which only a process that
+/// may ptrace `pid` can follow, any process may stat it.
+pub(crate) fn tcp_table_id(pid: u32) -> Option<u64> {
+    fs::metadata(format!("/proc/{pid}/net/tcp"))
         .ok()
         .map(|m| m.ino())
 }
@@ -89,14 +94,23 @@ pub(crate) fn tcp_sockets(pid: u32) -> impl Iterator<Item = TcpRow> {
         .flat_map(|file| tcp_rows(io::BufReader::new(file)))
 }
 
-/// Whether `pid` holds a file descriptor on the socket with this inode.
-pub(crate) fn has_socket(pid: u32, inode: u64) -> bool {
-    let want = format!("socket:[{inode}]");
-    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return false;
-    };
-    dir.filter_map(Result::ok)
-        .any(|fd| fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == want.as_str()))
+/// The inodes of the sockets `pid` holds file descriptors on; none when
+/// its descriptors cannot be read (another user's, without CAP_SYS_PTRACE
+/// and CAP_DAC_READ_SEARCH).
+pub(crate) fn socket_inodes(pid: u32) -> impl Iterator<Item = u64> {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .filter_map(|fd| socket_inode(&fs::read_link(fd.ok()?.path()).ok()?))
+}
+
+/// The inode of a descriptor's link text `socket:[INODE]`.
+fn socket_inode(link: &Path) -> Option<u64> {
+    link.to_str()?
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 /// The process's name (`comm`), without the trailing newline.
@@ -144,6 +158,13 @@ pub(crate) fn kernel_release() -> String {
     fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())
         .unwrap_or_default()
+}
+
+/// Whether the kernel's BPF run-time statistics are on for the whole host
+/// (`kernel.bpf_stats_enabled`; an enable held by a descriptor does not
+/// show there).
+pub(crate) fn bpf_stats_enabled() -> bool {
+    fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() == "1")
 }
 
 pub(crate) fn hostname() -> String {
@@ -213,6 +234,20 @@ garbage line
             None
         );
         assert_eq!(parse_tcp_segments(""), None);
+    }
+
+    #[test]
+    fn socket_links() {
+        assert_eq!(socket_inode(Path::new("socket:[12345]")), Some(12345));
+        for other in [
+            "pipe:[12345]",
+            "/dev/null",
+            "socket:[]",
+            "socket:[x]",
+            "socket:[1",
+        ] {
+            assert_eq!(socket_inode(Path::new(other)), None, "{other}");
+        }
     }
 
     #[test]

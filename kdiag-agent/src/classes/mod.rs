@@ -172,11 +172,13 @@ pub(crate) fn build(
         Command::Retrans(args) => vec![Box::new(RetransClass::new(
             owners()?,
             tcp_filter(args, false)?,
+            services,
         ))],
         Command::Tcp(args) => vec![Box::new(TcpClass::new(
             owners()?,
             tcp_filter(&args.filter, true)?,
             args.state,
+            services,
         ))],
         Command::Softirq(args) => {
             if scope.filters_processes() {
@@ -203,8 +205,8 @@ pub(crate) fn build(
             // One TCP configuration for both TCP classes: they share programs.
             let tcp = tcp_filter(&args.tcp.filter, true)?;
             vec![
-                Box::new(RetransClass::new(owners()?, tcp.clone())),
-                Box::new(TcpClass::new(owners()?, tcp, args.tcp.state)),
+                Box::new(RetransClass::new(owners()?, tcp.clone(), services)),
+                Box::new(TcpClass::new(owners()?, tcp, args.tcp.state, services)),
                 Box::new(SoftirqClass::new(args.softirq_min_latency_us)),
                 Box::new(ReclaimClass::new(
                     memory()?,

@@ -15,6 +15,13 @@ pub(crate) fn clear_ambient() -> Result<(), CapsError> {
     caps::clear(None, CapSet::Ambient)
 }
 
+/// Empties the calling thread's effective set; its permitted set stays, so
+/// the thread could raise them again. For a thread that tries what the
+/// process could do without them.
+pub(crate) fn clear_effective() -> Result<(), CapsError> {
+    caps::clear(None, CapSet::Effective)
+}
+
 /// Removes capability `cap` from the bounding set (needs CAP_SETPCAP).
 pub(crate) fn drop_bounding(cap: u32) -> Result<(), CapsError> {
     caps::drop(None, CapSet::Bounding, capability(cap)?)

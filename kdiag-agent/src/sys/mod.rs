@@ -1,15 +1,20 @@
 //! The agent's system calls: every raw syscall and libc call, each behind a
 //! safe function, so that `unsafe` lives here and nowhere else in the agent.
-//! Built on rustix, on the caps crate for capabilities, and on libc only for
-//! what neither has (`perf_event_open`, `bpf`, `getrusage`, `mallopt`).
+//! Built on rustix, on the caps crate for capabilities, on seccompiler for
+//! the seccomp filter, and on libc only for what neither has
+//! (`perf_event_open`, `bpf`, `getrusage`, `mallopt`, `getpwnam_r`,
+//! `socket`).
 //! [`pod`] holds the byte views of the wire types, the other unsafe code.
 
+pub(crate) mod bpf;
 pub(crate) mod caps;
 pub(crate) mod fd;
 pub(crate) mod fs;
+pub(crate) mod ids;
 pub(crate) mod perf;
 pub(crate) mod pod;
 pub(crate) mod process;
+pub(crate) mod seccomp;
 
 use std::io;
 

@@ -57,3 +57,12 @@ fn clock_ns(clock: ClockId) -> i128 {
 pub(crate) fn page_size() -> usize {
     rustix::param::page_size()
 }
+
+/// Makes rustix read now what it otherwise reads from the process's
+/// auxiliary vector on first use (the page size; the vDSO, for the clocks):
+/// it asks with a prctl() the seccomp filter refuses, or reads
+/// /proc/self/auxv, which a process that gave up root cannot read.
+pub(crate) fn read_auxiliary_vector() {
+    let _ = rustix::param::page_size();
+    let _ = clock_gettime(ClockId::Monotonic);
+}

@@ -24,6 +24,7 @@ use crate::{
     kernel::wire::{DecodeError, decode, event_kind},
     output::record::ResolvedOwner,
     output::record::{Degraded, Endpoints, TcpConn, TcpState, TcpSummary, TopConn},
+    services::Services,
 };
 
 const TRACEPOINTS: &[Tracepoint] = &[
@@ -70,7 +71,13 @@ pub(crate) struct TcpClass {
 }
 
 impl TcpClass {
-    pub(crate) fn new(filter: OwnerFilter, tcp: TcpFilter, state: Option<i32>) -> Self {
+    pub(crate) fn new(
+        filter: OwnerFilter,
+        tcp: TcpFilter,
+        state: Option<i32>,
+        services: &mut Services,
+    ) -> Self {
+        services.want_socket_owners();
         Self {
             filter,
             tcp,

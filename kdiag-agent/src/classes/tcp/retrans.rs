@@ -15,6 +15,7 @@ use crate::{
     kernel::wire::{DecodeError, decode},
     output::record::ResolvedOwner,
     output::record::{Degraded, Endpoints, Retrans},
+    services::Services,
 };
 
 const TRACEPOINTS: &[Tracepoint] = &[
@@ -31,7 +32,8 @@ const TRACEPOINTS: &[Tracepoint] = &[
         required: false,
     },
     // Not a source of records: it tells the kernel programs who owns each
-    // socket. Without it every owner comes from /proc.
+    // socket. Without it only the owners of sockets older than the agent
+    // are known (from /proc, at start-up).
     Tracepoint {
         group: "sock",
         name: "inet_sock_set_state",
@@ -46,7 +48,8 @@ pub(crate) struct RetransClass {
 }
 
 impl RetransClass {
-    pub(crate) fn new(filter: OwnerFilter, tcp: TcpFilter) -> Self {
+    pub(crate) fn new(filter: OwnerFilter, tcp: TcpFilter, services: &mut Services) -> Self {
+        services.want_socket_owners();
         Self { filter, tcp }
     }
 }

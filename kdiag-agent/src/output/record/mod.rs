@@ -90,6 +90,11 @@ pub(crate) struct AgentStart {
     pub transport: &'static str,
     pub attached: Vec<String>,
     pub degraded: Vec<Degraded>,
+    /// The ids the agent runs as once attached, and the capabilities it
+    /// still holds (effective and permitted alike).
+    pub uid: u32,
+    pub gid: u32,
+    pub capabilities: Vec<String>,
 }
 
 impl Record for AgentStart {
@@ -106,6 +111,15 @@ impl Record for AgentStart {
         for d in &self.degraded {
             s.push_str(&format!("\n# degraded: {}: {}", d.what, d.why));
         }
+        let caps = if self.capabilities.is_empty() {
+            "none".to_owned()
+        } else {
+            self.capabilities.join(" ")
+        };
+        s.push_str(&format!(
+            "\n# running as uid {} gid {}, capabilities: {caps}",
+            self.uid, self.gid
+        ));
         s
     }
 }
