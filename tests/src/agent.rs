@@ -116,6 +116,29 @@ impl Agent {
         self.pid
     }
 
+    /// Checks that `start` (this agent's `agent_start`) reports nothing
+    /// degraded but what this kernel cannot give, as seen from outside the
+    /// agent, and that it does report that: where the kernel does not count
+    /// recursion misses of the programs the agent holds (before 5.12),
+    /// `bpf/recursion_misses`.
+    pub fn assert_only_kernel_limits(&self, start: &Value) {
+        let mut limits = Vec::new();
+        if bpf::counts_recursion_misses(self.pid) == Some(false) {
+            limits.push("bpf/recursion_misses");
+        }
+        let degraded: Vec<&str> = start["degraded"]
+            .as_array()
+            .unwrap_or_else(|| self.fail(&format!("no degraded list in {start}")))
+            .iter()
+            .map(|d| d["what"].as_str().unwrap_or_default())
+            .collect();
+        if degraded != limits {
+            self.fail(&format!(
+                "degraded {degraded:?}, where this kernel lacks {limits:?}: {start}"
+            ));
+        }
+    }
+
     /// Runs the agent as root with `args` to its exit, which must come
     /// before it writes any record (usage errors); returns the exit code
     /// and stderr.

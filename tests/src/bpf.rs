@@ -87,6 +87,26 @@ pub fn recursion_misses(ids: &BTreeSet<u32>) -> u64 {
         .sum()
 }
 
+/// Whether the kernel counts recursion misses of the BPF programs process
+/// `pid` holds (5.12 on): their program fds' fdinfo has the line. `None`
+/// when the process holds no program fd.
+pub fn counts_recursion_misses(pid: u32) -> Option<bool> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("reading {dir}: {e}"));
+    let programs: Vec<String> = entries
+        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
+        .filter(|info| info.lines().any(|l| l.starts_with("prog_type:")))
+        .collect();
+    if programs.is_empty() {
+        return None;
+    }
+    Some(
+        programs
+            .iter()
+            .any(|info| info.lines().any(|l| l.starts_with("recursion_misses:"))),
+    )
+}
+
 /// Ids of the BPF programs process `pid` holds through a program or link fd,
 /// from the `prog_id:` lines of /proc/PID/fdinfo. Ids are specific to this
 /// process, unlike names: parallel tests run other agents with the same
