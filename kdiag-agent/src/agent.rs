@@ -167,9 +167,9 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
     if uncounted {
         degraded.push(Degraded {
             what: "bpf/recursion_misses".to_owned(),
-            why: "this kernel does not count the runs of a program it skips while another BPF \
-                  program runs on that CPU (counted from 5.12): agent_stats programs' \
-                  recursion_misses are null"
+            why: "this kernel does not count the runs of a tracepoint program it skips while \
+                  another BPF program runs on that CPU (counted from 6.7): agent_stats \
+                  programs' recursion_misses are null"
                 .to_owned(),
         });
     }

@@ -119,8 +119,8 @@ impl Agent {
     /// Checks that `start` (this agent's `agent_start`) reports nothing
     /// degraded but what this kernel cannot give, as seen from outside the
     /// agent, and that it does report that: where the kernel does not count
-    /// recursion misses of the programs the agent holds (before 5.12),
-    /// `bpf/recursion_misses`.
+    /// recursion misses of the tracepoint programs the agent holds (before
+    /// 6.7), `bpf/recursion_misses`.
     pub fn assert_only_kernel_limits(&self, start: &Value) {
         let mut limits = Vec::new();
         if bpf::counts_recursion_misses(self.pid) == Some(false) {

@@ -138,7 +138,7 @@ fn summary_counts(recs: &[Value], cpus: usize) -> BTreeMap<(usize, String), u64>
 ///   programs the kernel skipped because another BPF program was running on
 ///   that CPU (`recursion_misses`; usually 0). So the tolerance is the
 ///   softirqs of the agent's start-up and shutdown, plus those misses.
-///   Where the kernel does not count such misses (before 5.12, which the
+///   Where the kernel does not count such misses (before 6.7, which the
 ///   agent reports as degraded), this half cannot be checked.
 #[test]
 fn counts_match_proc_softirqs() {
