@@ -177,6 +177,32 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
         .map_err(|_| AgentError::MissingMap("LOSSES"))?;
     let class_names = classes.iter().map(|c| (c.id() as u32, c.name())).collect();
     let mut stats = StatsCollector::new(class_names, losses, monotonic_ns());
+    let _bpf_stats = match bpf_stats {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            degraded.push(Degraded {
+                what: "bpf/run statistics".to_owned(),
+                why: format!(
+                    "agent_stats programs' run_cnt and run_time_ns stay 0: {}",
+                    crate::errors::Chain(&e)
+                ),
+            });
+            None
+        }
+    };
+    let uncounted = stats
+        .snapshot_programs(&loaded.ebpf)
+        .values()
+        .any(|c| c.recursion_misses.is_none());
+    if uncounted {
+        degraded.push(Degraded {
+            what: "bpf/recursion_misses".to_owned(),
+            why: "this kernel does not count the runs of a tracepoint program it skips while \
+                  another BPF program runs on that CPU (counted from 6.7): agent_stats \
+                  programs' recursion_misses are null"
+                .to_owned(),
+        });
+    }
 
     let stdout = io::stdout().as_fd().try_clone_to_owned()?;
     let mut out = Output::new(

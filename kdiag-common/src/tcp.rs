@@ -161,8 +161,14 @@ pub struct TcpConfig {
     /// Non-zero: send a [`TcpStateEvent`] for every state change (the `tcp`
     /// class); zero: only keep the socket map (owners for `retrans`).
     pub stream_states: u32,
+    /// Byte offset of `skc_family` in `struct sock` (from the kernel's BTF),
+    /// or 0 when not needed or unknown: where a tracepoint's record has no
+    /// `family` (the retransmit tracepoints of 5.10), the socket's own
+    /// family, which is what later kernels record there.
+    pub sk_family_offset: u16,
+    pub _pad: u16,
 }
-const _: () = assert!(size_of::<TcpConfig>() == 3 * 28 + 8 + 16 + 4);
+const _: () = assert!(size_of::<TcpConfig>() == 3 * 28 + 8 + 16 + 4 + 4);
 
 impl TcpConfig {
     pub const DEFAULT: Self = Self {
@@ -174,6 +180,8 @@ impl TcpConfig {
         nports: 0,
         ports: [0; MAX_PORTS],
         stream_states: 0,
+        sk_family_offset: 0,
+        _pad: 0,
     };
 
     /// Whether a connection with these ports passes the `--port` filter.

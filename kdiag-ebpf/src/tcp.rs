@@ -96,17 +96,22 @@ macro_rules! field {
     };
 }
 
-/// Reads the connection fields and applies the family and port filters.
-/// `None`: filtered out.
+/// Reads the connection fields of socket `sk`'s record and applies the
+/// family and port filters. `None`: filtered out.
 #[inline(always)]
 fn read_tuple(
     ctx: &TracePointContext,
     cfg: &TcpConfig,
     offsets: &TcpTpOffsets,
     usual: &TcpTpOffsets,
+    sk: u64,
 ) -> Result<Option<TcpTuple>, i64> {
     let (o, u) = (&offsets.tuple, &usual.tuple);
-    let family: u16 = field!(ctx, o, u, family)?;
+    let family: u16 = if o.family == FIELD_ABSENT {
+        sock_family(cfg, sk)?
+    } else {
+        field!(ctx, o, u, family)?
+    };
     let sport: u16 = field!(ctx, o, u, sport)?;
     let dport: u16 = field!(ctx, o, u, dport)?;
     if !cfg.family_allowed(family) || !cfg.port_allowed(sport, dport) {
@@ -162,6 +167,18 @@ fn sock_net(cfg: &TcpConfig, sk: u64) -> u64 {
     }
     // SAFETY: probe read of kernel memory; a fault returns an error.
     unsafe { bpf_probe_read_kernel((sk + u64::from(cfg.sk_net_offset)) as *const u64) }.unwrap_or(0)
+}
+
+/// The family of socket `sk` (`sk->__sk_common.skc_family`), for records
+/// without a `family` field; an error when the agent found no offset.
+#[inline(always)]
+fn sock_family(cfg: &TcpConfig, sk: u64) -> Result<u16, i64> {
+    if cfg.sk_family_offset == 0 {
+        return Err(-1);
+    }
+    // SAFETY: probe read of kernel memory; a fault returns an error.
+    unsafe { bpf_probe_read_kernel((sk + u64::from(cfg.sk_family_offset)) as *const u16) }
+        .map_err(i64::from)
 }
 
 #[tracepoint]
@@ -241,7 +258,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
     if cfg.stream_states == 0 {
         return Ok(0);
     }
-    let Some(tuple) = read_tuple(ctx, cfg, o, u)? else {
+    let Some(tuple) = read_tuple(ctx, cfg, o, u, sk)? else {
         return Ok(0);
     };
     // Stamped with the clock read that timed the states, so that a closed
@@ -366,10 +383,10 @@ pub(crate) fn retransmit_skb(ctx: TracePointContext) -> u32 {
 fn try_retransmit_skb(ctx: &TracePointContext) -> Result<u32, i64> {
     let cfg = config();
     let (o, u) = (&cfg.retransmit_skb, &TcpTpOffsets::USUAL_RETRANSMIT_SKB);
-    let Some(tuple) = read_tuple(ctx, cfg, o, u)? else {
+    let sk: u64 = field!(ctx, o, u, skaddr)?;
+    let Some(tuple) = read_tuple(ctx, cfg, o, u, sk)? else {
         return Ok(0);
     };
-    let sk: u64 = field!(ctx, o, u, skaddr)?;
     // `state` exists since 4.16; without it every retransmit is "data".
     let state: i32 = field!(ctx, o, u, state).unwrap_or(0);
     let (owner, conn_retrans) = match SOCKS.get_ptr_mut(sk) {
@@ -424,12 +441,12 @@ fn try_retransmit_synack(ctx: &TracePointContext) -> Result<u32, i64> {
         &cfg.retransmit_synack,
         &TcpTpOffsets::USUAL_RETRANSMIT_SYNACK,
     );
-    let Some(tuple) = read_tuple(ctx, cfg, o, u)? else {
-        return Ok(0);
-    };
     // `skaddr` is the listener; the request socket identifies the
     // connection being set up.
     let listener: u64 = field!(ctx, o, u, skaddr)?;
+    let Some(tuple) = read_tuple(ctx, cfg, o, u, listener)? else {
+        return Ok(0);
+    };
     let req: u64 = field!(ctx, o, u, req)?;
     // SAFETY: the value is copied out immediately.
     let owner = unsafe { SOCKS.get(listener) }

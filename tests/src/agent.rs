@@ -79,19 +79,64 @@ impl Agent {
     /// Spawns the agent on `args`, waits for its `agent_start` and checks
     /// that every tracepoint of `needs` ("group/name") is attached.
     pub fn start(args: &[&str], needs: &[&str]) -> (Agent, Value) {
+        Agent::spawn(args).started(needs)
+    }
+
+    /// [`Agent::start`], unless the agent refuses `args` with a usage error
+    /// (exit 2) before writing anything: then its stderr, for the test to
+    /// tell a kernel that cannot do what `args` ask from a bug.
+    pub fn start_or_refusal(args: &[&str], needs: &[&str]) -> Result<(Agent, Value), String> {
         let mut agent = Agent::spawn(args);
-        let start = agent.wait_start();
+        if agent
+            .stdout
+            .wait(WAIT, |lines| lines.first().cloned())
+            .is_err()
+        {
+            let status = agent.wait_exit(EXIT_TIMEOUT);
+            if status.code() == Some(2) && agent.records().is_empty() {
+                return Err(agent.stderr());
+            }
+            agent.fail(&format!("exited ({status}) without a first line"));
+        }
+        Ok(agent.started(needs))
+    }
+
+    fn started(mut self, needs: &[&str]) -> (Agent, Value) {
+        let start = self.wait_start();
         let attached = start["attached"].as_array().expect("checked by wait_start");
         for tracepoint in needs {
             if !attached.iter().any(|a| a == tracepoint) {
-                agent.fail(&format!("{tracepoint} not attached: {start}"));
+                self.fail(&format!("{tracepoint} not attached: {start}"));
             }
         }
-        (agent, start)
+        (self, start)
     }
 
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// Checks that `start` (this agent's `agent_start`) reports nothing
+    /// degraded but what this kernel cannot give, as seen from outside the
+    /// agent, and that it does report that: where the kernel does not count
+    /// recursion misses of the tracepoint programs the agent holds (before
+    /// 6.7), `bpf/recursion_misses`.
+    pub fn assert_only_kernel_limits(&self, start: &Value) {
+        let mut limits = Vec::new();
+        if bpf::counts_recursion_misses(self.pid) == Some(false) {
+            limits.push("bpf/recursion_misses");
+        }
+        let degraded: Vec<&str> = start["degraded"]
+            .as_array()
+            .unwrap_or_else(|| self.fail(&format!("no degraded list in {start}")))
+            .iter()
+            .map(|d| d["what"].as_str().unwrap_or_default())
+            .collect();
+        if degraded != limits {
+            self.fail(&format!(
+                "degraded {degraded:?}, where this kernel lacks {limits:?}: {start}"
+            ));
+        }
     }
 
     /// Runs the agent as root with `args` to its exit, which must come

@@ -87,6 +87,38 @@ pub fn recursion_misses(ids: &BTreeSet<u32>) -> u64 {
         .sum()
 }
 
+/// Whether the kernel counts the recursion misses of the tracepoint
+/// programs process `pid` holds: their program fds' fdinfo has the line
+/// (5.12 on), and the kernel is 6.7 or later (before, that line reads 0
+/// for tracepoint programs whatever the kernel skipped). `None` when the
+/// process holds no program fd.
+pub fn counts_recursion_misses(pid: u32) -> Option<bool> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("reading {dir}: {e}"));
+    let programs: Vec<String> = entries
+        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
+        .filter(|info| info.lines().any(|l| l.starts_with("prog_type:")))
+        .collect();
+    if programs.is_empty() {
+        return None;
+    }
+    let line = programs
+        .iter()
+        .any(|info| info.lines().any(|l| l.starts_with("recursion_misses:")));
+    Some(line && kernel_at_least(6, 7))
+}
+
+/// Whether the running kernel's release is `major.minor` or later.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    version >= (major, minor)
+}
+
 /// Ids of the BPF programs process `pid` holds through a program or link fd,
 /// from the `prog_id:` lines of /proc/PID/fdinfo. Ids are specific to this
 /// process, unlike names: parallel tests run other agents with the same

@@ -95,6 +95,15 @@ pub fn recursion_misses_reported(recs: &[Value], programs: &[&str]) -> u64 {
         .sum()
 }
 
+/// The reason `agent_start` gives for degrading `what`, if it does.
+pub fn degraded_why<'a>(start: &'a Value, what: &str) -> Option<&'a str> {
+    start["degraded"]
+        .as_array()?
+        .iter()
+        .find(|d| d["what"] == what)
+        .map(|d| d["why"].as_str().unwrap_or_default())
+}
+
 /// Checks the envelope every line carries: `"v":1`, a `type`, `ts` in
 /// RFC 3339 UTC with nanoseconds, and a non-empty `host`.
 pub fn assert_envelope(rec: &Value) {

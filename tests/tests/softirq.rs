@@ -11,6 +11,7 @@ use std::thread;
 use std::time::Duration;
 
 use kdiag_tests::agent::Agent;
+use kdiag_tests::env::skip_unless;
 use kdiag_tests::loopback::LoopbackTraffic;
 use kdiag_tests::record::{self, ClassTotals, class_totals, str_field, u64_field};
 use kdiag_tests::softirqs::ProcSoftirqs;
@@ -32,7 +33,7 @@ fn start(args: &[&str]) -> (Agent, Value) {
         args,
         &["irq/softirq_raise", "irq/softirq_entry", "irq/softirq_exit"],
     );
-    assert_eq!(start["degraded"], serde_json::json!([]), "in {start}");
+    agent.assert_only_kernel_limits(&start);
     (agent, start)
 }
 
@@ -137,11 +138,20 @@ fn summary_counts(recs: &[Value], cpus: usize) -> BTreeMap<(usize, String), u64>
 ///   programs the kernel skipped because another BPF program was running on
 ///   that CPU (`recursion_misses`; usually 0). So the tolerance is the
 ///   softirqs of the agent's start-up and shutdown, plus those misses.
+///   Where the kernel does not count such misses (before 6.7, which the
+///   agent reports as degraded), this half cannot be checked.
 #[test]
 fn counts_match_proc_softirqs() {
     let _traffic = LoopbackTraffic::start(TRAFFIC_EVERY);
     let before_start = ProcSoftirqs::read();
-    let (mut agent, _) = start(&["softirq", "--interval", "1"]);
+    let (mut agent, start) = start(&["softirq", "--interval", "1"]);
+    let lower_bound = match record::degraded_why(&start, "bpf/recursion_misses") {
+        None => true,
+        Some(why) => skip_unless(
+            false,
+            &format!("its lower bound, which needs the kernel's recursion misses: {why}"),
+        ),
+    };
     let attached = ProcSoftirqs::read();
     thread::sleep(Duration::from_millis(2500));
     let before_stop = ProcSoftirqs::read();
@@ -156,12 +166,14 @@ fn counts_match_proc_softirqs() {
     let recs = agent.stop_ok();
     let after = ProcSoftirqs::read();
     // The agent reports them too, up to its detaching: at least as many.
-    let reported = record::recursion_misses_reported(&recs, &all);
-    assert!(
-        reported >= all_misses,
-        "agent_stats reports {reported} recursion misses, the kernel counted {all_misses} \
-         before the stop"
-    );
+    if lower_bound {
+        let reported = record::recursion_misses_reported(&recs, &all);
+        assert!(
+            reported >= all_misses,
+            "agent_stats reports {reported} recursion misses, the kernel counted {all_misses} \
+             before the stop"
+        );
+    }
 
     let cpus = before_start.cpus;
     let counts = summary_counts(&recs, cpus);
@@ -180,7 +192,7 @@ fn counts_match_proc_softirqs() {
                 "{vec} on cpu {cpu}: agent counted {n}, the kernel only {hi} over the agent's life"
             );
             assert!(
-                n + misses >= lo,
+                !lower_bound || n + misses >= lo,
                 "{vec} on cpu {cpu}: agent counted {n}, the kernel {lo} while it was attached \
                  ({misses} recursion misses)"
             );

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use kdiag_tests::WAIT;
 use kdiag_tests::agent::Agent;
+use kdiag_tests::env::skip_unless;
 use kdiag_tests::netns::{Family, Netns, NetnsPair, unique_port};
 use kdiag_tests::nft::HostPortDrop;
 use kdiag_tests::peer::{ConnectOptions, ListenOptions, PEER_COMM, Peer};
@@ -233,7 +234,10 @@ fn counted_exactly_over(extra: &[&str]) {
     let port = unique_port();
     // Started before the server, so the kernel side learns the listener's
     // owner at listen() and hands it to every accepted child.
-    let mut agent = start_tcp(port, extra);
+    let port_arg = port.to_string();
+    let mut args = vec!["tcp", "--port", &port_arg];
+    args.extend_from_slice(extra);
+    let (mut agent, start) = Agent::start(&args, &["sock/inet_sock_set_state"]);
     let server = Peer::listen(PEER, &net.server, net.server.v4, port);
     let client = connections(&net.client, net.server.v4, port, CONNS);
     client.wait_done(WAIT);
@@ -285,10 +289,29 @@ fn counted_exactly_over(extra: &[&str]) {
         .filter(|k| got.get(*k) != want.get(*k))
         .map(|k| (k, got.get(k), want.get(k)))
         .collect();
+    // A kernel that does not count the runs it skips (before 6.7, which the
+    // agent reports) cannot tell a change it skipped from one lost: fewer
+    // changes than made, and nothing else amiss, is all that can be seen.
+    let only_fewer = differing
+        .iter()
+        .all(|(_, got, want)| got.copied().unwrap_or(0) < want.copied().unwrap_or(0));
+    if !differing.is_empty()
+        && only_fewer
+        && let Some(why) = record::degraded_why(&start, "bpf/recursion_misses")
+    {
+        skip_unless(
+            false,
+            &format!(
+                "its exact counts over {extra:?}: changes missing ((pid, change), got, \
+                 want): {differing:?}, where {why}"
+            ),
+        );
+        return;
+    }
     assert!(
         differing.is_empty(),
-        "tcp_state records per owner (client {cpid}, server {spid}) differ, as \
-         ((pid, change), got, want): {differing:?}; recursion misses of the agent's \
+        "tcp_state records per owner (client {cpid}, server {spid}) differ over {extra:?}, \
+         as ((pid, change), got, want): {differing:?}; recursion misses of the agent's \
          programs: {misses}"
     );
 

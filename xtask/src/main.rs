@@ -70,14 +70,17 @@ enum Command {
         #[arg(long)]
         connections: usize,
     },
-    /// Run the integration tests inside Debian's 6.1 and 6.12 kernels, each
-    /// booted under QEMU (TCG) from its Debian package (downloaded with
-    /// apt-get, never installed). Needs root. Installs qemu-system-x86 and
-    /// busybox-static when missing; caches kernels and initramfs images in
+    /// Run the integration tests inside Debian's kernels (5.10, 6.1, 6.12
+    /// and the newest series of trixie-backports), each booted under QEMU
+    /// (TCG) from its Debian package (downloaded with apt-get through a
+    /// private sources list and keyring, never installed). Needs root.
+    /// Installs qemu-system-x86, busybox-static and debian-archive-keyring
+    /// when missing; caches package lists, kernels and initramfs images in
     /// target/vm-test. Prints the time, results and skips per kernel, and
     /// after a full passing run rewrites docs/KERNELS.md.
     VmTest {
-        /// Kernel series: 6.1, 6.12 or all.
+        /// Kernel series: 5.10, 6.1, 6.12, newest (the newest series in
+        /// trixie-backports) or all.
         #[arg(long, default_value = "all")]
         kernel: String,
         /// Fail a guest that has not powered off after this many seconds.

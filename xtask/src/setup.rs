@@ -15,6 +15,9 @@ use anyhow::{Context, Result, bail, ensure};
 
 use crate::util::{self, describe, find_program, run_checked};
 
+mod kernel_sources;
+pub(crate) use kernel_sources::{KernelSources, kernel_sources};
+
 /// aya-build compiles kdiag-ebpf with `rustup run <this> cargo build -Z
 /// build-std=core`, which needs this toolchain's rust-src component.
 const NIGHTLY: &str = "nightly";
@@ -90,6 +93,52 @@ pub(crate) fn ensure_debian_packages(tools: &[(&'static str, &'static str)]) -> 
         return Ok(());
     }
     let packages: Vec<&str> = missing.iter().map(|&(_, pkg)| pkg).collect();
+    apt_install(&packages)?;
+    let still_missing = check(&missing);
+    ensure!(
+        still_missing.is_empty(),
+        "apt-get installed {}, but these binaries are still not found: {}",
+        packages.join(" "),
+        still_missing
+            .iter()
+            .map(|&(bin, _)| bin)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    Ok(())
+}
+
+/// Checks that each `(file, Debian package)` exists, installing the
+/// packages of the missing files with apt-get (needs root).
+pub(crate) fn ensure_debian_files(files: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<(&str, &str)> = files
+        .iter()
+        .copied()
+        .filter(|&(file, pkg)| {
+            let there = Path::new(file).exists();
+            if there {
+                eprintln!("ok: {file} ({pkg})");
+            }
+            !there
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let packages: Vec<&str> = missing.iter().map(|&(_, pkg)| pkg).collect();
+    apt_install(&packages)?;
+    for (file, pkg) in missing {
+        ensure!(
+            Path::new(file).exists(),
+            "apt-get installed {pkg}, but {file} is still missing"
+        );
+    }
+    Ok(())
+}
+
+/// Installs Debian `packages` with apt-get (needs root).
+fn apt_install(packages: &[&str]) -> Result<()> {
+    let sbin: Vec<&Path> = SBIN_DIRS.iter().map(Path::new).collect();
     let list = packages.join(" ");
     if !util::is_root() {
         bail!(
@@ -113,17 +162,7 @@ pub(crate) fn ensure_debian_packages(tools: &[(&'static str, &'static str)]) -> 
     // The package lists of a fresh machine are often empty or stale, so update
     // once, and only here, when something must be installed.
     apt(&["update"])?;
-    apt(&[&["install", "-y"], packages.as_slice()].concat())?;
-    let still_missing = check(&missing);
-    ensure!(
-        still_missing.is_empty(),
-        "apt-get installed {list}, but these binaries are still not found: {}",
-        still_missing
-            .iter()
-            .map(|&(bin, _)| bin)
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    apt(&[&["install", "-y"], packages].concat())?;
     Ok(())
 }
 

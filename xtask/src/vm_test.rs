@@ -1,5 +1,6 @@
-//! `cargo xtask vm-test [--kernel 6.1|6.12|all]`: the integration tests on
-//! Debian's other kernels, each booted under QEMU.
+//! `cargo xtask vm-test [--kernel 5.10|6.1|6.12|newest|all]`: the
+//! integration tests on Debian's kernels from 5.10 to the newest, each
+//! booted under QEMU.
 //!
 //! The host builds the agent and the test binaries; each guest boots a
 //! Debian kernel package with a small initramfs, mounts the host's root
@@ -36,10 +37,11 @@ const VM_TOOLS: &[(&str, &str)] = &[
     ("busybox", "busybox-static"),
     ("dpkg-deb", "dpkg"),
     ("xz", "xz-utils"),
+    ("zstd", "zstd"),
 ];
 
 pub(crate) struct Options {
-    /// `6.1`, `6.12` or `all`.
+    /// A series of [`kernel::SERIES`] by name, or `all`.
     pub kernel: String,
     pub timeout: Duration,
     pub test_threads: u32,
@@ -91,6 +93,7 @@ pub(crate) fn run(opts: Options) -> Result<()> {
     }
     let root = workspace_root();
     let cache = build::target_dir()?.join("vm-test");
+    let apt = setup::kernel_sources(&cache.join("apt"))?;
     let cwd = root.join("tests");
     let mut test_args = vec![format!("--test-threads={}", opts.test_threads)];
     let partial = !opts.test_args.is_empty() || opts.agent.is_some();
@@ -105,10 +108,10 @@ pub(crate) fn run(opts: Options) -> Result<()> {
         let result = run_series(
             s,
             &cache,
+            &apt,
             &busybox,
             &qemu,
-            &Plan {
-                series: s.name,
+            &Guest {
                 agent: &agent,
                 cwd: &cwd,
                 binaries: &binaries,
@@ -131,7 +134,8 @@ pub(crate) fn run(opts: Options) -> Result<()> {
         eprintln!("vm-test: test filters or --agent given: docs/KERNELS.md left as it is");
     } else if !passed.is_empty() {
         let path = root.join("docs").join("KERNELS.md");
-        report::update_kernels_md(&path, &passed)?;
+        let fixed: Vec<&str> = kernel::Series::fixed_names().collect();
+        report::update_kernels_md(&path, &passed, &fixed)?;
         eprintln!("vm-test: updated {}", path.display());
     }
     let failed: Vec<&str> = runs
@@ -143,27 +147,46 @@ pub(crate) fn run(opts: Options) -> Result<()> {
     Ok(())
 }
 
+/// What every guest runs.
+struct Guest<'a> {
+    agent: &'a Path,
+    cwd: &'a Path,
+    binaries: &'a [TestBinary],
+    test_args: &'a [String],
+    timeout: Duration,
+}
+
 fn run_series(
     series: &kernel::Series,
     cache: &Path,
+    apt: &setup::KernelSources,
     busybox: &Path,
     qemu: &Path,
-    plan: &Plan,
+    guest: &Guest,
 ) -> Result<report::KernelRun> {
-    let (package, version) = series.newest_package()?;
-    let kernel = kernel::prepare(cache, &package, &version, busybox)?;
+    let pick = series.newest_package(apt)?;
+    let kernel = kernel::prepare(cache, apt, &pick, busybox)?;
     eprintln!(
-        "vm-test: {}: booting {} ({package} {version})",
-        series.name, kernel.release
+        "vm-test: {}: booting {} ({} {})",
+        pick.series, kernel.release, pick.package, pick.version
     );
+    let plan = Plan {
+        series: &pick.series,
+        agent: guest.agent,
+        cwd: guest.cwd,
+        binaries: guest.binaries,
+        test_args: guest.test_args,
+        timeout: guest.timeout,
+    };
     let outcome = guest::run(
         qemu,
         &kernel,
-        plan,
+        &plan,
         &cache.join("results").join(series.name),
     )?;
     Ok(report::KernelRun {
-        series: series.name,
+        series: pick.series,
+        moving: series.moving(),
         kernel,
         outcome,
     })

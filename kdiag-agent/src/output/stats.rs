@@ -10,6 +10,7 @@ use std::{
 use aya::{
     Ebpf,
     maps::{MapData, PerCpuArray},
+    util::KernelVersion,
 };
 use kdiag_common::{CLASS_COUNT, LOSS_DROPPED, LOSS_LOST, LOSS_REASONS, LOSS_SLOTS};
 
@@ -24,7 +25,8 @@ pub(crate) struct RunCounters {
     pub run_cnt: u64,
     pub run_time_ns: u64,
     /// Runs the kernel skipped because another BPF program was running on
-    /// that CPU; `None` where the kernel does not count them (before 5.12).
+    /// that CPU; `None` where the kernel does not count them (see
+    /// [`counts_tracepoint_misses`]).
     pub recursion_misses: Option<u64>,
 }
 
@@ -43,6 +45,7 @@ pub(crate) struct StatsCollector {
     decode_errors_total: u64,
     last_cpu_ns: u64,
     last_mono_ns: u64,
+    counts_misses: bool,
 }
 
 impl StatsCollector {
@@ -61,6 +64,7 @@ impl StatsCollector {
             decode_errors_total: 0,
             last_cpu_ns: sys::process::cpu_time_ns(),
             last_mono_ns: now_mono_ns,
+            counts_misses: counts_tracepoint_misses(),
         }
     }
 
@@ -93,7 +97,7 @@ impl StatsCollector {
                 let info = p.info().ok()?;
                 // aya's ProgramInfo leaves out the miss counter; the kernel
                 // also prints it in the program descriptor's fdinfo.
-                let misses = p.fd().ok().and_then(|fd| {
+                let misses = p.fd().ok().filter(|_| self.counts_misses).and_then(|fd| {
                     let path = format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd());
                     recursion_misses(&fs::read_to_string(path).ok()?)
                 });
@@ -169,6 +173,14 @@ fn program_deltas(now: &ProgramCounters, last: &ProgramCounters) -> Vec<ProgramS
             }
         })
         .collect()
+}
+
+/// Whether the kernel counts the runs of classic tracepoint programs it
+/// skips because another BPF program runs on that CPU: from 6.7
+/// (trace_call_bpf). The fdinfo line exists from 5.12, but reads 0 for
+/// these programs until then, whatever was skipped.
+fn counts_tracepoint_misses() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 7, 0))
 }
 
 /// The `recursion_misses:` line of a BPF program's fdinfo (Linux 5.12+).

@@ -49,8 +49,11 @@ const QEMU_ARGS: &[&str] = &[
 const SCRATCH_BYTES: u64 = 4 << 30;
 
 /// `panic=-1`: a kernel panic (e.g. init exiting) reboots at once, which
-/// `-no-reboot` turns into QEMU exiting, instead of a hang until the timeout.
-const KERNEL_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
+/// `-no-reboot` turns into QEMU exiting, instead of a hang until the timeout;
+/// `softlockup_panic=1` makes a CPU stuck in the kernel such a panic.
+/// `loglevel=5`: warnings and their backtraces (a soft lockup's, a
+/// verifier WARN's) reach the console log, the boot's notices do not.
+const KERNEL_CMDLINE: &str = "console=ttyS0 loglevel=5 softlockup_panic=1 panic=-1";
 
 /// A test binary of kdiag-tests, as cargo built it on the host.
 pub(super) struct TestBinary {

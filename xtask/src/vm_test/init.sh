@@ -19,9 +19,9 @@ die() {
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 
-# In dependency order (computed on the host). busybox insmod does not know
-# soft dependencies: crc32c_generic is listed before nf_tables for that
-# reason, or nft fails with "Protocol not supported".
+# In dependency order, soft dependencies included (computed on the host:
+# busybox insmod knows no dependencies; without crc32c_generic before
+# libcrc32c, nft fails with "Protocol not supported" where nf_tables uses it).
 for m in $(cat /modules.load); do
     insmod "/lib/modules/$m.ko" || die "insmod $m"
 done

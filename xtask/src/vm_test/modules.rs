@@ -23,6 +23,14 @@ pub(super) struct Module {
     pub object: Vec<u8>,
 }
 
+/// Soft dependencies (`softdep=pre:` in `.modinfo`) the guest needs, as
+/// (module, the module to load before it). `.modinfo` names them by alias
+/// (`crc32c`), which only the `modules.alias` that depmod writes resolves,
+/// and Debian's packages do not ship it. libcrc32c (up to 6.13, where
+/// nf_tables used it) computes nothing without a crc32c provider:
+/// nft then fails with "Protocol not supported".
+pub(super) const SOFT_DEPS: &[(&str, &str)] = &[("libcrc32c", "crc32c_generic")];
+
 /// `wanted` and everything they depend on, dependencies first, so that
 /// loading them in this order with plain `insmod` always succeeds. Modules
 /// this kernel has built in (listed in `modules.builtin`) are left out.
@@ -65,8 +73,12 @@ fn visit(
     let depends = modinfo(&object, "depends")
         .with_context(|| format!("reading .modinfo of {}", path.display()))?
         .unwrap_or_default();
+    let soft = SOFT_DEPS
+        .iter()
+        .filter(|(module, _)| *module == name)
+        .map(|(_, dep)| *dep);
     stack.push(name.to_owned());
-    for dep in depends.split(',').filter(|d| !d.is_empty()) {
+    for dep in depends.split(',').filter(|d| !d.is_empty()).chain(soft) {
         visit(files, &canonical(dep), seen, order, stack)?;
     }
     stack.pop();
@@ -108,7 +120,7 @@ fn index(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
                 continue;
             }
             let file = path.file_name().unwrap_or_default().to_string_lossy();
-            if let Some(stem) = ["ko", "ko.xz"]
+            if let Some(stem) = ["ko", "ko.xz", "ko.zst", "ko.gz"]
                 .iter()
                 .find_map(|ext| file.strip_suffix(&format!(".{ext}")))
             {
@@ -124,26 +136,30 @@ fn index(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
     Ok(files)
 }
 
-/// The module's ELF object; Debian's 6.12 packages compress them with xz.
-/// Decompressed here so the guest needs neither xz nor the kernel's own
-/// module decompression (6.1 has none).
+/// The module's ELF object. Debian compresses modules from 6.12 on (xz so
+/// far; the kernel can also be built for zstd or gzip). Decompressed here,
+/// so the guest needs neither the tools nor the kernel's own module
+/// decompression (6.1 has none, and busybox insmod reads plain objects only).
 fn read_object(path: &Path) -> Result<Vec<u8>> {
-    if path.extension().is_some_and(|ext| ext == "xz") {
-        let out = Command::new("xz")
-            .args(["--decompress", "--stdout"])
-            .arg(path)
-            .output()
-            .context("running xz (Debian package xz-utils)")?;
-        ensure!(
-            out.status.success(),
-            "xz --decompress {} failed: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        Ok(out.stdout)
-    } else {
-        fs::read(path).with_context(|| format!("reading {}", path.display()))
-    }
+    let tool = match path.extension().and_then(|e| e.to_str()) {
+        Some("xz") => ("xz", "xz-utils"),
+        Some("zst") => ("zstd", "zstd"),
+        Some("gz") => ("gzip", "gzip"),
+        _ => return fs::read(path).with_context(|| format!("reading {}", path.display())),
+    };
+    let out = Command::new(tool.0)
+        .args(["--decompress", "--stdout"])
+        .arg(path)
+        .output()
+        .with_context(|| format!("running {} (Debian package {})", tool.0, tool.1))?;
+    ensure!(
+        out.status.success(),
+        "{} --decompress {} failed: {}",
+        tool.0,
+        path.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(out.stdout)
 }
 
 /// The value of `key` in the `.modinfo` section of an ELF64 little-endian

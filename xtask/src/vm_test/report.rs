@@ -10,7 +10,10 @@ use serde_json::Value;
 use super::{guest::Outcome, kernel::Kernel};
 
 pub(super) struct KernelRun {
-    pub series: &'static str,
+    /// The kernel series (`6.1`; `7.3` for `newest`).
+    pub series: String,
+    /// Whether it came from a series that moves on (`newest`).
+    pub moving: bool,
     pub kernel: Kernel,
     pub outcome: Outcome,
 }
@@ -19,18 +22,19 @@ pub(super) struct KernelRun {
 /// binary and every skip with its reason.
 pub(super) fn print_summary(runs: &[(&str, Result<KernelRun>)]) {
     eprintln!("\nvm-test summary:");
-    for (series, run) in runs {
+    for (name, run) in runs {
         let run = match run {
             Ok(run) => run,
             Err(e) => {
-                eprintln!("  {series:<5} FAILED   {e:#}");
+                eprintln!("  {name:<6} FAILED   {e:#}");
                 continue;
             }
         };
+        let series = &run.series;
         let out = &run.outcome;
         let total = out.total();
         eprintln!(
-            "  {series:<5} {:<8} {} ({} {}): {:.0} s in the guest; {} passed, {} failed, {} ignored, {} skipped",
+            "  {series:<6} {:<8} {} ({} {}): {:.0} s in the guest; {} passed, {} failed, {} ignored, {} skipped",
             if out.ok() { "ok" } else { "FAILED" },
             run.kernel.release,
             run.kernel.package,
@@ -87,29 +91,45 @@ not give them.
 ";
 
 /// Replaces the rows of the series in `runs` (all passing), keeping the
-/// rows of other series.
-pub(super) fn update_kernels_md(path: &Path, runs: &[&KernelRun]) -> Result<()> {
+/// rows of other series. `fixed` are the series that stay the same from
+/// run to run; a row of any other series is an earlier run's newest kernel,
+/// which a passing run of the newest replaces.
+pub(super) fn update_kernels_md(path: &Path, runs: &[&KernelRun], fixed: &[&str]) -> Result<()> {
     let old = fs::read_to_string(path).unwrap_or_default();
     let date = time::OffsetDateTime::now_utc().date().to_string();
-    let mut rows: Vec<(String, String)> = old
-        .lines()
-        .filter(|l| l.starts_with("| ") && !l.starts_with("| series"))
-        .filter_map(|l| {
-            let series = l.split('|').nth(1)?.trim().to_owned();
-            Some((series, l.to_owned()))
-        })
-        .filter(|(series, _)| !runs.iter().any(|r| r.series == series))
-        .collect();
+    let newest_ran = runs.iter().any(|r| r.moving);
+    let ran: Vec<&str> = runs.iter().map(|r| r.series.as_str()).collect();
+    let mut rows = kept_rows(&old, &ran, newest_ran, fixed);
     for run in runs {
-        rows.push((run.series.to_owned(), row(run, &date)));
+        rows.push((run.series.clone(), row(run, &date)));
     }
-    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    rows.sort_by_key(|(series, _)| version_key(series));
     let mut text = KERNELS_MD_HEAD.to_owned();
     for (_, row) in rows {
         text.push_str(&row);
         text.push('\n');
     }
     fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The (series, row) of the table in `old` that a run of the series `ran`
+/// keeps: the other fixed series, and the other moving one only when the
+/// newest did not run.
+fn kept_rows(old: &str, ran: &[&str], newest_ran: bool, fixed: &[&str]) -> Vec<(String, String)> {
+    old.lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| series"))
+        .filter_map(|l| {
+            let series = l.split('|').nth(1)?.trim().to_owned();
+            Some((series, l.to_owned()))
+        })
+        .filter(|(series, _)| !ran.contains(&series.as_str()))
+        .filter(|(series, _)| !newest_ran || fixed.contains(&series.as_str()))
+        .collect()
+}
+
+/// `5.10` before `6.1` before `6.12` before `7.3`.
+fn version_key(series: &str) -> Vec<u32> {
+    series.split('.').map(|n| n.parse().unwrap_or(0)).collect()
 }
 
 fn row(run: &KernelRun, date: &str) -> String {
@@ -122,7 +142,7 @@ fn row(run: &KernelRun, date: &str) -> String {
         .collect();
     let skips: Vec<&str> = out.skips().collect();
     let cells = [
-        run.series.to_owned(),
+        run.series.clone(),
         run.kernel.release.clone(),
         format!("{} {}", run.kernel.package, run.kernel.version),
         date.to_owned(),
@@ -168,5 +188,44 @@ fn degraded(start: &Value) -> String {
         "none".to_owned()
     } else {
         list.join("; ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OLD: &str = "# Supported kernels\n\n\
+                       | series | kernel |\n|---|---|\n\
+                       | 5.10 | 5.10.0-46-amd64 |\n\
+                       | 6.1 | 6.1.0-56-amd64 |\n\
+                       | 7.2 | 7.2.12+deb13-amd64 |\n";
+    const FIXED: &[&str] = &["5.10", "6.1", "6.12"];
+
+    fn series(rows: &[(String, String)]) -> Vec<&str> {
+        rows.iter().map(|(s, _)| s.as_str()).collect()
+    }
+
+    #[test]
+    fn a_run_replaces_its_own_rows_only() {
+        assert_eq!(
+            series(&kept_rows(OLD, &["6.1"], false, FIXED)),
+            ["5.10", "7.2"]
+        );
+    }
+
+    #[test]
+    fn a_newer_newest_replaces_the_old_newest() {
+        assert_eq!(
+            series(&kept_rows(OLD, &["7.3"], true, FIXED)),
+            ["5.10", "6.1"]
+        );
+    }
+
+    #[test]
+    fn series_sort_as_versions() {
+        let mut s = vec!["7.3", "6.12", "5.10", "6.1", "10.0"];
+        s.sort_by_key(|s| version_key(s));
+        assert_eq!(s, ["5.10", "6.1", "6.12", "7.3", "10.0"]);
     }
 }

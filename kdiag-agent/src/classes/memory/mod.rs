@@ -107,6 +107,17 @@ impl MemoryScope {
                 "--cgroup: cannot find v1 memory cgroups in the kernel: {why}"
             )));
         }
+        if self.cgroup.is_some()
+            && matches!(self.hierarchy, MemoryHierarchy::Unified(_))
+            && !tracepoints_have_ancestor_cgroup_helper()
+        {
+            return Err(ClassError::Usage(
+                "--cgroup: this kernel does not let tracepoint programs call \
+                 bpf_get_current_ancestor_cgroup_id, which the memory classes test the cgroup \
+                 with (5.10 does not; 6.1 does)"
+                    .to_owned(),
+            ));
+        }
         let mut f = StallFilter::DEFAULT;
         f.kinds = kinds.iter().fold(0, |bits, k| bits | k.bit());
         f.min_latency_ns = min_latency_ns;
@@ -135,6 +146,17 @@ impl MemoryScope {
         }
         Ok(f)
     }
+}
+
+/// Whether tracepoint programs may call bpf_get_current_ancestor_cgroup_id,
+/// from a probe load of a program that calls it. A probe that cannot tell
+/// (no privileges) says yes, and loading the programs then decides.
+fn tracepoints_have_ancestor_cgroup_helper() -> bool {
+    aya::sys::is_helper_supported(
+        aya::programs::ProgramType::TracePoint,
+        aya::sys::BpfHelper::BPF_FUNC_get_current_ancestor_cgroup_id,
+    )
+    .unwrap_or(true)
 }
 
 /// Threads in a stall at once, whose begin the programs keep until its end.

@@ -79,9 +79,10 @@ const MAX_LISTENERS: u32 = 8192;
 const MAX_PENDING_SYNACKS: u32 = 8192;
 
 /// The socket's network namespace, which tells listeners on one port in
-/// different namespaces apart.
+/// different namespaces apart, and its family, for the records that do not
+/// carry it.
 pub(crate) const TCP_QUERIES: BtfQueries = BtfQueries {
-    members: &[("sock_common", "skc_net")],
+    members: &[("sock_common", "skc_net"), ("sock_common", "skc_family")],
     enumerators: &[],
 };
 
@@ -105,6 +106,35 @@ pub(crate) fn tcp_global(
                 what: "btf/sock_common.skc_net".to_owned(),
                 why: format!(
                     "listeners on one port in different network namespaces share an owner: {e}"
+                ),
+            }),
+        }
+    }
+    // 5.10's retransmit records have no `family`: the programs read the
+    // socket's. Without its offset they cannot tell the addresses' family,
+    // and drop those records.
+    let no_family: Vec<&str> = [
+        ("retransmit_skb", &tcp.retransmit_skb),
+        ("retransmit_synack", &tcp.retransmit_synack),
+    ]
+    .into_iter()
+    .filter(|(program, o)| formats.contains(program) && o.tuple.family == FIELD_ABSENT)
+    .map(|(program, _)| program)
+    .collect();
+    if !no_family.is_empty() {
+        let offset = kernel
+            .btf
+            .offset("sock_common", "skc_family")
+            .map_err(|e| e.to_string())
+            .and_then(|o| u16::try_from(o).map_err(|_| format!("offset {o} out of range")));
+        match offset {
+            Ok(offset) => tcp.sk_family_offset = offset,
+            Err(e) => degraded.push(Degraded {
+                what: "btf/sock_common.skc_family".to_owned(),
+                why: format!(
+                    "the records of {} have no family field, and the socket's is not \
+                     found: their events are dropped: {e}",
+                    no_family.join(" and ")
                 ),
             }),
         }
@@ -220,6 +250,38 @@ mod tests {
             parse(&retransmit_synack),
             TcpTpOffsets::USUAL_RETRANSMIT_SYNACK
         );
+    }
+
+    /// 5.10's tcp_retransmit_skb has no `family`: the programs need the
+    /// socket's, and without its offset the agent says what is lost.
+    #[test]
+    fn records_without_family_need_the_sockets() {
+        let retransmit_skb = |family: &str| {
+            parse_format(&format!(
+                "format:
+\tfield:const void * skaddr;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:__u16 sport;\toffset:28;\tsize:2;\tsigned:0;
+{family}"
+            ))
+            .unwrap()
+        };
+        let global = |format| {
+            let mut kernel = KernelTypes::default();
+            kernel.formats.insert("retransmit_skb", format);
+            let mut degraded = Vec::new();
+            let filter = TcpFilter::new(&[], false, false, false, 1024).unwrap();
+            tcp_global(&kernel, &filter, &mut degraded);
+            degraded
+        };
+        let with = global(retransmit_skb(
+            "\tfield:__u16 family;\toffset:32;\tsize:2;\tsigned:0;\n",
+        ));
+        assert!(with.is_empty(), "{with:?}");
+        // No BTF answers here: the socket's family cannot be found either.
+        let without = global(retransmit_skb(""));
+        assert_eq!(without.len(), 1, "{without:?}");
+        assert_eq!(without[0].what, "btf/sock_common.skc_family");
+        assert!(without[0].why.contains("retransmit_skb"), "{without:?}");
     }
 
     #[test]

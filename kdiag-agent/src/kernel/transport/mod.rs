@@ -150,10 +150,14 @@ impl Reader {
                 }
             }
             Self::Perf { buffers, batch, .. } => {
+                // What was stamped before now is in the buffers, or on its
+                // way to them ahead of anything stamped later (PerfBatch).
+                // After the programs are detached, that is everything.
+                let began = sys::process::monotonic_ns() as u64;
                 for fd in buffers.iter_mut() {
                     batch.read_from(fd.get_mut());
                 }
-                batch.drain_in_time_order(on_sample);
+                batch.drain_in_time_order(began, on_sample);
             }
         }
     }

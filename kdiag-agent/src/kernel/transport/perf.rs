@@ -81,22 +81,30 @@ fn field<const N: usize>(bytes: &[u8], at: usize) -> [u8; N] {
     std::array::from_fn(|i| bytes[at + i])
 }
 
-/// The samples of one drain of every CPU's perf buffer, copied out and
+/// The samples of the drains of every CPU's perf buffer, copied out and
 /// handed on in the order of their timestamps.
 ///
-/// Sorting each drain is enough. A connection's next state change starts
-/// only after the program that reported the previous one has written it
-/// (both run under the socket lock), so a drain that finds the later event
-/// in one CPU's buffer finds the earlier one in its CPU's buffer too, read
-/// after it or before. Without this, state changes of one connection came
-/// out of order under loopback churn (docs/BENCHMARKS.md has how often),
-/// and the connection table took a connection's close before its
-/// establishment.
+/// A connection's next state change starts only after the program that
+/// reported the previous one has written it (both run under the socket
+/// lock), and a socket's address is reused only after its last change was
+/// written; but the two may be written on different CPUs. A drain reads the
+/// buffers one after the other, so it can find the later event in one
+/// CPU's buffer and miss the earlier one, written after that CPU's buffer
+/// was read (more likely the longer a drain takes: under emulation, it
+/// happened to a test connection). So a drain hands on only the samples
+/// stamped before it began (`before_ns`), and keeps the others for the
+/// next: an event stamped earlier than a sample handed on was written
+/// before that sample's program began, hence before the drain began, and
+/// was read by it. Without this, state changes of one connection came out
+/// of order under loopback churn (docs/BENCHMARKS.md has how often), and
+/// the connection table took a connection's close before its establishment.
 #[derive(Debug, Default)]
 pub(crate) struct PerfBatch {
     bytes: Vec<u8>,
     /// (timestamp, start in `bytes`, length) per sample.
     samples: Vec<(u64, usize, usize)>,
+    /// `bytes` of the previous drain, for the samples kept.
+    spare: Vec<u8>,
 }
 
 impl PerfBatch {
@@ -120,15 +128,24 @@ impl PerfBatch {
         self.samples.push((ts, start, sample.len()));
     }
 
-    /// Hands every sample to `on_sample`, oldest first (ties in the order
-    /// they were read), and empties the batch, keeping its memory.
-    pub(crate) fn drain_in_time_order(&mut self, mut on_sample: impl FnMut(&[u8])) {
+    /// Hands every sample stamped before `before_ns` (monotonic, taken
+    /// before the buffers were read) to `on_sample`, oldest first (ties in
+    /// the order they were read), and keeps the others for the next drain.
+    pub(crate) fn drain_in_time_order(&mut self, before_ns: u64, mut on_sample: impl FnMut(&[u8])) {
         self.samples.sort_by_key(|&(ts, _, _)| ts);
-        for &(_, start, len) in &self.samples {
+        let ready = self.samples.partition_point(|&(ts, _, _)| ts < before_ns);
+        for &(_, start, len) in &self.samples[..ready] {
             on_sample(&self.bytes[start..start + len]);
         }
-        self.samples.clear();
-        self.bytes.clear();
+        let mut kept = std::mem::take(&mut self.spare);
+        kept.clear();
+        for (_, start, len) in &mut self.samples[ready..] {
+            let at = kept.len();
+            kept.extend_from_slice(&self.bytes[*start..*start + *len]);
+            *start = at;
+        }
+        self.samples.drain(..ready);
+        self.spare = std::mem::replace(&mut self.bytes, kept);
     }
 }
 
@@ -162,11 +179,34 @@ mod tests {
         batch.push(&d, &[]);
         batch.push(b"short", &[]);
         let mut out = Vec::new();
-        batch.drain_in_time_order(|s| out.push(s.to_vec()));
+        batch.drain_in_time_order(31, |s| out.push(s.to_vec()));
         assert_eq!(out, [b"short".to_vec(), b, c, a, d]);
         let mut again = 0;
-        batch.drain_in_time_order(|_| again += 1);
+        batch.drain_in_time_order(u64::MAX, |_| again += 1);
         assert_eq!(again, 0, "drained batch is empty");
+    }
+
+    /// A drain reads CPU 0's buffer, then CPU 1's. `late` (stamped 15) was
+    /// still being written on CPU 0 when CPU 0's was read, and `next`
+    /// (stamped 25, after `late` was written) is in CPU 1's: the drain that
+    /// began at 20 hands on only what was stamped before it, and `next`
+    /// comes out after `late`, with the next drain.
+    #[test]
+    fn samples_stamped_after_the_drain_began_wait_for_the_next() {
+        let mut batch = PerfBatch::default();
+        let (early, late, next) = (
+            timed_sample(10, b"early"),
+            timed_sample(15, b"late"),
+            timed_sample(25, b"next"),
+        );
+        batch.push(&early, &[]);
+        batch.push(&next, &[]);
+        let mut out = Vec::new();
+        batch.drain_in_time_order(20, |s| out.push(s.to_vec()));
+        assert_eq!(out, std::slice::from_ref(&early));
+        batch.push(&late, &[]);
+        batch.drain_in_time_order(30, |s| out.push(s.to_vec()));
+        assert_eq!(out, [early, late, next]);
     }
 
     /// A ring of `len` bytes holding `records` from logical position
