@@ -212,6 +212,8 @@ pub(crate) enum DropError {
         #[source]
         source: SyscallError,
     },
+    #[error("cannot make the process not dumpable")]
+    Dumpable(#[source] SyscallError),
     #[error("cannot set no_new_privs")]
     NoNewPrivs(#[source] SyscallError),
     #[error("cannot reduce the effective and permitted capabilities")]
@@ -261,8 +263,8 @@ pub(crate) struct Dropped {
 /// capability but those of [`MAY_KEEP`] the kernel still requires (probed
 /// with `probe_fd`, a BPF program or map the agent holds) from every set,
 /// and from the bounding set where CAP_SETPCAP allows; root, for `user`'s
-/// ids and no supplementary groups; then sets no_new_privs and installs the
-/// seccomp filter. Checks the outcome in /proc/self/status: a forbidden
+/// ids and no supplementary groups; then makes the process not dumpable,
+/// sets no_new_privs and installs the seccomp filter. Checks the outcome in /proc/self/status: a forbidden
 /// capability anywhere, uid 0 or no filter is an error, and the caller
 /// stops.
 pub(crate) fn drop_after_attach(
@@ -324,6 +326,9 @@ pub(crate) fn drop_after_attach(
         ids::switch_to(user.ids).map_err(switch)?;
         ids::keep_capabilities(false).map_err(switch)?;
     }
+    // Other processes of the same user must not ptrace the agent (and so
+    // take its descriptors).
+    sys::process::set_not_dumpable().map_err(DropError::Dumpable)?;
     caps::set_no_new_privs().map_err(DropError::NoNewPrivs)?;
     caps::limit_to(keep).map_err(DropError::Reduce)?;
     sys::seccomp::install().map_err(DropError::Seccomp)?;

@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 use kdiag_tests::WAIT;
 use kdiag_tests::agent::Agent;
 use kdiag_tests::cmd;
-use kdiag_tests::env::require_root;
+use kdiag_tests::env::{require_root, skip_unless};
 use kdiag_tests::identity::{Cap, Identity};
 use kdiag_tests::netns::{NetnsPair, unique_port};
 use kdiag_tests::peer::{ListenOptions, PEER_COMM, Peer};
 use kdiag_tests::record::{self, port_field, u64_field};
+use kdiag_tests::tempdir::TempDir;
 use serde_json::{Value, json};
 
 const PEER: &str = env!("CARGO_BIN_EXE_kdiag-peer");
@@ -114,7 +115,9 @@ fn lookup_user(name: &str) -> (u32, u32) {
         .map(|l| l.split(':').collect::<Vec<_>>())
         .find(|f| f.len() > 3 && f[0] == name)
         .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
-        .unwrap_or_else(|| panic!("no user {name} in /etc/passwd"))
+        .unwrap_or_else(|| {
+            panic!("no user {name} in /etc/passwd (`cargo xtask setup` creates the unit's)")
+        })
 }
 
 fn spawn(who: Option<&Identity>, args: &[String]) -> Agent {
@@ -274,11 +277,13 @@ fn a_call_outside_the_seccomp_filter_is_refused() {
     agent.assert_programs_released();
 }
 
-/// Root with the unit's capabilities but `missing`.
-fn unit_identity_without(missing: Cap) -> Identity {
-    let unit = Unit::read();
-    assert!(unit.caps.contains(&missing), "the unit lacks {missing:?}");
-    let caps: Vec<Cap> = unit.caps.into_iter().filter(|c| *c != missing).collect();
+/// Root with the capabilities a root start needs (the unit's, which starts
+/// as its user, and CAP_SETUID and CAP_SETGID to leave root) but `missing`.
+fn root_without(missing: Cap) -> Identity {
+    let mut caps = Unit::read().caps;
+    caps.extend([Cap::Setuid, Cap::Setgid]);
+    assert!(caps.contains(&missing), "{missing:?} is not needed");
+    caps.retain(|c| *c != missing);
     Identity::root_with(&caps)
 }
 
@@ -286,27 +291,50 @@ fn unit_identity_without(missing: Cap) -> Identity {
 fn it_refuses_to_start_when_it_could_not_give_up_its_privileges() {
     require_root();
     for (missing, named) in [
-        // CAP_SYS_PTRACE would stay in the bounding set.
+        // CAP_SYS_ADMIN and CAP_SYS_PTRACE would stay in the bounding set.
         (Cap::Setpcap, "CAP_SETPCAP"),
         // It could not leave root.
         (Cap::Setuid, "CAP_SETUID"),
     ] {
-        let who = unit_identity_without(missing);
+        let who = root_without(missing);
         let (code, stderr) = Agent::run_to_exit_as(&who, &["retrans"]);
         assert_eq!(code, 1, "as {who}: {stderr}");
         assert!(stderr.contains(named), "as {who}: {stderr}");
     }
+    // Started as the user it is to run as, it needs neither.
+    let unit = Unit::read();
+    let mut agent = spawn(Some(&unit.identity), &unit.args_with(&[]));
+    let start = agent.wait_start();
+    assert_unprivileged(&agent, &start, unit.runs_as);
+    agent.stop_ok();
+    agent.assert_programs_released();
 }
 
 #[test]
 fn the_unit_passes_a_security_review() {
     let unit = unit_path();
+    // A root of its own, so that no drop-in the host may have for the unit
+    // counts.
+    let root = TempDir::new("analyze");
+    let units = root.path().join("etc/systemd/system");
+    fs::create_dir_all(&units).unwrap();
+    fs::copy(&unit, units.join("kdiag-agent.service")).unwrap();
     let out = cmd::output(
         Command::new("systemd-analyze")
             .args(["security", "--offline=yes", "--no-pager"])
-            .arg(&unit),
+            .arg(format!("--root={}", root.path().display()))
+            .arg("kdiag-agent.service"),
     );
     let text = String::from_utf8_lossy(&out.stdout);
+    let read_only = String::from_utf8_lossy(&out.stderr).contains("Read-only file system");
+    if read_only
+        && !skip_unless(
+            false,
+            "systemd-analyze cannot set up its unit search paths on a read-only root file system",
+        )
+    {
+        return;
+    }
     let exposure: f64 = text
         .lines()
         .find_map(|l| l.split("Overall exposure level for").nth(1))

@@ -29,8 +29,9 @@ struct Cli {
 enum Command {
     /// Install what building and testing need: rust-src for the `nightly`
     /// toolchain, bpf-linker 0.10.0, and the Debian packages nftables,
-    /// iproute2, bpftool and systemd (for systemd-analyze). Idempotent: only
-    /// missing items are installed.
+    /// iproute2, bpftool and systemd (for systemd-analyze), and the system
+    /// user `kdiag` the systemd unit runs the agent as (the tests run it
+    /// so). Idempotent: only missing items are installed.
     Setup,
     /// Run setup, then build the release agent and print its path
     /// (`<target dir>/release/kdiag-agent`, `target/` unless cargo is told

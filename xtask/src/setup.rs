@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 
-use crate::util::{self, describe, find_program, run_checked};
+use crate::util::{self, describe, find_program, run_checked, workspace_root};
 
 mod kernel_sources;
 pub(crate) use kernel_sources::{KernelSources, kernel_sources};
@@ -60,6 +60,7 @@ pub(crate) fn ensure() -> Result<Tools> {
     // Debian packages first: they are the ones that need root, so a non-root
     // user learns that before waiting for a bpf-linker build.
     ensure_debian_packages(DEBIAN_TOOLS)?;
+    ensure_agent_user()?;
     ensure_rust_src()?;
     let bpf_linker = ensure_bpf_linker()?;
     let dir = bpf_linker
@@ -164,6 +165,32 @@ fn apt_install(packages: &[&str]) -> Result<()> {
     apt(&["update"])?;
     apt(&[&["install", "-y"], packages].concat())?;
     Ok(())
+}
+
+/// The system user deploy/kdiag-agent.service runs the agent as: the tests
+/// run the agent as that user, with the unit's capabilities.
+const AGENT_USER: &str = "kdiag";
+
+/// Creates [`AGENT_USER`] from deploy/kdiag.sysusers, as a deployment does,
+/// unless /etc/passwd has it.
+fn ensure_agent_user() -> Result<()> {
+    let passwd = std::fs::read_to_string("/etc/passwd").context("reading /etc/passwd")?;
+    let prefix = format!("{AGENT_USER}:");
+    if passwd.lines().any(|l| l.starts_with(&prefix)) {
+        eprintln!("ok: user {AGENT_USER}");
+        return Ok(());
+    }
+    let conf = workspace_root().join("deploy").join("kdiag.sysusers");
+    if !util::is_root() {
+        bail!(
+            "missing user {AGENT_USER}; creating it needs root. Run:\n  sudo systemd-sysusers {}",
+            conf.display()
+        );
+    }
+    eprintln!("creating: user {AGENT_USER} (systemd-sysusers)");
+    let mut cmd = Command::new("systemd-sysusers");
+    cmd.arg(&conf).stdout(std::io::stderr());
+    run_checked(&mut cmd).with_context(|| format!("creating user {AGENT_USER}"))
 }
 
 fn ensure_rust_src() -> Result<()> {

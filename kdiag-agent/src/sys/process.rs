@@ -66,3 +66,12 @@ pub(crate) fn read_auxiliary_vector() {
     let _ = rustix::param::page_size();
     let _ = clock_gettime(ClockId::Monotonic);
 }
+
+/// Makes the process not dumpable: no core dump, /proc/PID files owned by
+/// root, and no ptrace by processes of the same user (`PR_SET_DUMPABLE`).
+/// The kernel does this by itself when the ids change; a process started
+/// as its final user does it here.
+pub(crate) fn set_not_dumpable() -> Result<(), super::SyscallError> {
+    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+        .map_err(|e| super::SyscallError::new("prctl(PR_SET_DUMPABLE)", e))
+}

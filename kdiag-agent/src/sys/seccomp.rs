@@ -5,11 +5,11 @@
 //! call from a dangerous one. Everything else fails with EPERM, so that a
 //! call the agent does not expect is an error it reports, not a crash.
 //!
-//! The list comes from tracing every class with both transports, through
-//! every way a run ends (a signal, `--duration`, a closed stdout). Changing
-//! what the agent does after start-up may mean adding to it: a call missing
-//! here fails with EPERM, and the integration tests run every class under
-//! the filter.
+//! The list covers every class with both transports, through every way a
+//! run ends (a signal, `--duration`, a closed stdout). Changing what the
+//! agent does after start-up may mean adding to it: a call missing here
+//! fails with EPERM, and the integration tests run every class under the
+//! filter.
 
 use std::{
     collections::BTreeMap,
