@@ -149,6 +149,13 @@ impl MemoryCgroup {
                 dir.push(part);
                 name = format!("{name}/{part}");
             }
+            if let (Hierarchy::V2(_), Some(parent)) = (&hierarchy, created.last()) {
+                // cgroup v2 gives a child memory.max only where its parent
+                // delegates the memory controller.
+                let control = Path::new(parent).join("cgroup.subtree_control");
+                fs::write(&control, "+memory")
+                    .unwrap_or_else(|e| panic!("{}: {e}", control.display()));
+            }
             fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
             created.push(dir.clone());
         }

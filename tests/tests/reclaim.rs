@@ -148,9 +148,9 @@ fn exited_threads_leave_the_map_and_stay_in_the_summary() {
     let cg = MemoryCgroup::new(LIMIT);
     let mut reader = cg.reader(&file, 0, READ_MIB);
     let pid = reader.pid();
-    let cg_arg = cg.dir().to_str().expect("utf-8 path").to_owned();
+    let pid_arg = pid.to_string();
     let (mut agent, _) = Agent::start(
-        &["reclaim", "--kind", "memcg", "--cgroup", &cg_arg, "-i", "0"],
+        &["reclaim", "--kind", "memcg", "--pid", &pid_arg, "-i", "0"],
         MEMCG,
     );
     let stats_map = maps_held_by(agent.pid())
