@@ -68,7 +68,9 @@ fn assert_memcg_record(rec: &Value, pid: u32, cgroup: &str) {
 }
 
 /// A reader in a cgroup shaped like a Kubernetes container's (kubelet's
-/// systemd driver, containerd): its records name the container and the pod.
+/// systemd driver, containerd): its records name the container and the pod,
+/// `--container` selects it, and its statistics, pruned from the kernel map
+/// once it exited, still make its summary at exit.
 #[test]
 fn records_name_the_container_and_pod_of_the_cgroup() {
     const ID: &str = "6d3b1f0a9e8c7b6a5f4e3d2c1b0a99887766554433221100ffeeddccbbaa9988";
@@ -97,7 +99,23 @@ fn records_name_the_container_and_pod_of_the_cgroup() {
         ],
         MEMCG,
     );
+    let stats_map = maps_held_by(agent.pid())
+        .into_iter()
+        .find(|m| m.name == "RECLAIM_STATS")
+        .expect("the agent holds RECLAIM_STATS");
     run_readers(&mut [&mut reader]);
+    // With `--interval 0` the summaries come at exit only, yet the exited
+    // reader's statistics leave the kernel map while the agent runs (else a
+    // long run fills it and new stalls are dropped; housekeeping runs every
+    // 10 s) and still count in its summary at exit (checked below).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while map_entries(stats_map.id) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the exited reader's entry is still in RECLAIM_STATS after 15 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let recs = agent.stop_ok();
     let container_recs = by_container.stop_ok();
     // Each agent times the stalls itself: compare what identifies them.
@@ -131,56 +149,20 @@ fn records_name_the_container_and_pod_of_the_cgroup() {
         ours.iter().any(|r| record::is_type(r, "reclaim_summary")),
         "no reclaim_summary for {pid}: {ours:?}"
     );
-    for rec in ours {
+    for rec in &ours {
         assert_eq!(rec["cgroup"], json!(cg.path()), "cgroup of {rec}");
         assert_eq!(rec["container_id"], json!(ID), "container_id of {rec}");
         assert_eq!(rec["pod_uid"], json!(UID), "pod_uid of {rec}");
     }
-}
-
-/// With `--interval 0` the summaries come at exit only, yet the per-thread
-/// statistics of threads that exited are taken out of the kernel map as the
-/// agent runs (else a long run fills it and new stalls are dropped), and
-/// still counted in the summary at exit.
-#[test]
-fn exited_threads_leave_the_map_and_stay_in_the_summary() {
-    let file = SparseFile::new(READ_MIB * MIB);
-    let cg = MemoryCgroup::new(LIMIT);
-    let mut reader = cg.reader(&file, 0, READ_MIB);
-    let pid = reader.pid();
-    let pid_arg = pid.to_string();
-    let (mut agent, _) = Agent::start(
-        &["reclaim", "--kind", "memcg", "--pid", &pid_arg, "-i", "0"],
-        MEMCG,
-    );
-    let stats_map = maps_held_by(agent.pid())
-        .into_iter()
-        .find(|m| m.name == "RECLAIM_STATS")
-        .expect("the agent holds RECLAIM_STATS");
-    run_readers(&mut [&mut reader]);
-    assert!(
-        map_entries(stats_map.id) > 0,
-        "the reader's stalls are not in RECLAIM_STATS"
-    );
-    // Housekeeping runs every 10 s.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while map_entries(stats_map.id) > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the exited reader's entry is still in RECLAIM_STATS after 15 s"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let recs = agent.stop_ok();
-    let events: Vec<Value> = recs
+    // The pruned statistics still make the summary at exit.
+    let events: Vec<Value> = ours
         .iter()
-        .filter(|r| record::is_type(r, "reclaim") && pid_of(r) == Some(u64::from(pid)))
-        .cloned()
+        .filter(|r| record::is_type(r, "reclaim"))
+        .map(|r| (*r).clone())
         .collect();
-    assert!(!events.is_empty(), "no reclaim records for {pid}");
-    let summaries: Vec<&Value> = recs
+    let summaries: Vec<&&Value> = ours
         .iter()
-        .filter(|r| record::is_type(r, "reclaim_summary") && pid_of(r) == Some(u64::from(pid)))
+        .filter(|r| record::is_type(r, "reclaim_summary"))
         .collect();
     assert_eq!(summaries.len(), 1, "summaries of {pid}: {summaries:?}");
     assert_summary_matches(summaries[0], &events);
