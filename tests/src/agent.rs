@@ -217,14 +217,28 @@ impl Agent {
 
     fn record_programs(&mut self) {
         let held = bpf::program_ids_held_by(self.pid());
-        let kdiag = bpf::kdiag_programs_among(&held);
-        if kdiag.is_empty() {
-            self.fail(&format!(
-                "agent started but holds no kdiag BPF program (it holds ids {held:?}; loaded: {:?})",
-                bpf::loaded_programs()
-            ));
+        let loaded = bpf::loaded_programs();
+        let kdiag: BTreeSet<u32> = loaded
+            .iter()
+            .filter(|(id, name)| held.contains(id) && bpf::is_kdiag_program(name))
+            .map(|(id, _)| *id)
+            .collect();
+        if !kdiag.is_empty() {
+            self.programs = kdiag;
+            return;
         }
-        self.programs = kdiag.into_iter().map(|(id, _)| id).collect();
+        // Held, then gone before bpftool listed them: the agent released
+        // them in between, as one started with a short --duration can (the
+        // listing takes seconds in an emulated guest). They are still the
+        // programs that must be unloaded at the end.
+        let released = !held.is_empty() && !loaded.iter().any(|(id, _)| held.contains(id));
+        if released {
+            self.programs = held;
+            return;
+        }
+        self.fail(&format!(
+            "agent started but holds no kdiag BPF program (it holds ids {held:?}; loaded: {loaded:?})"
+        ));
     }
 
     /// The first line matching `pred`, waiting up to `timeout`; panics with

@@ -91,6 +91,9 @@ pub struct Identity {
     uid: u32,
     gid: u32,
     caps: Vec<Cap>,
+    /// The locked-memory limit (soft and hard) to start with, as a unit's
+    /// `LimitMEMLOCK=` sets it; `None` leaves the test's own.
+    memlock: Option<libc::rlim_t>,
 }
 
 impl Identity {
@@ -112,7 +115,15 @@ impl Identity {
             uid,
             gid,
             caps: caps.to_vec(),
+            memlock: None,
         }
+    }
+
+    /// This identity with a locked-memory limit of `bytes` (`None`: no
+    /// limit), as `LimitMEMLOCK=` gives a unit.
+    pub fn with_memlock_limit(mut self, bytes: Option<u64>) -> Identity {
+        self.memlock = Some(bytes.unwrap_or(libc::RLIM_INFINITY));
+        self
     }
 
     pub fn uid(&self) -> u32 {
@@ -141,12 +152,20 @@ impl Identity {
     pub fn command(&self, program: &SharedCopy) -> Command {
         let mut command = Command::new(program.path());
         command.current_dir("/");
-        let (uid, gid, mask) = (self.uid, self.gid, self.cap_mask());
+        let (uid, gid, mask, memlock) = (self.uid, self.gid, self.cap_mask(), self.memlock);
         let last_cap = last_cap();
         // SAFETY: the closure runs between fork and exec and only makes
-        // async-signal-safe calls (prctl, setgroups, setresgid, setresuid,
-        // capset) on integers and stack data; it allocates nothing.
-        unsafe { command.pre_exec(move || switch(uid, gid, mask, last_cap)) };
+        // async-signal-safe calls (setrlimit, prctl, setgroups, setresgid,
+        // setresuid, capset) on integers and stack data; it allocates
+        // nothing.
+        unsafe {
+            command.pre_exec(move || {
+                if let Some(limit) = memlock {
+                    set_memlock_limit(limit);
+                }
+                switch(uid, gid, mask, last_cap)
+            })
+        };
         command
     }
 }
@@ -170,6 +189,18 @@ fn last_cap() -> u32 {
         .trim()
         .parse()
         .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// In the child, still root. Raising a hard limit needs CAP_SYS_RESOURCE,
+/// which root lacks in some containers: there the limit stays as it is, as
+/// it would for a unit that a service manager starts in the same place.
+fn set_memlock_limit(limit: libc::rlim_t) {
+    let limit = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: setrlimit with a valid rlimit on the stack.
+    let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const limit) };
 }
 
 /// In the child, still root with every capability: takes the ids and

@@ -91,6 +91,14 @@ impl Unit {
                 (Identity::user_with(uid, gid, &caps), caps)
             }
         };
+        // Kernels before 5.11 charge the maps to this limit.
+        let identity = match value("LimitMEMLOCK").as_deref() {
+            None => identity,
+            Some("infinity") => identity.with_memlock_limit(None),
+            Some(bytes) => identity.with_memlock_limit(Some(bytes.parse().unwrap_or_else(|_| {
+                panic!("the unit's LimitMEMLOCK={bytes} is neither infinity nor bytes")
+            }))),
+        };
         Unit {
             identity,
             caps,

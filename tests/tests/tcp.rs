@@ -228,6 +228,12 @@ fn every_connection_is_counted_exactly() {
     counted_exactly_over(&["--transport", "perf"]);
 }
 
+/// A passive `tcp_conn` that closed without ever being established: the
+/// child the kernel drops when two CPUs complete one handshake at once.
+fn lost_handshake_race(conn: &Value) -> bool {
+    conn["role"] == "passive" && conn["state_ns"].get("ESTABLISHED").is_none()
+}
+
 /// `every_connection_is_counted_exactly` with the agent's `extra` options.
 fn counted_exactly_over(extra: &[&str]) {
     let net = NetnsPair::new();
@@ -247,7 +253,7 @@ fn counted_exactly_over(extra: &[&str]) {
     // connection before stopping.
     let n = 2 * CONNS as usize;
     agent.wait_for_n("a tcp_conn per connection and side", n, WAIT, |r| {
-        record::is_type(r, "tcp_conn")
+        record::is_type(r, "tcp_conn") && !lost_handshake_race(r)
     });
     let misses = agent.recursion_misses(&["inet_sock_set_state"]);
     let recs = agent.stop_ok();
@@ -268,19 +274,32 @@ fn counted_exactly_over(extra: &[&str]) {
             ("FIN_WAIT2->CLOSE", CONNS),
         ],
     );
+    let got = transitions(&recs);
+    // When two CPUs take the final ACK of one handshake at once (the
+    // client resends it when the server is slow), both clone a child from
+    // the request; the kernel keeps the one it hashes first and closes the
+    // other still in SYN_RECV. Slow emulated CPUs make that race likely.
+    // Such a child is a real socket with two real changes, so each one
+    // found adds exactly those two.
+    let lost_races = got
+        .get(&(Some(spid.into()), "SYN_RECV->CLOSE".to_owned()))
+        .copied()
+        .unwrap_or(0);
     expect_changes(
         &mut want,
         spid,
         &[
             ("CLOSE->LISTEN", 1),
-            ("LISTEN->SYN_RECV", CONNS),
+            ("LISTEN->SYN_RECV", CONNS + lost_races),
             ("SYN_RECV->ESTABLISHED", CONNS),
             ("ESTABLISHED->CLOSE_WAIT", CONNS),
             ("CLOSE_WAIT->LAST_ACK", CONNS),
             ("LAST_ACK->CLOSE", CONNS),
         ],
     );
-    let got = transitions(&recs);
+    if lost_races > 0 {
+        expect_changes(&mut want, spid, &[("SYN_RECV->CLOSE", lost_races)]);
+    }
     let differing: Vec<_> = got
         .keys()
         .chain(want.keys())
@@ -341,14 +360,21 @@ fn counted_exactly_over(extra: &[&str]) {
     client_ports.remove(&0);
 
     let active = conns_of(&recs, "active", cpid);
-    let passive = conns_of(&recs, "passive", spid);
+    let (raced, passive): (Vec<&Value>, Vec<&Value>) = conns_of(&recs, "passive", spid)
+        .into_iter()
+        .partition(|r| lost_handshake_race(r));
     assert_eq!(
-        (active.len(), passive.len()),
-        (CONNS as usize, CONNS as usize),
-        "tcp_conn records (active of the client, passive of the server)"
+        (active.len(), passive.len(), raced.len()),
+        (CONNS as usize, CONNS as usize, lost_races as usize),
+        "tcp_conn records (active of the client, passive of the server, children that lost \
+         a handshake race)"
     );
     let tcp_conns = recs.iter().filter(|r| record::is_type(r, "tcp_conn"));
-    assert_eq!(tcp_conns.count(), n, "no tcp_conn for the listener");
+    assert_eq!(
+        tcp_conns.count(),
+        n + raced.len(),
+        "no tcp_conn for the listener"
+    );
     let client_states = ["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2"];
     let server_states = ["SYN_RECV", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK"];
     let mut seen_from_server = BTreeSet::new();

@@ -44,11 +44,16 @@ enum Command {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// Run setup, build the release agent, run the unit tests, then the
-    /// integration tests (kdiag-tests). Needs root.
+    /// Run setup, build the release agent, run the unit tests, the
+    /// integration tests (kdiag-tests) on the running kernel, then the same
+    /// integration tests in a QEMU guest of every kernel series `vm-test`
+    /// covers. Needs root.
     Test {
-        /// Extra arguments for the integration test binary, after `--`
-        /// (e.g. a test name filter).
+        /// Only on the running kernel: leave out the guests.
+        #[arg(long)]
+        host_only: bool,
+        /// Extra arguments for the integration test binaries, on the host
+        /// and in the guests, after `--` (e.g. a test name filter).
         #[arg(last = true)]
         args: Vec<OsString>,
     },
@@ -112,7 +117,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Run { args } => run::run(args),
-        Command::Test { args } => test::run(args),
+        Command::Test { args, host_only } => test::run(args, host_only),
         Command::Bench { quick } => bench::run(quick),
         Command::BenchHold { connections } => bench::hold(connections),
         Command::VmTest {

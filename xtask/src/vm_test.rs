@@ -53,6 +53,20 @@ pub(crate) struct Options {
     pub test_args: Vec<OsString>,
 }
 
+impl Default for Options {
+    /// Every series, the whole suite, the agent built here, and the bounds
+    /// `cargo xtask vm-test` defaults to.
+    fn default() -> Self {
+        Options {
+            kernel: "all".to_owned(),
+            timeout: Duration::from_secs(900),
+            test_threads: 2,
+            agent: None,
+            test_args: Vec::new(),
+        }
+    }
+}
+
 pub(crate) fn run(opts: Options) -> Result<()> {
     if !util::is_root() {
         bail!(

@@ -8,6 +8,7 @@ use std::{collections::BTreeMap, path::Path};
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
+    maps::MapError,
     programs::{ProgramError, TracePoint},
     util::KernelVersion,
 };
@@ -40,6 +41,16 @@ pub(crate) enum LoadError {
     },
     #[error("loading the kernel programs failed")]
     Load(#[from] EbpfError),
+    /// A map refused for the locked-memory limit, on a kernel that charges
+    /// maps to it.
+    #[error(
+        "creating BPF map {map} failed: this kernel (before 5.11) charges BPF maps to the \
+         locked-memory limit of the user that creates them, summed over all its processes, and \
+         that limit is {limit_kib} KiB; raise it (`LimitMEMLOCK=infinity` in a systemd unit, `ulimit -l \
+         unlimited` in a shell) or run the agent with CAP_SYS_RESOURCE, which lets it raise the \
+         limit itself"
+    )]
+    MemlockLimit { map: String, limit_kib: u64 },
     /// `--transport ringbuf` where the kernel has none: a usage error.
     #[error("--transport ringbuf: this kernel has no BPF ring buffer (Linux 5.8+); use perf")]
     NoRingBuf,
@@ -173,7 +184,8 @@ pub(crate) fn load(
     for (name, entries) in sizes {
         loader.map_max_entries(name, entries);
     }
-    let mut ebpf = loader.load(OBJECT)?;
+    let memlock = charges_memlock().then(sys::process::raise_memlock_limit);
+    let mut ebpf = loader.load(OBJECT).map_err(|e| memlock_error(e, memlock))?;
 
     let mut attached = Vec::new();
     for tp in tracepoints {
@@ -263,6 +275,34 @@ fn attach(ebpf: &mut Ebpf, tp: &Tracepoint) -> Result<(), AttachError> {
         .attach(tp.group, tp.name)
         .map_err(AttachError::Attach)?;
     Ok(())
+}
+
+/// Kernels before 5.11 charge BPF maps and programs to the locked-memory
+/// limit (RLIMIT_MEMLOCK) of the user creating them, summed over all that
+/// user's processes; later ones charge the memory cgroup instead.
+fn charges_memlock() -> bool {
+    KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(5, 11, 0))
+}
+
+/// `error` as a [`LoadError::MemlockLimit`] when it is a map the kernel
+/// refused (EPERM) while `memlock` (the soft limit in force, `Some(None)`
+/// for none) was charged; as it is otherwise.
+fn memlock_error(error: EbpfError, memlock: Option<Option<u64>>) -> LoadError {
+    let refused_map = match &error {
+        EbpfError::MapError(MapError::CreateError { name, io_error })
+            if io_error.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            Some(name.clone())
+        }
+        _ => None,
+    };
+    match (refused_map, memlock) {
+        (Some(map), Some(Some(bytes))) => LoadError::MemlockLimit {
+            map,
+            limit_kib: bytes / 1024,
+        },
+        _ => LoadError::Load(error),
+    }
 }
 
 /// The BPF ring buffer exists since 5.8.

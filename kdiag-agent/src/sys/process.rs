@@ -75,3 +75,26 @@ pub(crate) fn set_not_dumpable() -> Result<(), super::SyscallError> {
     rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
         .map_err(|e| super::SyscallError::new("prctl(PR_SET_DUMPABLE)", e))
 }
+
+/// Raises the locked-memory limit (RLIMIT_MEMLOCK) as far as the process
+/// may: to no limit where it may raise its hard limit (CAP_SYS_RESOURCE),
+/// else its soft limit to the hard one. Returns the soft limit now in
+/// force, in bytes (`None`: no limit).
+pub(crate) fn raise_memlock_limit() -> Option<u64> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let unlimited = Rlimit {
+        current: None,
+        maximum: None,
+    };
+    if setrlimit(Resource::Memlock, unlimited).is_err() {
+        let hard = getrlimit(Resource::Memlock).maximum;
+        let _ = setrlimit(
+            Resource::Memlock,
+            Rlimit {
+                current: hard,
+                maximum: hard,
+            },
+        );
+    }
+    getrlimit(Resource::Memlock).current
+}
