@@ -11,10 +11,17 @@ use serde_json::Value;
 use crate::identity::{self, Identity};
 use crate::lines::LineLog;
 use crate::record::{self, assert_envelope};
-use crate::{WAIT, bpf, cmd, env};
+use crate::{bpf, cmd, env, max_wait};
 
-/// How long the agent may take to exit after being asked to.
-pub const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the agent may take to exit after being asked to, on a real
+/// host.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the agent may take to exit after being asked to, here
+/// ([`EXIT_TIMEOUT`] on a real host).
+pub fn exit_timeout() -> Duration {
+    crate::on_this_machine(EXIT_TIMEOUT)
+}
 
 /// How long the kernel may take to free the agent's programs after it exits.
 const UNLOAD_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -89,10 +96,10 @@ impl Agent {
         let mut agent = Agent::spawn(args);
         if agent
             .stdout
-            .wait(WAIT, |lines| lines.first().cloned())
+            .wait(max_wait(), |lines| lines.first().cloned())
             .is_err()
         {
-            let status = agent.wait_exit(EXIT_TIMEOUT);
+            let status = agent.wait_exit(exit_timeout());
             if status.code() == Some(2) && agent.records().is_empty() {
                 return Err(agent.stderr());
             }
@@ -152,7 +159,7 @@ impl Agent {
     }
 
     fn exit_before_records(mut self) -> (i32, String) {
-        let status = self.wait_exit(EXIT_TIMEOUT);
+        let status = self.wait_exit(exit_timeout());
         let Some(code) = status.code() else {
             self.fail(&format!("killed by a signal ({status}) instead of exiting"));
         };
@@ -211,7 +218,7 @@ impl Agent {
 
     fn wait_first_line(&self) -> String {
         self.stdout
-            .wait(WAIT, |lines| lines.first().cloned())
+            .wait(max_wait(), |lines| lines.first().cloned())
             .unwrap_or_else(|ended| self.fail(&format!("no first line ({ended:?})")))
     }
 
@@ -376,7 +383,7 @@ impl Agent {
 
     fn terminate(&mut self, signal: libc::c_int) -> ExitStatus {
         self.signal(signal);
-        self.wait_exit(EXIT_TIMEOUT)
+        self.wait_exit(exit_timeout())
     }
 
     /// Waits for the agent to exit on its own; panics after `timeout`. All of

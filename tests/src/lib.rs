@@ -33,7 +33,31 @@ pub mod tempdir;
 
 use std::time::Duration;
 
-/// Upper bound for any single wait on the agent or a peer. Generous compared
-/// with the events waited for (SYN retransmits come at ~1 s and ~3 s) so a
-/// loaded 2-core machine doesn't make tests flaky, yet finite so none hangs.
-pub const WAIT: Duration = Duration::from_secs(8);
+/// Upper bound for any single wait on the agent or a peer on a real host.
+/// Generous compared with the events waited for (SYN retransmits come at
+/// ~1 s and ~3 s) so a loaded 2-core machine doesn't make tests flaky, yet
+/// finite so none hangs.
+const WAIT: Duration = Duration::from_secs(8);
+
+/// How much longer a bound on the time the agent or a peer takes holds in
+/// a vm-test guest: its CPUs are emulated, tens of times slower than the
+/// host's and slower still while the host is busy, so the agent's start-up
+/// (a pass over the kernel's BTF, a snapshot of every process's sockets)
+/// alone has taken over 8 s there.
+const GUEST_SLOWDOWN: u32 = 4;
+
+/// `bound` where the tests run: as it is on a real host, longer in an
+/// emulated guest.
+pub fn on_this_machine(bound: Duration) -> Duration {
+    if env::in_emulated_guest() {
+        bound * GUEST_SLOWDOWN
+    } else {
+        bound
+    }
+}
+
+/// Upper bound for any single wait on the agent or a peer ([`WAIT`] on a
+/// real host).
+pub fn max_wait() -> Duration {
+    on_this_machine(WAIT)
+}

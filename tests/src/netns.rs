@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::{WAIT, cmd, env, nft};
+use crate::{cmd, env, max_wait, nft};
 
 /// Interface names are limited to 15 bytes (IFNAMSIZ - 1); the veth ends are
 /// named after their namespaces, so namespace names are kept within it too.
@@ -55,7 +55,7 @@ impl Ns {
     /// `remote`, waiting until the connect has started (per `ss`, i.e. the
     /// kernel's own view, independent of the agent).
     pub fn wait_syn_sent_port(&self, remote: SocketAddr) -> u16 {
-        let deadline = Instant::now() + WAIT;
+        let deadline = Instant::now() + max_wait();
         loop {
             let ss = cmd::run_in(&self.name, "ss", &["-tnH", "state", "syn-sent"]);
             // Rows: Recv-Q Send-Q Local:Port Peer:Port (IPv6 in brackets).

@@ -9,8 +9,8 @@ use std::process::{Child, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::WAIT;
 use crate::lines::LineLog;
+use crate::max_wait;
 use crate::netns::Netns;
 
 /// The comm the agent must report for peer sockets.
@@ -215,7 +215,7 @@ impl Peer {
         use std::os::unix::fs::MetadataExt as _;
         let exe_path = format!("/proc/{}/exe", self.pid());
         let want = std::fs::metadata(bin).unwrap_or_else(|e| panic!("{bin}: {e}"));
-        let deadline = Instant::now() + WAIT;
+        let deadline = Instant::now() + max_wait();
         loop {
             let same_file = std::fs::metadata(&exe_path)
                 .is_ok_and(|m| m.dev() == want.dev() && m.ino() == want.ino());
@@ -291,7 +291,7 @@ impl Peer {
 
     /// Waits for the first stdout line starting with `prefix`.
     fn wait_line(&self, prefix: &str) -> String {
-        self.wait_line_within(prefix, WAIT)
+        self.wait_line_within(prefix, max_wait())
     }
 
     fn wait_line_within(&self, prefix: &str, timeout: Duration) -> String {

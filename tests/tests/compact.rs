@@ -2,8 +2,8 @@
 //! shell of the test's own writes /proc/sys/vm/compact_memory, and the
 //! agent, filtered on that shell, must report each zone's compaction run.
 
-use kdiag_tests::WAIT;
 use kdiag_tests::agent::Agent;
+use kdiag_tests::max_wait;
 use kdiag_tests::memory::{
     Gated, assert_one_vmstat, assert_summary_matches, memory_cgroup_of, of_pid, populated_zones,
 };
@@ -36,10 +36,13 @@ fn compact_memory_write_shows_the_writer() {
         ],
     );
     shell.go();
-    assert!(shell.wait(WAIT).success(), "writing compact_memory failed");
+    assert!(
+        shell.wait(max_wait()).success(),
+        "writing compact_memory failed"
+    );
     // compact_node() runs compact_zone() once per populated zone.
     let zones = populated_zones();
-    agent.wait_for_n("a compaction run per zone", zones, WAIT, |r| {
+    agent.wait_for_n("a compaction run per zone", zones, max_wait(), |r| {
         of_pid(std::slice::from_ref(r), "compact", pid).len() == 1
     });
     let recs = agent.stop_ok();

@@ -3,7 +3,7 @@
 
 use std::{fs, path::Path, time::Duration};
 
-use kdiag_tests::{WAIT, agent::Agent, env::require_root, tempdir::TempDir};
+use kdiag_tests::{agent::Agent, env::require_root, max_wait, tempdir::TempDir};
 
 /// `--duration` of the agents these tests let end on their own: long enough
 /// that `wait_start` still finds the agent holding its programs (it runs
@@ -25,7 +25,7 @@ fn tracefs() -> &'static Path {
     }
     let mut probe = Agent::spawn(&["retrans", "-d", RUN_SECS]);
     probe.wait_start();
-    probe.wait_exit(WAIT);
+    probe.wait_exit(max_wait());
     mounted().expect("tracefs is still not mounted after an agent run")
 }
 
@@ -85,7 +85,7 @@ fn missing_optional_tracepoint_runs_degraded() {
             .contains("does not exist"),
         "{start}"
     );
-    let status = agent.wait_exit(WAIT);
+    let status = agent.wait_exit(max_wait());
     assert_eq!(status.code(), Some(0), "{}", agent.stderr());
 }
 

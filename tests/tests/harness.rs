@@ -16,7 +16,7 @@ use kdiag_tests::identity::{Cap, Identity, NOBODY, SharedCopy, everyone_can_run_
 use kdiag_tests::netns::{Family, NetnsPair, list_namespaces, unique_port};
 use kdiag_tests::peer::{PEER_COMM, Peer};
 use kdiag_tests::tempdir::TempDir;
-use kdiag_tests::{WAIT, cmd};
+use kdiag_tests::{cmd, max_wait};
 
 const PEER: &str = env!("CARGO_BIN_EXE_kdiag-peer");
 
@@ -37,7 +37,7 @@ fn retrans_segs(ns: &str) -> u64 {
 /// Waits until the client namespace counts at least `min` retransmitted
 /// segments.
 fn wait_retrans(ns: &str, min: u64) {
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + max_wait();
     loop {
         let now = retrans_segs(ns);
         if now >= min {

@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kdiag_tests::WAIT;
 use kdiag_tests::agent::Agent;
 use kdiag_tests::cmd;
 use kdiag_tests::env::{require_root, skip_unless};
 use kdiag_tests::identity::{Cap, Identity};
+use kdiag_tests::max_wait;
 use kdiag_tests::netns::{NetnsPair, unique_port};
 use kdiag_tests::peer::{ListenOptions, PEER_COMM, Peer};
 use kdiag_tests::record::{self, port_field, u64_field};
@@ -200,7 +200,7 @@ fn retrans_from(sport: u16, dport: u16) -> impl Fn(&Value) -> bool {
 /// names `owner` as its owner.
 fn assert_owned_by(agent: &Agent, sport: u16, dport: u16, owner: &Peer) {
     let what = format!("retransmits {sport} -> {dport} of pid {}", owner.pid());
-    for rec in agent.wait_for_n(&what, 2, WAIT, retrans_from(sport, dport)) {
+    for rec in agent.wait_for_n(&what, 2, max_wait(), retrans_from(sport, dport)) {
         assert_eq!(rec["pid"], json!(owner.pid()), "owner of {rec}");
         assert_eq!(rec["comm"], json!(PEER_COMM), "comm of {rec}");
         assert!(u64_field(&rec, "conn_retrans") >= 1, "{rec}");
@@ -262,7 +262,7 @@ fn a_call_outside_the_seccomp_filter_is_refused() {
     let port = unique_port().to_string();
     let mut agent = Agent::spawn(&["--try-forbidden-syscall", "retrans", "--port", &port]);
     agent.wait_start();
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + max_wait();
     let report = loop {
         let stderr = agent.stderr();
         if let Some(line) = stderr

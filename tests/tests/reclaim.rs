@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use kdiag_tests::agent::{Agent, EXIT_TIMEOUT};
+use kdiag_tests::agent::{Agent, exit_timeout};
 use kdiag_tests::bpf::{map_entries, maps_held_by};
 use kdiag_tests::env::skip_unless;
 use kdiag_tests::memory::{
@@ -331,7 +331,7 @@ fn pid_of_no_process_is_a_usage_error() {
     ];
     for args in cases {
         let mut agent = Agent::spawn(args);
-        let status = agent.wait_exit(EXIT_TIMEOUT);
+        let status = agent.wait_exit(exit_timeout());
         assert_eq!(status.code(), Some(2), "{args:?}: {}", agent.stderr());
         let stderr = agent.stderr();
         assert!(

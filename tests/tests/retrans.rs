@@ -6,10 +6,10 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use kdiag_tests::WAIT;
 use kdiag_tests::agent::Agent;
 use kdiag_tests::cgroup::TestCgroup;
 use kdiag_tests::identity::Identity;
+use kdiag_tests::max_wait;
 use kdiag_tests::netns::{Family, NetnsPair, unique_port};
 use kdiag_tests::peer::{ConnectOptions, ListenOptions, PEER_COMM, Peer};
 use kdiag_tests::record::{self, assert_envelope, is_rfc3339_utc_nanos, port_field, u64_field};
@@ -236,7 +236,7 @@ impl Expected {
             self.dport,
             self.pid
         );
-        let recs = agent.wait_for_n(&what, PER_CONN, WAIT, |r| self.selects(r));
+        let recs = agent.wait_for_n(&what, PER_CONN, max_wait(), |r| self.selects(r));
         self.check(&recs);
         recs
     }
@@ -485,7 +485,7 @@ fn text_output_has_a_header_and_a_row_per_retransmit() {
     let server = SocketAddr::new(net.server.v4.into(), port);
     let local = SocketAddr::new(net.client.v4.into(), net.client.wait_syn_sent_port(server));
     let is_row = |l: &str| !l.starts_with('#') && !l.starts_with("TIME");
-    let rows = agent.wait_for_lines("2 text rows", PER_CONN, WAIT, is_row);
+    let rows = agent.wait_for_lines("2 text rows", PER_CONN, max_wait(), is_row);
     let lines = agent.lines();
     // Comment lines (`#`) may follow the first (degraded features); the
     // header comes before the first row.
@@ -690,7 +690,7 @@ fn closed_stdout_exits_0() {
     net.drop_server_port(port);
     let (mut agent, _) = start_agent(&retrans_args(&[port], &[]));
     let _client = Peer::connect(PEER, &net.client, net.server.v4, port, None);
-    agent.wait_for("a first SYN retransmit", WAIT, retrans_to(port));
+    agent.wait_for("a first SYN retransmit", max_wait(), retrans_to(port));
     agent.close_stdout();
     // The next SYN retransmit, ~2 s after the first, gives the agent a write
     // that fails even if it does not watch its stdout.

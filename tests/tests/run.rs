@@ -6,10 +6,10 @@ use std::{
 };
 
 use kdiag_tests::{
-    WAIT,
     agent::Agent,
     env::require_root,
     loopback::LoopbackTraffic,
+    max_wait,
     record::{self, is_type},
 };
 use serde_json::Value;
@@ -53,7 +53,7 @@ fn run_attaches_every_class_and_accounts_for_each() {
         let _client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
         let _server = listener.accept().expect("accept");
     }
-    let status = agent.wait_exit(WAIT);
+    let status = agent.wait_exit(max_wait());
     assert_eq!(status.code(), Some(0), "{}", agent.stderr());
     let recs = agent.records();
     agent.assert_programs_released();

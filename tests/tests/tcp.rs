@@ -11,9 +11,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kdiag_tests::WAIT;
 use kdiag_tests::agent::Agent;
 use kdiag_tests::env::skip_unless;
+use kdiag_tests::max_wait;
 use kdiag_tests::netns::{Family, Netns, NetnsPair, unique_port};
 use kdiag_tests::nft::HostPortDrop;
 use kdiag_tests::peer::{ConnectOptions, ListenOptions, PEER_COMM, Peer};
@@ -173,11 +173,11 @@ fn children_of_a_listener_older_than_the_agent_are_attributed() {
     let server = Peer::listen(PEER, &net.server, net.server.v4, port);
     let mut agent = start_tcp(port, &[]);
     let client = connections(&net.client, net.server.v4, port, N);
-    client.wait_done(WAIT);
+    client.wait_done(max_wait());
     agent.wait_for_n(
         "a tcp_conn per connection and side",
         2 * N as usize,
-        WAIT,
+        max_wait(),
         |r| record::is_type(r, "tcp_conn"),
     );
     let recs = agent.stop_ok();
@@ -246,13 +246,13 @@ fn counted_exactly_over(extra: &[&str]) {
     let (mut agent, start) = Agent::start(&args, &["sock/inet_sock_set_state"]);
     let server = Peer::listen(PEER, &net.server, net.server.v4, port);
     let client = connections(&net.client, net.server.v4, port, CONNS);
-    client.wait_done(WAIT);
+    client.wait_done(max_wait());
     // The client is done once it has seen each server close, but the server
     // side's last change (LAST_ACK -> CLOSE, on the client's final ACK) can
     // still be on its way: wait for both sides' tcp_conn of every
     // connection before stopping.
     let n = 2 * CONNS as usize;
-    agent.wait_for_n("a tcp_conn per connection and side", n, WAIT, |r| {
+    agent.wait_for_n("a tcp_conn per connection and side", n, max_wait(), |r| {
         record::is_type(r, "tcp_conn") && !lost_handshake_race(r)
     });
     let misses = agent.recursion_misses(&["inet_sock_set_state"]);
@@ -404,14 +404,14 @@ fn counted_exactly_over(extra: &[&str]) {
 /// Waits until the retrans agent has written `n` records about `local` ->
 /// `remote`.
 fn wait_retransmits(agent: &Agent, n: usize, local: SocketAddr, remote: SocketAddr) {
-    agent.wait_for_n("retransmits of the test connection", n, WAIT, |r| {
+    agent.wait_for_n("retransmits of the test connection", n, max_wait(), |r| {
         record::is_type(r, "retrans") && names(r, local, remote)
     });
 }
 
 /// The `tcp_conn` of `local` -> `remote`, waiting for it.
 fn wait_conn(agent: &Agent, local: SocketAddr, remote: SocketAddr) -> Value {
-    agent.wait_for("the connection's tcp_conn", WAIT, |r| {
+    agent.wait_for("the connection's tcp_conn", max_wait(), |r| {
         record::is_type(r, "tcp_conn") && names(r, local, remote)
     })
 }
@@ -506,7 +506,7 @@ fn close_wait_is_owned_by_the_server_that_never_closes() {
     let spid = server.pid();
     // The client closes; the server never does, until it exits.
     client.kill();
-    let stuck = all.wait_for("ESTABLISHED -> CLOSE_WAIT", WAIT, |r| {
+    let stuck = all.wait_for("ESTABLISHED -> CLOSE_WAIT", max_wait(), |r| {
         is_state(r, "ESTABLISHED", "CLOSE_WAIT") && names(r, listener, local)
     });
     assert_eq!(pid_of(&stuck), Some(spid.into()), "owner of {stuck}");
@@ -529,7 +529,7 @@ fn close_wait_is_owned_by_the_server_that_never_closes() {
         state_ns["CLOSE_WAIT"] >= 200_000_000,
         "CLOSE_WAIT time in {conn}"
     );
-    only_close_wait.wait_for("the server's tcp_conn", WAIT, |r| {
+    only_close_wait.wait_for("the server's tcp_conn", max_wait(), |r| {
         record::is_type(r, "tcp_conn") && names(r, listener, local)
     });
     let all_recs = all.stop_ok();
@@ -577,7 +577,7 @@ fn wait_socket_retrans(
     what: &str,
     done: impl Fn((u32, u32)) -> bool,
 ) -> (u32, u32) {
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + max_wait();
     loop {
         let now = socket_retrans(Netns::Root, local, remote)
             .unwrap_or_else(|| panic!("socket {local} -> {remote} is gone"));
@@ -586,7 +586,8 @@ fn wait_socket_retrans(
         }
         assert!(
             Instant::now() < deadline,
-            "{local} -> {remote}: {what}: retrans {now:?} after {WAIT:?}"
+            "{local} -> {remote}: {what}: retrans {now:?} after {:?}",
+            max_wait()
         );
         thread::sleep(Duration::from_millis(50));
     }
@@ -638,7 +639,7 @@ fn tcp_summary_ratio_matches_proc_net_snmp() {
     let before = snmp_segments();
     let mut agent = start_tcp(port, &["--interval", "1"]);
     let listener = Peer::listen(PEER, Netns::Root, lo, port);
-    connections(Netns::Root, lo, port, SNMP_CONNS).wait_done(WAIT);
+    connections(Netns::Root, lo, port, SNMP_CONNS).wait_done(max_wait());
     let client = Peer::connect(PEER, Netns::Root, lo, port, Some(SEND_EVERY_MS));
     let local = client.wait_connected();
     let mut blackhole = HostPortDrop::new(port);
@@ -761,9 +762,11 @@ fn text_output_has_tcpstates_columns() {
     );
     let _server = Peer::listen(PEER, &net.server, net.server.v4, port);
     let client = connections(&net.client, net.server.v4, port, 1);
-    client.wait_done(WAIT);
+    client.wait_done(max_wait());
     // Both sides closed: the client's and the server's `-> CLOSE`.
-    agent.wait_for_lines("two -> CLOSE rows", 2, WAIT, |l| l.contains(" -> CLOSE "));
+    agent.wait_for_lines("two -> CLOSE rows", 2, max_wait(), |l| {
+        l.contains(" -> CLOSE ")
+    });
     let lines = agent.stop_text_ok();
 
     let is_header = |l: &&String| l.split_whitespace().eq(TEXT_COLUMNS);

@@ -51,9 +51,13 @@ const SCRATCH_BYTES: u64 = 4 << 30;
 /// `panic=-1`: a kernel panic (e.g. init exiting) reboots at once, which
 /// `-no-reboot` turns into QEMU exiting, instead of a hang until the timeout;
 /// `softlockup_panic=1` makes a CPU stuck in the kernel such a panic.
+/// `watchdog_thresh=60` (the largest) reports a CPU as stuck after 120 s,
+/// not 20: an emulated CPU gets no time while the host is busy, and 5.10
+/// once spent 22 s clearing pages for a reader that way on a loaded host.
 /// `loglevel=5`: warnings and their backtraces (a soft lockup's, a
 /// verifier WARN's) reach the console log, the boot's notices do not.
-const KERNEL_CMDLINE: &str = "console=ttyS0 loglevel=5 softlockup_panic=1 panic=-1";
+const KERNEL_CMDLINE: &str =
+    "console=ttyS0 loglevel=5 softlockup_panic=1 watchdog_thresh=60 panic=-1";
 
 /// A test binary of kdiag-tests, as cargo built it on the host.
 pub(super) struct TestBinary {
