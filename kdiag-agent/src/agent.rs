@@ -147,6 +147,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
         let (registry, exposition) = Metrics::new(metrics::Limits {
             max_series: cli.global.metrics_max_series as usize,
             cgroups: cli.global.metrics_cgroups as usize,
+            softirq_cpus: cli.global.metrics_softirq_cpus,
         });
         services.set_metrics(registry);
         exposition

@@ -104,6 +104,11 @@ pub(crate) struct GlobalArgs {
     #[arg(long, value_name = "N", default_value_t = 20, global = true,
           value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub metrics_cgroups: u64,
+    /// With --metrics-addr: the softirq histograms per CPU as well as per
+    /// vector (a `cpu` label: 20 series per CPU, folded past
+    /// --metrics-max-series).
+    #[arg(long, global = true)]
+    pub metrics_softirq_cpus: bool,
     /// Once attached, run as this user and its group, with no supplementary
     /// groups and no capability the rest of the run does not need. The user
     /// must exist and must not be root.

@@ -315,3 +315,22 @@ fn promtool_accepts(metrics: SocketAddr) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn an_address_it_cannot_serve_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+    let addr = taken.local_addr().expect("its address").to_string();
+    let (code, stderr) = Agent::run_to_exit(&["--metrics-addr", &addr, "retrans"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("--metrics-addr {addr}")) && stderr.contains("in use"),
+        "{stderr}"
+    );
+    // No address of this host: a usage error, as is --interval 0.
+    let (code, stderr) = Agent::run_to_exit(&["--metrics-addr", "192.0.2.1:9464", "retrans"]);
+    assert_eq!(code, 2, "{stderr}");
+    let (code, stderr) =
+        Agent::run_to_exit(&["--metrics-addr", &addr, "--interval", "0", "retrans"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--interval"), "{stderr}");
+}

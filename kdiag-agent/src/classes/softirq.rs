@@ -274,6 +274,7 @@ impl Class for SoftirqClass {
                 {
                     cx.out.write(now_ns, &summary)?;
                     cx.services.metrics().softirqs(
+                        summary.cpu,
                         summary.vec,
                         &HIST,
                         &hist::delta(&slot.service_buckets, &before.service_buckets),

@@ -52,6 +52,8 @@ pub(crate) const TCP_SCALE: Scale = Scale::new(10, 0, 43);
 pub(crate) struct Limits {
     pub max_series: usize,
     pub cgroups: usize,
+    /// The softirq histograms per CPU as well as per vector.
+    pub softirq_cpus: bool,
 }
 
 /// The last text published, shared with the HTTP server.
@@ -130,9 +132,11 @@ impl Metrics {
     }
 
     /// One `softirq_summary` record: the interval's service-time and delay
-    /// buckets of vector `vec` on `scale`, and its total service time.
+    /// buckets of vector `vec` on `cpu`, on `scale`, and its total service
+    /// time.
     pub(crate) fn softirqs(
         &mut self,
+        cpu: u32,
         vec: &str,
         scale: &Scale,
         service: &[u64],
@@ -140,15 +144,21 @@ impl Metrics {
         delay: &[u64],
     ) {
         let Some(r) = &mut self.0 else { return };
+        let cpu = cpu.to_string();
+        let labels: &[&str] = if r.limits.softirq_cpus {
+            &[vec, &cpu]
+        } else {
+            &[vec]
+        };
         let count = service.iter().sum();
-        r.softirq_service.entry(&[vec]).add(Buckets {
+        r.softirq_service.entry(labels).add(Buckets {
             scale,
             buckets: service,
             count,
             total_ns: Some(service_total_ns),
         });
         let count = delay.iter().sum();
-        r.softirq_delay.entry(&[vec]).add(Buckets {
+        r.softirq_delay.entry(labels).add(Buckets {
             scale,
             buckets: delay,
             count,
@@ -208,6 +218,12 @@ impl Registry {
         let memory = || Histogram::new(&kdiag_common::memory::HIST);
         let softirq = || Histogram::new(&kdiag_common::softirq::HIST);
         let tcp = || Histogram::new(&TCP_SCALE);
+        // The CPU last: past the series bound, CPUs fold, not vectors.
+        let softirq_labels: &'static [&'static str] = if limits.softirq_cpus {
+            &["vec", "cpu"]
+        } else {
+            &["vec"]
+        };
         let mut registry = Self {
             limits,
             exposition,
@@ -219,8 +235,8 @@ impl Registry {
             stalls: Family::new(&["kind"], max, memory),
             stalls_by_cgroup: Family::new(&["kind", "cgroup"], max, memory),
             cgroups_seen: BTreeSet::new(),
-            softirq_service: Family::new(&["vec"], max, softirq),
-            softirq_delay: Family::new(&["vec"], max, softirq),
+            softirq_service: Family::new(softirq_labels, max, softirq),
+            softirq_delay: Family::new(softirq_labels, max, softirq),
             agent: AgentTotals::new(max),
         };
         // Always there, so that a dashboard shows 0 rather than no data.
@@ -403,6 +419,7 @@ mod tests {
         Metrics::new(Limits {
             max_series,
             cgroups,
+            softirq_cpus: false,
         })
     }
 
@@ -535,23 +552,39 @@ mod tests {
         let mut delay = [0; softirq::HIST_BUCKETS];
         service[softirq::HIST.bucket(1500)] = 3;
         delay[softirq::HIST.bucket(90)] = 2;
-        m.softirqs("NET_RX", &softirq::HIST, &service, 4500, &delay);
+        m.softirqs(1, "NET_RX", &softirq::HIST, &service, 4500, &delay);
+        m.softirqs(0, "NET_RX", &softirq::HIST, &service, 4500, &delay);
         m.publish();
         let s = samples(&e);
+        // Both CPUs in one series.
         assert_eq!(
             s["kdiag_softirq_service_seconds_count{vec=\"NET_RX\"}"],
-            "3"
+            "6"
         );
         assert_eq!(
             s["kdiag_softirq_service_seconds_sum{vec=\"NET_RX\"}"],
-            "0.0000045"
+            "0.000009"
         );
-        assert_eq!(s["kdiag_softirq_delay_seconds_count{vec=\"NET_RX\"}"], "2");
+        assert_eq!(s["kdiag_softirq_delay_seconds_count{vec=\"NET_RX\"}"], "4");
         assert_eq!(
             s["kdiag_softirq_delay_seconds_bucket{vec=\"NET_RX\",le=\"0.000000127\"}"],
-            "2"
+            "4"
         );
         assert!(!s.contains_key("kdiag_softirq_delay_seconds_sum{vec=\"NET_RX\"}"));
+        // Per CPU, on request.
+        let (mut m, e) = Metrics::new(Limits {
+            max_series: 100,
+            cgroups: 10,
+            softirq_cpus: true,
+        });
+        m.softirqs(1, "NET_RX", &softirq::HIST, &service, 4500, &delay);
+        m.publish();
+        let s = samples(&e);
+        assert_eq!(
+            s["kdiag_softirq_service_seconds_count{vec=\"NET_RX\",cpu=\"1\"}"],
+            "3"
+        );
+        assert!(!s.contains_key("kdiag_softirq_service_seconds_count{vec=\"NET_RX\"}"));
     }
 
     #[test]
