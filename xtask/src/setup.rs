@@ -104,7 +104,9 @@ pub(crate) fn ensure_debian_packages(tools: &[(&'static str, &'static str)]) -> 
     if missing.is_empty() {
         return Ok(());
     }
-    let packages: Vec<&str> = missing.iter().map(|&(_, pkg)| pkg).collect();
+    let mut packages: Vec<&str> = missing.iter().map(|&(_, pkg)| pkg).collect();
+    // One package may provide several of the binaries (prometheus, promtool).
+    packages.dedup();
     apt_install(&packages)?;
     let still_missing = check(&missing);
     ensure!(
