@@ -24,6 +24,7 @@ use crate::{
     output::{
         self, Output,
         clock::{WallClock, monotonic_ns},
+        metrics::{self, BindError, Metrics},
         record::{AgentStart, Degraded},
         stats::{ProgramCounters, StatsCollector},
     },
@@ -55,6 +56,8 @@ pub(crate) enum AgentError {
         class: &'static str,
         source: ClassError,
     },
+    #[error(transparent)]
+    Metrics(#[from] BindError),
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -73,7 +76,9 @@ impl AgentError {
                     ClassError::Usage(_) | ClassError::Cgroup { .. } | ClassError::Container { .. },
                 ..
             } => 2,
+            Self::Metrics(e) if e.is_usage() => 2,
             Self::Privileges(_) => 77,
+            Self::Metrics(e) if e.is_permission() => 77,
             _ => 1,
         }
     }
@@ -104,6 +109,13 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
             return Err(AgentError::Usage(format!("--pid {pid}: no such process")));
         }
     }
+    if cli.global.metrics_addr.is_some() && cli.global.interval == 0 {
+        return Err(AgentError::Usage(
+            "--metrics-addr needs an --interval: the metrics are refreshed with each \
+             agent_stats record, and --interval 0 writes one only at exit"
+                .to_owned(),
+        ));
+    }
     let run_as = RunAs::lookup(&cli.global.user)?;
     // Before anything is loaded: a signal that came before the handlers
     // would kill the agent without its final agent_stats (the kernel would
@@ -124,6 +136,22 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
     // Before loading: an agent that could not give up what it must once
     // attached would only attach to stop.
     privileges::check_drop(&run_as)?;
+    // Bound now, while the agent may still bind any port, and before
+    // anything is attached: an address it cannot serve stops it first.
+    let server = cli
+        .global
+        .metrics_addr
+        .map(metrics::Server::bind)
+        .transpose()?;
+    let exposition = server.is_some().then(|| {
+        let (registry, exposition) = Metrics::new(metrics::Limits {
+            max_series: cli.global.metrics_max_series as usize,
+            cgroups: cli.global.metrics_cgroups as usize,
+            softirq_cpus: cli.global.metrics_softirq_cpus,
+        });
+        services.set_metrics(registry);
+        exposition
+    });
 
     let buffer_bytes = cli.global.buffer_mib << 20;
     let mut loaded = load(
@@ -157,7 +185,8 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
     // noting who holds each socket. Should giving them up fail, the agent
     // stops, and everything it attached goes with it.
     services.before_dropping_privileges();
-    let dropped = privileges::drop_after_attach(&run_as, bpf_descriptor(&loaded.ebpf))?;
+    let dropped =
+        privileges::drop_after_attach(&run_as, bpf_descriptor(&loaded.ebpf), server.is_some())?;
     let mut degraded = loaded.degraded.clone();
     degraded.extend(dropped.degraded.clone());
     if let Err(e) = &bpf_stats
@@ -223,6 +252,10 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
     };
     out.write(monotonic_ns(), &start)?;
     out.flush()?;
+    if let (Some(server), Some(exposition)) = (server, exposition) {
+        services.metrics().publish();
+        server.spawn(exposition)?;
+    }
     if cli.global.try_forbidden_syscall {
         match sys::seccomp::try_forbidden_call() {
             Ok(()) => output::diagnose(format_args!(
@@ -480,6 +513,7 @@ fn end_interval(
     }
     let report = stats.report(programs, now);
     cx.out.write(now, &report)?;
+    cx.services.metrics().end_interval(&report);
     cx.out.flush()
 }
 

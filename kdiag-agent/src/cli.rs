@@ -45,9 +45,11 @@ pub(crate) struct GlobalArgs {
     pub pids: Vec<u32>,
     /// Only processes in this cgroup or below it: a cgroup v2 path relative
     /// to the cgroup2 mount (`/system.slice/nginx.service`) or a full path
-    /// under it. For `reclaim` and `compact` on a host with the v1 memory
-    /// controller, a path in the memory hierarchy instead
-    /// (`/sys/fs/cgroup/memory/...`), since its limits are the ones hit.
+    /// under it; on a host without cgroup v2, a path of systemd's v1
+    /// hierarchy (name=systemd), else of the v1 memory controller. For
+    /// `reclaim` and `compact` on a host with the v1 memory controller, a
+    /// path in the memory hierarchy instead (`/sys/fs/cgroup/memory/...`),
+    /// since its limits are the ones hit.
     #[arg(short = 'c', long, value_name = "PATH", global = true)]
     pub cgroup: Option<PathBuf>,
     /// Only processes of this container: its id as `container_id` shows it
@@ -81,6 +83,32 @@ pub(crate) struct GlobalArgs {
     #[arg(long, value_name = "MIB", global = true,
           default_value_t = DEFAULT_BUFFER_BYTES >> 20, value_parser = buffer_mib)]
     pub buffer_mib: u32,
+    /// Also serve Prometheus metrics on http://ADDR:PORT/metrics (off by
+    /// default): retransmits, closed connections, handshake and connection
+    /// times, memory stalls, softirq latencies and the agent's own
+    /// figures, as cumulative sums of the records written. They are
+    /// refreshed at each --interval, with its `agent_stats` record (so
+    /// --interval 0 is refused). Listen on loopback (127.0.0.1:9464)
+    /// unless the network may read them. docs/SCHEMA.md lists the metrics.
+    #[arg(long, value_name = "ADDR:PORT", global = true)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// With --metrics-addr: the most series (label sets) any one metric
+    /// keeps; updates of more go to the label value `other` and count in
+    /// kdiag_metrics_series_folded_total.
+    #[arg(long, value_name = "N", default_value_t = 500, global = true,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub metrics_max_series: u64,
+    /// With --metrics-addr: the cgroups the per-cgroup memory-stall
+    /// histogram names, the first N to stall (the heaviest first within an
+    /// interval); the stalls of later ones go to cgroup="other".
+    #[arg(long, value_name = "N", default_value_t = 20, global = true,
+          value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub metrics_cgroups: u64,
+    /// With --metrics-addr: the softirq histograms per CPU as well as per
+    /// vector (a `cpu` label: 20 series per CPU, folded past
+    /// --metrics-max-series).
+    #[arg(long, global = true)]
+    pub metrics_softirq_cpus: bool,
     /// Once attached, run as this user and its group, with no supplementary
     /// groups and no capability the rest of the run does not need. The user
     /// must exist and must not be root.

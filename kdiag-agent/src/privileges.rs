@@ -264,12 +264,14 @@ pub(crate) struct Dropped {
 /// with `probe_fd`, a BPF program or map the agent holds) from every set,
 /// and from the bounding set where CAP_SETPCAP allows; root, for `user`'s
 /// ids and no supplementary groups; then makes the process not dumpable,
-/// sets no_new_privs and installs the seccomp filter. Checks the outcome in /proc/self/status: a forbidden
+/// sets no_new_privs and installs the seccomp filter (which lets it accept
+/// connections when `serving` metrics). Checks the outcome in /proc/self/status: a forbidden
 /// capability anywhere, uid 0 or no filter is an error, and the caller
 /// stops.
 pub(crate) fn drop_after_attach(
     user: &RunAs,
     probe_fd: Option<BorrowedFd<'_>>,
+    serving: bool,
 ) -> Result<Dropped, DropError> {
     sys::process::read_auxiliary_vector();
     let bpf = probe_fd.map_or(BpfCommands::MayBecomeGated, bpf_commands);
@@ -331,7 +333,7 @@ pub(crate) fn drop_after_attach(
     sys::process::set_not_dumpable().map_err(DropError::Dumpable)?;
     caps::set_no_new_privs().map_err(DropError::NoNewPrivs)?;
     caps::limit_to(keep).map_err(DropError::Reduce)?;
-    sys::seccomp::install().map_err(DropError::Seccomp)?;
+    sys::seccomp::install(serving).map_err(DropError::Seccomp)?;
     let after = ProcStatus::of_self();
     after.confirm_dropped(user.ids, keep, switch_ids)?;
     Ok(Dropped {

@@ -1,7 +1,8 @@
 //! What every class shares, created once by the agent and handed to the
 //! classes through their `Context` (class.rs): one socket-owner
 //! resolver (one cache, one /proc time budget), one cgroup-path table per
-//! hierarchy, and one vmstat/PSI sampler. In `run`, the TCP classes see the
+//! hierarchy, one vmstat/PSI sampler, and the metrics registry of
+//! `--metrics-addr` (output/metrics). In `run`, the TCP classes see the
 //! same sockets and the memory classes the same cgroups: a copy per class
 //! would resolve and walk everything twice.
 
@@ -11,12 +12,13 @@ use kdiag_common::{Owner, tcp::TcpTuple};
 
 use crate::{
     attribution::{
-        cgroup::{CgroupPaths, find_cgroup2_mount},
+        cgroup::{CgroupPaths, OwnerHierarchy, ProcCgroups, find_cgroup2_mount},
         owner::{ListenerId, OwnerResolver},
         vmstat::VmstatSampler,
     },
     output::{
         Output,
+        metrics::Metrics,
         record::{Cgroup, ResolvedOwner},
     },
 };
@@ -30,9 +32,13 @@ pub(crate) struct Services {
     /// The hierarchy of the cgroups the kernel captures with owners
     /// (`bpf_get_current_cgroup_id`: the unified one).
     unified: Hierarchy,
+    /// On a host without cgroup v2, where every id the kernel captures
+    /// names the root: owners' cgroups from a v1 hierarchy instead.
+    v1_owners: Option<ProcCgroups>,
     vmstat: VmstatSampler,
     /// The end of the last interval whose `vmstat` record was written.
     vmstat_written: Option<u64>,
+    metrics: Metrics,
 }
 
 /// One cgroup hierarchy's table in [`CgroupTables`].
@@ -58,14 +64,30 @@ impl Services {
     pub(crate) fn new() -> Self {
         let mut cgroups = CgroupTables::default();
         let unified = cgroups.hierarchy(find_cgroup2_mount().as_deref());
+        let v1_owners = match OwnerHierarchy::detect() {
+            OwnerHierarchy::V1 { controller, .. } => Some(ProcCgroups::new(controller)),
+            _ => None,
+        };
         Self {
             owners: OwnerResolver::new(),
             owners_wanted: false,
             cgroups,
             unified,
+            v1_owners,
             vmstat: VmstatSampler::new(),
             vmstat_written: None,
+            metrics: Metrics::default(),
         }
+    }
+
+    /// Classes count what they write in these metrics (without
+    /// `--metrics-addr`, in a registry that keeps nothing).
+    pub(crate) fn set_metrics(&mut self, metrics: Metrics) {
+        self.metrics = metrics;
+    }
+
+    pub(crate) fn metrics(&mut self) -> &mut Metrics {
+        &mut self.metrics
     }
 
     /// The table of the hierarchy mounted at `mount` (shared by every class
@@ -94,7 +116,8 @@ impl Services {
     }
 
     /// The owner of the socket `sock_id` with addresses `tuple`, given what
-    /// the kernel captured (see [`OwnerResolver::resolve`]).
+    /// the kernel captured (see [`OwnerResolver::resolve`]); its cgroup from
+    /// a v1 hierarchy on a host without cgroup v2 (see [`OwnerHierarchy`]).
     pub(crate) fn owner(
         &mut self,
         sock_id: u64,
@@ -103,8 +126,13 @@ impl Services {
         listener: Option<ListenerId>,
     ) -> ResolvedOwner {
         let cgroups = &mut self.cgroups.0[self.unified.0];
-        self.owners
-            .resolve(cgroups, sock_id, owner, tuple, listener)
+        let mut resolved = self
+            .owners
+            .resolve(cgroups, sock_id, owner, tuple, listener);
+        if let Some(v1) = &mut self.v1_owners {
+            resolved.cgroup = resolved.pid.map(|pid| v1.of(pid)).unwrap_or_default();
+        }
+        resolved
     }
 
     /// A listener closed: what was learnt of it no longer holds.

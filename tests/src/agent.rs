@@ -89,6 +89,17 @@ impl Agent {
         Agent::spawn(args).started(needs)
     }
 
+    /// [`Agent::start`] through `wrapper`: a command that ends by running
+    /// its arguments (the agent and `args`) in its own place, with `exec`
+    /// (e.g. in a mount namespace of its own), so that the agent keeps its
+    /// pid.
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str], needs: &[&str]) -> (Agent, Value) {
+        let path = env::agent_path();
+        let mut command = Command::new(wrapper[0]);
+        command.args(&wrapper[1..]).arg(&path);
+        Agent::spawn_command(command, path, "root".to_owned(), args).started(needs)
+    }
+
     /// [`Agent::start`], unless the agent refuses `args` with a usage error
     /// (exit 2) before writing anything: then its stderr, for the test to
     /// tell a kernel that cannot do what `args` ask from a bug.

@@ -1,6 +1,6 @@
-//! Test cgroups in the cgroup v2 hierarchy, removed in Drop. Membership is
-//! all the tests need, so this works also where the v2 hierarchy has no
-//! controllers (hybrid hosts).
+//! Test cgroups in the cgroup v2 hierarchy (or a v1 one), removed in Drop.
+//! Membership is all the tests need, so this works also where the v2
+//! hierarchy has no controllers (hybrid hosts).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -15,9 +15,11 @@ static NEXT_CGROUP: AtomicU32 = AtomicU32::new(0);
 /// killed and reaped leave it asynchronously.
 const RMDIR_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A cgroup v2 directory this test created.
+/// A cgroup directory this test created.
 #[derive(Debug)]
 pub struct TestCgroup {
+    /// The mount of its hierarchy.
+    mount: PathBuf,
     dir: PathBuf,
     rel: String,
 }
@@ -26,27 +28,33 @@ impl TestCgroup {
     /// A new cgroup directly under the root, named uniquely for this test
     /// run (pid + counter, as namespace names).
     pub fn new() -> TestCgroup {
+        TestCgroup::new_in(cgroup2_mount())
+    }
+
+    /// `new` in the hierarchy mounted at `mount` (a v1 one, say).
+    pub fn new_in(mount: PathBuf) -> TestCgroup {
         let n = NEXT_CGROUP.fetch_add(1, Ordering::Relaxed);
-        TestCgroup::create(&format!("/kdiagt{}-{n}", std::process::id()))
+        TestCgroup::create(mount, &format!("/kdiagt{}-{n}", std::process::id()))
     }
 
     /// A cgroup whose name is this one's plus `suffix`: a sibling the
     /// string prefix of whose path is this one's path.
     pub fn sibling_with_suffix(&self, suffix: &str) -> TestCgroup {
-        TestCgroup::create(&format!("{}{suffix}", self.rel))
+        TestCgroup::create(self.mount.clone(), &format!("{}{suffix}", self.rel))
     }
 
     /// A cgroup below this one. Drop it before this one (declare it after).
     pub fn child(&self, name: &str) -> TestCgroup {
-        TestCgroup::create(&format!("{}/{name}", self.rel))
+        TestCgroup::create(self.mount.clone(), &format!("{}/{name}", self.rel))
     }
 
-    /// Creates `rel` (relative to the cgroup2 mount, starting with `/`).
-    fn create(rel: &str) -> TestCgroup {
+    /// Creates `rel` (relative to `mount`, starting with `/`).
+    fn create(mount: PathBuf, rel: &str) -> TestCgroup {
         env::require_root();
         let cgroup = TestCgroup {
-            dir: cgroup2_mount().join(rel.trim_start_matches('/')),
+            dir: mount.join(rel.trim_start_matches('/')),
             rel: rel.to_owned(),
+            mount,
         };
         std::fs::create_dir(&cgroup.dir)
             .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", cgroup.dir.display()));
@@ -58,7 +66,7 @@ impl TestCgroup {
         &self.dir
     }
 
-    /// Its path relative to the cgroup2 mount (`/name`), as the agent's
+    /// Its path relative to its hierarchy's mount (`/name`), as the agent's
     /// records show it.
     pub fn rel(&self) -> &str {
         &self.rel
@@ -86,7 +94,7 @@ impl Drop for TestCgroup {
         // No panic here: Drop may run while a test is already unwinding.
         // Processes still inside (a peer not killed yet) go back to the root
         // so the directory can go.
-        let root_procs = cgroup2_mount().join("cgroup.procs");
+        let root_procs = self.mount.join("cgroup.procs");
         let procs = std::fs::read_to_string(self.dir.join("cgroup.procs")).unwrap_or_default();
         for pid in procs.lines() {
             let _ = std::fs::write(&root_procs, pid);
@@ -109,12 +117,29 @@ impl Drop for TestCgroup {
 /// The cgroup2 mount point, from /proc/self/mountinfo: the fifth field of
 /// the line whose file system type (first field after ` - `) is cgroup2.
 pub fn cgroup2_mount() -> PathBuf {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").expect("/proc/self/mountinfo");
-    text.lines()
-        .find_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            (right.split_whitespace().next()? == "cgroup2")
-                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
-        })
+    cgroup2_mount_if_any()
         .unwrap_or_else(|| panic!("no cgroup2 file system mounted (/proc/self/mountinfo)"))
+}
+
+/// [`cgroup2_mount`], or `None` on a host without one.
+pub fn cgroup2_mount_if_any() -> Option<PathBuf> {
+    find_mount(|fstype, _| fstype == "cgroup2")
+}
+
+/// The mount of the v1 hierarchy with `option` (a controller, or
+/// `name=...`) among its super options, if there is one.
+pub fn v1_mount(option: &str) -> Option<PathBuf> {
+    find_mount(|fstype, options| fstype == "cgroup" && options.split(',').any(|o| o == option))
+}
+
+/// The mount point of the first mount whose file system type and super
+/// options `wanted` accepts.
+fn find_mount(wanted: impl Fn(&str, &str) -> bool) -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").expect("/proc/self/mountinfo");
+    text.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mut right = right.split_whitespace();
+        let (fstype, _source, options) = (right.next()?, right.next()?, right.next()?);
+        wanted(fstype, options).then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+    })
 }

@@ -26,6 +26,7 @@ pub mod memory;
 pub mod netns;
 pub mod nft;
 pub mod peer;
+pub mod prometheus;
 pub mod record;
 pub mod softirqs;
 pub mod tcpstat;

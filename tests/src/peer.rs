@@ -46,7 +46,8 @@ impl ListenOptions {
 pub struct ConnectOptions {
     /// Write 100 bytes this often once connected.
     pub send_every_ms: Option<u64>,
-    /// Start it in this cgroup v2 directory, so that it connects from there.
+    /// Start it in this cgroup directory (of any hierarchy), so that it
+    /// connects from there.
     pub join_cgroup: Option<PathBuf>,
     /// Make this many connections one after the other instead of one, each
     /// closed by both sides before the next (the server must be a `listen`

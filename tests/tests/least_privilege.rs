@@ -30,8 +30,10 @@ const FORBIDDEN: u64 = (1 << 1) | (1 << 19) | (1 << 21);
 /// The one capability the agent may keep (on kernels that need it).
 const CAP_BPF: u64 = 1 << 39;
 
-/// The highest exposure `systemd-analyze security` may rate the unit.
-const MAX_EXPOSURE: f64 = 2.5;
+/// The highest exposure `systemd-analyze security` may rate the unit: 2.3
+/// without network access, plus the Internet sockets (0.3) of its metrics
+/// listener on loopback.
+const MAX_EXPOSURE: f64 = 2.6;
 
 fn unit_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kdiag-agent.service")
@@ -74,7 +76,12 @@ impl Unit {
                 .collect()
         };
         let exec = value("ExecStart").expect("the unit has no ExecStart");
-        let args: Vec<String> = exec.split_whitespace().skip(1).map(str::to_owned).collect();
+        let mut args: Vec<String> = exec.split_whitespace().skip(1).map(str::to_owned).collect();
+        // Tests run at once: each agent serves its metrics on a port of its
+        // own, on loopback as the unit does.
+        if let Some(i) = args.iter().position(|a| a == "--metrics-addr") {
+            args[i + 1] = format!("127.0.0.1:{}", unique_port());
+        }
         let user_arg = args
             .iter()
             .position(|a| a == "--user")

@@ -34,7 +34,17 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     // Rates the systemd unit (`systemd-analyze security --offline=yes`);
     // works where PID 1 is not systemd.
     ("systemd-analyze", "systemd"),
+    // The metrics test scrapes the agent with a server of its own and
+    // checks the endpoint's text with promtool.
+    ("prometheus", "prometheus"),
+    ("promtool", "prometheus"),
 ];
+
+/// The service Debian's `prometheus` package enables (and, where systemd
+/// runs, starts) on install: the tests start their own servers, and a
+/// host's resident Prometheus would only scrape and listen for nothing.
+const PROMETHEUS_UNIT: &str = "prometheus.service";
+const PROMETHEUS_ENABLED: &str = "/etc/systemd/system/multi-user.target.wants/prometheus.service";
 
 /// Where Debian puts admin binaries; a non-root PATH often lacks them, but the
 /// package is installed all the same.
@@ -60,6 +70,7 @@ pub(crate) fn ensure() -> Result<Tools> {
     // Debian packages first: they are the ones that need root, so a non-root
     // user learns that before waiting for a bpf-linker build.
     ensure_debian_packages(DEBIAN_TOOLS)?;
+    quiet_packaged_prometheus()?;
     ensure_agent_user()?;
     ensure_rust_src()?;
     let bpf_linker = ensure_bpf_linker()?;
@@ -93,7 +104,9 @@ pub(crate) fn ensure_debian_packages(tools: &[(&'static str, &'static str)]) -> 
     if missing.is_empty() {
         return Ok(());
     }
-    let packages: Vec<&str> = missing.iter().map(|&(_, pkg)| pkg).collect();
+    let mut packages: Vec<&str> = missing.iter().map(|&(_, pkg)| pkg).collect();
+    // One package may provide several of the binaries (prometheus, promtool).
+    packages.dedup();
     apt_install(&packages)?;
     let still_missing = check(&missing);
     ensure!(
@@ -137,6 +150,28 @@ pub(crate) fn ensure_debian_files(files: &[(&str, &str)]) -> Result<()> {
     Ok(())
 }
 
+/// Disables (and, where systemd runs, stops) the Prometheus service the
+/// package enabled, once: later runs find it disabled and do nothing.
+fn quiet_packaged_prometheus() -> Result<()> {
+    if !Path::new(PROMETHEUS_ENABLED).exists() {
+        return Ok(());
+    }
+    eprintln!("disabling {PROMETHEUS_UNIT} (the tests run their own Prometheus)");
+    // `disable` edits links and works without a running systemd; `--now`
+    // would fail there, so stopping is a step of its own.
+    let systemctl = |verb: &str| {
+        let mut cmd = Command::new("systemctl");
+        // Keep our stdout clean (`cargo xtask build` prints only the path).
+        cmd.args([verb, PROMETHEUS_UNIT]).stdout(std::io::stderr());
+        run_checked(&mut cmd).with_context(|| format!("systemctl {verb} {PROMETHEUS_UNIT}"))
+    };
+    systemctl("disable")?;
+    if Path::new("/run/systemd/system").exists() {
+        systemctl("stop")?;
+    }
+    Ok(())
+}
+
 /// Installs Debian `packages` with apt-get (needs root).
 fn apt_install(packages: &[&str]) -> Result<()> {
     let sbin: Vec<&Path> = SBIN_DIRS.iter().map(Path::new).collect();
@@ -163,7 +198,9 @@ fn apt_install(packages: &[&str]) -> Result<()> {
     // The package lists of a fresh machine are often empty or stale, so update
     // once, and only here, when something must be installed.
     apt(&["update"])?;
-    apt(&[&["install", "-y"], packages].concat())?;
+    // Only what is named: `prometheus` recommends the node exporter, one
+    // more service that would start and listen.
+    apt(&[&["install", "-y", "--no-install-recommends"], packages].concat())?;
     Ok(())
 }
 

@@ -98,10 +98,10 @@ impl CgroupPaths {
     }
 }
 
-/// A `--cgroup` argument as a path relative to the cgroup2 mount: full
-/// paths under the mount are shortened, relative ones kept.
-pub(crate) fn relative_to_mount(path: &str) -> String {
-    let rel = find_cgroup2_mount()
+/// A `--cgroup` argument as a path relative to `mount`: full paths under
+/// the mount are shortened, relative ones kept.
+pub(crate) fn relative_to(mount: Option<&Path>, path: &str) -> String {
+    let rel = mount
         .and_then(|m| {
             Path::new(path)
                 .strip_prefix(m)
@@ -139,17 +139,126 @@ impl MemoryHierarchy {
 }
 
 fn parse_memory_hierarchy(mountinfo: &str) -> MemoryHierarchy {
-    let v1 = mountinfo.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let mut right = right.split_whitespace();
-        let (fstype, _source, options) = (right.next()?, right.next()?, right.next()?);
-        (fstype == "cgroup" && options.split(',').any(|o| o == "memory"))
-            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
-    });
-    match (v1, parse_cgroup2_mount(mountinfo)) {
+    match (v1_mount(mountinfo, MEMORY), parse_cgroup2_mount(mountinfo)) {
         (Some(m), _) => MemoryHierarchy::V1(m),
         (None, Some(m)) => MemoryHierarchy::Unified(m),
         (None, None) => MemoryHierarchy::None,
+    }
+}
+
+/// The mount of the v1 hierarchy with `controller` (a controller, or a
+/// named hierarchy's `name=...`) among its options.
+fn v1_mount(mountinfo: &str, controller: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mut right = right.split_whitespace();
+        let (fstype, _source, options) = (right.next()?, right.next()?, right.next()?);
+        (fstype == "cgroup" && options.split(',').any(|o| o == controller))
+            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+    })
+}
+
+/// The v1 memory controller, in mount options and /proc/<pid>/cgroup.
+const MEMORY: &str = "memory";
+/// systemd's named v1 hierarchy, where it (and the container runtimes
+/// that ask it) place units, scopes and containers.
+const SYSTEMD: &str = "name=systemd";
+
+/// The hierarchy whose paths name the owners of sockets (the TCP records'
+/// `cgroup`): the unified one, whose ids the kernel programs capture; on a
+/// host without a cgroup2 mount, where those ids all name the root, a v1
+/// hierarchy, from the owner's /proc/<pid>/cgroup: systemd's
+/// (`name=systemd`), which has every unit, scope and container, else the
+/// memory controller's, as the memory classes use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum OwnerHierarchy {
+    Unified(PathBuf),
+    V1 {
+        mount: PathBuf,
+        /// Its name in /proc/<pid>/cgroup's controller lists.
+        controller: &'static str,
+    },
+    None,
+}
+
+impl OwnerHierarchy {
+    pub(crate) fn detect() -> Self {
+        let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        parse_owner_hierarchy(&text)
+    }
+
+    pub(crate) fn mount(&self) -> Option<&Path> {
+        match self {
+            Self::Unified(m) | Self::V1 { mount: m, .. } => Some(m),
+            Self::None => None,
+        }
+    }
+}
+
+fn parse_owner_hierarchy(mountinfo: &str) -> OwnerHierarchy {
+    if let Some(m) = parse_cgroup2_mount(mountinfo) {
+        return OwnerHierarchy::Unified(m);
+    }
+    [SYSTEMD, MEMORY]
+        .into_iter()
+        .find_map(|controller| {
+            let mount = v1_mount(mountinfo, controller)?;
+            Some(OwnerHierarchy::V1 { mount, controller })
+        })
+        .unwrap_or(OwnerHierarchy::None)
+}
+
+/// The path in the v1 hierarchy of `controller` that a /proc/<pid>/cgroup
+/// text gives (lines `id:controller,controller:path`).
+pub(crate) fn v1_path<'a>(proc_cgroup: &'a str, controller: &str) -> Option<&'a str> {
+    proc_cgroup.lines().find_map(|line| {
+        let mut fields = line.splitn(3, ':');
+        let (_id, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+        controllers
+            .split(',')
+            .any(|c| c == controller)
+            .then_some(path)
+    })
+}
+
+/// How long a process's v1 cgroup is taken as known: processes move (a
+/// container runtime places its child after the fork) and pids are
+/// reused.
+const PROC_CGROUP_FOR: Duration = Duration::from_secs(10);
+/// Bounds the processes remembered; cleared when full.
+const MAX_PROC_CGROUPS: usize = 4096;
+
+/// Processes' cgroups in one v1 hierarchy, from /proc/<pid>/cgroup, cached
+/// for [`PROC_CGROUP_FOR`].
+#[derive(Debug)]
+pub(crate) struct ProcCgroups {
+    controller: &'static str,
+    cache: HashMap<u32, (Cgroup, Instant)>,
+}
+
+impl ProcCgroups {
+    pub(crate) fn new(controller: &'static str) -> Self {
+        Self {
+            controller,
+            cache: HashMap::default(),
+        }
+    }
+
+    /// Process `pid`'s cgroup, unknown once it has exited.
+    pub(crate) fn of(&mut self, pid: u32) -> Cgroup {
+        let now = Instant::now();
+        if let Some((cgroup, since)) = self.cache.get(&pid)
+            && now.duration_since(*since) < PROC_CGROUP_FOR
+        {
+            return cgroup.clone();
+        }
+        let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        let cgroup = Cgroup(v1_path(&text, self.controller).map(cgroup_name));
+        if self.cache.len() >= MAX_PROC_CGROUPS {
+            self.cache.clear();
+        }
+        self.cache.insert(pid, (cgroup.clone(), now));
+        cgroup
     }
 }
 
@@ -350,6 +459,90 @@ mod tests {
         assert_eq!((top.path.as_str(), top.level), ("/", 0));
         assert!(resolve_in(&root, Path::new("/nope")).is_err());
         fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn owners_from_a_v1_hierarchy_without_cgroup2() {
+        let systemd =
+            "25 24 0:22 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,xattr,name=systemd\n";
+        let memory = "30 25 0:26 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n";
+        let unified = "31 25 0:27 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            parse_owner_hierarchy(&format!("{memory}{systemd}")),
+            OwnerHierarchy::V1 {
+                mount: "/sys/fs/cgroup/systemd".into(),
+                controller: "name=systemd"
+            }
+        );
+        assert_eq!(
+            parse_owner_hierarchy(memory),
+            OwnerHierarchy::V1 {
+                mount: "/sys/fs/cgroup/memory".into(),
+                controller: "memory"
+            }
+        );
+        // With a cgroup2 mount, the ids the programs capture name the owner.
+        assert_eq!(
+            parse_owner_hierarchy(&format!("{memory}{systemd}{unified}")),
+            OwnerHierarchy::Unified("/sys/fs/cgroup/unified".into())
+        );
+        assert_eq!(parse_owner_hierarchy(""), OwnerHierarchy::None);
+    }
+
+    #[test]
+    fn v1_paths_from_proc_pid_cgroup() {
+        // A process in a Kubernetes pod on a cgroup v1 node (cgroupfs
+        // driver), as /proc/<pid>/cgroup lists it.
+        let id = "0123456789abcdef".repeat(4);
+        let text = format!(
+            "12:memory:/kubepods/burstable/pod1b2c3d4e-5f60-4a1b-8c2d-3e4f5a6b7c8d/{id}\n\
+             4:cpu,cpuacct:/kubepods/burstable/pod1b2c3d4e-5f60-4a1b-8c2d-3e4f5a6b7c8d/{id}\n\
+             1:name=systemd:/system.slice/containerd.service/kubepods-x.slice:cri-containerd:{id}\n\
+             0::/\n"
+        );
+        assert_eq!(
+            v1_path(&text, "memory"),
+            Some(
+                format!("/kubepods/burstable/pod1b2c3d4e-5f60-4a1b-8c2d-3e4f5a6b7c8d/{id}")
+                    .as_str()
+            )
+        );
+        // A path may hold colons: only the first two separate fields.
+        assert_eq!(
+            v1_path(&text, "name=systemd"),
+            Some(
+                format!("/system.slice/containerd.service/kubepods-x.slice:cri-containerd:{id}")
+                    .as_str()
+            )
+        );
+        assert_eq!(
+            v1_path(&text, "cpuacct").map(|p| p.len()),
+            v1_path(&text, "memory").map(|p| p.len())
+        );
+        assert_eq!(v1_path("0::/\n", "memory"), None);
+        let name = cgroup_name(v1_path(&text, "memory").unwrap());
+        assert_eq!(name.container_id.as_deref(), Some(id.as_str()));
+        assert_eq!(
+            name.pod_uid.as_deref(),
+            Some("1b2c3d4e-5f60-4a1b-8c2d-3e4f5a6b7c8d")
+        );
+    }
+
+    #[test]
+    fn a_processes_v1_cgroup_is_read_once_then_cached() {
+        let pid = std::process::id();
+        let text = fs::read_to_string("/proc/self/cgroup").unwrap();
+        let mut cgroups = ProcCgroups::new(MEMORY);
+        let first = cgroups.of(pid);
+        assert_eq!(first.path(), v1_path(&text, MEMORY));
+        // The same shared name, from the cache.
+        let again = cgroups.of(pid);
+        assert!(match (&first.0, &again.0) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (a, b) => a.is_none() && b.is_none(),
+        });
+        // A process that is gone has none.
+        assert_eq!(cgroups.of(u32::MAX).path(), None);
     }
 
     #[test]

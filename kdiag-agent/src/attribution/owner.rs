@@ -6,7 +6,7 @@
 
 use std::{
     collections::HashSet,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -28,15 +28,17 @@ use crate::output::record::{Cgroup, ResolvedOwner};
 #[derive(Debug, Clone, Default)]
 pub(crate) struct OwnerFilter {
     pub pids: Vec<u32>,
-    /// A cgroup v2 path relative to the cgroup2 mount, without trailing `/`.
+    /// A path relative to the mount of the hierarchy owners are named in
+    /// (`cgroup::OwnerHierarchy`), without trailing `/`.
     pub cgroup: Option<String>,
 }
 
 impl OwnerFilter {
-    pub(crate) fn new(pids: Vec<u32>, cgroup: Option<PathBuf>) -> Self {
+    /// `cgroup`: in the hierarchy mounted at `mount`.
+    pub(crate) fn new(pids: Vec<u32>, cgroup: Option<PathBuf>, mount: Option<&Path>) -> Self {
         let cgroup = cgroup.map(|p| {
             let p = p.to_string_lossy().trim_end_matches('/').to_owned();
-            cgroup::relative_to_mount(&p)
+            cgroup::relative_to(mount, &p)
         });
         Self { pids, cgroup }
     }

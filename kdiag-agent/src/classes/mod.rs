@@ -14,7 +14,7 @@ use clap::{Args, Subcommand};
 
 use crate::{
     attribution::{
-        cgroup::{MemoryHierarchy, find_cgroup2_mount, find_container, resolve_in},
+        cgroup::{MemoryHierarchy, OwnerHierarchy, find_container, resolve_in},
         owner::OwnerFilter,
     },
     class::{Class, ClassError},
@@ -226,26 +226,28 @@ pub(crate) fn build(
 }
 
 /// `--pid` and `--cgroup` (or `--container`) for the TCP classes. Socket
-/// owners carry the cgroup v2 id the kernel captured, so the cgroup must be
-/// one of the cgroup v2 hierarchy: a typo, or a host without that
-/// hierarchy, would otherwise match no process and write nothing, silently.
+/// owners are named in one hierarchy (`OwnerHierarchy`: cgroup v2, else a
+/// v1 one), so the cgroup must be one of it: a typo, or a host without it,
+/// would otherwise match no process and write nothing, silently.
 fn owner_filter(scope: Scope<'_>) -> Result<OwnerFilter, ClassError> {
-    let mount = find_cgroup2_mount();
-    let cgroup = scope.cgroup_in(mount.as_deref())?;
+    let hierarchy = OwnerHierarchy::detect();
+    let mount = hierarchy.mount();
+    let cgroup = scope.cgroup_in(mount)?;
     if let Some(path) = &cgroup {
         let Some(mount) = mount else {
             return Err(ClassError::Usage(
-                "--cgroup: the TCP classes filter on cgroup v2 paths, and no cgroup v2 hierarchy \
-                 is mounted on this host"
+                "--cgroup: the TCP classes filter on the cgroups of socket owners, and no cgroup \
+                 hierarchy to name them in (cgroup v2, or v1 name=systemd or memory) is mounted \
+                 on this host"
                     .to_owned(),
             ));
         };
-        resolve_in(&mount, path).map_err(|source| ClassError::Cgroup {
-            hierarchy: mount.clone(),
+        resolve_in(mount, path).map_err(|source| ClassError::Cgroup {
+            hierarchy: mount.to_path_buf(),
             source,
         })?;
     }
-    Ok(OwnerFilter::new(scope.pids.to_vec(), cgroup))
+    Ok(OwnerFilter::new(scope.pids.to_vec(), cgroup, mount))
 }
 
 fn tcp_filter(args: &TcpFilterArgs, stream_states: bool) -> Result<TcpFilter, ClassError> {

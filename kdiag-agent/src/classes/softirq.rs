@@ -273,6 +273,14 @@ impl Class for SoftirqClass {
                 if let Some(summary) = summarize(cpu as u32, vec, before, slot, ended, interval_ns)
                 {
                     cx.out.write(now_ns, &summary)?;
+                    cx.services.metrics().softirqs(
+                        summary.cpu,
+                        summary.vec,
+                        &HIST,
+                        &hist::delta(&slot.service_buckets, &before.service_buckets),
+                        summary.service_total_ns,
+                        &hist::delta(&slot.delay_buckets, &before.delay_buckets),
+                    );
                 }
             }
         }

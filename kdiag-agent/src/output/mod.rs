@@ -1,6 +1,7 @@
 //! Writes records to stdout as JSON Lines (the default) or text columns.
 
 pub(crate) mod clock;
+pub(crate) mod metrics;
 pub(crate) mod record;
 pub(crate) mod stats;
 

@@ -128,8 +128,10 @@ const ANY_ARGUMENTS_X86_64: &[libc::c_long] = &[
 const ANY_ARGUMENTS_X86_64: &[libc::c_long] = &[];
 
 /// The filter: the calls above, and bpf(), ioctl(), clone() and tgkill()
-/// with only the arguments the agent uses.
-fn filter() -> Result<BpfProgram, SeccompError> {
+/// with only the arguments the agent uses; with `serving`, also accept4()
+/// (the `--metrics-addr` socket, bound before the filter: making or binding
+/// sockets stays refused).
+fn filter(serving: bool) -> Result<BpfProgram, SeccompError> {
     let arch =
         TargetArch::try_from(std::env::consts::ARCH).map_err(|_| SeccompError::Architecture)?;
     let build = SeccompError::Build;
@@ -168,6 +170,9 @@ fn filter() -> Result<BpfProgram, SeccompError> {
     // sender's (sockets not connected) are not among what the agent does.
     rules.insert(libc::SYS_sendto, vec![arg_is(4, 0)?]);
     rules.insert(libc::SYS_recvfrom, vec![arg_is(4, 0)?]);
+    if serving {
+        rules.insert(libc::SYS_accept4, Vec::new());
+    }
     // Signals to itself only: the C library's abort() after a panic.
     rules.insert(
         libc::SYS_tgkill,
@@ -204,10 +209,11 @@ fn no_clone3() -> Result<BpfProgram, SeccompError> {
 /// restrictive action (kernel/seccomp.c, `seccomp_run_filters`), and an
 /// error is more restrictive than allowing. So the filter installed first
 /// turns clone3() into ENOSYS, and the main one, installed last, allows
-/// clone3() and refuses every call it does not list with EPERM.
-pub(crate) fn install() -> Result<(), SeccompError> {
+/// clone3() and refuses every call it does not list with EPERM. `serving`:
+/// the agent accepts connections on its metrics socket.
+pub(crate) fn install(serving: bool) -> Result<(), SeccompError> {
     let clone3 = no_clone3()?;
-    let main = filter()?;
+    let main = filter(serving)?;
     seccompiler::apply_filter_all_threads(&clone3).map_err(SeccompError::Install)?;
     seccompiler::apply_filter_all_threads(&main).map_err(SeccompError::Install)
 }

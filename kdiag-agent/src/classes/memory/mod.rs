@@ -17,7 +17,7 @@ use aya::{
 use kdiag_common::{
     EventKind,
     memory::{
-        CgroupSource, MAX_PIDS, MemcgOffsets, MigrateMode, NO_CGROUP_FILTER, StallEvent,
+        CgroupSource, HIST, MAX_PIDS, MemcgOffsets, MigrateMode, NO_CGROUP_FILTER, StallEvent,
         StallFilter, StallKey, StallKind, StallStats,
     },
 };
@@ -29,6 +29,7 @@ use crate::{
     classes::hist::Latencies,
     kernel::btf,
     kernel::wire::{DecodeError, decode},
+    output::metrics::Buckets,
     output::record::{Cgroup, Degraded, Record},
     services::Hierarchy,
 };
@@ -333,6 +334,15 @@ pub(crate) fn per_process<'a>(
     out.into_values().map(|(_, p)| p).collect()
 }
 
+/// The `kind` label of a stall in `kdiag_memory_stall_seconds`.
+fn metric_kind(kind: StallKind) -> &'static str {
+    match kind {
+        StallKind::Direct => "direct",
+        StallKind::Memcg => "memcg",
+        StallKind::Compact => "compaction",
+    }
+}
+
 /// Whether the thread of a statistics entry still runs.
 fn thread_alive(key: &StallKey, stats: &StallStats) -> bool {
     Path::new(&format!("/proc/{}/task/{}", stats.tgid, key.tid)).exists()
@@ -397,9 +407,28 @@ impl StallStatsReader {
         cx: &mut Context<'_>,
         summary: impl Fn(&ProcessStalls, Cgroup, u64) -> R,
     ) -> Result<(), ClassError> {
+        let mut written = Vec::new();
         for p in self.collect() {
             let cgroup = cx.services.cgroup(hierarchy, p.cgroup_id);
-            cx.out.write(now_ns, &summary(&p, cgroup, interval_ns))?;
+            cx.out
+                .write(now_ns, &summary(&p, cgroup.clone(), interval_ns))?;
+            written.push((p, cgroup));
+        }
+        // The heaviest first: once the per-cgroup breakdown has all the
+        // cgroups it may name, the stalls of new ones go to `other`.
+        written.sort_by_key(|(p, _)| std::cmp::Reverse(p.latencies.total_ns));
+        for (p, cgroup) in &written {
+            let l = &p.latencies;
+            cx.services.metrics().memory_stalls(
+                metric_kind(p.kind),
+                cgroup.path(),
+                Buckets {
+                    scale: &HIST,
+                    buckets: &l.hist,
+                    count: l.count,
+                    total_ns: Some(l.total_ns),
+                },
+            );
         }
         cx.services.write_vmstat(now_ns, interval_ns, cx.out)?;
         Ok(())
@@ -439,7 +468,7 @@ impl StallStatsReader {
 
 #[cfg(test)]
 mod tests {
-    use kdiag_common::{EventHeader, memory::HIST};
+    use kdiag_common::EventHeader;
 
     use super::*;
 

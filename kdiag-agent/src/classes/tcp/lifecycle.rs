@@ -137,6 +137,11 @@ impl TcpClass {
                 state_ns: history.state_ns,
             };
             cx.out.write(ts, &record)?;
+            cx.services.metrics().connection_closed(
+                record.role,
+                record.handshake_ns,
+                record.duration_ns,
+            );
             written += 1;
         }
         Ok(written)

@@ -121,7 +121,17 @@ impl Class for RetransClass {
         if !self.filter.accepts(&owner) {
             return Ok(0);
         }
-        cx.out.write(ev.header.ts_ns, &retrans_record(&ev, owner))?;
+        let record = retrans_record(&ev, owner);
+        cx.out.write(ev.header.ts_ns, &record)?;
+        let pod = record
+            .owner
+            .cgroup
+            .0
+            .as_ref()
+            .and_then(|c| c.pod_uid.as_deref());
+        cx.services
+            .metrics()
+            .retransmit(record.state, record.kind, pod);
         Ok(1)
     }
 }
