@@ -3,10 +3,10 @@
 //! emulated for the agent alone: it runs in a mount namespace of its own
 //! from which the cgroup2 mount is removed.
 
-use kdiag_tests::WAIT;
 use kdiag_tests::agent::Agent;
 use kdiag_tests::cgroup::{TestCgroup, cgroup2_mount_if_any, v1_mount};
 use kdiag_tests::env::skip_unless;
+use kdiag_tests::max_wait;
 use kdiag_tests::netns::{NetnsPair, unique_port};
 use kdiag_tests::peer::{ConnectOptions, Peer};
 use kdiag_tests::record;
@@ -57,7 +57,7 @@ fn without_cgroup2_owners_are_named_in_systemds_v1_hierarchy() {
             ..ConnectOptions::default()
         },
     );
-    let rec = agent.wait_for("the client's connect", WAIT, |r| {
+    let rec = agent.wait_for("the client's connect", max_wait(), |r| {
         record::is_type(r, "tcp_state")
             && r["dport"] == json!(port)
             && r["new_state"] == "ESTABLISHED"

@@ -63,7 +63,7 @@ fn prometheus_scrapes_what_the_stream_says() {
     client.kill();
     // Its close, then an interval's end after it: from there on the
     // metrics hold every record of the test's connection.
-    agent.wait_for("the connection's close", kdiag_tests::WAIT, |r| {
+    agent.wait_for("the connection's close", kdiag_tests::max_wait(), |r| {
         record::is_type(r, "tcp_conn") && r["dport"] == json!(port)
     });
     let recs = agent.records();
