@@ -39,6 +39,9 @@ macro_rules! wire_enum {
     };
 }
 
+// After the macro, which it uses.
+pub mod cost;
+
 wire_enum! {
     /// Which payload follows the [`EventHeader`].
     pub enum EventKind {
