@@ -55,13 +55,7 @@ impl ProgramId {
 pub const PROGRAM_COUNT: u32 = ProgramId::ALL.len() as u32;
 
 // A program id indexes arrays of PROGRAM_COUNT entries.
-const _: () = {
-    let mut i = 0;
-    while i < ProgramId::ALL.len() {
-        assert!(ProgramId::ALL[i] as usize == i);
-        i += 1;
-    }
-};
+const _: () = assert!(crate::numbered_from_zero(&ProgramId::VALUES));
 
 /// log2 of [`SAMPLE_EVERY`]: a mask test replaces a division.
 pub const SAMPLE_SHIFT: u32 = 6;

@@ -76,6 +76,11 @@ fn prog_show() -> Vec<Value> {
 /// trace_call_bpf and bpf_prog_active), e.g. in a softirq that interrupted
 /// one: such events never reach the programs, and only this counter knows.
 pub fn recursion_misses(ids: &BTreeSet<u32>) -> u64 {
+    sum_of(ids, "recursion_misses")
+}
+
+/// bpftool's `field` of the programs `ids`, summed (absent counts as 0).
+fn sum_of(ids: &BTreeSet<u32>, field: &str) -> u64 {
     prog_show()
         .iter()
         .filter(|p| {
@@ -83,7 +88,7 @@ pub fn recursion_misses(ids: &BTreeSet<u32>) -> u64 {
                 .and_then(Value::as_u64)
                 .is_some_and(|id| u32::try_from(id).is_ok_and(|id| ids.contains(&id)))
         })
-        .filter_map(|p| p.get("recursion_misses").and_then(Value::as_u64))
+        .filter_map(|p| p.get(field).and_then(Value::as_u64))
         .sum()
 }
 
@@ -92,15 +97,7 @@ pub fn recursion_misses(ids: &BTreeSet<u32>) -> u64 {
 /// on (`kernel.bpf_stats_enabled`, or a `BPF_ENABLE_STATS` descriptor held
 /// by any process) and is absent while it is 0.
 pub fn kernel_run_time_ns(ids: &BTreeSet<u32>) -> u64 {
-    prog_show()
-        .iter()
-        .filter(|p| {
-            p.get("id")
-                .and_then(Value::as_u64)
-                .is_some_and(|id| u32::try_from(id).is_ok_and(|id| ids.contains(&id)))
-        })
-        .filter_map(|p| p.get("run_time_ns").and_then(Value::as_u64))
-        .sum()
+    sum_of(ids, "run_time_ns")
 }
 
 /// The kernel's BPF run-time statistics held on for the whole host through
