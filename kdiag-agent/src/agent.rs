@@ -284,7 +284,10 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
                 let programs = stats.snapshot_programs(&loaded.ebpf);
                 budget.evaluate(programs, monotonic_ns(), &mut out).map(|()| None)
             }
-            () = flip, if flip_at.is_some() => budget.flip(monotonic_ns()).map(|()| None),
+            () = flip, if flip_at.is_some() => {
+                budget.flip(monotonic_ns());
+                Ok(None)
+            }
             _ = drain.tick() => {
                 dispatch(
                     &mut reader,

@@ -24,7 +24,7 @@ use kdiag_common::{ClassId, cost::BudgetGates};
 use crate::{
     attribution::procfs,
     output::{
-        Output,
+        self, Output,
         record::{BudgetChange, BudgetMark, ProgramStats},
         stats::{ProgramCounters, program_deltas},
     },
@@ -341,7 +341,7 @@ impl Budget {
     }
 
     /// Flips the duty cycle's phase, at `now_ns`.
-    pub(crate) fn flip(&mut self, now_ns: u64) -> io::Result<()> {
+    pub(crate) fn flip(&mut self, now_ns: u64) {
         let measuring = self.gates.softirq_paused == 0;
         self.set_measuring(!measuring, now_ns);
         self.next_flip_ns = Some(
@@ -352,7 +352,7 @@ impl Budget {
                     duty_on_ns()
                 },
         );
-        self.write_gates()
+        self.write_gates();
     }
 
     fn set_measuring(&mut self, on: bool, now_ns: u64) {
@@ -368,10 +368,27 @@ impl Budget {
         }
     }
 
-    fn write_gates(&mut self) -> io::Result<()> {
-        self.map
-            .set(0, self.gates, 0)
-            .map_err(|e| io::Error::other(format!("writing the BUDGET map: {e}")))
+    /// Hands the gates to the programs. Where the kernel refuses (a kernel
+    /// that checks CAP_BPF on every bpf() call, and the agent was not given
+    /// it: `agent_start` says so in `degraded`), the budget cannot act: it
+    /// turns itself off, with full detail in force, rather than stop the
+    /// agent. Returns whether the gates are in force.
+    fn write_gates(&mut self) -> bool {
+        match self.map.set(0, self.gates, 0) {
+            Ok(()) => true,
+            Err(e) => {
+                output::diagnose(format_args!(
+                    "--max-cpu: cannot write the programs' gates ({}): the budget is off",
+                    crate::errors::Chain(&e)
+                ));
+                self.max_pct = 0.0;
+                self.steps = Steps::new(0.0, 0);
+                self.step = 0;
+                self.deepest = 0;
+                self.next_flip_ns = None;
+                false
+            }
+        }
     }
 
     /// The share of time the softirq programs measure at `step`.
@@ -453,7 +470,9 @@ impl Budget {
         if measuring != was_measuring {
             self.set_measuring(measuring, now_ns);
         }
-        self.write_gates()?;
+        if !self.write_gates() {
+            return Ok(());
+        }
         let record = BudgetChange {
             previous_step: previous as u32,
             ..self.record(change, step, pct, expected, &cost)
