@@ -8,11 +8,13 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::PerCpuArray;
+use aya::maps::{Array, PerCpuArray};
+use kdiag_common::ClassId;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     attribution::procfs,
+    budget::Budget,
     class::{Class, ClassError, Context, HOUSEKEEPING},
     classes,
     cli::Cli,
@@ -99,6 +101,10 @@ const STDOUT_CHECK: Duration = Duration::from_millis(250);
 /// The kernel programs do not wake the agent for each event (see
 /// `emit` in kdiag-ebpf): events wait at most this long in the ring.
 const DRAIN_EVERY: Duration = Duration::from_millis(100);
+/// How often the budget compares the cost with `--max-cpu` when there are
+/// no intervals (`--interval 0`).
+const BUDGET_WITHOUT_INTERVAL: Duration = Duration::from_secs(10);
+
 /// How often the buffers are drained while the programs detach (see
 /// `detach_all`).
 const DRAIN_WHILE_DETACHING: Duration = Duration::from_millis(5);
@@ -168,12 +174,6 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
                 source,
             })?;
     }
-    // Kernel run-time statistics for agent_stats, for as long as this fd is
-    // open: the kernel turns them off again when the agent exits, however it
-    // exits. Without them (old kernels, no CAP_SYS_ADMIN) run counts read as
-    // zero, unless an administrator turned them on for the whole host.
-    let bpf_stats = aya::sys::enable_stats(aya::sys::Stats::RunTime);
-
     let mut reader = match loaded.transport {
         TransportKind::Perf => {
             Reader::perf(take_map(&mut loaded.ebpf, "PERF_EVENTS")?, buffer_bytes)?
@@ -189,36 +189,25 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
         privileges::drop_after_attach(&run_as, bpf_descriptor(&loaded.ebpf), server.is_some())?;
     let mut degraded = loaded.degraded.clone();
     degraded.extend(dropped.degraded.clone());
-    if let Err(e) = &bpf_stats
-        && !procfs::bpf_stats_enabled()
-    {
-        degraded.push(Degraded {
-            what: "program statistics".to_owned(),
-            why: format!(
-                "cannot turn on the kernel's BPF run-time statistics (it takes CAP_SYS_ADMIN): \
-                 {}; run_cnt and run_time_ns in agent_stats stay 0 unless \
-                 kernel.bpf_stats_enabled is set",
-                crate::errors::Chain(e)
-            ),
-        });
-    }
     let losses = PerCpuArray::try_from(take_map(&mut loaded.ebpf, "LOSSES")?)
         .map_err(|_| AgentError::MissingMap("LOSSES"))?;
+    // The programs' own run counts and sampled times: the kernel's BPF
+    // statistics are host-wide and slow every BPF program of the host, so
+    // the agent never turns them on.
+    let costs = PerCpuArray::try_from(take_map(&mut loaded.ebpf, "PROGRAM_COST")?)
+        .map_err(|_| AgentError::MissingMap("PROGRAM_COST"))?;
+    let gates = Array::try_from(take_map(&mut loaded.ebpf, "BUDGET")?)
+        .map_err(|_| AgentError::MissingMap("BUDGET"))?;
     let class_names = classes.iter().map(|c| (c.id() as u32, c.name())).collect();
-    let mut stats = StatsCollector::new(class_names, losses, monotonic_ns());
-    let _bpf_stats = match bpf_stats {
-        Ok(fd) => Some(fd),
-        Err(e) => {
-            degraded.push(Degraded {
-                what: "bpf/run statistics".to_owned(),
-                why: format!(
-                    "agent_stats programs' run_cnt and run_time_ns stay 0: {}",
-                    crate::errors::Chain(&e)
-                ),
-            });
-            None
-        }
-    };
+    let mut stats = StatsCollector::new(class_names, losses, costs, monotonic_ns());
+    let class_ids: Vec<ClassId> = classes.iter().map(|c| c.id()).collect();
+    let mut budget = Budget::new(
+        cli.global.max_cpu,
+        &class_ids,
+        gates,
+        stats.snapshot_programs(&loaded.ebpf),
+        monotonic_ns(),
+    );
     let uncounted = stats
         .snapshot_programs(&loaded.ebpf)
         .values()
@@ -249,6 +238,8 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
         uid: dropped.uid,
         gid: dropped.gid,
         capabilities: privileges::cap_names(dropped.caps),
+        max_cpu_pct: cli.global.max_cpu,
+        budget_steps: budget.steps(),
     };
     out.write(monotonic_ns(), &start)?;
     out.flush()?;
@@ -285,8 +276,17 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
     housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drain = tokio::time::interval(DRAIN_EVERY);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // With --interval 0 the budget still looks at the cost this often.
+    let mut budget_tick = tokio::time::interval(BUDGET_WITHOUT_INTERVAL);
+    budget_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    budget_tick.tick().await;
 
     let stop = loop {
+        // The budget's duty cycle, when it runs: its next phase change.
+        let flip_at = budget.next_flip_ns();
+        let flip = tokio::time::sleep(Duration::from_nanos(
+            flip_at.map_or(0, |at| at.saturating_sub(monotonic_ns())),
+        ));
         let result: io::Result<Option<Stop>> = tokio::select! {
             ready = reader.readable() => {
                 ready?;
@@ -301,14 +301,25 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
             }
             _ = interval.tick(), if interval_secs > 0 => {
                 let programs = stats.snapshot_programs(&loaded.ebpf);
+                let now = monotonic_ns();
                 end_interval(
                     &mut classes,
                     &mut stats,
-                    programs,
-                    monotonic_ns(),
+                    &mut budget,
+                    programs.clone(),
+                    now,
                     &mut Context { out: &mut out, services: &mut services },
                 )
+                .and_then(|()| budget.evaluate(programs, now, &mut out))
                 .map(|()| None)
+            }
+            _ = budget_tick.tick(), if interval_secs == 0 && budget.enabled() => {
+                let programs = stats.snapshot_programs(&loaded.ebpf);
+                budget.evaluate(programs, monotonic_ns(), &mut out).map(|()| None)
+            }
+            () = flip, if flip_at.is_some() => {
+                budget.flip(monotonic_ns());
+                Ok(None)
             }
             _ = drain.tick() => {
                 dispatch(
@@ -357,7 +368,16 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
     // last.
     let finish = detach_all(&mut loaded.ebpf, || drain(&mut cx))
         .and_then(|()| drain(&mut cx))
-        .and_then(|()| end_interval(&mut classes, &mut stats, programs, detached_at, &mut cx));
+        .and_then(|()| {
+            end_interval(
+                &mut classes,
+                &mut stats,
+                &mut budget,
+                programs,
+                detached_at,
+                &mut cx,
+            )
+        });
     match finish {
         Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(e.into()),
         _ => Ok(()),
@@ -494,16 +514,19 @@ fn dispatch(
     result
 }
 
-/// Writes each class's summaries, then `agent_stats`, for the interval that
-/// ends at `now` (monotonic).
+/// Writes each class's summaries (marked with the budget's step, if it was
+/// not full detail), then `agent_stats`, for the interval that ends at `now`
+/// (monotonic).
 fn end_interval(
     classes: &mut [Box<dyn Class>],
     stats: &mut StatsCollector,
+    budget: &mut Budget,
     programs: ProgramCounters,
     now: u64,
     cx: &mut Context<'_>,
 ) -> io::Result<()> {
     let interval_ns = now.saturating_sub(stats.interval_start_ns());
+    cx.out.set_mark(budget.take_mark(now));
     for class in classes.iter_mut() {
         match class.on_interval(now, interval_ns, cx) {
             Ok(()) => {}
@@ -511,6 +534,7 @@ fn end_interval(
             Err(e) => output::diagnose(format_args!("{}: {e}", class.name())),
         }
     }
+    cx.out.set_mark(None);
     let report = stats.report(programs, now);
     cx.out.write(now, &report)?;
     cx.services.metrics().end_interval(&report);

@@ -109,6 +109,24 @@ pub(crate) struct GlobalArgs {
     /// --metrics-max-series).
     #[arg(long, global = true)]
     pub metrics_softirq_cpus: bool,
+    /// CPU budget for the agent itself, in percent (0: none, full detail
+    /// always). Its cost is the run time of its kernel programs (which time
+    /// themselves) plus its own CPU time, over each --interval (every 10 s
+    /// with --interval 0), as a share of the CPU time the machine was busy
+    /// (at least one CPU's worth, so an idle machine sheds nothing): 1 means
+    /// at most 1% of the work it observes. Over budget, it sheds detail one
+    /// step per interval, cheapest loss first, as far as the classes
+    /// running have it: (1) per-event records of softirqs, reclaim and
+    /// compaction only at 10 ms or more; (2) no softirq queueing delay; (3)
+    /// softirqs measured a quarter of each second; (4) softirqs not
+    /// measured. Each step down and back up is a `budget` record, and every
+    /// summary of an interval under a step carries `budget_step` (softirq
+    /// summaries also `sampled_fraction`). Steps come back one at a time
+    /// once the cost expected with them has stayed under half the budget
+    /// for 3 intervals.
+    #[arg(long, value_name = "PERCENT", default_value_t = 1.0, global = true,
+          value_parser = max_cpu)]
+    pub max_cpu: f64,
     /// Once attached, run as this user and its group, with no supplementary
     /// groups and no capability the rest of the run does not need. The user
     /// must exist and must not be root.
@@ -135,6 +153,14 @@ fn buffer_mib(arg: &str) -> Result<u32, String> {
     }
 }
 
+/// `--max-cpu`: a percentage, 0 to 100.
+fn max_cpu(arg: &str) -> Result<f64, String> {
+    match arg.parse::<f64>() {
+        Ok(pct) if (0.0..=100.0).contains(&pct) => Ok(pct),
+        _ => Err("a percentage from 0 (no budget) to 100".into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,6 +179,7 @@ mod tests {
         assert_eq!(a.global.pids, vec![7]);
         assert_eq!(b.global.pids, vec![7]);
         assert_eq!(a.global.buffer_mib, 4);
+        assert_eq!(a.global.max_cpu, 1.0);
         let d = Cli::try_parse_from(["kdiag-agent", "tcp", "--buffer-mib", "64"]).unwrap();
         assert_eq!(d.global.buffer_mib, 64);
         let c =
@@ -191,6 +218,9 @@ mod tests {
             &["kdiag-agent", "reclaim", "--kind", "kswapd"],
             &["kdiag-agent", "compact", "--min-latency-us", "-1"],
             &["kdiag-agent", "tcp", "--max-sockets", "10"],
+            &["kdiag-agent", "softirq", "--max-cpu", "-1"],
+            &["kdiag-agent", "softirq", "--max-cpu", "101"],
+            &["kdiag-agent", "softirq", "--max-cpu", "NaN"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
         }

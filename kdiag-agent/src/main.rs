@@ -4,6 +4,7 @@
 
 mod agent;
 mod attribution;
+mod budget;
 mod class;
 mod classes;
 mod cli;

@@ -33,8 +33,9 @@ const FORBIDDEN: u64 = (1 << CAP_SYS_ADMIN) | (1 << CAP_SYS_PTRACE) | (1 << CAP_
 
 /// What the agent may keep after attaching, if the kernel needs it (see
 /// [`bpf_needs_capability`]): CAP_BPF, for the bpf() commands on the maps
-/// and programs it already holds (map reads for agent_stats' losses and the
-/// classes' tables, program statistics). Ring and perf buffers are already
+/// and programs it already holds (map reads for agent_stats' losses, the
+/// programs' run counts and the classes' tables; writes of the budget's
+/// gates). Ring and perf buffers are already
 /// mapped, detaching is closing descriptors (and an ioctl on a perf event):
 /// none needs a capability.
 const MAY_KEEP: u64 = 1 << CAP_BPF;
@@ -292,8 +293,8 @@ pub(crate) fn drop_after_attach(
             what: "capabilities".to_owned(),
             why: "this kernel refuses bpf() commands without CAP_BPF, which the agent was not \
                   given (CAP_SYS_ADMIN, which it gives up, stood in for it): once attached it \
-                  cannot read its maps and program statistics (agent_stats losses and run \
-                  counts, softirq and memory summaries)"
+                  cannot read its maps (agent_stats losses and run counts, softirq and \
+                  memory summaries) nor apply its CPU budget"
                 .to_owned(),
         });
     }

@@ -35,9 +35,14 @@ macro_rules! wire_enum {
         impl $name {
             /// Every variant, in declaration order.
             pub const ALL: [Self; [$(Self::$variant),+].len()] = [$(Self::$variant),+];
+            /// Their values, in the same order.
+            pub const VALUES: [u32; [$(Self::$variant),+].len()] = [$(Self::$variant as u32),+];
         }
     };
 }
+
+// After the macro, which it uses.
+pub mod cost;
 
 wire_enum! {
     /// Which payload follows the [`EventHeader`].
@@ -142,14 +147,21 @@ wire_enum! {
 /// Number of classes, from [`ClassId`]'s table.
 pub const CLASS_COUNT: u32 = ClassId::ALL.len() as u32;
 
-// A class id indexes arrays of CLASS_COUNT entries.
-const _: () = {
+/// Whether `values` are 0, 1, 2, ... in order: an enum whose values index
+/// arrays of as many entries as it has variants.
+const fn numbered_from_zero(values: &[u32]) -> bool {
     let mut i = 0;
-    while i < ClassId::ALL.len() {
-        assert!(ClassId::ALL[i] as usize == i);
+    while i < values.len() {
+        if values[i] as usize != i {
+            return false;
+        }
         i += 1;
     }
-};
+    true
+}
+
+// A class id indexes arrays of CLASS_COUNT entries.
+const _: () = assert!(numbered_from_zero(&ClassId::VALUES));
 
 /// Size of the per-CPU loss counter array.
 pub const LOSS_SLOTS: u32 = CLASS_COUNT * LOSS_REASONS;

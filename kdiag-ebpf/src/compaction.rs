@@ -13,10 +13,12 @@ use aya_ebpf::{
 };
 use kdiag_common::{
     ClassId, EventKind,
+    cost::ProgramId,
     memory::{CompactConfig, FIELD_ABSENT, MigrateMode, ORDER_UNKNOWN, PF_MEMALLOC, StallKind},
 };
 
 use crate::{
+    cost::measured,
     ctx,
     rodata::rodata,
     stall::{self, Outcome, StatsMap},
@@ -44,7 +46,9 @@ fn config() -> &'static CompactConfig {
 
 #[tracepoint]
 pub(crate) fn try_to_compact_pages(ctx: TracePointContext) -> u32 {
-    try_try_to_compact_pages(&ctx).unwrap_or(0)
+    measured(ProgramId::TryToCompactPages, || {
+        try_try_to_compact_pages(&ctx).unwrap_or(0)
+    })
 }
 
 fn try_try_to_compact_pages(ctx: &TracePointContext) -> Result<u32, i64> {
@@ -77,7 +81,9 @@ fn task_flags(cfg: &CompactConfig) -> u32 {
 
 #[tracepoint]
 pub(crate) fn compaction_begin(_ctx: TracePointContext) -> u32 {
-    try_compaction_begin().unwrap_or(0)
+    measured(ProgramId::CompactionBegin, || {
+        try_compaction_begin().unwrap_or(0)
+    })
 }
 
 fn try_compaction_begin() -> Result<u32, i64> {
@@ -101,7 +107,9 @@ fn try_compaction_begin() -> Result<u32, i64> {
 
 #[tracepoint]
 pub(crate) fn compaction_end(ctx: TracePointContext) -> u32 {
-    try_compaction_end(&ctx).unwrap_or(0)
+    measured(ProgramId::CompactionEnd, || {
+        try_compaction_end(&ctx).unwrap_or(0)
+    })
 }
 
 fn try_compaction_end(ctx: &TracePointContext) -> Result<u32, i64> {

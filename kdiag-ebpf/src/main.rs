@@ -8,6 +8,7 @@
 #![feature(asm_experimental_arch)]
 
 mod compaction;
+mod cost;
 mod ctx;
 mod mem;
 mod output;

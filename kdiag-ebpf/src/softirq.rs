@@ -26,10 +26,12 @@ use aya_ebpf::{
 };
 use kdiag_common::{
     ClassId, EventKind,
+    cost::ProgramId,
     softirq::{HIST, NO_DELAY, NR_SOFTIRQS, SoftirqConfig, SoftirqEvent, SoftirqSlot},
 };
 
 use crate::{
+    cost::{gates, measured},
     ctx,
     output::{emit, header_at},
     rodata::rodata,
@@ -72,10 +74,17 @@ fn slot(vec: u32) -> Result<*mut SoftirqSlot, i64> {
 
 #[tracepoint]
 pub(crate) fn softirq_raise(ctx: TracePointContext) -> u32 {
-    try_softirq_raise(&ctx).unwrap_or(0)
+    measured(ProgramId::SoftirqRaise, || {
+        try_softirq_raise(&ctx).unwrap_or(0)
+    })
 }
 
 fn try_softirq_raise(ctx: &TracePointContext) -> Result<u32, i64> {
+    let gates = gates();
+    if gates.softirq_paused != 0 || gates.delay_shed != 0 {
+        // The budget sheds queueing delay, or all measuring: counted only.
+        return Ok(0);
+    }
     let vec = read_vec(ctx, config().raise_vec)?;
     let s = slot(vec)?;
     // SAFETY: a live per-CPU map value (see the module comment).
@@ -91,10 +100,19 @@ fn try_softirq_raise(ctx: &TracePointContext) -> Result<u32, i64> {
 
 #[tracepoint]
 pub(crate) fn softirq_entry(ctx: TracePointContext) -> u32 {
-    try_softirq_entry(&ctx).unwrap_or(0)
+    measured(ProgramId::SoftirqEntry, || {
+        try_softirq_entry(&ctx).unwrap_or(0)
+    })
 }
 
 fn try_softirq_entry(ctx: &TracePointContext) -> Result<u32, i64> {
+    let gates = gates();
+    if gates.softirq_paused != 0 {
+        // Off phase of the budget's duty cycle: this run is not measured
+        // (its exit finds no entry time of the current phase).
+        return Ok(0);
+    }
+    let since = gates.softirq_since_ns;
     let vec = read_vec(ctx, config().entry_vec)?;
     let s = slot(vec)?;
     // SAFETY: helper without arguments.
@@ -103,9 +121,10 @@ fn try_softirq_entry(ctx: &TracePointContext) -> Result<u32, i64> {
     unsafe {
         let raised = (*s).raise_ns;
         (*s).raise_ns = 0;
-        // No raise seen (agent started while it was pending): service time
+        // No raise seen (agent started while it was pending, or a raise
+        // left from before the budget paused measuring): service time
         // only. The clock is per-CPU monotonic, but stay safe.
-        (*s).delay_ns = if raised != 0 && raised <= now {
+        (*s).delay_ns = if raised != 0 && raised >= since && raised <= now {
             now - raised
         } else {
             NO_DELAY
@@ -117,18 +136,28 @@ fn try_softirq_entry(ctx: &TracePointContext) -> Result<u32, i64> {
 
 #[tracepoint]
 pub(crate) fn softirq_exit(ctx: TracePointContext) -> u32 {
-    try_softirq_exit(&ctx).unwrap_or(0)
+    measured(ProgramId::SoftirqExit, || {
+        try_softirq_exit(&ctx).unwrap_or(0)
+    })
 }
 
 fn try_softirq_exit(ctx: &TracePointContext) -> Result<u32, i64> {
     let cfg = config();
     let vec = read_vec(ctx, cfg.exit_vec)?;
     let s = slot(vec)?;
+    let gates = gates();
     // SAFETY: a live per-CPU map value (see the module comment).
-    let (entry, delay) = unsafe { ((*s).entry_ns, (*s).delay_ns) };
-    if entry == 0 {
-        // Its entry was not seen: the agent attached mid-handler, or the
-        // entry program was skipped. Not counted.
+    let (entry, mut delay) = unsafe { ((*s).entry_ns, (*s).delay_ns) };
+    if gates.delay_shed != 0 {
+        // Shed by the budget: also the delay of a handler that entered just
+        // before, so that no summary of a step without delays has one.
+        delay = NO_DELAY;
+    }
+    if entry == 0 || entry < gates.softirq_since_ns {
+        // Its entry was not seen: the agent attached mid-handler, the entry
+        // program was skipped, or it ran in a duty cycle's off phase (an
+        // entry time older than the current phase is a leftover of an exit
+        // that was skipped). Not counted.
         return Ok(0);
     }
     // SAFETY: helper without arguments.
@@ -143,7 +172,7 @@ fn try_softirq_exit(ctx: &TracePointContext) -> Result<u32, i64> {
     // buffer, then reads the counters, so a program still running on
     // another CPU while it detaches cannot leave a counted softirq without
     // its event in a `--min-latency-us 0` run.
-    if slowest >= cfg.min_latency_ns {
+    if slowest >= cfg.min_latency_ns && slowest >= gates.min_latency_ns {
         let event = SoftirqEvent {
             header: header_at(EventKind::Softirq, now),
             vec,

@@ -27,7 +27,10 @@ use kdiag_common::{
     },
 };
 
-use crate::output::{count_loss, emit, header};
+use crate::{
+    cost::gates,
+    output::{count_loss, emit, header},
+};
 
 /// Stalls in progress. LRU: a begin whose end never comes (the agent
 /// attached or detached in between) ages out instead of filling the map,
@@ -225,7 +228,7 @@ pub(crate) fn finish<C: EbpfContext>(
         // summaries, so count it where losses are reported.
         None => count_loss(class, LOSS_DROPPED),
     }
-    if ended.latency_ns < f.min_latency_ns {
+    if ended.latency_ns < f.min_latency_ns || ended.latency_ns < gates().min_latency_ns {
         return Ok(0);
     }
     let event = StallEvent {

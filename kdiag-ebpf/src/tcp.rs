@@ -22,6 +22,7 @@ use aya_ebpf::{
 };
 use kdiag_common::{
     COMM_LEN, ClassId, EventKind, Owner,
+    cost::ProgramId,
     tcp::{
         AF_INET, AF_INET6, FIELD_ABSENT, IPPROTO_TCP, ListenerKey, ROLE_ACTIVE, ROLE_LISTENER,
         ROLE_PASSIVE, ROLE_UNKNOWN, RetransEvent, RetransKind, STATE_TIME_KNOWN, SockInfo,
@@ -31,6 +32,7 @@ use kdiag_common::{
 };
 
 use crate::{
+    cost::measured,
     ctx, mem,
     output::{emit, header, header_at},
     rodata::rodata,
@@ -183,7 +185,9 @@ fn sock_family(cfg: &TcpConfig, sk: u64) -> Result<u16, i64> {
 
 #[tracepoint]
 pub(crate) fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    try_inet_sock_set_state(&ctx).unwrap_or(0)
+    measured(ProgramId::InetSockSetState, || {
+        try_inet_sock_set_state(&ctx).unwrap_or(0)
+    })
 }
 
 fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
@@ -377,7 +381,9 @@ fn listener_key(cfg: &TcpConfig, sk: u64, port: u16) -> ListenerKey {
 
 #[tracepoint]
 pub(crate) fn retransmit_skb(ctx: TracePointContext) -> u32 {
-    try_retransmit_skb(&ctx).unwrap_or(0)
+    measured(ProgramId::RetransmitSkb, || {
+        try_retransmit_skb(&ctx).unwrap_or(0)
+    })
 }
 
 fn try_retransmit_skb(ctx: &TracePointContext) -> Result<u32, i64> {
@@ -432,7 +438,9 @@ fn try_retransmit_skb(ctx: &TracePointContext) -> Result<u32, i64> {
 
 #[tracepoint]
 pub(crate) fn retransmit_synack(ctx: TracePointContext) -> u32 {
-    try_retransmit_synack(&ctx).unwrap_or(0)
+    measured(ProgramId::RetransmitSynack, || {
+        try_retransmit_synack(&ctx).unwrap_or(0)
+    })
 }
 
 fn try_retransmit_synack(ctx: &TracePointContext) -> Result<u32, i64> {

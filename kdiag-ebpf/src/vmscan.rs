@@ -10,10 +10,12 @@ use aya_ebpf::{
 };
 use kdiag_common::{
     ClassId, EventKind,
+    cost::ProgramId,
     memory::{FIELD_ABSENT, ORDER_UNKNOWN, ReclaimConfig, StallKind},
 };
 
 use crate::{
+    cost::measured,
     ctx,
     rodata::rodata,
     stall::{self, Outcome, StatsMap},
@@ -34,7 +36,9 @@ fn config() -> &'static ReclaimConfig {
 
 #[tracepoint]
 pub(crate) fn direct_reclaim_begin(ctx: TracePointContext) -> u32 {
-    try_direct_reclaim_begin(&ctx).unwrap_or(0)
+    measured(ProgramId::DirectReclaimBegin, || {
+        try_direct_reclaim_begin(&ctx).unwrap_or(0)
+    })
 }
 
 fn try_direct_reclaim_begin(ctx: &TracePointContext) -> Result<u32, i64> {
@@ -47,7 +51,9 @@ fn try_direct_reclaim_begin(ctx: &TracePointContext) -> Result<u32, i64> {
 
 #[tracepoint]
 pub(crate) fn memcg_reclaim_begin(_ctx: TracePointContext) -> u32 {
-    try_memcg_reclaim_begin().unwrap_or(0)
+    measured(ProgramId::MemcgReclaimBegin, || {
+        try_memcg_reclaim_begin().unwrap_or(0)
+    })
 }
 
 fn try_memcg_reclaim_begin() -> Result<u32, i64> {
@@ -58,14 +64,18 @@ fn try_memcg_reclaim_begin() -> Result<u32, i64> {
 
 #[tracepoint]
 pub(crate) fn direct_reclaim_end(ctx: TracePointContext) -> u32 {
-    let offset = config().direct_nr_reclaimed;
-    try_reclaim_end(&ctx, StallKind::Direct, offset).unwrap_or(0)
+    measured(ProgramId::DirectReclaimEnd, || {
+        let offset = config().direct_nr_reclaimed;
+        try_reclaim_end(&ctx, StallKind::Direct, offset).unwrap_or(0)
+    })
 }
 
 #[tracepoint]
 pub(crate) fn memcg_reclaim_end(ctx: TracePointContext) -> u32 {
-    let offset = config().memcg_nr_reclaimed;
-    try_reclaim_end(&ctx, StallKind::Memcg, offset).unwrap_or(0)
+    measured(ProgramId::MemcgReclaimEnd, || {
+        let offset = config().memcg_nr_reclaimed;
+        try_reclaim_end(&ctx, StallKind::Memcg, offset).unwrap_or(0)
+    })
 }
 
 fn try_reclaim_end(

@@ -356,6 +356,18 @@ impl Agent {
         bpf::recursion_misses(&ids)
     }
 
+    /// The kernel's own run time of the agent's programs (see
+    /// `bpf::kernel_run_time_ns`): it grows only while the kernel's BPF
+    /// statistics are on. Read it while the agent runs.
+    pub fn kernel_run_time_ns(&self) -> u64 {
+        assert!(self.status.get().is_none(), "agent already exited");
+        assert!(
+            !self.programs.is_empty(),
+            "wait_start was not called: no programs recorded"
+        );
+        bpf::kernel_run_time_ns(&self.programs)
+    }
+
     /// SIGINT, then checks the exit: status 0, every line with the
     /// envelope, the last one the final `agent_stats`. Returns all lines.
     pub fn stop_ok(&mut self) -> Vec<Value> {

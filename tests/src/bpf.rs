@@ -76,6 +76,11 @@ fn prog_show() -> Vec<Value> {
 /// trace_call_bpf and bpf_prog_active), e.g. in a softirq that interrupted
 /// one: such events never reach the programs, and only this counter knows.
 pub fn recursion_misses(ids: &BTreeSet<u32>) -> u64 {
+    sum_of(ids, "recursion_misses")
+}
+
+/// bpftool's `field` of the programs `ids`, summed (absent counts as 0).
+fn sum_of(ids: &BTreeSet<u32>, field: &str) -> u64 {
     prog_show()
         .iter()
         .filter(|p| {
@@ -83,8 +88,54 @@ pub fn recursion_misses(ids: &BTreeSet<u32>) -> u64 {
                 .and_then(Value::as_u64)
                 .is_some_and(|id| u32::try_from(id).is_ok_and(|id| ids.contains(&id)))
         })
-        .filter_map(|p| p.get("recursion_misses").and_then(Value::as_u64))
+        .filter_map(|p| p.get(field).and_then(Value::as_u64))
         .sum()
+}
+
+/// The kernel's run time of the programs `ids`, summed: bpftool's
+/// `run_time_ns`, which grows only while the kernel's BPF statistics are
+/// on (`kernel.bpf_stats_enabled`, or a `BPF_ENABLE_STATS` descriptor held
+/// by any process) and is absent while it is 0.
+pub fn kernel_run_time_ns(ids: &BTreeSet<u32>) -> u64 {
+    sum_of(ids, "run_time_ns")
+}
+
+/// The kernel's BPF run-time statistics held on for the whole host through
+/// a `BPF_ENABLE_STATS` descriptor, as a tool that uses them does, until
+/// dropped (the kernel turns them off when the last such descriptor closes).
+pub struct StatsEnabled {
+    /// Held only to be closed on drop.
+    _fd: std::os::fd::OwnedFd,
+}
+
+impl StatsEnabled {
+    pub fn hold() -> StatsEnabled {
+        use std::os::fd::FromRawFd as _;
+        /// `bpf(2)` command BPF_ENABLE_STATS (include/uapi/linux/bpf.h).
+        const BPF_ENABLE_STATS: libc::c_long = 32;
+        // union bpf_attr's enable_stats: { __u32 type }, BPF_STATS_RUN_TIME
+        // is 0; the rest of the attribute must be zero.
+        let attr = [0u32; 2];
+        // SAFETY: bpf() reads size_of_val(&attr) bytes from a valid buffer
+        // and returns a new descriptor or -1.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_ENABLE_STATS,
+                attr.as_ptr(),
+                std::mem::size_of_val(&attr),
+            )
+        };
+        assert!(
+            fd >= 0,
+            "BPF_ENABLE_STATS: {}",
+            std::io::Error::last_os_error()
+        );
+        let fd = i32::try_from(fd).expect("a descriptor fits an int");
+        // SAFETY: a descriptor bpf() just opened for us and nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        StatsEnabled { _fd: fd }
+    }
 }
 
 /// Whether the kernel counts the recursion misses of the tracepoint

@@ -164,6 +164,14 @@ impl Peer {
         Peer::spawn(bin, ns.into(), &args, opts.join_cgroup.as_deref())
     }
 
+    /// `kdiag-peer bulk` in `ns`: a bulk TCP transfer over that namespace's
+    /// loopback, as fast as the machine goes; returns once it sends.
+    pub fn bulk<'a>(bin: &str, ns: impl Into<Netns<'a>>) -> Peer {
+        let peer = Peer::spawn(bin, ns.into(), &["bulk".to_owned()], None);
+        peer.wait_line("bulk");
+        peer
+    }
+
     /// Runs the peer in `ns`, first moved into `cgroup` if given.
     fn spawn(bin: &str, ns: Netns, args: &[String], cgroup: Option<&Path>) -> Peer {
         let mut command = ns.command(bin, args);

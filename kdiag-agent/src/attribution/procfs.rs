@@ -160,11 +160,29 @@ pub(crate) fn kernel_release() -> String {
         .unwrap_or_default()
 }
 
-/// Whether the kernel's BPF run-time statistics are on for the whole host
-/// (`kernel.bpf_stats_enabled`; an enable held by a descriptor does not
-/// show there).
-pub(crate) fn bpf_stats_enabled() -> bool {
-    fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() == "1")
+/// CPU time the machine has spent busy since boot, all CPUs summed, in ns:
+/// the first line of /proc/stat less its idle and iowait columns (in clock
+/// ticks, `USER_HZ`). `None` if unreadable.
+pub(crate) fn busy_cpu_ns() -> Option<u64> {
+    let stat = fs::read_to_string("/proc/stat").ok()?;
+    busy_ticks(stat.lines().next()?).map(|ticks| {
+        ticks.saturating_mul(1_000_000_000 / crate::sys::process::clock_ticks_per_second())
+    })
+}
+
+/// Busy ticks of a /proc/stat `cpu` line: user nice system idle iowait irq
+/// softirq steal (guest time is already in user and nice).
+fn busy_ticks(line: &str) -> Option<u64> {
+    let mut fields = line.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    let ticks: Vec<u64> = fields
+        .take(8)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let idle = ticks.get(3)? + ticks.get(4).copied().unwrap_or(0);
+    Some(ticks.iter().sum::<u64>().saturating_sub(idle))
 }
 
 pub(crate) fn hostname() -> String {
@@ -178,6 +196,14 @@ mod tests {
     use std::net::Ipv6Addr;
 
     use super::*;
+
+    #[test]
+    fn busy_ticks_leave_out_idle_and_iowait() {
+        let line = "cpu  100 5 50 1000 20 3 7 2 0 0";
+        assert_eq!(busy_ticks(line), Some(100 + 5 + 50 + 3 + 7 + 2));
+        assert_eq!(busy_ticks("cpu0 1 2 3 4 5 6 7 8"), None);
+        assert_eq!(busy_ticks("cpu  1 2"), None);
+    }
 
     const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1 0000000000000000 100 0 0 10 0

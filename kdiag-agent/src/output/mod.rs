@@ -12,7 +12,7 @@ use std::{
 
 use crate::{
     output::clock::{RFC3339_LEN, WallClock},
-    output::record::Record,
+    output::record::{BudgetMark, Marked, Record},
 };
 
 /// Writes a diagnostic to stderr. A closed or full stderr is no reason to
@@ -39,6 +39,8 @@ pub(crate) struct Output {
     /// Reused for every record: no allocation per record once warm.
     body: Vec<u8>,
     headers_written: HashSet<&'static str>,
+    /// Added to every summary written while set (see [`Output::set_mark`]).
+    mark: Option<BudgetMark>,
 }
 
 impl Output {
@@ -50,6 +52,7 @@ impl Output {
             clock,
             body: Vec::with_capacity(512),
             headers_written: HashSet::new(),
+            mark: None,
         }
     }
 
@@ -57,10 +60,27 @@ impl Output {
         &mut self.clock
     }
 
+    /// Marks the summaries written from now on as produced under a reduced
+    /// budget step (`None`: full detail, no mark).
+    pub(crate) fn set_mark(&mut self, mark: Option<BudgetMark>) {
+        self.mark = mark;
+    }
+
+    /// The mark `R` carries now, as JSON members (`,"budget_step":..`).
+    fn mark_members<R: Record>(&self) -> Option<String> {
+        let mark = self.mark.filter(|_| R::MARKED != Marked::No)?;
+        let mut members = format!(",\"budget_step\":{}", mark.step);
+        if R::MARKED == Marked::StepAndFraction {
+            members.push_str(&format!(",\"sampled_fraction\":{}", mark.sampled_fraction));
+        }
+        Some(members)
+    }
+
     /// Writes one record stamped with the monotonic time `mono_ns`.
     pub(crate) fn write<R: Record>(&mut self, mono_ns: u64, record: &R) -> io::Result<()> {
         match self.format {
             Format::Json => {
+                let mark = self.mark_members::<R>();
                 self.body.clear();
                 serde_json::to_writer(&mut self.body, record)?;
                 // The body is a JSON object: its members are spliced in after
@@ -76,7 +96,16 @@ impl Output {
                 if members != b"}" {
                     out.write_all(b",")?;
                 }
-                out.write_all(members)?;
+                match mark {
+                    // Records are JSON objects with members: the mark goes
+                    // before the closing brace.
+                    Some(mark) if members.len() > 1 => {
+                        out.write_all(&members[..members.len() - 1])?;
+                        out.write_all(mark.as_bytes())?;
+                        out.write_all(b"}")?;
+                    }
+                    _ => out.write_all(members)?,
+                }
             }
             Format::Text => {
                 if !R::TEXT_HEADER.is_empty() && self.headers_written.insert(R::TYPE) {
@@ -86,6 +115,14 @@ impl Output {
                 let mut ts = String::with_capacity(RFC3339_LEN);
                 self.clock.format_into(mono_ns, &mut ts);
                 self.out.write_all(record.text_row(&ts).as_bytes())?;
+                if let Some(mark) = self.mark.filter(|_| R::MARKED != Marked::No) {
+                    let sampled = if R::MARKED == Marked::StepAndFraction {
+                        format!(", sampled {:.0}%", mark.sampled_fraction * 100.0)
+                    } else {
+                        String::new()
+                    };
+                    write!(self.out, "  [budget step {}{sampled}]", mark.step)?;
+                }
             }
         }
         self.out.write_all(b"\n")
@@ -163,6 +200,45 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["comm"], "cu\"rl\n");
+    }
+
+    #[test]
+    fn summaries_carry_the_budget_mark() {
+        let buf = SharedBuf::default();
+        let clock = WallClock::with_offset(0);
+        let mut out = Output::new(Box::new(buf.clone()), Format::Json, "h", clock);
+        let summary = crate::output::record::SoftirqSummary {
+            cpu: 0,
+            vec: "NET_RX",
+            count: 1,
+            service_total_ns: 5,
+            service_max_ns: 5,
+            service_p99_ns: 5,
+            delay_max_ns: None,
+            delay_p99_ns: None,
+            interval_ns: 10,
+        };
+        out.set_mark(Some(BudgetMark {
+            step: 3,
+            sampled_fraction: 0.25,
+        }));
+        out.write(0, &summary).unwrap();
+        // Per-event records are not summaries: no mark.
+        out.write(0, &retrans()).unwrap();
+        out.set_mark(None);
+        out.write(0, &summary).unwrap();
+        out.flush().unwrap();
+        let lines: Vec<serde_json::Value> = buf
+            .text()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines[0]["budget_step"], 3);
+        assert_eq!(lines[0]["sampled_fraction"], 0.25);
+        assert_eq!(lines[0]["interval_ns"], 10);
+        assert!(lines[1].get("budget_step").is_none());
+        assert!(lines[2].get("budget_step").is_none());
+        assert!(lines[2].get("sampled_fraction").is_none());
     }
 
     #[test]

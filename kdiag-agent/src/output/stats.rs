@@ -1,5 +1,9 @@
 //! `agent_stats`: per-class events, drops and losses, per-program kernel run
 //! time, and the agent's own memory and CPU, as deltas per interval.
+//!
+//! Program run counts and times are the programs' own (kdiag_common::cost):
+//! every run counted, one in `SAMPLE_EVERY` timed, per CPU. The kernel's
+//! host-wide BPF statistics are never turned on.
 
 use std::{
     collections::BTreeMap,
@@ -12,18 +16,22 @@ use aya::{
     maps::{MapData, PerCpuArray},
     util::KernelVersion,
 };
-use kdiag_common::{CLASS_COUNT, LOSS_DROPPED, LOSS_LOST, LOSS_REASONS, LOSS_SLOTS};
+use kdiag_common::{
+    CLASS_COUNT, LOSS_DROPPED, LOSS_LOST, LOSS_REASONS, LOSS_SLOTS,
+    cost::{ProgramCost, ProgramId},
+};
 
 use crate::{
     output::record::{AgentStats, ClassStats, ProgramStats},
     sys,
 };
 
-/// What the kernel counts for one program, since it was loaded.
+/// What is counted for one program since it was loaded, summed over CPUs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct RunCounters {
-    pub run_cnt: u64,
-    pub run_time_ns: u64,
+    pub runs: u64,
+    pub timed_runs: u64,
+    pub timed_ns: u64,
     /// Runs the kernel skipped because another BPF program was running on
     /// that CPU; `None` where the kernel does not count them (see
     /// [`counts_tracepoint_misses`]).
@@ -36,6 +44,7 @@ pub(crate) type ProgramCounters = BTreeMap<String, RunCounters>;
 pub(crate) struct StatsCollector {
     class_names: Vec<(u32, &'static str)>,
     losses: PerCpuArray<MapData, u64>,
+    costs: PerCpuArray<MapData, ProgramCost>,
     /// Records written per class id since the last report.
     events: [u64; CLASS_COUNT as usize],
     last_losses: [u64; LOSS_SLOTS as usize],
@@ -52,11 +61,13 @@ impl StatsCollector {
     pub(crate) fn new(
         class_names: Vec<(u32, &'static str)>,
         losses: PerCpuArray<MapData, u64>,
+        costs: PerCpuArray<MapData, ProgramCost>,
         now_mono_ns: u64,
     ) -> Self {
         Self {
             class_names,
             losses,
+            costs,
             events: [0; CLASS_COUNT as usize],
             last_losses: [0; LOSS_SLOTS as usize],
             last_programs: BTreeMap::new(),
@@ -90,22 +101,30 @@ impl StatsCollector {
         self.last_mono_ns
     }
 
-    /// Per-program counters; read them before the programs are unloaded.
+    /// Per-program counters of the loaded programs; read them before the
+    /// programs are unloaded (the recursion misses go with them).
     pub(crate) fn snapshot_programs(&self, ebpf: &Ebpf) -> ProgramCounters {
         ebpf.programs()
             .filter_map(|(name, p)| {
-                let info = p.info().ok()?;
-                // aya's ProgramInfo leaves out the miss counter; the kernel
-                // also prints it in the program descriptor's fdinfo.
-                let misses = p.fd().ok().filter(|_| self.counts_misses).and_then(|fd| {
+                let id = ProgramId::ALL.into_iter().find(|id| id.name() == name)?;
+                let fd = p.fd().ok()?;
+                // The kernel prints the miss counter in the program
+                // descriptor's fdinfo (aya's ProgramInfo leaves it out).
+                let misses = self.counts_misses.then(|| {
                     let path = format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd());
                     recursion_misses(&fs::read_to_string(path).ok()?)
                 });
-                let counters = RunCounters {
-                    run_cnt: info.run_count(),
-                    run_time_ns: info.run_time().as_nanos() as u64,
-                    recursion_misses: misses,
+                let mut counters = RunCounters {
+                    recursion_misses: misses.flatten(),
+                    ..RunCounters::default()
                 };
+                if let Ok(per_cpu) = self.costs.get(&(id as u32), 0) {
+                    for c in per_cpu.iter() {
+                        counters.runs += c.runs;
+                        counters.timed_runs += c.timed_runs;
+                        counters.timed_ns += c.timed_ns;
+                    }
+                }
                 Some((name.to_owned(), counters))
             })
             .collect()
@@ -158,21 +177,41 @@ impl StatsCollector {
     }
 }
 
-/// What each program's counters grew by since `last`.
-fn program_deltas(now: &ProgramCounters, last: &ProgramCounters) -> Vec<ProgramStats> {
+/// What each program's counters grew by since `last`, its run time
+/// estimated from the runs timed (see [`estimated_ns`]).
+pub(crate) fn program_deltas(now: &ProgramCounters, last: &ProgramCounters) -> Vec<ProgramStats> {
     now.iter()
         .map(|(name, now)| {
             let last = last.get(name).copied().unwrap_or_default();
+            let runs = now.runs.saturating_sub(last.runs);
+            let timed_runs = now.timed_runs.saturating_sub(last.timed_runs);
+            let timed_ns = now.timed_ns.saturating_sub(last.timed_ns);
             ProgramStats {
                 name: name.clone(),
-                run_cnt: now.run_cnt.saturating_sub(last.run_cnt),
-                run_time_ns: now.run_time_ns.saturating_sub(last.run_time_ns),
+                run_cnt: runs,
+                run_time_ns: estimated_ns(runs, timed_runs, timed_ns, now),
+                timed_runs,
                 recursion_misses: now
                     .recursion_misses
                     .map(|n| n.saturating_sub(last.recursion_misses.unwrap_or(0))),
             }
         })
         .collect()
+}
+
+/// The run time of `runs` runs, of which `timed_runs` took `timed_ns`: their
+/// mean scaled up. An interval whose runs were all untimed (fewer than
+/// `SAMPLE_EVERY` on each CPU) takes the mean over the program's life.
+fn estimated_ns(runs: u64, timed_runs: u64, timed_ns: u64, life: &RunCounters) -> u64 {
+    let (n, ns) = if timed_runs > 0 {
+        (timed_runs, timed_ns)
+    } else {
+        (life.timed_runs, life.timed_ns)
+    };
+    if n == 0 {
+        return 0;
+    }
+    (u128::from(ns) * u128::from(runs) / u128::from(n)) as u64
 }
 
 /// Whether the kernel counts the runs of classic tracepoint programs it
@@ -214,30 +253,53 @@ mod tests {
 
     #[test]
     fn program_counters_become_deltas() {
-        let counters = |cnt, time, misses| RunCounters {
-            run_cnt: cnt,
-            run_time_ns: time,
+        let counters = |runs, timed_runs, timed_ns, misses| RunCounters {
+            runs,
+            timed_runs,
+            timed_ns,
             recursion_misses: misses,
         };
         let last: ProgramCounters =
-            [("softirq_raise".to_owned(), counters(10, 1000, Some(3)))].into();
+            [("softirq_raise".to_owned(), counters(640, 10, 1000, Some(3)))].into();
         let now: ProgramCounters = [
-            ("softirq_raise".to_owned(), counters(25, 2500, Some(7))),
-            ("softirq_exit".to_owned(), counters(4, 400, None)),
+            (
+                "softirq_raise".to_owned(),
+                counters(1280, 20, 3000, Some(7)),
+            ),
+            ("softirq_exit".to_owned(), counters(4, 1, 400, None)),
         ]
         .into();
         let deltas = program_deltas(&now, &last);
         let by_name = |n: &str| deltas.iter().find(|p| p.name == n).unwrap();
         let raise = by_name("softirq_raise");
+        // 10 runs timed at 200 ns each, 640 runs.
         assert_eq!(
-            (raise.run_cnt, raise.run_time_ns, raise.recursion_misses),
-            (15, 1500, Some(4))
+            (
+                raise.run_cnt,
+                raise.run_time_ns,
+                raise.timed_runs,
+                raise.recursion_misses
+            ),
+            (640, 128_000, 10, Some(4))
         );
         // First interval of a program: everything since it was loaded.
         let exit = by_name("softirq_exit");
         assert_eq!(
             (exit.run_cnt, exit.run_time_ns, exit.recursion_misses),
-            (4, 400, None)
+            (4, 1600, None)
         );
+    }
+
+    #[test]
+    fn untimed_intervals_take_the_mean_over_the_life() {
+        let life = RunCounters {
+            runs: 1000,
+            timed_runs: 16,
+            timed_ns: 1600,
+            recursion_misses: None,
+        };
+        assert_eq!(estimated_ns(5, 0, 0, &life), 500);
+        // Never timed (never ran, or the map could not be read).
+        assert_eq!(estimated_ns(5, 0, 0, &RunCounters::default()), 0);
     }
 }

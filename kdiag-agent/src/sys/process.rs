@@ -58,12 +58,18 @@ pub(crate) fn page_size() -> usize {
     rustix::param::page_size()
 }
 
+/// Clock ticks per second of /proc's CPU times (`USER_HZ`).
+pub(crate) fn clock_ticks_per_second() -> u64 {
+    rustix::param::clock_ticks_per_second().max(1)
+}
+
 /// Makes rustix read now what it otherwise reads from the process's
 /// auxiliary vector on first use (the page size; the vDSO, for the clocks):
 /// it asks with a prctl() the seccomp filter refuses, or reads
 /// /proc/self/auxv, which a process that gave up root cannot read.
 pub(crate) fn read_auxiliary_vector() {
     let _ = rustix::param::page_size();
+    let _ = clock_ticks_per_second();
     let _ = clock_gettime(ClockId::Monotonic);
 }
 

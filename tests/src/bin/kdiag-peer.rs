@@ -16,6 +16,10 @@
 //!   kdiag-peer connect ADDR PORT --count N
 //!       N connections one after the other: connect, half-close, wait for
 //!       the server to close (EOF), close; prints "done N" at the end
+//!   kdiag-peer bulk
+//!       one TCP connection to itself over the namespace's loopback, written
+//!       to as fast as it is read, until killed (a bulk transfer: tens of
+//!       thousands of NET_RX softirqs a second); prints "bulk" once it sends
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -25,7 +29,8 @@ use std::time::Duration;
 
 const USAGE: &str = "usage: kdiag-peer listen ADDR PORT [--send-every-ms N] \
                      [--rename-after-listen NAME] [--hold] | \
-                     kdiag-peer connect ADDR PORT [--send-every-ms N | --count N]";
+                     kdiag-peer connect ADDR PORT [--send-every-ms N | --count N] | \
+                     kdiag-peer bulk";
 
 /// Options after ADDR PORT; which ones a mode accepts is checked in `main`.
 #[derive(Default)]
@@ -40,6 +45,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match args.as_slice() {
+        ["bulk"] => bulk(),
         [mode @ ("listen" | "connect"), addr, port, rest @ ..] => parse_addr(addr, port)
             .and_then(|a| Ok((a, parse_options(rest)?)))
             .and_then(|(a, opts)| match (*mode, &opts) {
@@ -196,4 +202,22 @@ fn connect_many(addr: SocketAddr, count: u64) -> Result<(), String> {
         drain(&mut stream);
     }
     say(&format!("done {count}"))
+}
+
+/// Sends 64 KiB writes to itself over 127.0.0.1 as fast as a second thread
+/// reads them; returns only on an error.
+fn bulk() -> Result<(), String> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("local address: {e}"))?;
+    let mut sender = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    let (mut receiver, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+    thread::spawn(move || drain(&mut receiver));
+    let chunk = vec![b'b'; 64 * 1024];
+    sender.write_all(&chunk).map_err(|e| format!("send: {e}"))?;
+    say("bulk")?;
+    loop {
+        sender.write_all(&chunk).map_err(|e| format!("send: {e}"))?;
+    }
 }

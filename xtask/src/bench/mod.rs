@@ -71,6 +71,9 @@ struct Plan {
     window_secs: u64,
     /// Rounds of (no tracer, kdiag, libbpf-tools) under bulk load.
     pairs: usize,
+    /// Seconds of bulk load per round of kdiag `run` with its default
+    /// budget: long enough for it to step down and see the result.
+    budget_window_secs: u64,
     startup_runs: usize,
     held_connections: usize,
 }
@@ -84,6 +87,7 @@ impl Plan {
                 cost_window_secs: 1,
                 window_secs: 2,
                 pairs: 5,
+                budget_window_secs: 8,
                 startup_runs: 3,
                 held_connections: 100_000,
             }
@@ -94,6 +98,7 @@ impl Plan {
                 cost_window_secs: 5,
                 window_secs: 5,
                 pairs: 7,
+                budget_window_secs: 15,
                 startup_runs: 7,
                 held_connections: 100_000,
             }
@@ -129,6 +134,7 @@ pub(crate) fn run(quick: bool) -> Result<()> {
         per_event(&plan, scenario, &agent, &mut rows)?;
     }
     overhead(&plan, &agent, &mut rows)?;
+    budget(&plan, &agent, &mut rows)?;
     per_record(&plan, &agent, &mut rows)?;
     startup(&plan, &agent, &mut rows)?;
     memory(&plan, &agent, &mut rows)?;
@@ -267,6 +273,45 @@ fn overhead(plan: &Plan, agent: &Path, rows: &mut Rows) -> Result<()> {
     Ok(())
 }
 
+/// kdiag `run` with its default budget (`--max-cpu 1`) and 1 s intervals
+/// under the bulk transfer: its share of the busy CPU over the budget's
+/// window, the interval after which the budget first stepped down, and the
+/// step it ended at. The overhead rows above run with `-i 0`, where the
+/// budget looks only every 10 s, longer than their window: full detail.
+fn budget(plan: &Plan, agent: &Path, rows: &mut Rows) -> Result<()> {
+    eprintln!("bench: default budget under {}", Load::Bulk.describe());
+    let server = IperfServer::start(None)?;
+    let tracer = budget_tracer(agent);
+    for _ in 0..plan.rounds {
+        let running = tracer.start()?;
+        thread::sleep(SETTLE);
+        let (busy0, own0) = (probe::machine_busy_ns()?, observer_ns(&[&running])?);
+        server.measure(plan.budget_window_secs)?;
+        let (busy1, own1) = (probe::machine_busy_ns()?, observer_ns(&[&running])?);
+        let finished = running.stop()?;
+        let share =
+            100.0 * own1.saturating_sub(own0) as f64 / busy1.saturating_sub(busy0).max(1) as f64;
+        let label = &tracer.label;
+        let measure = "observer share of busy CPU, default budget";
+        rows.add(OVERHEAD, measure, label, Unit::Percent, Some(1.0), share);
+        // An interval with no step counts as one past the window.
+        let first = finished
+            .first_step_down()
+            .unwrap_or(plan.budget_window_secs as usize + 1);
+        let measure = "first budget step after interval (1 s each)";
+        rows.add(OVERHEAD, measure, label, Unit::Count, None, first as f64);
+        let measure = "budget step at exit";
+        let last = finished.last_step() as f64;
+        rows.add(OVERHEAD, measure, label, Unit::Count, None, last);
+    }
+    Ok(())
+}
+
+/// kdiag `run` with its default budget, deciding every second.
+fn budget_tracer(agent: &Path) -> Tracer {
+    Tracer::kdiag_every(agent, 1, &["run"])
+}
+
 /// What the overhead section attaches in turn, with kdiag's target for the
 /// observer share: nothing, kdiag `run`, and the libbpf-tools covering the
 /// same events.
@@ -287,9 +332,9 @@ fn observers(agent: &Path) -> [(&'static str, Option<f64>, Vec<Tracer>); 3] {
 }
 
 /// CPU time of the tracers plus the kernel time of their programs.
-fn observer_ns(running: &[Running]) -> Result<u64> {
+fn observer_ns<R: std::borrow::Borrow<Running>>(running: &[R]) -> Result<u64> {
     let mut total = 0;
-    for r in running {
+    for r in running.iter().map(std::borrow::Borrow::borrow) {
         total += r.cpu_ns()? + r.bpf()?.run_time_ns();
     }
     Ok(total)
@@ -534,7 +579,8 @@ fn document(plan: &Plan, agent: &Path, rows: &Rows, took: Duration) -> String {
     let tracers = SCENARIOS
         .iter()
         .flat_map(|s| s.tracers(agent))
-        .chain(observers(agent).into_iter().flat_map(|(_, _, t)| t));
+        .chain(observers(agent).into_iter().flat_map(|(_, _, t)| t))
+        .chain([budget_tracer(agent)]);
     let mut seen = Vec::new();
     for t in tracers {
         let line = t

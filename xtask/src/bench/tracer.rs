@@ -55,10 +55,22 @@ pub(super) struct Tracer {
 impl Tracer {
     /// `kdiag-agent <args>`, with summaries only at exit (`-i 0`).
     pub(super) fn kdiag(agent: &Path, args: &[&str]) -> Self {
-        let mut argv = vec![agent.display().to_string(), "-i".into(), "0".into()];
+        let mut tracer = Self::kdiag_every(agent, 0, args);
+        tracer.label = format!("kdiag-agent {}", args.join(" "));
+        tracer
+    }
+
+    /// `kdiag-agent -i <interval> <args>`: summaries, agent_stats and the
+    /// budget's decisions every `interval` seconds.
+    pub(super) fn kdiag_every(agent: &Path, interval: u64, args: &[&str]) -> Self {
+        let mut argv = vec![
+            agent.display().to_string(),
+            "-i".into(),
+            interval.to_string(),
+        ];
         argv.extend(args.iter().map(|a| a.to_string()));
         Self {
-            label: format!("kdiag-agent {}", args.join(" ")),
+            label: format!("kdiag-agent -i {interval} {}", args.join(" ")),
             argv,
             ready: Ready::Line("\"type\":\"agent_start\""),
         }
@@ -167,7 +179,8 @@ impl Tracer {
 }
 
 /// Counts stdout lines; reports the first one containing `marker`; keeps
-/// kdiag's agent_stats lines, which carry its loss counters.
+/// kdiag's agent_stats lines, which carry its loss counters, and its budget
+/// lines, in the order written.
 fn count_lines(
     stdout: impl Read,
     marker: Option<&str>,
@@ -186,7 +199,8 @@ fn count_lines(
             let _ = ready.send(Instant::now());
             marker = None;
         }
-        if line.starts_with(b"{\"v\":1,\"type\":\"agent_stats\"")
+        if (line.starts_with(b"{\"v\":1,\"type\":\"agent_stats\"")
+            || line.starts_with(b"{\"v\":1,\"type\":\"budget\""))
             && let Ok(mut stats) = stats.lock()
         {
             stats.push(String::from_utf8_lossy(&line).into_owned());
@@ -228,9 +242,28 @@ pub(super) struct Running {
 pub(super) struct Finished {
     /// kdiag's agent_stats lines, parsed.
     pub agent_stats: Vec<serde_json::Value>,
+    /// kdiag's budget lines, each with the number of agent_stats lines
+    /// before it: the interval whose cost it answered (1 = the first).
+    pub budget: Vec<(usize, serde_json::Value)>,
 }
 
 impl Finished {
+    /// The interval after which the budget first stepped down, if it did.
+    pub(super) fn first_step_down(&self) -> Option<usize> {
+        self.budget
+            .iter()
+            .find(|(_, b)| b.get("change").and_then(|c| c.as_str()) == Some("down"))
+            .map(|(interval, _)| *interval)
+    }
+
+    /// The budget's step at exit.
+    pub(super) fn last_step(&self) -> u64 {
+        self.budget
+            .last()
+            .and_then(|(_, b)| b.get("step")?.as_u64())
+            .unwrap_or(0)
+    }
+
     /// Sum of a per-class counter (`events`, `dropped`, `lost`) over every
     /// agent_stats line and class.
     pub(super) fn class_total(&self, counter: &str) -> u64 {
@@ -288,13 +321,22 @@ impl Running {
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }
-        let stats = self.stats.lock().map(|s| s.clone()).unwrap_or_default();
-        Ok(Finished {
-            agent_stats: stats
-                .iter()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect(),
-        })
+        let lines = self.stats.lock().map(|s| s.clone()).unwrap_or_default();
+        let mut finished = Finished {
+            agent_stats: Vec::new(),
+            budget: Vec::new(),
+        };
+        for line in lines {
+            let Ok(record) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if record.get("type").and_then(|t| t.as_str()) == Some("budget") {
+                finished.budget.push((finished.agent_stats.len(), record));
+            } else {
+                finished.agent_stats.push(record);
+            }
+        }
+        Ok(finished)
     }
 
     fn kill_and_stderr(&mut self) -> String {

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use super::{Cgroup, Record, ms, opt, printable};
+use super::{Cgroup, Marked, Record, ms, opt, printable};
 
 /// count, total, max and two percentiles of one set of latencies; records
 /// flatten it into their own fields.
@@ -75,6 +75,7 @@ pub(crate) struct ReclaimSummary {
 
 impl Record for ReclaimSummary {
     const TYPE: &'static str = "reclaim_summary";
+    const MARKED: Marked = Marked::Step;
     const TEXT_HEADER: &'static str = "# SUMMARY AT                    COMM             PID     KIND     COUNT  TOTAL(ms)  P50(ms)  P99(ms)  MAX(ms)    PAGES";
     fn text_row(&self, ts: &str) -> String {
         format!(
@@ -133,6 +134,7 @@ pub(crate) struct CompactSummary {
 
 impl Record for CompactSummary {
     const TYPE: &'static str = "compact_summary";
+    const MARKED: Marked = Marked::Step;
     const TEXT_HEADER: &'static str = "# SUMMARY AT                    COMM             PID       COUNT  TOTAL(ms)  P50(ms)  P99(ms)  MAX(ms)";
     fn text_row(&self, ts: &str) -> String {
         format!(
@@ -172,6 +174,7 @@ pub(crate) struct Vmstat {
 
 impl Record for Vmstat {
     const TYPE: &'static str = "vmstat";
+    const MARKED: Marked = Marked::Step;
     const TEXT_HEADER: &'static str = "";
     fn text_row(&self, ts: &str) -> String {
         format!(

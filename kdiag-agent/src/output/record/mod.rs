@@ -66,10 +66,36 @@ impl Serialize for Cgroup {
     }
 }
 
+/// What a record says of the budget's step it was produced under (see
+/// [`BudgetMark`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Marked {
+    /// Nothing: per-event records and the agent's own.
+    No,
+    /// `budget_step`: a summary.
+    Step,
+    /// `budget_step` and `sampled_fraction`: a summary of a class the
+    /// budget samples (softirq).
+    StepAndFraction,
+}
+
+/// The budget's step over a summary's interval, when it was not full
+/// detail: the fields the writer adds to every summary (`budget_step`,
+/// and `sampled_fraction` for the sampled class).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct BudgetMark {
+    /// The highest step in force during the interval.
+    pub step: u32,
+    /// The share of the interval the softirq programs measured.
+    pub sampled_fraction: f64,
+}
+
 /// A record type of the contract.
 pub(crate) trait Record: Serialize {
     /// The `type` field.
     const TYPE: &'static str;
+    /// Whether it carries the budget's mark.
+    const MARKED: Marked = Marked::No;
     /// Column header for `-o text`, printed before the first row.
     const TEXT_HEADER: &'static str;
     /// One `-o text` row; `ts` is the formatted time.
@@ -95,6 +121,10 @@ pub(crate) struct AgentStart {
     pub uid: u32,
     pub gid: u32,
     pub capabilities: Vec<String>,
+    /// `--max-cpu` (0: no budget), and what the budget may shed, step by
+    /// step, for the classes that run.
+    pub max_cpu_pct: f64,
+    pub budget_steps: Vec<&'static str>,
 }
 
 impl Record for AgentStart {
@@ -135,7 +165,10 @@ pub(crate) struct ClassStats {
 pub(crate) struct ProgramStats {
     pub name: String,
     pub run_cnt: u64,
+    /// Estimated: the mean of the runs timed, times `run_cnt`.
     pub run_time_ns: u64,
+    /// Runs whose time was measured, one in `SAMPLE_EVERY` per CPU.
+    pub timed_runs: u64,
     /// `null` where the kernel does not count them (before 5.12).
     pub recursion_misses: Option<u64>,
 }
@@ -174,6 +207,55 @@ impl Record for AgentStats {
             classes.join("; "),
             self.cpu_ns as f64 / 1e6,
             self.rss_bytes / 1024
+        )
+    }
+}
+
+/// A change of the budget's step, or what the interval after one cost.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub(crate) struct BudgetChange {
+    /// `"down"` (detail shed), `"up"` (detail back), or `"result"` (the cost
+    /// of the first interval at `step`, after a change).
+    pub change: &'static str,
+    /// The step in force from now on (0: full detail).
+    pub step: u32,
+    /// The step before (for `"result"`: the same as `step`).
+    pub previous_step: u32,
+    /// What is shed at `step`, cheapest loss first.
+    pub shed: Vec<&'static str>,
+    /// The share of time the softirq programs measure at `step`; `null`
+    /// without the softirq class.
+    pub sampled_fraction: Option<f64>,
+    /// The agent's cost over the interval just ended, as a percentage of
+    /// its measure (`--max-cpu`): at `previous_step` for `"down"` and
+    /// `"up"`, at `step` for `"result"`.
+    pub cost_pct: f64,
+    /// `--max-cpu`.
+    pub budget_pct: f64,
+    /// For `"up"`: the cost expected at `step`, from the cost measured when
+    /// it was left, scaled by the programs' runs since.
+    pub expected_pct: Option<f64>,
+    /// The parts of `cost_pct`: the programs' estimated run time and the
+    /// agent's own CPU time, against the busy CPU time of the machine (or
+    /// one CPU's worth, whichever is larger), over `interval_ns`.
+    pub bpf_ns: u64,
+    pub cpu_ns: u64,
+    pub busy_ns: u64,
+    pub interval_ns: u64,
+}
+
+impl Record for BudgetChange {
+    const TYPE: &'static str = "budget";
+    const TEXT_HEADER: &'static str = "";
+    fn text_row(&self, ts: &str) -> String {
+        let shed = if self.shed.is_empty() {
+            "nothing".to_owned()
+        } else {
+            self.shed.join(", ")
+        };
+        format!(
+            "# {ts} budget {}: step {} -> {} (shed: {shed}), cost {:.3}% of {:.3}%",
+            self.change, self.previous_step, self.step, self.cost_pct, self.budget_pct
         )
     }
 }

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use super::{Record, micros};
+use super::{Marked, Record, micros};
 
 /// One softirq at or over `--min-latency-us`.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -46,6 +46,7 @@ pub(crate) struct SoftirqSummary {
 
 impl Record for SoftirqSummary {
     const TYPE: &'static str = "softirq_summary";
+    const MARKED: Marked = Marked::StepAndFraction;
     const TEXT_HEADER: &'static str = "TIME                           CPU VEC          COUNT   TOTAL_us     MAX_us     P99_us  DELAY_MAX_us  DELAY_P99_us";
     fn text_row(&self, ts: &str) -> String {
         let opt_micros = |ns: Option<u64>| ns.map_or_else(|| "-".to_owned(), micros);

@@ -10,7 +10,7 @@ use kdiag_common::tcp::{AF_INET6, TcpTuple};
 use serde::Serialize;
 
 use super::ResolvedOwner;
-use super::{Record, ms, opt, printable};
+use super::{Marked, Record, ms, opt, printable};
 
 /// A connection's two ends, local first.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -245,6 +245,7 @@ pub(crate) struct TcpSummary {
 
 impl Record for TcpSummary {
     const TYPE: &'static str = "tcp_summary";
+    const MARKED: Marked = Marked::Step;
     const TEXT_HEADER: &'static str = "";
     fn text_row(&self, ts: &str) -> String {
         format!(

@@ -1,0 +1,71 @@
+//! The programs' own cost accounting, and the budget's gates.
+//!
+//! Every program entry goes through [`measured`]: a per-CPU run counter and,
+//! one run in `SAMPLE_EVERY`, two clock reads around the body. The agent
+//! reads these counters every interval instead of turning on the kernel's
+//! host-wide BPF statistics (see kdiag_common::cost).
+
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
+    macros::map,
+    maps::{Array, PerCpuArray},
+};
+use kdiag_common::cost::{BudgetGates, PROGRAM_COUNT, ProgramCost, ProgramId, SAMPLE_EVERY};
+
+/// Per program, per CPU: runs, and the timed ones.
+#[map]
+static PROGRAM_COST: PerCpuArray<ProgramCost> = PerCpuArray::with_max_entries(PROGRAM_COUNT, 0);
+
+/// The budget's gates, written by the agent (all zero: full detail).
+#[map]
+static BUDGET: Array<BudgetGates> = Array::with_max_entries(1, 0);
+
+/// The gates in force; full detail if the map cannot be read.
+#[inline(always)]
+pub(crate) fn gates() -> &'static BudgetGates {
+    const FULL: BudgetGates = BudgetGates {
+        softirq_paused: 0,
+        delay_shed: 0,
+        softirq_since_ns: 0,
+        min_latency_ns: 0,
+    };
+    BUDGET.get(0).unwrap_or(&FULL)
+}
+
+/// Runs `body`, the program `program`'s work, counting the run and timing
+/// one run in `SAMPLE_EVERY` on each CPU (the first included).
+///
+/// The slot is per-CPU and per-program, and a program never runs twice at
+/// once on a CPU (classic tracepoint programs never nest on a CPU at all,
+/// and BTF tracepoint programs have a per-program recursion guard), so the
+/// plain updates cannot race. The start time is kept in the slot, not in a
+/// register: with a register the verifier would check the body twice, once
+/// for a timed run and once for an untimed one.
+#[inline(always)]
+pub(crate) fn measured(program: ProgramId, body: impl FnOnce() -> u32) -> u32 {
+    let Some(cost) = PROGRAM_COST.get_ptr_mut(program as u32) else {
+        return body();
+    };
+    // SAFETY: a live per-CPU map value (above).
+    let runs = unsafe { (*cost).runs };
+    // SAFETY: as above.
+    unsafe { (*cost).runs = runs + 1 };
+    if runs & (SAMPLE_EVERY - 1) == 0 {
+        // SAFETY: as above; the helper takes no arguments.
+        unsafe { (*cost).started_ns = bpf_ktime_get_ns() };
+    }
+    let ret = body();
+    // Read back from the map: whether this run is timed is not carried in
+    // a register across the body (see above).
+    // SAFETY: as above.
+    let runs = unsafe { core::ptr::read_volatile(&raw const (*cost).runs) };
+    if runs.wrapping_sub(1) & (SAMPLE_EVERY - 1) == 0 {
+        // SAFETY: as above; the helper takes no arguments.
+        unsafe {
+            let elapsed = bpf_ktime_get_ns().saturating_sub((*cost).started_ns);
+            (*cost).timed_runs += 1;
+            (*cost).timed_ns += elapsed;
+        }
+    }
+    ret
+}
