@@ -537,7 +537,7 @@ fn end_interval(
     cx.out.set_mark(None);
     let report = stats.report(programs, now);
     cx.out.write(now, &report)?;
-    cx.services.metrics().end_interval(&report);
+    cx.services.metrics().end_interval(&report, budget.step());
     cx.out.flush()
 }
 

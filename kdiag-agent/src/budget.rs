@@ -294,6 +294,12 @@ impl Budget {
         self.max_pct > 0.0
     }
 
+    /// The step in force: 0 for full detail, n when the first n steps of
+    /// the ladder are shed.
+    pub(crate) fn step(&self) -> usize {
+        self.step
+    }
+
     /// The cost since the last evaluation, `programs` being the counters
     /// now.
     fn cost_since(&mut self, programs: ProgramCounters, now_ns: u64) -> Cost {

@@ -166,11 +166,12 @@ impl Metrics {
         });
     }
 
-    /// One `agent_stats` record, which ends an interval: added up, then
-    /// everything is published.
-    pub(crate) fn end_interval(&mut self, stats: &AgentStats) {
+    /// One `agent_stats` record, which ends an interval, and the CPU
+    /// budget's step then: added up, then everything is published.
+    pub(crate) fn end_interval(&mut self, stats: &AgentStats, budget_step: usize) {
         let Some(r) = &mut self.0 else { return };
         r.agent.add(stats);
+        r.agent.budget_step = budget_step as u64;
         r.publish();
     }
 
@@ -262,6 +263,8 @@ struct AgentTotals {
     decode_errors: u64,
     cpu_ns: u64,
     rss_bytes: u64,
+    /// The `--max-cpu` budget's step at the last interval's end.
+    budget_step: u64,
 }
 
 impl AgentTotals {
@@ -277,6 +280,7 @@ impl AgentTotals {
             decode_errors: 0,
             cpu_ns: 0,
             rss_bytes: 0,
+            budget_step: 0,
         }
     }
 
@@ -513,9 +517,9 @@ mod tests {
             rss_bytes: 4096,
             cpu_ns: 1_500_000_000,
         };
-        m.end_interval(&stats);
+        m.end_interval(&stats, 0);
         stats.cpu_ns = 500_000_000;
-        m.end_interval(&stats);
+        m.end_interval(&stats, 0);
         let s = samples(&e);
         assert_eq!(
             s["kdiag_tcp_retransmits_total{state=\"SYN_SENT\",kind=\"syn\"}"],

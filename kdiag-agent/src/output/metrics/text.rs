@@ -99,7 +99,7 @@ pub(super) fn render(r: &Registry) -> String {
     counter(
         w,
         "kdiag_agent_program_runs_total",
-        "Runs of each kernel program (0 without BPF run-time statistics).",
+        "Runs of each kernel program, as the programs count them.",
         &a.program_runs,
     );
     seconds_counter(
@@ -129,6 +129,14 @@ pub(super) fn render(r: &Registry) -> String {
         "gauge",
         "Resident memory of the agent at the last interval's end.",
         a.rss_bytes,
+    );
+    scalar(
+        w,
+        "kdiag_agent_budget_step",
+        "gauge",
+        "Steps of detail the --max-cpu budget shed during the last interval (0: full \
+         detail; budget records name them).",
+        a.budget_step,
     );
     header(
         w,
