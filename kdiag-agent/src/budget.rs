@@ -334,6 +334,7 @@ impl Budget {
         let mark = (self.deepest > 0).then_some(BudgetMark {
             step: self.deepest as u32,
             sampled_fraction: fraction,
+            delay_shed: self.ladder[..self.deepest].contains(&Shed::SoftirqDelay),
         });
         self.deepest = self.step;
         self.on_ns = 0;

@@ -267,11 +267,21 @@ impl Class for SoftirqClass {
             })?;
         self.generation = ended + 1;
         let now = Self::read(maps)?;
+        // Delays the programs took in the moment between the last read and
+        // a step that sheds them are left out with the rest.
+        let delay_shed = cx.out.mark().is_some_and(|m| m.delay_shed);
         for (cpu, slots) in now.iter().enumerate() {
             for (vec, slot) in slots.iter().enumerate() {
                 let before = self.last.get(cpu).map_or(&SoftirqSlot::ZERO, |s| &s[vec]);
-                if let Some(summary) = summarize(cpu as u32, vec, before, slot, ended, interval_ns)
+                if let Some(mut summary) =
+                    summarize(cpu as u32, vec, before, slot, ended, interval_ns)
                 {
+                    let mut delays = hist::delta(&slot.delay_buckets, &before.delay_buckets);
+                    if delay_shed {
+                        summary.delay_max_ns = None;
+                        summary.delay_p99_ns = None;
+                        delays.fill(0);
+                    }
                     cx.out.write(now_ns, &summary)?;
                     cx.services.metrics().softirqs(
                         summary.cpu,
@@ -279,7 +289,7 @@ impl Class for SoftirqClass {
                         &HIST,
                         &hist::delta(&slot.service_buckets, &before.service_buckets),
                         summary.service_total_ns,
-                        &hist::delta(&slot.delay_buckets, &before.delay_buckets),
+                        &delays,
                     );
                 }
             }

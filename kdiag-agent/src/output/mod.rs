@@ -66,6 +66,11 @@ impl Output {
         self.mark = mark;
     }
 
+    /// The mark summaries written now carry.
+    pub(crate) fn mark(&self) -> Option<BudgetMark> {
+        self.mark
+    }
+
     /// The mark `R` carries now, as JSON members (`,"budget_step":..`).
     fn mark_members<R: Record>(&self) -> Option<String> {
         let mark = self.mark.filter(|_| R::MARKED != Marked::No)?;
@@ -221,6 +226,7 @@ mod tests {
         out.set_mark(Some(BudgetMark {
             step: 3,
             sampled_fraction: 0.25,
+            delay_shed: true,
         }));
         out.write(0, &summary).unwrap();
         // Per-event records are not summaries: no mark.

@@ -88,6 +88,10 @@ pub(crate) struct BudgetMark {
     pub step: u32,
     /// The share of the interval the softirq programs measured.
     pub sampled_fraction: f64,
+    /// Whether that step sheds the softirq queueing delay: then no summary
+    /// of the interval has one, not even of the handlers that ran between
+    /// the last read and the change of step.
+    pub delay_shed: bool,
 }
 
 /// A record type of the contract.
