@@ -137,6 +137,8 @@ impl StatsCollector {
             classes,
             programs: program_stats,
             decode_errors: std::mem::take(&mut self.decode_errors),
+            // Known to the output, which sets it.
+            output_dropped: 0,
             rss_bytes: rss_bytes(),
             cpu_ns: cpu.saturating_sub(self.last_cpu_ns),
         };
