@@ -800,3 +800,55 @@ fn text_output_has_tcpstates_columns() {
         "the client's rows in {lines:#?}"
     );
 }
+
+/// Listeners on the same address and port (127.0.0.1 on each namespace's
+/// loopback) in two network namespaces, started before the agent (found in
+/// /proc, in the child's own namespace) or after it (the kernel programs'
+/// listener map, keyed by namespace, address and port): every accepted
+/// connection is its own listener's.
+#[test]
+fn listeners_of_one_port_in_two_namespaces_keep_their_owners() {
+    for listeners_first in [true, false] {
+        same_port_in_two_namespaces(listeners_first);
+    }
+}
+
+fn same_port_in_two_namespaces(listeners_first: bool) {
+    const N: u32 = 10;
+    let net = NetnsPair::new();
+    let port = unique_port();
+    let lo = Ipv4Addr::LOCALHOST;
+    let listen = |ns| Peer::listen(PEER, ns, lo, port);
+    let (mut agent, servers) = if listeners_first {
+        let servers = [listen(&net.server), listen(&net.client)];
+        (start_tcp(port, &[]), servers)
+    } else {
+        let agent = start_tcp(port, &[]);
+        (agent, [listen(&net.server), listen(&net.client)])
+    };
+    // One namespace after the other: the records of each come in order.
+    let mut seen = 0;
+    for (ns, server) in [&net.server, &net.client].into_iter().zip(&servers) {
+        let client = connections(ns, lo, port, N);
+        client.wait_done(WAIT);
+        seen += 2 * N as usize;
+        let recs = agent.wait_for_n("a tcp_conn per connection and side", seen, WAIT, |r| {
+            record::is_type(r, "tcp_conn")
+        });
+        let passive: Vec<&Value> = recs[seen - 2 * N as usize..]
+            .iter()
+            .filter(|r| r["role"] == "passive")
+            .collect();
+        assert_eq!(passive.len(), N as usize, "passive tcp_conn records");
+        for rec in passive {
+            assert_eq!(
+                pid_of(rec),
+                Some(server.pid().into()),
+                "owner of a connection accepted in {} (listeners first: {listeners_first}): {rec}",
+                ns.name
+            );
+        }
+    }
+    let recs = agent.stop_ok();
+    assert_all_accounted(&recs);
+}

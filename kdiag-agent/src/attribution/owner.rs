@@ -81,8 +81,8 @@ const RETRY_NOT_FOUND_AFTER: Duration = Duration::from_secs(2);
 /// sockets (see [`LOOKUP_SHARE`]).
 const HOLD_AT_MOST: Duration = Duration::from_secs(1);
 
-/// A listener: its network namespace (the kernel's address of it, 0 when
-/// unknown) and its port.
+/// A listener: its network namespace (its inode number, 0 when unknown)
+/// and its port.
 pub(crate) type ListenerId = (u64, u16);
 
 /// /proc results; `Err(when)` = not found at `when`.
@@ -123,6 +123,10 @@ struct Holders {
     by_inode: HashMap<u64, u32>,
     /// Those processes' owner fields, as they were at the walk.
     owners: HashMap<u32, ResolvedOwner>,
+    /// Network namespace inode -> the id of its TCP table in /proc (see
+    /// `procfs::tcp_table_id`), which stays readable once the privileges
+    /// that /proc/PID/ns/net takes are given up.
+    tables: HashMap<u64, u64>,
 }
 
 impl Holders {
@@ -130,6 +134,12 @@ impl Holders {
     fn take() -> Self {
         let mut holders = Self::default();
         for pid in procfs::pids() {
+            if let Some(ns) = procfs::netns_inode(pid)
+                && let std::collections::hash_map::Entry::Vacant(e) = holders.tables.entry(ns)
+                && let Some(table) = procfs::tcp_table_id(pid)
+            {
+                e.insert(table);
+            }
             let mut first_holder = false;
             for inode in procfs::socket_inodes(pid) {
                 if let std::collections::hash_map::Entry::Vacant(e) = holders.by_inode.entry(inode)
@@ -225,7 +235,9 @@ impl OwnerResolver {
         let tuple = *tuple;
         match listener {
             Some(id) => self.cached_lookup(LookupKey::Listener(id), wait, move || {
-                holders.owner(find_listener_inode(&tuple)?)
+                // In the listener's namespace, where the snapshot knows it.
+                let table = holders.tables.get(&id.0).copied();
+                holders.owner(find_listener_inode(&tuple, table)?)
             }),
             // A socket not held at the snapshot and whose owner the programs
             // did not see is, but for a full socket map, one accepted after
@@ -234,7 +246,7 @@ impl OwnerResolver {
             None => self.cached_lookup(LookupKey::Socket(sock_id, tuple), wait, move || {
                 find_inode(&tuple)
                     .and_then(|inode| holders.owner(inode))
-                    .or_else(|| holders.owner(find_listener_inode(&tuple)?))
+                    .or_else(|| holders.owner(find_listener_inode(&tuple, None)?))
             }),
         }
     }
@@ -318,30 +330,36 @@ pub(crate) fn comm_str(comm: &[u8]) -> String {
 }
 
 /// Finds the listener an accepted socket came from: a LISTEN socket on its
-/// local port, bound to its local address or to any. Listeners of the same
-/// port in two network namespaces, both bound to any address, cannot be told
-/// apart here; the first namespace found wins.
-fn find_listener_inode(child: &TcpTuple) -> Option<u64> {
-    find_row(|r| {
-        i32::from(r.state) == TCP_LISTEN
-            && r.local.1 == child.sport
-            && (r.local.0 == child.saddr || r.local.0 == [0; 16])
-    })
+/// local port, bound to its local address or to any, in the TCP table
+/// `table` (of the child's namespace) when known. Without it, listeners of
+/// the same port in two network namespaces, both bound to any address,
+/// cannot be told apart; the first namespace found wins.
+fn find_listener_inode(child: &TcpTuple, table: Option<u64>) -> Option<u64> {
+    let listens = |r: &procfs::TcpRow, addr: [u8; 16]| {
+        i32::from(r.state) == TCP_LISTEN && r.local == (addr, child.sport)
+    };
+    // A listener on the child's own address before one on any address: the
+    // kernel prefers the more specific one (inet_lhash2 scoring).
+    find_row(table, |r| listens(r, child.saddr))
+        .or_else(|| find_row(table, |r| listens(r, [0; 16])))
 }
 
 fn find_inode(tuple: &TcpTuple) -> Option<u64> {
-    find_row(|r| r.local == (tuple.saddr, tuple.sport) && r.remote == (tuple.daddr, tuple.dport))
+    find_row(None, |r| {
+        r.local == (tuple.saddr, tuple.sport) && r.remote == (tuple.daddr, tuple.dport)
+    })
 }
 
 /// The inode of the first socket `wanted` accepts in the TCP tables of each
-/// network namespace (one process per namespace is enough to read them).
-fn find_row(wanted: impl Fn(&procfs::TcpRow) -> bool) -> Option<u64> {
+/// network namespace, or only in the table `only` (one process per
+/// namespace is enough to read them).
+fn find_row(only: Option<u64>, wanted: impl Fn(&procfs::TcpRow) -> bool) -> Option<u64> {
     let mut seen = HashSet::new();
     for pid in procfs::pids() {
         let Some(ns) = procfs::tcp_table_id(pid) else {
             continue;
         };
-        if !seen.insert(ns) {
+        if only.is_some_and(|t| t != ns) || !seen.insert(ns) {
             continue;
         }
         let row = procfs::tcp_sockets(pid).find(|r| r.inode != 0 && wanted(r));

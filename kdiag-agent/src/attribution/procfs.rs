@@ -86,6 +86,18 @@ pub(crate) fn tcp_table_id(pid: u32) -> Option<u64> {
         .map(|m| m.ino())
 }
 
+/// The inode number of the network namespace of `pid` (from the link
+/// /proc/PID/ns/net, `net:[4026531840]`), which only a process that may
+/// ptrace `pid` can read.
+pub(crate) fn netns_inode(pid: u32) -> Option<u64> {
+    let link = fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
+    parse_ns_link(link.to_str()?)
+}
+
+fn parse_ns_link(link: &str) -> Option<u64> {
+    link.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+}
+
 /// The TCP sockets of the network namespace `pid` lives in, both families.
 pub(crate) fn tcp_sockets(pid: u32) -> impl Iterator<Item = TcpRow> {
     ["tcp", "tcp6"]
@@ -234,6 +246,12 @@ garbage line
             None
         );
         assert_eq!(parse_tcp_segments(""), None);
+    }
+
+    #[test]
+    fn namespace_links() {
+        assert_eq!(parse_ns_link("net:[4026531840]"), Some(4_026_531_840));
+        assert_eq!(parse_ns_link("mnt:[4026531840]"), None);
     }
 
     #[test]
