@@ -85,8 +85,13 @@ const HOLD_AT_MOST: Duration = Duration::from_secs(1);
 /// and its port.
 pub(crate) type ListenerId = (u64, u16);
 
-/// /proc results; `Err(when)` = not found at `when`.
-type Found = Result<ResolvedOwner, Instant>;
+/// /proc results and when their holder was last seen alive; `Err(when)` =
+/// not found at `when`.
+type Found = Result<(ResolvedOwner, Instant), Instant>;
+
+/// How often a cached owner's process is checked to still be the one that
+/// held the socket (same pid, same start time).
+const RECHECK_HOLDER: Duration = Duration::from_secs(1);
 
 /// What a /proc lookup is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -121,8 +126,9 @@ pub(crate) struct OwnerResolver {
 struct Holders {
     /// The first process (in /proc order) holding each socket.
     by_inode: HashMap<u64, u32>,
-    /// Those processes' owner fields, as they were at the walk.
-    owners: HashMap<u32, ResolvedOwner>,
+    /// Those processes' owner fields, as they were at the walk, and when
+    /// each process started (see `procfs::start_time`).
+    owners: HashMap<u32, (ResolvedOwner, Option<u64>)>,
     /// Network namespace inode -> the id of its TCP table in /proc (see
     /// `procfs::tcp_table_id`), which stays readable once the privileges
     /// that /proc/PID/ns/net takes are given up.
@@ -154,14 +160,27 @@ impl Holders {
                     comm: procfs::comm(pid).map(Arc::from),
                     cgroup: Cgroup(procfs::cgroup_v2(pid).map(|p| cgroup_name(&p))),
                 };
-                holders.owners.insert(pid, owner);
+                holders.owners.insert(pid, (owner, procfs::start_time(pid)));
             }
         }
         holders
     }
 
+    /// The holder of socket `inode` at the walk, if that process still
+    /// runs: a pid that names another process now is never reported.
     fn owner(&self, inode: u64) -> Option<ResolvedOwner> {
-        self.owners.get(self.by_inode.get(&inode)?).cloned()
+        let pid = *self.by_inode.get(&inode)?;
+        self.owners
+            .get(&pid)
+            .filter(|_| self.still_runs(pid))
+            .map(|(owner, _)| owner.clone())
+    }
+
+    /// Whether the process `pid` of the walk still runs.
+    fn still_runs(&self, pid: u32) -> bool {
+        self.owners
+            .get(&pid)
+            .is_some_and(|(_, start)| start.is_some() && procfs::start_time(pid) == *start)
     }
 }
 
@@ -267,8 +286,23 @@ impl OwnerResolver {
             let (found, took) = done.unwrap_or((None, Duration::ZERO));
             self.store(key, found, took);
         }
-        match self.cache.get(&key) {
-            Some(Ok(hit)) => return Some(hit.clone()),
+        match self.cache.get_mut(&key) {
+            Some(Ok((hit, seen))) => {
+                if seen.elapsed() < RECHECK_HOLDER {
+                    return Some(hit.clone());
+                }
+                match hit.pid {
+                    Some(pid) if !self.holders.still_runs(pid) => {
+                        // Gone (its pid may be another's now): looked up
+                        // again, not reported.
+                        self.cache.remove(&key);
+                    }
+                    _ => {
+                        *seen = Instant::now();
+                        return Some(hit.clone());
+                    }
+                }
+            }
             Some(Err(when)) if when.elapsed() < RETRY_NOT_FOUND_AFTER => {
                 return Some(ResolvedOwner::default());
             }
@@ -300,8 +334,9 @@ impl OwnerResolver {
         if self.cache.len() >= CACHE_MAX {
             self.cache.clear();
         }
+        let now = Instant::now();
         self.cache
-            .insert(key, found.clone().ok_or_else(Instant::now));
+            .insert(key, found.clone().map(|f| (f, now)).ok_or(now));
         found
     }
 
@@ -467,8 +502,10 @@ mod tests {
     #[test]
     fn a_closed_listener_is_forgotten() {
         let mut r = OwnerResolver::default();
-        r.cache
-            .insert(LookupKey::Listener((7, 80)), Ok(ResolvedOwner::default()));
+        r.cache.insert(
+            LookupKey::Listener((7, 80)),
+            Ok((ResolvedOwner::default(), Instant::now())),
+        );
         r.forget_listener((7, 80));
         assert!(r.cache.is_empty());
     }
