@@ -852,3 +852,50 @@ fn same_port_in_two_namespaces(listeners_first: bool) {
     let recs = agent.stop_ok();
     assert_all_accounted(&recs);
 }
+
+/// Two processes listen on one address and port with SO_REUSEPORT, after
+/// the agent: the connections they accept are attributed to one of them
+/// (the kernel does not say which member accepted where the programs run);
+/// once the first closes its listener, the other keeps its owner, and every
+/// connection accepted after is its.
+#[test]
+fn a_reuseport_sibling_keeps_its_owner_when_another_closes() {
+    const N: u32 = 10;
+    let net = NetnsPair::new();
+    let port = unique_port();
+    let mut agent = start_tcp(port, &[]);
+    let opts = ListenOptions {
+        reuseport: true,
+        ..ListenOptions::default()
+    };
+    let first = Peer::listen_with(PEER, &net.server, net.server.v4, port, &opts);
+    let second = Peer::listen_with(PEER, &net.server, net.server.v4, port, &opts);
+    let pids = [first.pid(), second.pid()].map(|p| Some(u64::from(p)));
+    let passive = |recs: &[Value]| -> Vec<Option<u64>> {
+        recs.iter()
+            .filter(|r| r["role"] == "passive")
+            .map(pid_of)
+            .collect()
+    };
+    let is_conn = |r: &Value| record::is_type(r, "tcp_conn");
+    connections(&net.client, net.server.v4, port, N).wait_done(WAIT);
+    let recs = agent.wait_for_n("a tcp_conn per side", 2 * N as usize, WAIT, is_conn);
+    for pid in passive(&recs) {
+        assert!(pids.contains(&pid), "owner {pid:?} is neither of {pids:?}");
+    }
+    let first_pid = first.pid();
+    first.kill();
+    agent.wait_for("the first listener's close", WAIT, |r| {
+        is_state(r, "LISTEN", "CLOSE") && pid_of(r) == Some(first_pid.into())
+    });
+    connections(&net.client, net.server.v4, port, N).wait_done(WAIT);
+    let recs = agent.wait_for_n("a tcp_conn per side", 4 * N as usize, WAIT, is_conn);
+    let after = passive(&recs[2 * N as usize..]);
+    assert_eq!(
+        after,
+        vec![pids[1]; N as usize],
+        "owners after the first closed"
+    );
+    let recs = agent.stop_ok();
+    assert_all_accounted(&recs);
+}
