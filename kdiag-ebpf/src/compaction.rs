@@ -18,6 +18,7 @@ use kdiag_common::{
 
 use crate::{
     ctx,
+    output::counted,
     rodata::rodata,
     stall::{self, Outcome, StatsMap},
 };
@@ -44,7 +45,7 @@ fn config() -> &'static CompactConfig {
 
 #[tracepoint]
 pub(crate) fn try_to_compact_pages(ctx: TracePointContext) -> u32 {
-    try_try_to_compact_pages(&ctx).unwrap_or(0)
+    counted(ClassId::Compact, try_try_to_compact_pages(&ctx))
 }
 
 fn try_try_to_compact_pages(ctx: &TracePointContext) -> Result<u32, i64> {
@@ -77,7 +78,7 @@ fn task_flags(cfg: &CompactConfig) -> u32 {
 
 #[tracepoint]
 pub(crate) fn compaction_begin(_ctx: TracePointContext) -> u32 {
-    try_compaction_begin().unwrap_or(0)
+    counted(ClassId::Compact, try_compaction_begin())
 }
 
 fn try_compaction_begin() -> Result<u32, i64> {
@@ -101,7 +102,7 @@ fn try_compaction_begin() -> Result<u32, i64> {
 
 #[tracepoint]
 pub(crate) fn compaction_end(ctx: TracePointContext) -> u32 {
-    try_compaction_end(&ctx).unwrap_or(0)
+    counted(ClassId::Compact, try_compaction_end(&ctx))
 }
 
 fn try_compaction_end(ctx: &TracePointContext) -> Result<u32, i64> {

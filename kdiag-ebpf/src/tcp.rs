@@ -32,7 +32,7 @@ use kdiag_common::{
 
 use crate::{
     ctx, mem,
-    output::{emit, header, header_at},
+    output::{counted, emit, header, header_at},
     rodata::rodata,
 };
 
@@ -209,7 +209,7 @@ fn sock_family(cfg: &TcpConfig, sk: u64) -> Result<u16, i64> {
 
 #[tracepoint]
 pub(crate) fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    try_inet_sock_set_state(&ctx).unwrap_or(0)
+    counted(ClassId::Tcp, try_inet_sock_set_state(&ctx))
 }
 
 fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
@@ -479,7 +479,7 @@ fn forget_listener(key: &ListenerKey, sk: u64) {
 
 #[tracepoint]
 pub(crate) fn retransmit_skb(ctx: TracePointContext) -> u32 {
-    try_retransmit_skb(&ctx).unwrap_or(0)
+    counted(ClassId::Retrans, try_retransmit_skb(&ctx))
 }
 
 fn try_retransmit_skb(ctx: &TracePointContext) -> Result<u32, i64> {
@@ -534,7 +534,7 @@ fn try_retransmit_skb(ctx: &TracePointContext) -> Result<u32, i64> {
 
 #[tracepoint]
 pub(crate) fn retransmit_synack(ctx: TracePointContext) -> u32 {
-    try_retransmit_synack(&ctx).unwrap_or(0)
+    counted(ClassId::Retrans, try_retransmit_synack(&ctx))
 }
 
 fn try_retransmit_synack(ctx: &TracePointContext) -> Result<u32, i64> {

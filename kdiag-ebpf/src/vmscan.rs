@@ -15,6 +15,7 @@ use kdiag_common::{
 
 use crate::{
     ctx,
+    output::counted,
     rodata::rodata,
     stall::{self, Outcome, StatsMap},
 };
@@ -34,7 +35,7 @@ fn config() -> &'static ReclaimConfig {
 
 #[tracepoint]
 pub(crate) fn direct_reclaim_begin(ctx: TracePointContext) -> u32 {
-    try_direct_reclaim_begin(&ctx).unwrap_or(0)
+    counted(ClassId::Reclaim, try_direct_reclaim_begin(&ctx))
 }
 
 fn try_direct_reclaim_begin(ctx: &TracePointContext) -> Result<u32, i64> {
@@ -47,7 +48,7 @@ fn try_direct_reclaim_begin(ctx: &TracePointContext) -> Result<u32, i64> {
 
 #[tracepoint]
 pub(crate) fn memcg_reclaim_begin(_ctx: TracePointContext) -> u32 {
-    try_memcg_reclaim_begin().unwrap_or(0)
+    counted(ClassId::Reclaim, try_memcg_reclaim_begin())
 }
 
 fn try_memcg_reclaim_begin() -> Result<u32, i64> {
@@ -59,13 +60,19 @@ fn try_memcg_reclaim_begin() -> Result<u32, i64> {
 #[tracepoint]
 pub(crate) fn direct_reclaim_end(ctx: TracePointContext) -> u32 {
     let offset = config().direct_nr_reclaimed;
-    try_reclaim_end(&ctx, StallKind::Direct, offset).unwrap_or(0)
+    counted(
+        ClassId::Reclaim,
+        try_reclaim_end(&ctx, StallKind::Direct, offset),
+    )
 }
 
 #[tracepoint]
 pub(crate) fn memcg_reclaim_end(ctx: TracePointContext) -> u32 {
     let offset = config().memcg_nr_reclaimed;
-    try_reclaim_end(&ctx, StallKind::Memcg, offset).unwrap_or(0)
+    counted(
+        ClassId::Reclaim,
+        try_reclaim_end(&ctx, StallKind::Memcg, offset),
+    )
 }
 
 fn try_reclaim_end(

@@ -146,9 +146,14 @@ fn assert_conn(rec: &Value, role: &str, pid: u32, states: &[&str]) -> BTreeMap<S
 fn assert_all_accounted(recs: &[Value]) {
     let totals = class_totals(recs, "tcp");
     assert_eq!(
-        (totals.dropped, totals.lost, record::decode_errors(recs)),
-        (0, 0, 0),
-        "events dropped, lost or undecodable: {totals:?}"
+        (
+            totals.dropped,
+            totals.lost,
+            totals.failed,
+            record::decode_errors(recs)
+        ),
+        (0, 0, 0, 0),
+        "events dropped, lost, failed in the kernel or undecodable: {totals:?}"
     );
     let written = recs
         .iter()

@@ -12,7 +12,7 @@ use aya::{
     maps::{MapData, PerCpuArray},
     util::KernelVersion,
 };
-use kdiag_common::{CLASS_COUNT, LOSS_DROPPED, LOSS_LOST, LOSS_REASONS, LOSS_SLOTS};
+use kdiag_common::{CLASS_COUNT, LOSS_DROPPED, LOSS_FAILED, LOSS_LOST, LOSS_REASONS, LOSS_SLOTS};
 
 use crate::{
     output::record::{AgentStats, ClassStats, ProgramStats},
@@ -125,6 +125,7 @@ impl StatsCollector {
                     events: std::mem::take(&mut self.events[id as usize]),
                     dropped: delta(LOSS_DROPPED),
                     lost: delta(LOSS_LOST),
+                    failed: delta(LOSS_FAILED),
                 },
             );
         }

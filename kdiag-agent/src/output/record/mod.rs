@@ -129,6 +129,8 @@ pub(crate) struct ClassStats {
     pub events: u64,
     pub dropped: u64,
     pub lost: u64,
+    /// Events a kernel program gave up on (a failed map insert or read).
+    pub failed: u64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
