@@ -3,6 +3,7 @@
 //! the final accounting.
 
 use std::{
+    collections::VecDeque,
     fs, io,
     os::fd::{AsFd as _, BorrowedFd},
     time::Duration,
@@ -105,6 +106,10 @@ const DRAIN_EVERY: Duration = Duration::from_millis(100);
 /// no intervals (`--interval 0`).
 const BUDGET_WITHOUT_INTERVAL: Duration = Duration::from_secs(10);
 
+/// At exit, how long the writer thread may still take to write the records
+/// queued; a reader that does not take them by then (stopped, stuck) loses
+/// them, counted in the last agent_stats' `output_dropped`.
+const FINISH_WRITING: Duration = Duration::from_millis(250);
 /// How often the buffers are drained while the programs detach (see
 /// `detach_all`).
 const DRAIN_WHILE_DETACHING: Duration = Duration::from_millis(5);
@@ -223,12 +228,16 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
     }
 
     let stdout = io::stdout().as_fd().try_clone_to_owned()?;
+    // A pipe of a MiB (where the kernel allows it) holds a few thousand
+    // records while its reader is busy, beside the room the writer keeps
+    // for the last agent_stats.
+    sys::fd::grow_pipe(stdout.as_fd(), output::writer::PIPE_BYTES);
     let mut out = Output::new(
         Box::new(fs::File::from(stdout.try_clone()?)),
         cli.global.output,
         &procfs::hostname(),
         WallClock::now(),
-    );
+    )?;
     let start = AgentStart {
         version: env!("CARGO_PKG_VERSION"),
         kernel: procfs::kernel_release(),
@@ -275,6 +284,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
     housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drain = tokio::time::interval(DRAIN_EVERY);
+    let mut held = Held::default();
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // With --interval 0 the budget still looks at the cost this often.
     let mut budget_tick = tokio::time::interval(BUDGET_WITHOUT_INTERVAL);
@@ -295,6 +305,8 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
                     &mut classes,
                     &mut Context { out: &mut out, services: &mut services },
                     &mut stats,
+                    &mut held,
+                    false,
                 )
                     .and_then(|()| out.flush())
                     .map(|()| None)
@@ -309,6 +321,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
                     programs.clone(),
                     now,
                     &mut Context { out: &mut out, services: &mut services },
+                    false,
                 )
                 .and_then(|()| budget.evaluate(programs, now, &mut out))
                 .map(|()| None)
@@ -327,6 +340,8 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
                     &mut classes,
                     &mut Context { out: &mut out, services: &mut services },
                     &mut stats,
+                    &mut held,
+                    false,
                 )
                     .and_then(|()| out.flush())
                     .map(|()| None)
@@ -363,11 +378,20 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
         out: &mut out,
         services: &mut services,
     };
-    let mut drain = |cx: &mut Context<'_>| dispatch(&mut reader, &mut classes, cx, &mut stats);
+    let mut drain = |cx: &mut Context<'_>, at_exit| {
+        dispatch(
+            &mut reader,
+            &mut classes,
+            cx,
+            &mut stats,
+            &mut held,
+            at_exit,
+        )
+    };
     // Drained while detaching, and once more after: what the programs wrote
     // last.
-    let finish = detach_all(&mut loaded.ebpf, || drain(&mut cx))
-        .and_then(|()| drain(&mut cx))
+    let finish = detach_all(&mut loaded.ebpf, || drain(&mut cx, false))
+        .and_then(|()| drain(&mut cx, true))
         .and_then(|()| {
             end_interval(
                 &mut classes,
@@ -376,6 +400,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
                 programs,
                 detached_at,
                 &mut cx,
+                true,
             )
         });
     match finish {
@@ -463,60 +488,157 @@ fn detach_all(ebpf: &mut aya::Ebpf, mut drain: impl FnMut() -> io::Result<()>) -
     })
 }
 
-/// Drains the transport and hands each event to its class.
+/// Events held while an owner is looked up (see `attribution::owner`):
+/// the first is the one waiting for its owner, the rest arrived after it
+/// and wait behind it, so that records keep the order of their events.
+#[derive(Default)]
+struct Held {
+    /// Each event, and how many of the classes that handle it already did.
+    events: VecDeque<(Vec<u8>, usize)>,
+    bytes: usize,
+}
+
+/// The most bytes of events held: at the busiest churn, a few hundred
+/// milliseconds of them. Past it the oldest are handed on without waiting
+/// for their owner.
+const HELD_BYTES: usize = 8 << 20;
+
+/// Drains the transport and hands each event to its classes, after the
+/// events held for their owners, in order.
 fn dispatch(
     reader: &mut Reader,
     classes: &mut [Box<dyn Class>],
     cx: &mut Context<'_>,
     stats: &mut StatsCollector,
+    held: &mut Held,
+    at_exit: bool,
 ) -> io::Result<()> {
     // Timestamps follow a stepped wall clock from the next drain on, with
     // `--interval 0` too.
     cx.out.clock_mut().resync();
-    let mut result = Ok(());
-    // Only a mismatch between the agent and its own kernel programs can make
-    // an event undecodable: say so once, count it in agent_stats, keep going.
-    let first = stats.decode_errors_total() == 0;
-    let mut undecodable = 0u64;
-    let mut bad = |e: &dyn std::fmt::Display| {
-        if first && undecodable == 0 {
-            output::diagnose(format_args!("dropping an event that does not decode: {e}"));
-        }
-        undecodable += 1;
+    let first_bad = stats.decode_errors_total() == 0;
+    let mut events = Events {
+        classes,
+        stats,
+        first_bad,
+        undecodable: 0,
     };
+    let mut result = events.release(held, cx, usize::MAX);
     reader.drain(|data| {
         if result.is_err() {
             return;
         }
+        if held.events.is_empty() {
+            match events.handle(data, 0, cx) {
+                Ok(None) => return,
+                Ok(Some(done)) => held.push(data.to_vec(), done),
+                Err(e) => result = Err(e),
+            }
+        } else {
+            held.push(data.to_vec(), 0);
+        }
+        if held.bytes > HELD_BYTES {
+            result = events.release(held, cx, HELD_BYTES / 2);
+        }
+    });
+    if at_exit && result.is_ok() {
+        // Nothing comes after these: no owner is waited for.
+        result = events.release(held, cx, 0);
+    }
+    events.stats.count_decode_errors(events.undecodable);
+    result
+}
+
+impl Held {
+    fn push(&mut self, event: Vec<u8>, done: usize) {
+        self.bytes += event.len();
+        self.events.push_back((event, done));
+    }
+}
+
+/// Hands events to their classes and counts what they wrote.
+struct Events<'a> {
+    classes: &'a mut [Box<dyn Class>],
+    stats: &'a mut StatsCollector,
+    /// No undecodable event was reported before this drain.
+    first_bad: bool,
+    undecodable: u64,
+}
+
+impl Events<'_> {
+    /// Hands the held events on, in order, until one still waits for its
+    /// owner; while more than `keep` bytes are held, without waiting.
+    fn release(&mut self, held: &mut Held, cx: &mut Context<'_>, keep: usize) -> io::Result<()> {
+        while let Some((event, done)) = held.events.pop_front() {
+            let forced = held.bytes > keep;
+            cx.services.wait_for_owners(!forced);
+            let handled = self.handle(&event, done, cx);
+            cx.services.wait_for_owners(true);
+            match handled? {
+                None => held.bytes -= event.len(),
+                Some(done) => {
+                    held.events.push_front((event, done));
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands `data` to the classes that handle its kind, from the `done`th
+    /// on; `Some(n)` when the `n`th waits for an owner (the event is then
+    /// to be held).
+    fn handle(
+        &mut self,
+        data: &[u8],
+        done: usize,
+        cx: &mut Context<'_>,
+    ) -> io::Result<Option<usize>> {
         let kind = match wire::event_kind(data) {
             Ok(kind) => kind,
-            Err(e) => return bad(&e),
+            Err(e) => {
+                undecodable(self.first_bad, &mut self.undecodable, &e);
+                return Ok(None);
+            }
         };
         // Several classes can want one kind: retransmits are records for
         // `retrans` and counts for `tcp`.
         let mut handled = false;
-        for class in classes.iter_mut().filter(|c| c.handles(kind)) {
+        let wanting = self.classes.iter_mut().filter(|c| c.handles(kind));
+        for (i, class) in wanting.enumerate() {
             handled = true;
+            if i < done {
+                continue;
+            }
             match class.on_event(data, cx) {
-                Ok(n) => stats.count_events(class.id() as u32, n),
-                Err(ClassError::Output(e)) => {
-                    result = Err(e);
-                    return;
-                }
-                Err(e) => bad(&e),
+                Ok(n) => self.stats.count_events(class.id() as u32, n),
+                Err(ClassError::Output(e)) => return Err(e),
+                Err(ClassError::OwnerPending) => return Ok(Some(i)),
+                Err(e) => undecodable(self.first_bad, &mut self.undecodable, &e),
             }
         }
         if !handled {
-            bad(&wire::DecodeError::UnknownKind(kind as u32));
+            let e = wire::DecodeError::UnknownKind(kind as u32);
+            undecodable(self.first_bad, &mut self.undecodable, &e);
         }
-    });
-    stats.count_decode_errors(undecodable);
-    result
+        Ok(None)
+    }
+}
+
+/// Only a mismatch between the agent and its own kernel programs can make
+/// an event undecodable: say so once (the `first` of the run), count it in
+/// agent_stats, keep going.
+fn undecodable(first: bool, count: &mut u64, e: &dyn std::fmt::Display) {
+    if first && *count == 0 {
+        output::diagnose(format_args!("dropping an event that does not decode: {e}"));
+    }
+    *count += 1;
 }
 
 /// Writes each class's summaries (marked with the budget's step, if it was
 /// not full detail), then `agent_stats`, for the interval that ends at `now`
-/// (monotonic).
+/// (monotonic). The `last` one is written after the writer thread had its
+/// time to write the rest, and counts what it dropped.
 fn end_interval(
     classes: &mut [Box<dyn Class>],
     stats: &mut StatsCollector,
@@ -524,6 +646,7 @@ fn end_interval(
     programs: ProgramCounters,
     now: u64,
     cx: &mut Context<'_>,
+    last: bool,
 ) -> io::Result<()> {
     let interval_ns = now.saturating_sub(stats.interval_start_ns());
     cx.out.set_mark(budget.take_mark(now));
@@ -535,9 +658,16 @@ fn end_interval(
         }
     }
     cx.out.set_mark(None);
-    let report = stats.report(programs, now);
-    cx.out.write(now, &report)?;
+    if last {
+        cx.out.finish(FINISH_WRITING)?;
+    }
+    let mut report = stats.report(programs, now);
+    report.output_dropped = cx.out.take_dropped();
     cx.services.metrics().end_interval(&report, budget.step());
+    if last {
+        return cx.out.write_last(now, &report);
+    }
+    cx.out.write(now, &report)?;
     cx.out.flush()
 }
 

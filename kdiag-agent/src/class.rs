@@ -31,6 +31,10 @@ pub(crate) struct Context<'a> {
 pub(crate) enum ClassError {
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    /// The event's owner is being looked up: the agent holds the event,
+    /// and every one after it, and hands it to the class again later.
+    #[error("the owner is being looked up")]
+    OwnerPending,
     #[error("writing output: {0}")]
     Output(#[from] io::Error),
     #[error("the kernel programs have no {0} map")]

@@ -16,6 +16,7 @@ use crate::{
         owner::{ListenerId, OwnerResolver},
         vmstat::VmstatSampler,
     },
+    class::ClassError,
     output::{
         Output,
         metrics::Metrics,
@@ -28,6 +29,7 @@ pub(crate) struct Services {
     /// Whether a class resolves socket owners, so that the agent snapshots
     /// who holds each socket before giving up its privileges.
     owners_wanted: bool,
+    wait_for_owners: bool,
     cgroups: CgroupTables,
     /// The hierarchy of the cgroups the kernel captures with owners
     /// (`bpf_get_current_cgroup_id`: the unified one).
@@ -71,6 +73,7 @@ impl Services {
         Self {
             owners: OwnerResolver::new(),
             owners_wanted: false,
+            wait_for_owners: true,
             cgroups,
             unified,
             v1_owners,
@@ -116,23 +119,39 @@ impl Services {
     }
 
     /// The owner of the socket `sock_id` with addresses `tuple`, given what
-    /// the kernel captured (see [`OwnerResolver::resolve`]); its cgroup from
-    /// a v1 hierarchy on a host without cgroup v2 (see [`OwnerHierarchy`]).
+    /// the kernel captured (see [`OwnerResolver::resolve`]); pending while
+    /// it is looked up, unless the agent does not wait for owners now (see
+    /// [`Services::wait_for_owners`]); its cgroup from a v1 hierarchy on a
+    /// host without cgroup v2 (see [`OwnerHierarchy`]).
     pub(crate) fn owner(
         &mut self,
         sock_id: u64,
         owner: &Owner,
         tuple: &TcpTuple,
         listener: Option<ListenerId>,
-    ) -> ResolvedOwner {
+    ) -> Result<ResolvedOwner, ClassError> {
         let cgroups = &mut self.cgroups.0[self.unified.0];
         let mut resolved = self
             .owners
-            .resolve(cgroups, sock_id, owner, tuple, listener);
+            .resolve(
+                cgroups,
+                sock_id,
+                owner,
+                tuple,
+                listener,
+                self.wait_for_owners,
+            )
+            .ok_or(ClassError::OwnerPending)?;
         if let Some(v1) = &mut self.v1_owners {
             resolved.cgroup = resolved.pid.map(|pid| v1.of(pid)).unwrap_or_default();
         }
-        resolved
+        Ok(resolved)
+    }
+
+    /// Whether events wait for the owners being looked up (see
+    /// `agent::Held`); when not, they are written without.
+    pub(crate) fn wait_for_owners(&mut self, wait: bool) {
+        self.wait_for_owners = wait;
     }
 
     /// A listener closed: what was learnt of it no longer holds.

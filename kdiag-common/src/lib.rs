@@ -130,7 +130,10 @@ pub const LOSS_DROPPED: u32 = 0;
 /// A perf buffer had no room (the kernel also reports these as perf "lost"
 /// samples, but only when a later sample fits, so the agent counts them here).
 pub const LOSS_LOST: u32 = 1;
-pub const LOSS_REASONS: u32 = 2;
+/// A program gave up on an event: a map insert failed (the map full) or a
+/// read of the record or of kernel memory failed, and it returned early.
+pub const LOSS_FAILED: u32 = 2;
+pub const LOSS_REASONS: u32 = 3;
 
 wire_enum! {
     /// Event classes, as indexes for per-class counters: numbered from 0 in

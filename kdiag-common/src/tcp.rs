@@ -167,8 +167,12 @@ pub struct TcpConfig {
     /// family, which is what later kernels record there.
     pub sk_family_offset: u16,
     pub _pad: u16,
+    /// Byte offset of the namespace's inode number in `struct net`
+    /// (`net->ns.inum`, from the kernel's BTF), or 0 when unknown: then
+    /// sockets carry no network namespace.
+    pub net_inum_offset: u32,
 }
-const _: () = assert!(size_of::<TcpConfig>() == 3 * 28 + 8 + 16 + 4 + 4);
+const _: () = assert!(size_of::<TcpConfig>() == 3 * 28 + 8 + 16 + 4 + 4 + 4);
 
 impl TcpConfig {
     pub const DEFAULT: Self = Self {
@@ -182,6 +186,7 @@ impl TcpConfig {
         stream_states: 0,
         sk_family_offset: 0,
         _pad: 0,
+        net_inum_offset: 0,
     };
 
     /// Whether a connection with these ports passes the `--port` filter.
@@ -277,9 +282,9 @@ pub struct SockInfo {
     pub created_ns: u64,
     /// When it entered its current state (monotonic ns; 0 = unknown).
     pub state_since_ns: u64,
-    /// An accepted socket's network namespace (kernel address, 0 when
-    /// unknown or not accepted): with its local port it names the listener
-    /// it came from.
+    /// An accepted socket's network namespace (its inode number, as
+    /// /proc/PID/ns/net shows it; 0 when unknown or not accepted): with its
+    /// local port it names the listener it came from.
     pub net: u64,
 }
 const _: () = assert!(size_of::<SockInfo>() == 64);
@@ -317,25 +322,48 @@ pub struct TcpStateEvent {
     pub role: u32,
     pub flags: u32,
     pub _pad: u32,
-    /// The network namespace (kernel address, never printed) of an
-    /// accepted socket, and of a listener at its close; else 0. With the
-    /// local port it identifies the listener, for owners the programs did
-    /// not see at listen().
+    /// The network namespace (inode number) of an accepted socket, and of
+    /// a listener at its close; else 0. With the local port it identifies
+    /// the listener, for owners the programs did not see at listen().
     pub net: u64,
 }
 const _: () = assert!(size_of::<TcpStateEvent>() == 16 + 8 + 32 + 40 + 8 + 8 + 8 + 16 + 8);
 
-/// Key of the listener map: a listening port within one network namespace.
+/// Key of the listener map: a listening address and port within one
+/// network namespace.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct ListenerKey {
-    /// The namespace's `struct net` address (0 when its offset is unknown);
-    /// stays in the kernel map, never leaves it.
+    /// The namespace's inode number (0 when its offsets are unknown).
     pub net: u64,
     pub port: u16,
-    pub _pad: [u8; 6],
+    pub family: u16,
+    pub _pad: [u8; 4],
+    /// The bound address; all zero for any address.
+    pub addr: [u8; 16],
 }
-const _: () = assert!(size_of::<ListenerKey>() == 16);
+const _: () = assert!(size_of::<ListenerKey>() == 32);
+
+/// Listeners of one key followed at once: an SO_REUSEPORT group, or one
+/// address and port bound by several processes in turn.
+pub const LISTENER_SLOTS: usize = 4;
+
+/// One listener of a [`ListenerKey`]: its socket (0 = a free slot) and owner.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ListenerSlot {
+    pub sk: u64,
+    pub owner: Owner,
+}
+
+/// Value of the listener map: the listeners of one key. Their children
+/// inherit the first one's owner: the kernel does not say which member of
+/// an SO_REUSEPORT group accepted a connection where the programs run.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Listeners {
+    pub slots: [ListenerSlot; LISTENER_SLOTS],
+}
 
 crate::impl_pod!(
     TupleOffsets,
@@ -345,5 +373,7 @@ crate::impl_pod!(
     RetransEvent,
     TcpStateEvent,
     SockInfo,
-    ListenerKey
+    ListenerKey,
+    ListenerSlot,
+    Listeners
 );

@@ -20,6 +20,7 @@ use kdiag_common::{
 use crate::{
     cost::measured,
     ctx,
+    output::counted,
     rodata::rodata,
     stall::{self, Outcome, StatsMap},
 };
@@ -47,7 +48,7 @@ fn config() -> &'static CompactConfig {
 #[tracepoint]
 pub(crate) fn try_to_compact_pages(ctx: TracePointContext) -> u32 {
     measured(ProgramId::TryToCompactPages, || {
-        try_try_to_compact_pages(&ctx).unwrap_or(0)
+        counted(ClassId::Compact, try_try_to_compact_pages(&ctx))
     })
 }
 
@@ -82,7 +83,7 @@ fn task_flags(cfg: &CompactConfig) -> u32 {
 #[tracepoint]
 pub(crate) fn compaction_begin(_ctx: TracePointContext) -> u32 {
     measured(ProgramId::CompactionBegin, || {
-        try_compaction_begin().unwrap_or(0)
+        counted(ClassId::Compact, try_compaction_begin())
     })
 }
 
@@ -108,7 +109,7 @@ fn try_compaction_begin() -> Result<u32, i64> {
 #[tracepoint]
 pub(crate) fn compaction_end(ctx: TracePointContext) -> u32 {
     measured(ProgramId::CompactionEnd, || {
-        try_compaction_end(&ctx).unwrap_or(0)
+        counted(ClassId::Compact, try_compaction_end(&ctx))
     })
 }
 

@@ -12,8 +12,8 @@ use aya_ebpf::{
     maps::{PerCpuArray, PerfEventArray, RingBuf},
 };
 use kdiag_common::{
-    ClassId, EventHeader, EventKind, LOSS_DROPPED, LOSS_LOST, LOSS_REASONS, LOSS_SLOTS, Transport,
-    wakeup_shift,
+    ClassId, EventHeader, EventKind, LOSS_DROPPED, LOSS_FAILED, LOSS_LOST, LOSS_REASONS,
+    LOSS_SLOTS, Transport, wakeup_shift,
 };
 
 use crate::rodata::rodata;
@@ -111,6 +111,17 @@ pub(crate) fn emit<C: EbpfContext, T>(ctx: &C, class: ClassId, event: &T) {
         }
     };
     count_loss(class, reason);
+}
+
+/// What a program's entry point returns for the result of its `try_` fn:
+/// an early return with an error (a failed map insert or read) loses the
+/// event it was handling, and is counted as that class's `failed`.
+#[inline(always)]
+pub(crate) fn counted(class: ClassId, result: Result<u32, i64>) -> u32 {
+    result.unwrap_or_else(|_| {
+        count_loss(class, LOSS_FAILED);
+        0
+    })
 }
 
 #[inline(always)]

@@ -24,17 +24,17 @@ use kdiag_common::{
     COMM_LEN, ClassId, EventKind, Owner,
     cost::ProgramId,
     tcp::{
-        AF_INET, AF_INET6, FIELD_ABSENT, IPPROTO_TCP, ListenerKey, ROLE_ACTIVE, ROLE_LISTENER,
-        ROLE_PASSIVE, ROLE_UNKNOWN, RetransEvent, RetransKind, STATE_TIME_KNOWN, SockInfo,
-        TCP_CLOSE, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT, TcpConfig, TcpStateEvent, TcpTpOffsets,
-        TcpTuple,
+        AF_INET, AF_INET6, FIELD_ABSENT, IPPROTO_TCP, LISTENER_SLOTS, ListenerKey, Listeners,
+        ROLE_ACTIVE, ROLE_LISTENER, ROLE_PASSIVE, ROLE_UNKNOWN, RetransEvent, RetransKind,
+        STATE_TIME_KNOWN, SockInfo, TCP_CLOSE, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT, TcpConfig,
+        TcpStateEvent, TcpTpOffsets, TcpTuple,
     },
 };
 
 use crate::{
     cost::measured,
     ctx, mem,
-    output::{emit, header, header_at},
+    output::{counted, emit, header, header_at},
     rodata::rodata,
 };
 
@@ -53,12 +53,17 @@ static TCP_CONFIG: TcpConfig = TcpConfig::DEFAULT;
 #[map]
 static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(1, 0);
 
-/// (network namespace, port) of each listener -> its owner, handed to the
-/// children it accepts.
+/// (network namespace, address, port) of each listener -> the listeners
+/// bound there and their owners, handed to the children they accept.
 /// One entry in the object: the agent sizes it at load for the classes that
 /// run (see `Class::map_sizes`), and leaves it this small for the others.
 #[map]
-static LISTENERS: LruHashMap<ListenerKey, Owner> = LruHashMap::with_max_entries(1, 0);
+static LISTENERS: LruHashMap<ListenerKey, Listeners> = LruHashMap::with_max_entries(1, 0);
+
+/// Scratch space for a new `LISTENERS` value (too big for the stack beside
+/// the rest).
+#[map]
+static LISTENERS_NEW: PerCpuArray<Listeners> = PerCpuArray::with_max_entries(1, 0);
 
 /// Scratch space for building a state-change event.
 #[map]
@@ -119,6 +124,19 @@ fn read_tuple(
     if !cfg.family_allowed(family) || !cfg.port_allowed(sport, dport) {
         return Ok(None);
     }
+    read_addrs(ctx, o, u, family, sport, dport)
+}
+
+/// The addresses of a record whose family and ports are read, unfiltered.
+#[inline(always)]
+fn read_addrs(
+    ctx: &TracePointContext,
+    o: &kdiag_common::tcp::TupleOffsets,
+    u: &kdiag_common::tcp::TupleOffsets,
+    family: u16,
+    sport: u16,
+    dport: u16,
+) -> Result<Option<TcpTuple>, i64> {
     let mut tuple = TcpTuple {
         family,
         sport,
@@ -160,15 +178,23 @@ unsafe fn current_owner(dst: *mut Owner) {
     }
 }
 
-/// The network namespace a socket belongs to (`sk->__sk_common.skc_net`),
-/// or 0 when the offset is unknown: then listeners are keyed by port only.
+/// The inode number of the network namespace a socket belongs to
+/// (`sk->__sk_common.skc_net.net->ns.inum`), or 0 when the offsets are
+/// unknown: then listeners are keyed by address and port only.
 #[inline(always)]
 fn sock_net(cfg: &TcpConfig, sk: u64) -> u64 {
-    if cfg.sk_net_offset == 0 {
+    if cfg.sk_net_offset == 0 || cfg.net_inum_offset == 0 {
         return 0;
     }
-    // SAFETY: probe read of kernel memory; a fault returns an error.
-    unsafe { bpf_probe_read_kernel((sk + u64::from(cfg.sk_net_offset)) as *const u64) }.unwrap_or(0)
+    // SAFETY: probe reads of kernel memory; a fault returns an error.
+    let net = unsafe { bpf_probe_read_kernel((sk + u64::from(cfg.sk_net_offset)) as *const u64) }
+        .unwrap_or(0);
+    if net == 0 {
+        return 0;
+    }
+    // SAFETY: as above.
+    unsafe { bpf_probe_read_kernel((net + u64::from(cfg.net_inum_offset)) as *const u32) }
+        .map_or(0, u64::from)
 }
 
 /// The family of socket `sk` (`sk->__sk_common.skc_family`), for records
@@ -186,7 +212,7 @@ fn sock_family(cfg: &TcpConfig, sk: u64) -> Result<u16, i64> {
 #[tracepoint]
 pub(crate) fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     measured(ProgramId::InetSockSetState, || {
-        try_inet_sock_set_state(&ctx).unwrap_or(0)
+        counted(ClassId::Tcp, try_inet_sock_set_state(&ctx))
     })
 }
 
@@ -251,11 +277,10 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
     };
     if newstate == TCP_CLOSE {
         if oldstate == TCP_LISTEN {
-            let port: u16 = field!(ctx, o, u, tuple.sport)?;
-            let key = listener_key(cfg, sk, port);
+            let key = listener_key(ctx, cfg, sk)?;
             // The agent forgets what it learnt of this listener.
             event.net = key.net;
-            let _ = LISTENERS.remove(key);
+            forget_listener(&key, sk);
         }
         let _ = SOCKS.remove(sk);
     }
@@ -311,34 +336,40 @@ fn record_birth(
     }
     // SAFETY: a field of that slot.
     let owner = unsafe { &raw mut (*info).owner };
-    let port = || {
-        field!(
-            ctx,
-            cfg.set_state,
-            TcpTpOffsets::USUAL_SET_STATE,
-            tuple.sport
-        )
-    };
     if role == ROLE_PASSIVE {
         // A child cloned from its listener, in softirq
         // (inet_csk_clone_lock): the listener's owner will accept() it.
-        let key = listener_key(cfg, sk, port()?);
+        // The listener is bound to the child's local address or to any.
+        let mut key = listener_key(ctx, cfg, sk)?;
         // SAFETY: a field of the slot above.
         unsafe { (*info).net = key.net };
-        if let Some(listener) = LISTENERS.get_ptr(key) {
-            // SAFETY: a live map value, copied at once.
-            unsafe { mem::copy(owner, listener) };
+        let mut found = LISTENERS.get_ptr(key);
+        if found.is_none() {
+            key.addr = [0; 16];
+            found = LISTENERS.get_ptr(key);
+        }
+        if let Some(listeners) = found {
+            // SAFETY: a live map value; the slot is copied at once.
+            unsafe {
+                let mut i = 0;
+                while i < LISTENER_SLOTS {
+                    let slot = &raw const (*listeners).slots[i];
+                    if (*slot).sk != 0 {
+                        mem::copy(owner, &raw const (*slot).owner);
+                        break;
+                    }
+                    i += 1;
+                }
+            }
         }
     } else {
         // connect() or listen(): process context, the caller owns it.
         // SAFETY: `owner` is valid, see above.
         unsafe { current_owner(owner) };
         if role == ROLE_LISTENER {
+            let key = listener_key(ctx, cfg, sk)?;
             // SAFETY: just written.
-            let owner = unsafe { &*owner };
-            LISTENERS
-                .insert(listener_key(cfg, sk, port()?), owner, 0)
-                .map_err(i64::from)?;
+            add_listener(&key, sk, unsafe { &*owner })?;
         }
     }
     // SAFETY: filled in above.
@@ -365,8 +396,18 @@ unsafe fn take_sock_info(event: &mut TcpStateEvent, info: *const SockInfo) {
     }
 }
 
+/// The listener map's key for the socket of this `inet_sock_set_state`
+/// record: its namespace, family, local address and port.
 #[inline(always)]
-fn listener_key(cfg: &TcpConfig, sk: u64, port: u16) -> ListenerKey {
+fn listener_key(ctx: &TracePointContext, cfg: &TcpConfig, sk: u64) -> Result<ListenerKey, i64> {
+    let (o, u) = (&cfg.set_state.tuple, &TcpTpOffsets::USUAL_SET_STATE.tuple);
+    let family: u16 = if o.family == FIELD_ABSENT {
+        sock_family(cfg, sk)?
+    } else {
+        field!(ctx, o, u, family)?
+    };
+    let port: u16 = field!(ctx, o, u, sport)?;
+    let addr = read_addrs(ctx, o, u, family, port, 0)?.map_or([0; 16], |t| t.saddr);
     let mut key = MaybeUninit::<ListenerKey>::uninit();
     let p = key.as_mut_ptr();
     // SAFETY: a stack slot for a ListenerKey: zeroed (its padding is part of
@@ -375,14 +416,75 @@ fn listener_key(cfg: &TcpConfig, sk: u64, port: u16) -> ListenerKey {
         mem::zero(p);
         (*p).net = sock_net(cfg, sk);
         (*p).port = port;
-        key.assume_init()
+        (*p).family = family;
+        (*p).addr = addr;
+        Ok(key.assume_init())
+    }
+}
+
+/// Notes the listener `sk` under `key`, beside those already bound there
+/// (an SO_REUSEPORT group). When all slots are taken the newest replaces
+/// the first.
+#[inline(always)]
+fn add_listener(key: &ListenerKey, sk: u64, owner: &Owner) -> Result<(), i64> {
+    if let Some(listeners) = LISTENERS.get_ptr_mut(key) {
+        // SAFETY: a live map value. Two listen() calls on one address and
+        // port at the same moment could take one slot: the later wins.
+        unsafe {
+            let mut free = 0;
+            let mut i = LISTENER_SLOTS;
+            while i > 0 {
+                i -= 1;
+                if (*listeners).slots[i].sk == 0 {
+                    free = i;
+                }
+            }
+            (*listeners).slots[free].sk = sk;
+            (*listeners).slots[free].owner = *owner;
+        }
+        return Ok(());
+    }
+    let new = LISTENERS_NEW.get_ptr_mut(0).ok_or(-1i64)?;
+    // SAFETY: this CPU's scratch slot, zeroed then filled, and copied into
+    // the map before the program returns.
+    unsafe {
+        mem::zero(new);
+        (*new).slots[0].sk = sk;
+        (*new).slots[0].owner = *owner;
+        LISTENERS.insert(key, &*new, 0).map_err(i64::from)
+    }
+}
+
+/// The listener `sk` closed: its slot is freed, its siblings keep theirs;
+/// the key goes with the last of them.
+#[inline(always)]
+fn forget_listener(key: &ListenerKey, sk: u64) {
+    let Some(listeners) = LISTENERS.get_ptr_mut(key) else {
+        return;
+    };
+    let mut left = 0;
+    // SAFETY: a live map value.
+    unsafe {
+        let mut i = 0;
+        while i < LISTENER_SLOTS {
+            let slot = &mut (*listeners).slots[i];
+            if slot.sk == sk {
+                slot.sk = 0;
+            } else if slot.sk != 0 {
+                left += 1;
+            }
+            i += 1;
+        }
+    }
+    if left == 0 {
+        let _ = LISTENERS.remove(key);
     }
 }
 
 #[tracepoint]
 pub(crate) fn retransmit_skb(ctx: TracePointContext) -> u32 {
     measured(ProgramId::RetransmitSkb, || {
-        try_retransmit_skb(&ctx).unwrap_or(0)
+        counted(ClassId::Retrans, try_retransmit_skb(&ctx))
     })
 }
 
@@ -439,7 +541,7 @@ fn try_retransmit_skb(ctx: &TracePointContext) -> Result<u32, i64> {
 #[tracepoint]
 pub(crate) fn retransmit_synack(ctx: TracePointContext) -> u32 {
     measured(ProgramId::RetransmitSynack, || {
-        try_retransmit_synack(&ctx).unwrap_or(0)
+        counted(ClassId::Retrans, try_retransmit_synack(&ctx))
     })
 }
 

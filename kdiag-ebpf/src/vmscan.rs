@@ -17,6 +17,7 @@ use kdiag_common::{
 use crate::{
     cost::measured,
     ctx,
+    output::counted,
     rodata::rodata,
     stall::{self, Outcome, StatsMap},
 };
@@ -37,7 +38,7 @@ fn config() -> &'static ReclaimConfig {
 #[tracepoint]
 pub(crate) fn direct_reclaim_begin(ctx: TracePointContext) -> u32 {
     measured(ProgramId::DirectReclaimBegin, || {
-        try_direct_reclaim_begin(&ctx).unwrap_or(0)
+        counted(ClassId::Reclaim, try_direct_reclaim_begin(&ctx))
     })
 }
 
@@ -52,7 +53,7 @@ fn try_direct_reclaim_begin(ctx: &TracePointContext) -> Result<u32, i64> {
 #[tracepoint]
 pub(crate) fn memcg_reclaim_begin(_ctx: TracePointContext) -> u32 {
     measured(ProgramId::MemcgReclaimBegin, || {
-        try_memcg_reclaim_begin().unwrap_or(0)
+        counted(ClassId::Reclaim, try_memcg_reclaim_begin())
     })
 }
 
@@ -66,7 +67,10 @@ fn try_memcg_reclaim_begin() -> Result<u32, i64> {
 pub(crate) fn direct_reclaim_end(ctx: TracePointContext) -> u32 {
     measured(ProgramId::DirectReclaimEnd, || {
         let offset = config().direct_nr_reclaimed;
-        try_reclaim_end(&ctx, StallKind::Direct, offset).unwrap_or(0)
+        counted(
+            ClassId::Reclaim,
+            try_reclaim_end(&ctx, StallKind::Direct, offset),
+        )
     })
 }
 
@@ -74,7 +78,10 @@ pub(crate) fn direct_reclaim_end(ctx: TracePointContext) -> u32 {
 pub(crate) fn memcg_reclaim_end(ctx: TracePointContext) -> u32 {
     measured(ProgramId::MemcgReclaimEnd, || {
         let offset = config().memcg_nr_reclaimed;
-        try_reclaim_end(&ctx, StallKind::Memcg, offset).unwrap_or(0)
+        counted(
+            ClassId::Reclaim,
+            try_reclaim_end(&ctx, StallKind::Memcg, offset),
+        )
     })
 }
 

@@ -26,6 +26,8 @@ pub struct ListenOptions {
     /// Never read nor close what it accepts: its sockets stay in CLOSE_WAIT
     /// once the clients close, like a server that leaks sockets.
     pub hold: bool,
+    /// Share the port with other listeners (SO_REUSEPORT; IPv4 only).
+    pub reuseport: bool,
 }
 
 impl ListenOptions {
@@ -36,6 +38,9 @@ impl ListenOptions {
         }
         if self.hold {
             args.push("--hold".to_owned());
+        }
+        if self.reuseport {
+            args.push("--reuseport".to_owned());
         }
         args
     }

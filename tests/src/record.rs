@@ -41,6 +41,7 @@ pub struct ClassTotals {
     pub events: u64,
     pub dropped: u64,
     pub lost: u64,
+    pub failed: u64,
 }
 
 /// Sums `classes.<class>` over every `agent_stats` record: the counters are
@@ -63,6 +64,7 @@ pub fn class_totals(recs: &[Value], class: &str) -> ClassTotals {
             events: t.events + u64_field(c, "events"),
             dropped: t.dropped + u64_field(c, "dropped"),
             lost: t.lost + u64_field(c, "lost"),
+            failed: t.failed + u64_field(c, "failed"),
         })
 }
 

@@ -248,9 +248,10 @@ fn memcg_reclaim_of_the_filtered_reader_only() {
         ClassTotals {
             events: events.len() as u64,
             dropped: 0,
-            lost: 0
+            lost: 0,
+            failed: 0,
         },
-        "agent_stats: events = reclaim records, nothing dropped or lost"
+        "agent_stats: events = reclaim records, nothing dropped, lost or failed"
     );
 
     // The cgroup-filtered agent saw both readers, and only them.

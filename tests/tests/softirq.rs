@@ -242,6 +242,7 @@ fn every_softirq_is_accounted_for(transport: &str) {
         events,
         dropped,
         lost,
+        ..
     } = class_totals(&recs, "softirq");
     let counted = summary_counts(&recs, cpus);
     let n_counted: u64 = counted.values().sum();

@@ -146,9 +146,14 @@ fn assert_conn(rec: &Value, role: &str, pid: u32, states: &[&str]) -> BTreeMap<S
 fn assert_all_accounted(recs: &[Value]) {
     let totals = class_totals(recs, "tcp");
     assert_eq!(
-        (totals.dropped, totals.lost, record::decode_errors(recs)),
-        (0, 0, 0),
-        "events dropped, lost or undecodable: {totals:?}"
+        (
+            totals.dropped,
+            totals.lost,
+            totals.failed,
+            record::decode_errors(recs)
+        ),
+        (0, 0, 0, 0),
+        "events dropped, lost, failed in the kernel or undecodable: {totals:?}"
     );
     let written = recs
         .iter()
@@ -828,4 +833,106 @@ fn text_output_has_tcpstates_columns() {
         ],
         "the client's rows in {lines:#?}"
     );
+}
+
+/// Listeners on the same address and port (127.0.0.1 on each namespace's
+/// loopback) in two network namespaces, started before the agent (found in
+/// /proc, in the child's own namespace) or after it (the kernel programs'
+/// listener map, keyed by namespace, address and port): every accepted
+/// connection is its own listener's.
+#[test]
+fn listeners_of_one_port_in_two_namespaces_keep_their_owners() {
+    for listeners_first in [true, false] {
+        same_port_in_two_namespaces(listeners_first);
+    }
+}
+
+fn same_port_in_two_namespaces(listeners_first: bool) {
+    const N: u32 = 10;
+    let net = NetnsPair::new();
+    let port = unique_port();
+    let lo = Ipv4Addr::LOCALHOST;
+    let listen = |ns| Peer::listen(PEER, ns, lo, port);
+    let (mut agent, servers) = if listeners_first {
+        let servers = [listen(&net.server), listen(&net.client)];
+        (start_tcp(port, &[]), servers)
+    } else {
+        let agent = start_tcp(port, &[]);
+        (agent, [listen(&net.server), listen(&net.client)])
+    };
+    // One namespace after the other: the records of each come in order.
+    let mut seen = 0;
+    for (ns, server) in [&net.server, &net.client].into_iter().zip(&servers) {
+        let client = connections(ns, lo, port, N);
+        client.wait_done(max_wait());
+        seen += 2 * N as usize;
+        let recs = agent.wait_for_n(
+            "a tcp_conn per connection and side",
+            seen,
+            max_wait(),
+            |r| record::is_type(r, "tcp_conn"),
+        );
+        let passive: Vec<&Value> = recs[seen - 2 * N as usize..]
+            .iter()
+            .filter(|r| r["role"] == "passive")
+            .collect();
+        assert_eq!(passive.len(), N as usize, "passive tcp_conn records");
+        for rec in passive {
+            assert_eq!(
+                pid_of(rec),
+                Some(server.pid().into()),
+                "owner of a connection accepted in {} (listeners first: {listeners_first}): {rec}",
+                ns.name
+            );
+        }
+    }
+    let recs = agent.stop_ok();
+    assert_all_accounted(&recs);
+}
+
+/// Two processes listen on one address and port with SO_REUSEPORT, after
+/// the agent: the connections they accept are attributed to one of them
+/// (the kernel does not say which member accepted where the programs run);
+/// once the first closes its listener, the other keeps its owner, and every
+/// connection accepted after is its.
+#[test]
+fn a_reuseport_sibling_keeps_its_owner_when_another_closes() {
+    const N: u32 = 10;
+    let net = NetnsPair::new();
+    let port = unique_port();
+    let mut agent = start_tcp(port, &[]);
+    let opts = ListenOptions {
+        reuseport: true,
+        ..ListenOptions::default()
+    };
+    let first = Peer::listen_with(PEER, &net.server, net.server.v4, port, &opts);
+    let second = Peer::listen_with(PEER, &net.server, net.server.v4, port, &opts);
+    let pids = [first.pid(), second.pid()].map(|p| Some(u64::from(p)));
+    let passive = |recs: &[Value]| -> Vec<Option<u64>> {
+        recs.iter()
+            .filter(|r| r["role"] == "passive")
+            .map(pid_of)
+            .collect()
+    };
+    let is_conn = |r: &Value| record::is_type(r, "tcp_conn");
+    connections(&net.client, net.server.v4, port, N).wait_done(max_wait());
+    let recs = agent.wait_for_n("a tcp_conn per side", 2 * N as usize, max_wait(), is_conn);
+    for pid in passive(&recs) {
+        assert!(pids.contains(&pid), "owner {pid:?} is neither of {pids:?}");
+    }
+    let first_pid = first.pid();
+    first.kill();
+    agent.wait_for("the first listener's close", max_wait(), |r| {
+        is_state(r, "LISTEN", "CLOSE") && pid_of(r) == Some(first_pid.into())
+    });
+    connections(&net.client, net.server.v4, port, N).wait_done(max_wait());
+    let recs = agent.wait_for_n("a tcp_conn per side", 4 * N as usize, max_wait(), is_conn);
+    let after = passive(&recs[2 * N as usize..]);
+    assert_eq!(
+        after,
+        vec![pids[1]; N as usize],
+        "owners after the first closed"
+    );
+    let recs = agent.stop_ok();
+    assert_all_accounted(&recs);
 }

@@ -4,7 +4,10 @@
 //! returns on cgroup v2, and `cgroup->kn->id` on any hierarchy) is the inode
 //! number of its directory in the hierarchy's mount, so one walk of the
 //! mount maps every id to its path. New cgroups appear all the time (containers, systemd units), so
-//! an unknown id triggers a new walk, at most once per `RESCAN_EVERY`.
+//! an unknown id triggers a new walk, at most once per `RESCAN_EVERY`. The
+//! walk runs off the event loop (see `background`): the loop waits for it
+//! at most `WALK_DEADLINE`, then names the cgroup as unknown and takes the
+//! walk's table when it is done.
 
 use std::{
     fs,
@@ -17,16 +20,21 @@ use std::{
 use foldhash::HashMap;
 
 use crate::{
-    attribution::container::identify,
+    attribution::{background::Pending, container::identify},
     output::record::{Cgroup, CgroupName},
 };
 
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
+/// How long the event loop waits for a walk before it goes on without it:
+/// a walk of a few thousand cgroups takes milliseconds.
+const WALK_DEADLINE: Duration = Duration::from_millis(20);
 /// An id a walk did not find (a cgroup removed since the event, or one the
 /// walk's bound left out) triggers no new walk for this long: without it, a
 /// stream of events from dead cgroups would walk the hierarchy every second.
 const UNKNOWN_FOR: Duration = Duration::from_secs(30);
-/// Bounds the ids remembered as unknown; cleared when full.
+/// Bounds the ids remembered as unknown; cleared when full. This is the
+/// one negative cache of cgroup ids: every class and the owner resolver
+/// name cgroups through these tables.
 const MAX_UNKNOWN: usize = 4096;
 /// Bounds the walk on hosts with very many cgroups.
 const MAX_CGROUPS: usize = 100_000;
@@ -41,7 +49,12 @@ pub(crate) struct CgroupPaths {
     /// when that walk was.
     unknown: HashMap<u64, Instant>,
     last_scan: Option<Instant>,
+    /// A walk still running, and the ids asked for since it started.
+    walking: Option<(Pending<Table>, Vec<u64>)>,
 }
+
+/// One walk's result.
+type Table = HashMap<u64, Arc<CgroupName>>;
 
 impl CgroupPaths {
     /// Paths in the hierarchy mounted at `mount`.
@@ -79,22 +92,55 @@ impl CgroupPaths {
         {
             return None;
         }
+        if let Some((walk, asked)) = &mut self.walking {
+            // One walk at a time; it will tell whether this id exists.
+            if asked.len() < MAX_UNKNOWN {
+                asked.push(id);
+            }
+            if let Some(done) = walk.poll() {
+                self.walked(done.ok().map(|(table, _)| table), now);
+            }
+            return self.paths.get(&id).cloned();
+        }
         let stale = self
             .last_scan
             .is_none_or(|t| now.duration_since(t) >= RESCAN_EVERY);
-        if stale && let Some(mount) = self.mount.clone() {
-            self.paths.clear();
-            walk(&mount, &mount, &mut self.paths);
-            self.last_scan = Some(now);
+        if !stale {
+            return None;
         }
-        let found = self.paths.get(&id).cloned();
-        if found.is_none() && stale {
-            if self.unknown.len() >= MAX_UNKNOWN {
-                self.unknown.clear();
+        let mount = self.mount.clone()?;
+        self.last_scan = Some(now);
+        let walk = Pending::start("kdiag-cgroups", move || {
+            let mut table = Table::default();
+            walk(&mount, &mount, &mut table);
+            table
+        })?;
+        match walk.wait(WALK_DEADLINE) {
+            Some((table, _)) => {
+                self.walking = Some((walk, vec![id]));
+                self.walked(Some(table), now);
             }
-            self.unknown.insert(id, now);
+            None => self.walking = Some((walk, vec![id])),
         }
-        found
+        self.paths.get(&id).cloned()
+    }
+
+    /// A walk is over: its table replaces the old one, and the ids asked
+    /// for while it ran that it did not find are unknown for a while.
+    fn walked(&mut self, table: Option<Table>, now: Instant) {
+        let Some((_, asked)) = self.walking.take() else {
+            return;
+        };
+        let Some(table) = table else { return };
+        self.paths = table;
+        for id in asked {
+            if !self.paths.contains_key(&id) {
+                if self.unknown.len() >= MAX_UNKNOWN {
+                    self.unknown.clear();
+                }
+                self.unknown.insert(id, now);
+            }
+        }
     }
 }
 
@@ -349,7 +395,7 @@ pub(crate) fn find_container(mount: &Path, id: &str) -> Result<PathBuf, Containe
     }
 }
 
-fn walk(root: &Path, dir: &Path, out: &mut HashMap<u64, Arc<CgroupName>>) {
+fn walk(root: &Path, dir: &Path, out: &mut Table) {
     if out.len() >= MAX_CGROUPS {
         return;
     }

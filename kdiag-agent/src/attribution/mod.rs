@@ -2,6 +2,7 @@
 //! task runs in, what /proc says of both; and the host-wide counters written
 //! beside the memory stalls.
 
+pub(crate) mod background;
 pub(crate) mod cgroup;
 pub(crate) mod container;
 pub(crate) mod owner;

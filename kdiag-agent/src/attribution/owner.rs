@@ -2,7 +2,11 @@
 //! context, or, for sockets created before the agent started, the process
 //! that held the socket's inode when the agent took its snapshot of every
 //! process's descriptors (while it could still read them all: see
-//! [`OwnerResolver::snapshot_holders`]).
+//! [`OwnerResolver::snapshot_holders`]). /proc lookups run off the event
+//! loop (see `background`), one at a time: an event whose owner is being
+//! looked up is pending (the agent holds it, and the events after it, in
+//! order), for at most `HOLD_AT_MOST`; after that it is written without an
+//! owner, and the owner found later serves the socket's next events.
 
 use std::{
     collections::HashSet,
@@ -18,6 +22,7 @@ use kdiag_common::{
 };
 
 use crate::attribution::{
+    background::Pending,
     cgroup::{self, CgroupPaths, cgroup_name},
     procfs,
 };
@@ -72,28 +77,46 @@ const COMMS_MAX: usize = 4096;
 /// A socket not found in /proc may be found later: a connection that was not
 /// yet in the TCP table when it was looked up.
 const RETRY_NOT_FOUND_AFTER: Duration = Duration::from_secs(2);
+/// How long events wait for a /proc lookup before the one that asked for it
+/// is written without an owner (the lookup goes on, and serves later
+/// events). Lookups take milliseconds to a few hundred on hosts with many
+/// sockets (see [`LOOKUP_SHARE`]).
+const HOLD_AT_MOST: Duration = Duration::from_secs(1);
 
-/// A listener: its network namespace (the kernel's address of it, 0 when
-/// unknown) and its port.
+/// A listener: its network namespace (its inode number, 0 when unknown)
+/// and its port.
 pub(crate) type ListenerId = (u64, u16);
 
-/// /proc results; `Err(when)` = not found at `when`.
-type Found = Result<ResolvedOwner, Instant>;
+/// /proc results and when their holder was last seen alive; `Err(when)` =
+/// not found at `when`.
+type Found = Result<(ResolvedOwner, Instant), Instant>;
+
+/// How often a cached owner's process is checked to still be the one that
+/// held the socket (same pid, same start time).
+const RECHECK_HOLDER: Duration = Duration::from_secs(1);
+
+/// What a /proc lookup is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum LookupKey {
+    /// One socket (its id and addresses).
+    Socket(u64, TcpTuple),
+    /// A listener the programs did not see at listen(), for the sockets it
+    /// accepts: one lookup serves them all, and it works before accept()
+    /// gives a socket a file descriptor of its own.
+    Listener(ListenerId),
+}
 
 #[derive(Debug, Default)]
 pub(crate) struct OwnerResolver {
-    /// Per socket.
-    cache: HashMap<(u64, TcpTuple), Found>,
-    /// Per listener the programs did not see at listen(), for the sockets
-    /// it accepts: one lookup serves them all, and it works before accept()
-    /// gives a socket a file descriptor of its own.
-    listeners: HashMap<ListenerId, Found>,
+    cache: HashMap<LookupKey, Found>,
+    /// The lookup running (one at a time), and when it started.
+    in_flight: Option<(LookupKey, Instant, Pending<Option<ResolvedOwner>>)>,
     budget: LookupBudget,
     /// The comm strings of owners the kernel captured, by their raw bytes:
     /// decoded once per process name, not once per event.
     comms: HashMap<[u8; COMM_LEN], Arc<str>>,
-    /// Who held each socket at start-up.
-    holders: Holders,
+    /// Who held each socket at start-up; shared with the lookups' threads.
+    holders: Arc<Holders>,
 }
 
 /// Socket inode -> the process holding it, from one walk of every
@@ -105,8 +128,13 @@ pub(crate) struct OwnerResolver {
 struct Holders {
     /// The first process (in /proc order) holding each socket.
     by_inode: HashMap<u64, u32>,
-    /// Those processes' owner fields, as they were at the walk.
-    owners: HashMap<u32, ResolvedOwner>,
+    /// Those processes' owner fields, as they were at the walk, and when
+    /// each process started (see `procfs::start_time`).
+    owners: HashMap<u32, (ResolvedOwner, Option<u64>)>,
+    /// Network namespace inode -> the id of its TCP table in /proc (see
+    /// `procfs::tcp_table_id`), which stays readable once the privileges
+    /// that /proc/PID/ns/net takes are given up.
+    tables: HashMap<u64, u64>,
 }
 
 impl Holders {
@@ -114,6 +142,12 @@ impl Holders {
     fn take() -> Self {
         let mut holders = Self::default();
         for pid in procfs::pids() {
+            if let Some(ns) = procfs::netns_inode(pid)
+                && let std::collections::hash_map::Entry::Vacant(e) = holders.tables.entry(ns)
+                && let Some(table) = procfs::tcp_table_id(pid)
+            {
+                e.insert(table);
+            }
             let mut first_holder = false;
             for inode in procfs::socket_inodes(pid) {
                 if let std::collections::hash_map::Entry::Vacant(e) = holders.by_inode.entry(inode)
@@ -128,14 +162,27 @@ impl Holders {
                     comm: procfs::comm(pid).map(Arc::from),
                     cgroup: Cgroup(procfs::cgroup_v2(pid).map(|p| cgroup_name(&p))),
                 };
-                holders.owners.insert(pid, owner);
+                holders.owners.insert(pid, (owner, procfs::start_time(pid)));
             }
         }
         holders
     }
 
+    /// The holder of socket `inode` at the walk, if that process still
+    /// runs: a pid that names another process now is never reported.
     fn owner(&self, inode: u64) -> Option<ResolvedOwner> {
-        self.owners.get(self.by_inode.get(&inode)?).cloned()
+        let pid = *self.by_inode.get(&inode)?;
+        self.owners
+            .get(&pid)
+            .filter(|_| self.still_runs(pid))
+            .map(|(owner, _)| owner.clone())
+    }
+
+    /// Whether the process `pid` of the walk still runs.
+    fn still_runs(&self, pid: u32) -> bool {
+        self.owners
+            .get(&pid)
+            .is_some_and(|(_, start)| start.is_some() && procfs::start_time(pid) == *start)
     }
 }
 
@@ -181,14 +228,14 @@ impl OwnerResolver {
     /// before the agent gives up the capabilities that let it read every
     /// process's descriptors. Returns the number of sockets found.
     pub(crate) fn snapshot_holders(&mut self) -> usize {
-        self.holders = Holders::take();
+        self.holders = Arc::new(Holders::take());
         self.holders.by_inode.len()
     }
 
     /// The owner of the socket `sock_id` with addresses `tuple`, given what
     /// the kernel captured; `cgroups` names the cgroup ids it captured.
     /// `listener`: the listener that accepted it, when it is an accepted
-    /// socket.
+    /// socket. `None` while it is looked up in /proc, if the caller `wait`s.
     pub(crate) fn resolve(
         &mut self,
         cgroups: &mut CgroupPaths,
@@ -196,29 +243,103 @@ impl OwnerResolver {
         owner: &Owner,
         tuple: &TcpTuple,
         listener: Option<ListenerId>,
-    ) -> ResolvedOwner {
+        wait: bool,
+    ) -> Option<ResolvedOwner> {
         if owner.known != 0 {
-            return ResolvedOwner {
+            return Some(ResolvedOwner {
                 pid: Some(owner.tgid),
                 comm: Some(self.comm(&owner.comm)),
                 cgroup: cgroups.name(owner.cgroup_id),
-            };
+            });
         }
-        let holders = &self.holders;
+        let holders = self.holders.clone();
+        let tuple = *tuple;
         match listener {
-            Some(id) => cached_lookup(&mut self.listeners, id, &mut self.budget, || {
-                holders.owner(find_listener_inode(tuple)?)
+            Some(id) => self.cached_lookup(LookupKey::Listener(id), wait, move || {
+                // In the listener's namespace, where the snapshot knows it.
+                let table = holders.tables.get(&id.0).copied();
+                holders.owner(find_listener_inode(&tuple, table)?)
             }),
             // A socket not held at the snapshot and whose owner the programs
             // did not see is, but for a full socket map, one accepted after
             // it from a listener older than the agent: the listener's owner
             // accepted it.
-            None => cached_lookup(&mut self.cache, (sock_id, *tuple), &mut self.budget, || {
-                find_inode(tuple)
+            None => self.cached_lookup(LookupKey::Socket(sock_id, tuple), wait, move || {
+                find_inode(&tuple)
                     .and_then(|inode| holders.owner(inode))
-                    .or_else(|| holders.owner(find_listener_inode(tuple)?))
+                    .or_else(|| holders.owner(find_listener_inode(&tuple, None)?))
             }),
         }
+    }
+
+    /// `lookup` through the cache and the time budget, off the loop; `None`
+    /// while it runs, if the caller `wait`s.
+    fn cached_lookup(
+        &mut self,
+        key: LookupKey,
+        wait: bool,
+        lookup: impl FnOnce() -> Option<ResolvedOwner> + Send + 'static,
+    ) -> Option<ResolvedOwner> {
+        if let Some((_, _, pending)) = &self.in_flight
+            && let Some(done) = pending.poll()
+            && let Some((key, _, _)) = self.in_flight.take()
+        {
+            // A lookup whose thread died found nothing.
+            let (found, took) = done.unwrap_or((None, Duration::ZERO));
+            self.store(key, found, took);
+        }
+        match self.cache.get_mut(&key) {
+            Some(Ok((hit, seen))) => {
+                if seen.elapsed() < RECHECK_HOLDER {
+                    return Some(hit.clone());
+                }
+                match hit.pid {
+                    Some(pid) if !self.holders.still_runs(pid) => {
+                        // Gone (its pid may be another's now): looked up
+                        // again, not reported.
+                        self.cache.remove(&key);
+                    }
+                    _ => {
+                        *seen = Instant::now();
+                        return Some(hit.clone());
+                    }
+                }
+            }
+            Some(Err(when)) if when.elapsed() < RETRY_NOT_FOUND_AFTER => {
+                return Some(ResolvedOwner::default());
+            }
+            _ => {}
+        }
+        if let Some((_, started, _)) = &self.in_flight {
+            // Behind the running lookup (its own, or another's: one at a
+            // time), unless that one has taken too long.
+            let waiting = wait && started.elapsed() < HOLD_AT_MOST;
+            return (!waiting).then(ResolvedOwner::default);
+        }
+        let now = Instant::now();
+        if !self.budget.may_start(now) {
+            return Some(ResolvedOwner::default());
+        }
+        let pending = Pending::start("kdiag-owner", lookup)?;
+        self.in_flight = Some((key, now, pending));
+        (!wait).then(ResolvedOwner::default)
+    }
+
+    /// Caches a lookup's result and charges its time to the budget.
+    fn store(
+        &mut self,
+        key: LookupKey,
+        found: Option<ResolvedOwner>,
+        took: Duration,
+    ) -> Option<ResolvedOwner> {
+        self.budget.charge(took);
+        if self.cache.len() >= CACHE_MAX {
+            self.cache.clear();
+        }
+        let now = Instant::now();
+        self.cache
+            .insert(key, found.clone().map(|f| (f, now)).ok_or(now));
+        found
     }
 
     fn comm(&mut self, raw: &[u8; COMM_LEN]) -> Arc<str> {
@@ -235,35 +356,8 @@ impl OwnerResolver {
 
     /// A listener closed: what was learnt of it no longer holds.
     pub(crate) fn forget_listener(&mut self, id: ListenerId) {
-        self.listeners.remove(&id);
+        self.cache.remove(&LookupKey::Listener(id));
     }
-}
-
-/// `lookup` through `cache` and the time budget.
-fn cached_lookup<K: std::hash::Hash + Eq>(
-    cache: &mut HashMap<K, Found>,
-    key: K,
-    budget: &mut LookupBudget,
-    lookup: impl FnOnce() -> Option<ResolvedOwner>,
-) -> ResolvedOwner {
-    match cache.get(&key) {
-        Some(Ok(hit)) => return hit.clone(),
-        Some(Err(when)) if when.elapsed() < RETRY_NOT_FOUND_AFTER => {
-            return ResolvedOwner::default();
-        }
-        _ => {}
-    }
-    let started = Instant::now();
-    if !budget.may_start(started) {
-        return ResolvedOwner::default();
-    }
-    let found = lookup();
-    budget.charge(started.elapsed());
-    if cache.len() >= CACHE_MAX {
-        cache.clear();
-    }
-    cache.insert(key, found.clone().ok_or_else(Instant::now));
-    found.unwrap_or_default()
 }
 
 /// A task's comm: bytes up to the first NUL, invalid UTF-8 replaced.
@@ -273,30 +367,36 @@ pub(crate) fn comm_str(comm: &[u8]) -> String {
 }
 
 /// Finds the listener an accepted socket came from: a LISTEN socket on its
-/// local port, bound to its local address or to any. Listeners of the same
-/// port in two network namespaces, both bound to any address, cannot be told
-/// apart here; the first namespace found wins.
-fn find_listener_inode(child: &TcpTuple) -> Option<u64> {
-    find_row(|r| {
-        i32::from(r.state) == TCP_LISTEN
-            && r.local.1 == child.sport
-            && (r.local.0 == child.saddr || r.local.0 == [0; 16])
-    })
+/// local port, bound to its local address or to any, in the TCP table
+/// `table` (of the child's namespace) when known. Without it, listeners of
+/// the same port in two network namespaces, both bound to any address,
+/// cannot be told apart; the first namespace found wins.
+fn find_listener_inode(child: &TcpTuple, table: Option<u64>) -> Option<u64> {
+    let listens = |r: &procfs::TcpRow, addr: [u8; 16]| {
+        i32::from(r.state) == TCP_LISTEN && r.local == (addr, child.sport)
+    };
+    // A listener on the child's own address before one on any address: the
+    // kernel prefers the more specific one (inet_lhash2 scoring).
+    find_row(table, |r| listens(r, child.saddr))
+        .or_else(|| find_row(table, |r| listens(r, [0; 16])))
 }
 
 fn find_inode(tuple: &TcpTuple) -> Option<u64> {
-    find_row(|r| r.local == (tuple.saddr, tuple.sport) && r.remote == (tuple.daddr, tuple.dport))
+    find_row(None, |r| {
+        r.local == (tuple.saddr, tuple.sport) && r.remote == (tuple.daddr, tuple.dport)
+    })
 }
 
 /// The inode of the first socket `wanted` accepts in the TCP tables of each
-/// network namespace (one process per namespace is enough to read them).
-fn find_row(wanted: impl Fn(&procfs::TcpRow) -> bool) -> Option<u64> {
+/// network namespace, or only in the table `only` (one process per
+/// namespace is enough to read them).
+fn find_row(only: Option<u64>, wanted: impl Fn(&procfs::TcpRow) -> bool) -> Option<u64> {
     let mut seen = HashSet::new();
     for pid in procfs::pids() {
         let Some(ns) = procfs::tcp_table_id(pid) else {
             continue;
         };
-        if !seen.insert(ns) {
+        if only.is_some_and(|t| t != ns) || !seen.insert(ns) {
             continue;
         }
         let row = procfs::tcp_sockets(pid).find(|r| r.inode != 0 && wanted(r));
@@ -318,43 +418,98 @@ mod tests {
         assert_eq!(comm_str(&[0xff, b'a', 0]), "\u{fffd}a");
     }
 
+    /// `cached_lookup` until it has an answer.
+    fn lookup_now(
+        r: &mut OwnerResolver,
+        key: LookupKey,
+        lookup: impl FnOnce() -> Option<ResolvedOwner> + Send + 'static,
+    ) -> ResolvedOwner {
+        if let Some(found) = r.cached_lookup(key, true, lookup) {
+            return found;
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(found) = r.cached_lookup(key, true, || panic!("looked up twice")) {
+                return found;
+            }
+            assert!(Instant::now() < deadline, "the lookup never came back");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     #[test]
     fn one_lookup_serves_a_listener_until_it_is_not_found() {
-        let mut cache = HashMap::default();
-        let mut budget = LookupBudget::default();
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let mut r = OwnerResolver::default();
         let server = ResolvedOwner {
             pid: Some(42),
             ..ResolvedOwner::default()
         };
-        let mut lookups = 0;
+        let lookups = Arc::new(AtomicUsize::new(0));
         for _ in 0..3 {
-            let got = cached_lookup(&mut cache, (7u64, 80u16), &mut budget, || {
-                lookups += 1;
-                Some(server.clone())
+            let (n, found) = (lookups.clone(), server.clone());
+            let got = lookup_now(&mut r, LookupKey::Listener((7, 80)), move || {
+                n.fetch_add(1, Ordering::Relaxed);
+                Some(found)
             });
             assert_eq!(got, server);
         }
         assert_eq!(
-            lookups, 1,
+            lookups.load(Ordering::Relaxed),
+            1,
             "one /proc lookup for every socket of the listener"
         );
         // Not found: not looked up again before RETRY_NOT_FOUND_AFTER.
         for _ in 0..3 {
-            let got = cached_lookup(&mut cache, (7u64, 81u16), &mut budget, || {
-                lookups += 1;
+            let n = lookups.clone();
+            let got = lookup_now(&mut r, LookupKey::Listener((7, 81)), move || {
+                n.fetch_add(1, Ordering::Relaxed);
                 None
             });
             assert_eq!(got, ResolvedOwner::default());
         }
-        assert_eq!(lookups, 2);
+        assert_eq!(lookups.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn events_wait_for_a_lookup_in_turn_unless_told_not_to() {
+        let mut r = OwnerResolver::default();
+        let server = ResolvedOwner {
+            pid: Some(42),
+            ..ResolvedOwner::default()
+        };
+        let found = server.clone();
+        let key = LookupKey::Listener((7, 80));
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let got = r.cached_lookup(key, true, move || {
+            let _ = wait.recv();
+            Some(found)
+        });
+        assert_eq!(got, None, "pending while it runs");
+        // Another socket waits its turn: one lookup at a time.
+        let other = LookupKey::Listener((7, 81));
+        assert_eq!(r.cached_lookup(other, true, || panic!("two at once")), None);
+        // An event that cannot wait goes without.
+        assert_eq!(
+            r.cached_lookup(other, false, || panic!("two at once")),
+            Some(ResolvedOwner::default())
+        );
+        go.send(()).unwrap();
+        assert_eq!(
+            lookup_now(&mut r, key, || panic!("looked up twice")),
+            server
+        );
     }
 
     #[test]
     fn a_closed_listener_is_forgotten() {
         let mut r = OwnerResolver::default();
-        r.listeners.insert((7, 80), Ok(ResolvedOwner::default()));
+        r.cache.insert(
+            LookupKey::Listener((7, 80)),
+            Ok((ResolvedOwner::default(), Instant::now())),
+        );
         r.forget_listener((7, 80));
-        assert!(r.listeners.is_empty());
+        assert!(r.cache.is_empty());
     }
 
     #[test]
@@ -366,13 +521,16 @@ mod tests {
             cgroup_id: 0,
             comm: *b"nginx\0\0\0\0\0\0\0\0\0\0\0",
         };
-        let got = r.resolve(
-            &mut CgroupPaths::default(),
-            1,
-            &owner,
-            &TcpTuple::default(),
-            None,
-        );
+        let got = r
+            .resolve(
+                &mut CgroupPaths::default(),
+                1,
+                &owner,
+                &TcpTuple::default(),
+                None,
+                true,
+            )
+            .unwrap();
         assert_eq!(got.pid, Some(42));
         assert_eq!(got.comm.as_deref(), Some("nginx"));
         assert_eq!(got.cgroup, Cgroup::default());

@@ -86,6 +86,31 @@ pub(crate) fn tcp_table_id(pid: u32) -> Option<u64> {
         .map(|m| m.ino())
 }
 
+/// The inode number of the network namespace of `pid` (from the link
+/// /proc/PID/ns/net, `net:[4026531840]`), which only a process that may
+/// ptrace `pid` can read.
+pub(crate) fn netns_inode(pid: u32) -> Option<u64> {
+    let link = fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
+    parse_ns_link(link.to_str()?)
+}
+
+fn parse_ns_link(link: &str) -> Option<u64> {
+    link.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// When `pid` started (clock ticks after boot, field 22 of /proc/PID/stat,
+/// which every user may read): with the pid it names one process, where a
+/// pid alone may name a later one that got the same number.
+pub(crate) fn start_time(pid: u32) -> Option<u64> {
+    parse_start_time(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+fn parse_start_time(stat: &str) -> Option<u64> {
+    // The comm (field 2) is in parentheses and may hold spaces or ')'.
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    after_comm.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
 /// The TCP sockets of the network namespace `pid` lives in, both families.
 pub(crate) fn tcp_sockets(pid: u32) -> impl Iterator<Item = TcpRow> {
     ["tcp", "tcp6"]
@@ -260,6 +285,20 @@ garbage line
             None
         );
         assert_eq!(parse_tcp_segments(""), None);
+    }
+
+    #[test]
+    fn start_time_is_field_22() {
+        let stat = "4242 (a) b) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 \
+                    987654 1000 10 18446744073709551615";
+        assert_eq!(parse_start_time(stat), Some(987_654));
+        assert_eq!(parse_start_time("4242 (a) S 1"), None);
+    }
+
+    #[test]
+    fn namespace_links() {
+        assert_eq!(parse_ns_link("net:[4026531840]"), Some(4_026_531_840));
+        assert_eq!(parse_ns_link("mnt:[4026531840]"), None);
     }
 
     #[test]

@@ -4,16 +4,23 @@ pub(crate) mod clock;
 pub(crate) mod metrics;
 pub(crate) mod record;
 pub(crate) mod stats;
+pub(crate) mod writer;
 
 use std::{
     collections::HashSet,
     io::{self, Write},
+    time::Duration,
 };
 
 use crate::{
     output::clock::{RFC3339_LEN, WallClock},
     output::record::{BudgetMark, Marked, Record},
+    output::writer::{Sink, Writer},
 };
+
+/// Records are handed to the writer thread in chunks of about this size
+/// (and at every flush).
+const CHUNK_BYTES: usize = 64 * 1024;
 
 /// Writes a diagnostic to stderr. A closed or full stderr is no reason to
 /// stop tracing (and `eprintln!` would panic on it), so a failed write is
@@ -31,7 +38,9 @@ pub(crate) enum Format {
 }
 
 pub(crate) struct Output {
-    out: io::BufWriter<Box<dyn Write>>,
+    /// Records not yet handed to the writer: whole lines.
+    out: Vec<u8>,
+    writer: Writer,
     format: Format,
     /// The host name, already JSON-escaped and quoted.
     host_json: String,
@@ -44,16 +53,22 @@ pub(crate) struct Output {
 }
 
 impl Output {
-    pub(crate) fn new(out: Box<dyn Write>, format: Format, host: &str, clock: WallClock) -> Self {
-        Self {
-            out: io::BufWriter::with_capacity(64 * 1024, out),
+    pub(crate) fn new(
+        sink: Box<dyn Sink>,
+        format: Format,
+        host: &str,
+        clock: WallClock,
+    ) -> io::Result<Self> {
+        Ok(Self {
+            out: Vec::with_capacity(CHUNK_BYTES),
+            writer: Writer::new(sink)?,
             format,
             host_json: serde_json::to_string(host).unwrap_or_else(|_| "\"\"".to_owned()),
             clock,
             body: Vec::with_capacity(512),
             headers_written: HashSet::new(),
             mark: None,
-        }
+        })
     }
 
     pub(crate) fn clock_mut(&mut self) -> &mut WallClock {
@@ -83,6 +98,14 @@ impl Output {
 
     /// Writes one record stamped with the monotonic time `mono_ns`.
     pub(crate) fn write<R: Record>(&mut self, mono_ns: u64, record: &R) -> io::Result<()> {
+        self.format_into_out(mono_ns, record)?;
+        if self.out.len() >= CHUNK_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn format_into_out<R: Record>(&mut self, mono_ns: u64, record: &R) -> io::Result<()> {
         match self.format {
             Format::Json => {
                 let mark = self.mark_members::<R>();
@@ -133,14 +156,49 @@ impl Output {
         self.out.write_all(b"\n")
     }
 
+    /// Hands what was written to the writer thread; an error only when
+    /// nobody reads stdout any more.
     pub(crate) fn flush(&mut self) -> io::Result<()> {
-        self.out.flush()
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.out, Vec::with_capacity(CHUNK_BYTES));
+        self.writer.submit(chunk)
+    }
+
+    /// Records that never reached stdout since the last call: the writer's
+    /// queue was full, or they were still queued when the agent stopped.
+    pub(crate) fn take_dropped(&mut self) -> u64 {
+        self.writer.take_dropped()
+    }
+
+    /// The end of the output: gives the writer thread until `within` from
+    /// now to write what is queued (the rest is counted by
+    /// [`Output::take_dropped`]). Call before building the last record,
+    /// which [`Output::write_last`] then writes.
+    pub(crate) fn finish(&mut self, within: Duration) -> io::Result<()> {
+        let flushed = self.flush();
+        self.writer.finish(within);
+        flushed
+    }
+
+    /// Writes `record` after everything else, straight to stdout: into the
+    /// room the writer kept free on a pipe, so that it is there once a
+    /// stopped reader reads again. Nothing is written when the writer
+    /// thread is stuck in a blocking write or stdout is closed.
+    pub(crate) fn write_last<R: Record>(&mut self, mono_ns: u64, record: &R) -> io::Result<()> {
+        self.format_into_out(mono_ns, record)?;
+        let last = std::mem::take(&mut self.out);
+        match self.writer.finish(Duration::ZERO) {
+            Some(sink) => sink.write_all(&last).and_then(|()| sink.flush()),
+            None => Ok(()),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::{cell::RefCell, rc::Rc};
+    use std::sync::{Arc, Mutex};
 
     use super::*;
     use crate::{
@@ -150,11 +208,17 @@ mod tests {
 
     /// A writer the test can read back after the Output is done with it.
     #[derive(Clone, Default)]
-    pub(super) struct SharedBuf(Rc<RefCell<Vec<u8>>>);
+    pub(super) struct SharedBuf(Arc<Mutex<Vec<u8>>>);
+
+    impl Sink for SharedBuf {
+        fn room(&self) -> Option<usize> {
+            None
+        }
+    }
 
     impl Write for SharedBuf {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.borrow_mut().extend_from_slice(buf);
+            self.0.lock().unwrap().extend_from_slice(buf);
             Ok(buf.len())
         }
         fn flush(&mut self) -> io::Result<()> {
@@ -164,7 +228,7 @@ mod tests {
 
     impl SharedBuf {
         pub(super) fn text(&self) -> String {
-            String::from_utf8(self.0.borrow().clone()).unwrap()
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
         }
     }
 
@@ -192,9 +256,9 @@ mod tests {
     fn json_line_has_envelope_and_exact_fields() {
         let buf = SharedBuf::default();
         let clock = WallClock::with_offset(1_795_300_567_000_000_000);
-        let mut out = Output::new(Box::new(buf.clone()), Format::Json, "web-1", clock);
+        let mut out = Output::new(Box::new(buf.clone()), Format::Json, "web-1", clock).unwrap();
         out.write(5, &retrans()).unwrap();
-        out.flush().unwrap();
+        out.finish(Duration::from_secs(5)).unwrap();
         let text = buf.text();
         assert_eq!(
             text,
@@ -211,7 +275,7 @@ mod tests {
     fn summaries_carry_the_budget_mark() {
         let buf = SharedBuf::default();
         let clock = WallClock::with_offset(0);
-        let mut out = Output::new(Box::new(buf.clone()), Format::Json, "h", clock);
+        let mut out = Output::new(Box::new(buf.clone()), Format::Json, "h", clock).unwrap();
         let summary = crate::output::record::SoftirqSummary {
             cpu: 0,
             vec: "NET_RX",
@@ -233,7 +297,7 @@ mod tests {
         out.write(0, &retrans()).unwrap();
         out.set_mark(None);
         out.write(0, &summary).unwrap();
-        out.flush().unwrap();
+        out.finish(Duration::from_secs(5)).unwrap();
         let lines: Vec<serde_json::Value> = buf
             .text()
             .lines()
@@ -255,10 +319,11 @@ mod tests {
             Format::Text,
             "h",
             WallClock::with_offset(0),
-        );
+        )
+        .unwrap();
         out.write(0, &retrans()).unwrap();
         out.write(0, &retrans()).unwrap();
-        out.flush().unwrap();
+        out.finish(Duration::from_secs(5)).unwrap();
         let text = buf.text();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3);

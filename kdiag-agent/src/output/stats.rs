@@ -17,7 +17,7 @@ use aya::{
     util::KernelVersion,
 };
 use kdiag_common::{
-    CLASS_COUNT, LOSS_DROPPED, LOSS_LOST, LOSS_REASONS, LOSS_SLOTS,
+    CLASS_COUNT, LOSS_DROPPED, LOSS_FAILED, LOSS_LOST, LOSS_REASONS, LOSS_SLOTS,
     cost::{ProgramCost, ProgramId},
 };
 
@@ -144,6 +144,7 @@ impl StatsCollector {
                     events: std::mem::take(&mut self.events[id as usize]),
                     dropped: delta(LOSS_DROPPED),
                     lost: delta(LOSS_LOST),
+                    failed: delta(LOSS_FAILED),
                 },
             );
         }
@@ -156,6 +157,8 @@ impl StatsCollector {
             classes,
             programs: program_stats,
             decode_errors: std::mem::take(&mut self.decode_errors),
+            // Known to the output, which sets it.
+            output_dropped: 0,
             rss_bytes: rss_bytes(),
             cpu_ns: cpu.saturating_sub(self.last_cpu_ns),
         };

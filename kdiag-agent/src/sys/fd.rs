@@ -47,3 +47,29 @@ pub(crate) fn register_readable<T: OwnedFdHolder>(inner: T) -> io::Result<AsyncF
     unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
 }
+
+/// Bytes a write to the pipe `fd` can surely take now without blocking;
+/// `None` when `fd` is not a pipe. A pipe is a ring of pages, and holds
+/// fewer bytes than its size: a write whose tail does not fit in the last
+/// page's free end starts a new page and leaves that end empty (fs/pipe.c,
+/// anon_pipe_write), so each write wastes less than its own length, and the
+/// reader leaves the first page partly read. Pages in use thus hold at most
+/// twice the bytes queued, plus a page, and a write of `n` bytes takes at
+/// most `2n` of what is free.
+pub(crate) fn pipe_room(fd: BorrowedFd<'_>) -> Option<usize> {
+    let capacity = rustix::pipe::fcntl_getpipe_size(fd).ok()?;
+    let queued = usize::try_from(rustix::io::ioctl_fionread(fd).ok()?).unwrap_or(usize::MAX);
+    let used = queued.saturating_mul(2) + 2 * rustix::param::page_size();
+    Some(capacity.saturating_sub(used) / 2)
+}
+
+/// Makes the pipe `fd` hold `bytes` if the kernel lets it (up to
+/// /proc/sys/fs/pipe-max-size without CAP_SYS_RESOURCE); returns what it
+/// holds, `None` when `fd` is not a pipe.
+pub(crate) fn grow_pipe(fd: BorrowedFd<'_>, bytes: usize) -> Option<usize> {
+    let now = rustix::pipe::fcntl_getpipe_size(fd).ok()?;
+    if now >= bytes {
+        return Some(now);
+    }
+    Some(rustix::pipe::fcntl_setpipe_size(fd, bytes).unwrap_or(now))
+}

@@ -153,7 +153,14 @@ fn filter(serving: bool) -> Result<BpfProgram, SeccompError> {
             .map(|&cmd| arg_is(0, cmd as u64))
             .collect::<Result<_, _>>()?,
     );
-    rules.insert(libc::SYS_ioctl, vec![arg_is(1, PERF_EVENT_IOC_DISABLE)?]);
+    // FIONREAD: how full the stdout pipe is (see `fd::pipe_room`).
+    rules.insert(
+        libc::SYS_ioctl,
+        vec![
+            arg_is(1, PERF_EVENT_IOC_DISABLE)?,
+            arg_is(1, libc::FIONREAD)?,
+        ],
+    );
     let thread_only = SeccompCondition::new(
         0,
         SeccompCmpArgLen::Qword,

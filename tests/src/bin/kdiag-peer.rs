@@ -3,13 +3,15 @@
 //! and comm are its own, as the agent must report them.
 //!
 //!   kdiag-peer listen ADDR PORT [--send-every-ms N] [--rename-after-listen NAME] [--hold]
+//!                               [--reuseport]
 //!       accept connections; prints "ready" once listening. Each accepted
 //!       connection is read until EOF (what it sends is discarded) and then
 //!       closed. --send-every-ms: also write 100 bytes every N ms on each
 //!       accepted connection. --rename-after-listen: set its own comm to
 //!       NAME right after listen(), before printing "ready". --hold: never
 //!       read nor close what it accepts (the process keeps it until it
-//!       exits, like a server that leaks sockets)
+//!       exits, like a server that leaks sockets). --reuseport: set
+//!       SO_REUSEPORT before binding (IPv4), to share the port with others
 //!   kdiag-peer connect ADDR PORT [--send-every-ms N]
 //!       blocking connect; prints "connected LOCAL_ADDR" once established,
 //!       then optionally writes 100 bytes every N ms until an error
@@ -28,7 +30,7 @@ use std::thread;
 use std::time::Duration;
 
 const USAGE: &str = "usage: kdiag-peer listen ADDR PORT [--send-every-ms N] \
-                     [--rename-after-listen NAME] [--hold] | \
+                     [--rename-after-listen NAME] [--hold] [--reuseport] | \
                      kdiag-peer connect ADDR PORT [--send-every-ms N | --count N] | \
                      kdiag-peer bulk";
 
@@ -38,6 +40,7 @@ struct Options {
     send_every: Option<Duration>,
     rename_to: Option<String>,
     hold: bool,
+    reuseport: bool,
     count: Option<u64>,
 }
 
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
                     Options {
                         rename_to: None,
                         hold: false,
+                        reuseport: false,
                         count: None,
                         ..
                     },
@@ -65,6 +69,7 @@ fn main() -> ExitCode {
                         send_every: None,
                         rename_to: None,
                         hold: false,
+                        reuseport: false,
                         count: Some(count),
                     },
                 ) => connect_many(a, *count),
@@ -98,6 +103,10 @@ fn parse_options(mut rest: &[&str]) -> Result<Options, String> {
             [] => return Ok(opts),
             ["--hold", tail @ ..] => {
                 opts.hold = true;
+                tail
+            }
+            ["--reuseport", tail @ ..] => {
+                opts.reuseport = true;
                 tail
             }
             ["--send-every-ms", ms, tail @ ..] => {
@@ -136,7 +145,12 @@ fn drain(conn: &mut TcpStream) {
 }
 
 fn listen(addr: SocketAddr, opts: &Options) -> Result<(), String> {
-    let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+    let listener = if opts.reuseport {
+        reuseport_listener(addr)
+    } else {
+        TcpListener::bind(addr)
+    }
+    .map_err(|e| format!("bind {addr}: {e}"))?;
     if let Some(name) = &opts.rename_to {
         // The main thread's comm is what /proc/PID/comm shows; the agent
         // must keep reporting the name the socket was listened on with.
@@ -220,4 +234,56 @@ fn bulk() -> Result<(), String> {
     loop {
         sender.write_all(&chunk).map_err(|e| format!("send: {e}"))?;
     }
+}
+
+/// A listener on the IPv4 `addr` with SO_REUSEPORT, which std cannot set
+/// before binding.
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let SocketAddr::V4(v4) = addr else {
+        return Err(std::io::Error::other("--reuseport takes an IPv4 address"));
+    };
+    let check = |rc: libc::c_int| {
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    };
+    // SAFETY: socket(2) with constant arguments; the descriptor is owned at once.
+    let fd =
+        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: a descriptor just returned and owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    let one: libc::c_int = 1;
+    // SAFETY: a valid descriptor and a c_int option of its size.
+    check(unsafe {
+        libc::setsockopt(
+            raw,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEPORT,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })?;
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(v4.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: a valid descriptor and a sockaddr_in of its size.
+    check(unsafe {
+        libc::bind(
+            raw,
+            (&raw const sin).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    })?;
+    // SAFETY: a valid, bound descriptor.
+    check(unsafe { libc::listen(raw, 128) })?;
+    Ok(TcpListener::from(fd))
 }

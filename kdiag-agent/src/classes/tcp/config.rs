@@ -82,7 +82,12 @@ const MAX_PENDING_SYNACKS: u32 = 8192;
 /// different namespaces apart, and its family, for the records that do not
 /// carry it.
 pub(crate) const TCP_QUERIES: BtfQueries = BtfQueries {
-    members: &[("sock_common", "skc_net"), ("sock_common", "skc_family")],
+    members: &[
+        ("sock_common", "skc_net"),
+        ("sock_common", "skc_family"),
+        ("net", "ns"),
+        ("ns_common", "inum"),
+    ],
     enumerators: &[],
 };
 
@@ -100,12 +105,20 @@ pub(crate) fn tcp_global(
     if formats.contains("inet_sock_set_state") {
         // `struct sock` begins with its `struct sock_common __sk_common`, so
         // the offset within sock_common is the offset within sock.
-        match kernel.btf.offset("sock_common", "skc_net") {
-            Ok(offset) => tcp.sk_net_offset = offset,
+        // The namespace as its inode number (`net->ns.inum`), the name
+        // /proc gives it.
+        let btf = &kernel.btf;
+        let offsets = btf.offset("sock_common", "skc_net").and_then(|net| {
+            let inum = btf.offset("net", "ns")? + btf.offset("ns_common", "inum")?;
+            Ok((net, inum))
+        });
+        match offsets {
+            Ok((net, inum)) => (tcp.sk_net_offset, tcp.net_inum_offset) = (net, inum),
             Err(e) => degraded.push(Degraded {
-                what: "btf/sock_common.skc_net".to_owned(),
+                what: "btf/net.ns.inum".to_owned(),
                 why: format!(
-                    "listeners on one port in different network namespaces share an owner: {e}"
+                    "listeners on one address and port in different network namespaces share \
+                     an owner: {e}"
                 ),
             }),
         }

@@ -95,12 +95,13 @@ impl TcpClass {
         // programs could not read the namespace, then the port alone names
         // the listener.
         let listener = (ev.role == ROLE_PASSIVE).then_some((ev.net, ev.tuple.sport));
+        // First: nothing below happens for an event held for its owner.
+        let owner = cx
+            .services
+            .owner(ev.sock_id, &ev.owner, &ev.tuple, listener)?;
         if ev.oldstate == TCP_LISTEN && ev.newstate == TCP_CLOSE {
             cx.services.forget_listener((ev.net, ev.tuple.sport));
         }
-        let owner = cx
-            .services
-            .owner(ev.sock_id, &ev.owner, &ev.tuple, listener);
         let old_state_ns = (ev.flags & STATE_TIME_KNOWN != 0).then_some(ev.old_state_ns);
         let ts = ev.header.ts_ns;
         // Every change feeds the connection's history, even those the
@@ -149,14 +150,15 @@ impl TcpClass {
 
     fn on_retrans(&mut self, data: &[u8], cx: &mut Context<'_>) -> Result<u64, ClassError> {
         let ev = decode_retrans(data)?;
-        self.retrans_total += 1;
         let key = (ev.sock_id, ev.tuple);
         if let Some((_, n)) = self.retrans.get_mut(&key) {
             *n += 1;
         } else if self.retrans.len() < MAX_RETRANS_CONNS {
-            let owner = cx.services.owner(ev.sock_id, &ev.owner, &ev.tuple, None);
+            let owner = cx.services.owner(ev.sock_id, &ev.owner, &ev.tuple, None)?;
             self.retrans.insert(key, (owner, 1));
         }
+        // After the owner: an event held for it comes back.
+        self.retrans_total += 1;
         // Counted for the summary; the `retrans` class writes the records.
         Ok(0)
     }

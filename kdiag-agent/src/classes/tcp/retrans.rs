@@ -117,7 +117,7 @@ impl Class for RetransClass {
 
     fn on_event(&mut self, data: &[u8], cx: &mut Context<'_>) -> Result<u64, ClassError> {
         let ev = decode_retrans(data)?;
-        let owner = cx.services.owner(ev.sock_id, &ev.owner, &ev.tuple, None);
+        let owner = cx.services.owner(ev.sock_id, &ev.owner, &ev.tuple, None)?;
         if !self.filter.accepts(&owner) {
             return Ok(0);
         }

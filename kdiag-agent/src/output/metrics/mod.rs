@@ -510,10 +510,12 @@ mod tests {
                     events: 2,
                     dropped: 1,
                     lost: 0,
+                    failed: 0,
                 },
             )]),
             programs: Vec::new(),
             decode_errors: 0,
+            output_dropped: 0,
             rss_bytes: 4096,
             cpu_ns: 1_500_000_000,
         };

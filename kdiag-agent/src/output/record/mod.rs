@@ -163,6 +163,8 @@ pub(crate) struct ClassStats {
     pub events: u64,
     pub dropped: u64,
     pub lost: u64,
+    /// Events a kernel program gave up on (a failed map insert or read).
+    pub failed: u64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -187,6 +189,10 @@ pub(crate) struct AgentStats {
     /// Events the kernel programs sent that the agent could not decode
     /// (a mismatch between the agent and its programs): written nowhere.
     pub decode_errors: u64,
+    /// Records that never reached stdout: the queue to the writer thread
+    /// was full (a slow or stopped reader), or they were still queued when
+    /// the agent stopped.
+    pub output_dropped: u64,
     pub rss_bytes: u64,
     pub cpu_ns: u64,
 }

@@ -1,0 +1,181 @@
+//! The agent's output against a reader that stops reading: the event loop
+//! keeps draining the kernel's buffers and answering signals, what it
+//! cannot hand on is counted (`output_dropped`), and the last `agent_stats`
+//! reaches the reader once it reads again.
+
+use std::fs::{self, File};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kdiag_tests::agent::exit_timeout;
+use kdiag_tests::netns::{NetnsPair, unique_port};
+use kdiag_tests::peer::{ConnectOptions, Peer};
+use kdiag_tests::record::{self, class_totals};
+use kdiag_tests::tempdir::TempDir;
+use kdiag_tests::{cmd, env, max_wait};
+use serde_json::Value;
+
+const PEER: &str = env!("CARGO_BIN_EXE_kdiag-peer");
+
+/// Clients connecting and closing one connection after another, at once.
+const CLIENTS: usize = 4;
+/// How long the reader stays stopped under churn.
+const STOPPED: Duration = Duration::from_secs(5);
+/// How soon after SIGTERM the agent must be gone, whatever its reader does.
+const EXIT_WITHIN: Duration = Duration::from_secs(1);
+
+/// Kills the process in Drop, resuming it first: a stopped process left
+/// behind by a failed test would hold its pipe forever.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        // Already gone, when the test got as far as waiting for it.
+        // SAFETY: kill(2) on a child of this process.
+        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGCONT) };
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) on a child of this process.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {sig}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+fn parse(text: &str) -> Vec<Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+        .collect()
+}
+
+#[test]
+fn a_stopped_reader_stalls_neither_draining_nor_exit() {
+    env::require_root();
+    let dir = TempDir::new("output");
+    let out_path = dir.path().join("stdout");
+    let err_path = dir.path().join("stderr");
+    let net = NetnsPair::new();
+    let port = unique_port();
+    let _server = Peer::listen(PEER, &net.server, net.server.v4, port);
+
+    // The agent writes into a pipe read by `cat`, which the test stops.
+    let mut reader = Command::new("cat")
+        .stdin(Stdio::piped())
+        .stdout(File::create(&out_path).expect("creating the output file"))
+        .spawn()
+        .expect("running cat");
+    let pipe = reader.stdin.take().expect("piped stdin");
+    let reader = Reaped(reader);
+    let agent = Command::new(env::agent_path())
+        .args(["tcp", "--port", &port.to_string(), "--interval", "0"])
+        .stdin(Stdio::null())
+        .stdout(pipe)
+        .stderr(File::create(&err_path).expect("creating the error file"))
+        .spawn()
+        .expect("running the agent");
+    let mut agent = Reaped(agent);
+    let started = Instant::now();
+    while !fs::read_to_string(&out_path)
+        .unwrap_or_default()
+        .contains("\"agent_start\"")
+    {
+        assert!(
+            started.elapsed() < max_wait(),
+            "no agent_start; stderr: {}",
+            fs::read_to_string(&err_path).unwrap_or_default()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+
+    signal(reader.0.id(), libc::SIGSTOP);
+    let opts = ConnectOptions {
+        count: Some(1_000_000),
+        ..ConnectOptions::default()
+    };
+    let clients: Vec<Peer> = (0..CLIENTS)
+        .map(|_| Peer::connect_with(PEER, &net.client, net.server.v4, port, &opts))
+        .collect();
+    thread::sleep(STOPPED);
+    for client in clients {
+        client.kill();
+    }
+
+    // Still answering signals, with a full pipe and a full queue.
+    signal(agent.0.id(), libc::SIGTERM);
+    let asked = Instant::now();
+    let status = cmd::wait_timeout(&mut agent.0, exit_timeout()).unwrap_or_else(|| {
+        panic!(
+            "the agent is still running {:?} after SIGTERM",
+            exit_timeout()
+        )
+    });
+    let took = asked.elapsed();
+    assert!(status.success(), "agent exit: {status}");
+    assert!(
+        took < kdiag_tests::on_this_machine(EXIT_WITHIN),
+        "the agent took {took:?} to exit after SIGTERM with its reader stopped"
+    );
+
+    signal(reader.0.id(), libc::SIGCONT);
+    let mut reader = reader;
+    let status = cmd::wait_timeout(&mut reader.0, max_wait()).expect("cat reads to the end");
+    assert!(status.success(), "cat: {status}");
+    let text = fs::read_to_string(&out_path).expect("reading the output");
+    let recs = parse(&text);
+    let last = recs.last().expect("some output");
+    assert!(
+        record::is_type(last, "agent_stats"),
+        "the last line is the final agent_stats: {last}"
+    );
+
+    // The loop kept draining: the kernel dropped nothing.
+    let totals = class_totals(&recs, "tcp");
+    assert_eq!(
+        (totals.dropped, totals.lost, record::decode_errors(&recs)),
+        (0, 0, 0),
+        "kernel drops or losses while the reader was stopped: {totals:?}"
+    );
+    let output_dropped: u64 = recs
+        .iter()
+        .filter(|r| record::is_type(r, "agent_stats"))
+        .map(|r| record::u64_field(r, "output_dropped"))
+        .sum();
+    eprintln!(
+        "{} records read, {output_dropped} dropped, {} events; exit took {took:?}",
+        recs.len(),
+        totals.events
+    );
+    assert!(
+        output_dropped > 0,
+        "{} records and none dropped: the churn did not fill the pipe and the queue",
+        recs.len()
+    );
+    // Every record of an event was written or counted, exactly; with
+    // --interval 0 the only other records are agent_start, the exit's
+    // tcp_summary (dropped with the queue's last records, or written) and
+    // the final agent_stats.
+    let written = recs
+        .iter()
+        .filter(|r| record::is_type(r, "tcp_state") || record::is_type(r, "tcp_conn"))
+        .count() as u64;
+    let summaries = recs
+        .iter()
+        .filter(|r| record::is_type(r, "tcp_summary"))
+        .count() as u64;
+    assert!(summaries <= 1, "{summaries} tcp_summary records");
+    assert_eq!(
+        written + output_dropped,
+        totals.events + (1 - summaries),
+        "records written ({written}) + output_dropped ({output_dropped}) vs events \
+         ({}) and the missing tcp_summary",
+        totals.events
+    );
+}
