@@ -71,6 +71,27 @@ fn assert_memcg_record(rec: &Value, pid: u32, cgroup: &str) {
 /// systemd driver, containerd): its records name the container and the pod,
 /// `--container` selects it, and its statistics, pruned from the kernel map
 /// once it exited, still make its summary at exit.
+/// A `reclaim --kind memcg` agent with the cgroup filter `option value`,
+/// or `None` (the test's half skipped by name) where the kernel's
+/// tracepoint programs cannot test a task's ancestor cgroups, which the
+/// agent then refuses as a usage error.
+fn memcg_agent_filtered_by(option: &str, value: &str) -> Option<Agent> {
+    match Agent::start_or_refusal(
+        &["reclaim", "--kind", "memcg", option, value, "-i", "0"],
+        MEMCG,
+    ) {
+        Ok((agent, _)) => Some(agent),
+        Err(refusal) => {
+            assert!(
+                refusal.contains("bpf_get_current_ancestor_cgroup_id"),
+                "the agent refused {option}: {refusal}"
+            );
+            skip_unless(false, &format!("its {option} half: {}", refusal.trim()));
+            None
+        }
+    }
+}
+
 #[test]
 fn records_name_the_container_and_pod_of_the_cgroup() {
     const ID: &str = "6d3b1f0a9e8c7b6a5f4e3d2c1b0a99887766554433221100ffeeddccbbaa9988";
@@ -89,28 +110,7 @@ fn records_name_the_container_and_pod_of_the_cgroup() {
     // The container's own stalls by its id, as `docker ps` abbreviates it:
     // a kernel filter on the task's ancestor cgroups, which some kernels'
     // tracepoint programs cannot do (then the agent refuses the option).
-    let mut by_container = match Agent::start_or_refusal(
-        &[
-            "reclaim",
-            "--kind",
-            "memcg",
-            "--container",
-            &ID[..12],
-            "-i",
-            "0",
-        ],
-        MEMCG,
-    ) {
-        Ok((agent, _)) => Some(agent),
-        Err(refusal) => {
-            assert!(
-                refusal.contains("bpf_get_current_ancestor_cgroup_id"),
-                "the agent refused --container: {refusal}"
-            );
-            skip_unless(false, &format!("its --container half: {}", refusal.trim()));
-            None
-        }
-    };
+    let mut by_container = memcg_agent_filtered_by("--container", &ID[..12]);
     let stats_map = maps_held_by(agent.pid())
         .into_iter()
         .find(|m| m.name == "RECLAIM_STATS")
@@ -195,23 +195,9 @@ fn memcg_reclaim_of_the_filtered_reader_only() {
         MEMCG,
     );
     // The same stalls through the kernel's cgroup filter, given as a full
-    // path: both readers, nothing else. A kernel whose tracepoint programs
-    // cannot test a task's ancestor cgroups has the agent refuse it.
+    // path: both readers, nothing else.
     let cg_arg = cg.dir().to_str().expect("utf-8 path").to_owned();
-    let mut by_cgroup = match Agent::start_or_refusal(
-        &["reclaim", "--kind", "memcg", "--cgroup", &cg_arg, "-i", "0"],
-        MEMCG,
-    ) {
-        Ok((agent, _)) => Some(agent),
-        Err(refusal) => {
-            assert!(
-                refusal.contains("bpf_get_current_ancestor_cgroup_id"),
-                "the agent refused --cgroup: {refusal}"
-            );
-            skip_unless(false, &format!("its --cgroup half: {}", refusal.trim()));
-            None
-        }
-    };
+    let mut by_cgroup = memcg_agent_filtered_by("--cgroup", &cg_arg);
     run_readers(&mut [&mut first, &mut second]);
     let recs = by_pid.stop_ok();
     let cg_recs = by_cgroup.as_mut().map(Agent::stop_ok);
