@@ -62,6 +62,11 @@ impl Agent {
     }
 
     fn spawn_command(mut command: Command, path: PathBuf, who: String, args: &[&str]) -> Agent {
+        // The CPU budget sheds detail by how busy the machine is, which no
+        // test controls: a test sees full detail unless it sets a budget.
+        if !args.iter().any(|a| a.starts_with("--max-cpu")) {
+            command.args(["--max-cpu", "0"]);
+        }
         command
             .args(args)
             .stdin(Stdio::null())
