@@ -86,7 +86,7 @@ enum Command {
     /// after a full passing run rewrites docs/KERNELS.md.
     VmTest {
         /// Kernel series: 5.10, 6.1, 6.12, newest (the newest series in
-        /// trixie-backports) or all.
+        /// trixie-backports), several separated by commas, or all.
         #[arg(long, default_value = "all")]
         kernel: String,
         /// Fail a guest that has not powered off after this many seconds.

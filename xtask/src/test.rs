@@ -22,10 +22,14 @@ const STEPS: [&str; 5] = [
     "kernel matrix",
 ];
 
-/// The last step, the integration tests in the guests of every kernel
-/// series (`cargo xtask vm-test --kernel all`), which `--host-only` leaves
-/// out.
+/// The last step, the integration tests in the guests of the kernel series
+/// [`MATRIX`], which `--host-only` leaves out.
 const MATRIX_STEP: usize = 4;
+
+/// The series the test command boots: all but 5.10, which runs on demand
+/// (`cargo xtask vm-test --kernel 5.10`) until a soft lockup its guest had
+/// once in softirq processing is understood (README, "Supported kernels").
+const MATRIX: &str = "6.1,6.12,newest";
 
 pub(crate) fn run(extra: Vec<OsString>, host_only: bool) -> Result<()> {
     // Checked before anything else: the integration tests load eBPF programs
@@ -75,7 +79,7 @@ fn steps(done: &mut Vec<(Duration, bool)>, extra: Vec<OsString>, host_only: bool
     }
     step(done, || {
         vm_test::run(vm_test::Options {
-            kernel: "all".to_owned(),
+            kernel: MATRIX.to_owned(),
             test_args: extra,
             ..vm_test::Options::default()
         })

@@ -76,12 +76,17 @@ pub(crate) fn run(opts: Options) -> Result<()> {
     }
     let series: Vec<&kernel::Series> = match opts.kernel.as_str() {
         "all" => SERIES.iter().collect(),
-        name => vec![SERIES.iter().find(|s| s.name == name).with_context(|| {
-            format!(
-                "unknown kernel {name:?}; known: {}, all",
-                SERIES.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
-            )
-        })?],
+        names => names
+            .split(',')
+            .map(|name| {
+                SERIES.iter().find(|s| s.name == name).with_context(|| {
+                    format!(
+                        "unknown kernel {name:?}; known: {}, all",
+                        SERIES.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+                    )
+                })
+            })
+            .collect::<Result<_>>()?,
     };
     let tools = setup::ensure()?;
     setup::ensure_debian_packages(VM_TOOLS)?;

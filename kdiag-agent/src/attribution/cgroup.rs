@@ -25,9 +25,12 @@ use crate::{
 };
 
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
-/// How long the event loop waits for a walk before it goes on without it:
-/// a walk of a few thousand cgroups takes milliseconds.
-const WALK_DEADLINE: Duration = Duration::from_millis(20);
+/// How long the event loop waits for a walk before it goes on without it
+/// (the records then name no cgroup until the walk is done). A walk of a
+/// few thousand cgroups takes milliseconds on a real host, but tens of
+/// them took over 20 ms in an emulated guest; walks are rare (an id not
+/// seen before, at most once a second), so waiting longer costs little.
+const WALK_DEADLINE: Duration = Duration::from_millis(250);
 /// An id a walk did not find (a cgroup removed since the event, or one the
 /// walk's bound left out) triggers no new walk for this long: without it, a
 /// stream of events from dead cgroups would walk the hierarchy every second.
