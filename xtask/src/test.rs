@@ -26,10 +26,12 @@ const STEPS: [&str; 5] = [
 /// [`MATRIX`], which `--host-only` leaves out.
 const MATRIX_STEP: usize = 4;
 
-/// The series the test command boots: all but 5.10, which runs on demand
-/// (`cargo xtask vm-test --kernel 5.10`) until a soft lockup its guest had
-/// once in softirq processing is understood (README, "Supported kernels").
-const MATRIX: &str = "6.1,6.12,newest";
+/// The series the test command boots: 6.1 and 6.12. 5.10 and the newest
+/// run on demand (`cargo xtask vm-test --kernel 5.10,newest`) until two
+/// failures of their emulated guests are understood: a soft lockup in
+/// softirq processing (5.10) and an int3 oops at a tracepoint site being
+/// patched (7.3); README, "Supported kernels".
+const MATRIX: &str = "6.1,6.12";
 
 pub(crate) fn run(extra: Vec<OsString>, host_only: bool) -> Result<()> {
     // Checked before anything else: the integration tests load eBPF programs
