@@ -12,7 +12,7 @@ mod test;
 mod util;
 mod vm_test;
 
-use std::{ffi::OsString, path::PathBuf, time::Duration};
+use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -105,8 +105,20 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().command {
+/// Errors print as their chain of causes, without a backtrace: the chain
+/// says what failed, and a CI log keeps only the last lines of a run.
+fn main() -> ExitCode {
+    match command(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn command(command: Command) -> Result<()> {
+    match command {
         Command::Setup => setup::ensure().map(drop),
         Command::Build => {
             let tools = setup::ensure()?;

@@ -8,6 +8,7 @@
 //! `vm_test/init.sh`). Kernels and initramfs images are cached under
 //! `target/vm-test`.
 
+mod excerpt;
 mod guest;
 mod initramfs;
 mod kernel;
@@ -157,13 +158,10 @@ pub(crate) fn run(opts: Options) -> Result<()> {
         report::update_kernels_md(&path, &passed, &fixed)?;
         eprintln!("vm-test: updated {}", path.display());
     }
-    let failed: Vec<&str> = runs
-        .iter()
-        .filter(|(_, r)| !r.as_ref().is_ok_and(|r| r.outcome.ok()))
-        .map(|(name, _)| *name)
-        .collect();
-    ensure!(failed.is_empty(), "vm-test failed on {}", failed.join(", "));
-    Ok(())
+    match report::failure_digest(&runs) {
+        Some(digest) => bail!("vm-test failed:{digest}"),
+        None => Ok(()),
+    }
 }
 
 /// What every guest runs.

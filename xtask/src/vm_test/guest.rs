@@ -15,10 +15,10 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::Value;
 
-use super::kernel::Kernel;
+use super::{excerpt, kernel::Kernel};
 use crate::util::describe;
 
 /// QEMU settings measured on the CI machines: their KVM has no vmx/svm, so
@@ -93,6 +93,8 @@ pub(super) struct BinaryOutcome {
     pub counts: Option<Counts>,
     /// `SKIP <test>: <reason>` lines, without the prefix.
     pub skips: Vec<String>,
+    /// An excerpt of libtest's report of the failed tests.
+    pub failures: Vec<String>,
     pub secs: u64,
 }
 
@@ -204,10 +206,11 @@ pub(super) fn run(qemu: &Path, kernel: &Kernel, plan: &Plan, results: &Path) -> 
             let _ = child.wait();
             let _ = echo.join();
             bail!(
-                "the {} guest did not finish within {:?}; console: {}",
+                "the {} guest did not finish within {:?}; console: {}\n{}",
                 plan.series,
                 plan.timeout,
-                log_path.display()
+                log_path.display(),
+                console_excerpt(&log_path)
             );
         }
         thread::sleep(Duration::from_millis(200));
@@ -215,13 +218,23 @@ pub(super) fn run(qemu: &Path, kernel: &Kernel, plan: &Plan, results: &Path) -> 
     let _ = echo.join();
     let wall = start.elapsed();
     let _ = fs::remove_file(&scratch);
-    collect(results, plan, &nonce, wall, &kernel.release).with_context(|| {
-        format!(
-            "the {} guest (QEMU {status}); console: {}",
+    collect(results, plan, &nonce, wall, &kernel.release).map_err(|e| {
+        anyhow!(
+            "the {} guest (QEMU {status}): {e:#}; console: {}\n{}",
             plan.series,
-            log_path.display()
+            log_path.display(),
+            console_excerpt(&log_path)
         )
     })
+}
+
+fn console_excerpt(log: &Path) -> String {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    excerpt::console(&text)
+        .iter()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Reads back what the guest wrote for the run with `nonce`.
@@ -292,6 +305,7 @@ fn binary_outcome(results: &Path, name: &str) -> Result<BinaryOutcome> {
             .filter_map(|l| l.strip_prefix("SKIP "))
             .map(str::to_owned)
             .collect(),
+        failures: excerpt::test_failures(&out),
         secs,
     })
 }

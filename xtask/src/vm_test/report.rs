@@ -26,7 +26,8 @@ pub(super) fn print_summary(runs: &[(&str, Result<KernelRun>)]) {
         let run = match run {
             Ok(run) => run,
             Err(e) => {
-                eprintln!("  {name:<6} FAILED   {e:#}");
+                let e = format!("{e:#}");
+                eprintln!("  {name:<6} FAILED   {}", e.lines().next().unwrap_or(""));
                 continue;
             }
         };
@@ -73,6 +74,39 @@ pub(super) fn print_summary(runs: &[(&str, Result<KernelRun>)]) {
             Err(e) => eprintln!("        agent probe FAILED: {e}"),
         }
     }
+}
+
+/// What failed on each failing kernel, in full: the guest's end when it
+/// did not finish, else each failing binary's failed tests and the probe's
+/// error. `None` when every kernel passed.
+pub(super) fn failure_digest(runs: &[(&str, Result<KernelRun>)]) -> Option<String> {
+    let mut text = String::new();
+    for (name, run) in runs {
+        match run {
+            Err(e) => text.push_str(&format!("\n{name}: {e:#}")),
+            Ok(run) if !run.outcome.ok() => {
+                text.push_str(&format!("\n{name} ({}):", run.kernel.release));
+                if let Err(e) = &run.outcome.probe {
+                    text.push_str(&format!("\n  agent probe: {e}"));
+                }
+                for b in &run.outcome.binaries {
+                    let failed = b.counts.is_none_or(|c| c.failed > 0);
+                    if b.rc == 0 && !failed {
+                        continue;
+                    }
+                    text.push_str(&format!("\n  {} exited {}:", b.name, b.rc));
+                    for line in &b.failures {
+                        text.push_str(&format!("\n    {line}"));
+                    }
+                }
+                if run.outcome.total().passed == 0 {
+                    text.push_str("\n  no test passed");
+                }
+            }
+            Ok(_) => {}
+        }
+    }
+    (!text.is_empty()).then_some(text)
 }
 
 const KERNELS_MD_HEAD: &str = "\
