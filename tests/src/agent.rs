@@ -215,6 +215,24 @@ impl Agent {
                 "{key:?} is not an array in {start}"
             );
         }
+        // Says how each attached tracepoint is attached, and nothing else.
+        let attached_as = start["attached_as"]
+            .as_object()
+            .unwrap_or_else(|| self.fail(&format!("no attached_as object in {start}")));
+        let attached: BTreeSet<&str> = start["attached"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let described: BTreeSet<&str> = attached_as.keys().map(String::as_str).collect();
+        assert_eq!(described, attached, "attached_as vs attached in {start}");
+        for how in attached_as.values() {
+            assert!(
+                how == "tp_btf" || how == "tracepoint",
+                "attached as {how} in {start}"
+            );
+        }
         self.record_programs();
         start
     }
@@ -352,7 +370,7 @@ impl Agent {
         );
         let ids: BTreeSet<u32> = bpf::kdiag_programs_among(&self.programs)
             .into_iter()
-            .filter(|(_, shown)| programs.iter().any(|p| bpf::shows_as(p, shown)))
+            .filter(|(_, shown)| programs.iter().any(|p| bpf::is_entry_of(p, shown)))
             .map(|(id, _)| id)
             .collect();
         if ids.is_empty() {

@@ -1,5 +1,6 @@
-//! Just enough of a BTF reader to find struct member offsets and enum values
-//! in the running kernel's types (/sys/kernel/btf/vmlinux).
+//! Just enough of a BTF reader to find struct member offsets, enum values
+//! and the ids of named typedefs in the running kernel's types
+//! (/sys/kernel/btf/vmlinux).
 //!
 //! The file is megabytes long and the agent wants a handful of numbers from
 //! it, so it is never held in memory: a caller asks for everything it needs
@@ -101,7 +102,7 @@ pub(crate) fn resolve_in<R: Read + Seek, const M: usize, const E: usize>(
     members: [Member; M],
     enumerators: [Enumerator; E],
 ) -> Result<([u32; M], [i64; E]), BtfError> {
-    let found = find_in(reader, path, &members, &enumerators)?;
+    let found = find_in(reader, path, &members, &enumerators, &[])?;
     Ok((
         answers(found.offsets, &members, "struct")?,
         answers(found.values, &enumerators, "enum")?,
@@ -115,6 +116,7 @@ pub(crate) fn resolve_in<R: Read + Seek, const M: usize, const E: usize>(
 pub(crate) struct Answers {
     offsets: HashMap<Member<'static>, u32>,
     values: HashMap<Enumerator<'static>, i64>,
+    typedef_ids: HashMap<String, u32>,
     /// Why nothing could be answered: no BTF, or a file that is not BTF.
     unreadable: Option<Arc<BtfError>>,
 }
@@ -126,15 +128,19 @@ pub(crate) enum Unanswered {
     Unreadable(Arc<BtfError>),
     #[error("{0} {1} has no member {2} in the kernel's BTF")]
     NotFound(&'static str, &'static str, &'static str),
+    #[error("no typedef {0} in the kernel's BTF")]
+    NoTypedef(String),
 }
 
 impl Answers {
-    /// Answers `members` and `enumerators` from the running kernel's BTF.
+    /// Answers `members`, `enumerators` and the ids of `typedefs` from the
+    /// running kernel's BTF.
     pub(crate) fn of_kernel(
         members: &[Member<'static>],
         enumerators: &[Enumerator<'static>],
+        typedefs: &[String],
     ) -> Self {
-        if members.is_empty() && enumerators.is_empty() {
+        if members.is_empty() && enumerators.is_empty() && typedefs.is_empty() {
             return Self::default();
         }
         let found = File::open(VMLINUX)
@@ -142,7 +148,7 @@ impl Answers {
                 path: VMLINUX.to_owned(),
                 source,
             })
-            .and_then(|file| find_in(file, VMLINUX, members, enumerators));
+            .and_then(|file| find_in(file, VMLINUX, members, enumerators, typedefs));
         match found {
             Ok(found) => Self {
                 offsets: members
@@ -155,6 +161,12 @@ impl Answers {
                     .iter()
                     .copied()
                     .zip(found.values)
+                    .filter_map(|(q, a)| Some((q, a?)))
+                    .collect(),
+                typedef_ids: typedefs
+                    .iter()
+                    .cloned()
+                    .zip(found.typedef_ids)
                     .filter_map(|(q, a)| Some((q, a?)))
                     .collect(),
                 unreadable: None,
@@ -184,6 +196,17 @@ impl Answers {
         self.answer(&self.values, (enum_name, enumerator), "enum")
     }
 
+    /// The type id of the typedef `name`; the loader must have asked.
+    pub(crate) fn typedef_id(&self, name: &str) -> Result<u32, Unanswered> {
+        if let Some(e) = &self.unreadable {
+            return Err(Unanswered::Unreadable(e.clone()));
+        }
+        self.typedef_ids
+            .get(name)
+            .copied()
+            .ok_or_else(|| Unanswered::NoTypedef(name.to_owned()))
+    }
+
     fn answer<T: Copy>(
         &self,
         found: &HashMap<(&'static str, &'static str), T>,
@@ -200,14 +223,55 @@ impl Answers {
     }
 }
 
+/// BTF (little-endian, as the kernel's on the hosts the agent runs on) in
+/// which each of `typedefs`, `(name, id)`, is a typedef named `name` with
+/// type id `id`, and every other id up to the largest a placeholder (an
+/// unnamed pointer to void): for a loader that finds a typedef's id by its
+/// name, without the kernel's whole BTF. 12 bytes per id.
+pub(crate) fn typedefs_at_ids(typedefs: &[(String, u32)]) -> Vec<u8> {
+    let last = typedefs.iter().map(|&(_, id)| id).max().unwrap_or(0);
+    let mut strings = vec![0];
+    let mut types = Vec::with_capacity(12 * last as usize);
+    for id in 1..=last {
+        let (name_off, kind) = match typedefs.iter().find(|&&(_, i)| i == id) {
+            Some((name, _)) => {
+                let off = strings.len() as u32;
+                strings.extend_from_slice(name.as_bytes());
+                strings.push(0);
+                (off, KIND_TYPEDEF)
+            }
+            None => (0, KIND_PTR),
+        };
+        for word in [name_off, kind << 24, 0] {
+            types.extend_from_slice(&word.to_le_bytes());
+        }
+    }
+    let mut out = Vec::with_capacity(HEADER_LEN as usize + types.len() + strings.len());
+    let header = [
+        u32::from(MAGIC) | u32::from(VERSION) << 16,
+        HEADER_LEN,
+        0,
+        types.len() as u32,
+        types.len() as u32,
+        strings.len() as u32,
+    ];
+    for word in header {
+        out.extend_from_slice(&word.to_le_bytes());
+    }
+    out.extend_from_slice(&types);
+    out.extend_from_slice(&strings);
+    out
+}
+
 /// One pass over the BTF in `reader`: an answer or `None` per query.
 fn find_in<R: Read + Seek>(
     reader: R,
     path: &str,
     members: &[Member],
     enumerators: &[Enumerator],
+    typedefs: &[String],
 ) -> Result<Found, BtfError> {
-    let batch = Batch::new(members, enumerators);
+    let batch = Batch::new(members, enumerators, typedefs);
     let mut reader = Reader {
         inner: BufReader::with_capacity(BUF_LEN, reader),
         path,
@@ -332,15 +396,16 @@ impl Header {
 }
 
 /// The names a batch asks for, each once, and its queries as indexes into
-/// them: (struct, member) or (enum, enumerator).
+/// them: (struct, member), (enum, enumerator), or a typedef.
 struct Batch<'a> {
     names: Vec<&'a str>,
     members: Vec<(usize, usize)>,
     enumerators: Vec<(usize, usize)>,
+    typedefs: Vec<usize>,
 }
 
 impl<'a> Batch<'a> {
-    fn new(members: &[Member<'a>], enumerators: &[Enumerator<'a>]) -> Self {
+    fn new(members: &[Member<'a>], enumerators: &[Enumerator<'a>], typedefs: &'a [String]) -> Self {
         let mut names = Vec::new();
         let mut pairs = |queries: &[(&'a str, &'a str)]| -> Vec<(usize, usize)> {
             queries
@@ -350,10 +415,12 @@ impl<'a> Batch<'a> {
         };
         let members = pairs(members);
         let enumerators = pairs(enumerators);
+        let typedefs = typedefs.iter().map(|t| intern(&mut names, t)).collect();
         Self {
             names,
             members,
             enumerators,
+            typedefs,
         }
     }
 
@@ -371,8 +438,11 @@ impl<'a> Batch<'a> {
             found: Found {
                 offsets: vec![None; self.members.len()],
                 values: vec![None; self.enumerators.len()],
-                missing: self.members.len() + self.enumerators.len(),
+                typedef_ids: vec![None; self.typedefs.len()],
+                missing: self.members.len() + self.enumerators.len() + self.typedefs.len(),
             },
+            // Type ids count from 1 (0 is void).
+            id: 1,
         };
         reader.seek(types.start)?;
         let mut left = types.len;
@@ -395,6 +465,7 @@ fn intern<'a>(names: &mut Vec<&'a str>, name: &'a str) -> usize {
 struct Found {
     offsets: Vec<Option<u32>>,
     values: Vec<Option<i64>>,
+    typedef_ids: Vec<Option<u32>>,
     missing: usize,
 }
 
@@ -403,6 +474,9 @@ struct Walk<'w, 'a> {
     batch: &'w Batch<'a>,
     names: &'w NameOffsets,
     found: Found,
+    /// The id of the next type: types are numbered in the order of the
+    /// section.
+    id: u32,
 }
 
 impl Walk<'_, '_> {
@@ -425,7 +499,18 @@ impl Walk<'_, '_> {
             .checked_sub(extra)
             .ok_or(BtfError::Malformed("a type runs past the type section"))?;
         let owner = self.names.at(name_off);
+        let id = self.id;
+        self.id += 1;
         match (kind, owner) {
+            (KIND_TYPEDEF, Some(name)) => {
+                for (query, slot) in self.batch.typedefs.iter().zip(&mut self.found.typedef_ids) {
+                    if *query == name && slot.is_none() {
+                        *slot = Some(id);
+                        self.found.missing -= 1;
+                    }
+                }
+                reader.skip(extra)
+            }
             (KIND_STRUCT, Some(owner)) if owns(&self.batch.members, owner) => {
                 self.members(reader, owner, vlen, kind_flag)
             }
@@ -1077,6 +1162,37 @@ pub(crate) mod tests {
         }
         let err = resolve_in(Failing, "some/btf", [("a", "b")], []).unwrap_err();
         assert_eq!(err.to_string(), "cannot read some/btf: device on fire");
+    }
+
+    /// Typedef ids come from the walk's count of types, and the BTF built
+    /// from them puts each where aya's lookup by name finds that id.
+    #[test]
+    fn typedef_ids_round_trip_through_aya() {
+        let wanted = vec![("btf_trace_b".to_owned(), 7), ("btf_trace_a".to_owned(), 3)];
+        let bytes = typedefs_at_ids(&wanted);
+        let names: Vec<String> = ["btf_trace_a", "btf_trace_b", "btf_trace_c"]
+            .map(str::to_owned)
+            .to_vec();
+        let found = find_in(Cursor::new(&bytes), "typedefs", &[], &[], &names).unwrap();
+        assert_eq!(found.typedef_ids, [Some(3), Some(7), None]);
+        let btf = aya::Btf::parse(&bytes, aya::Endianness::default()).unwrap();
+        for (name, id) in wanted {
+            let kind = aya_obj::btf::BtfKind::Typedef;
+            assert_eq!(btf.id_by_type_name_kind(&name, kind).unwrap(), id);
+        }
+    }
+
+    /// The softirq tracepoints' typedefs are in the running kernel's BTF,
+    /// at the ids aya's parse of the whole file gives them.
+    #[test]
+    fn finds_the_running_kernels_tracepoint_typedefs() {
+        let names = vec!["btf_trace_softirq_entry".to_owned()];
+        let answers = Answers::of_kernel(&[], &[], &names);
+        let id = answers.typedef_id(&names[0]).unwrap();
+        let data = std::fs::read(VMLINUX).unwrap();
+        let btf = aya::Btf::parse(&data, aya::Endianness::default()).unwrap();
+        let kind = aya_obj::btf::BtfKind::Typedef;
+        assert_eq!(btf.id_by_type_name_kind(&names[0], kind).unwrap(), id);
     }
 
     /// The running kernel's BTF gives what a whole-file reader that compares

@@ -104,3 +104,12 @@ pub(crate) fn raise_memlock_limit() -> Option<u64> {
     }
     getrlimit(Resource::Memlock).current
 }
+
+/// Waits for one RCU grace period: every BPF program run that had begun
+/// when it was called has ended (`membarrier(MEMBARRIER_CMD_GLOBAL)`, which
+/// needs no privilege). Where the kernel refuses it (nohz_full CPUs, no
+/// CONFIG_MEMBARRIER), it returns at once: a run still in flight may then
+/// count one event more than the stream shows.
+pub(crate) fn wait_for_rcu_grace_period() {
+    let _ = rustix::thread::membarrier(rustix::thread::MembarrierCommand::Global);
+}

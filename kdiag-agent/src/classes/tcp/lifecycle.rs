@@ -32,6 +32,7 @@ const TRACEPOINTS: &[Tracepoint] = &[
         group: "sock",
         name: "inet_sock_set_state",
         program: "inet_sock_set_state",
+        btf_program: None,
         required: true,
     },
     // Retransmits feed tcp_summary and the per-connection counts.
@@ -39,12 +40,14 @@ const TRACEPOINTS: &[Tracepoint] = &[
         group: "tcp",
         name: "tcp_retransmit_skb",
         program: "retransmit_skb",
+        btf_program: None,
         required: false,
     },
     Tracepoint {
         group: "tcp",
         name: "tcp_retransmit_synack",
         program: "retransmit_synack",
+        btf_program: None,
         required: false,
     },
 ];

@@ -23,12 +23,14 @@ const TRACEPOINTS: &[Tracepoint] = &[
         group: "tcp",
         name: "tcp_retransmit_skb",
         program: "retransmit_skb",
+        btf_program: None,
         required: true,
     },
     Tracepoint {
         group: "tcp",
         name: "tcp_retransmit_synack",
         program: "retransmit_synack",
+        btf_program: None,
         required: false,
     },
     // Not a source of records: it tells the kernel programs who owns each
@@ -38,6 +40,7 @@ const TRACEPOINTS: &[Tracepoint] = &[
         group: "sock",
         name: "inet_sock_set_state",
         program: "inet_sock_set_state",
+        btf_program: None,
         required: false,
     },
 ];

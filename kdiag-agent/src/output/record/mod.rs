@@ -119,6 +119,8 @@ pub(crate) struct AgentStart {
     pub kernel: String,
     pub transport: &'static str,
     pub attached: Vec<String>,
+    /// How each of `attached` is attached: `"tp_btf"` or `"tracepoint"`.
+    pub attached_as: BTreeMap<String, &'static str>,
     pub degraded: Vec<Degraded>,
     /// The ids the agent runs as once attached, and the capabilities it
     /// still holds (effective and permitted alike).
@@ -140,7 +142,14 @@ impl Record for AgentStart {
             self.version,
             self.kernel,
             self.transport,
-            self.attached.join(" ")
+            self.attached
+                .iter()
+                .map(|tp| match self.attached_as.get(tp) {
+                    Some(how) => format!("{tp} ({how})"),
+                    None => tp.clone(),
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
         );
         for d in &self.degraded {
             s.push_str(&format!("\n# degraded: {}: {}", d.what, d.why));
