@@ -251,8 +251,8 @@ wire_enum! {
         BytesReceived,
         SegsOut,
         SegsIn,
-        /// The byte holding `chrono_type` (a 2-bit bitfield before 6.8, a
-        /// u8 since): the agent shifts and masks it.
+        /// The byte holding `chrono_type` (a 2-bit bitfield in older
+        /// kernels, a u8 in 6.18): the agent shifts and masks it.
         ChronoType,
         /// `chrono_start`, jiffies.
         ChronoStart,

@@ -71,8 +71,8 @@ pub(crate) const CLOSE_FIELDS: &[SockField] = &[
     SockField::ChronoSndbuf,
 ];
 
-/// Where a field is in `struct tcp_sock`: its byte offset and width, and
-/// for `chrono_type` the bit it starts at within that byte.
+/// Where a field is in `struct tcp_sock`: its byte offset and width (for
+/// `chrono_type`, the byte it starts in; see [`ChronoLayout`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Located {
     offset: u32,
@@ -167,14 +167,15 @@ pub(crate) fn missing_note(records: &str, missing: &[(SockField, String)]) -> Op
     Some(Degraded {
         what: format!("btf/tcp_sock ({records})"),
         why: format!(
-            "{records} records carry null for the socket fields {} : {first_why}",
+            "{records} records carry null for the socket fields {}: {first_why}",
             names.join(", ")
         ),
     })
 }
 
-/// `struct tcp_sock`'s `chrono_type`: which bits of the byte read hold it
-/// (a 2-bit field before 6.8, a u8 since, holding 0 to 3 either way).
+/// How to decode the chronographs: which bits of the byte read hold
+/// `chrono_type` (a 2-bit bitfield in older kernels, a u8 in 6.18; 0 to 3
+/// either way), and the unit of the times.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ChronoLayout {
     /// Bit of the byte read where the field starts.
@@ -490,7 +491,7 @@ mod tests {
                 limited_by: Some("receiver"),
             }
         );
-        // A 2-bit field at bit 3 of its byte, as before 6.8, holding 1
+        // A 2-bit field at bit 3 of its byte, as older kernels have it, holding 1
         // (busy) beside other bits; unknown chronographs are null.
         let sock = run(&plan, &close_sock((1 << 3) | 0b1110_0000), (1 << 32) + 8);
         let layout = ChronoLayout { shift: 3, ..layout };
