@@ -28,6 +28,8 @@ pub struct ListenOptions {
     pub hold: bool,
     /// Share the port with other listeners (SO_REUSEPORT; IPv4 only).
     pub reuseport: bool,
+    /// SO_RCVBUF of the listener, inherited by what it accepts.
+    pub rcvbuf: Option<u64>,
 }
 
 impl ListenOptions {
@@ -41,6 +43,9 @@ impl ListenOptions {
         }
         if self.reuseport {
             args.push("--reuseport".to_owned());
+        }
+        if let Some(bytes) = self.rcvbuf {
+            args.extend(["--rcvbuf".to_owned(), bytes.to_string()]);
         }
         args
     }
@@ -167,6 +172,21 @@ impl Peer {
         ];
         args.extend(opts.args());
         Peer::spawn(bin, ns.into(), &args, opts.join_cgroup.as_deref())
+    }
+
+    /// `kdiag-peer MODE ARGS…` in `ns`, for the modes without options
+    /// (`send`, `stall`, `probe`; see the peer's usage); returns once it
+    /// runs.
+    pub fn run<'a>(bin: &str, ns: impl Into<Netns<'a>>, mode: &str, args: &[String]) -> Peer {
+        let mut all = vec![mode.to_owned()];
+        all.extend(args.iter().cloned());
+        Peer::spawn(bin, ns.into(), &all, None)
+    }
+
+    /// Waits for the first stdout line starting with `prefix` and returns
+    /// the rest of it.
+    pub fn wait_for_line(&self, prefix: &str) -> String {
+        self.wait_line(prefix)[prefix.len()..].to_owned()
     }
 
     /// `kdiag-peer bulk` in `ns`: a bulk TCP transfer over that namespace's

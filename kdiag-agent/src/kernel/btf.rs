@@ -103,8 +103,9 @@ pub(crate) fn resolve_in<R: Read + Seek, const M: usize, const E: usize>(
     enumerators: [Enumerator; E],
 ) -> Result<([u32; M], [i64; E]), BtfError> {
     let found = find_in(reader, path, &members, &enumerators, &[])?;
+    let bytes = found.offsets.into_iter().map(|o| o.map(|bits| bits / 8));
     Ok((
-        answers(found.offsets, &members, "struct")?,
+        answers(bytes.collect(), &members, "struct")?,
         answers(found.values, &enumerators, "enum")?,
     ))
 }
@@ -178,8 +179,29 @@ impl Answers {
         }
     }
 
-    /// The byte offset of `member` in `strukt`; the class must have asked.
+    /// Answers holding these member offsets, in bits: what a kernel's BTF
+    /// would give.
+    #[cfg(test)]
+    pub(crate) fn with_bit_offsets(offsets: &[(Member<'static>, u32)]) -> Self {
+        Self {
+            offsets: offsets.iter().copied().collect(),
+            ..Self::default()
+        }
+    }
+
+    /// The byte offset of `member` in `strukt` (for a bitfield, of the
+    /// byte its first bit is in); the class must have asked.
     pub(crate) fn offset(
+        &self,
+        strukt: &'static str,
+        member: &'static str,
+    ) -> Result<u32, Unanswered> {
+        self.bit_offset(strukt, member).map(|bits| bits / 8)
+    }
+
+    /// The bit offset of `member` in `strukt`, which places a bitfield
+    /// within its byte; the class must have asked.
+    pub(crate) fn bit_offset(
         &self,
         strukt: &'static str,
         member: &'static str,
@@ -461,7 +483,8 @@ fn intern<'a>(names: &mut Vec<&'a str>, name: &'a str) -> usize {
     })
 }
 
-/// The answers so far, by query; `missing` counts those still unanswered.
+/// The answers so far, by query (member offsets in bits); `missing` counts
+/// those still unanswered.
 struct Found {
     offsets: Vec<Option<u32>>,
     values: Vec<Option<i64>>,
@@ -541,7 +564,7 @@ impl Walk<'_, '_> {
                 answer(
                     &self.batch.members,
                     (owner, name),
-                    bits / 8,
+                    bits,
                     &mut self.found.offsets,
                     &mut self.found.missing,
                 );

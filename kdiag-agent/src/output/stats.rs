@@ -17,7 +17,7 @@ use aya::{
     util::KernelVersion,
 };
 use kdiag_common::{
-    CLASS_COUNT, LOSS_DROPPED, LOSS_FAILED, LOSS_LOST, LOSS_REASONS, LOSS_SLOTS,
+    CLASS_COUNT, LOSS_DROPPED, LOSS_FAILED, LOSS_LOST, LOSS_PARTIAL, LOSS_REASONS, LOSS_SLOTS,
     cost::{ProgramCost, ProgramId},
 };
 
@@ -145,6 +145,7 @@ impl StatsCollector {
                     dropped: delta(LOSS_DROPPED),
                     lost: delta(LOSS_LOST),
                     failed: delta(LOSS_FAILED),
+                    partial: delta(LOSS_PARTIAL),
                 },
             );
         }

@@ -1,6 +1,6 @@
 //! The process itself: allocator settings, CPU time, clocks, page size.
 
-use rustix::time::{ClockId, clock_gettime};
+use rustix::time::{ClockId, clock_getres, clock_gettime};
 
 /// Makes glibc serve blocks of `bytes` and more from mappings of their own,
 /// returned to the kernel when freed (`mallopt(M_MMAP_THRESHOLD)`, which also
@@ -51,6 +51,15 @@ pub(crate) fn realtime_ns() -> i128 {
 fn clock_ns(clock: ClockId) -> i128 {
     let ts = clock_gettime(clock);
     i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+}
+
+/// The kernel's tick (one jiffy) in nanoseconds: the resolution of the
+/// coarse clocks, which advance once a tick (`TICK_NSEC`, 1e9 / HZ rounded).
+/// `None` when the kernel does not say.
+pub(crate) fn tick_ns() -> Option<u64> {
+    let res = clock_getres(ClockId::MonotonicCoarse);
+    let ns = u64::try_from(res.tv_sec).ok()? * 1_000_000_000 + u64::try_from(res.tv_nsec).ok()?;
+    (ns > 0).then_some(ns)
 }
 
 /// The size of a memory page, from the auxiliary vector.

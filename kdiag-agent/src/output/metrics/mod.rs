@@ -511,6 +511,7 @@ mod tests {
                     dropped: 1,
                     lost: 0,
                     failed: 0,
+                    partial: 0,
                 },
             )]),
             programs: Vec::new(),

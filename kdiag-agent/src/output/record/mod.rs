@@ -15,7 +15,9 @@ pub(crate) use memory::{
     Compact, CompactSummary, LatencySummary, Reclaim, ReclaimSummary, Vmstat, VmstatCounters,
 };
 pub(crate) use softirq::{Softirq, SoftirqSummary};
-pub(crate) use tcp::{Endpoints, Retrans, TcpConn, TcpState, TcpSummary, TopConn};
+pub(crate) use tcp::{
+    ConnHealth, Endpoints, Retrans, SenderState, TcpConn, TcpState, TcpSummary, TopConn,
+};
 
 /// Owner fields as the records print them.
 ///
@@ -174,6 +176,9 @@ pub(crate) struct ClassStats {
     pub lost: u64,
     /// Events a kernel program gave up on (a failed map insert or read).
     pub failed: u64,
+    /// Events sent with some of their socket fields null: a read of the
+    /// socket's memory failed.
+    pub partial: u64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
