@@ -303,7 +303,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
                 dispatch(
                     &mut reader,
                     &mut classes,
-                    &mut Context { out: &mut out, services: &mut services },
+                    &mut Context::new(&mut out, &mut services),
                     &mut stats,
                     &mut held,
                     false,
@@ -320,7 +320,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
                     &mut budget,
                     programs.clone(),
                     now,
-                    &mut Context { out: &mut out, services: &mut services },
+                    &mut Context::new(&mut out, &mut services),
                     false,
                 )
                 .and_then(|()| budget.evaluate(programs, now, &mut out))
@@ -338,7 +338,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
                 dispatch(
                     &mut reader,
                     &mut classes,
-                    &mut Context { out: &mut out, services: &mut services },
+                    &mut Context::new(&mut out, &mut services),
                     &mut stats,
                     &mut held,
                     false,
@@ -374,10 +374,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
         let _ = detach_all(&mut loaded.ebpf, || Ok(()));
         return Ok(());
     }
-    let mut cx = Context {
-        out: &mut out,
-        services: &mut services,
-    };
+    let mut cx = Context::new(&mut out, &mut services);
     let mut drain = |cx: &mut Context<'_>, at_exit| {
         dispatch(
             &mut reader,

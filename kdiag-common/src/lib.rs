@@ -53,6 +53,11 @@ wire_enum! {
         Reclaim = 4,
         Compact = 5,
         Softirq = 6,
+        /// A socket destroyed while the programs still held it: its close
+        /// (`-> CLOSE`) was never seen. A [`tcp::TcpStateEvent`] without
+        /// a tuple or an old state (the agent has them from earlier
+        /// changes).
+        TcpDestroy = 7,
     }
 }
 
@@ -133,7 +138,12 @@ pub const LOSS_LOST: u32 = 1;
 /// A program gave up on an event: a map insert failed (the map full) or a
 /// read of the record or of kernel memory failed, and it returned early.
 pub const LOSS_FAILED: u32 = 2;
-pub const LOSS_REASONS: u32 = 3;
+/// An event was sent, but a bounded map that keeps statistics or state
+/// had no room for it: the event is missing from summaries (a thread's
+/// stall statistics) or its socket's later events lack what the map would
+/// have kept (owner, retransmit count).
+pub const LOSS_MAP_FULL: u32 = 3;
+pub const LOSS_REASONS: u32 = 4;
 
 wire_enum! {
     /// Event classes, as indexes for per-class counters: numbered from 0 in

@@ -33,7 +33,7 @@ use kdiag_common::{
 use crate::{
     cost::{gates, measured},
     ctx,
-    output::{emit, header_at},
+    output::{counted, emit, header_at},
     rodata::rodata,
 };
 
@@ -75,7 +75,7 @@ fn slot(vec: u32) -> Result<*mut SoftirqSlot, i64> {
 #[tracepoint]
 pub(crate) fn softirq_raise(ctx: TracePointContext) -> u32 {
     measured(ProgramId::SoftirqRaise, || {
-        try_softirq_raise(&ctx).unwrap_or(0)
+        counted(ClassId::Softirq, try_softirq_raise(&ctx))
     })
 }
 
@@ -101,7 +101,7 @@ fn try_softirq_raise(ctx: &TracePointContext) -> Result<u32, i64> {
 #[tracepoint]
 pub(crate) fn softirq_entry(ctx: TracePointContext) -> u32 {
     measured(ProgramId::SoftirqEntry, || {
-        try_softirq_entry(&ctx).unwrap_or(0)
+        counted(ClassId::Softirq, try_softirq_entry(&ctx))
     })
 }
 
@@ -137,7 +137,7 @@ fn try_softirq_entry(ctx: &TracePointContext) -> Result<u32, i64> {
 #[tracepoint]
 pub(crate) fn softirq_exit(ctx: TracePointContext) -> u32 {
     measured(ProgramId::SoftirqExit, || {
-        try_softirq_exit(&ctx).unwrap_or(0)
+        counted(ClassId::Softirq, try_softirq_exit(&ctx))
     })
 }
 

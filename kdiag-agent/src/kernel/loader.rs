@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, path::Path};
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::MapError,
-    programs::{ProgramError, TracePoint},
+    programs::{Program, ProgramError, TracePoint},
     util::KernelVersion,
 };
 use kdiag_common::{Transport, wakeup_shift};
@@ -261,15 +261,25 @@ fn give_up_or_degrade(
     Ok(())
 }
 
+/// Attaches `tp`'s program as what it was built as: a classic tracepoint
+/// program to `group/name`, a raw tracepoint program (the section
+/// `raw_tp/NAME`) to `name`.
 fn attach(ebpf: &mut Ebpf, tp: &Tracepoint) -> Result<(), AttachError> {
-    let program: &mut TracePoint = ebpf
+    let program = ebpf
         .program_mut(tp.program)
-        .ok_or(AttachError::MissingProgram(tp.program))?
-        .try_into()
-        .map_err(|source| AttachError::NotTracePoint {
-            program: tp.program,
-            source,
-        })?;
+        .ok_or(AttachError::MissingProgram(tp.program))?;
+    if let Program::RawTracePoint(program) = program {
+        program.load().map_err(AttachError::Load)?;
+        program.attach(tp.name).map_err(AttachError::Attach)?;
+        return Ok(());
+    }
+    let program: &mut TracePoint =
+        program
+            .try_into()
+            .map_err(|source| AttachError::NotTracePoint {
+                program: tp.program,
+                source,
+            })?;
     program.load().map_err(AttachError::Load)?;
     program
         .attach(tp.group, tp.name)
