@@ -42,6 +42,12 @@ pub struct ClassTotals {
     pub dropped: u64,
     pub lost: u64,
     pub failed: u64,
+    pub map_full: u64,
+    /// `None` if any interval's was null (a kernel that does not count
+    /// the runs it skips).
+    pub skipped: Option<u64>,
+    pub undecodable: u64,
+    pub filtered: u64,
 }
 
 /// Sums `classes.<class>` over every `agent_stats` record: the counters are
@@ -58,14 +64,22 @@ pub fn class_totals(recs: &[Value], class: &str) -> ClassTotals {
         })
         .collect();
     assert!(!stats.is_empty(), "no agent_stats record");
-    stats
-        .into_iter()
-        .fold(ClassTotals::default(), |t, c| ClassTotals {
+    stats.into_iter().fold(
+        ClassTotals {
+            skipped: Some(0),
+            ..ClassTotals::default()
+        },
+        |t, c| ClassTotals {
             events: t.events + u64_field(c, "events"),
             dropped: t.dropped + u64_field(c, "dropped"),
             lost: t.lost + u64_field(c, "lost"),
             failed: t.failed + u64_field(c, "failed"),
-        })
+            map_full: t.map_full + u64_field(c, "map_full"),
+            skipped: t.skipped.zip(c["skipped"].as_u64()).map(|(a, b)| a + b),
+            undecodable: t.undecodable + u64_field(c, "undecodable"),
+            filtered: t.filtered + u64_field(c, "filtered"),
+        },
+    )
 }
 
 /// `decode_errors` summed over every `agent_stats` record: events the agent

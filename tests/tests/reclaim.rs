@@ -233,11 +233,11 @@ fn memcg_reclaim_of_the_filtered_reader_only() {
         class_totals(&recs, "reclaim"),
         ClassTotals {
             events: events.len() as u64,
-            dropped: 0,
-            lost: 0,
-            failed: 0,
+            skipped: Some(0),
+            ..ClassTotals::default()
         },
-        "agent_stats: events = reclaim records, nothing dropped, lost or failed"
+        "agent_stats: events = reclaim records, nothing dropped, lost, failed, skipped, \
+         undecodable or filtered"
     );
 
     // The cgroup-filtered agent saw both readers, and only them.

@@ -392,6 +392,63 @@ mod tests {
     }
 
     #[test]
+    fn skipped_runs_go_to_the_class_whose_events_they_are() {
+        const RETRANS: u32 = kdiag_common::ClassId::Retrans as u32;
+        const TCP: u32 = kdiag_common::ClassId::Tcp as u32;
+        let retrans = (
+            RETRANS,
+            "retrans",
+            vec!["inet_sock_set_state", "retransmit_skb"],
+        );
+        let tcp = (TCP, "tcp", vec!["inet_sock_set_state", "retransmit_skb"]);
+        // Both run: each program's misses are its own class's.
+        let both = skip_classes(&[retrans.clone(), tcp]);
+        assert_eq!(both["inet_sock_set_state"], TCP);
+        assert_eq!(both["retransmit_skb"], RETRANS);
+        // retrans alone: it also takes the state program it attaches.
+        let alone = skip_classes(&[retrans]);
+        assert_eq!(alone["inet_sock_set_state"], RETRANS);
+        let program = |name: &str, misses| ProgramStats {
+            name: name.to_owned(),
+            run_cnt: 0,
+            run_time_ns: 0,
+            timed_runs: 0,
+            recursion_misses: misses,
+        };
+        let programs = [
+            program("inet_sock_set_state", Some(3)),
+            program("retransmit_skb", Some(1)),
+        ];
+        assert_eq!(skipped(&programs, &both, TCP), Some(3));
+        assert_eq!(skipped(&programs, &alone, RETRANS), Some(4));
+        // One program's count unknown: the class's is.
+        let unknown = [
+            program("inet_sock_set_state", None),
+            program("retransmit_skb", Some(1)),
+        ];
+        assert_eq!(skipped(&unknown, &alone, RETRANS), None);
+    }
+
+    #[test]
+    fn an_unreadable_miss_count_is_null_and_the_next_covers_it() {
+        let misses = |n| RunCounters {
+            recursion_misses: n,
+            ..RunCounters::default()
+        };
+        let name = "inet_sock_set_state".to_owned();
+        let first: ProgramCounters = [(name.clone(), misses(Some(5)))].into();
+        let unreadable: ProgramCounters = [(name.clone(), misses(None))].into();
+        let next: ProgramCounters = [(name.clone(), misses(Some(9)))].into();
+        let mut last = ProgramCounters::new();
+        assert_eq!(program_deltas(&first, &last)[0].recursion_misses, Some(5));
+        last = keep_last_known(first, &last);
+        assert_eq!(program_deltas(&unreadable, &last)[0].recursion_misses, None);
+        last = keep_last_known(unreadable, &last);
+        // 9 - 5: the unreadable interval's misses are in this one, once.
+        assert_eq!(program_deltas(&next, &last)[0].recursion_misses, Some(4));
+    }
+
+    #[test]
     fn untimed_intervals_take_the_mean_over_the_life() {
         let life = RunCounters {
             runs: 1000,
