@@ -961,9 +961,9 @@ fn a_reuseport_sibling_keeps_its_owner_when_another_closes() {
 /// Held by the tests that count every change under churn, so that they do
 /// not run at once: each one's agent adds programs on the same tracepoint,
 /// and with three agents under churn one run in five had a change of the
-/// overflow test counted nowhere (never seen with its agent alone: written
-/// + counted equalled the changes made in every run). That loss is not
-/// understood yet.
+/// overflow test counted nowhere (never seen with its agent alone: the
+/// records written and the losses counted equalled the changes made in
+/// every run). That loss is not understood yet.
 static CHURNING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Clients at once in the churn tests, each making `churn_each()`
@@ -1243,19 +1243,7 @@ fn every_change_is_written_or_counted_when_the_buffer_overflows() {
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let net = NetnsPair::new();
     let port = unique_port();
-    let port_arg = port.to_string();
-    let (mut agent, _) = Agent::start(
-        &[
-            "tcp",
-            "--port",
-            &port_arg,
-            "--buffer-mib",
-            "1",
-            "--interval",
-            "1",
-        ],
-        &["sock/inet_sock_set_state"],
-    );
+    let mut agent = start_tcp(port, &["--buffer-mib", "1", "--interval", "1"]);
     let stopper = {
         let pid = agent.pid() as libc::pid_t;
         thread::spawn(move || {
