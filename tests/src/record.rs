@@ -50,6 +50,18 @@ pub struct ClassTotals {
     pub filtered: u64,
 }
 
+impl ClassTotals {
+    /// These totals with `skipped` 0 taken as not counted (`None`), to
+    /// compare with a total that expects none skipped on kernels that count
+    /// skipped runs (6.7+) and those that do not.
+    pub fn none_skipped_as_uncounted(self) -> Self {
+        Self {
+            skipped: self.skipped.filter(|&n| n != 0),
+            ..self
+        }
+    }
+}
+
 /// Sums `classes.<class>` over every `agent_stats` record: the counters are
 /// per-interval deltas, so the sum covers the whole run. Panics if no
 /// `agent_stats` names the class.
