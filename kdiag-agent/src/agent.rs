@@ -207,8 +207,14 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
         .map_err(|_| AgentError::MissingMap("PROGRAM_COST"))?;
     let gates = Array::try_from(take_map(&mut loaded.ebpf, "BUDGET")?)
         .map_err(|_| AgentError::MissingMap("BUDGET"))?;
-    let class_names = classes.iter().map(|c| (c.id() as u32, c.name())).collect();
-    let mut stats = StatsCollector::new(class_names, losses, costs, monotonic_ns());
+    let class_programs: Vec<_> = classes
+        .iter()
+        .map(|c| {
+            let programs = c.tracepoints().iter().map(|t| t.program).collect();
+            (c.id() as u32, c.name(), programs)
+        })
+        .collect();
+    let mut stats = StatsCollector::new(&class_programs, losses, costs, monotonic_ns());
     let class_ids: Vec<ClassId> = classes.iter().map(|c| c.id()).collect();
     let mut budget = Budget::new(
         cli.global.max_cpu,
@@ -316,7 +322,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
                 dispatch(
                     &mut reader,
                     &mut classes,
-                    &mut Context { out: &mut out, services: &mut services },
+                    &mut Context::new(&mut out, &mut services),
                     &mut stats,
                     &mut held,
                     false,
@@ -333,7 +339,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
                     &mut budget,
                     programs.clone(),
                     now,
-                    &mut Context { out: &mut out, services: &mut services },
+                    &mut Context::new(&mut out, &mut services),
                     false,
                 )
                 .and_then(|()| budget.evaluate(programs, now, &mut out))
@@ -351,7 +357,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
                 dispatch(
                     &mut reader,
                     &mut classes,
-                    &mut Context { out: &mut out, services: &mut services },
+                    &mut Context::new(&mut out, &mut services),
                     &mut stats,
                     &mut held,
                     false,
@@ -387,10 +393,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
         let _ = detach_all(&mut loaded.ebpf, || Ok(()));
         return Ok(());
     }
-    let mut cx = Context {
-        out: &mut out,
-        services: &mut services,
-    };
+    let mut cx = Context::new(&mut out, &mut services);
     let mut drain = |cx: &mut Context<'_>, at_exit| {
         dispatch(
             &mut reader,
@@ -549,7 +552,6 @@ fn dispatch(
         classes,
         stats,
         first_bad,
-        undecodable: 0,
     };
     let mut result = events.release(held, cx, usize::MAX);
     reader.drain(|data| {
@@ -573,7 +575,7 @@ fn dispatch(
         // Nothing comes after these: no owner is waited for.
         result = events.release(held, cx, 0);
     }
-    events.stats.count_decode_errors(events.undecodable);
+    events.stats.count_malformed(reader.take_malformed());
     result
 }
 
@@ -590,7 +592,6 @@ struct Events<'a> {
     stats: &'a mut StatsCollector,
     /// No undecodable event was reported before this drain.
     first_bad: bool,
-    undecodable: u64,
 }
 
 impl Events<'_> {
@@ -625,7 +626,7 @@ impl Events<'_> {
         let kind = match wire::event_kind(data) {
             Ok(kind) => kind,
             Err(e) => {
-                undecodable(self.first_bad, &mut self.undecodable, &e);
+                undecodable(&mut self.first_bad, self.stats, None, &e);
                 return Ok(None);
             }
         };
@@ -638,16 +639,22 @@ impl Events<'_> {
             if i < done {
                 continue;
             }
-            match class.on_event(data, cx) {
-                Ok(n) => self.stats.count_events(class.id() as u32, n),
+            let id = class.id() as u32;
+            cx.filtered = false;
+            let result = class.on_event(data, cx);
+            if std::mem::take(&mut cx.filtered) {
+                self.stats.count_filtered(id);
+            }
+            match result {
+                Ok(n) => self.stats.count_events(id, n),
                 Err(ClassError::Output(e)) => return Err(e),
                 Err(ClassError::OwnerPending) => return Ok(Some(i)),
-                Err(e) => undecodable(self.first_bad, &mut self.undecodable, &e),
+                Err(e) => undecodable(&mut self.first_bad, self.stats, Some(id), &e),
             }
         }
         if !handled {
             let e = wire::DecodeError::UnknownKind(kind as u32);
-            undecodable(self.first_bad, &mut self.undecodable, &e);
+            undecodable(&mut self.first_bad, self.stats, None, &e);
         }
         Ok(None)
     }
@@ -655,12 +662,18 @@ impl Events<'_> {
 
 /// Only a mismatch between the agent and its own kernel programs can make
 /// an event undecodable: say so once (the `first` of the run), count it in
-/// agent_stats, keep going.
-fn undecodable(first: bool, count: &mut u64, e: &dyn std::fmt::Display) {
-    if first && *count == 0 {
+/// agent_stats (under `class` when a class's decoder refused it), keep
+/// going.
+fn undecodable(
+    first: &mut bool,
+    stats: &mut StatsCollector,
+    class: Option<u32>,
+    e: &dyn std::fmt::Display,
+) {
+    if std::mem::take(first) {
         output::diagnose(format_args!("dropping an event that does not decode: {e}"));
     }
-    *count += 1;
+    stats.count_decode_errors(class, 1);
 }
 
 /// Writes each class's summaries (marked with the budget's step, if it was

@@ -25,6 +25,21 @@ pub(crate) const HOUSEKEEPING: std::time::Duration = std::time::Duration::from_s
 pub(crate) struct Context<'a> {
     pub out: &'a mut Output,
     pub services: &'a mut Services,
+    /// Set by a class when the event it was handed was kept out of the
+    /// output by the user's filters (`--pid`, `--cgroup`, `--container`),
+    /// so that filtered events are counted apart from lost ones; the
+    /// agent takes it after each event.
+    pub filtered: bool,
+}
+
+impl<'a> Context<'a> {
+    pub(crate) fn new(out: &'a mut Output, services: &'a mut Services) -> Self {
+        Self {
+            out,
+            services,
+            filtered: false,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

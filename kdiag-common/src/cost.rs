@@ -17,6 +17,7 @@ wire_enum! {
         RetransmitSkb,
         RetransmitSynack,
         InetSockSetState,
+        TcpDestroySock,
         SoftirqRaise,
         SoftirqEntry,
         SoftirqExit,
@@ -37,6 +38,7 @@ impl ProgramId {
             Self::RetransmitSkb => "retransmit_skb",
             Self::RetransmitSynack => "retransmit_synack",
             Self::InetSockSetState => "inet_sock_set_state",
+            Self::TcpDestroySock => "tcp_destroy_sock",
             Self::SoftirqRaise => "softirq_raise",
             Self::SoftirqEntry => "softirq_entry",
             Self::SoftirqExit => "softirq_exit",
@@ -70,6 +72,25 @@ impl ProgramId {
         Self::ALL
             .into_iter()
             .find(|id| id.name() == name || id.btf_name() == Some(name))
+    }
+
+    /// The class whose events are lost when the kernel skips a run of this
+    /// program (its `recursion_misses`, reported as that class's
+    /// `skipped`).
+    pub const fn class(self) -> crate::ClassId {
+        use crate::ClassId;
+        match self {
+            Self::RetransmitSkb | Self::RetransmitSynack => ClassId::Retrans,
+            Self::InetSockSetState | Self::TcpDestroySock => ClassId::Tcp,
+            Self::SoftirqRaise | Self::SoftirqEntry | Self::SoftirqExit => ClassId::Softirq,
+            Self::DirectReclaimBegin
+            | Self::DirectReclaimEnd
+            | Self::MemcgReclaimBegin
+            | Self::MemcgReclaimEnd => ClassId::Reclaim,
+            Self::CompactionBegin | Self::CompactionEnd | Self::TryToCompactPages => {
+                ClassId::Compact
+            }
+        }
     }
 }
 

@@ -53,6 +53,11 @@ wire_enum! {
         Reclaim = 4,
         Compact = 5,
         Softirq = 6,
+        /// A socket destroyed while the programs still held it: its close
+        /// (`-> CLOSE`) was never seen. A [`tcp::TcpStateEvent`] without
+        /// a tuple or an old state (the agent has them from earlier
+        /// changes).
+        TcpDestroy = 7,
     }
 }
 
@@ -136,7 +141,12 @@ pub const LOSS_FAILED: u32 = 2;
 /// An event went out with some of the socket fields it carries missing: a
 /// read of the socket's memory failed (the fields are null in its record).
 pub const LOSS_PARTIAL: u32 = 3;
-pub const LOSS_REASONS: u32 = 4;
+/// An event was sent, but a bounded map that keeps statistics or state
+/// had no room for it: the event is missing from summaries (a thread's
+/// stall statistics) or its socket's later events lack what the map would
+/// have kept (owner, retransmit count).
+pub const LOSS_MAP_FULL: u32 = 4;
+pub const LOSS_REASONS: u32 = 5;
 
 wire_enum! {
     /// Event classes, as indexes for per-class counters: numbered from 0 in

@@ -2,7 +2,7 @@
 //! perf event array where the agent asked for it. Every failed output is
 //! counted per class in a per-CPU array, so the agent can report it.
 
-use core::{ffi::c_void, ptr};
+use core::{arch::asm, ffi::c_void, ptr};
 
 use aya_ebpf::{
     EbpfContext,
@@ -127,9 +127,22 @@ pub(crate) fn counted(class: ClassId, result: Result<u32, i64>) -> u32 {
 #[inline(always)]
 pub(crate) fn count_loss(class: ClassId, reason: u32) {
     if let Some(counter) = LOSSES.get_ptr_mut(class as u32 * LOSS_REASONS + reason) {
-        // SAFETY: a per-CPU slot, and classic tracepoint programs never nest
-        // on one CPU (the kernel's per-CPU bpf_prog_active guard), so a plain
-        // increment cannot race.
-        unsafe { *counter += 1 };
+        // Atomic although per-CPU: classic tracepoint programs never nest
+        // on a CPU, but the raw tracepoint program (tcp_destroy_sock) can
+        // run in the middle of one, and a plain increment interrupted there
+        // would lose its count. The BPF target has no compare-and-swap, so
+        // core's atomics offer no fetch_add; the instruction is BPF's
+        // atomic add (BPF_ATOMIC | BPF_ADD, without fetch: every kernel
+        // with BPF has it).
+        // SAFETY: a live per-CPU map value, u64-aligned and valid for
+        // writes; the instruction touches those 8 bytes only.
+        unsafe {
+            asm!(
+                "lock *(u64 *)({p} + 0) += {one}",
+                p = in(reg) counter,
+                one = in(reg) 1u64,
+                options(nostack, preserves_flags),
+            );
+        }
     }
 }

@@ -47,7 +47,7 @@ use kdiag_common::{
 use crate::{
     cost::{gates, measured},
     ctx,
-    output::{emit, header_at},
+    output::{counted, emit, header_at},
     rodata::rodata,
 };
 
@@ -102,14 +102,17 @@ fn slot(vec: u32) -> Result<*mut SoftirqSlot, i64> {
 #[btf_tracepoint(function = "softirq_raise")]
 pub(crate) fn softirq_raise_btf(ctx: BtfTracePointContext) -> u32 {
     measured(ProgramId::SoftirqRaise, || {
-        try_softirq_raise(|| arg_vec(&ctx)).unwrap_or(0)
+        counted(ClassId::Softirq, try_softirq_raise(|| arg_vec(&ctx)))
     })
 }
 
 #[tracepoint]
 pub(crate) fn softirq_raise(ctx: TracePointContext) -> u32 {
     measured(ProgramId::SoftirqRaise, || {
-        try_softirq_raise(|| record_vec(&ctx, config().raise_vec)).unwrap_or(0)
+        counted(
+            ClassId::Softirq,
+            try_softirq_raise(|| record_vec(&ctx, config().raise_vec)),
+        )
     })
 }
 
@@ -137,14 +140,17 @@ fn try_softirq_raise(vec: impl FnOnce() -> Result<u32, i64>) -> Result<u32, i64>
 #[btf_tracepoint(function = "softirq_entry")]
 pub(crate) fn softirq_entry_btf(ctx: BtfTracePointContext) -> u32 {
     measured(ProgramId::SoftirqEntry, || {
-        try_softirq_entry(|| arg_vec(&ctx)).unwrap_or(0)
+        counted(ClassId::Softirq, try_softirq_entry(|| arg_vec(&ctx)))
     })
 }
 
 #[tracepoint]
 pub(crate) fn softirq_entry(ctx: TracePointContext) -> u32 {
     measured(ProgramId::SoftirqEntry, || {
-        try_softirq_entry(|| record_vec(&ctx, config().entry_vec)).unwrap_or(0)
+        counted(
+            ClassId::Softirq,
+            try_softirq_entry(|| record_vec(&ctx, config().entry_vec)),
+        )
     })
 }
 
@@ -182,14 +188,17 @@ fn try_softirq_entry(vec: impl FnOnce() -> Result<u32, i64>) -> Result<u32, i64>
 #[btf_tracepoint(function = "softirq_exit")]
 pub(crate) fn softirq_exit_btf(ctx: BtfTracePointContext) -> u32 {
     measured(ProgramId::SoftirqExit, || {
-        try_softirq_exit(&ctx, arg_vec(&ctx)).unwrap_or(0)
+        counted(ClassId::Softirq, try_softirq_exit(&ctx, arg_vec(&ctx)))
     })
 }
 
 #[tracepoint]
 pub(crate) fn softirq_exit(ctx: TracePointContext) -> u32 {
     measured(ProgramId::SoftirqExit, || {
-        try_softirq_exit(&ctx, record_vec(&ctx, config().exit_vec)).unwrap_or(0)
+        counted(
+            ClassId::Softirq,
+            try_softirq_exit(&ctx, record_vec(&ctx, config().exit_vec)),
+        )
     })
 }
 

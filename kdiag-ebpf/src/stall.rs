@@ -20,7 +20,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap},
 };
 use kdiag_common::{
-    ClassId, EventKind, LOSS_DROPPED,
+    ClassId, EventKind, LOSS_MAP_FULL,
     memory::{
         CgroupSource, HIST, NO_CGROUP_FILTER, StallEvent, StallFilter, StallKey, StallKind,
         StallStart, StallStats,
@@ -226,7 +226,7 @@ pub(crate) fn finish<C: EbpfContext>(
         }
         // The statistics map is full: this stall will be missing from the
         // summaries, so count it where losses are reported.
-        None => count_loss(class, LOSS_DROPPED),
+        None => count_loss(class, LOSS_MAP_FULL),
     }
     if ended.latency_ns < f.min_latency_ns || ended.latency_ns < gates().min_latency_ns {
         return Ok(0);

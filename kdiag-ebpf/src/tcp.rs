@@ -16,12 +16,12 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         bpf_probe_read_kernel, generated as helper,
     },
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint, tracepoint},
     maps::{LruHashMap, PerCpuArray},
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
 use kdiag_common::{
-    COMM_LEN, ClassId, EventKind, LOSS_PARTIAL, Owner,
+    COMM_LEN, ClassId, EventKind, LOSS_MAP_FULL, LOSS_PARTIAL, Owner,
     cost::ProgramId,
     tcp::{
         AF_INET, AF_INET6, FIELD_ABSENT, IPPROTO_TCP, LISTENER_SLOTS, ListenerKey, Listeners,
@@ -243,9 +243,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
     let now = unsafe { bpf_ktime_get_ns() };
     // The event is built in a per-CPU slot: with the socket's state beside
     // it, it would not fit the 512-byte stack.
-    let Some(close) = STATE_EVENT.get_ptr_mut(0) else {
-        return Ok(0);
-    };
+    let close = STATE_EVENT.get_ptr_mut(0).ok_or(-1i64)?;
     // SAFETY: this CPU's slot; classic tracepoint programs do not nest on a
     // CPU, so nothing else uses it until this program returns.
     let close = unsafe { &mut *close };
@@ -281,8 +279,8 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
                     mem::zero(info);
                     (*info).state_since_ns = now;
                     take_sock_info(event, info);
-                    if newstate != TCP_CLOSE {
-                        let _ = SOCKS.insert(sk, &*info, 0);
+                    if newstate != TCP_CLOSE && SOCKS.insert(sk, &*info, 0).is_err() {
+                        count_loss(ClassId::Tcp, LOSS_MAP_FULL);
                     }
                 }
                 0
@@ -570,6 +568,56 @@ fn forget_listener(key: &ListenerKey, sk: u64) {
     }
 }
 
+/// tcp/tcp_destroy_sock, as a raw tracepoint: the second source of a
+/// socket's close. A classic tracepoint program is skipped while another
+/// one runs on its CPU (the kernel's per-CPU `bpf_prog_active` guard in
+/// trace_call_bpf), and a softirq that runs on the way out of an interrupt
+/// taken during one of kdiag's programs loses every state change it makes
+/// (counted only as that program's recursion misses). A raw tracepoint
+/// program is only skipped while it runs itself (its own guard, in
+/// bpf_trace_run), so it runs there. The socket is destroyed after its last
+/// change to CLOSE (inet_csk_destroy_sock requires that state), and that
+/// change takes the socket out of `SOCKS`: one still there was closed
+/// unseen. Its event says so, with what the programs knew of it; the agent
+/// has the rest from its earlier changes.
+#[raw_tracepoint(tracepoint = "tcp_destroy_sock")]
+pub(crate) fn tcp_destroy_sock(ctx: RawTracePointContext) -> u32 {
+    measured(ProgramId::TcpDestroySock, || {
+        counted(ClassId::Tcp, try_tcp_destroy_sock(&ctx))
+    })
+}
+
+fn try_tcp_destroy_sock(ctx: &RawTracePointContext) -> Result<u32, i64> {
+    // TP_PROTO(struct sock *sk) (include/trace/events/tcp.h).
+    let sk: u64 = ctx.arg(0);
+    let Some(info) = SOCKS.get_ptr(sk) else {
+        return Ok(0);
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // On the stack, not in STATE_EVENT: this program can run in the middle
+    // of inet_sock_set_state's, on the same CPU, which owns that slot.
+    let mut event = MaybeUninit::<TcpStateEvent>::uninit();
+    let p = event.as_mut_ptr();
+    // SAFETY: a stack slot for the event, zeroed (no tuple, no old state),
+    // then filled from the live map value, which is copied at once.
+    let since = unsafe {
+        mem::zero(p);
+        take_sock_info(&mut *p, info);
+        (*info).state_since_ns
+    };
+    let _ = SOCKS.remove(sk);
+    // SAFETY: the slot zeroed and filled above.
+    let event = unsafe { &mut *p };
+    event.header = header_at(EventKind::TcpDestroy, now);
+    event.sock_id = sk;
+    event.newstate = TCP_CLOSE;
+    event.old_state_ns = now.saturating_sub(since);
+    event.flags = if since != 0 { STATE_TIME_KNOWN } else { 0 };
+    emit(ctx, ClassId::Tcp, event);
+    Ok(0)
+}
+
 #[tracepoint]
 pub(crate) fn retransmit_skb(ctx: TracePointContext) -> u32 {
     measured(ProgramId::RetransmitSkb, || {
@@ -604,7 +652,9 @@ fn try_retransmit_skb(ctx: &TracePointContext) -> Result<u32, i64> {
                 retrans: 1,
                 ..SockInfo::default()
             };
-            let _ = SOCKS.insert(sk, info, 0);
+            if SOCKS.insert(sk, info, 0).is_err() {
+                count_loss(ClassId::Retrans, LOSS_MAP_FULL);
+            }
             (Owner::default(), 1)
         }
     };
@@ -671,7 +721,9 @@ fn try_retransmit_synack(ctx: &TracePointContext) -> Result<u32, i64> {
             }
         }
         None => {
-            let _ = SYNACK_RETRANS.insert(req, 1, 0);
+            if SYNACK_RETRANS.insert(req, 1, 0).is_err() {
+                count_loss(ClassId::Retrans, LOSS_MAP_FULL);
+            }
             1
         }
     };

@@ -227,10 +227,16 @@ impl Agent {
             .collect();
         let described: BTreeSet<&str> = attached_as.keys().map(String::as_str).collect();
         assert_eq!(described, attached, "attached_as vs attached in {start}");
-        for how in attached_as.values() {
+        for (tp, how) in attached_as {
+            // tcp_destroy_sock is the one raw tracepoint program.
+            let expected: &[&str] = if tp == "tcp/tcp_destroy_sock" {
+                &["raw_tracepoint"]
+            } else {
+                &["tp_btf", "tracepoint"]
+            };
             assert!(
-                how == "tp_btf" || how == "tracepoint",
-                "attached as {how} in {start}"
+                how.as_str().is_some_and(|h| expected.contains(&h)),
+                "{tp} attached as {how} in {start}"
             );
         }
         self.record_programs();

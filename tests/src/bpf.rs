@@ -16,6 +16,7 @@ pub const KDIAG_PROGRAMS: &[&str] = &[
     "retransmit_skb",
     "retransmit_synack",
     "inet_sock_set_state",
+    "tcp_destroy_sock",
     "softirq_raise",
     "softirq_entry",
     "softirq_exit",

@@ -44,6 +44,24 @@ pub struct ClassTotals {
     pub failed: u64,
     /// Events sent with socket fields missing (a failed read of the socket).
     pub partial: u64,
+    pub map_full: u64,
+    /// `None` if any interval's was null (a kernel that does not count
+    /// the runs it skips).
+    pub skipped: Option<u64>,
+    pub undecodable: u64,
+    pub filtered: u64,
+}
+
+impl ClassTotals {
+    /// These totals with `skipped` 0 taken as not counted (`None`), to
+    /// compare with a total that expects none skipped on kernels that count
+    /// skipped runs (6.7+) and those that do not.
+    pub fn none_skipped_as_uncounted(self) -> Self {
+        Self {
+            skipped: self.skipped.filter(|&n| n != 0),
+            ..self
+        }
+    }
 }
 
 /// Sums `classes.<class>` over every `agent_stats` record: the counters are
@@ -60,15 +78,23 @@ pub fn class_totals(recs: &[Value], class: &str) -> ClassTotals {
         })
         .collect();
     assert!(!stats.is_empty(), "no agent_stats record");
-    stats
-        .into_iter()
-        .fold(ClassTotals::default(), |t, c| ClassTotals {
+    stats.into_iter().fold(
+        ClassTotals {
+            skipped: Some(0),
+            ..ClassTotals::default()
+        },
+        |t, c| ClassTotals {
             events: t.events + u64_field(c, "events"),
             dropped: t.dropped + u64_field(c, "dropped"),
             lost: t.lost + u64_field(c, "lost"),
             failed: t.failed + u64_field(c, "failed"),
             partial: t.partial + u64_field(c, "partial"),
-        })
+            map_full: t.map_full + u64_field(c, "map_full"),
+            skipped: t.skipped.zip(c["skipped"].as_u64()).map(|(a, b)| a + b),
+            undecodable: t.undecodable + u64_field(c, "undecodable"),
+            filtered: t.filtered + u64_field(c, "filtered"),
+        },
+    )
 }
 
 /// `decode_errors` summed over every `agent_stats` record: events the agent

@@ -19,6 +19,7 @@ const ALL_TRACEPOINTS: &[&str] = &[
     "tcp/tcp_retransmit_skb",
     "tcp/tcp_retransmit_synack",
     "sock/inet_sock_set_state",
+    "tcp/tcp_destroy_sock",
     "irq/softirq_raise",
     "irq/softirq_entry",
     "irq/softirq_exit",
@@ -71,7 +72,16 @@ fn run_attaches_every_class_and_accounts_for_each() {
         names.sort_unstable();
         assert_eq!(names, CLASSES, "{s}");
         for (name, c) in classes {
-            for key in ["events", "dropped", "lost"] {
+            for key in [
+                "events",
+                "dropped",
+                "lost",
+                "failed",
+                "map_full",
+                "skipped",
+                "undecodable",
+                "filtered",
+            ] {
                 assert!(c[key].is_u64(), "{name}.{key} in {s}");
             }
         }

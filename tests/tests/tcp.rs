@@ -130,6 +130,15 @@ fn assert_conn(rec: &Value, role: &str, pid: u32, states: &[&str]) -> BTreeMap<S
     let state_ns: BTreeMap<String, u64> = serde_json::from_value(rec["state_ns"].clone())
         .unwrap_or_else(|e| panic!("state_ns is not an object of integers ({e}) in {rec}"));
     let names: Vec<&str> = state_ns.keys().map(String::as_str).collect();
+    // A close inferred from the socket's destruction: the changes after
+    // the last one seen were skipped, and the states from there on with
+    // them.
+    let states = if rec["close"] == "inferred" {
+        &states[..names.len().min(states.len())]
+    } else {
+        assert_eq!(rec["close"], "seen", "close in {rec}");
+        states
+    };
     let mut want: Vec<&str> = states.to_vec();
     want.sort_unstable();
     assert_eq!(names, want, "states of {rec}");
@@ -229,6 +238,9 @@ fn children_of_a_listener_older_than_the_agent_are_attributed() {
 /// the other runs, and then no count is exact.
 #[test]
 fn every_connection_is_counted_exactly() {
+    let _alone = CHURNING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     counted_exactly_over(&[]);
     counted_exactly_over(&["--transport", "perf"]);
 }
@@ -263,6 +275,7 @@ fn counted_exactly_over(extra: &[&str]) {
     let misses = agent.recursion_misses(&["inet_sock_set_state"]);
     let recs = agent.stop_ok();
     assert_all_accounted(&recs);
+    let skipped = class_totals(&recs, "tcp").skipped;
     let (cpid, spid) = (client.pid(), server.pid());
 
     // Exact counts of every change of every socket, per owner: nothing
@@ -319,8 +332,16 @@ fn counted_exactly_over(extra: &[&str]) {
     let only_fewer = differing
         .iter()
         .all(|(_, got, want)| got.copied().unwrap_or(0) < want.copied().unwrap_or(0));
+    let missing: u64 = differing
+        .iter()
+        .map(|(_, got, want)| u64::from(want.copied().unwrap_or(0) - got.copied().unwrap_or(0)))
+        .sum();
+    // Changes the kernel skipped (counted host-wide, so at least those
+    // missing here): their connections' tcp_conn say close: inferred.
+    let accounted = only_fewer && skipped.is_some_and(|s| missing <= s);
     if !differing.is_empty()
         && only_fewer
+        && !accounted
         && let Some(why) = record::degraded_why(&start, "bpf/recursion_misses")
     {
         skip_unless(
@@ -333,10 +354,10 @@ fn counted_exactly_over(extra: &[&str]) {
         return;
     }
     assert!(
-        differing.is_empty(),
+        differing.is_empty() || accounted,
         "tcp_state records per owner (client {cpid}, server {spid}) differ over {extra:?}, \
          as ((pid, change), got, want): {differing:?}; recursion misses of the agent's \
-         programs: {misses}"
+         programs: {misses}, skipped: {skipped:?}"
     );
 
     let (client_ip, server_ip) = (IpAddr::from(net.client.v4), IpAddr::from(net.server.v4));
@@ -960,4 +981,354 @@ fn a_reuseport_sibling_keeps_its_owner_when_another_closes() {
     );
     let recs = agent.stop_ok();
     assert_all_accounted(&recs);
+}
+
+/// Held by the tests that count every change under churn, so that they do
+/// not run at once: each one's agent adds programs on the same tracepoint,
+/// and with three agents under churn one run in five had a change of the
+/// overflow test counted nowhere (never seen with its agent alone: the
+/// records written and the losses counted equalled the changes made in
+/// every run). That loss is not understood yet.
+static CHURNING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Clients at once in the churn tests, each making `churn_each()`
+/// connections one after the other over the server namespace's loopback.
+const CHURN_CLIENTS: u32 = 4;
+
+/// Connections per churn client: fewer in an emulated guest, whose CPUs
+/// are tens of times slower.
+fn churn_each() -> u32 {
+    if kdiag_tests::env::in_emulated_guest() {
+        250
+    } else {
+        1000
+    }
+}
+
+/// The changes of each side of a connection opened and closed as the churn
+/// peers do (the client shuts down first), in order.
+const ACTIVE_CHANGES: [&str; 5] = [
+    "CLOSE->SYN_SENT",
+    "SYN_SENT->ESTABLISHED",
+    "ESTABLISHED->FIN_WAIT1",
+    "FIN_WAIT1->FIN_WAIT2",
+    "FIN_WAIT2->CLOSE",
+];
+const PASSIVE_CHANGES: [&str; 5] = [
+    "LISTEN->SYN_RECV",
+    "SYN_RECV->ESTABLISHED",
+    "ESTABLISHED->CLOSE_WAIT",
+    "CLOSE_WAIT->LAST_ACK",
+    "LAST_ACK->CLOSE",
+];
+
+/// A listener and `CHURN_CLIENTS` clients in `net`'s server namespace,
+/// connecting to it over loopback (its own address), `churn_each()` times
+/// each; returns once every connection is closed on both sides (no socket
+/// of the port left in LAST_ACK, whose close is the last change).
+fn churn(net: &NetnsPair, port: u16) -> (Peer, Vec<Peer>) {
+    let server = Peer::listen(PEER, &net.server, net.server.v4, port);
+    let clients: Vec<Peer> = (0..CHURN_CLIENTS)
+        .map(|_| connections(&net.server, net.server.v4, port, churn_each()))
+        .collect();
+    for client in &clients {
+        client.wait_done(4 * max_wait());
+    }
+    let ns = Netns::from(&net.server);
+    let deadline = Instant::now() + max_wait();
+    let sport = format!("sport = :{port}");
+    loop {
+        let out = kdiag_tests::cmd::output(
+            &mut ns.command("ss", &["-Htan", "state", "last-ack", &sport]),
+        );
+        let out = String::from_utf8_lossy(&out.stdout);
+        if out.trim().is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sockets left in LAST_ACK: {out}");
+        thread::sleep(Duration::from_millis(20));
+    }
+    (server, clients)
+}
+
+/// What a churn run's records say of its connections: changes per side
+/// and change, and each side's `tcp_conn`s. A record's side is told by its
+/// local port (the listener's is the server's), not by its owner: a
+/// connection whose first change the kernel skipped is unknown to the
+/// programs, and its owner may be unknown too.
+struct ChurnSeen<'a> {
+    /// (active?, "OLD->NEW") -> count.
+    changes: BTreeMap<(bool, String), u64>,
+    /// Per side, the client port of each connection -> its changes seen
+    /// after its first (whose record may have no ports).
+    later_changes: [BTreeMap<u16, u32>; 2],
+    /// Per side, client ports whose change to CLOSE was seen.
+    closed: [BTreeSet<u16>; 2],
+    /// Per side, the `tcp_conn` records.
+    conns: [Vec<&'a Value>; 2],
+    /// Children closed in SYN_RECV (see `lost_handshake_race`).
+    races: u64,
+}
+
+const PASSIVE: usize = 0;
+const ACTIVE: usize = 1;
+
+fn churn_seen<'a>(recs: &'a [Value], port: u16) -> ChurnSeen<'a> {
+    let mut seen = ChurnSeen {
+        changes: BTreeMap::new(),
+        later_changes: Default::default(),
+        closed: Default::default(),
+        conns: Default::default(),
+        races: 0,
+    };
+    for rec in recs {
+        let is_state = record::is_type(rec, "tcp_state");
+        if !is_state && !record::is_type(rec, "tcp_conn") {
+            continue;
+        }
+        let active = port_field(rec, "sport") != port;
+        let side = usize::from(active);
+        let client_port = port_field(rec, if active { "sport" } else { "dport" });
+        if is_state {
+            let change = format!(
+                "{}->{}",
+                record::str_field(rec, "old_state"),
+                record::str_field(rec, "new_state")
+            );
+            let first = ["CLOSE->SYN_SENT", "LISTEN->SYN_RECV", "CLOSE->LISTEN"];
+            if !first.contains(&change.as_str()) && change != "LISTEN->CLOSE" {
+                *seen.later_changes[side].entry(client_port).or_default() += 1;
+            }
+            if rec["new_state"] == "CLOSE" && rec["old_state"] != "LISTEN" {
+                seen.closed[side].insert(client_port);
+            }
+            *seen.changes.entry((active, change)).or_default() += 1;
+        } else if lost_handshake_race(rec) {
+            seen.races += 1;
+        } else {
+            seen.conns[side].push(rec);
+        }
+    }
+    seen
+}
+
+/// The changes the churn made that `seen` lacks, checking that none was
+/// reported more often than made. `races` children closed in SYN_RECV add
+/// their two changes; the listener's CLOSE -> LISTEN (the agent runs
+/// first) is the one other change.
+fn missing_changes(seen: &ChurnSeen<'_>, n: u64) -> u64 {
+    let mut want: BTreeMap<(bool, String), u64> = BTreeMap::new();
+    for c in ACTIVE_CHANGES {
+        want.insert((true, c.to_owned()), n);
+    }
+    for c in PASSIVE_CHANGES {
+        want.insert((false, c.to_owned()), n);
+    }
+    want.insert((false, "CLOSE->LISTEN".to_owned()), 1);
+    if seen.races > 0 {
+        *want
+            .entry((false, "LISTEN->SYN_RECV".to_owned()))
+            .or_default() += seen.races;
+        want.insert((false, "SYN_RECV->CLOSE".to_owned()), seen.races);
+    }
+    let extra: Vec<_> = seen
+        .changes
+        .iter()
+        .filter(|(k, got)| want.get(*k).is_none_or(|w| *got > w))
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "changes reported more often than made: {extra:?}"
+    );
+    want.iter()
+        .map(|(k, w)| w - seen.changes.get(k).copied().unwrap_or(0))
+        .sum()
+}
+
+/// Heavy loopback churn, the kind under which the kernel skips some of the
+/// programs' runs (a softirq that runs on the way out of an interrupt taken
+/// while one of them runs on that CPU): every connection still has exactly
+/// one `tcp_conn` from each side, those whose change to CLOSE was skipped
+/// marked `close: inferred` (seen through the socket's destruction), and
+/// every change missing is one of the runs counted as `skipped`.
+#[test]
+fn under_churn_every_connection_has_one_tcp_conn() {
+    let _alone = CHURNING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let net = NetnsPair::new();
+    let port = unique_port();
+    let port_arg = port.to_string();
+    let (mut agent, _) = Agent::start(
+        &["tcp", "--port", &port_arg, "--interval", "1"],
+        &["sock/inet_sock_set_state", "tcp/tcp_destroy_sock"],
+    );
+    let (server, clients) = churn(&net, port);
+    let n = u64::from(CHURN_CLIENTS * churn_each());
+    agent.wait_for_n(
+        "a tcp_conn per connection and side",
+        2 * n as usize,
+        max_wait(),
+        |r| record::is_type(r, "tcp_conn") && !lost_handshake_race(r),
+    );
+    let recs = agent.stop_ok();
+    assert_all_accounted(&recs);
+    let seen = churn_seen(&recs, port);
+    let missing = missing_changes(&seen, n);
+    let skipped = class_totals(&recs, "tcp").skipped;
+    // Skipped runs are counted host-wide (changes of other sockets too).
+    // Before 6.7 they are not counted (`null`): then changes missing can
+    // only be seen as fewer.
+    match skipped {
+        Some(skipped) => assert!(
+            missing <= skipped,
+            "{missing} changes missing, {skipped} runs counted as skipped"
+        ),
+        None => {
+            if !skip_unless(
+                missing == 0,
+                &format!("accounting for {missing} changes missing: skipped runs are not counted"),
+            ) {
+                return;
+            }
+        }
+    }
+    let owners = [
+        BTreeSet::from([server.pid()]),
+        clients.iter().map(Peer::pid).collect::<BTreeSet<u32>>(),
+    ];
+    let mut inferred = 0;
+    for (side, role, states) in [
+        (PASSIVE, "passive", &PASSIVE_STATES),
+        (ACTIVE, "active", &ACTIVE_STATES),
+    ] {
+        let conns = &seen.conns[side];
+        let key = if side == ACTIVE { "sport" } else { "dport" };
+        let ports: BTreeSet<u16> = conns.iter().map(|r| port_field(r, key)).collect();
+        assert_eq!(
+            (conns.len() as u64, ports.len() as u64),
+            (n, n),
+            "{role} tcp_conn records, distinct connections"
+        );
+        for rec in conns {
+            let client_port = port_field(rec, key);
+            let close_seen = seen.closed[side].contains(&client_port);
+            let want = if close_seen { "seen" } else { "inferred" };
+            assert_eq!(rec["close"], want, "close of {rec}");
+            inferred += u64::from(!close_seen);
+            let whole =
+                seen.later_changes[side].get(&client_port) == Some(&4) && rec["role"] == role;
+            if whole {
+                let pid = pid_of(rec).expect("owner") as u32;
+                assert!(owners[side].contains(&pid), "owner of {rec}");
+                assert_conn(rec, role, pid, states);
+            } else {
+                // Changes of this connection were skipped: the states whose
+                // entry was seen, adding up to its duration when known.
+                let state_ns: BTreeMap<String, u64> =
+                    serde_json::from_value(rec["state_ns"].clone()).expect("state_ns");
+                assert!(
+                    state_ns.keys().all(|k| states.contains(&k.as_str())),
+                    "states of {rec}"
+                );
+                if let Some(duration) = rec["duration_ns"].as_u64() {
+                    assert_eq!(state_ns.values().sum::<u64>(), duration, "in {rec}");
+                }
+            }
+        }
+    }
+    // Each inferred close is at least its change to CLOSE missing.
+    assert!(
+        inferred <= missing,
+        "{inferred} closes inferred, {missing} changes missing"
+    );
+    eprintln!(
+        "{n} connections: {missing} changes missing, {skipped:?} runs skipped, {inferred} \
+         closes inferred"
+    );
+}
+
+/// States of each side's `tcp_conn` (see `assert_conn`).
+const ACTIVE_STATES: [&str; 4] = ["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2"];
+const PASSIVE_STATES: [&str; 4] = ["SYN_RECV", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK"];
+
+/// Conservation under real overflow: with a 1 MiB buffer and the agent
+/// stopped (SIGSTOP) for 2 s under loopback churn, the kernel has no room
+/// for many changes. Every change the churn made (known from the
+/// connections it completed, not from the agent) is a `tcp_state` record
+/// or counted: dropped, lost, failed, or a skipped run. Skipped runs are
+/// counted host-wide, and a skipped close sends a destruction event (which
+/// can be dropped in turn): so written + counted lies between the changes
+/// made less those skipped and the changes made, and is exactly them when
+/// nothing was skipped.
+#[test]
+fn every_change_is_written_or_counted_when_the_buffer_overflows() {
+    let _alone = CHURNING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let net = NetnsPair::new();
+    let port = unique_port();
+    let mut agent = start_tcp(port, &["--buffer-mib", "1", "--interval", "1"]);
+    let stopper = {
+        let pid = agent.pid() as libc::pid_t;
+        thread::spawn(move || {
+            thread::sleep(Duration::from_millis(300));
+            // SAFETY: kill(2) on the agent, a child of this process that
+            // is not reaped before this thread is joined.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+            thread::sleep(Duration::from_secs(2));
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        })
+    };
+    let _peers = churn(&net, port);
+    stopper.join().expect("the stopping thread");
+    let recs = agent.stop_ok();
+    let totals = class_totals(&recs, "tcp");
+    let output_dropped: u64 = recs
+        .iter()
+        .filter(|r| record::is_type(r, "agent_stats"))
+        .map(|r| u64_field(r, "output_dropped"))
+        .sum();
+    assert_eq!(
+        (
+            output_dropped,
+            totals.undecodable,
+            record::decode_errors(&recs)
+        ),
+        (0, 0, 0),
+        "records the output dropped, undecodable events"
+    );
+    assert!(
+        totals.dropped > 0,
+        "the buffer never overflowed: {totals:?}"
+    );
+    let seen = churn_seen(&recs, port);
+    let n = u64::from(CHURN_CLIENTS * churn_each());
+    let made = 10 * n + 1 + 2 * seen.races;
+    let written: u64 = seen.changes.values().sum();
+    let counted = totals.dropped + totals.lost + totals.failed;
+    eprintln!(
+        "{made} changes made: {written} written, {} dropped, {} lost, {} failed, {:?} \
+         skipped",
+        totals.dropped, totals.lost, totals.failed, totals.skipped
+    );
+    // Before 6.7 skipped runs are not counted (`null`): exact, or skipped.
+    let Some(skipped) = totals.skipped else {
+        skip_unless(
+            written + counted == made,
+            &format!(
+                "accounting for {} changes missing: skipped runs are not counted",
+                made.saturating_sub(written + counted)
+            ),
+        );
+        return;
+    };
+    assert!(
+        made.saturating_sub(skipped) <= written + counted && written + counted <= made,
+        "{made} changes made vs {written} written + {counted} counted ({totals:?})"
+    );
+    if skipped == 0 {
+        assert_eq!(written + counted, made, "changes written + counted vs made");
+    }
 }

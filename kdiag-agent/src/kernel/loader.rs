@@ -15,7 +15,7 @@ use std::{collections::BTreeMap, path::Path, sync::Arc};
 use aya::{
     Btf, BtfError, Ebpf, EbpfError, EbpfLoader, Endianness,
     maps::MapError,
-    programs::{BtfTracePoint, ProgramError, TracePoint},
+    programs::{BtfTracePoint, Program, ProgramError, TracePoint},
     util::KernelVersion,
 };
 use kdiag_common::{Transport, wakeup_shift};
@@ -109,6 +109,8 @@ pub(crate) enum AttachedAs {
     /// A classic tracepoint program (a perf event on the tracepoint): the
     /// trace record.
     Tracepoint,
+    /// A raw tracepoint program: the tracepoint's arguments, untyped.
+    RawTracepoint,
 }
 
 impl AttachedAs {
@@ -117,6 +119,7 @@ impl AttachedAs {
         match self {
             Self::BtfTracepoint => "tp_btf",
             Self::Tracepoint => "tracepoint",
+            Self::RawTracepoint => "raw_tracepoint",
         }
     }
 }
@@ -282,9 +285,9 @@ pub(crate) fn load(
             continue;
         }
         match attach(&mut ebpf, tp) {
-            Ok(()) => attached.push(Attached {
+            Ok(how) => attached.push(Attached {
                 tracepoint: *tp,
-                how: AttachedAs::Tracepoint,
+                how,
             }),
             Err(e) => give_up_or_degrade(tp, e, &mut degraded)?,
         }
@@ -405,20 +408,30 @@ fn attach_btf(
     Ok(())
 }
 
-fn attach(ebpf: &mut Ebpf, tp: &Tracepoint) -> Result<(), AttachError> {
-    let program: &mut TracePoint = ebpf
+/// Attaches `tp`'s program as what it was built as: a classic tracepoint
+/// program to `group/name`, a raw tracepoint program (the section
+/// `raw_tp/NAME`) to `name`.
+fn attach(ebpf: &mut Ebpf, tp: &Tracepoint) -> Result<AttachedAs, AttachError> {
+    let program = ebpf
         .program_mut(tp.program)
-        .ok_or(AttachError::MissingProgram(tp.program))?
-        .try_into()
-        .map_err(|source| AttachError::NotTracePoint {
-            program: tp.program,
-            source,
-        })?;
+        .ok_or(AttachError::MissingProgram(tp.program))?;
+    if let Program::RawTracePoint(program) = program {
+        program.load().map_err(AttachError::Load)?;
+        program.attach(tp.name).map_err(AttachError::Attach)?;
+        return Ok(AttachedAs::RawTracepoint);
+    }
+    let program: &mut TracePoint =
+        program
+            .try_into()
+            .map_err(|source| AttachError::NotTracePoint {
+                program: tp.program,
+                source,
+            })?;
     program.load().map_err(AttachError::Load)?;
     program
         .attach(tp.group, tp.name)
         .map_err(AttachError::Attach)?;
-    Ok(())
+    Ok(AttachedAs::Tracepoint)
 }
 
 /// Kernels before 5.11 charge BPF maps and programs to the locked-memory

@@ -17,7 +17,8 @@ use aya::{
     util::KernelVersion,
 };
 use kdiag_common::{
-    CLASS_COUNT, LOSS_DROPPED, LOSS_FAILED, LOSS_LOST, LOSS_PARTIAL, LOSS_REASONS, LOSS_SLOTS,
+    CLASS_COUNT, LOSS_DROPPED, LOSS_FAILED, LOSS_LOST, LOSS_MAP_FULL, LOSS_PARTIAL, LOSS_REASONS,
+    LOSS_SLOTS,
     cost::{ProgramCost, ProgramId},
 };
 
@@ -41,48 +42,84 @@ pub(crate) struct RunCounters {
 /// Counters per program name.
 pub(crate) type ProgramCounters = BTreeMap<String, RunCounters>;
 
+/// What the agent counted of one class's events in userspace since the
+/// last report.
+#[derive(Debug, Clone, Copy, Default)]
+struct ClassCounts {
+    /// Records written.
+    events: u64,
+    /// Events the class's decoder refused.
+    undecodable: u64,
+    /// Events kept out of the output by the user's filters.
+    filtered: u64,
+}
+
 pub(crate) struct StatsCollector {
     class_names: Vec<(u32, &'static str)>,
+    /// Program name -> the class whose `skipped` its recursion misses are.
+    skip_class: BTreeMap<&'static str, u32>,
     losses: PerCpuArray<MapData, u64>,
     costs: PerCpuArray<MapData, ProgramCost>,
-    /// Records written per class id since the last report.
-    events: [u64; CLASS_COUNT as usize],
+    counts: [ClassCounts; CLASS_COUNT as usize],
+    /// The loss counters at their last successful read.
     last_losses: [u64; LOSS_SLOTS as usize],
     last_programs: ProgramCounters,
     /// Events that did not decode, since the last report and since start.
     decode_errors: u64,
     decode_errors_total: u64,
+    /// Malformed perf records, since the last report.
+    malformed_records: u64,
     last_cpu_ns: u64,
     last_mono_ns: u64,
     counts_misses: bool,
 }
 
 impl StatsCollector {
+    /// `classes`: each running class's id, name and the programs it
+    /// attaches.
     pub(crate) fn new(
-        class_names: Vec<(u32, &'static str)>,
+        classes: &[(u32, &'static str, Vec<&'static str>)],
         losses: PerCpuArray<MapData, u64>,
         costs: PerCpuArray<MapData, ProgramCost>,
         now_mono_ns: u64,
     ) -> Self {
         Self {
-            class_names,
+            class_names: classes.iter().map(|&(id, name, _)| (id, name)).collect(),
+            skip_class: skip_classes(classes),
             losses,
             costs,
-            events: [0; CLASS_COUNT as usize],
+            counts: [ClassCounts::default(); CLASS_COUNT as usize],
             last_losses: [0; LOSS_SLOTS as usize],
             last_programs: BTreeMap::new(),
             decode_errors: 0,
             decode_errors_total: 0,
+            malformed_records: 0,
             last_cpu_ns: sys::process::cpu_time_ns(),
             last_mono_ns: now_mono_ns,
             counts_misses: counts_tracepoint_misses(),
         }
     }
 
-    /// Events that did not decode, written nowhere else.
-    pub(crate) fn count_decode_errors(&mut self, n: u64) {
+    /// Events that did not decode, written nowhere else; `class`: the
+    /// class whose decoder refused them, if the kind was known.
+    pub(crate) fn count_decode_errors(&mut self, class: Option<u32>, n: u64) {
         self.decode_errors += n;
         self.decode_errors_total += n;
+        if let Some(c) = class.and_then(|c| self.counts.get_mut(c as usize)) {
+            c.undecodable += n;
+        }
+    }
+
+    /// Events of `class` its user's filters kept out of the output.
+    pub(crate) fn count_filtered(&mut self, class: u32) {
+        if let Some(c) = self.counts.get_mut(class as usize) {
+            c.filtered += 1;
+        }
+    }
+
+    /// Perf records that were not well formed (see the perf transport).
+    pub(crate) fn count_malformed(&mut self, n: u64) {
+        self.malformed_records += n;
     }
 
     /// Events that did not decode since start.
@@ -91,8 +128,8 @@ impl StatsCollector {
     }
 
     pub(crate) fn count_events(&mut self, class: u32, n: u64) {
-        if let Some(c) = self.events.get_mut(class as usize) {
-            *c += n;
+        if let Some(c) = self.counts.get_mut(class as usize) {
+            c.events += n;
         }
     }
 
@@ -133,31 +170,44 @@ impl StatsCollector {
     /// The report for the interval ending now, and the start of the next.
     pub(crate) fn report(&mut self, programs: ProgramCounters, now_mono_ns: u64) -> AgentStats {
         let losses = self.read_losses();
+        let program_stats = program_deltas(&programs, &self.last_programs);
         let mut classes = BTreeMap::new();
         for &(id, name) in &self.class_names {
             let slot = |reason: u32| (id * LOSS_REASONS + reason) as usize;
-            let delta =
-                |reason| losses[slot(reason)].saturating_sub(self.last_losses[slot(reason)]);
+            // Unreadable: null, and the next good read covers this interval
+            // too (the base stays the last good read).
+            let delta = |reason| {
+                losses[slot(reason)].map(|n| n.saturating_sub(self.last_losses[slot(reason)]))
+            };
+            let counts = std::mem::take(&mut self.counts[id as usize]);
             classes.insert(
                 name,
                 ClassStats {
-                    events: std::mem::take(&mut self.events[id as usize]),
+                    events: counts.events,
                     dropped: delta(LOSS_DROPPED),
                     lost: delta(LOSS_LOST),
                     failed: delta(LOSS_FAILED),
                     partial: delta(LOSS_PARTIAL),
+                    map_full: delta(LOSS_MAP_FULL),
+                    skipped: skipped(&program_stats, &self.skip_class, id),
+                    undecodable: counts.undecodable,
+                    filtered: counts.filtered,
                 },
             );
         }
-        self.last_losses = losses;
-        let program_stats = program_deltas(&programs, &self.last_programs);
-        self.last_programs = programs;
+        for (last, now) in self.last_losses.iter_mut().zip(losses) {
+            if let Some(now) = now {
+                *last = now;
+            }
+        }
+        self.last_programs = keep_last_known(programs, &self.last_programs);
         let cpu = sys::process::cpu_time_ns();
         let stats = AgentStats {
             interval_ns: now_mono_ns.saturating_sub(self.last_mono_ns),
             classes,
             programs: program_stats,
             decode_errors: std::mem::take(&mut self.decode_errors),
+            malformed_records: std::mem::take(&mut self.malformed_records),
             // Known to the output, which sets it.
             output_dropped: 0,
             rss_bytes: rss_bytes(),
@@ -168,17 +218,65 @@ impl StatsCollector {
         stats
     }
 
-    /// Loss counters summed over CPUs. They only grow, so deltas never lose
-    /// or double-count an increment that lands between two reads.
-    fn read_losses(&self) -> [u64; LOSS_SLOTS as usize] {
-        let mut out = self.last_losses;
-        for (slot, total) in out.iter_mut().enumerate() {
-            if let Ok(per_cpu) = self.losses.get(&(slot as u32), 0) {
-                *total = per_cpu.iter().sum();
-            }
-        }
-        out
+    /// Loss counters summed over CPUs, `None` where the map could not be
+    /// read. They only grow, so deltas never lose or double-count an
+    /// increment that lands between two reads.
+    fn read_losses(&self) -> [Option<u64>; LOSS_SLOTS as usize] {
+        std::array::from_fn(|slot| {
+            let per_cpu = self.losses.get(&(slot as u32), 0).ok()?;
+            Some(per_cpu.iter().sum())
+        })
     }
+}
+
+/// Program name -> the class its recursion misses are reported under: the
+/// class whose events it makes (`ProgramId::class`) if that class runs,
+/// else the first running class that attaches it (where it only keeps
+/// state for that class, for example `inet_sock_set_state` capturing
+/// owners for `retrans` alone).
+fn skip_classes(classes: &[(u32, &'static str, Vec<&'static str>)]) -> BTreeMap<&'static str, u32> {
+    let mut out = BTreeMap::new();
+    for (id, _, programs) in classes {
+        for &program in programs {
+            let maker = ProgramId::ALL
+                .into_iter()
+                .find(|p| p.name() == program)
+                .map(|p| p.class() as u32);
+            let runs = |c| classes.iter().any(|(id, _, _)| *id == c);
+            let class = match maker {
+                Some(c) if runs(c) => c,
+                _ => *id,
+            };
+            out.entry(program).or_insert(class);
+        }
+    }
+    out
+}
+
+/// The runs of `class`'s programs the kernel skipped in this interval;
+/// `None` if the kernel does not count them for one of them.
+fn skipped(
+    programs: &[ProgramStats],
+    skip_class: &BTreeMap<&'static str, u32>,
+    class: u32,
+) -> Option<u64> {
+    programs
+        .iter()
+        .filter(|p| skip_class.get(p.name.as_str()) == Some(&class))
+        .map(|p| p.recursion_misses)
+        .sum()
+}
+
+/// `now`, with each program's recursion misses that could not be read
+/// taken from `last`: the base of the next delta stays the last value read,
+/// so an unreadable interval is null and the next one covers it.
+fn keep_last_known(mut now: ProgramCounters, last: &ProgramCounters) -> ProgramCounters {
+    for (name, c) in &mut now {
+        if c.recursion_misses.is_none() {
+            c.recursion_misses = last.get(name).and_then(|l| l.recursion_misses);
+        }
+    }
+    now
 }
 
 /// What each program's counters grew by since `last`, its run time
@@ -195,6 +293,8 @@ pub(crate) fn program_deltas(now: &ProgramCounters, last: &ProgramCounters) -> V
                 run_cnt: runs,
                 run_time_ns: estimated_ns(runs, timed_runs, timed_ns, now),
                 timed_runs,
+                // Since load for a program not reported before; null when
+                // unreadable now (see `keep_last_known`).
                 recursion_misses: now
                     .recursion_misses
                     .map(|n| n.saturating_sub(last.recursion_misses.unwrap_or(0))),
@@ -233,13 +333,12 @@ fn recursion_misses(fdinfo: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix("recursion_misses:")?.trim().parse().ok())
 }
 
-/// Resident set size, from /proc/self/statm (pages).
-fn rss_bytes() -> u64 {
+/// Resident set size, from /proc/self/statm (pages); `None` if unreadable.
+fn rss_bytes() -> Option<u64> {
     let pages = fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .unwrap_or(0);
-    pages * sys::process::page_size() as u64
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())?;
+    Some(pages * sys::process::page_size() as u64)
 }
 
 #[cfg(test)]
@@ -292,6 +391,63 @@ mod tests {
             (exit.run_cnt, exit.run_time_ns, exit.recursion_misses),
             (4, 1600, None)
         );
+    }
+
+    #[test]
+    fn skipped_runs_go_to_the_class_whose_events_they_are() {
+        const RETRANS: u32 = kdiag_common::ClassId::Retrans as u32;
+        const TCP: u32 = kdiag_common::ClassId::Tcp as u32;
+        let retrans = (
+            RETRANS,
+            "retrans",
+            vec!["inet_sock_set_state", "retransmit_skb"],
+        );
+        let tcp = (TCP, "tcp", vec!["inet_sock_set_state", "retransmit_skb"]);
+        // Both run: each program's misses are its own class's.
+        let both = skip_classes(&[retrans.clone(), tcp]);
+        assert_eq!(both["inet_sock_set_state"], TCP);
+        assert_eq!(both["retransmit_skb"], RETRANS);
+        // retrans alone: it also takes the state program it attaches.
+        let alone = skip_classes(&[retrans]);
+        assert_eq!(alone["inet_sock_set_state"], RETRANS);
+        let program = |name: &str, misses| ProgramStats {
+            name: name.to_owned(),
+            run_cnt: 0,
+            run_time_ns: 0,
+            timed_runs: 0,
+            recursion_misses: misses,
+        };
+        let programs = [
+            program("inet_sock_set_state", Some(3)),
+            program("retransmit_skb", Some(1)),
+        ];
+        assert_eq!(skipped(&programs, &both, TCP), Some(3));
+        assert_eq!(skipped(&programs, &alone, RETRANS), Some(4));
+        // One program's count unknown: the class's is.
+        let unknown = [
+            program("inet_sock_set_state", None),
+            program("retransmit_skb", Some(1)),
+        ];
+        assert_eq!(skipped(&unknown, &alone, RETRANS), None);
+    }
+
+    #[test]
+    fn an_unreadable_miss_count_is_null_and_the_next_covers_it() {
+        let misses = |n| RunCounters {
+            recursion_misses: n,
+            ..RunCounters::default()
+        };
+        let name = "inet_sock_set_state".to_owned();
+        let first: ProgramCounters = [(name.clone(), misses(Some(5)))].into();
+        let unreadable: ProgramCounters = [(name.clone(), misses(None))].into();
+        let next: ProgramCounters = [(name.clone(), misses(Some(9)))].into();
+        let mut last = ProgramCounters::new();
+        assert_eq!(program_deltas(&first, &last)[0].recursion_misses, Some(5));
+        last = keep_last_known(first, &last);
+        assert_eq!(program_deltas(&unreadable, &last)[0].recursion_misses, None);
+        last = keep_last_known(unreadable, &last);
+        // 9 - 5: the unreadable interval's misses are in this one, once.
+        assert_eq!(program_deltas(&next, &last)[0].recursion_misses, Some(4));
     }
 
     #[test]

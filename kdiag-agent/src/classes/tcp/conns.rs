@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, num::NonZeroU64};
 
 use foldhash::{HashMap, HashMapExt as _};
 
-use kdiag_common::tcp::{TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_RECV, TCP_SYN_SENT};
+use kdiag_common::tcp::{TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_RECV, TCP_SYN_SENT, TcpTuple};
 
 use crate::classes::tcp::state_names::{STATE_COUNT, state_name};
 
@@ -18,7 +18,7 @@ pub(crate) struct ConnHistory {
     pub handshake_ns: Option<u64>,
 }
 
-/// Kept small: a busy host fills the table (128 bytes a connection, plus 16
+/// Kept small: a busy host fills the table (168 bytes a connection, plus 16
 /// in the index).
 #[derive(Debug, Default)]
 struct Conn {
@@ -26,8 +26,37 @@ struct Conn {
     /// Bit `i` set: `state_ns[i]` was measured (a state seen for 0 ns still
     /// counts as seen).
     states_seen: u16,
+    /// The state of the last change seen: where a close seen only as the
+    /// socket's destruction left from.
+    state: u8,
     handshake_ns: Option<NonZeroU64>,
     last_seen_ns: u64,
+    /// The connection's ends as of the last change seen, for the record of
+    /// a close seen only as the socket's destruction (whose event has none).
+    tuple: TcpTuple,
+}
+
+impl Conn {
+    /// Adds the change `old` -> `new`, after `old_state_ns` in `old` when
+    /// known.
+    fn add(&mut self, old: i32, new: i32, old_state_ns: Option<u64>, now_ns: u64) {
+        self.last_seen_ns = now_ns;
+        self.state = u8::try_from(new).unwrap_or(0);
+        if let (Some(ns), Ok(i)) = (old_state_ns, usize::try_from(old))
+            && i < STATE_COUNT
+            // The time "in CLOSE" before connect() or listen() is not a state
+            // of the connection; 0 is no state (nothing seen).
+            && old != TCP_CLOSE
+            && old != 0
+        {
+            self.state_ns[i] += ns;
+            self.states_seen |= 1 << i;
+            if new == TCP_ESTABLISHED && (old == TCP_SYN_SENT || old == TCP_SYN_RECV) {
+                // A handshake of 0 ns is not one the clock can show.
+                self.handshake_ns = NonZeroU64::new(ns);
+            }
+        }
+    }
 }
 
 /// The connections live in `slots`, allocated once at the cap, and the hash
@@ -74,46 +103,60 @@ impl ConnTable {
         std::mem::take(&mut self.evicted)
     }
 
-    /// Records one state change of socket `sock_id`; `old_state_ns` is the
-    /// time spent in `old` when known. Returns the history when the socket
-    /// closes.
+    /// Records one state change of socket `sock_id` (at `tuple`);
+    /// `old_state_ns` is the time spent in `old` when known. Returns the
+    /// history when the socket closes.
     pub(crate) fn on_change(
         &mut self,
         sock_id: u64,
-        old: i32,
-        new: i32,
+        tuple: &TcpTuple,
+        (old, new): (i32, i32),
         old_state_ns: Option<u64>,
         now_ns: u64,
     ) -> Option<ConnHistory> {
         let slot = self.slot_of(sock_id);
         let conn = &mut self.slots[slot];
-        conn.last_seen_ns = now_ns;
-        if let (Some(ns), Ok(i)) = (old_state_ns, usize::try_from(old))
-            && i < STATE_COUNT
-            // The time "in CLOSE" before connect() or listen() is not a state
-            // of the connection.
-            && old != TCP_CLOSE
-        {
-            conn.state_ns[i] += ns;
-            conn.states_seen |= 1 << i;
-            if new == TCP_ESTABLISHED && (old == TCP_SYN_SENT || old == TCP_SYN_RECV) {
-                // A handshake of 0 ns is not one the clock can show.
-                conn.handshake_ns = NonZeroU64::new(ns);
-            }
-        }
-        if new != TCP_CLOSE {
-            return None;
-        }
+        conn.tuple = *tuple;
+        conn.add(old, new, old_state_ns, now_ns);
+        (new == TCP_CLOSE).then(|| self.close(sock_id, slot))
+    }
+
+    /// The ends of a connection followed, as of its last change.
+    pub(crate) fn tuple(&self, sock_id: u64) -> Option<TcpTuple> {
+        let slot = *self.index.get(&sock_id)?;
+        Some(self.slots[slot as usize].tuple)
+    }
+
+    /// Socket `sock_id` was destroyed without its change to CLOSE being
+    /// seen: it left the state of its last change seen, after
+    /// `old_state_ns` there when known. Returns its history and ends, or
+    /// `None` for a socket not followed (no change of it was reported).
+    pub(crate) fn on_destroy(
+        &mut self,
+        sock_id: u64,
+        old_state_ns: Option<u64>,
+        now_ns: u64,
+    ) -> Option<(ConnHistory, TcpTuple)> {
+        let slot = *self.index.get(&sock_id)? as usize;
+        let conn = &mut self.slots[slot];
+        let tuple = conn.tuple;
+        conn.add(i32::from(conn.state), TCP_CLOSE, old_state_ns, now_ns);
+        Some((self.close(sock_id, slot), tuple))
+    }
+
+    /// Forgets the closed `sock_id` in `slot` and hands over its history.
+    fn close(&mut self, sock_id: u64, slot: usize) -> ConnHistory {
         self.index.remove(&sock_id);
         self.free.push(slot as u32);
+        let conn = &self.slots[slot];
         let state_ns = (0..STATE_COUNT)
             .filter(|i| conn.states_seen & (1 << i) != 0)
             .map(|i| (state_name(i as i32), conn.state_ns[i]))
             .collect();
-        Some(ConnHistory {
+        ConnHistory {
             state_ns,
             handshake_ns: conn.handshake_ns.map(NonZeroU64::get),
-        })
+        }
     }
 
     /// The slot of `sock_id`, a fresh one if it has none (evicting when
@@ -170,18 +213,58 @@ mod tests {
     const ESTABLISHED: i32 = TCP_ESTABLISHED;
     const FIN_WAIT1: i32 = 4;
     const FIN_WAIT2: i32 = 5;
+    const T: TcpTuple = TcpTuple {
+        family: 2,
+        sport: 40000,
+        dport: 80,
+        _pad: 0,
+        saddr: [0; 16],
+        daddr: [0; 16],
+    };
+
+    #[test]
+    fn a_close_seen_as_destruction_ends_the_last_state_seen() {
+        let mut t = ConnTable::new(16);
+        t.on_change(1, &T, (TCP_CLOSE, TCP_SYN_SENT), None, 10);
+        t.on_change(1, &T, (TCP_SYN_SENT, ESTABLISHED), Some(300), 20);
+        t.on_change(1, &T, (ESTABLISHED, FIN_WAIT1), Some(5000), 30);
+        // FIN_WAIT1 -> FIN_WAIT2 and FIN_WAIT2 -> CLOSE skipped: the time
+        // since the last change seen is FIN_WAIT1's.
+        assert_eq!(t.tuple(1), Some(T));
+        let (h, tuple) = t.on_destroy(1, Some(70), 100).unwrap();
+        assert_eq!(tuple, T);
+        assert_eq!(h.handshake_ns, Some(300));
+        let expect: BTreeMap<_, _> =
+            [("SYN_SENT", 300), ("ESTABLISHED", 5000), ("FIN_WAIT1", 70)].into();
+        assert_eq!(h.state_ns, expect);
+        assert_eq!(t.len(), 0);
+        // Not followed (its close was seen, or it was never reported).
+        assert_eq!(t.on_destroy(1, Some(1), 101), None);
+        assert_eq!(t.tuple(1), None);
+    }
 
     #[test]
     fn active_connection_history() {
         let mut t = ConnTable::new(16);
-        assert_eq!(t.on_change(1, TCP_CLOSE, TCP_SYN_SENT, None, 10), None);
         assert_eq!(
-            t.on_change(1, TCP_SYN_SENT, ESTABLISHED, Some(300), 20),
+            t.on_change(1, &T, (TCP_CLOSE, TCP_SYN_SENT), None, 10),
             None
         );
-        assert_eq!(t.on_change(1, ESTABLISHED, FIN_WAIT1, Some(5000), 30), None);
-        assert_eq!(t.on_change(1, FIN_WAIT1, FIN_WAIT2, Some(40), 40), None);
-        let h = t.on_change(1, FIN_WAIT2, TCP_CLOSE, Some(60), 50).unwrap();
+        assert_eq!(
+            t.on_change(1, &T, (TCP_SYN_SENT, ESTABLISHED), Some(300), 20),
+            None
+        );
+        assert_eq!(
+            t.on_change(1, &T, (ESTABLISHED, FIN_WAIT1), Some(5000), 30),
+            None
+        );
+        assert_eq!(
+            t.on_change(1, &T, (FIN_WAIT1, FIN_WAIT2), Some(40), 40),
+            None
+        );
+        let h = t
+            .on_change(1, &T, (FIN_WAIT2, TCP_CLOSE), Some(60), 50)
+            .unwrap();
         assert_eq!(h.handshake_ns, Some(300));
         let expect: BTreeMap<_, _> = [
             ("SYN_SENT", 300),
@@ -199,8 +282,10 @@ mod tests {
         let mut t = ConnTable::new(16);
         // Seen first mid-life (the agent started late): no time for the
         // state it leaves, no handshake.
-        t.on_change(7, ESTABLISHED, FIN_WAIT1, None, 1);
-        let h = t.on_change(7, FIN_WAIT1, TCP_CLOSE, Some(9), 2).unwrap();
+        t.on_change(7, &T, (ESTABLISHED, FIN_WAIT1), None, 1);
+        let h = t
+            .on_change(7, &T, (FIN_WAIT1, TCP_CLOSE), Some(9), 2)
+            .unwrap();
         assert_eq!(h.handshake_ns, None);
         assert_eq!(h.state_ns, [("FIN_WAIT1", 9)].into());
     }
@@ -209,22 +294,22 @@ mod tests {
     fn eviction_is_bounded_and_counted() {
         let mut t = ConnTable::new(8);
         for id in 0..8 {
-            t.on_change(id, TCP_CLOSE, TCP_SYN_SENT, None, id);
+            t.on_change(id, &T, (TCP_CLOSE, TCP_SYN_SENT), None, id);
         }
         // Full: the next new socket evicts the idlest (id 0).
-        t.on_change(100, TCP_CLOSE, TCP_SYN_SENT, None, 100);
+        t.on_change(100, &T, (TCP_CLOSE, TCP_SYN_SENT), None, 100);
         assert!(t.len() <= 8);
         assert_eq!(t.take_evicted(), 1);
         assert_eq!(t.take_evicted(), 0);
         assert_eq!(
-            t.on_change(0, TCP_SYN_SENT, TCP_CLOSE, Some(1), 101),
+            t.on_change(0, &T, (TCP_SYN_SENT, TCP_CLOSE), Some(1), 101),
             Some(ConnHistory {
                 state_ns: [("SYN_SENT", 1)].into(),
                 handshake_ns: None,
             })
         );
         for id in 1000..2000 {
-            t.on_change(id, TCP_CLOSE, TCP_SYN_SENT, None, id);
+            t.on_change(id, &T, (TCP_CLOSE, TCP_SYN_SENT), None, id);
             assert!(t.len() <= 8);
         }
     }
@@ -239,11 +324,11 @@ mod tests {
         // hash map holding the connections double.
         let live = 1000;
         for id in 0..live {
-            t.on_change(id, TCP_CLOSE, TCP_SYN_SENT, None, id);
+            t.on_change(id, &T, (TCP_CLOSE, TCP_SYN_SENT), None, id);
         }
         for id in live..200_000 {
-            t.on_change(id, TCP_CLOSE, TCP_SYN_SENT, None, id);
-            let h = t.on_change(id - live, TCP_SYN_SENT, TCP_CLOSE, Some(1), id);
+            t.on_change(id, &T, (TCP_CLOSE, TCP_SYN_SENT), None, id);
+            let h = t.on_change(id - live, &T, (TCP_SYN_SENT, TCP_CLOSE), Some(1), id);
             assert_eq!(h.map(|h| h.state_ns), Some([("SYN_SENT", 1)].into()));
         }
         assert_eq!(t.len(), live as usize);

@@ -14,7 +14,7 @@ use kdiag_common::{
 
 use super::{
     config::{TCP_QUERIES, TcpFilter, tcp_global},
-    conns::ConnTable,
+    conns::{ConnHistory, ConnTable},
     health::{CLOSE_FIELDS, ChronoLayout, SOCK_QUERIES, conn_health, missing_note, plan},
     retrans::decode_retrans,
     state_names::{STATE_COUNT, state_name},
@@ -24,7 +24,7 @@ use crate::{
     class::{BtfQueries, Class, ClassError, Context, Global, KernelTypes, MapSize, Tracepoint},
     kernel::wire::{DecodeError, decode, event_kind},
     output::record::ResolvedOwner,
-    output::record::{Degraded, Endpoints, TcpConn, TcpState, TcpSummary, TopConn},
+    output::record::{ConnHealth, Degraded, Endpoints, TcpConn, TcpState, TcpSummary, TopConn},
     services::Services,
     sys,
 };
@@ -36,6 +36,16 @@ const TRACEPOINTS: &[Tracepoint] = &[
         program: "inet_sock_set_state",
         btf_program: None,
         required: true,
+    },
+    // A raw tracepoint: the close of a socket whose change to CLOSE the
+    // kernel skipped (see kdiag-ebpf's tcp_destroy_sock). Without it such
+    // a connection has no tcp_conn.
+    Tracepoint {
+        group: "tcp",
+        name: "tcp_destroy_sock",
+        program: "tcp_destroy_sock",
+        btf_program: None,
+        required: false,
     },
     // Retransmits feed tcp_summary and the per-connection counts.
     Tracepoint {
@@ -120,10 +130,15 @@ impl TcpClass {
         let ts = ev.header.ts_ns;
         // Every change feeds the connection's history, even those the
         // filters keep out of the output.
-        let closed = self
-            .conns
-            .on_change(ev.sock_id, ev.oldstate, ev.newstate, old_state_ns, ts);
+        let closed = self.conns.on_change(
+            ev.sock_id,
+            &ev.tuple,
+            (ev.oldstate, ev.newstate),
+            old_state_ns,
+            ts,
+        );
         if !self.filter.accepts(&owner) {
+            cx.filtered = true;
             return Ok(0);
         }
         let mut written = 0;
@@ -135,34 +150,55 @@ impl TcpClass {
                 .write(ts, &state_record(ev, owner.clone(), old_state_ns))?;
             written += 1;
         }
-        if let Some(history) = closed
-            && ev.role != ROLE_LISTENER
-        {
-            let record = TcpConn {
-                owner,
-                conn: Endpoints::new(&ev.tuple),
-                role: match ev.role {
-                    ROLE_ACTIVE => Some("active"),
-                    ROLE_PASSIVE => Some("passive"),
-                    _ => None,
-                },
-                duration_ns: (ev.created_ns != 0).then(|| ts.saturating_sub(ev.created_ns)),
-                handshake_ns: history.handshake_ns,
-                retrans: ev.retrans,
-                state_ns: history.state_ns,
-                health: sock
-                    .map(|s| conn_health(s, self.chrono))
-                    .unwrap_or_default(),
-            };
-            cx.out.write(ts, &record)?;
-            cx.services.metrics().connection_closed(
-                record.role,
-                record.handshake_ns,
-                record.duration_ns,
-            );
-            written += 1;
+        if let Some(history) = closed {
+            let health = sock
+                .map(|s| conn_health(s, self.chrono))
+                .unwrap_or_default();
+            let seen = CloseSeen::Change;
+            written += write_conn(ev, &ev.tuple, owner, history, seen, health, cx)?;
         }
         Ok(written)
+    }
+
+    /// A socket destroyed while the programs held it: its change to CLOSE
+    /// (and maybe others before it) was skipped by the kernel. Its
+    /// `tcp_conn` is written from its history here, marked inferred.
+    fn on_destroy(&mut self, data: &[u8], cx: &mut Context<'_>) -> Result<u64, ClassError> {
+        let ev: TcpStateEvent = decode(data, EventKind::TcpDestroy)?;
+        // A socket none of whose changes was reported: the family and port
+        // filters, which the programs apply to changes, kept it out.
+        let Some(tuple) = self.conns.tuple(ev.sock_id) else {
+            cx.filtered = true;
+            return Ok(0);
+        };
+        let listener = (ev.role == ROLE_PASSIVE).then_some((ev.net, tuple.sport));
+        // First: nothing below happens for an event held for its owner.
+        let owner = cx.services.owner(ev.sock_id, &ev.owner, &tuple, listener)?;
+        if ev.role == ROLE_LISTENER {
+            cx.services.forget_listener((ev.net, tuple.sport));
+        }
+        let old_state_ns = (ev.flags & STATE_TIME_KNOWN != 0).then_some(ev.old_state_ns);
+        let Some((history, tuple)) =
+            self.conns
+                .on_destroy(ev.sock_id, old_state_ns, ev.header.ts_ns)
+        else {
+            return Ok(0);
+        };
+        if !self.filter.accepts(&owner) {
+            cx.filtered = true;
+            return Ok(0);
+        }
+        // No socket to read totals from: they are null.
+        let health = ConnHealth::default();
+        write_conn(
+            &ev,
+            &tuple,
+            owner,
+            history,
+            CloseSeen::Destroyed,
+            health,
+            cx,
+        )
     }
 
     fn on_retrans(&mut self, data: &[u8], cx: &mut Context<'_>) -> Result<u64, ClassError> {
@@ -179,6 +215,56 @@ impl TcpClass {
         // Counted for the summary; the `retrans` class writes the records.
         Ok(0)
     }
+}
+
+/// How a connection's close was seen.
+#[derive(Clone, Copy)]
+enum CloseSeen {
+    /// Its change to CLOSE.
+    Change,
+    /// Only its destruction: the kernel skipped its change to CLOSE.
+    Destroyed,
+}
+
+/// Writes the `tcp_conn` of the closed connection `ev` (at `tuple`, with
+/// `history` and the totals read at its close), unless it was a listener;
+/// returns the records written.
+fn write_conn(
+    ev: &TcpStateEvent,
+    tuple: &TcpTuple,
+    owner: ResolvedOwner,
+    history: ConnHistory,
+    seen: CloseSeen,
+    health: ConnHealth,
+    cx: &mut Context<'_>,
+) -> Result<u64, ClassError> {
+    if ev.role == ROLE_LISTENER {
+        return Ok(0);
+    }
+    let ts = ev.header.ts_ns;
+    let record = TcpConn {
+        owner,
+        conn: Endpoints::new(tuple),
+        role: match ev.role {
+            ROLE_ACTIVE => Some("active"),
+            ROLE_PASSIVE => Some("passive"),
+            _ => None,
+        },
+        duration_ns: (ev.created_ns != 0).then(|| ts.saturating_sub(ev.created_ns)),
+        handshake_ns: history.handshake_ns,
+        retrans: ev.retrans,
+        state_ns: history.state_ns,
+        close: match seen {
+            CloseSeen::Change => "seen",
+            CloseSeen::Destroyed => "inferred",
+        },
+        health,
+    };
+    cx.out.write(ts, &record)?;
+    cx.services
+        .metrics()
+        .connection_closed(record.role, record.handshake_ns, record.duration_ns);
+    Ok(1)
 }
 
 /// Decodes one `tcp_state` event.
@@ -273,7 +359,7 @@ impl Class for TcpClass {
     fn handles(&self, kind: EventKind) -> bool {
         matches!(
             kind,
-            EventKind::TcpState | EventKind::TcpConn | EventKind::Retrans
+            EventKind::TcpState | EventKind::TcpConn | EventKind::TcpDestroy | EventKind::Retrans
         )
     }
 
@@ -284,6 +370,7 @@ impl Class for TcpClass {
                 let ev = decode_close(data)?;
                 self.on_state(&ev.state, Some(&ev.sock), cx)
             }
+            EventKind::TcpDestroy => self.on_destroy(data, cx),
             _ => self.on_state(&decode_state(data)?, None, cx),
         }
     }

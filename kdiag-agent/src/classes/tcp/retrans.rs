@@ -126,6 +126,7 @@ impl Class for RetransClass {
         let ev = decode_retrans(data)?;
         let owner = cx.services.owner(ev.sock_id, &ev.owner, &ev.tuple, None)?;
         if !self.filter.accepts(&owner) {
+            cx.filtered = true;
             return Ok(0);
         }
         let record = retrans_record(&ev, owner);

@@ -140,6 +140,15 @@ impl Reader {
         .await
     }
 
+    /// Malformed perf records met since the last call (the ring buffer's
+    /// records are checked by the kernel).
+    pub(crate) fn take_malformed(&mut self) -> u64 {
+        match self {
+            Self::Ring(_) => 0,
+            Self::Perf { batch, .. } => batch.take_malformed(),
+        }
+    }
+
     /// Hands every queued sample to `on_sample`.
     pub(crate) fn drain(&mut self, mut on_sample: impl FnMut(&[u8])) {
         match self {

@@ -33,38 +33,43 @@ const PERF_RECORD_LOST: u32 = perf_event_type::PERF_RECORD_LOST as u32;
 /// Hands each sample in `ring` to `on_sample` as the up to two pieces it
 /// wraps into; other records (lost-sample reports) are skipped: the programs
 /// count each failed output per class (kdiag_common::LOSS_LOST), and the
-/// kernel's own count is the same samples without the class.
-fn walk(ring: &RingView<'_>, mut on_sample: impl FnMut(&[u8], &[u8])) {
+/// kernel's own count is the same samples without the class. Returns the
+/// malformed records met: a sample too short for its size field, or a
+/// record that is not one, where the walk stops (whatever follows it in
+/// this read is lost with it).
+fn walk(ring: &RingView<'_>, mut on_sample: impl FnMut(&[u8], &[u8])) -> u64 {
+    let mut malformed = 0;
     let mut tail = ring.tail();
     while tail < ring.head() {
         // A record shorter than a header, or one that ends past head, is not
         // one: stop here rather than read past what the kernel published
         // (cannot happen with a well-formed ring).
         let Some(header) = contiguous::<HEADER_LEN>(ring, tail) else {
-            return;
+            return malformed + 1;
         };
         let type_ = u32::from_ne_bytes(field(&header, TYPE_AT));
         let size = usize::from(u16::from_ne_bytes(field(&header, SIZE_AT)));
         if size < HEADER_LEN || tail + size as u64 > ring.head() {
-            return;
+            return malformed + 1;
         }
         // The raw size is its own field because the record is padded to 8.
         if type_ == PERF_RECORD_SAMPLE && size >= HEADER_LEN + RAW_SIZE_LEN {
             let at = tail + HEADER_LEN as u64;
             let Some(raw_size) = contiguous::<RAW_SIZE_LEN>(ring, at) else {
-                return;
+                return malformed + 1;
             };
             let n = u32::from_ne_bytes(raw_size) as usize;
             let at = at + RAW_SIZE_LEN as u64;
             let Some((a, b)) = ring.get(at, n.min(size - HEADER_LEN - RAW_SIZE_LEN)) else {
-                return;
+                return malformed + 1;
             };
             on_sample(a, b);
-        } else {
-            debug_assert_eq!(type_, PERF_RECORD_LOST);
+        } else if type_ != PERF_RECORD_LOST {
+            malformed += 1;
         }
         tail += size as u64;
     }
+    malformed
 }
 
 /// The `N` bytes of `ring` from position `at`, made contiguous.
@@ -105,13 +110,22 @@ pub(crate) struct PerfBatch {
     samples: Vec<(u64, usize, usize)>,
     /// `bytes` of the previous drain, for the samples kept.
     spare: Vec<u8>,
+    /// Malformed records met since the last `take_malformed`.
+    malformed: u64,
 }
 
 impl PerfBatch {
     /// Copies every sample queued in `buffer` into the batch and frees their
     /// room.
     pub(crate) fn read_from(&mut self, buffer: &mut PerfBuffer) {
-        buffer.read(|ring| walk(ring, |head, tail| self.push(head, tail)));
+        let mut malformed = 0;
+        buffer.read(|ring| malformed = walk(ring, |head, tail| self.push(head, tail)));
+        self.malformed += malformed;
+    }
+
+    /// Malformed records met since the last call.
+    pub(crate) fn take_malformed(&mut self) -> u64 {
+        std::mem::take(&mut self.malformed)
     }
 
     /// Adds a sample, given as the up to two pieces of a perf ring.
@@ -247,12 +261,34 @@ mod tests {
         r
     }
 
-    fn samples(data: &[u8], tail: u64, head: u64) -> Vec<Vec<u8>> {
+    /// The samples in `data` from `tail` to `head`, and the malformed
+    /// records met.
+    fn walked(data: &[u8], tail: u64, head: u64) -> (Vec<Vec<u8>>, u64) {
         let mut out = Vec::new();
-        walk(&RingView::new(data, tail, head), |a, b| {
+        let malformed = walk(&RingView::new(data, tail, head), |a, b| {
             out.push([a, b].concat());
         });
+        (out, malformed)
+    }
+
+    fn samples(data: &[u8], tail: u64, head: u64) -> Vec<Vec<u8>> {
+        let (out, malformed) = walked(data, tail, head);
+        assert_eq!(malformed, 0);
         out
+    }
+
+    #[test]
+    fn malformed_records_are_counted() {
+        let good = sample(b"abc");
+        // A record of an unknown type is stepped over; one whose size is
+        // smaller than a header ends the walk.
+        let records = [
+            good.clone(),
+            header(99, HEADER_LEN),
+            header(PERF_RECORD_SAMPLE, 2),
+        ];
+        let (data, head) = ring(1024, 0, &records);
+        assert_eq!(walked(&data, 0, head), (vec![b"abc".to_vec()], 2));
     }
 
     #[test]
@@ -271,7 +307,8 @@ mod tests {
     #[test]
     fn a_truncated_ring_stops_without_reading_past_head() {
         let (data, head) = ring(256, 0, &[sample(b"first"), sample(b"second")]);
-        assert_eq!(samples(&data, 0, head - 8), [b"first".to_vec()]);
+        // The second record ends past head: not one.
+        assert_eq!(walked(&data, 0, head - 8), (vec![b"first".to_vec()], 1));
         assert_eq!(samples(&data, 0, 0), Vec::<Vec<u8>>::new());
     }
 }

@@ -288,8 +288,9 @@ impl AgentTotals {
         self.intervals += 1;
         for (class, s) in &stats.classes {
             *self.events.entry(&[class]) += s.events;
-            *self.dropped.entry(&[class]) += s.dropped;
-            *self.lost.entry(&[class]) += s.lost;
+            // An unreadable counter is null; the next read covers it.
+            *self.dropped.entry(&[class]) += s.dropped.unwrap_or(0);
+            *self.lost.entry(&[class]) += s.lost.unwrap_or(0);
         }
         for p in &stats.programs {
             *self.program_runs.entry(&[&p.name]) += p.run_cnt;
@@ -297,7 +298,9 @@ impl AgentTotals {
         }
         self.decode_errors += stats.decode_errors;
         self.cpu_ns += stats.cpu_ns;
-        self.rss_bytes = stats.rss_bytes;
+        if let Some(rss) = stats.rss_bytes {
+            self.rss_bytes = rss;
+        }
     }
 }
 
@@ -508,16 +511,21 @@ mod tests {
                 "retrans",
                 ClassStats {
                     events: 2,
-                    dropped: 1,
-                    lost: 0,
-                    failed: 0,
-                    partial: 0,
+                    dropped: Some(1),
+                    lost: Some(0),
+                    failed: Some(0),
+                    map_full: Some(0),
+                    skipped: Some(0),
+                    undecodable: 0,
+                    filtered: 0,
+                    partial: Some(0),
                 },
             )]),
             programs: Vec::new(),
             decode_errors: 0,
+            malformed_records: 0,
             output_dropped: 0,
-            rss_bytes: 4096,
+            rss_bytes: Some(4096),
             cpu_ns: 1_500_000_000,
         };
         m.end_interval(&stats, 0);

@@ -121,7 +121,8 @@ pub(crate) struct AgentStart {
     pub kernel: String,
     pub transport: &'static str,
     pub attached: Vec<String>,
-    /// How each of `attached` is attached: `"tp_btf"` or `"tracepoint"`.
+    /// How each of `attached` is attached: `"tp_btf"`, `"tracepoint"` or
+    /// `"raw_tracepoint"`.
     pub attached_as: BTreeMap<String, &'static str>,
     pub degraded: Vec<Degraded>,
     /// The ids the agent runs as once attached, and the capabilities it
@@ -172,13 +173,25 @@ impl Record for AgentStart {
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
 pub(crate) struct ClassStats {
     pub events: u64,
-    pub dropped: u64,
-    pub lost: u64,
+    /// The kernel counters below are `None` (null) when the agent could
+    /// not read them: never a repeated or made-up value.
+    pub dropped: Option<u64>,
+    pub lost: Option<u64>,
     /// Events a kernel program gave up on (a failed map insert or read).
-    pub failed: u64,
+    pub failed: Option<u64>,
+    /// Events sent whose statistics or socket state a full bounded map
+    /// could not keep.
+    pub map_full: Option<u64>,
+    /// Runs of the class's programs the kernel skipped (their recursion
+    /// misses): `None` where the kernel does not count them.
+    pub skipped: Option<u64>,
+    /// Events the class could not decode.
+    pub undecodable: u64,
+    /// Events the user's filters kept out of the output.
+    pub filtered: u64,
     /// Events sent with some of their socket fields null: a read of the
     /// socket's memory failed.
-    pub partial: u64,
+    pub partial: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -203,11 +216,13 @@ pub(crate) struct AgentStats {
     /// Events the kernel programs sent that the agent could not decode
     /// (a mismatch between the agent and its programs): written nowhere.
     pub decode_errors: u64,
+    /// Perf records that were not well formed (the perf transport only).
+    pub malformed_records: u64,
     /// Records that never reached stdout: the queue to the writer thread
     /// was full (a slow or stopped reader), or they were still queued when
     /// the agent stopped.
     pub output_dropped: u64,
-    pub rss_bytes: u64,
+    pub rss_bytes: Option<u64>,
     pub cpu_ns: u64,
 }
 
@@ -220,8 +235,11 @@ impl Record for AgentStats {
             .iter()
             .map(|(name, c)| {
                 format!(
-                    "{name}: {} events, {} dropped, {} lost",
-                    c.events, c.dropped, c.lost
+                    "{name}: {} events, {} dropped, {} lost, {} skipped",
+                    c.events,
+                    or_unknown(c.dropped),
+                    or_unknown(c.lost),
+                    or_unknown(c.skipped)
                 )
             })
             .collect();
@@ -230,9 +248,14 @@ impl Record for AgentStats {
             self.interval_ns as f64 / 1e9,
             classes.join("; "),
             self.cpu_ns as f64 / 1e6,
-            self.rss_bytes / 1024
+            or_unknown(self.rss_bytes.map(|b| b / 1024))
         )
     }
+}
+
+/// A counter in text output: `?` when unknown.
+fn or_unknown(n: Option<u64>) -> String {
+    n.map_or_else(|| "?".to_owned(), |n| n.to_string())
 }
 
 /// A change of the budget's step, or what the interval after one cost.

@@ -234,6 +234,11 @@ pub(crate) struct TcpConn {
     pub handshake_ns: Option<u64>,
     pub retrans: u32,
     pub state_ns: BTreeMap<&'static str, u64>,
+    /// `"seen"`: its change to CLOSE was seen. `"inferred"`: the kernel
+    /// skipped that change (and maybe others before it), and the close is
+    /// known from the socket's destruction: the time since the last change
+    /// seen is counted in the state that change entered.
+    pub close: &'static str,
     #[serde(flatten)]
     pub health: ConnHealth,
 }
