@@ -66,10 +66,11 @@ impl Prometheus {
             stderr,
             _dir: dir,
         };
-        let deadline = Instant::now() + READY_WITHIN;
+        let ready_within = crate::on_this_machine(READY_WITHIN);
+        let deadline = Instant::now() + ready_within;
         while !get(addr, "/-/ready").is_ok_and(|(status, _)| status == 200) {
             if Instant::now() >= deadline {
-                prometheus.fail(&format!("not ready on {addr} within {READY_WITHIN:?}"));
+                prometheus.fail(&format!("not ready on {addr} within {ready_within:?}"));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -101,15 +102,16 @@ impl Prometheus {
 impl Drop for Prometheus {
     fn drop(&mut self) {
         let _ = self.child.kill();
-        let _ = cmd::wait_timeout(&mut self.child, HTTP_TIMEOUT);
+        let _ = cmd::wait_timeout(&mut self.child, crate::on_this_machine(HTTP_TIMEOUT));
     }
 }
 
 /// `GET path` on `addr` over HTTP/1.0: the status and the body.
 pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Vec<u8>)> {
-    let mut stream = TcpStream::connect_timeout(&addr, HTTP_TIMEOUT)?;
-    stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
-    stream.set_write_timeout(Some(HTTP_TIMEOUT))?;
+    let timeout = crate::on_this_machine(HTTP_TIMEOUT);
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response)?;
