@@ -302,12 +302,23 @@ impl Agent {
         timeout: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> Vec<Value> {
-        let found = self.stdout.wait(timeout, |lines| match parse_all(lines) {
-            Ok(recs) => {
-                let matching: Vec<Value> = recs.into_iter().filter(|r| pred(r)).take(n).collect();
-                (matching.len() == n).then_some(Ok(matching))
+        // Only the lines new since the last look are parsed: parsing every
+        // line at each wakeup is quadratic, and under churn (tens of
+        // thousands of records arriving in small batches) it alone outlasts
+        // the timeout.
+        let mut parsed = 0;
+        let mut matching = Vec::with_capacity(n);
+        let found = self.stdout.wait(timeout, |lines| {
+            let new = &lines[parsed..];
+            parsed = lines.len();
+            match parse_all(new) {
+                Ok(recs) => {
+                    let room = n - matching.len();
+                    matching.extend(recs.into_iter().filter(|r| pred(r)).take(room));
+                    (matching.len() == n).then(|| Ok(std::mem::take(&mut matching)))
+                }
+                Err(bad) => Some(Err(bad)),
             }
-            Err(bad) => Some(Err(bad)),
         });
         match found {
             Ok(Ok(recs)) => recs,

@@ -16,9 +16,12 @@
 //!   kdiag-peer connect ADDR PORT [--send-every-ms N]
 //!       blocking connect; prints "connected LOCAL_ADDR" once established,
 //!       then optionally writes 100 bytes every N ms until an error
-//!   kdiag-peer connect ADDR PORT --count N
+//!   kdiag-peer connect ADDR PORT --count N [--from-port P]
 //!       N connections one after the other: connect, half-close, wait for
-//!       the server to close (EOF), close; prints "done N" at the end
+//!       the server to close (EOF), close; prints "done N" at the end.
+//!       --from-port: the i-th connection binds local port P + i (IPv4):
+//!       the kernel may otherwise give two of them the same port, and the
+//!       tests tell connections apart by it
 //!   kdiag-peer send ADDR PORT BYTES
 //!       connect, write BYTES bytes, half-close, read until the server
 //!       closes, close; prints "connected LOCAL_ADDR", then "done BYTES"
@@ -45,7 +48,7 @@ use std::time::Duration;
 
 const USAGE: &str = "usage: kdiag-peer listen ADDR PORT [--send-every-ms N] \
                      [--rename-after-listen NAME] [--hold] [--reuseport] [--rcvbuf BYTES] | \
-                     kdiag-peer connect ADDR PORT [--send-every-ms N | --count N] | \
+                     kdiag-peer connect ADDR PORT [--send-every-ms N | --count N [--from-port P]] | \
                      kdiag-peer send ADDR PORT BYTES | kdiag-peer stall ADDR PORT BYTES MS | \
                      kdiag-peer probe ADDR PORT GO_FILE | kdiag-peer bulk";
 
@@ -57,6 +60,7 @@ struct Options {
     hold: bool,
     reuseport: bool,
     count: Option<u64>,
+    from_port: Option<u16>,
     rcvbuf: Option<u64>,
 }
 
@@ -75,7 +79,14 @@ fn main() -> ExitCode {
         [mode @ ("listen" | "connect"), addr, port, rest @ ..] => parse_addr(addr, port)
             .and_then(|a| Ok((a, parse_options(rest)?)))
             .and_then(|(a, opts)| match (*mode, &opts) {
-                ("listen", Options { count: None, .. }) => listen(a, &opts),
+                (
+                    "listen",
+                    Options {
+                        count: None,
+                        from_port: None,
+                        ..
+                    },
+                ) => listen(a, &opts),
                 (
                     "connect",
                     Options {
@@ -83,6 +94,7 @@ fn main() -> ExitCode {
                         hold: false,
                         reuseport: false,
                         count: None,
+                        from_port: None,
                         rcvbuf: None,
                         ..
                     },
@@ -95,9 +107,10 @@ fn main() -> ExitCode {
                         hold: false,
                         reuseport: false,
                         count: Some(count),
+                        from_port,
                         rcvbuf: None,
                     },
-                ) => connect_many(a, *count),
+                ) => connect_many(a, *count, *from_port),
                 _ => Err(USAGE.to_owned()),
             }),
         _ => Err(USAGE.to_owned()),
@@ -144,6 +157,11 @@ fn parse_options(mut rest: &[&str]) -> Result<Options, String> {
             }
             ["--count", n, tail @ ..] => {
                 opts.count = Some(parse_number(n)?);
+                tail
+            }
+            ["--from-port", p, tail @ ..] => {
+                let p = parse_number(p)?;
+                opts.from_port = Some(u16::try_from(p).map_err(|e| format!("port {p}: {e}"))?);
                 tail
             }
             ["--rename-after-listen", name, tail @ ..] => {
@@ -241,10 +259,17 @@ fn send_loop(mut stream: TcpStream, every: Duration) -> std::io::Error {
 /// next: waiting for the server's EOF keeps the listener's accept queue
 /// short, so no SYN is ever dropped for a full queue (which would add
 /// retransmits and timing noise to the connections being counted).
-fn connect_many(addr: SocketAddr, count: u64) -> Result<(), String> {
+fn connect_many(addr: SocketAddr, count: u64, from_port: Option<u16>) -> Result<(), String> {
     for i in 0..count {
-        let mut stream =
-            TcpStream::connect(addr).map_err(|e| format!("connect {addr} (#{i}): {e}"))?;
+        let stream = match from_port {
+            Some(first) => {
+                let port = u16::try_from(u64::from(first) + i)
+                    .map_err(|_| format!("--from-port {first} + {i} is past 65535"))?;
+                connect_from(port, addr)
+            }
+            None => TcpStream::connect(addr),
+        };
+        let mut stream = stream.map_err(|e| format!("connect {addr} (#{i}): {e}"))?;
         stream
             .shutdown(Shutdown::Write)
             .map_err(|e| format!("shutdown (#{i}): {e}"))?;
@@ -412,42 +437,60 @@ fn bulk() -> Result<(), String> {
 /// A listener on the IPv4 `addr` with SO_REUSEPORT, which std cannot set
 /// before binding.
 fn reuseport_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    use std::os::fd::{FromRawFd, OwnedFd};
     let SocketAddr::V4(v4) = addr else {
         return Err(std::io::Error::other("--reuseport takes an IPv4 address"));
     };
-    let check = |rc: libc::c_int| {
-        if rc < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(rc)
-        }
+    let fd = bound_socket(v4, true)?;
+    // SAFETY: a valid, bound descriptor.
+    check(unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&fd), 128) })?;
+    Ok(TcpListener::from(fd))
+}
+
+/// A connection to `remote` from local port `port` (any local address).
+fn connect_from(port: u16, remote: SocketAddr) -> std::io::Result<TcpStream> {
+    let SocketAddr::V4(remote) = remote else {
+        return Err(std::io::Error::other("--from-port takes an IPv4 address"));
     };
+    let local = std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port);
+    let fd = bound_socket(local, false)?;
+    let sin = sockaddr_in(remote);
+    // SAFETY: a valid descriptor and a sockaddr_in of its size.
+    check(unsafe {
+        libc::connect(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            (&raw const sin).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    })?;
+    Ok(TcpStream::from(fd))
+}
+
+/// An IPv4 TCP socket bound to `addr`, with SO_REUSEPORT when asked.
+fn bound_socket(
+    addr: std::net::SocketAddrV4,
+    reuseport: bool,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{FromRawFd, OwnedFd};
     // SAFETY: socket(2) with constant arguments; the descriptor is owned at once.
     let fd =
         check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: a descriptor just returned and owned by nothing else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-    let one: libc::c_int = 1;
-    // SAFETY: a valid descriptor and a c_int option of its size.
-    check(unsafe {
-        libc::setsockopt(
-            raw,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEPORT,
-            (&raw const one).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })?;
-    let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: v4.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(v4.ip().octets()),
-        },
-        sin_zero: [0; 8],
-    };
+    if reuseport {
+        let one: libc::c_int = 1;
+        // SAFETY: a valid descriptor and a c_int option of its size.
+        check(unsafe {
+            libc::setsockopt(
+                raw,
+                libc::SOL_SOCKET,
+                libc::SO_REUSEPORT,
+                (&raw const one).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        })?;
+    }
+    let sin = sockaddr_in(addr);
     // SAFETY: a valid descriptor and a sockaddr_in of its size.
     check(unsafe {
         libc::bind(
@@ -456,7 +499,25 @@ fn reuseport_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
             size_of::<libc::sockaddr_in>() as libc::socklen_t,
         )
     })?;
-    // SAFETY: a valid, bound descriptor.
-    check(unsafe { libc::listen(raw, 128) })?;
-    Ok(TcpListener::from(fd))
+    Ok(fd)
+}
+
+fn sockaddr_in(addr: std::net::SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(addr.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// A libc return code as an error when negative.
+fn check(rc: libc::c_int) -> std::io::Result<libc::c_int> {
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
 }
