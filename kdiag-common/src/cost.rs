@@ -27,6 +27,7 @@ wire_enum! {
         CompactionBegin,
         CompactionEnd,
         TryToCompactPages,
+        KfreeSkb,
     }
 }
 
@@ -47,6 +48,7 @@ impl ProgramId {
             Self::CompactionBegin => "compaction_begin",
             Self::CompactionEnd => "compaction_end",
             Self::TryToCompactPages => "try_to_compact_pages",
+            Self::KfreeSkb => "kfree_skb",
         }
     }
 }
@@ -100,7 +102,11 @@ pub struct BudgetGates {
     /// out only at or over this latency, on top of each class's own
     /// threshold; 0 at full detail.
     pub min_latency_ns: u64,
+    /// Non-zero once the budget sheds per-packet drop records: the drop
+    /// program only counts drops per reason.
+    pub drop_events_shed: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<BudgetGates>() == 24);
+const _: () = assert!(size_of::<BudgetGates>() == 32);
 
 crate::impl_pod!(ProgramCost, BudgetGates);

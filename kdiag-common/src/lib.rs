@@ -9,6 +9,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+pub mod drop;
 pub mod log2;
 pub mod memory;
 pub mod softirq;
@@ -53,6 +54,7 @@ wire_enum! {
         Reclaim = 4,
         Compact = 5,
         Softirq = 6,
+        Drop = 7,
     }
 }
 
@@ -144,6 +146,7 @@ wire_enum! {
         Reclaim,
         Compact,
         Softirq,
+        Drop,
     }
 }
 

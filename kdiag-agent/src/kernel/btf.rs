@@ -1,5 +1,5 @@
-//! Just enough of a BTF reader to find struct member offsets and enum values
-//! in the running kernel's types (/sys/kernel/btf/vmlinux).
+//! Just enough of a BTF reader to find struct member offsets, enum values
+//! and whole enums in the running kernel's types (/sys/kernel/btf/vmlinux).
 //!
 //! The file is megabytes long and the agent wants a handful of numbers from
 //! it, so it is never held in memory: a caller asks for everything it needs
@@ -35,12 +35,21 @@ pub(crate) enum BtfError {
 pub(crate) type Member<'a> = (&'a str, &'a str);
 /// An enumerator whose value is wanted: `(enum, enumerator)`.
 pub(crate) type Enumerator<'a> = (&'a str, &'a str);
+/// Every enumerator of an enum, by name and value, in the order declared.
+pub(crate) type EnumValues = Vec<(String, i64)>;
 
 const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 const MAGIC: u16 = 0xeb9f;
 const VERSION: u8 = 1;
 /// The header this reader knows; newer kernels may append fields to it.
 const HEADER_LEN: u32 = 24;
+/// Longest enumerator name kept when listing a whole enum; longer ones are
+/// cut (the kernel's are under 64 bytes).
+const MAX_ENUMERATOR_NAME: usize = 128;
+/// Passes over the type section: a struct's anonymous member may be a type
+/// the walk has already passed, and is then read in the next pass (a
+/// struct_group in an anonymous union is two levels deep).
+const MAX_TYPE_PASSES: usize = 4;
 /// No header comes near this: a larger one is garbage, not a newer format.
 const MAX_HEADER_LEN: u32 = 4096;
 /// Large enough that a regular file takes few reads and most skips need no
@@ -101,7 +110,7 @@ pub(crate) fn resolve_in<R: Read + Seek, const M: usize, const E: usize>(
     members: [Member; M],
     enumerators: [Enumerator; E],
 ) -> Result<([u32; M], [i64; E]), BtfError> {
-    let found = find_in(reader, path, &members, &enumerators)?;
+    let found = find_in(reader, path, &members, &enumerators, &[])?;
     Ok((
         answers(found.offsets, &members, "struct")?,
         answers(found.values, &enumerators, "enum")?,
@@ -115,6 +124,7 @@ pub(crate) fn resolve_in<R: Read + Seek, const M: usize, const E: usize>(
 pub(crate) struct Answers {
     offsets: HashMap<Member<'static>, u32>,
     values: HashMap<Enumerator<'static>, i64>,
+    enums: HashMap<&'static str, EnumValues>,
     /// Why nothing could be answered: no BTF, or a file that is not BTF.
     unreadable: Option<Arc<BtfError>>,
 }
@@ -126,15 +136,19 @@ pub(crate) enum Unanswered {
     Unreadable(Arc<BtfError>),
     #[error("{0} {1} has no member {2} in the kernel's BTF")]
     NotFound(&'static str, &'static str, &'static str),
+    #[error("enum {0} is not in the kernel's BTF")]
+    NoEnum(&'static str),
 }
 
 impl Answers {
-    /// Answers `members` and `enumerators` from the running kernel's BTF.
+    /// Answers `members`, `enumerators` and `enums` (every enumerator of
+    /// each) from the running kernel's BTF.
     pub(crate) fn of_kernel(
         members: &[Member<'static>],
         enumerators: &[Enumerator<'static>],
+        enums: &[&'static str],
     ) -> Self {
-        if members.is_empty() && enumerators.is_empty() {
+        if members.is_empty() && enumerators.is_empty() && enums.is_empty() {
             return Self::default();
         }
         let found = File::open(VMLINUX)
@@ -142,7 +156,16 @@ impl Answers {
                 path: VMLINUX.to_owned(),
                 source,
             })
-            .and_then(|file| find_in(file, VMLINUX, members, enumerators));
+            .and_then(|file| find_in(file, VMLINUX, members, enumerators, enums));
+        Self::from_found(found, members, enumerators, enums)
+    }
+
+    fn from_found(
+        found: Result<Found, BtfError>,
+        members: &[Member<'static>],
+        enumerators: &[Enumerator<'static>],
+        enums: &[&'static str],
+    ) -> Self {
         match found {
             Ok(found) => Self {
                 offsets: members
@@ -155,6 +178,12 @@ impl Answers {
                     .iter()
                     .copied()
                     .zip(found.values)
+                    .filter_map(|(q, a)| Some((q, a?)))
+                    .collect(),
+                enums: enums
+                    .iter()
+                    .copied()
+                    .zip(found.enums)
                     .filter_map(|(q, a)| Some((q, a?)))
                     .collect(),
                 unreadable: None,
@@ -184,6 +213,20 @@ impl Answers {
         self.answer(&self.values, (enum_name, enumerator), "enum")
     }
 
+    /// Every enumerator of `enum_name`, in the order declared; the class
+    /// must have asked.
+    pub(crate) fn enumerators_of(
+        &self,
+        enum_name: &'static str,
+    ) -> Result<&EnumValues, Unanswered> {
+        if let Some(e) = &self.unreadable {
+            return Err(Unanswered::Unreadable(e.clone()));
+        }
+        self.enums
+            .get(enum_name)
+            .ok_or(Unanswered::NoEnum(enum_name))
+    }
+
     fn answer<T: Copy>(
         &self,
         found: &HashMap<(&'static str, &'static str), T>,
@@ -200,21 +243,25 @@ impl Answers {
     }
 }
 
-/// One pass over the BTF in `reader`: an answer or `None` per query.
+/// The BTF in `reader`, read in as few passes as the queries allow: an
+/// answer or `None` per query.
 fn find_in<R: Read + Seek>(
     reader: R,
     path: &str,
     members: &[Member],
     enumerators: &[Enumerator],
+    enums: &[&str],
 ) -> Result<Found, BtfError> {
-    let batch = Batch::new(members, enumerators);
+    let batch = Batch::new(members, enumerators, enums);
     let mut reader = Reader {
         inner: BufReader::with_capacity(BUF_LEN, reader),
         path,
     };
     let header = Header::read(&mut reader)?;
     let names = NameOffsets::find(&mut reader, header.strings, &batch.names)?;
-    batch.find(&mut reader, header.types, &names)
+    let mut found = batch.find(&mut reader, header.types, &names)?;
+    found.name_enums(&mut reader, header.strings)?;
+    Ok(found)
 }
 
 /// The answers as an array, or which query has none.
@@ -277,6 +324,30 @@ impl<R: Read + Seek> Reader<'_, R> {
         self.inner.consume(n);
     }
 
+    /// The NUL-terminated string that starts here, cut at `limit` bytes,
+    /// and the bytes it took (with its NUL); at most `left` are read.
+    fn string(&mut self, limit: usize, mut left: u32) -> Result<(String, u32), BtfError> {
+        let mut bytes = Vec::new();
+        let mut took = 0;
+        loop {
+            let chunk = self.chunk(left)?;
+            let (end, done) = match memchr::memchr(0, chunk) {
+                Some(nul) => (nul, true),
+                None => (chunk.len(), false),
+            };
+            let room = limit.saturating_sub(bytes.len());
+            bytes.extend_from_slice(chunk.get(..end.min(room)).unwrap_or_default());
+            let n = if done { end + 1 } else { end };
+            self.consume(n);
+            // `chunk` returns at most `left` bytes.
+            took += n as u32;
+            left -= n as u32;
+            if done {
+                return Ok((String::from_utf8_lossy(&bytes).into_owned(), took));
+            }
+        }
+    }
+
     fn error(&self, e: io::Error) -> BtfError {
         error(self.path, e)
     }
@@ -332,15 +403,16 @@ impl Header {
 }
 
 /// The names a batch asks for, each once, and its queries as indexes into
-/// them: (struct, member) or (enum, enumerator).
+/// them: (struct, member), (enum, enumerator) or a whole enum.
 struct Batch<'a> {
     names: Vec<&'a str>,
     members: Vec<(usize, usize)>,
     enumerators: Vec<(usize, usize)>,
+    enums: Vec<usize>,
 }
 
 impl<'a> Batch<'a> {
-    fn new(members: &[Member<'a>], enumerators: &[Enumerator<'a>]) -> Self {
+    fn new(members: &[Member<'a>], enumerators: &[Enumerator<'a>], enums: &[&'a str]) -> Self {
         let mut names = Vec::new();
         let mut pairs = |queries: &[(&'a str, &'a str)]| -> Vec<(usize, usize)> {
             queries
@@ -350,15 +422,18 @@ impl<'a> Batch<'a> {
         };
         let members = pairs(members);
         let enumerators = pairs(enumerators);
+        let enums = enums.iter().map(|&e| intern(&mut names, e)).collect();
         Self {
             names,
             members,
             enumerators,
+            enums,
         }
     }
 
     /// Walks the type section until every query has an answer or the
-    /// section ends.
+    /// section ends, and again while anonymous members of the structs asked
+    /// about were found in types the walk had passed.
     fn find<R: Read + Seek>(
         &self,
         reader: &mut Reader<R>,
@@ -371,13 +446,23 @@ impl<'a> Batch<'a> {
             found: Found {
                 offsets: vec![None; self.members.len()],
                 values: vec![None; self.enumerators.len()],
-                missing: self.members.len() + self.enumerators.len(),
+                listed: vec![None; self.enums.len()],
+                enums: Vec::new(),
+                missing: self.members.len() + self.enumerators.len() + self.enums.len(),
             },
+            id: 0,
+            anonymous: Vec::new(),
         };
-        reader.seek(types.start)?;
-        let mut left = types.len;
-        while left > 0 && walk.found.missing > 0 {
-            walk.next_type(reader, &mut left)?;
+        for _ in 0..MAX_TYPE_PASSES {
+            reader.seek(types.start)?;
+            walk.id = 0;
+            let mut left = types.len;
+            while left > 0 && walk.found.missing > 0 {
+                walk.next_type(reader, &mut left)?;
+            }
+            if walk.found.missing == 0 || walk.anonymous.iter().all(|a| a.read) {
+                break;
+            }
         }
         Ok(walk.found)
     }
@@ -392,10 +477,78 @@ fn intern<'a>(names: &mut Vec<&'a str>, name: &'a str) -> usize {
 }
 
 /// The answers so far, by query; `missing` counts those still unanswered.
+/// A whole enum's enumerators are first known by their names' offsets in
+/// the string section (`listed`), then named (`enums`, by
+/// [`Found::name_enums`]).
 struct Found {
     offsets: Vec<Option<u32>>,
     values: Vec<Option<i64>>,
+    listed: Vec<Option<Vec<(u32, i64)>>>,
+    enums: Vec<Option<EnumValues>>,
     missing: usize,
+}
+
+impl Found {
+    /// Names the enumerators of the enums listed, in one forward pass over
+    /// the string section.
+    fn name_enums<R: Read + Seek>(
+        &mut self,
+        reader: &mut Reader<R>,
+        strings: Section,
+    ) -> Result<(), BtfError> {
+        let mut wanted: Vec<u32> = self
+            .listed
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|&(o, _)| o)
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        if !wanted.is_empty() {
+            reader.seek(strings.start)?;
+        }
+        let mut pos = 0u32;
+        let mut named = HashMap::new();
+        for off in wanted {
+            if off >= strings.len {
+                return Err(BtfError::Malformed("a name past the string section"));
+            }
+            if off < pos {
+                // Inside the previous name: a suffix of it.
+                reader.seek(strings.start + u64::from(off))?;
+            } else {
+                reader.skip(off - pos)?;
+            }
+            let (name, took) = reader.string(MAX_ENUMERATOR_NAME, strings.len - off)?;
+            pos = off + took;
+            named.insert(off, name);
+        }
+        self.enums = self
+            .listed
+            .iter()
+            .map(|listed| {
+                let listed = listed.as_ref()?;
+                Some(
+                    listed
+                        .iter()
+                        .map(|(off, value)| (named.get(off).cloned().unwrap_or_default(), *value))
+                        .collect(),
+                )
+            })
+            .collect();
+        Ok(())
+    }
+}
+
+/// A struct's member of an anonymous struct or union type (a type id):
+/// its members are the struct's, at `base` bytes further.
+struct Anonymous {
+    id: u32,
+    owner: usize,
+    base: u32,
+    /// Whether the walk has read the type's members.
+    read: bool,
 }
 
 /// A walk over the type section for one batch.
@@ -403,6 +556,9 @@ struct Walk<'w, 'a> {
     batch: &'w Batch<'a>,
     names: &'w NameOffsets,
     found: Found,
+    /// The id of the type being read (ids count from 1).
+    id: u32,
+    anonymous: Vec<Anonymous>,
 }
 
 impl Walk<'_, '_> {
@@ -417,6 +573,7 @@ impl Walk<'_, '_> {
             .checked_sub(12)
             .ok_or(BtfError::Malformed("type section ends inside a type"))?;
         let [name_off, info, _size_or_type] = reader.words()?;
+        self.id += 1;
         let kind = (info >> 24) & 0x1f;
         let vlen = info & 0xffff;
         let kind_flag = info >> 31 == 1;
@@ -425,44 +582,86 @@ impl Walk<'_, '_> {
             .checked_sub(extra)
             .ok_or(BtfError::Malformed("a type runs past the type section"))?;
         let owner = self.names.at(name_off);
+        let record = matches!(kind, KIND_STRUCT | KIND_UNION);
+        // Whose members this type's are: a struct asked about, or an
+        // anonymous type one of them (or of these) holds.
+        let mut within: Vec<(usize, u32)> = self
+            .anonymous
+            .iter_mut()
+            .filter(|a| record && a.id == self.id)
+            .map(|a| {
+                a.read = true;
+                (a.owner, a.base)
+            })
+            .collect();
         match (kind, owner) {
             (KIND_STRUCT, Some(owner)) if owns(&self.batch.members, owner) => {
-                self.members(reader, owner, vlen, kind_flag)
+                within.push((owner, 0));
             }
-            (KIND_ENUM, Some(owner)) if owns(&self.batch.enumerators, owner) => {
-                self.enumerators(reader, owner, vlen, kind_flag)
+            (KIND_ENUM, Some(owner))
+                if owns(&self.batch.enumerators, owner) || self.batch.enums.contains(&owner) =>
+            {
+                return self.enumerators(reader, owner, vlen, kind_flag);
             }
-            _ => reader.skip(extra),
+            _ => {}
         }
+        if within.is_empty() {
+            return reader.skip(extra);
+        }
+        self.members(reader, &within, vlen, kind_flag)
     }
 
-    /// Reads the `vlen` members of a struct named `owner`.
+    /// Reads the `vlen` members of a struct or union whose members belong
+    /// to the structs `within` (each at its base offset).
     fn members<R: Read + Seek>(
         &mut self,
         reader: &mut Reader<R>,
-        owner: usize,
+        within: &[(usize, u32)],
         vlen: u32,
         kind_flag: bool,
     ) -> Result<(), BtfError> {
         for _ in 0..vlen {
-            let [name_off, _type, offset] = reader.words()?;
+            let [name_off, ty, offset] = reader.words()?;
             // With kind_flag set the top 8 bits hold a bitfield's size.
             let bits = if kind_flag {
                 offset & 0xff_ffff
             } else {
                 offset
             };
-            if let Some(name) = self.names.at(name_off) {
-                answer(
-                    &self.batch.members,
-                    (owner, name),
-                    bits / 8,
-                    &mut self.found.offsets,
-                    &mut self.found.missing,
-                );
+            for &(owner, base) in within {
+                let at = base.saturating_add(bits / 8);
+                if name_off == 0 {
+                    self.note_anonymous(ty, owner, at);
+                } else if let Some(name) = self.names.at(name_off) {
+                    answer(
+                        &self.batch.members,
+                        (owner, name),
+                        at,
+                        &mut self.found.offsets,
+                        &mut self.found.missing,
+                    );
+                }
             }
         }
         Ok(())
+    }
+
+    /// Notes the anonymous member of type `id`, at `base` in `owner`, whose
+    /// members are `owner`'s. Bounded like the names: deduplicated BTF has
+    /// few of them per struct.
+    fn note_anonymous(&mut self, id: u32, owner: usize, base: u32) {
+        let known = self
+            .anonymous
+            .iter()
+            .any(|a| (a.id, a.owner, a.base) == (id, owner, base));
+        if !known && self.anonymous.len() < MAX_NAME_COPIES {
+            self.anonymous.push(Anonymous {
+                id,
+                owner,
+                base,
+                read: false,
+            });
+        }
     }
 
     /// Reads the `vlen` enumerators of an enum named `owner`.
@@ -473,6 +672,8 @@ impl Walk<'_, '_> {
         vlen: u32,
         signed: bool,
     ) -> Result<(), BtfError> {
+        let whole = self.batch.enums.iter().position(|&e| e == owner);
+        let mut listed = Vec::new();
         for _ in 0..vlen {
             let [name_off, raw] = reader.words()?;
             // kind_flag says whether the enum is signed.
@@ -481,6 +682,10 @@ impl Walk<'_, '_> {
             } else {
                 i64::from(raw)
             };
+            if whole.is_some() {
+                // Named once the walk is over (Found::name_enums).
+                listed.push((name_off, value));
+            }
             if let Some(name) = self.names.at(name_off) {
                 answer(
                     &self.batch.enumerators,
@@ -490,6 +695,12 @@ impl Walk<'_, '_> {
                     &mut self.found.missing,
                 );
             }
+        }
+        if let Some(slot) = whole.and_then(|i| self.found.listed.get_mut(i))
+            && slot.is_none()
+        {
+            *slot = Some(listed);
+            self.found.missing -= 1;
         }
         Ok(())
     }
