@@ -169,6 +169,31 @@ impl Peer {
         Peer::spawn(bin, ns.into(), &args, opts.join_cgroup.as_deref())
     }
 
+    /// `kdiag-peer udp ADDR PORT --count N` in `ns`: sends `count` UDP
+    /// datagrams to `addr`:`port` from one socket and returns its local
+    /// port once they are sent.
+    pub fn send_udp<'a>(
+        bin: &str,
+        ns: impl Into<Netns<'a>>,
+        addr: impl Into<IpAddr>,
+        port: u16,
+        count: u32,
+    ) -> u16 {
+        let args = [
+            "udp".to_owned(),
+            addr.into().to_string(),
+            port.to_string(),
+            "--count".to_owned(),
+            count.to_string(),
+        ];
+        let peer = Peer::spawn(bin, ns.into(), &args, None);
+        let line = peer.wait_line("sent ");
+        line["sent ".len()..]
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("kdiag-peer udp printed {line:?}: {e}"))
+    }
+
     /// `kdiag-peer bulk` in `ns`: a bulk TCP transfer over that namespace's
     /// loopback, as fast as the machine goes; returns once it sends.
     pub fn bulk<'a>(bin: &str, ns: impl Into<Netns<'a>>) -> Peer {

@@ -363,3 +363,124 @@ impl Class for DropClass {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use kdiag_common::{EventHeader, Owner};
+
+    use super::*;
+
+    fn event() -> DropEvent {
+        let mut tuple = TcpTuple {
+            family: AF_INET,
+            sport: 40000,
+            dport: 53,
+            ..TcpTuple::default()
+        };
+        tuple.saddr[..4].copy_from_slice(&[10, 231, 0, 1]);
+        tuple.daddr[..4].copy_from_slice(&[10, 231, 0, 2]);
+        DropEvent {
+            header: EventHeader {
+                kind: EventKind::Drop as u32,
+                cpu: 0,
+                ts_ns: 5,
+            },
+            sock_id: 0xffff_8880_0bad_cafe,
+            owner: Owner::default(),
+            tuple,
+            reason: 3,
+            protocol: u16::from(IPPROTO_UDP),
+            flags: 0,
+        }
+    }
+
+    fn bytes(ev: &DropEvent) -> Vec<u8> {
+        crate::sys::pod::bytes_of(ev).to_vec()
+    }
+
+    #[test]
+    fn reasons_are_named_as_the_tracepoint_prints_them() {
+        let values = vec![
+            ("SKB_NOT_DROPPED_YET".to_owned(), 0),
+            ("SKB_CONSUMED".to_owned(), 1),
+            ("SKB_DROP_REASON_NOT_SPECIFIED".to_owned(), 2),
+            ("SKB_DROP_REASON_NO_SOCKET".to_owned(), 3),
+            ("SKB_DROP_REASON_NETFILTER_DROP".to_owned(), 12),
+        ];
+        let names = reason_names(&values);
+        assert_eq!(names.get(&3).map(|n| &**n), Some("NO_SOCKET"));
+        assert_eq!(names.get(&12).map(|n| &**n), Some("NETFILTER_DROP"));
+        assert_eq!(names.get(&2).map(|n| &**n), Some("NOT_SPECIFIED"));
+        assert_eq!(names.get(&1).map(|n| &**n), Some("CONSUMED"));
+    }
+
+    #[test]
+    fn decodes_and_orients_the_socket_end() {
+        let ev = decode_drop(&bytes(&event())).unwrap();
+        assert_eq!(socket_tuple(&ev), None);
+        let mut inbound = ev;
+        inbound.flags = DROP_DIRECTION_KNOWN | DROP_INBOUND;
+        let local = socket_tuple(&inbound).unwrap();
+        assert_eq!((local.sport, local.dport), (53, 40000));
+        assert_eq!(local.saddr[..4], [10, 231, 0, 2]);
+        let mut outbound = ev;
+        outbound.flags = DROP_DIRECTION_KNOWN;
+        assert_eq!(socket_tuple(&outbound), Some(ev.tuple));
+    }
+
+    #[test]
+    fn records_carry_the_packets_ends_and_no_pointer() {
+        let ev = decode_drop(&bytes(&event())).unwrap();
+        let record = PacketDrop {
+            owner: ResolvedOwner::default(),
+            protocol: protocol_name(u32::from(ev.protocol)),
+            packet: Endpoints::new(&ev.tuple),
+            reason: Some(Arc::from("NO_SOCKET")),
+            reason_code: Some(ev.reason),
+        };
+        let json = serde_json::to_value(&record).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "pid": null, "comm": null, "cgroup": null, "container_id": null,
+                "pod_uid": null, "protocol": "udp", "family": "ipv4",
+                "saddr": "10.231.0.1", "sport": 40000, "daddr": "10.231.0.2", "dport": 53,
+                "reason": "NO_SOCKET", "reason_code": 3
+            })
+        );
+        assert!(!json.to_string().contains(&ev.sock_id.to_string()));
+    }
+
+    #[test]
+    fn rejects_short_wrong_kind_and_bad_fields() {
+        let b = bytes(&event());
+        assert!(matches!(
+            decode_drop(&b[..b.len() - 1]),
+            Err(DecodeError::Short { .. })
+        ));
+        let mut ev = event();
+        ev.header.kind = EventKind::Retrans as u32;
+        assert!(matches!(
+            decode_drop(&bytes(&ev)),
+            Err(DecodeError::WrongKind { .. })
+        ));
+        let mut ev = event();
+        ev.protocol = 1;
+        assert!(matches!(
+            decode_drop(&bytes(&ev)),
+            Err(DecodeError::BadField {
+                field: "protocol",
+                ..
+            })
+        ));
+        let mut ev = event();
+        ev.tuple.family = 1;
+        assert!(matches!(
+            decode_drop(&bytes(&ev)),
+            Err(DecodeError::BadField {
+                field: "family",
+                ..
+            })
+        ));
+    }
+}

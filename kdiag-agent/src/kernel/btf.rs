@@ -117,6 +117,24 @@ pub(crate) fn resolve_in<R: Read + Seek, const M: usize, const E: usize>(
     ))
 }
 
+/// What [`enums_in`] answers: an offset per member, a list per enum.
+#[cfg(test)]
+type OffsetsAndEnums = (Vec<Option<u32>>, Vec<Option<EnumValues>>);
+
+/// Every enumerator of each of `enums` in the BTF that `reader` holds, by
+/// enum, `None` for an enum it does not have. The agent asks through
+/// [`Answers`].
+#[cfg(test)]
+pub(crate) fn enums_in<R: Read + Seek>(
+    reader: R,
+    path: &str,
+    members: &[Member],
+    enums: &[&str],
+) -> Result<OffsetsAndEnums, BtfError> {
+    let found = find_in(reader, path, members, &[], enums)?;
+    Ok((found.offsets, found.enums))
+}
+
 /// What every class asked of the kernel's BTF, from one pass over the file
 /// at start-up (the file is megabytes; reading it once per question made
 /// start-up stream it up to five times).
@@ -330,6 +348,9 @@ impl<R: Read + Seek> Reader<'_, R> {
         let mut bytes = Vec::new();
         let mut took = 0;
         loop {
+            if left == 0 {
+                return Err(BtfError::Malformed("a name runs past the string section"));
+            }
             let chunk = self.chunk(left)?;
             let (end, done) = match memchr::memchr(0, chunk) {
                 Some(nul) => (nul, true),
@@ -929,6 +950,22 @@ pub(crate) mod tests {
             self
         }
 
+        /// A struct or union (`kind`) named `name` ("" for an anonymous
+        /// one) of `(member, type id, offset in bits)`s.
+        fn record(&mut self, kind: u32, name: &str, members: &[(&str, u32, u32)]) -> &mut Self {
+            let name = if name.is_empty() { 0 } else { self.name(name) };
+            self.ty(name, kind, false, members.len() as u32);
+            for &(member, ty, offset) in members {
+                let member = if member.is_empty() {
+                    0
+                } else {
+                    self.name(member)
+                };
+                self.words(&[member, ty, offset]);
+            }
+            self
+        }
+
         fn enumeration(&mut self, name: &str, signed: bool, values: &[(&str, u32)]) -> &mut Self {
             let name = self.name(name);
             self.ty(name, KIND_ENUM, signed, values.len() as u32);
@@ -1013,6 +1050,99 @@ pub(crate) mod tests {
         let garbage = [0x9f, 0xeb, 1, 0, 0xff, 0xff, 0xff, 0xff];
         assert!(offset(&garbage, ("x", "y")).is_err());
         assert!(offset(&b[..40], ("sock_common", "skc_net")).is_err());
+    }
+
+    /// `struct sk_buff` as since 5.15, in miniature: `sk` in an anonymous
+    /// union, `network_header` in an anonymous struct in an anonymous union
+    /// (a struct_group). Type ids: int 1, the inner struct 2, sk_buff 3,
+    /// the unions 4 and 5: the walk meets the inner struct before it knows
+    /// it belongs to sk_buff, and finds it in a second pass.
+    fn nested() -> Blob {
+        let mut b = Blob::new();
+        b.int("int")
+            .record(
+                KIND_STRUCT,
+                "",
+                &[("transport_header", 1, 0), ("network_header", 1, 16)],
+            )
+            .record(
+                KIND_STRUCT,
+                "sk_buff",
+                &[("next", 1, 0), ("", 4, 64), ("", 5, 192), ("head", 1, 256)],
+            )
+            .record(KIND_UNION, "", &[("sk", 1, 0), ("ip_defrag_offset", 1, 0)])
+            .record(KIND_UNION, "", &[("", 2, 0), ("headers", 1, 0)]);
+        b
+    }
+
+    #[test]
+    fn members_of_anonymous_members_are_found() {
+        let b = nested().bytes(false);
+        assert_eq!(offset(&b, ("sk_buff", "sk")).unwrap(), 8);
+        assert_eq!(offset(&b, ("sk_buff", "network_header")).unwrap(), 26);
+        assert_eq!(offset(&b, ("sk_buff", "transport_header")).unwrap(), 24);
+        assert_eq!(offset(&b, ("sk_buff", "head")).unwrap(), 32);
+        assert!(offset(&b, ("sk_buff", "nope")).is_err());
+    }
+
+    #[test]
+    fn whole_enums_are_listed_with_their_names() {
+        let mut b = nested();
+        b.enumeration(
+            "skb_drop_reason",
+            false,
+            &[("SKB_NOT_DROPPED_YET", 0), ("SKB_DROP_REASON_NO_SOCKET", 3)],
+        )
+        // A name that is a suffix of another's, as string sections share.
+        .enumeration("other", false, &[("REASON_NO_SOCKET", 9)]);
+        for strings_first in [false, true] {
+            let (offsets, enums) = enums_in(
+                Cursor::new(b.bytes(strings_first)),
+                "test",
+                &[("sk_buff", "network_header")],
+                &["other", "skb_drop_reason", "missing"],
+            )
+            .unwrap();
+            assert_eq!(offsets, [Some(26)]);
+            let list = |v: &[(&str, i64)]| {
+                Some(
+                    v.iter()
+                        .map(|&(n, v)| (n.to_owned(), v))
+                        .collect::<Vec<_>>(),
+                )
+            };
+            assert_eq!(
+                enums,
+                [
+                    list(&[("REASON_NO_SOCKET", 9)]),
+                    list(&[("SKB_NOT_DROPPED_YET", 0), ("SKB_DROP_REASON_NO_SOCKET", 3)]),
+                    None
+                ]
+            );
+        }
+    }
+
+    /// The drop reasons as BTF lists them are the kernel's own table, the
+    /// one its tracepoint prints (`__print_symbolic` in the format file).
+    #[test]
+    fn drop_reasons_agree_with_the_tracepoint() {
+        let format = std::fs::read_to_string("/sys/kernel/tracing/events/skb/kfree_skb/format")
+            .expect("the kfree_skb tracepoint's format (tracefs mounted, kernel 5.17+)");
+        let file = File::open(VMLINUX).expect("a kernel built with BTF");
+        let (_, enums) = enums_in(file, VMLINUX, &[], &["skb_drop_reason"]).unwrap();
+        let values = enums[0].as_ref().expect("enum skb_drop_reason");
+        let mut printed = 0;
+        for (name, value) in values {
+            let Some(short) = name.strip_prefix("SKB_DROP_REASON_") else {
+                continue;
+            };
+            if format.contains(&format!("{{ {value}, \"{short}\" }}")) {
+                printed += 1;
+            }
+        }
+        // Every reason the tracepoint prints (MAX included) is in the enum
+        // under the same value.
+        assert_eq!(printed, format.matches("{ ").count(), "{values:?}");
     }
 
     #[test]

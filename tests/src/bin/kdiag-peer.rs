@@ -18,6 +18,9 @@
 //!   kdiag-peer connect ADDR PORT --count N
 //!       N connections one after the other: connect, half-close, wait for
 //!       the server to close (EOF), close; prints "done N" at the end
+//!   kdiag-peer udp ADDR PORT --count N
+//!       sends N one-byte UDP datagrams to ADDR PORT from one socket; prints
+//!       "sent LOCAL_PORT" once they are all handed to the kernel, then exits
 //!   kdiag-peer bulk
 //!       one TCP connection to itself over the namespace's loopback, written
 //!       to as fast as it is read, until killed (a bulk transfer: tens of
@@ -32,7 +35,7 @@ use std::time::Duration;
 const USAGE: &str = "usage: kdiag-peer listen ADDR PORT [--send-every-ms N] \
                      [--rename-after-listen NAME] [--hold] [--reuseport] | \
                      kdiag-peer connect ADDR PORT [--send-every-ms N | --count N] | \
-                     kdiag-peer bulk";
+                     kdiag-peer udp ADDR PORT --count N | kdiag-peer bulk";
 
 /// Options after ADDR PORT; which ones a mode accepts is checked in `main`.
 #[derive(Default)]
@@ -49,6 +52,9 @@ fn main() -> ExitCode {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match args.as_slice() {
         ["bulk"] => bulk(),
+        ["udp", addr, port, "--count", n] => {
+            parse_addr(addr, port).and_then(|a| send_udp(a, parse_number(n)?))
+        }
         [mode @ ("listen" | "connect"), addr, port, rest @ ..] => parse_addr(addr, port)
             .and_then(|a| Ok((a, parse_options(rest)?)))
             .and_then(|(a, opts)| match (*mode, &opts) {
@@ -128,6 +134,23 @@ fn parse_options(mut rest: &[&str]) -> Result<Options, String> {
 
 fn parse_number(s: &str) -> Result<u64, String> {
     s.parse().map_err(|e| format!("bad number {s:?}: {e}"))
+}
+
+/// Sends `count` one-byte datagrams to `to` from one socket.
+fn send_udp(to: SocketAddr, count: u64) -> Result<(), String> {
+    let any: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse().map_err(|e| format!("{e}"))?
+    } else {
+        "[::]:0".parse().map_err(|e| format!("{e}"))?
+    };
+    let socket = std::net::UdpSocket::bind(any).map_err(|e| format!("bind: {e}"))?;
+    for _ in 0..count {
+        socket
+            .send_to(b"x", to)
+            .map_err(|e| format!("send to {to}: {e}"))?;
+    }
+    let local = socket.local_addr().map_err(|e| format!("{e}"))?;
+    say(&format!("sent {}", local.port()))
 }
 
 /// Prints a status line; the tests wait for it on a pipe, so flush at once.
