@@ -9,7 +9,10 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{Array, PerCpuArray};
+use aya::{
+    maps::{Array, PerCpuArray},
+    programs::Program,
+};
 use kdiag_common::ClassId;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -20,7 +23,7 @@ use crate::{
     classes,
     cli::Cli,
     kernel::{
-        loader::{self, LoadError, Loaded},
+        loader::{self, AttachMode, LoadError, Loaded},
         transport::{Reader, TransportError, TransportKind},
         wire,
     },
@@ -167,6 +170,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
     let buffer_bytes = cli.global.buffer_mib << 20;
     let mut loaded = load(
         &mut classes,
+        cli.global.attach,
         cli.global.transport,
         buffer_bytes,
         cli.global.formats_from.as_deref(),
@@ -242,7 +246,16 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
         version: env!("CARGO_PKG_VERSION"),
         kernel: procfs::kernel_release(),
         transport: loaded.transport.name(),
-        attached: loaded.attached.iter().map(|t| t.path()).collect(),
+        attached: loaded
+            .attached
+            .iter()
+            .map(|a| a.tracepoint.path())
+            .collect(),
+        attached_as: loaded
+            .attached
+            .iter()
+            .map(|a| (a.tracepoint.path(), a.how.name()))
+            .collect(),
         degraded,
         uid: dropped.uid,
         gid: dropped.gid,
@@ -414,6 +427,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
 /// its programs from them, then the object.
 fn load(
     classes: &mut [Box<dyn Class>],
+    mode: AttachMode,
     transport: TransportKind,
     buffer_bytes: u32,
     formats_from: Option<&std::path::Path>,
@@ -425,7 +439,7 @@ fn load(
         .copied()
         .collect();
     let mut degraded = Vec::new();
-    let kernel = loader::kernel_types(&tracepoints, &queries, formats_from, &mut degraded)?;
+    let kernel = loader::kernel_types(&tracepoints, &queries, mode, formats_from, &mut degraded)?;
     let (mut globals, mut map_sizes) = (Vec::new(), Vec::new());
     for class in classes.iter_mut() {
         let configured = class.configure(&kernel, &mut degraded);
@@ -465,16 +479,30 @@ fn take_map(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<aya::maps::Map, 
 /// while the programs still run: at the fastest connection churn the ring
 /// fills in less time than that, and undrained it overflowed at stop
 /// (docs/BENCHMARKS.md, "Drops at maximum churn").
+///
+/// A classic tracepoint program's detach returns once no run of it is left
+/// (perf_trace_event_unreg waits for a grace period); a BTF tracepoint
+/// program's returns at once, while a run on another CPU may still write an
+/// event or bump a counter after the drain meant to account for it. Both
+/// kinds run with preemption off, inside what RCU counts as a read-side
+/// section, so one grace period after the last detach (`membarrier`'s
+/// global barrier) none is left.
 fn detach_all(ebpf: &mut aya::Ebpf, mut drain: impl FnMut() -> io::Result<()>) -> io::Result<()> {
-    let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_owned()).collect();
     std::thread::scope(|scope| {
         let detaching = scope.spawn(|| {
-            for name in names {
-                if let Some(p) = ebpf.program_mut(&name)
-                    && let Ok(tp) = <&mut aya::programs::TracePoint>::try_from(p)
-                {
-                    let _ = tp.unload();
-                }
+            let mut unwaited = false;
+            for (_, program) in ebpf.programs_mut() {
+                let _ = match program {
+                    Program::TracePoint(p) => p.unload(),
+                    Program::BtfTracePoint(p) => {
+                        unwaited |= p.fd().is_ok();
+                        p.unload()
+                    }
+                    _ => Ok(()),
+                };
+            }
+            if unwaited {
+                sys::process::wait_for_rcu_grace_period();
             }
         });
         let mut result = Ok(());

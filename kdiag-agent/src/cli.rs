@@ -6,7 +6,11 @@ use clap::{Args, Parser};
 
 use kdiag_common::DEFAULT_BUFFER_BYTES;
 
-use crate::{classes::Command, kernel::transport::TransportKind, output::Format};
+use crate::{
+    classes::Command,
+    kernel::{loader::AttachMode, transport::TransportKind},
+    output::Format,
+};
 
 /// Production tracing agent: kernel events attributed to processes,
 /// connections and cgroups, as JSON Lines on stdout.
@@ -75,6 +79,17 @@ pub(crate) struct GlobalArgs {
     /// How events travel from the kernel.
     #[arg(long, value_enum, default_value = "auto", global = true)]
     pub transport: TransportKind,
+    /// How the kernel programs attach. The softirq programs have two
+    /// forms: a BTF tracepoint (tp_btf: the kernel passes the tracepoint's
+    /// arguments straight to the program, the cheaper way) and a classic
+    /// tracepoint (the kernel fills a trace record first, and skips the
+    /// program whenever another BPF program runs on that CPU). `auto`
+    /// takes the BTF tracepoint where the kernel has BTF for it and accepts
+    /// it (Linux 5.5+ built with BTF), the classic one elsewhere; `classic`
+    /// takes the classic one everywhere. agent_start's `attached_as` says
+    /// which each tracepoint got.
+    #[arg(long, value_enum, default_value = "auto", global = true)]
+    pub attach: AttachMode,
     /// Room for events on their way from the kernel to the agent, in MiB (a
     /// power of two, 1 to 1024): the BPF ring buffer, or with the perf
     /// transport the sum of the per-CPU buffers. Events that find it full

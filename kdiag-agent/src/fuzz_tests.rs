@@ -19,6 +19,7 @@ fn decode_all(bytes: &[u8]) {
     let _ = wire::event_kind(bytes);
     let _ = classes::tcp::retrans::decode_retrans(bytes);
     let _ = classes::tcp::lifecycle::decode_state(bytes);
+    let _ = classes::tcp::lifecycle::decode_close(bytes);
     let _ = classes::memory::decode_stall(bytes, EventKind::Reclaim);
     let _ = classes::memory::decode_stall(bytes, EventKind::Compact);
     let _ = classes::softirq::decode_softirq(bytes);

@@ -53,6 +53,28 @@ impl ProgramId {
     }
 }
 
+impl ProgramId {
+    /// The name of the program's BTF tracepoint (tp_btf) entry, for those
+    /// that have one beside their classic tracepoint entry. Both count
+    /// their runs in the same slot and are reported under [`Self::name`]:
+    /// the agent loads one or the other.
+    pub const fn btf_name(self) -> Option<&'static str> {
+        match self {
+            Self::SoftirqRaise => Some("softirq_raise_btf"),
+            Self::SoftirqEntry => Some("softirq_entry_btf"),
+            Self::SoftirqExit => Some("softirq_exit_btf"),
+            _ => None,
+        }
+    }
+
+    /// The program whose entry in the object is named `name`.
+    pub fn of_entry(name: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|id| id.name() == name || id.btf_name() == Some(name))
+    }
+}
+
 /// Number of programs, the size of the cost map.
 pub const PROGRAM_COUNT: u32 = ProgramId::ALL.len() as u32;
 

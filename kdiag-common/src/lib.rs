@@ -13,7 +13,6 @@ pub mod drop;
 pub mod log2;
 pub mod memory;
 pub mod softirq;
-pub mod tcp;
 
 /// Declares a `#[repr(u32)]` enum of the wire from one table of variants:
 /// the enum, `ALL` (every variant, in the table's order), and the u32 ->
@@ -42,8 +41,9 @@ macro_rules! wire_enum {
     };
 }
 
-// After the macro, which it uses.
+// After the macro, which they use.
 pub mod cost;
+pub mod tcp;
 
 wire_enum! {
     /// Which payload follows the [`EventHeader`].
@@ -135,7 +135,10 @@ pub const LOSS_LOST: u32 = 1;
 /// A program gave up on an event: a map insert failed (the map full) or a
 /// read of the record or of kernel memory failed, and it returned early.
 pub const LOSS_FAILED: u32 = 2;
-pub const LOSS_REASONS: u32 = 3;
+/// An event went out with some of the socket fields it carries missing: a
+/// read of the socket's memory failed (the fields are null in its record).
+pub const LOSS_PARTIAL: u32 = 3;
+pub const LOSS_REASONS: u32 = 4;
 
 wire_enum! {
     /// Event classes, as indexes for per-class counters: numbered from 0 in
@@ -155,7 +158,7 @@ pub const CLASS_COUNT: u32 = ClassId::ALL.len() as u32;
 
 /// Whether `values` are 0, 1, 2, ... in order: an enum whose values index
 /// arrays of as many entries as it has variants.
-const fn numbered_from_zero(values: &[u32]) -> bool {
+pub(crate) const fn numbered_from_zero(values: &[u32]) -> bool {
     let mut i = 0;
     while i < values.len() {
         if values[i] as usize != i {

@@ -3,7 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::{EventHeader, Owner};
+use crate::{EventHeader, Owner, numbered_from_zero};
 
 /// Kernel TCP states (include/net/tcp_states.h).
 pub const TCP_ESTABLISHED: i32 = 1;
@@ -171,8 +171,14 @@ pub struct TcpConfig {
     /// (`net->ns.inum`, from the kernel's BTF), or 0 when unknown: then
     /// sockets carry no network namespace.
     pub net_inum_offset: u32,
+    /// The sender's state read from the socket at each retransmit.
+    pub retrans_sock: SockPlan,
+    /// The connection's totals read from the socket when it closes (only
+    /// while state changes are sent).
+    pub close_sock: SockPlan,
 }
-const _: () = assert!(size_of::<TcpConfig>() == 3 * 28 + 8 + 16 + 4 + 4 + 4);
+const _: () =
+    assert!(size_of::<TcpConfig>() == 3 * 28 + 8 + 16 + 4 + 4 + 4 + 2 * size_of::<SockPlan>());
 
 impl TcpConfig {
     pub const DEFAULT: Self = Self {
@@ -187,6 +193,8 @@ impl TcpConfig {
         sk_family_offset: 0,
         _pad: 0,
         net_inum_offset: 0,
+        retrans_sock: SockPlan::NONE,
+        close_sock: SockPlan::NONE,
     };
 
     /// Whether a connection with these ports passes the `--port` filter.
@@ -208,6 +216,113 @@ impl TcpConfig {
     #[inline(always)]
     pub fn family_allowed(&self, family: u16) -> bool {
         self.family == 0 || self.family == family
+    }
+}
+
+/// Most reads of one socket's memory per event: each covers one group of
+/// nearby fields, so an event costs a few helper calls whatever the number
+/// of fields.
+pub const SOCK_READS: usize = 4;
+/// Longest read, in bytes; a read lands at `i * SOCK_READ_LEN` of the
+/// programs' scratch buffer.
+pub const SOCK_READ_LEN: usize = 256;
+/// The scratch buffer the reads land in.
+pub const SOCK_SCRATCH: usize = SOCK_READS * SOCK_READ_LEN;
+
+wire_enum! {
+    /// The `struct tcp_sock` fields the programs can read, as indexes into
+    /// [`SockFields::values`] and [`SockPlan::at`]. A plan reads a subset.
+    pub enum SockField {
+        /// `srtt_us`: smoothed RTT in microseconds, shifted left by 3.
+        SrttUs,
+        /// `mdev_us`: mean RTT deviation in microseconds, shifted left by 2.
+        MdevUs,
+        /// `snd_cwnd`, in segments.
+        Cwnd,
+        /// `snd_ssthresh`, in segments.
+        Ssthresh,
+        PacketsOut,
+        LostOut,
+        RetransOut,
+        TotalRetrans,
+        /// `rtt_min.s[0].v`: the windowed minimum RTT in microseconds.
+        MinRttUs,
+        BytesAcked,
+        BytesReceived,
+        SegsOut,
+        SegsIn,
+        /// The byte holding `chrono_type` (a 2-bit bitfield in older
+        /// kernels, a u8 in 6.18): the agent shifts and masks it.
+        ChronoType,
+        /// `chrono_start`, jiffies.
+        ChronoStart,
+        /// `chrono_stat[0..3]`: jiffies busy, receive-window limited and
+        /// send-buffer limited, not counting the running chronograph.
+        ChronoBusy,
+        ChronoRwnd,
+        ChronoSndbuf,
+    }
+}
+
+/// Number of [`SockField`]s.
+pub const SOCK_FIELDS: usize = SockField::ALL.len();
+// A field indexes arrays of SOCK_FIELDS entries and a u32 bit mask.
+const _: () = assert!(numbered_from_zero(&SockField::VALUES) && SOCK_FIELDS <= 32);
+
+/// One read of a socket's memory: `len` bytes (at most [`SOCK_READ_LEN`]; 0
+/// = unused) from byte `start` of its `struct tcp_sock`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockRead {
+    pub start: u32,
+    pub len: u32,
+}
+
+/// Which socket fields a program reads and how, from the kernel's BTF: the
+/// reads, then where each field landed in the scratch buffer and its width.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockPlan {
+    pub reads: [SockRead; SOCK_READS],
+    /// Byte of the scratch buffer each field starts at, aligned to its
+    /// width; [`FIELD_ABSENT`] when not read (the kernel lacks it, or the
+    /// program does not need it).
+    pub at: [u16; SOCK_FIELDS],
+    /// Width of each field in bytes: 1, 4 or 8.
+    pub width: [u8; SOCK_FIELDS],
+    pub _pad: [u8; SOCK_PLAN_PAD],
+}
+const SOCK_PLAN_PAD: usize = (8 - (3 * SOCK_FIELDS) % 8) % 8;
+const _: () = assert!(size_of::<SockPlan>().is_multiple_of(8));
+
+impl SockPlan {
+    /// Reads nothing.
+    pub const NONE: Self = Self {
+        reads: [SockRead { start: 0, len: 0 }; SOCK_READS],
+        at: [FIELD_ABSENT; SOCK_FIELDS],
+        width: [0; SOCK_FIELDS],
+        _pad: [0; SOCK_PLAN_PAD],
+    };
+}
+
+/// Socket fields read by a program, raw as the kernel keeps them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockFields {
+    /// By [`SockField`]; 0 unless its bit of `present` is set.
+    pub values: [u64; SOCK_FIELDS],
+    /// Bit `i` set: `values[i]` was read.
+    pub present: u32,
+    pub _pad: u32,
+    /// The kernel's jiffies when they were read (`bpf_jiffies64`), which
+    /// times the running chronograph; 0 when not needed.
+    pub jiffies: u64,
+}
+
+impl SockFields {
+    /// The field, when it was read.
+    pub fn get(&self, field: SockField) -> Option<u64> {
+        (self.present & (1 << field as u32) != 0).then_some(self.values[field as usize])
     }
 }
 
@@ -266,8 +381,11 @@ pub struct RetransEvent {
     /// this one included.
     pub conn_retrans: u32,
     pub _pad: u32,
+    /// The sender's state at the retransmit (data retransmits; a SYN-ACK's
+    /// request socket has none, so nothing is read for it).
+    pub sock: SockFields,
 }
-const _: () = assert!(size_of::<RetransEvent>() == 16 + 8 + 32 + 40 + 16);
+const _: () = assert!(size_of::<RetransEvent>() == 16 + 8 + 32 + 40 + 16 + size_of::<SockFields>());
 
 /// Per-socket state kept in the kernel, keyed by the socket's address.
 #[repr(C)]
@@ -329,6 +447,16 @@ pub struct TcpStateEvent {
 }
 const _: () = assert!(size_of::<TcpStateEvent>() == 16 + 8 + 32 + 40 + 8 + 8 + 8 + 16 + 8);
 
+/// A state change into CLOSE, of a socket that was not a listener, while
+/// state changes are sent: the change (its header says `TcpConn`) and the
+/// connection's totals read from the socket at that moment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct TcpCloseEvent {
+    pub state: TcpStateEvent,
+    pub sock: SockFields,
+}
+
 /// Key of the listener map: a listening address and port within one
 /// network namespace.
 #[repr(C)]
@@ -372,6 +500,10 @@ crate::impl_pod!(
     TcpTuple,
     RetransEvent,
     TcpStateEvent,
+    TcpCloseEvent,
+    SockRead,
+    SockPlan,
+    SockFields,
     SockInfo,
     ListenerKey,
     ListenerSlot,

@@ -12,17 +12,31 @@
 //! around each handler. Handlers never nest on a CPU (they run with softirqs
 //! disabled), so one slot per CPU and vector holds all the state.
 //!
-//! Every slot is per-CPU and classic tracepoint programs never nest on one
-//! CPU (the kernel's per-CPU `bpf_prog_active` guard skips a program that
-//! would start while another runs there), so plain increments cannot race.
+//! Each program has two entry points around one body that takes the
+//! decoded `vec`: a BTF tracepoint (tp_btf), where the kernel hands the
+//! tracepoint's arguments straight to the program, without filling a trace
+//! record first, and a classic tracepoint, which reads `vec` from the record
+//! and is the fallback where the kernel has no BTF for the tracepoint. The
+//! agent loads one of the two per tracepoint.
+//!
+//! Every slot is per-CPU, and no program preempts itself or another of
+//! these on a CPU: classic tracepoint programs never nest on one CPU (the
+//! kernel's per-CPU `bpf_prog_active` guard skips a program that would
+//! start while another runs there), and BTF tracepoint programs have a
+//! per-program guard. A raise from a hard interrupt can land in the middle
+//! of an entry or exit program of the same CPU, though, and a raise only
+//! touches its own vector's `raise_ns`, which the entry program reads and
+//! clears: such a raise can be lost (its softirq then has no delay), never
+//! corrupt a count. So plain increments cannot race.
 
 use core::ptr;
 
 use aya_ebpf::{
+    EbpfContext,
     helpers::bpf_ktime_get_ns,
-    macros::{map, tracepoint},
+    macros::{btf_tracepoint, map, tracepoint},
     maps::{Array, PerCpuArray},
-    programs::TracePointContext,
+    programs::{BtfTracePointContext, TracePointContext},
 };
 use kdiag_common::{
     ClassId, EventKind,
@@ -62,8 +76,21 @@ fn config() -> &'static SoftirqConfig {
 /// The record's `vec` (a 4-byte field: the agent checks its size) at
 /// `offset`, if it is a vector the kernel has.
 #[inline(always)]
-fn read_vec(ctx: &TracePointContext, offset: u16) -> Result<u32, i64> {
-    let vec: u32 = ctx::field(ctx, offset, USUAL_VEC_OFFSET)?;
+fn record_vec(ctx: &TracePointContext, offset: u16) -> Result<u32, i64> {
+    known_vec(ctx::field(ctx, offset, USUAL_VEC_OFFSET)?)
+}
+
+/// The BTF tracepoint's `vec_nr`, its only argument in every kernel that
+/// has BTF tracepoints (include/trace/events/irq.h, the softirq event
+/// class: `TP_PROTO(unsigned int vec_nr)`), if it is a vector the kernel
+/// has.
+#[inline(always)]
+fn arg_vec(ctx: &BtfTracePointContext) -> Result<u32, i64> {
+    known_vec(ctx.arg::<u64>(0) as u32)
+}
+
+#[inline(always)]
+fn known_vec(vec: u32) -> Result<u32, i64> {
     if vec < NR_SOFTIRQS { Ok(vec) } else { Err(-1) }
 }
 
@@ -72,20 +99,29 @@ fn slot(vec: u32) -> Result<*mut SoftirqSlot, i64> {
     SOFTIRQ.get_ptr_mut(vec).ok_or(-1)
 }
 
-#[tracepoint]
-pub(crate) fn softirq_raise(ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "softirq_raise")]
+pub(crate) fn softirq_raise_btf(ctx: BtfTracePointContext) -> u32 {
     measured(ProgramId::SoftirqRaise, || {
-        try_softirq_raise(&ctx).unwrap_or(0)
+        try_softirq_raise(|| arg_vec(&ctx)).unwrap_or(0)
     })
 }
 
-fn try_softirq_raise(ctx: &TracePointContext) -> Result<u32, i64> {
+#[tracepoint]
+pub(crate) fn softirq_raise(ctx: TracePointContext) -> u32 {
+    measured(ProgramId::SoftirqRaise, || {
+        try_softirq_raise(|| record_vec(&ctx, config().raise_vec)).unwrap_or(0)
+    })
+}
+
+/// `vec` is read only once the gates let the program measure.
+#[inline(always)]
+fn try_softirq_raise(vec: impl FnOnce() -> Result<u32, i64>) -> Result<u32, i64> {
     let gates = gates();
     if gates.softirq_paused != 0 || gates.delay_shed != 0 {
         // The budget sheds queueing delay, or all measuring: counted only.
         return Ok(0);
     }
-    let vec = read_vec(ctx, config().raise_vec)?;
+    let vec = vec()?;
     let s = slot(vec)?;
     // SAFETY: a live per-CPU map value (see the module comment).
     unsafe {
@@ -98,14 +134,23 @@ fn try_softirq_raise(ctx: &TracePointContext) -> Result<u32, i64> {
     Ok(0)
 }
 
-#[tracepoint]
-pub(crate) fn softirq_entry(ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "softirq_entry")]
+pub(crate) fn softirq_entry_btf(ctx: BtfTracePointContext) -> u32 {
     measured(ProgramId::SoftirqEntry, || {
-        try_softirq_entry(&ctx).unwrap_or(0)
+        try_softirq_entry(|| arg_vec(&ctx)).unwrap_or(0)
     })
 }
 
-fn try_softirq_entry(ctx: &TracePointContext) -> Result<u32, i64> {
+#[tracepoint]
+pub(crate) fn softirq_entry(ctx: TracePointContext) -> u32 {
+    measured(ProgramId::SoftirqEntry, || {
+        try_softirq_entry(|| record_vec(&ctx, config().entry_vec)).unwrap_or(0)
+    })
+}
+
+/// `vec` is read only once the gates let the program measure.
+#[inline(always)]
+fn try_softirq_entry(vec: impl FnOnce() -> Result<u32, i64>) -> Result<u32, i64> {
     let gates = gates();
     if gates.softirq_paused != 0 {
         // Off phase of the budget's duty cycle: this run is not measured
@@ -113,7 +158,7 @@ fn try_softirq_entry(ctx: &TracePointContext) -> Result<u32, i64> {
         return Ok(0);
     }
     let since = gates.softirq_since_ns;
-    let vec = read_vec(ctx, config().entry_vec)?;
+    let vec = vec()?;
     let s = slot(vec)?;
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -134,16 +179,25 @@ fn try_softirq_entry(ctx: &TracePointContext) -> Result<u32, i64> {
     Ok(0)
 }
 
-#[tracepoint]
-pub(crate) fn softirq_exit(ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "softirq_exit")]
+pub(crate) fn softirq_exit_btf(ctx: BtfTracePointContext) -> u32 {
     measured(ProgramId::SoftirqExit, || {
-        try_softirq_exit(&ctx).unwrap_or(0)
+        try_softirq_exit(&ctx, arg_vec(&ctx)).unwrap_or(0)
     })
 }
 
-fn try_softirq_exit(ctx: &TracePointContext) -> Result<u32, i64> {
+#[tracepoint]
+pub(crate) fn softirq_exit(ctx: TracePointContext) -> u32 {
+    measured(ProgramId::SoftirqExit, || {
+        try_softirq_exit(&ctx, record_vec(&ctx, config().exit_vec)).unwrap_or(0)
+    })
+}
+
+/// `ctx` is only for the perf transport's output helper.
+#[inline(always)]
+fn try_softirq_exit<C: EbpfContext>(ctx: &C, vec: Result<u32, i64>) -> Result<u32, i64> {
     let cfg = config();
-    let vec = read_vec(ctx, cfg.exit_vec)?;
+    let vec = vec?;
     let s = slot(vec)?;
     let gates = gates();
     // SAFETY: a live per-CPU map value (see the module comment).

@@ -9,7 +9,7 @@
 //! listener's owner through the listener map. Sockets created before the
 //! agent started are resolved by the agent from /proc.
 
-use core::mem::MaybeUninit;
+use core::{ffi::c_void, mem::MaybeUninit};
 
 use aya_ebpf::{
     helpers::{
@@ -21,20 +21,21 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use kdiag_common::{
-    COMM_LEN, ClassId, EventKind, Owner,
+    COMM_LEN, ClassId, EventKind, LOSS_PARTIAL, Owner,
     cost::ProgramId,
     tcp::{
         AF_INET, AF_INET6, FIELD_ABSENT, IPPROTO_TCP, LISTENER_SLOTS, ListenerKey, Listeners,
         ROLE_ACTIVE, ROLE_LISTENER, ROLE_PASSIVE, ROLE_UNKNOWN, RetransEvent, RetransKind,
-        STATE_TIME_KNOWN, SockInfo, TCP_CLOSE, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT, TcpConfig,
-        TcpStateEvent, TcpTpOffsets, TcpTuple,
+        SOCK_FIELDS, SOCK_READ_LEN, SOCK_READS, SOCK_SCRATCH, STATE_TIME_KNOWN, SockFields,
+        SockInfo, SockPlan, TCP_CLOSE, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT, TcpCloseEvent,
+        TcpConfig, TcpStateEvent, TcpTpOffsets, TcpTuple,
     },
 };
 
 use crate::{
     cost::measured,
     ctx, mem,
-    output::{counted, emit, header, header_at},
+    output::{count_loss, counted, emit, header, header_at},
     rodata::rodata,
 };
 
@@ -65,9 +66,21 @@ static LISTENERS: LruHashMap<ListenerKey, Listeners> = LruHashMap::with_max_entr
 #[map]
 static LISTENERS_NEW: PerCpuArray<Listeners> = PerCpuArray::with_max_entries(1, 0);
 
-/// Scratch space for building a state-change event.
+/// Scratch space for building a state-change event, and at a close the
+/// connection's totals after it.
 #[map]
-static STATE_EVENT: PerCpuArray<TcpStateEvent> = PerCpuArray::with_max_entries(1, 0);
+static STATE_EVENT: PerCpuArray<TcpCloseEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// Scratch space for building a retransmit event (with the socket's fields
+/// it is too big for the stack).
+#[map]
+static RETRANS_EVENT: PerCpuArray<RetransEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// Where the reads of a socket's memory land: read `i` at byte
+/// `i * SOCK_READ_LEN`. Words, so that every field the agent placed at a
+/// multiple of its width is aligned.
+#[map]
+static SOCK_BUF: PerCpuArray<[u64; SOCK_SCRATCH / 8]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Request socket address -> SYN-ACK retransmits so far. Request sockets
 /// have no close event; LRU bounds them.
@@ -230,12 +243,13 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
     let now = unsafe { bpf_ktime_get_ns() };
     // The event is built in a per-CPU slot: with the socket's state beside
     // it, it would not fit the 512-byte stack.
-    let Some(event) = STATE_EVENT.get_ptr_mut(0) else {
+    let Some(close) = STATE_EVENT.get_ptr_mut(0) else {
         return Ok(0);
     };
     // SAFETY: this CPU's slot; classic tracepoint programs do not nest on a
     // CPU, so nothing else uses it until this program returns.
-    let event = unsafe { &mut *event };
+    let close = unsafe { &mut *close };
+    let event = &mut close.state;
 
     // Ownership is tracked for every TCP socket, whatever the filters: they
     // apply to what is reported, and cost more here than they save.
@@ -301,8 +315,83 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
     event.old_state_ns = now.saturating_sub(since);
     event.flags = if since != 0 { STATE_TIME_KNOWN } else { 0 };
     event._pad = 0;
-    emit(ctx, ClassId::Tcp, event);
+    if newstate == TCP_CLOSE && oldstate != TCP_LISTEN {
+        // The connection's end: its totals, read here and only here so
+        // that the other state changes cost nothing more. The tracepoint
+        // fires on entry to tcp_set_state, before tcp_done or
+        // tcp_disconnect clear anything.
+        event.header.kind = EventKind::TcpConn as u32;
+        read_sock(sk, &cfg.close_sock, &mut close.sock, ClassId::Tcp);
+        // SAFETY: helper without arguments.
+        close.sock.jiffies = unsafe { helper::bpf_jiffies64() };
+        emit(ctx, ClassId::Tcp, close);
+    } else {
+        emit(ctx, ClassId::Tcp, event);
+    }
     Ok(0)
+}
+
+/// Reads the fields `plan` names from socket `sk` into `out`: one probe read
+/// per group of nearby fields (the agent grouped them), then each field
+/// picked from the buffer. A failed read leaves its fields out of `out`
+/// and counts the event as partial for `class`.
+#[inline(always)]
+fn read_sock(sk: u64, plan: &SockPlan, out: &mut SockFields, class: ClassId) {
+    out.present = 0;
+    out._pad = 0;
+    out.jiffies = 0;
+    let Some(buf) = SOCK_BUF.get_ptr_mut(0) else {
+        out.values = [0; SOCK_FIELDS];
+        count_loss(class, LOSS_PARTIAL);
+        return;
+    };
+    let buf = buf.cast::<u8>();
+    // Bit `i`: read `i` failed.
+    let mut failed = 0u32;
+    let mut i = 0;
+    while i < SOCK_READS {
+        let read = &plan.reads[i];
+        let len = read.len;
+        if len as usize > SOCK_READ_LEN {
+            failed |= 1 << i;
+        } else if len != 0 {
+            // SAFETY: `len` bytes fit the buffer's i-th slice; the probe
+            // read returns an error rather than fault on a bad address.
+            let ret = unsafe {
+                helper::bpf_probe_read_kernel(
+                    buf.add(i * SOCK_READ_LEN).cast::<c_void>(),
+                    len,
+                    (sk + u64::from(read.start)) as *const c_void,
+                )
+            };
+            if ret != 0 {
+                failed |= 1 << i;
+            }
+        }
+        i += 1;
+    }
+    let mut f = 0;
+    while f < SOCK_FIELDS {
+        let at = usize::from(plan.at[f]);
+        out.values[f] = 0;
+        if at <= SOCK_SCRATCH - 8 && failed & (1 << (at / SOCK_READ_LEN)) == 0 {
+            // SAFETY: inside the buffer (checked just above), at a multiple
+            // of the field's width (the agent placed it so).
+            out.values[f] = unsafe {
+                let p = buf.add(at);
+                match plan.width[f] {
+                    1 => u64::from(*p),
+                    4 => u64::from(*p.cast::<u32>()),
+                    _ => *p.cast::<u64>(),
+                }
+            };
+            out.present |= 1 << f;
+        }
+        f += 1;
+    }
+    if failed != 0 {
+        count_loss(class, LOSS_PARTIAL);
+    }
 }
 
 /// Enters sockets born with this state change in the socket map, with their
@@ -524,18 +613,28 @@ fn try_retransmit_skb(ctx: &TracePointContext) -> Result<u32, i64> {
     } else {
         RetransKind::Data
     };
-    let event = RetransEvent {
-        header: header(EventKind::Retrans),
-        sock_id: sk,
-        owner,
-        tuple,
-        state,
-        kind: kind as u32,
-        conn_retrans,
-        _pad: 0,
-    };
-    emit(ctx, ClassId::Retrans, &event);
+    let event = retrans_event()?;
+    event.header = header(EventKind::Retrans);
+    event.sock_id = sk;
+    // SAFETY: a copy between valid values of one type.
+    unsafe { mem::copy(&raw mut event.owner, &raw const owner) };
+    event.tuple = tuple;
+    event.state = state;
+    event.kind = kind as u32;
+    event.conn_retrans = conn_retrans;
+    event._pad = 0;
+    read_sock(sk, &cfg.retrans_sock, &mut event.sock, ClassId::Retrans);
+    emit(ctx, ClassId::Retrans, event);
     Ok(0)
+}
+
+/// This CPU's retransmit event under construction.
+#[inline(always)]
+fn retrans_event() -> Result<&'static mut RetransEvent, i64> {
+    let event = RETRANS_EVENT.get_ptr_mut(0).ok_or(-1i64)?;
+    // SAFETY: this CPU's slot; classic tracepoint programs do not nest on a
+    // CPU, so nothing else uses it until this program returns.
+    Ok(unsafe { &mut *event })
 }
 
 #[tracepoint]
@@ -576,16 +675,18 @@ fn try_retransmit_synack(ctx: &TracePointContext) -> Result<u32, i64> {
             1
         }
     };
-    let event = RetransEvent {
-        header: header(EventKind::Retrans),
-        sock_id: req,
-        owner,
-        tuple,
-        state: TCP_SYN_RECV,
-        kind: RetransKind::SynAck as u32,
-        conn_retrans,
-        _pad: 0,
-    };
-    emit(ctx, ClassId::Retrans, &event);
+    let event = retrans_event()?;
+    event.header = header(EventKind::Retrans);
+    event.sock_id = req;
+    // SAFETY: a copy between valid values of one type.
+    unsafe { mem::copy(&raw mut event.owner, &raw const owner) };
+    event.tuple = tuple;
+    event.state = TCP_SYN_RECV;
+    event.kind = RetransKind::SynAck as u32;
+    event.conn_retrans = conn_retrans;
+    event._pad = 0;
+    // A request socket is no tcp_sock: nothing to read.
+    read_sock(req, &SockPlan::NONE, &mut event.sock, ClassId::Retrans);
+    emit(ctx, ClassId::Retrans, event);
     Ok(0)
 }

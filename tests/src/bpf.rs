@@ -9,7 +9,9 @@ use serde_json::Value;
 
 use crate::cmd;
 
-/// Names of kdiag's kernel programs (the eBPF functions).
+/// Names of kdiag's kernel programs (the eBPF functions): the classic
+/// tracepoint entries, and the BTF tracepoint entries of those that have
+/// one (`<program>_btf`, see [`is_entry_of`]).
 pub const KDIAG_PROGRAMS: &[&str] = &[
     "retransmit_skb",
     "retransmit_synack",
@@ -24,6 +26,9 @@ pub const KDIAG_PROGRAMS: &[&str] = &[
     "compaction_begin",
     "compaction_end",
     "try_to_compact_pages",
+    "softirq_raise_btf",
+    "softirq_entry_btf",
+    "softirq_exit_btf",
 ];
 
 /// The kernel keeps at most 15 bytes of a program name (BPF_OBJ_NAME_LEN
@@ -33,6 +38,13 @@ const BPF_NAME_MAX: usize = 15;
 /// Whether a name as shown by bpftool is one of kdiag's programs.
 pub fn is_kdiag_program(shown: &str) -> bool {
     KDIAG_PROGRAMS.iter().any(|full| shows_as(full, shown))
+}
+
+/// Whether bpftool may show program `program` as `shown`, by either of its
+/// entries: the classic tracepoint one (`program`) or the BTF tracepoint
+/// one (`<program>_btf`), of which the agent loads one.
+pub fn is_entry_of(program: &str, shown: &str) -> bool {
+    shows_as(program, shown) || shows_as(&format!("{program}_btf"), shown)
 }
 
 /// Whether bpftool may show the program named `full` as `shown`.
@@ -157,6 +169,17 @@ pub fn counts_recursion_misses(pid: u32) -> Option<bool> {
         .iter()
         .any(|info| info.lines().any(|l| l.starts_with("recursion_misses:")));
     Some(line && kernel_at_least(6, 7))
+}
+
+/// Whether the kernel's `skb/kfree_skb` tracepoint gives a drop reason
+/// (5.17 on): a `reason` field in its format. Without it the agent's `drop`
+/// class runs degraded, with no reasons to test.
+pub fn kernel_gives_drop_reasons() -> bool {
+    let path = "/sys/kernel/tracing/events/skb/kfree_skb/format";
+    let format = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    format
+        .lines()
+        .any(|l| l.trim_start().starts_with("field:") && l.contains(" reason;"))
 }
 
 /// Whether the running kernel's release is `major.minor` or later.

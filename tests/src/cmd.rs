@@ -41,10 +41,11 @@ pub fn try_output(cmd: &mut Command) -> Result<Output, String> {
     // wait on the other would otherwise deadlock.
     let out = drain(child.stdout.take().expect("piped stdout"));
     let err = drain(child.stderr.take().expect("piped stderr"));
-    let Some(status) = wait_timeout(&mut child, CMD_TIMEOUT) else {
+    let timeout = crate::on_this_machine(CMD_TIMEOUT);
+    let Some(status) = wait_timeout(&mut child, timeout) else {
         let _ = child.kill();
         let _ = child.wait();
-        return Err(format!("{shown} did not finish within {CMD_TIMEOUT:?}"));
+        return Err(format!("{shown} did not finish within {timeout:?}"));
     };
     Ok(Output {
         status,

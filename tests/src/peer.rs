@@ -28,6 +28,8 @@ pub struct ListenOptions {
     pub hold: bool,
     /// Share the port with other listeners (SO_REUSEPORT; IPv4 only).
     pub reuseport: bool,
+    /// SO_RCVBUF of the listener, inherited by what it accepts.
+    pub rcvbuf: Option<u64>,
 }
 
 impl ListenOptions {
@@ -41,6 +43,9 @@ impl ListenOptions {
         }
         if self.reuseport {
             args.push("--reuseport".to_owned());
+        }
+        if let Some(bytes) = self.rcvbuf {
+            args.extend(["--rcvbuf".to_owned(), bytes.to_string()]);
         }
         args
     }
@@ -180,18 +185,31 @@ impl Peer {
         count: u32,
     ) -> u16 {
         let args = [
-            "udp".to_owned(),
             addr.into().to_string(),
             port.to_string(),
             "--count".to_owned(),
             count.to_string(),
         ];
-        let peer = Peer::spawn(bin, ns.into(), &args, None);
-        let line = peer.wait_line("sent ");
-        line["sent ".len()..]
-            .trim()
+        let peer = Peer::run(bin, ns, "udp", &args);
+        let port = peer.wait_for_line("sent ");
+        port.trim()
             .parse()
-            .unwrap_or_else(|e| panic!("kdiag-peer udp printed {line:?}: {e}"))
+            .unwrap_or_else(|e| panic!("kdiag-peer udp printed {port:?}: {e}"))
+    }
+
+    /// `kdiag-peer MODE ARGS…` in `ns`, for the modes whose arguments are
+    /// fixed (`udp`, `send`, `stall`, `probe`; see the peer's usage);
+    /// returns once it runs.
+    pub fn run<'a>(bin: &str, ns: impl Into<Netns<'a>>, mode: &str, args: &[String]) -> Peer {
+        let mut all = vec![mode.to_owned()];
+        all.extend(args.iter().cloned());
+        Peer::spawn(bin, ns.into(), &all, None)
+    }
+
+    /// Waits for the first stdout line starting with `prefix` and returns
+    /// the rest of it.
+    pub fn wait_for_line(&self, prefix: &str) -> String {
+        self.wait_line(prefix)[prefix.len()..].to_owned()
     }
 
     /// `kdiag-peer bulk` in `ns`: a bulk TCP transfer over that namespace's

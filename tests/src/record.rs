@@ -42,6 +42,8 @@ pub struct ClassTotals {
     pub dropped: u64,
     pub lost: u64,
     pub failed: u64,
+    /// Events sent with socket fields missing (a failed read of the socket).
+    pub partial: u64,
 }
 
 /// Sums `classes.<class>` over every `agent_stats` record: the counters are
@@ -65,6 +67,7 @@ pub fn class_totals(recs: &[Value], class: &str) -> ClassTotals {
             dropped: t.dropped + u64_field(c, "dropped"),
             lost: t.lost + u64_field(c, "lost"),
             failed: t.failed + u64_field(c, "failed"),
+            partial: t.partial + u64_field(c, "partial"),
         })
 }
 

@@ -236,6 +236,7 @@ fn memcg_reclaim_of_the_filtered_reader_only() {
             dropped: 0,
             lost: 0,
             failed: 0,
+            partial: 0,
         },
         "agent_stats: events = reclaim records, nothing dropped, lost or failed"
     );

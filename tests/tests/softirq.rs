@@ -1,6 +1,8 @@
 //! Acceptance tests of `kdiag-agent softirq` against the real kernel: its
 //! counts against /proc/softirqs, the invariants of every summary, and the
-//! exact accounting of every softirq when all of them are streamed.
+//! exact accounting of every softirq when all of them are streamed; each on
+//! both ways the programs attach (BTF tracepoints, the default, and classic
+//! tracepoints, `--attach classic`).
 //!
 //! Softirqs are per CPU, not per process: these tests cannot filter on
 //! their own traffic. They bracket the agent's counts with /proc/softirqs
@@ -27,13 +29,40 @@ const EXIT_USAGE: i32 = 2;
 /// One loopback write this often: about a thousand NET_RX a second.
 const TRAFFIC_EVERY: Duration = Duration::from_millis(1);
 
-/// Spawns the agent and checks it attached all three tracepoints.
-fn start(args: &[&str]) -> (Agent, Value) {
-    let (agent, start) = Agent::start(
-        args,
-        &["irq/softirq_raise", "irq/softirq_entry", "irq/softirq_exit"],
-    );
+const TRACEPOINTS: [&str; 3] = ["irq/softirq_raise", "irq/softirq_entry", "irq/softirq_exit"];
+
+/// How a test has the programs attach.
+#[derive(Debug, Clone, Copy)]
+enum Attach {
+    /// The default: BTF tracepoints, which every kernel the agent supports
+    /// has (5.5+ built with BTF, as the distributions' kernels are).
+    BtfTracepoint,
+    /// `--attach classic`.
+    Classic,
+}
+
+impl Attach {
+    /// `agent_start`'s `attached_as` for each tracepoint.
+    fn shown(self) -> &'static str {
+        match self {
+            Self::BtfTracepoint => "tp_btf",
+            Self::Classic => "tracepoint",
+        }
+    }
+}
+
+/// Spawns the agent, attaching as `attach` says, and checks it attached
+/// all three tracepoints that way.
+fn start(attach: Attach, args: &[&str]) -> (Agent, Value) {
+    let mut all = Vec::from(args);
+    if let Attach::Classic = attach {
+        all.extend(["--attach", "classic"]);
+    }
+    let (agent, start) = Agent::start(&all, &TRACEPOINTS);
     agent.assert_only_kernel_limits(&start);
+    for tp in TRACEPOINTS {
+        assert_eq!(start["attached_as"][tp], attach.shown(), "{tp} in {start}");
+    }
     (agent, start)
 }
 
@@ -140,11 +169,10 @@ fn summary_counts(recs: &[Value], cpus: usize) -> BTreeMap<(usize, String), u64>
 ///   softirqs of the agent's start-up and shutdown, plus those misses.
 ///   Where the kernel does not count such misses (before 6.7, which the
 ///   agent reports as degraded), this half cannot be checked.
-#[test]
-fn counts_match_proc_softirqs() {
+fn counts_match_proc_softirqs(attach: Attach) {
     let _traffic = LoopbackTraffic::start(TRAFFIC_EVERY);
     let before_start = ProcSoftirqs::read();
-    let (mut agent, start) = start(&["softirq", "--interval", "1"]);
+    let (mut agent, start) = start(attach, &["softirq", "--interval", "1"]);
     let lower_bound = match record::degraded_why(&start, "bpf/recursion_misses") {
         None => true,
         Some(why) => skip_unless(
@@ -214,21 +242,36 @@ fn counts_match_proc_softirqs() {
     }
 }
 
+#[test]
+fn counts_match_proc_softirqs_tp_btf() {
+    counts_match_proc_softirqs(Attach::BtfTracepoint);
+}
+
+#[test]
+fn counts_match_proc_softirqs_classic() {
+    counts_match_proc_softirqs(Attach::Classic);
+}
+
 /// `--min-latency-us 0`: every counted softirq is streamed, so over the run
 /// the `softirq` records written plus those the kernel could not hand over
-/// (dropped, lost) equal the summaries' counts, exactly.
-fn every_softirq_is_accounted_for(transport: &str) {
+/// (dropped, lost) equal the summaries' counts, exactly. On BTF
+/// tracepoints this also checks the wait at exit for program runs still in
+/// flight (their detach does not wait for them).
+fn every_softirq_is_accounted_for(attach: Attach, transport: &str) {
     let _traffic = LoopbackTraffic::start(TRAFFIC_EVERY);
     let cpus = ProcSoftirqs::read().cpus;
-    let (mut agent, start) = start(&[
-        "softirq",
-        "--min-latency-us",
-        "0",
-        "--interval",
-        "1",
-        "--transport",
-        transport,
-    ]);
+    let (mut agent, start) = start(
+        attach,
+        &[
+            "softirq",
+            "--min-latency-us",
+            "0",
+            "--interval",
+            "1",
+            "--transport",
+            transport,
+        ],
+    );
     assert_eq!(start["transport"], transport, "in {start}");
     thread::sleep(Duration::from_secs(2));
     let recs = agent.stop_ok();
@@ -259,13 +302,23 @@ fn every_softirq_is_accounted_for(transport: &str) {
 }
 
 #[test]
-fn every_softirq_is_accounted_for_ringbuf() {
-    every_softirq_is_accounted_for("ringbuf");
+fn every_softirq_is_accounted_for_ringbuf_tp_btf() {
+    every_softirq_is_accounted_for(Attach::BtfTracepoint, "ringbuf");
 }
 
 #[test]
-fn every_softirq_is_accounted_for_perf() {
-    every_softirq_is_accounted_for("perf");
+fn every_softirq_is_accounted_for_perf_tp_btf() {
+    every_softirq_is_accounted_for(Attach::BtfTracepoint, "perf");
+}
+
+#[test]
+fn every_softirq_is_accounted_for_ringbuf_classic() {
+    every_softirq_is_accounted_for(Attach::Classic, "ringbuf");
+}
+
+#[test]
+fn every_softirq_is_accounted_for_perf_classic() {
+    every_softirq_is_accounted_for(Attach::Classic, "perf");
 }
 
 #[test]

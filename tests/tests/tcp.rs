@@ -400,7 +400,32 @@ fn counted_exactly_over(extra: &[&str]) {
     }
     // 200 distinct connections, the same ones from both sides.
     let active_ports: BTreeSet<u16> = active.iter().map(|r| port_field(r, "sport")).collect();
-    assert_eq!(active_ports.len(), CONNS as usize, "distinct client ports");
+    if active_ports.len() != CONNS as usize {
+        // Which connections share a port, with every record of that port,
+        // in the order the agent wrote them.
+        let mut per_port: BTreeMap<u16, usize> = BTreeMap::new();
+        for rec in &active {
+            *per_port.entry(port_field(rec, "sport")).or_default() += 1;
+        }
+        let shared: BTreeSet<u16> = per_port
+            .into_iter()
+            .filter_map(|(port, n)| (n > 1).then_some(port))
+            .collect();
+        let of_shared: Vec<&Value> = recs
+            .iter()
+            .filter(|r| {
+                r["sport"]
+                    .as_u64()
+                    .is_some_and(|p| shared.iter().any(|&s| u64::from(s) == p))
+            })
+            .collect();
+        panic!(
+            "{} distinct client ports in {} active tcp_conn records; shared ports {shared:?}, \
+             their records: {of_shared:#?}",
+            active_ports.len(),
+            active.len()
+        );
+    }
     assert_eq!(active_ports, client_ports, "ports of tcp_conn vs tcp_state");
     assert_eq!(active_ports, seen_from_server, "ports seen by the server");
     assert_all_accounted(&recs);

@@ -46,6 +46,7 @@ const TRACEPOINTS: &[Tracepoint] = &[
         group: "skb",
         name: "kfree_skb",
         program: "kfree_skb",
+        btf_program: None,
         required: true,
     },
     // Not a source of records: it tells the kernel programs who owns each
@@ -54,6 +55,7 @@ const TRACEPOINTS: &[Tracepoint] = &[
         group: "sock",
         name: "inet_sock_set_state",
         program: "inet_sock_set_state",
+        btf_program: None,
         required: false,
     },
 ];

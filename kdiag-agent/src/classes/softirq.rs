@@ -9,6 +9,7 @@ use aya::{
 use clap::Args;
 use kdiag_common::{
     ClassId, EventKind,
+    cost::ProgramId,
     softirq::{
         FIELD_ABSENT, HIST, NO_DELAY, NR_SOFTIRQS, SoftirqConfig, SoftirqEvent, SoftirqSlot,
     },
@@ -36,12 +37,14 @@ const EXIT: Tracepoint = Tracepoint {
     group: "irq",
     name: "softirq_exit",
     program: "softirq_exit",
+    btf_program: ProgramId::SoftirqExit.btf_name(),
     required: true,
 };
 const ENTRY: Tracepoint = Tracepoint {
     group: "irq",
     name: "softirq_entry",
     program: "softirq_entry",
+    btf_program: ProgramId::SoftirqEntry.btf_name(),
     required: true,
 };
 /// Without it there are service times but no queueing delays.
@@ -49,6 +52,7 @@ const RAISE: Tracepoint = Tracepoint {
     group: "irq",
     name: "softirq_raise",
     program: "softirq_raise",
+    btf_program: ProgramId::SoftirqRaise.btf_name(),
     required: false,
 };
 

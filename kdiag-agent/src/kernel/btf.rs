@@ -1,5 +1,6 @@
-//! Just enough of a BTF reader to find struct member offsets, enum values
-//! and whole enums in the running kernel's types (/sys/kernel/btf/vmlinux).
+//! Just enough of a BTF reader to find struct member offsets, enum values,
+//! whole enums and the ids of named typedefs in the running kernel's types
+//! (/sys/kernel/btf/vmlinux).
 //!
 //! The file is megabytes long and the agent wants a handful of numbers from
 //! it, so it is never held in memory: a caller asks for everything it needs
@@ -100,9 +101,9 @@ pub(crate) fn resolve<const M: usize, const E: usize>(
 ///
 /// A struct member's offset is that of the first struct of that name that
 /// has the member; a bitfield's is the byte its first bit is in. Enumerator
-/// values are signed or unsigned as their enum says. Members of nested
-/// anonymous structs and unions, and enumerators of 64-bit enums, are not
-/// looked for.
+/// values are signed or unsigned as their enum says. Members of anonymous
+/// structs and unions count as the struct's own, at their place in it;
+/// enumerators of 64-bit enums are not looked for.
 #[cfg(test)]
 pub(crate) fn resolve_in<R: Read + Seek, const M: usize, const E: usize>(
     reader: R,
@@ -110,14 +111,16 @@ pub(crate) fn resolve_in<R: Read + Seek, const M: usize, const E: usize>(
     members: [Member; M],
     enumerators: [Enumerator; E],
 ) -> Result<([u32; M], [i64; E]), BtfError> {
-    let found = find_in(reader, path, &members, &enumerators, &[])?;
+    let found = find_in(reader, path, &members, &enumerators, &[], &[])?;
+    let bytes = found.offsets.into_iter().map(|o| o.map(|bits| bits / 8));
     Ok((
-        answers(found.offsets, &members, "struct")?,
+        answers(bytes.collect(), &members, "struct")?,
         answers(found.values, &enumerators, "enum")?,
     ))
 }
 
-/// What [`enums_in`] answers: an offset per member, a list per enum.
+/// What [`enums_in`] answers: an offset per member (in bytes), a list per
+/// enum.
 #[cfg(test)]
 type OffsetsAndEnums = (Vec<Option<u32>>, Vec<Option<EnumValues>>);
 
@@ -131,8 +134,9 @@ pub(crate) fn enums_in<R: Read + Seek>(
     members: &[Member],
     enums: &[&str],
 ) -> Result<OffsetsAndEnums, BtfError> {
-    let found = find_in(reader, path, members, &[], enums)?;
-    Ok((found.offsets, found.enums))
+    let found = find_in(reader, path, members, &[], enums, &[])?;
+    let bytes = found.offsets.into_iter().map(|o| o.map(|bits| bits / 8));
+    Ok((bytes.collect(), found.enums))
 }
 
 /// What every class asked of the kernel's BTF, from one pass over the file
@@ -143,6 +147,7 @@ pub(crate) struct Answers {
     offsets: HashMap<Member<'static>, u32>,
     values: HashMap<Enumerator<'static>, i64>,
     enums: HashMap<&'static str, EnumValues>,
+    typedef_ids: HashMap<String, u32>,
     /// Why nothing could be answered: no BTF, or a file that is not BTF.
     unreadable: Option<Arc<BtfError>>,
 }
@@ -156,17 +161,20 @@ pub(crate) enum Unanswered {
     NotFound(&'static str, &'static str, &'static str),
     #[error("enum {0} is not in the kernel's BTF")]
     NoEnum(&'static str),
+    #[error("no typedef {0} in the kernel's BTF")]
+    NoTypedef(String),
 }
 
 impl Answers {
-    /// Answers `members`, `enumerators` and `enums` (every enumerator of
-    /// each) from the running kernel's BTF.
+    /// Answers `members`, `enumerators`, `enums` (every enumerator of each)
+    /// and the ids of `typedefs` from the running kernel's BTF.
     pub(crate) fn of_kernel(
         members: &[Member<'static>],
         enumerators: &[Enumerator<'static>],
         enums: &[&'static str],
+        typedefs: &[String],
     ) -> Self {
-        if members.is_empty() && enumerators.is_empty() && enums.is_empty() {
+        if members.is_empty() && enumerators.is_empty() && enums.is_empty() && typedefs.is_empty() {
             return Self::default();
         }
         let found = File::open(VMLINUX)
@@ -174,8 +182,8 @@ impl Answers {
                 path: VMLINUX.to_owned(),
                 source,
             })
-            .and_then(|file| find_in(file, VMLINUX, members, enumerators, enums));
-        Self::from_found(found, members, enumerators, enums)
+            .and_then(|file| find_in(file, VMLINUX, members, enumerators, enums, typedefs));
+        Self::from_found(found, members, enumerators, enums, typedefs)
     }
 
     fn from_found(
@@ -183,6 +191,7 @@ impl Answers {
         members: &[Member<'static>],
         enumerators: &[Enumerator<'static>],
         enums: &[&'static str],
+        typedefs: &[String],
     ) -> Self {
         match found {
             Ok(found) => Self {
@@ -204,6 +213,12 @@ impl Answers {
                     .zip(found.enums)
                     .filter_map(|(q, a)| Some((q, a?)))
                     .collect(),
+                typedef_ids: typedefs
+                    .iter()
+                    .cloned()
+                    .zip(found.typedef_ids)
+                    .filter_map(|(q, a)| Some((q, a?)))
+                    .collect(),
                 unreadable: None,
             },
             Err(e) => Self {
@@ -213,8 +228,29 @@ impl Answers {
         }
     }
 
-    /// The byte offset of `member` in `strukt`; the class must have asked.
+    /// Answers holding these member offsets, in bits: what a kernel's BTF
+    /// would give.
+    #[cfg(test)]
+    pub(crate) fn with_bit_offsets(offsets: &[(Member<'static>, u32)]) -> Self {
+        Self {
+            offsets: offsets.iter().copied().collect(),
+            ..Self::default()
+        }
+    }
+
+    /// The byte offset of `member` in `strukt` (for a bitfield, of the
+    /// byte its first bit is in); the class must have asked.
     pub(crate) fn offset(
+        &self,
+        strukt: &'static str,
+        member: &'static str,
+    ) -> Result<u32, Unanswered> {
+        self.bit_offset(strukt, member).map(|bits| bits / 8)
+    }
+
+    /// The bit offset of `member` in `strukt`, which places a bitfield
+    /// within its byte; the class must have asked.
+    pub(crate) fn bit_offset(
         &self,
         strukt: &'static str,
         member: &'static str,
@@ -245,6 +281,17 @@ impl Answers {
             .ok_or(Unanswered::NoEnum(enum_name))
     }
 
+    /// The type id of the typedef `name`; the loader must have asked.
+    pub(crate) fn typedef_id(&self, name: &str) -> Result<u32, Unanswered> {
+        if let Some(e) = &self.unreadable {
+            return Err(Unanswered::Unreadable(e.clone()));
+        }
+        self.typedef_ids
+            .get(name)
+            .copied()
+            .ok_or_else(|| Unanswered::NoTypedef(name.to_owned()))
+    }
+
     fn answer<T: Copy>(
         &self,
         found: &HashMap<(&'static str, &'static str), T>,
@@ -261,16 +308,57 @@ impl Answers {
     }
 }
 
+/// BTF (little-endian, as the kernel's on the hosts the agent runs on) in
+/// which each of `typedefs`, `(name, id)`, is a typedef named `name` with
+/// type id `id`, and every other id up to the largest a placeholder (an
+/// unnamed pointer to void): for a loader that finds a typedef's id by its
+/// name, without the kernel's whole BTF. 12 bytes per id.
+pub(crate) fn typedefs_at_ids(typedefs: &[(String, u32)]) -> Vec<u8> {
+    let last = typedefs.iter().map(|&(_, id)| id).max().unwrap_or(0);
+    let mut strings = vec![0];
+    let mut types = Vec::with_capacity(12 * last as usize);
+    for id in 1..=last {
+        let (name_off, kind) = match typedefs.iter().find(|&&(_, i)| i == id) {
+            Some((name, _)) => {
+                let off = strings.len() as u32;
+                strings.extend_from_slice(name.as_bytes());
+                strings.push(0);
+                (off, KIND_TYPEDEF)
+            }
+            None => (0, KIND_PTR),
+        };
+        for word in [name_off, kind << 24, 0] {
+            types.extend_from_slice(&word.to_le_bytes());
+        }
+    }
+    let mut out = Vec::with_capacity(HEADER_LEN as usize + types.len() + strings.len());
+    let header = [
+        u32::from(MAGIC) | u32::from(VERSION) << 16,
+        HEADER_LEN,
+        0,
+        types.len() as u32,
+        types.len() as u32,
+        strings.len() as u32,
+    ];
+    for word in header {
+        out.extend_from_slice(&word.to_le_bytes());
+    }
+    out.extend_from_slice(&types);
+    out.extend_from_slice(&strings);
+    out
+}
+
 /// The BTF in `reader`, read in as few passes as the queries allow: an
-/// answer or `None` per query.
+/// answer or `None` per query (member offsets in bits).
 fn find_in<R: Read + Seek>(
     reader: R,
     path: &str,
     members: &[Member],
     enumerators: &[Enumerator],
     enums: &[&str],
+    typedefs: &[String],
 ) -> Result<Found, BtfError> {
-    let batch = Batch::new(members, enumerators, enums);
+    let batch = Batch::new(members, enumerators, enums, typedefs);
     let mut reader = Reader {
         inner: BufReader::with_capacity(BUF_LEN, reader),
         path,
@@ -424,16 +512,22 @@ impl Header {
 }
 
 /// The names a batch asks for, each once, and its queries as indexes into
-/// them: (struct, member), (enum, enumerator) or a whole enum.
+/// them: (struct, member), (enum, enumerator), a whole enum or a typedef.
 struct Batch<'a> {
     names: Vec<&'a str>,
     members: Vec<(usize, usize)>,
     enumerators: Vec<(usize, usize)>,
     enums: Vec<usize>,
+    typedefs: Vec<usize>,
 }
 
 impl<'a> Batch<'a> {
-    fn new(members: &[Member<'a>], enumerators: &[Enumerator<'a>], enums: &[&'a str]) -> Self {
+    fn new(
+        members: &[Member<'a>],
+        enumerators: &[Enumerator<'a>],
+        enums: &[&'a str],
+        typedefs: &'a [String],
+    ) -> Self {
         let mut names = Vec::new();
         let mut pairs = |queries: &[(&'a str, &'a str)]| -> Vec<(usize, usize)> {
             queries
@@ -444,11 +538,13 @@ impl<'a> Batch<'a> {
         let members = pairs(members);
         let enumerators = pairs(enumerators);
         let enums = enums.iter().map(|&e| intern(&mut names, e)).collect();
+        let typedefs = typedefs.iter().map(|t| intern(&mut names, t)).collect();
         Self {
             names,
             members,
             enumerators,
             enums,
+            typedefs,
         }
     }
 
@@ -469,7 +565,11 @@ impl<'a> Batch<'a> {
                 values: vec![None; self.enumerators.len()],
                 listed: vec![None; self.enums.len()],
                 enums: Vec::new(),
-                missing: self.members.len() + self.enumerators.len() + self.enums.len(),
+                typedef_ids: vec![None; self.typedefs.len()],
+                missing: self.members.len()
+                    + self.enumerators.len()
+                    + self.enums.len()
+                    + self.typedefs.len(),
             },
             id: 0,
             anonymous: Vec::new(),
@@ -497,7 +597,8 @@ fn intern<'a>(names: &mut Vec<&'a str>, name: &'a str) -> usize {
     })
 }
 
-/// The answers so far, by query; `missing` counts those still unanswered.
+/// The answers so far, by query (member offsets in bits); `missing` counts
+/// those still unanswered.
 /// A whole enum's enumerators are first known by their names' offsets in
 /// the string section (`listed`), then named (`enums`, by
 /// [`Found::name_enums`]).
@@ -506,6 +607,7 @@ struct Found {
     values: Vec<Option<i64>>,
     listed: Vec<Option<Vec<(u32, i64)>>>,
     enums: Vec<Option<EnumValues>>,
+    typedef_ids: Vec<Option<u32>>,
     missing: usize,
 }
 
@@ -563,7 +665,7 @@ impl Found {
 }
 
 /// A struct's member of an anonymous struct or union type (a type id):
-/// its members are the struct's, at `base` bytes further.
+/// its members are the struct's, at `base` bits further.
 struct Anonymous {
     id: u32,
     owner: usize,
@@ -616,6 +718,15 @@ impl Walk<'_, '_> {
             })
             .collect();
         match (kind, owner) {
+            (KIND_TYPEDEF, Some(name)) => {
+                let id = self.id;
+                for (query, slot) in self.batch.typedefs.iter().zip(&mut self.found.typedef_ids) {
+                    if *query == name && slot.is_none() {
+                        *slot = Some(id);
+                        self.found.missing -= 1;
+                    }
+                }
+            }
             (KIND_STRUCT, Some(owner)) if owns(&self.batch.members, owner) => {
                 within.push((owner, 0));
             }
@@ -650,7 +761,7 @@ impl Walk<'_, '_> {
                 offset
             };
             for &(owner, base) in within {
-                let at = base.saturating_add(bits / 8);
+                let at = base.saturating_add(bits);
                 if name_off == 0 {
                     self.note_anonymous(ty, owner, at);
                 } else if let Some(name) = self.names.at(name_off) {
@@ -1418,6 +1529,37 @@ pub(crate) mod tests {
         }
         let err = resolve_in(Failing, "some/btf", [("a", "b")], []).unwrap_err();
         assert_eq!(err.to_string(), "cannot read some/btf: device on fire");
+    }
+
+    /// Typedef ids come from the walk's count of types, and the BTF built
+    /// from them puts each where aya's lookup by name finds that id.
+    #[test]
+    fn typedef_ids_round_trip_through_aya() {
+        let wanted = vec![("btf_trace_b".to_owned(), 7), ("btf_trace_a".to_owned(), 3)];
+        let bytes = typedefs_at_ids(&wanted);
+        let names: Vec<String> = ["btf_trace_a", "btf_trace_b", "btf_trace_c"]
+            .map(str::to_owned)
+            .to_vec();
+        let found = find_in(Cursor::new(&bytes), "typedefs", &[], &[], &[], &names).unwrap();
+        assert_eq!(found.typedef_ids, [Some(3), Some(7), None]);
+        let btf = aya::Btf::parse(&bytes, aya::Endianness::default()).unwrap();
+        for (name, id) in wanted {
+            let kind = aya_obj::btf::BtfKind::Typedef;
+            assert_eq!(btf.id_by_type_name_kind(&name, kind).unwrap(), id);
+        }
+    }
+
+    /// The softirq tracepoints' typedefs are in the running kernel's BTF,
+    /// at the ids aya's parse of the whole file gives them.
+    #[test]
+    fn finds_the_running_kernels_tracepoint_typedefs() {
+        let names = vec!["btf_trace_softirq_entry".to_owned()];
+        let answers = Answers::of_kernel(&[], &[], &[], &names);
+        let id = answers.typedef_id(&names[0]).unwrap();
+        let data = std::fs::read(VMLINUX).unwrap();
+        let btf = aya::Btf::parse(&data, aya::Endianness::default()).unwrap();
+        let kind = aya_obj::btf::BtfKind::Typedef;
+        assert_eq!(btf.id_by_type_name_kind(&names[0], kind).unwrap(), id);
     }
 
     /// The running kernel's BTF gives what a whole-file reader that compares

@@ -1,15 +1,21 @@
 //! Loads the kernel programs in two steps, with the classes' configuration
 //! in between: [`kernel_types`] reads the tracepoints' layouts and answers
 //! the BTF queries; [`load`] loads the object with the globals and map sizes
-//! the classes made of them, attaches each program, and reports what could
-//! not attach.
+//! the classes made of them, attaches each program, and reports how each
+//! attached and what could not.
+//!
+//! A program with a BTF tracepoint (tp_btf) entry attaches that way where
+//! the kernel allows it: the kernel hands it the tracepoint's arguments
+//! straight from the call site, where a classic tracepoint program first
+//! has the kernel fill a trace record (and is skipped whenever any other
+//! BPF program runs on that CPU). Its classic entry is the fallback.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use aya::{
-    Ebpf, EbpfError, EbpfLoader,
+    Btf, BtfError, Ebpf, EbpfError, EbpfLoader, Endianness,
     maps::MapError,
-    programs::{ProgramError, TracePoint},
+    programs::{BtfTracePoint, ProgramError, TracePoint},
     util::KernelVersion,
 };
 use kdiag_common::{Transport, wakeup_shift};
@@ -76,13 +82,57 @@ pub(crate) enum AttachError {
     Load(#[source] ProgramError),
     #[error("attaching the program failed")]
     Attach(#[source] ProgramError),
+    #[error(transparent)]
+    NoBtf(#[from] btf::Unanswered),
+    #[error("the BTF handed to the loader is malformed")]
+    TypedefBtf(#[source] Arc<BtfError>),
+}
+
+/// How the programs that have a BTF tracepoint entry attach: `--attach`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum AttachMode {
+    #[default]
+    /// As BTF tracepoints (tp_btf) where the kernel's BTF describes the
+    /// tracepoint and the kernel takes the program (5.5+ with BTF); as
+    /// classic tracepoints otherwise, and for the programs without one.
+    Auto,
+    /// Every program as a classic tracepoint.
+    Classic,
+}
+
+/// How one tracepoint's program is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AttachedAs {
+    /// A BTF tracepoint program (BPF_TRACE_RAW_TP with the tracepoint's
+    /// BTF): the tracepoint's arguments, no trace record.
+    BtfTracepoint,
+    /// A classic tracepoint program (a perf event on the tracepoint): the
+    /// trace record.
+    Tracepoint,
+}
+
+impl AttachedAs {
+    /// As `agent_start`'s `attached_as` says it.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::BtfTracepoint => "tp_btf",
+            Self::Tracepoint => "tracepoint",
+        }
+    }
+}
+
+/// A tracepoint whose program is attached, and how.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Attached {
+    pub tracepoint: Tracepoint,
+    pub how: AttachedAs,
 }
 
 pub(crate) struct Loaded {
     pub ebpf: Ebpf,
     /// Ring buffer or perf, never `Auto`.
     pub transport: TransportKind,
-    pub attached: Vec<Tracepoint>,
+    pub attached: Vec<Attached>,
     pub degraded: Vec<Degraded>,
 }
 
@@ -102,11 +152,14 @@ pub(crate) fn merge_tracepoints<'a>(all: impl Iterator<Item = &'a Tracepoint>) -
 
 /// The kernel's types for `tracepoints` and `queries`: formats from tracefs,
 /// or from `formats_from` (a directory laid out like tracefs) in tests, and
-/// every BTF query answered in one pass. A tracepoint without a format is
-/// the end when required, and in `degraded` otherwise.
+/// every BTF query answered in one pass, with the ids of the typedefs the
+/// BTF tracepoint programs attach by under `mode`. A tracepoint without a
+/// format is the end when required, and in `degraded` otherwise: the
+/// classic program is the fallback of every BTF tracepoint program.
 pub(crate) fn kernel_types(
     tracepoints: &[Tracepoint],
     queries: &[BtfQueries],
+    mode: AttachMode,
     formats_from: Option<&Path>,
     degraded: &mut Vec<Degraded>,
 ) -> Result<KernelTypes, LoadError> {
@@ -121,15 +174,30 @@ pub(crate) fn kernel_types(
             Err(e) => give_up_or_degrade(tp, e.into(), degraded)?,
         }
     }
+    let typedefs: Vec<String> = tracepoints
+        .iter()
+        .filter(|tp| btf_entry(tp, mode).is_some())
+        .map(Tracepoint::btf_typedef)
+        .collect();
     Ok(KernelTypes {
         formats,
-        btf: answer(queries),
+        btf: answer(queries, &typedefs),
+        attach: mode,
     })
 }
 
+/// The BTF tracepoint program of `tp` to try under `mode`, if any.
+fn btf_entry(tp: &Tracepoint, mode: AttachMode) -> Option<&'static str> {
+    match mode {
+        AttachMode::Auto => tp.btf_program,
+        AttachMode::Classic => None,
+    }
+}
+
 /// Loads the object with `globals` and `map_sizes` (the largest where
-/// classes share a map) and attaches the programs of `tracepoints` that
-/// have a format in `kernel`. `buffer_bytes`: size of the ring buffer, a
+/// classes share a map) and attaches the programs of `tracepoints`: as
+/// BTF tracepoints where `kernel.attach` and the kernel allow, else those
+/// that have a format in `kernel` as classic tracepoints. `buffer_bytes`: size of the ring buffer, a
 /// power of two of at least a page (the CLI checks).
 pub(crate) fn load(
     tracepoints: &[Tracepoint],
@@ -187,13 +255,37 @@ pub(crate) fn load(
     let memlock = charges_memlock().then(sys::process::raise_memlock_limit);
     let mut ebpf = loader.load(OBJECT).map_err(|e| memlock_error(e, memlock))?;
 
+    let mode = kernel.attach;
+    let typedefs = typedef_btf(tracepoints, mode, kernel);
     let mut attached = Vec::new();
     for tp in tracepoints {
+        if let Some(program) = btf_entry(tp, mode) {
+            match attach_btf(&mut ebpf, tp, program, kernel, &typedefs) {
+                Ok(()) => {
+                    attached.push(Attached {
+                        tracepoint: *tp,
+                        how: AttachedAs::BtfTracepoint,
+                    });
+                    continue;
+                }
+                // Only the cost differs: said in `degraded` all the same.
+                Err(e) => degraded.push(Degraded {
+                    what: format!("{} (tp_btf)", tp.path()),
+                    why: format!(
+                        "{}; attaching the classic tracepoint program instead",
+                        Chain(&e)
+                    ),
+                }),
+            }
+        }
         if !kernel.formats.contains(tp.program) {
             continue;
         }
         match attach(&mut ebpf, tp) {
-            Ok(()) => attached.push(*tp),
+            Ok(()) => attached.push(Attached {
+                tracepoint: *tp,
+                how: AttachedAs::Tracepoint,
+            }),
             Err(e) => give_up_or_degrade(tp, e, &mut degraded)?,
         }
     }
@@ -205,8 +297,9 @@ pub(crate) fn load(
     })
 }
 
-/// Every BTF query, answered in one pass over the kernel's BTF.
-fn answer(queries: &[BtfQueries]) -> btf::Answers {
+/// Every BTF query and the ids of `typedefs`, answered in one pass over
+/// the kernel's BTF.
+fn answer(queries: &[BtfQueries], typedefs: &[String]) -> btf::Answers {
     let mut members = Vec::new();
     let mut enumerators = Vec::new();
     let mut enums = Vec::new();
@@ -221,7 +314,30 @@ fn answer(queries: &[BtfQueries]) -> btf::Answers {
     members.dedup();
     enumerators.sort_unstable();
     enumerators.dedup();
-    btf::Answers::of_kernel(&members, &enumerators, &enums)
+    btf::Answers::of_kernel(&members, &enumerators, &enums, typedefs)
+}
+
+/// What aya's `BtfTracePoint::load` is given to find a tracepoint's
+/// `btf_trace_<name>` typedef in: it looks the name up and hands the
+/// kernel the typedef's id. Parsing the kernel's whole BTF into aya's
+/// types for a few ids would cost about 17 MiB of memory at start-up; this
+/// BTF holds only the typedefs the streaming pass found, each at its id in
+/// the kernel's BTF (`btf::typedefs_at_ids`).
+fn typedef_btf(
+    tracepoints: &[Tracepoint],
+    mode: AttachMode,
+    kernel: &KernelTypes,
+) -> Result<Btf, Arc<BtfError>> {
+    let ids: Vec<(String, u32)> = tracepoints
+        .iter()
+        .filter(|tp| btf_entry(tp, mode).is_some())
+        .filter_map(|tp| {
+            let name = tp.btf_typedef();
+            let id = kernel.btf.typedef_id(&name).ok()?;
+            Some((name, id))
+        })
+        .collect();
+    Btf::parse(&btf::typedefs_at_ids(&ids), Endianness::default()).map_err(Arc::new)
 }
 
 /// aya 0.14's `EbpfLoader::new()` reads and parses the kernel's whole BTF
@@ -262,6 +378,34 @@ fn give_up_or_degrade(
         what: tp.path(),
         why: Chain(&error).to_string(),
     });
+    Ok(())
+}
+
+/// Loads and attaches `program`, the BTF tracepoint entry of `tp`; left
+/// unloaded when either fails, for the classic entry to take its place.
+fn attach_btf(
+    ebpf: &mut Ebpf,
+    tp: &Tracepoint,
+    program: &'static str,
+    kernel: &KernelTypes,
+    btf: &Result<Btf, Arc<BtfError>>,
+) -> Result<(), AttachError> {
+    // No BTF, or none for this tracepoint (older kernels): said in the
+    // kernel's terms, not as a lookup failure in the typedefs' BTF.
+    kernel.btf.typedef_id(&tp.btf_typedef())?;
+    let btf = btf
+        .as_ref()
+        .map_err(|e| AttachError::TypedefBtf(e.clone()))?;
+    let entry: &mut BtfTracePoint = ebpf
+        .program_mut(program)
+        .ok_or(AttachError::MissingProgram(program))?
+        .try_into()
+        .map_err(|source| AttachError::NotTracePoint { program, source })?;
+    entry.load(tp.name, btf).map_err(AttachError::Load)?;
+    if let Err(e) = entry.attach() {
+        let _ = entry.unload();
+        return Err(AttachError::Attach(e));
+    }
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 
 use crate::kernel::{
     btf::{self, Enumerator, Member},
+    loader::AttachMode,
     tracefs::Formats,
 };
 
@@ -13,8 +14,12 @@ use crate::kernel::{
 pub(crate) struct Tracepoint {
     pub group: &'static str,
     pub name: &'static str,
-    /// The program's name in the eBPF object.
+    /// The program's name in the eBPF object: its classic tracepoint entry.
     pub program: &'static str,
+    /// Its BTF tracepoint (tp_btf) entry, where it has one: loaded instead
+    /// of `program` where the kernel has BTF for the tracepoint and allows
+    /// it (see `loader::AttachMode`).
+    pub btf_program: Option<&'static str>,
     /// Without it the class has nothing to report: the agent fails if a
     /// required tracepoint cannot attach, and runs degraded otherwise.
     pub required: bool,
@@ -23,6 +28,13 @@ pub(crate) struct Tracepoint {
 impl Tracepoint {
     pub(crate) fn path(&self) -> String {
         format!("{}/{}", self.group, self.name)
+    }
+
+    /// The typedef of the tracepoint's prototype in the kernel's BTF
+    /// (`DEFINE_EVENT` declares `btf_trace_<name>`, include/trace/bpf_probe.h),
+    /// by which a BTF tracepoint program names its tracepoint.
+    pub(crate) fn btf_typedef(&self) -> String {
+        format!("btf_trace_{}", self.name)
     }
 }
 
@@ -65,9 +77,13 @@ pub(crate) struct BtfQueries {
 
 /// The running kernel's types, as the classes need them to configure their
 /// programs: the formats of the attached tracepoints (by program name) and
-/// the answers to every class's BTF queries.
+/// the answers to every class's BTF queries (and the loader's: the ids of
+/// the tracepoints' `btf_trace_` typedefs).
 #[derive(Debug, Default)]
 pub(crate) struct KernelTypes {
     pub formats: Formats,
     pub btf: btf::Answers,
+    /// How the programs with a BTF tracepoint entry are to attach, which
+    /// decided the typedefs asked for.
+    pub attach: AttachMode,
 }

@@ -203,7 +203,7 @@ mod tests {
     use super::*;
     use crate::{
         output::record::{Cgroup, ResolvedOwner},
-        output::record::{Endpoints, Retrans},
+        output::record::{Endpoints, Retrans, SenderState},
     };
 
     /// A writer the test can read back after the Output is done with it.
@@ -249,6 +249,11 @@ mod tests {
             state: "SYN_SENT",
             kind: "syn",
             conn_retrans: 2,
+            sender: SenderState {
+                srtt_us: Some(20_500),
+                cwnd: Some(1),
+                ..SenderState::default()
+            },
         }
     }
 
@@ -265,7 +270,9 @@ mod tests {
             "{\"v\":1,\"type\":\"retrans\",\"ts\":\"2026-11-21T22:36:07.000000005Z\",\"host\":\"web-1\",\
              \"pid\":4242,\"comm\":\"cu\\\"rl\\n\",\"cgroup\":null,\"container_id\":null,\"pod_uid\":null,\"family\":\"ipv4\",\
              \"saddr\":\"10.0.0.2\",\"sport\":50000,\"daddr\":\"10.0.0.1\",\"dport\":9001,\
-             \"state\":\"SYN_SENT\",\"kind\":\"syn\",\"conn_retrans\":2}\n"
+             \"state\":\"SYN_SENT\",\"kind\":\"syn\",\"conn_retrans\":2,\
+             \"srtt_us\":20500,\"rttvar_us\":null,\"cwnd\":1,\"ssthresh\":null,\
+             \"packets_out\":null,\"lost_out\":null,\"retrans_out\":null,\"total_retrans\":null}\n"
         );
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["comm"], "cu\"rl\n");
@@ -329,5 +336,13 @@ mod tests {
         assert_eq!(lines.len(), 3);
         assert!(lines[0].starts_with("TIME"));
         assert!(lines[1].contains("10.0.0.2:50000") && lines[1].contains("SYN_SENT"));
+        // The sender's state: SRTT in ms, CWND, and `-` for the unknown
+        // ssthresh.
+        assert!(
+            lines[0].ends_with("SRTT_MS  CWND  SSTHRESH"),
+            "{}",
+            lines[0]
+        );
+        assert!(lines[1].ends_with(" 20.500   1     -"), "{}", lines[1]);
     }
 }

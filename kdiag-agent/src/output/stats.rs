@@ -17,7 +17,7 @@ use aya::{
     util::KernelVersion,
 };
 use kdiag_common::{
-    CLASS_COUNT, LOSS_DROPPED, LOSS_FAILED, LOSS_LOST, LOSS_REASONS, LOSS_SLOTS,
+    CLASS_COUNT, LOSS_DROPPED, LOSS_FAILED, LOSS_LOST, LOSS_PARTIAL, LOSS_REASONS, LOSS_SLOTS,
     cost::{ProgramCost, ProgramId},
 };
 
@@ -106,7 +106,7 @@ impl StatsCollector {
     pub(crate) fn snapshot_programs(&self, ebpf: &Ebpf) -> ProgramCounters {
         ebpf.programs()
             .filter_map(|(name, p)| {
-                let id = ProgramId::ALL.into_iter().find(|id| id.name() == name)?;
+                let id = ProgramId::of_entry(name)?;
                 let fd = p.fd().ok()?;
                 // The kernel prints the miss counter in the program
                 // descriptor's fdinfo (aya's ProgramInfo leaves it out).
@@ -125,7 +125,7 @@ impl StatsCollector {
                         counters.timed_ns += c.timed_ns;
                     }
                 }
-                Some((name.to_owned(), counters))
+                Some((id.name().to_owned(), counters))
             })
             .collect()
     }
@@ -145,6 +145,7 @@ impl StatsCollector {
                     dropped: delta(LOSS_DROPPED),
                     lost: delta(LOSS_LOST),
                     failed: delta(LOSS_FAILED),
+                    partial: delta(LOSS_PARTIAL),
                 },
             );
         }

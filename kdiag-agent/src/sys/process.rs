@@ -1,6 +1,6 @@
 //! The process itself: allocator settings, CPU time, clocks, page size.
 
-use rustix::time::{ClockId, clock_gettime};
+use rustix::time::{ClockId, clock_getres, clock_gettime};
 
 /// Makes glibc serve blocks of `bytes` and more from mappings of their own,
 /// returned to the kernel when freed (`mallopt(M_MMAP_THRESHOLD)`, which also
@@ -53,6 +53,15 @@ fn clock_ns(clock: ClockId) -> i128 {
     i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
 }
 
+/// The kernel's tick (one jiffy) in nanoseconds: the resolution of the
+/// coarse clocks, which advance once a tick (`TICK_NSEC`, 1e9 / HZ rounded).
+/// `None` when the kernel does not say.
+pub(crate) fn tick_ns() -> Option<u64> {
+    let res = clock_getres(ClockId::MonotonicCoarse);
+    let ns = u64::try_from(res.tv_sec).ok()? * 1_000_000_000 + u64::try_from(res.tv_nsec).ok()?;
+    (ns > 0).then_some(ns)
+}
+
 /// The size of a memory page, from the auxiliary vector.
 pub(crate) fn page_size() -> usize {
     rustix::param::page_size()
@@ -103,4 +112,13 @@ pub(crate) fn raise_memlock_limit() -> Option<u64> {
         );
     }
     getrlimit(Resource::Memlock).current
+}
+
+/// Waits for one RCU grace period: every BPF program run that had begun
+/// when it was called has ended (`membarrier(MEMBARRIER_CMD_GLOBAL)`, which
+/// needs no privilege). Where the kernel refuses it (nohz_full CPUs, no
+/// CONFIG_MEMBARRIER), it returns at once: a run still in flight may then
+/// count one event more than the stream shows.
+pub(crate) fn wait_for_rcu_grace_period() {
+    let _ = rustix::thread::membarrier(rustix::thread::MembarrierCommand::Global);
 }

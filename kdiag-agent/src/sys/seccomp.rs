@@ -85,6 +85,9 @@ const ANY_ARGUMENTS: &[libc::c_long] = &[
     libc::SYS_ppoll,
     libc::SYS_futex,
     libc::SYS_sched_yield,
+    // The wait for BTF tracepoint programs still running at exit
+    // (process::wait_for_rcu_grace_period).
+    libc::SYS_membarrier,
     libc::SYS_clock_gettime,
     libc::SYS_clock_nanosleep,
     libc::SYS_nanosleep,

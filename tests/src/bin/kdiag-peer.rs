@@ -3,7 +3,7 @@
 //! and comm are its own, as the agent must report them.
 //!
 //!   kdiag-peer listen ADDR PORT [--send-every-ms N] [--rename-after-listen NAME] [--hold]
-//!                               [--reuseport]
+//!                               [--reuseport] [--rcvbuf BYTES]
 //!       accept connections; prints "ready" once listening. Each accepted
 //!       connection is read until EOF (what it sends is discarded) and then
 //!       closed. --send-every-ms: also write 100 bytes every N ms on each
@@ -11,7 +11,8 @@
 //!       NAME right after listen(), before printing "ready". --hold: never
 //!       read nor close what it accepts (the process keeps it until it
 //!       exits, like a server that leaks sockets). --reuseport: set
-//!       SO_REUSEPORT before binding (IPv4), to share the port with others
+//!       SO_REUSEPORT before binding (IPv4), to share the port with others.
+//!       --rcvbuf: SO_RCVBUF of the listener, which accepted sockets inherit
 //!   kdiag-peer connect ADDR PORT [--send-every-ms N]
 //!       blocking connect; prints "connected LOCAL_ADDR" once established,
 //!       then optionally writes 100 bytes every N ms until an error
@@ -21,6 +22,19 @@
 //!   kdiag-peer udp ADDR PORT --count N
 //!       sends N one-byte UDP datagrams to ADDR PORT from one socket; prints
 //!       "sent LOCAL_PORT" once they are all handed to the kernel, then exits
+//!   kdiag-peer send ADDR PORT BYTES
+//!       connect, write BYTES bytes, half-close, read until the server
+//!       closes, close; prints "connected LOCAL_ADDR", then "done BYTES"
+//!   kdiag-peer stall ADDR PORT BYTES MS
+//!       connect with a send buffer that holds BYTES, write them (to a
+//!       server that does not read, they wait on its receive window), wait
+//!       MS ms, then reset the connection (SO_LINGER 0) so it closes at
+//!       once; prints "connected LOCAL_ADDR", then "done BYTES"
+//!   kdiag-peer probe ADDR PORT GO_FILE
+//!       connect, write 100 bytes 5 times (the server acknowledges them),
+//!       print "acknowledged", wait until GO_FILE exists, print the socket's TCP_INFO as "info
+//!       srtt_us=N rttvar_us=N total_retrans=N", then write 100 bytes every
+//!       50 ms until an error
 //!   kdiag-peer bulk
 //!       one TCP connection to itself over the namespace's loopback, written
 //!       to as fast as it is read, until killed (a bulk transfer: tens of
@@ -33,9 +47,11 @@ use std::thread;
 use std::time::Duration;
 
 const USAGE: &str = "usage: kdiag-peer listen ADDR PORT [--send-every-ms N] \
-                     [--rename-after-listen NAME] [--hold] [--reuseport] | \
+                     [--rename-after-listen NAME] [--hold] [--reuseport] [--rcvbuf BYTES] | \
                      kdiag-peer connect ADDR PORT [--send-every-ms N | --count N] | \
-                     kdiag-peer udp ADDR PORT --count N | kdiag-peer bulk";
+                     kdiag-peer udp ADDR PORT --count N | \
+                     kdiag-peer send ADDR PORT BYTES | kdiag-peer stall ADDR PORT BYTES MS | \
+                     kdiag-peer probe ADDR PORT GO_FILE | kdiag-peer bulk";
 
 /// Options after ADDR PORT; which ones a mode accepts is checked in `main`.
 #[derive(Default)]
@@ -45,6 +61,7 @@ struct Options {
     hold: bool,
     reuseport: bool,
     count: Option<u64>,
+    rcvbuf: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -55,6 +72,13 @@ fn main() -> ExitCode {
         ["udp", addr, port, "--count", n] => {
             parse_addr(addr, port).and_then(|a| send_udp(a, parse_number(n)?))
         }
+        ["send", addr, port, bytes] => {
+            parse_addr(addr, port).and_then(|a| send(a, parse_number(bytes)?))
+        }
+        ["stall", addr, port, bytes, ms] => {
+            parse_addr(addr, port).and_then(|a| stall(a, parse_number(bytes)?, parse_number(ms)?))
+        }
+        ["probe", addr, port, go_file] => parse_addr(addr, port).and_then(|a| probe(a, go_file)),
         [mode @ ("listen" | "connect"), addr, port, rest @ ..] => parse_addr(addr, port)
             .and_then(|a| Ok((a, parse_options(rest)?)))
             .and_then(|(a, opts)| match (*mode, &opts) {
@@ -66,6 +90,7 @@ fn main() -> ExitCode {
                         hold: false,
                         reuseport: false,
                         count: None,
+                        rcvbuf: None,
                         ..
                     },
                 ) => connect(a, &opts),
@@ -77,6 +102,7 @@ fn main() -> ExitCode {
                         hold: false,
                         reuseport: false,
                         count: Some(count),
+                        rcvbuf: None,
                     },
                 ) => connect_many(a, *count),
                 _ => Err(USAGE.to_owned()),
@@ -117,6 +143,10 @@ fn parse_options(mut rest: &[&str]) -> Result<Options, String> {
             }
             ["--send-every-ms", ms, tail @ ..] => {
                 opts.send_every = Some(Duration::from_millis(parse_number(ms)?));
+                tail
+            }
+            ["--rcvbuf", n, tail @ ..] => {
+                opts.rcvbuf = Some(parse_number(n)?);
                 tail
             }
             ["--count", n, tail @ ..] => {
@@ -174,6 +204,12 @@ fn listen(addr: SocketAddr, opts: &Options) -> Result<(), String> {
         TcpListener::bind(addr)
     }
     .map_err(|e| format!("bind {addr}: {e}"))?;
+    if let Some(bytes) = opts.rcvbuf {
+        // Accepted sockets inherit it, and their window is sized from it
+        // when the SYN comes.
+        let bytes = libc::c_int::try_from(bytes).map_err(|e| format!("{bytes}: {e}"))?;
+        set_int_option(&listener, libc::SOL_SOCKET, libc::SO_RCVBUF, bytes)?;
+    }
     if let Some(name) = &opts.rename_to {
         // The main thread's comm is what /proc/PID/comm shows; the agent
         // must keep reporting the name the socket was listened on with.
@@ -239,6 +275,144 @@ fn connect_many(addr: SocketAddr, count: u64) -> Result<(), String> {
         drain(&mut stream);
     }
     say(&format!("done {count}"))
+}
+
+/// Connects and says so.
+fn connected(addr: SocketAddr) -> Result<TcpStream, String> {
+    let stream = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    let local = stream
+        .local_addr()
+        .map_err(|e| format!("local address: {e}"))?;
+    say(&format!("connected {local}"))?;
+    Ok(stream)
+}
+
+fn send(addr: SocketAddr, bytes: u64) -> Result<(), String> {
+    let mut stream = connected(addr)?;
+    write_bytes(&mut stream, bytes)?;
+    stream
+        .shutdown(Shutdown::Write)
+        .map_err(|e| format!("shutdown: {e}"))?;
+    drain(&mut stream);
+    drop(stream);
+    say(&format!("done {bytes}"))
+}
+
+/// Writes `bytes` bytes in 64 KiB writes.
+fn write_bytes(stream: &mut TcpStream, bytes: u64) -> Result<(), String> {
+    let chunk = vec![b's'; 64 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        stream
+            .write_all(&chunk[..n])
+            .map_err(|e| format!("send: {e}"))?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+fn stall(addr: SocketAddr, bytes: u64, ms: u64) -> Result<(), String> {
+    let mut stream = connected(addr)?;
+    // Room for all of it (and the kernel's overhead per buffer) in the
+    // send buffer, so that the writes never wait for room: the connection
+    // is then limited by the receiver alone, not by its send buffer.
+    let sndbuf = libc::c_int::try_from(bytes * 4).map_err(|e| format!("{bytes}: {e}"))?;
+    set_int_option(&stream, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, sndbuf)?;
+    write_bytes(&mut stream, bytes)?;
+    thread::sleep(Duration::from_millis(ms));
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    set_option(&stream, libc::SOL_SOCKET, libc::SO_LINGER, &linger)?;
+    drop(stream);
+    say(&format!("done {bytes}"))
+}
+
+fn probe(addr: SocketAddr, go_file: &str) -> Result<(), String> {
+    let mut stream = connected(addr)?;
+    for _ in 0..5 {
+        stream
+            .write_all(&[b'p'; 100])
+            .map_err(|e| format!("send: {e}"))?;
+        thread::sleep(Duration::from_millis(40));
+    }
+    // Longer than a delayed ACK can be held back (TCP_DELACK_MAX, 200 ms):
+    // every ACK has come, and no later one changes the RTT estimate.
+    thread::sleep(Duration::from_millis(300));
+    say("acknowledged")?;
+    while !std::path::Path::new(go_file).exists() {
+        thread::sleep(Duration::from_millis(10));
+    }
+    let info = tcp_info(&stream)?;
+    say(&format!(
+        "info srtt_us={} rttvar_us={} total_retrans={}",
+        info.tcpi_rtt, info.tcpi_rttvar, info.tcpi_total_retrans
+    ))?;
+    Err(format!(
+        "send: {}",
+        send_loop(stream, Duration::from_millis(50))
+    ))
+}
+
+fn tcp_info(stream: &TcpStream) -> Result<libc::tcp_info, String> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: all zero is a valid tcp_info (integers only).
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid descriptor, and a buffer of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(format!("TCP_INFO: {}", std::io::Error::last_os_error()));
+    }
+    Ok(info)
+}
+
+fn set_int_option(
+    stream: &impl std::os::fd::AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> Result<(), String> {
+    set_option(stream, level, name, &value)
+}
+
+fn set_option<T>(
+    stream: &impl std::os::fd::AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> Result<(), String> {
+    // SAFETY: a valid descriptor and an option value of its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            level,
+            name,
+            ptr_of(value),
+            size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(format!(
+            "setsockopt {name}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+fn ptr_of<T>(value: &T) -> *const libc::c_void {
+    std::ptr::from_ref(value).cast()
 }
 
 /// Sends 64 KiB writes to itself over 127.0.0.1 as fast as a second thread

@@ -108,7 +108,9 @@ pub(super) const SCENARIOS: &[Scenario] = &[
             name: "softirq",
             total: probe::softirqs_total,
         }),
-        variants: &[],
+        // The default attaches BTF tracepoints where the kernel has them;
+        // the classic tracepoints are the fallback elsewhere.
+        variants: &[&["--attach", "classic"]],
         // libbpf-tools softirqs sums service time per vector; the bpftrace
         // script keeps it as a histogram per vector.
         comparisons: &[
@@ -158,8 +160,10 @@ impl Scenario {
     /// Whether `kernel_name` (the kernel keeps 15 characters of a program's
     /// name) is one of this class's judged programs.
     pub(super) fn judges(&self, kernel_name: &str) -> bool {
-        self.programs
-            .iter()
-            .any(|p| p.starts_with(kernel_name) && !kernel_name.is_empty())
+        // A program's BTF tracepoint entry is named `<program>_btf`.
+        self.programs.iter().any(|p| {
+            !kernel_name.is_empty()
+                && (p.starts_with(kernel_name) || format!("{p}_btf").starts_with(kernel_name))
+        })
     }
 }

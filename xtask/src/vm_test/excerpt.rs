@@ -5,10 +5,14 @@
 //! failing tests' panics, the kernel's oops or lockup report, where the
 //! guest stopped) in the last lines printed.
 
+use super::guest::KERNEL_DUMP_MARK;
+
 /// Lines kept of one test binary's failure section.
 const FAILURE_LINES: usize = 40;
 /// Kernel trouble lines kept from a console.
 const KERNEL_LINES: usize = 24;
+/// Lines kept of a stuck binary's process list.
+const PROCESS_LINES: usize = 24;
 /// Last console lines kept.
 const TAIL_LINES: usize = 12;
 
@@ -22,6 +26,31 @@ pub(super) fn test_failures(out: &str) -> Vec<String> {
         .filter(|l| !l.trim().is_empty())
         .collect();
     cut_middle(&lines, FAILURE_LINES)
+}
+
+/// A binary that ran into its time limit: the tests libtest reported as
+/// running long, then the guest's state the script took before the limit
+/// (its processes, the kernel's blocked tasks and CPU backtraces).
+pub(super) fn stuck(out: &str, dump: &str) -> Vec<String> {
+    let mut kept: Vec<String> = out
+        .lines()
+        .filter(|l| l.contains("has been running for over"))
+        .map(str::to_owned)
+        .collect();
+    let (processes, kernel) = dump.split_once(KERNEL_DUMP_MARK).unwrap_or((dump, ""));
+    let processes: Vec<&str> = processes.lines().filter(|l| !l.trim().is_empty()).collect();
+    kept.extend(cut_middle(&processes, PROCESS_LINES));
+    // The blocked tasks' and the CPUs' headers, not their whole stacks:
+    // those stay in the .stuck file and the console log.
+    let kernel: Vec<&str> = kernel
+        .lines()
+        .filter(|l| kernel_trouble(l) || l.contains(" task:") || l.contains("NMI backtrace"))
+        .collect();
+    if !kernel.is_empty() {
+        kept.push(KERNEL_DUMP_MARK.to_owned());
+        kept.extend(cut_middle(&kernel, KERNEL_LINES));
+    }
+    kept
 }
 
 /// Where a guest that did not finish stopped: the last test binary it
@@ -120,6 +149,30 @@ mod tests {
         assert_eq!(kept[0], "failures:");
         assert_eq!(kept.last().unwrap(), "line 99");
         assert!(kept.iter().any(|l| l.starts_with("[… ")));
+    }
+
+    #[test]
+    fn a_stuck_binary_names_its_long_tests_then_the_dump() {
+        let out = "running 3 tests\ntest a ... ok\n\
+                   test b has been running for over 60 seconds\n";
+        let dump = format!(
+            "vm-test: b still running after 220 s; its processes:\n  PID STAT\n\
+             {KERNEL_DUMP_MARK}\n[ 1.0] sysrq: Show Blocked State\n\
+             [ 1.1] task:b state:D stack:0\n[ 1.2]  schedule+0x1/0x2\n\
+             [ 1.3] NMI backtrace for cpu 1\n[ 1.4] RIP: 0010:halt+0x1/0x2\n"
+        );
+        assert_eq!(
+            stuck(out, &dump),
+            [
+                "test b has been running for over 60 seconds",
+                "vm-test: b still running after 220 s; its processes:",
+                "  PID STAT",
+                KERNEL_DUMP_MARK,
+                "[ 1.1] task:b state:D stack:0",
+                "[ 1.3] NMI backtrace for cpu 1",
+                "[ 1.4] RIP: 0010:halt+0x1/0x2",
+            ]
+        );
     }
 
     #[test]

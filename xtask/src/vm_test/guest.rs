@@ -22,12 +22,22 @@ use super::{excerpt, kernel::Kernel};
 use crate::util::describe;
 
 /// QEMU settings measured on the CI machines: their KVM has no vmx/svm, so
-/// stock kernels only run under TCG. 2 vCPUs match the host's cores;
-/// 512 MiB leaves room for the agent's BTF parse (about 22 MiB at peak per
-/// agent) with several agents and test peers running at once.
+/// stock kernels only run under TCG. 2 vCPUs keep the tests' cross-CPU
+/// cases; 512 MiB leaves room for the agent's BTF parse (about 22 MiB at
+/// peak per agent) with several agents and test peers running at once.
+///
+/// `thread=single` runs both vCPUs on one host thread. With one thread per
+/// vCPU (`thread=multi`), a vCPU can keep running its translation of code
+/// another vCPU has just patched: attaching a tracepoint patches its site
+/// through an int3, and the 6.1 guest was seen looping on that int3 in
+/// `handle_softirqs` for over 300 s while the guest's memory there already
+/// held the finished jump (the kernel's own `Code:` dump shows it), with
+/// int3 oopses of the same kind on 6.12 and 7.3. One thread costs the
+/// parallelism of two host cores, which the tests, mostly waiting on the
+/// network and timers, barely use.
 const QEMU_ARGS: &[&str] = &[
     "-accel",
-    "tcg,thread=multi",
+    "tcg,thread=single",
     "-cpu",
     "max",
     "-smp",
@@ -58,6 +68,17 @@ const SCRATCH_BYTES: u64 = 4 << 30;
 /// verifier WARN's) reach the console log, the boot's notices do not.
 const KERNEL_CMDLINE: &str =
     "console=ttyS0 loglevel=5 softlockup_panic=1 watchdog_thresh=60 panic=-1";
+
+/// How long one test binary may run in a guest: about five times the
+/// slowest binary's usual time there, and small enough that a stuck binary
+/// leaves the guest's own timeout time to run the others.
+const BINARY_LIMIT_SECS: u64 = 240;
+/// How long before that limit a binary still running is examined.
+const STUCK_DUMP_BEFORE_SECS: u64 = 20;
+/// The line in `<name>.stuck` between the processes and the kernel's log.
+pub(super) const KERNEL_DUMP_MARK: &str = "vm-test: the kernel's blocked tasks and CPUs:";
+/// `timeout`'s exit code when it ended the command.
+pub(super) const TIMED_OUT: i32 = 124;
 
 /// A test binary of kdiag-tests, as cargo built it on the host.
 pub(super) struct TestBinary {
@@ -95,6 +116,9 @@ pub(super) struct BinaryOutcome {
     pub skips: Vec<String>,
     /// An excerpt of libtest's report of the failed tests.
     pub failures: Vec<String>,
+    /// When it ran into its time limit: the tests libtest saw running long
+    /// and the guest's state shortly before the limit.
+    pub stuck: Vec<String>,
     pub secs: u64,
 }
 
@@ -306,6 +330,13 @@ fn binary_outcome(results: &Path, name: &str) -> Result<BinaryOutcome> {
             .map(str::to_owned)
             .collect(),
         failures: excerpt::test_failures(&out),
+        stuck: match rc {
+            TIMED_OUT => excerpt::stuck(
+                &out,
+                &fs::read_to_string(results.join(format!("{name}.stuck"))).unwrap_or_default(),
+            ),
+            _ => Vec::new(),
+        },
         secs,
     })
 }
@@ -380,14 +411,34 @@ fn script(plan: &Plan, nonce: &str) -> String {
         .iter()
         .map(|a| format!(" {}", quote(a)))
         .collect();
+    // A binary still running shortly before its limit leaves its processes
+    // and the kernel's blocked tasks and CPU backtraces in `<name>.stuck`,
+    // then `timeout` ends it, so one stuck test costs its binary, not the
+    // guest, and says where it was stuck.
+    s.push_str(&format!(
+        "stuck() {{\n\
+         \x20   {{ echo \"vm-test: $1 still running after {dump} s; its processes:\"\n\
+         \x20     run_in_host ps --ppid 2 -p 2 --deselect -o pid,ppid,stat,wchan:32,etime,args\n\
+         \x20     echo {mark}\n\
+         \x20     echo 1 > /proc/sys/kernel/sysrq\n\
+         \x20     echo w > /proc/sysrq-trigger; echo l > /proc/sysrq-trigger; sleep 1\n\
+         \x20     dmesg | tail -n 200; }} > $R/$1.stuck 2>&1\n\
+         }}\n",
+        dump = BINARY_LIMIT_SECS - STUCK_DUMP_BEFORE_SECS,
+        mark = quote(KERNEL_DUMP_MARK),
+    ));
     for bin in plan.binaries {
         let name = &bin.name;
         s.push_str(&format!(
             "echo 'vm-test: running {name}'\n\
              t0=$(date +%s)\n\
-             {{ run_in_host {path}{args}; echo $? > $R/{name}.rc; }} 2>&1 | tee $R/{name}.out\n\
+             ( sleep {dump}; stuck {name} ) & wd=$!\n\
+             {{ run_in_host timeout -k 10 {limit} {path}{args}; echo $? > $R/{name}.rc; }} 2>&1 | tee $R/{name}.out\n\
+             kill $wd 2>/dev/null\n\
              echo $(( $(date +%s) - t0 )) > $R/{name}.secs\n",
             path = quote(&bin.path.display().to_string()),
+            limit = BINARY_LIMIT_SECS,
+            dump = BINARY_LIMIT_SECS - STUCK_DUMP_BEFORE_SECS,
         ));
     }
     s.push_str(&format!("echo {nonce} > $R/done\n"));

@@ -7,7 +7,10 @@ use std::{fs, path::Path};
 use anyhow::{Context, Result};
 use serde_json::Value;
 
-use super::{guest::Outcome, kernel::Kernel};
+use super::{
+    guest::{self, Outcome},
+    kernel::Kernel,
+};
 
 pub(super) struct KernelRun {
     /// The kernel series (`6.1`; `7.3` for `newest`).
@@ -94,8 +97,12 @@ pub(super) fn failure_digest(runs: &[(&str, Result<KernelRun>)]) -> Option<Strin
                     if b.rc == 0 && !failed {
                         continue;
                     }
-                    text.push_str(&format!("\n  {} exited {}:", b.name, b.rc));
-                    for line in &b.failures {
+                    if b.rc == guest::TIMED_OUT {
+                        text.push_str(&format!("\n  {} ran into its time limit:", b.name));
+                    } else {
+                        text.push_str(&format!("\n  {} exited {}:", b.name, b.rc));
+                    }
+                    for line in b.failures.iter().chain(&b.stuck) {
                         text.push_str(&format!("\n    {line}"));
                     }
                 }

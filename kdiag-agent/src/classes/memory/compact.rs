@@ -35,12 +35,14 @@ const TRACEPOINTS: &[Tracepoint] = &[
         group: "compaction",
         name: "mm_compaction_begin",
         program: "compaction_begin",
+        btf_program: None,
         required: true,
     },
     Tracepoint {
         group: "compaction",
         name: "mm_compaction_end",
         program: "compaction_end",
+        btf_program: None,
         required: true,
     },
     // Only for the order of direct compaction; without it order is null.
@@ -48,6 +50,7 @@ const TRACEPOINTS: &[Tracepoint] = &[
         group: "compaction",
         name: "mm_compaction_try_to_compact_pages",
         program: "try_to_compact_pages",
+        btf_program: None,
         required: false,
     },
 ];

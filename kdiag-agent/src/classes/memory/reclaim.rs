@@ -49,6 +49,7 @@ const fn tp(name: &'static str, program: &'static str) -> Tracepoint {
         group: "vmscan",
         name,
         program,
+        btf_program: None,
         required: true,
     }
 }

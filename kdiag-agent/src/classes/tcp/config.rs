@@ -5,6 +5,7 @@ use kdiag_common::tcp::{
     AF_INET, AF_INET6, FIELD_ABSENT, MAX_PORTS, TcpConfig, TcpTpOffsets, TupleOffsets,
 };
 
+use super::health::{CLOSE_FIELDS, RETRANS_FIELDS, plan};
 use crate::{
     class::{BtfQueries, Global, KernelTypes, MapSize},
     kernel::tracefs::Format,
@@ -158,6 +159,10 @@ pub(crate) fn tcp_global(
     tcp.nports = n as u16;
     tcp.ports[..n].copy_from_slice(&filter.ports[..n]);
     tcp.stream_states = u32::from(filter.stream_states);
+    // Both plans whatever the classes: the classes sharing these programs
+    // must set one configuration (each class says what its records lack).
+    tcp.retrans_sock = plan(&kernel.btf, RETRANS_FIELDS).0;
+    tcp.close_sock = plan(&kernel.btf, CLOSE_FIELDS).0;
     Global::new("TCP_CONFIG", &tcp)
 }
 

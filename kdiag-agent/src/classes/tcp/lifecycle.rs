@@ -7,14 +7,15 @@ use std::collections::HashMap;
 use kdiag_common::{
     ClassId, EventKind,
     tcp::{
-        ROLE_ACTIVE, ROLE_LISTENER, ROLE_PASSIVE, STATE_TIME_KNOWN, TCP_CLOSE, TCP_LISTEN,
-        TcpStateEvent, TcpTuple,
+        ROLE_ACTIVE, ROLE_LISTENER, ROLE_PASSIVE, STATE_TIME_KNOWN, SockFields, TCP_CLOSE,
+        TCP_LISTEN, TcpCloseEvent, TcpStateEvent, TcpTuple,
     },
 };
 
 use super::{
     config::{TCP_QUERIES, TcpFilter, tcp_global},
     conns::ConnTable,
+    health::{CLOSE_FIELDS, ChronoLayout, SOCK_QUERIES, conn_health, missing_note, plan},
     retrans::decode_retrans,
     state_names::{STATE_COUNT, state_name},
 };
@@ -25,6 +26,7 @@ use crate::{
     output::record::ResolvedOwner,
     output::record::{Degraded, Endpoints, TcpConn, TcpState, TcpSummary, TopConn},
     services::Services,
+    sys,
 };
 
 const TRACEPOINTS: &[Tracepoint] = &[
@@ -32,6 +34,7 @@ const TRACEPOINTS: &[Tracepoint] = &[
         group: "sock",
         name: "inet_sock_set_state",
         program: "inet_sock_set_state",
+        btf_program: None,
         required: true,
     },
     // Retransmits feed tcp_summary and the per-connection counts.
@@ -39,12 +42,14 @@ const TRACEPOINTS: &[Tracepoint] = &[
         group: "tcp",
         name: "tcp_retransmit_skb",
         program: "retransmit_skb",
+        btf_program: None,
         required: false,
     },
     Tracepoint {
         group: "tcp",
         name: "tcp_retransmit_synack",
         program: "retransmit_synack",
+        btf_program: None,
         required: false,
     },
 ];
@@ -68,6 +73,8 @@ pub(crate) struct TcpClass {
     retrans: HashMap<(u64, TcpTuple), (ResolvedOwner, u64)>,
     retrans_total: u64,
     snmp_last: Option<(u64, u64)>,
+    /// How to decode the chronographs; `None` where this kernel's cannot be.
+    chrono: Option<ChronoLayout>,
 }
 
 impl TcpClass {
@@ -86,11 +93,18 @@ impl TcpClass {
             retrans: HashMap::new(),
             retrans_total: 0,
             snmp_last: procfs::tcp_segments(),
+            chrono: None,
         }
     }
 
-    fn on_state(&mut self, data: &[u8], cx: &mut Context<'_>) -> Result<u64, ClassError> {
-        let ev = decode_state(data)?;
+    /// A state change; `sock` holds the connection's totals when it is a
+    /// close (a `TcpConn` event).
+    fn on_state(
+        &mut self,
+        ev: &TcpStateEvent,
+        sock: Option<&SockFields>,
+        cx: &mut Context<'_>,
+    ) -> Result<u64, ClassError> {
         // An accepted socket's owner is its listener's; `net` is 0 when the
         // programs could not read the namespace, then the port alone names
         // the listener.
@@ -118,7 +132,7 @@ impl TcpClass {
             .is_none_or(|s| s == ev.oldstate || s == ev.newstate)
         {
             cx.out
-                .write(ts, &state_record(&ev, owner.clone(), old_state_ns))?;
+                .write(ts, &state_record(ev, owner.clone(), old_state_ns))?;
             written += 1;
         }
         if let Some(history) = closed
@@ -136,6 +150,9 @@ impl TcpClass {
                 handshake_ns: history.handshake_ns,
                 retrans: ev.retrans,
                 state_ns: history.state_ns,
+                health: sock
+                    .map(|s| conn_health(s, self.chrono))
+                    .unwrap_or_default(),
             };
             cx.out.write(ts, &record)?;
             cx.services.metrics().connection_closed(
@@ -167,6 +184,25 @@ impl TcpClass {
 /// Decodes one `tcp_state` event.
 pub(crate) fn decode_state(data: &[u8]) -> Result<TcpStateEvent, DecodeError> {
     let ev: TcpStateEvent = decode(data, EventKind::TcpState)?;
+    check_states(&ev)?;
+    Ok(ev)
+}
+
+/// Decodes one `tcp_conn` event: a change into CLOSE with the connection's
+/// totals.
+pub(crate) fn decode_close(data: &[u8]) -> Result<TcpCloseEvent, DecodeError> {
+    let ev: TcpCloseEvent = decode(data, EventKind::TcpConn)?;
+    check_states(&ev.state)?;
+    if ev.state.newstate != TCP_CLOSE {
+        return Err(DecodeError::BadField {
+            field: "newstate",
+            value: ev.state.newstate as u64,
+        });
+    }
+    Ok(ev)
+}
+
+fn check_states(ev: &TcpStateEvent) -> Result<(), DecodeError> {
     for (field, state) in [("oldstate", ev.oldstate), ("newstate", ev.newstate)] {
         if !(1..STATE_COUNT as i32).contains(&state) {
             return Err(DecodeError::BadField {
@@ -175,7 +211,7 @@ pub(crate) fn decode_state(data: &[u8]) -> Result<TcpStateEvent, DecodeError> {
             });
         }
     }
-    Ok(ev)
+    Ok(())
 }
 
 pub(crate) fn state_record(
@@ -206,7 +242,7 @@ impl Class for TcpClass {
     }
 
     fn btf_queries(&self) -> &'static [BtfQueries] {
-        &[TCP_QUERIES]
+        &[TCP_QUERIES, SOCK_QUERIES]
     }
 
     fn map_sizes(&self) -> Vec<MapSize> {
@@ -218,17 +254,37 @@ impl Class for TcpClass {
         kernel: &KernelTypes,
         degraded: &mut Vec<Degraded>,
     ) -> Result<Vec<Global>, ClassError> {
+        let (_, missing) = plan(&kernel.btf, CLOSE_FIELDS);
+        degraded.extend(missing_note("tcp_conn", &missing));
+        self.chrono = ChronoLayout::new(kernel, sys::process::tick_ns())
+            .map_err(|why| {
+                degraded.push(Degraded {
+                    what: "tcp_conn chronographs".to_owned(),
+                    why: format!(
+                        "tcp_conn records carry null busy_ns, rwnd_limited_ns, \
+                         sndbuf_limited_ns and limited_by: {why}"
+                    ),
+                });
+            })
+            .ok();
         Ok(vec![tcp_global(kernel, &self.tcp, degraded)])
     }
 
     fn handles(&self, kind: EventKind) -> bool {
-        matches!(kind, EventKind::TcpState | EventKind::Retrans)
+        matches!(
+            kind,
+            EventKind::TcpState | EventKind::TcpConn | EventKind::Retrans
+        )
     }
 
     fn on_event(&mut self, data: &[u8], cx: &mut Context<'_>) -> Result<u64, ClassError> {
         match event_kind(data)? {
             EventKind::Retrans => self.on_retrans(data, cx),
-            _ => self.on_state(data, cx),
+            EventKind::TcpConn => {
+                let ev = decode_close(data)?;
+                self.on_state(&ev.state, Some(&ev.sock), cx)
+            }
+            _ => self.on_state(&decode_state(data)?, None, cx),
         }
     }
 
@@ -266,5 +322,86 @@ impl Class for TcpClass {
         };
         cx.out.write(now_ns, &summary)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kdiag_common::{
+        EventHeader, Owner,
+        tcp::{SOCK_FIELDS, SockField, TCP_ESTABLISHED},
+    };
+
+    use super::*;
+    use crate::{output::record::ConnHealth, sys::pod::bytes_of};
+
+    fn close_event(newstate: i32) -> TcpCloseEvent {
+        let mut sock = SockFields {
+            values: [0; SOCK_FIELDS],
+            present: 0,
+            _pad: 0,
+            jiffies: 0,
+        };
+        for (f, v) in [
+            (SockField::BytesAcked, 1_000_002),
+            (SockField::BytesReceived, 1),
+        ] {
+            sock.values[f as usize] = v;
+            sock.present |= 1 << f as u32;
+        }
+        TcpCloseEvent {
+            state: TcpStateEvent {
+                header: EventHeader {
+                    kind: EventKind::TcpConn as u32,
+                    cpu: 0,
+                    ts_ns: 10,
+                },
+                sock_id: 1,
+                owner: Owner::default(),
+                tuple: TcpTuple::default(),
+                // FIN_WAIT2 (include/net/tcp_states.h).
+                oldstate: 5,
+                newstate,
+                old_state_ns: 0,
+                created_ns: 0,
+                retrans: 0,
+                role: ROLE_ACTIVE,
+                flags: 0,
+                _pad: 0,
+                net: 0,
+            },
+            sock,
+        }
+    }
+
+    #[test]
+    fn close_events_carry_the_sockets_totals() {
+        let ev = decode_close(bytes_of(&close_event(TCP_CLOSE))).unwrap();
+        let health = conn_health(&ev.sock, None);
+        assert_eq!(
+            health,
+            ConnHealth {
+                bytes_acked: Some(1_000_002),
+                bytes_received: Some(1),
+                ..ConnHealth::default()
+            }
+        );
+        // Only a change into CLOSE carries them, under its own kind.
+        assert!(matches!(
+            decode_close(bytes_of(&close_event(TCP_ESTABLISHED))),
+            Err(DecodeError::BadField {
+                field: "newstate",
+                ..
+            })
+        ));
+        let b = bytes_of(&close_event(TCP_CLOSE)).to_vec();
+        assert!(matches!(
+            decode_state(&b),
+            Err(DecodeError::WrongKind { .. })
+        ));
+        assert!(matches!(
+            decode_close(&b[..b.len() - 1]),
+            Err(DecodeError::Short { .. })
+        ));
     }
 }

@@ -3,6 +3,7 @@
 
 pub(crate) mod config;
 pub(crate) mod conns;
+pub(crate) mod health;
 pub(crate) mod lifecycle;
 pub(crate) mod retrans;
 pub(crate) mod state_names;

@@ -7,6 +7,7 @@ use kdiag_common::{
 
 use super::{
     config::{TCP_QUERIES, TcpFilter, tcp_global},
+    health::{RETRANS_FIELDS, SOCK_QUERIES, missing_note, plan, sender_state},
     state_names::state_name,
 };
 use crate::{
@@ -23,12 +24,14 @@ const TRACEPOINTS: &[Tracepoint] = &[
         group: "tcp",
         name: "tcp_retransmit_skb",
         program: "retransmit_skb",
+        btf_program: None,
         required: true,
     },
     Tracepoint {
         group: "tcp",
         name: "tcp_retransmit_synack",
         program: "retransmit_synack",
+        btf_program: None,
         required: false,
     },
     // Not a source of records: it tells the kernel programs who owns each
@@ -38,6 +41,7 @@ const TRACEPOINTS: &[Tracepoint] = &[
         group: "sock",
         name: "inet_sock_set_state",
         program: "inet_sock_set_state",
+        btf_program: None,
         required: false,
     },
 ];
@@ -79,6 +83,7 @@ pub(crate) fn retrans_record(ev: &RetransEvent, owner: ResolvedOwner) -> Retrans
         state: state_name(ev.state),
         kind,
         conn_retrans: ev.conn_retrans,
+        sender: sender_state(&ev.sock),
     }
 }
 
@@ -96,7 +101,7 @@ impl Class for RetransClass {
     }
 
     fn btf_queries(&self) -> &'static [BtfQueries] {
-        &[TCP_QUERIES]
+        &[TCP_QUERIES, SOCK_QUERIES]
     }
 
     fn map_sizes(&self) -> Vec<MapSize> {
@@ -108,6 +113,8 @@ impl Class for RetransClass {
         kernel: &KernelTypes,
         degraded: &mut Vec<Degraded>,
     ) -> Result<Vec<Global>, ClassError> {
+        let (_, missing) = plan(&kernel.btf, RETRANS_FIELDS);
+        degraded.extend(missing_note("retrans", &missing));
         Ok(vec![tcp_global(kernel, &self.tcp, degraded)])
     }
 
@@ -140,7 +147,7 @@ impl Class for RetransClass {
 mod tests {
     use kdiag_common::{
         EventHeader, Owner,
-        tcp::{AF_INET6, TcpTuple},
+        tcp::{AF_INET6, SOCK_FIELDS, SockField, SockFields, TcpTuple},
     };
 
     use super::*;
@@ -168,7 +175,31 @@ mod tests {
             kind: RetransKind::Syn as u32,
             conn_retrans: 3,
             _pad: 0,
+            sock: sock(&[
+                (SockField::SrttUs, 20_000 << 3),
+                (SockField::MdevUs, 4 * 2500),
+                (SockField::Cwnd, 1),
+                (SockField::Ssthresh, 7),
+                (SockField::PacketsOut, 1),
+                (SockField::LostOut, 0),
+                (SockField::RetransOut, 1),
+            ]),
         }
+    }
+
+    /// Socket fields as the programs send them: these read, the rest not.
+    fn sock(read: &[(SockField, u64)]) -> SockFields {
+        let mut s = SockFields {
+            values: [0; SOCK_FIELDS],
+            present: 0,
+            _pad: 0,
+            jiffies: 0,
+        };
+        for &(f, v) in read {
+            s.values[f as usize] = v;
+            s.present |= 1 << f as u32;
+        }
+        s
     }
 
     fn bytes(ev: &RetransEvent) -> Vec<u8> {
@@ -191,7 +222,10 @@ mod tests {
                 "pid": 77, "comm": "curl", "cgroup": "/a", "container_id": null, "pod_uid": null,
                 "family": "ipv4",
                 "saddr": "10.231.0.2", "sport": 50000, "daddr": "10.231.0.1", "dport": 9001,
-                "state": "SYN_SENT", "kind": "syn", "conn_retrans": 3
+                "state": "SYN_SENT", "kind": "syn", "conn_retrans": 3,
+                // In tcp_info's units; total_retrans was not read.
+                "srtt_us": 20_000, "rttvar_us": 2500, "cwnd": 1, "ssthresh": 7,
+                "packets_out": 1, "lost_out": 0, "retrans_out": 1, "total_retrans": null
             })
         );
         // No kernel pointer leaks into the record.

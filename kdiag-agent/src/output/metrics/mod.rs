@@ -524,6 +524,7 @@ mod tests {
                     dropped: 1,
                     lost: 0,
                     failed: 0,
+                    partial: 0,
                 },
             )]),
             programs: Vec::new(),

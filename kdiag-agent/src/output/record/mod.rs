@@ -17,7 +17,9 @@ pub(crate) use memory::{
     Compact, CompactSummary, LatencySummary, Reclaim, ReclaimSummary, Vmstat, VmstatCounters,
 };
 pub(crate) use softirq::{Softirq, SoftirqSummary};
-pub(crate) use tcp::{Endpoints, Retrans, TcpConn, TcpState, TcpSummary, TopConn};
+pub(crate) use tcp::{
+    ConnHealth, Endpoints, Retrans, SenderState, TcpConn, TcpState, TcpSummary, TopConn,
+};
 
 /// Owner fields as the records print them.
 ///
@@ -121,6 +123,8 @@ pub(crate) struct AgentStart {
     pub kernel: String,
     pub transport: &'static str,
     pub attached: Vec<String>,
+    /// How each of `attached` is attached: `"tp_btf"` or `"tracepoint"`.
+    pub attached_as: BTreeMap<String, &'static str>,
     pub degraded: Vec<Degraded>,
     /// The ids the agent runs as once attached, and the capabilities it
     /// still holds (effective and permitted alike).
@@ -142,7 +146,14 @@ impl Record for AgentStart {
             self.version,
             self.kernel,
             self.transport,
-            self.attached.join(" ")
+            self.attached
+                .iter()
+                .map(|tp| match self.attached_as.get(tp) {
+                    Some(how) => format!("{tp} ({how})"),
+                    None => tp.clone(),
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
         );
         for d in &self.degraded {
             s.push_str(&format!("\n# degraded: {}: {}", d.what, d.why));
@@ -167,6 +178,9 @@ pub(crate) struct ClassStats {
     pub lost: u64,
     /// Events a kernel program gave up on (a failed map insert or read).
     pub failed: u64,
+    /// Events sent with some of their socket fields null: a read of the
+    /// socket's memory failed.
+    pub partial: u64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]

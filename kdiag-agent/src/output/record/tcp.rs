@@ -130,6 +130,21 @@ macro_rules! conn_header {
     };
 }
 
+/// The sender's state read from the socket at a retransmit, in the units
+/// `tcp_info` reports; null where the kernel lacks a field or the read
+/// failed.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub(crate) struct SenderState {
+    pub srtt_us: Option<u64>,
+    pub rttvar_us: Option<u64>,
+    pub cwnd: Option<u64>,
+    pub ssthresh: Option<u64>,
+    pub packets_out: Option<u64>,
+    pub lost_out: Option<u64>,
+    pub retrans_out: Option<u64>,
+    pub total_retrans: Option<u64>,
+}
+
 /// One TCP retransmit.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub(crate) struct Retrans {
@@ -140,19 +155,25 @@ pub(crate) struct Retrans {
     pub state: &'static str,
     pub kind: &'static str,
     pub conn_retrans: u32,
+    #[serde(flatten)]
+    pub sender: SenderState,
 }
 
 impl Record for Retrans {
     const TYPE: &'static str = "retrans";
-    const TEXT_HEADER: &'static str = conn_header!(" STATE        KIND    N");
+    const TEXT_HEADER: &'static str =
+        conn_header!(" STATE        KIND    N     SRTT_MS  CWND  SSTHRESH");
     fn text_row(&self, ts: &str) -> String {
         format!(
-            "{ts:<30} {} {} {:<12} {:<7} {}",
+            "{ts:<30} {} {} {:<12} {:<7} {:<5} {:<8} {:<5} {}",
             owner_text(&self.owner),
             self.conn.text(),
             self.state,
             self.kind,
-            self.conn_retrans
+            self.conn_retrans,
+            ms(self.sender.srtt_us.map(|us| us * 1000)),
+            opt(self.sender.cwnd),
+            opt(self.sender.ssthresh)
         )
     }
 }
@@ -184,6 +205,23 @@ impl Record for TcpState {
     }
 }
 
+/// A closed connection's totals read from its socket, in the units
+/// `tcp_info` reports; null where the kernel lacks a field or the read
+/// failed.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub(crate) struct ConnHealth {
+    pub srtt_us: Option<u64>,
+    pub min_rtt_us: Option<u64>,
+    pub bytes_acked: Option<u64>,
+    pub bytes_received: Option<u64>,
+    pub segs_out: Option<u64>,
+    pub segs_in: Option<u64>,
+    pub busy_ns: Option<u64>,
+    pub rwnd_limited_ns: Option<u64>,
+    pub sndbuf_limited_ns: Option<u64>,
+    pub limited_by: Option<&'static str>,
+}
+
 /// A connection's life, written when it closes.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub(crate) struct TcpConn {
@@ -196,20 +234,25 @@ pub(crate) struct TcpConn {
     pub handshake_ns: Option<u64>,
     pub retrans: u32,
     pub state_ns: BTreeMap<&'static str, u64>,
+    #[serde(flatten)]
+    pub health: ConnHealth,
 }
 
 impl Record for TcpConn {
     const TYPE: &'static str = "tcp_conn";
-    const TEXT_HEADER: &'static str = conn_header!(" ROLE     DUR_MS     HS_MS      RETRANS");
+    const TEXT_HEADER: &'static str =
+        conn_header!(" ROLE     DUR_MS     HS_MS      RETRANS SRTT_MS  LIMITED_BY");
     fn text_row(&self, ts: &str) -> String {
         format!(
-            "{ts:<30} {} {} {:<8} {:<10} {:<10} {}",
+            "{ts:<30} {} {} {:<8} {:<10} {:<10} {:<7} {:<8} {}",
             owner_text(&self.owner),
             self.conn.text(),
             self.role.unwrap_or("-"),
             ms(self.duration_ns),
             ms(self.handshake_ns),
-            self.retrans
+            self.retrans,
+            ms(self.health.srtt_us.map(|us| us * 1000)),
+            self.health.limited_by.unwrap_or("-")
         )
     }
 }
