@@ -38,6 +38,9 @@ pub(crate) enum Shed {
     /// only at or over [`RAISED_MIN_LATENCY_NS`]; summaries still count
     /// everything.
     EventThreshold,
+    /// No per-packet `drop` records; `drop_summary` still counts every
+    /// drop.
+    DropEvents,
     /// No softirq queueing delay: the raise program records nothing.
     SoftirqDelay,
     /// Softirqs measured [`SAMPLED_FRACTION`] of the time.
@@ -50,6 +53,7 @@ impl Shed {
     pub(crate) fn name(self) -> &'static str {
         match self {
             Self::EventThreshold => "event_threshold",
+            Self::DropEvents => "drop_events",
             Self::SoftirqDelay => "softirq_delay",
             Self::SoftirqSampled => "softirq_sampled",
             Self::SoftirqOff => "softirq_off",
@@ -81,6 +85,9 @@ pub(crate) fn ladder(classes: &[ClassId]) -> Vec<Shed> {
     let mut steps = Vec::new();
     if has(ClassId::Softirq) || has(ClassId::Reclaim) || has(ClassId::Compact) {
         steps.push(Shed::EventThreshold);
+    }
+    if has(ClassId::Drop) {
+        steps.push(Shed::DropEvents);
     }
     if has(ClassId::Softirq) {
         steps.extend([Shed::SoftirqDelay, Shed::SoftirqSampled, Shed::SoftirqOff]);
@@ -220,6 +227,8 @@ fn gates_of(ladder: &[Shed], step: usize, since_ns: u64) -> BudgetGates {
         } else {
             0
         },
+        drop_events_shed: u32::from(sheds(Shed::DropEvents)),
+        _pad: 0,
     }
 }
 
@@ -526,6 +535,7 @@ mod tests {
             ladder(&ClassId::ALL),
             vec![
                 Shed::EventThreshold,
+                Shed::DropEvents,
                 Shed::SoftirqDelay,
                 Shed::SoftirqSampled,
                 Shed::SoftirqOff
@@ -543,12 +553,18 @@ mod tests {
                 ..BudgetGates::default()
             }
         );
-        let g = gates_of(&l, 2, 7);
+        let g = gates_of(&l, 3, 7);
         assert_eq!(
-            (g.min_latency_ns, g.delay_shed, g.softirq_paused),
-            (RAISED_MIN_LATENCY_NS, 1, 0)
+            (
+                g.min_latency_ns,
+                g.drop_events_shed,
+                g.delay_shed,
+                g.softirq_paused
+            ),
+            (RAISED_MIN_LATENCY_NS, 1, 1, 0)
         );
-        assert_eq!(gates_of(&l, 4, 7).softirq_paused, 1);
+        assert_eq!(gates_of(&l, 1, 7).drop_events_shed, 0);
+        assert_eq!(gates_of(&l, 5, 7).softirq_paused, 1);
     }
 
     /// An interval of 1 s on an idle machine (measured against one CPU):

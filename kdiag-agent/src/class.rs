@@ -59,6 +59,9 @@ pub(crate) enum ClassError {
         name: &'static str,
         source: aya::maps::MapError,
     },
+    /// This kernel lacks what the class cannot do without.
+    #[error("{0}")]
+    Unsupported(String),
     /// An option that this kernel or host cannot honour: a usage error.
     #[error("{0}")]
     Usage(String),

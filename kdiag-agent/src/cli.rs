@@ -100,7 +100,8 @@ pub(crate) struct GlobalArgs {
     pub buffer_mib: u32,
     /// Also serve Prometheus metrics on http://ADDR:PORT/metrics (off by
     /// default): retransmits, closed connections, handshake and connection
-    /// times, memory stalls, softirq latencies and the agent's own
+    /// times, memory stalls, softirq latencies, packet drops by reason and
+    /// the agent's own
     /// figures, as cumulative sums of the records written. They are
     /// refreshed at each --interval, with its `agent_stats` record (so
     /// --interval 0 is refused). Listen on loopback (127.0.0.1:9464)

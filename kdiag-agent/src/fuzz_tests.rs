@@ -23,6 +23,7 @@ fn decode_all(bytes: &[u8]) {
     let _ = classes::memory::decode_stall(bytes, EventKind::Reclaim);
     let _ = classes::memory::decode_stall(bytes, EventKind::Compact);
     let _ = classes::softirq::decode_softirq(bytes);
+    let _ = classes::drop::decode_drop(bytes);
 }
 
 proptest! {
@@ -37,7 +38,7 @@ proptest! {
     #[test]
     fn decoders_accept_valid_kinds_with_any_payload(
         mut bytes in proptest::collection::vec(any::<u8>(), 16..300),
-        kind in 0u32..8,
+        kind in 0u32..9,
     ) {
         bytes[..4].copy_from_slice(&kind.to_ne_bytes());
         decode_all(&bytes);
@@ -105,6 +106,13 @@ proptest! {
 
 /// What the agent asks of the kernel's BTF, asked of `bytes`.
 fn resolve_btf(bytes: &[u8]) -> Result<([u32; 2], [i64; 1]), btf::BtfError> {
+    // Anonymous members and whole enums take passes of their own.
+    let _ = btf::enums_in(
+        Cursor::new(bytes),
+        "fuzz",
+        &[("sock_common", "skc_net")],
+        &["cgroup_subsys_id"],
+    );
     btf::resolve_in(
         Cursor::new(bytes),
         "fuzz",

@@ -28,6 +28,7 @@ wire_enum! {
         CompactionBegin,
         CompactionEnd,
         TryToCompactPages,
+        KfreeSkb,
     }
 }
 
@@ -49,6 +50,7 @@ impl ProgramId {
             Self::CompactionBegin => "compaction_begin",
             Self::CompactionEnd => "compaction_end",
             Self::TryToCompactPages => "try_to_compact_pages",
+            Self::KfreeSkb => "kfree_skb",
         }
     }
 }
@@ -90,6 +92,7 @@ impl ProgramId {
             Self::CompactionBegin | Self::CompactionEnd | Self::TryToCompactPages => {
                 ClassId::Compact
             }
+            Self::KfreeSkb => ClassId::Drop,
         }
     }
 }
@@ -143,7 +146,11 @@ pub struct BudgetGates {
     /// out only at or over this latency, on top of each class's own
     /// threshold; 0 at full detail.
     pub min_latency_ns: u64,
+    /// Non-zero once the budget sheds per-packet drop records: the drop
+    /// program only counts drops per reason.
+    pub drop_events_shed: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<BudgetGates>() == 24);
+const _: () = assert!(size_of::<BudgetGates>() == 32);
 
 crate::impl_pod!(ProgramCost, BudgetGates);

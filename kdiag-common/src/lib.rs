@@ -9,6 +9,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+pub mod drop;
 pub mod log2;
 pub mod memory;
 pub mod softirq;
@@ -58,6 +59,7 @@ wire_enum! {
         /// a tuple or an old state (the agent has them from earlier
         /// changes).
         TcpDestroy = 7,
+        Drop = 8,
     }
 }
 
@@ -157,6 +159,7 @@ wire_enum! {
         Reclaim,
         Compact,
         Softirq,
+        Drop,
     }
 }
 

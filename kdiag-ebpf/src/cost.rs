@@ -28,6 +28,8 @@ pub(crate) fn gates() -> &'static BudgetGates {
         delay_shed: 0,
         softirq_since_ns: 0,
         min_latency_ns: 0,
+        drop_events_shed: 0,
+        _pad: 0,
     };
     BUDGET.get(0).unwrap_or(&FULL)
 }

@@ -10,6 +10,7 @@
 mod compaction;
 mod cost;
 mod ctx;
+mod drop;
 mod mem;
 mod output;
 mod rodata;

@@ -52,7 +52,7 @@ static TCP_CONFIG: TcpConfig = TcpConfig::DEFAULT;
 /// One entry in the object: the agent sizes it at load for the classes that
 /// run (see `Class::map_sizes`), and leaves it this small for the others.
 #[map]
-static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(1, 0);
+pub(crate) static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(1, 0);
 
 /// (network namespace, address, port) of each listener -> the listeners
 /// bound there and their owners, handed to the children they accept.

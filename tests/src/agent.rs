@@ -143,18 +143,28 @@ impl Agent {
     /// degraded but what this kernel cannot give, as seen from outside the
     /// agent, and that it does report that: where the kernel does not count
     /// recursion misses of the tracepoint programs the agent holds (before
-    /// 6.7), `bpf/recursion_misses`.
+    /// 6.7), `bpf/recursion_misses`; where the agent attached `skb/kfree_skb`
+    /// and the kernel gives no drop reasons (before 5.17),
+    /// `tracepoint/skb/kfree_skb.reason`. In any order.
     pub fn assert_only_kernel_limits(&self, start: &Value) {
         let mut limits = Vec::new();
         if bpf::counts_recursion_misses(self.pid) == Some(false) {
             limits.push("bpf/recursion_misses");
         }
-        let degraded: Vec<&str> = start["degraded"]
+        let attached = start["attached"].as_array();
+        if attached.is_some_and(|a| a.iter().any(|tp| tp == "skb/kfree_skb"))
+            && !bpf::kernel_gives_drop_reasons()
+        {
+            limits.push("tracepoint/skb/kfree_skb.reason");
+        }
+        limits.sort_unstable();
+        let mut degraded: Vec<&str> = start["degraded"]
             .as_array()
             .unwrap_or_else(|| self.fail(&format!("no degraded list in {start}")))
             .iter()
             .map(|d| d["what"].as_str().unwrap_or_default())
             .collect();
+        degraded.sort_unstable();
         if degraded != limits {
             self.fail(&format!(
                 "degraded {degraded:?}, where this kernel lacks {limits:?}: {start}"

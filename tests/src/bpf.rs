@@ -172,6 +172,17 @@ pub fn counts_recursion_misses(pid: u32) -> Option<bool> {
     Some(line && kernel_at_least(6, 7))
 }
 
+/// Whether the kernel's `skb/kfree_skb` tracepoint gives a drop reason
+/// (5.17 on): a `reason` field in its format. Without it the agent's `drop`
+/// class runs degraded, with no reasons to test.
+pub fn kernel_gives_drop_reasons() -> bool {
+    let path = "/sys/kernel/tracing/events/skb/kfree_skb/format";
+    let format = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    format
+        .lines()
+        .any(|l| l.trim_start().starts_with("field:") && l.contains(" reason;"))
+}
+
 /// Whether the running kernel's release is `major.minor` or later.
 fn kernel_at_least(major: u32, minor: u32) -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");

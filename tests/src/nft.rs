@@ -1,5 +1,6 @@
 //! nftables rules that make TCP traffic a black hole: the simplest way to
-//! force real retransmits (no tc/netem on this kernel).
+//! force real retransmits (no tc/netem on this kernel), and counted drops
+//! of any traffic, for the drop class.
 
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -55,6 +56,58 @@ pub fn drop_synacks_from(ns: &str, port: u16) {
 /// Adds a rule dropping inbound packets that match `matcher` in `ns`.
 fn drop_input(ns: &str, matcher: &str) {
     cmd::run_in(ns, "nft", &[&drop_script(TABLE, matcher)]);
+}
+
+/// Which of a namespace's own packets a counted drop rule sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// Packets to the namespace.
+    Input,
+    /// Packets from it.
+    Output,
+}
+
+impl Hook {
+    fn name(self) -> &'static str {
+        match self {
+            Hook::Input => "input",
+            Hook::Output => "output",
+        }
+    }
+}
+
+/// Adds, in `ns`, a rule dropping the packets of `hook` that match
+/// `matcher`, with a counter of its own (see [`dropped_packets`]); one such
+/// rule per hook and namespace.
+pub fn drop_counted(ns: &str, hook: Hook, matcher: &str) {
+    let chain = hook.name();
+    cmd::run_in(
+        ns,
+        "nft",
+        &[&format!(
+            "add table {TABLE}; \
+             add chain {TABLE} {chain} {{ type filter hook {chain} priority 0; }}; \
+             add rule {TABLE} {chain} {matcher} counter drop"
+        )],
+    );
+}
+
+/// The packets the counted rule of `hook` in `ns` dropped so far (nft's own
+/// count: `counter packets N bytes M`).
+pub fn dropped_packets(ns: &str, hook: Hook) -> u64 {
+    let listing = cmd::run_in(ns, "nft", &["list", "chain", "inet", "kdiagt", hook.name()]);
+    let counts: Vec<u64> = listing
+        .split("counter packets ")
+        .skip(1)
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect();
+    match counts.as_slice() {
+        [n] => *n,
+        _ => panic!(
+            "{ns}: expected one counted rule in the {} chain: {listing}",
+            hook.name()
+        ),
+    }
 }
 
 /// Removes every drop rule added in `ns`.

@@ -182,9 +182,32 @@ impl Peer {
         Peer::spawn(bin, ns.into(), &args, opts.join_cgroup.as_deref())
     }
 
-    /// `kdiag-peer MODE ARGS…` in `ns`, for the modes without options
-    /// (`send`, `stall`, `probe`; see the peer's usage); returns once it
-    /// runs.
+    /// `kdiag-peer udp ADDR PORT --count N` in `ns`: sends `count` UDP
+    /// datagrams to `addr`:`port` from one socket and returns its local
+    /// port once they are sent.
+    pub fn send_udp<'a>(
+        bin: &str,
+        ns: impl Into<Netns<'a>>,
+        addr: impl Into<IpAddr>,
+        port: u16,
+        count: u32,
+    ) -> u16 {
+        let args = [
+            addr.into().to_string(),
+            port.to_string(),
+            "--count".to_owned(),
+            count.to_string(),
+        ];
+        let peer = Peer::run(bin, ns, "udp", &args);
+        let port = peer.wait_for_line("sent ");
+        port.trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("kdiag-peer udp printed {port:?}: {e}"))
+    }
+
+    /// `kdiag-peer MODE ARGS…` in `ns`, for the modes whose arguments are
+    /// fixed (`udp`, `send`, `stall`, `probe`; see the peer's usage);
+    /// returns once it runs.
     pub fn run<'a>(bin: &str, ns: impl Into<Netns<'a>>, mode: &str, args: &[String]) -> Peer {
         let mut all = vec![mode.to_owned()];
         all.extend(args.iter().cloned());

@@ -8,8 +8,10 @@ use kdiag_tests::{
     env::require_root,
 };
 
-/// Maps of the TCP and memory classes, sized only when their class runs.
+/// Maps of the TCP, memory and drop classes, sized only when their class
+/// runs.
 const CLASS_MAPS: &[&str] = &[
+    "DROP_COUNTS",
     "SOCKS",
     "LISTENERS",
     "SYNACK_RETRANS",
@@ -63,6 +65,13 @@ fn running_classes_size_their_maps() {
     assert_eq!(map(&tcp, "SOCKS").max_entries, 4096, "{tcp:#?}");
     assert_eq!(map(&tcp, "LISTENERS").max_entries, 8192, "{tcp:#?}");
     assert_eq!(map(&tcp, "STALL_STARTS").max_entries, 1, "{tcp:#?}");
+
+    // The per-reason drop counters, and the socket map for TCP owners.
+    let (mut agent, _) = Agent::start(&["drop"], &["skb/kfree_skb"]);
+    let drop = maps_held_by(agent.pid());
+    agent.stop_ok();
+    assert_eq!(map(&drop, "DROP_COUNTS").max_entries, 1024, "{drop:#?}");
+    assert_eq!(map(&drop, "SOCKS").max_entries, 65536, "{drop:#?}");
 
     let (mut agent, _) = Agent::start(&["compact"], &["compaction/mm_compaction_begin"]);
     let compact = maps_held_by(agent.pid());

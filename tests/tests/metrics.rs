@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kdiag_tests::agent::Agent;
+use kdiag_tests::bpf::kernel_gives_drop_reasons;
 use kdiag_tests::netns::{NetnsPair, unique_port};
 use kdiag_tests::peer::Peer;
 use kdiag_tests::prometheus::{self, Prometheus};
@@ -125,6 +126,45 @@ fn prometheus_scrapes_what_the_stream_says() {
         RETRANSMITS as f64
     );
 
+    // Drops: the drop_summary records summed, by reason and protocol. The
+    // test's SYNs are dropped by the server's rule, one more than their
+    // retransmits.
+    let mut drops: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for r in stream.iter().filter(|r| record::is_type(r, "drop_summary")) {
+        let reason = r["reason"].as_str().unwrap_or("none").to_owned();
+        let key = (reason, str_field(r, "protocol").to_owned());
+        *drops.entry(key).or_default() += record::u64_field(r, "count");
+    }
+    for ((reason, protocol), count) in &drops {
+        assert_eq!(
+            value(
+                "kdiag_packet_drops_total",
+                &[("reason", reason), ("protocol", protocol)]
+            ),
+            *count as f64,
+            "{reason} {protocol}"
+        );
+    }
+    assert_eq!(
+        sum_of(&snapshot, "kdiag_packet_drops_total"),
+        drops.values().sum::<u64>() as f64
+    );
+    // A kernel without drop reasons (before 5.17) counts them among the
+    // drops without one.
+    let reason = if kernel_gives_drop_reasons() {
+        "NETFILTER_DROP"
+    } else {
+        "none"
+    };
+    let netfilter = drops
+        .get(&(reason.to_owned(), "tcp".to_owned()))
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        netfilter > RETRANSMITS as u64,
+        "{netfilter} {reason} tcp drops for {RETRANSMITS} SYN retransmits"
+    );
+
     // Closed connections by role.
     let mut roles: BTreeMap<String, u64> = BTreeMap::new();
     for r in stream.iter().filter(|r| record::is_type(r, "tcp_conn")) {
@@ -183,7 +223,7 @@ fn prometheus_scrapes_what_the_stream_says() {
     );
 
     // The agent's own accounting: agent_stats summed.
-    for class in ["retrans", "tcp", "softirq", "reclaim", "compact"] {
+    for class in ["retrans", "tcp", "softirq", "reclaim", "compact", "drop"] {
         let totals = record::class_totals(stream, class);
         let labels = [("class", class)];
         assert_eq!(

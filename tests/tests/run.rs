@@ -30,12 +30,13 @@ const ALL_TRACEPOINTS: &[&str] = &[
     "compaction/mm_compaction_begin",
     "compaction/mm_compaction_end",
     "compaction/mm_compaction_try_to_compact_pages",
+    "skb/kfree_skb",
 ];
 
-const CLASSES: &[&str] = &["compact", "reclaim", "retrans", "softirq", "tcp"];
+const CLASSES: &[&str] = &["compact", "drop", "reclaim", "retrans", "softirq", "tcp"];
 
 /// `run --interval 1 --duration 4`: everything attached, nothing degraded,
-/// an `agent_stats` per interval naming all five classes, kernel programs
+/// an `agent_stats` per interval naming all six classes, kernel programs
 /// that ran and were timed, and each class's summaries in the stream.
 #[test]
 fn run_attaches_every_class_and_accounts_for_each() {

@@ -3,6 +3,7 @@
 //! module per class; the TCP and memory classes share a folder with what
 //! they have in common.
 
+pub(crate) mod drop;
 pub(crate) mod hist;
 pub(crate) mod memory;
 pub(crate) mod softirq;
@@ -20,13 +21,17 @@ use crate::{
     class::{Class, ClassError},
     services::Services,
 };
+use drop::{DropArgs, DropClass};
 use memory::{
     MemoryScope,
     compact::{CompactArgs, CompactClass},
     reclaim::{ReclaimArgs, ReclaimClass, ReclaimKind},
 };
 use softirq::{SoftirqArgs, SoftirqClass};
-use tcp::{TcpArgs, TcpFilterArgs, config::TcpFilter, lifecycle::TcpClass, retrans::RetransClass};
+use tcp::{
+    DEFAULT_MAX_SOCKETS, TcpArgs, TcpFilterArgs, config::TcpFilter, lifecycle::TcpClass,
+    retrans::RetransClass,
+};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
@@ -101,6 +106,27 @@ pub(crate) enum Command {
     /// Background compaction shows under kcompactd, manual compaction under
     /// the process that wrote /proc/sys/vm/compact_memory.
     Compact(CompactArgs),
+    /// TCP and UDP packets the kernel dropped, with the kernel's reason for
+    /// each (skb/kfree_skb).
+    ///
+    /// Reasons are the kernel's own names (`enum skb_drop_reason`, read
+    /// from the running kernel's BTF: their values differ between kernels):
+    /// NETFILTER_DROP (a firewall rule), NO_SOCKET (nothing listens on the
+    /// port), SOCKET_RCVBUFF (a receiver too slow for its buffer),
+    /// TCP_CSUM, ... Kernels before 5.17 give no reasons: reason is null.
+    ///
+    /// Records: `drop` (one per dropped packet with a reason other than
+    /// NOT_SPECIFIED: pid, comm, cgroup of the socket's owner where the
+    /// packet has a TCP socket, protocol tcp|udp, family, saddr, sport,
+    /// daddr, dport as in the packet's headers, reason, reason_code) and
+    /// `drop_summary` (every --interval and at exit, per reason and
+    /// protocol: count, interval_ns), which counts every drop, also those
+    /// not written one by one: NOT_SPECIFIED and reason-less drops (see
+    /// --all-reasons), and those of processes --pid or --cgroup leave out.
+    ///
+    /// Who is losing packets to the firewall: `kdiag-agent drop | grep
+    /// NETFILTER_DROP`; which reasons dominate: the drop_summary records.
+    Drop(DropArgs),
 }
 
 /// Options of `run`: those of every class.
@@ -120,6 +146,9 @@ pub(crate) struct RunArgs {
     /// The `compact` class's --min-latency-us.
     #[arg(long, value_name = "US", default_value_t = 0)]
     pub compact_min_latency_us: u64,
+    /// The `drop` class's --all-reasons.
+    #[arg(long)]
+    pub drop_all_reasons: bool,
 }
 
 /// Whose events the classes report: `--pid`, and `--cgroup` or
@@ -201,12 +230,35 @@ pub(crate) fn build(
             args.min_latency_us,
             services,
         ))],
+        Command::Drop(args) => {
+            // Owners of TCP sockets are followed as for the TCP classes,
+            // whatever their ports.
+            let tcp = TcpFilter::new(&[], false, false, false, DEFAULT_MAX_SOCKETS)
+                .map_err(ClassError::Usage)?;
+            vec![Box::new(DropClass::new(
+                owners()?,
+                tcp,
+                args.all_reasons,
+                services,
+            ))]
+        }
         Command::Run(args) => {
             // One TCP configuration for both TCP classes: they share programs.
             let tcp = tcp_filter(&args.tcp.filter, true)?;
             vec![
                 Box::new(RetransClass::new(owners()?, tcp.clone(), services)),
-                Box::new(TcpClass::new(owners()?, tcp, args.tcp.state, services)),
+                Box::new(TcpClass::new(
+                    owners()?,
+                    tcp.clone(),
+                    args.tcp.state,
+                    services,
+                )),
+                Box::new(DropClass::new(
+                    owners()?,
+                    tcp,
+                    args.drop_all_reasons,
+                    services,
+                )),
                 Box::new(SoftirqClass::new(args.softirq_min_latency_us)),
                 Box::new(ReclaimClass::new(
                     memory()?,

@@ -1,5 +1,5 @@
-//! Just enough of a BTF reader to find struct member offsets, enum values
-//! and the ids of named typedefs in the running kernel's types
+//! Just enough of a BTF reader to find struct member offsets, enum values,
+//! whole enums and the ids of named typedefs in the running kernel's types
 //! (/sys/kernel/btf/vmlinux).
 //!
 //! The file is megabytes long and the agent wants a handful of numbers from
@@ -36,12 +36,21 @@ pub(crate) enum BtfError {
 pub(crate) type Member<'a> = (&'a str, &'a str);
 /// An enumerator whose value is wanted: `(enum, enumerator)`.
 pub(crate) type Enumerator<'a> = (&'a str, &'a str);
+/// Every enumerator of an enum, by name and value, in the order declared.
+pub(crate) type EnumValues = Vec<(String, i64)>;
 
 const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 const MAGIC: u16 = 0xeb9f;
 const VERSION: u8 = 1;
 /// The header this reader knows; newer kernels may append fields to it.
 const HEADER_LEN: u32 = 24;
+/// Longest enumerator name kept when listing a whole enum; longer ones are
+/// cut (the kernel's are under 64 bytes).
+const MAX_ENUMERATOR_NAME: usize = 128;
+/// Passes over the type section: a struct's anonymous member may be a type
+/// the walk has already passed, and is then read in the next pass (a
+/// struct_group in an anonymous union is two levels deep).
+const MAX_TYPE_PASSES: usize = 4;
 /// No header comes near this: a larger one is garbage, not a newer format.
 const MAX_HEADER_LEN: u32 = 4096;
 /// Large enough that a regular file takes few reads and most skips need no
@@ -92,9 +101,9 @@ pub(crate) fn resolve<const M: usize, const E: usize>(
 ///
 /// A struct member's offset is that of the first struct of that name that
 /// has the member; a bitfield's is the byte its first bit is in. Enumerator
-/// values are signed or unsigned as their enum says. Members of nested
-/// anonymous structs and unions, and enumerators of 64-bit enums, are not
-/// looked for.
+/// values are signed or unsigned as their enum says. Members of anonymous
+/// structs and unions count as the struct's own, at their place in it;
+/// enumerators of 64-bit enums are not looked for.
 #[cfg(test)]
 pub(crate) fn resolve_in<R: Read + Seek, const M: usize, const E: usize>(
     reader: R,
@@ -102,12 +111,32 @@ pub(crate) fn resolve_in<R: Read + Seek, const M: usize, const E: usize>(
     members: [Member; M],
     enumerators: [Enumerator; E],
 ) -> Result<([u32; M], [i64; E]), BtfError> {
-    let found = find_in(reader, path, &members, &enumerators, &[])?;
+    let found = find_in(reader, path, &members, &enumerators, &[], &[])?;
     let bytes = found.offsets.into_iter().map(|o| o.map(|bits| bits / 8));
     Ok((
         answers(bytes.collect(), &members, "struct")?,
         answers(found.values, &enumerators, "enum")?,
     ))
+}
+
+/// What [`enums_in`] answers: an offset per member (in bytes), a list per
+/// enum.
+#[cfg(test)]
+type OffsetsAndEnums = (Vec<Option<u32>>, Vec<Option<EnumValues>>);
+
+/// Every enumerator of each of `enums` in the BTF that `reader` holds, by
+/// enum, `None` for an enum it does not have. The agent asks through
+/// [`Answers`].
+#[cfg(test)]
+pub(crate) fn enums_in<R: Read + Seek>(
+    reader: R,
+    path: &str,
+    members: &[Member],
+    enums: &[&str],
+) -> Result<OffsetsAndEnums, BtfError> {
+    let found = find_in(reader, path, members, &[], enums, &[])?;
+    let bytes = found.offsets.into_iter().map(|o| o.map(|bits| bits / 8));
+    Ok((bytes.collect(), found.enums))
 }
 
 /// What every class asked of the kernel's BTF, from one pass over the file
@@ -117,6 +146,7 @@ pub(crate) fn resolve_in<R: Read + Seek, const M: usize, const E: usize>(
 pub(crate) struct Answers {
     offsets: HashMap<Member<'static>, u32>,
     values: HashMap<Enumerator<'static>, i64>,
+    enums: HashMap<&'static str, EnumValues>,
     typedef_ids: HashMap<String, u32>,
     /// Why nothing could be answered: no BTF, or a file that is not BTF.
     unreadable: Option<Arc<BtfError>>,
@@ -129,19 +159,22 @@ pub(crate) enum Unanswered {
     Unreadable(Arc<BtfError>),
     #[error("{0} {1} has no member {2} in the kernel's BTF")]
     NotFound(&'static str, &'static str, &'static str),
+    #[error("enum {0} is not in the kernel's BTF")]
+    NoEnum(&'static str),
     #[error("no typedef {0} in the kernel's BTF")]
     NoTypedef(String),
 }
 
 impl Answers {
-    /// Answers `members`, `enumerators` and the ids of `typedefs` from the
-    /// running kernel's BTF.
+    /// Answers `members`, `enumerators`, `enums` (every enumerator of each)
+    /// and the ids of `typedefs` from the running kernel's BTF.
     pub(crate) fn of_kernel(
         members: &[Member<'static>],
         enumerators: &[Enumerator<'static>],
+        enums: &[&'static str],
         typedefs: &[String],
     ) -> Self {
-        if members.is_empty() && enumerators.is_empty() && typedefs.is_empty() {
+        if members.is_empty() && enumerators.is_empty() && enums.is_empty() && typedefs.is_empty() {
             return Self::default();
         }
         let found = File::open(VMLINUX)
@@ -149,7 +182,17 @@ impl Answers {
                 path: VMLINUX.to_owned(),
                 source,
             })
-            .and_then(|file| find_in(file, VMLINUX, members, enumerators, typedefs));
+            .and_then(|file| find_in(file, VMLINUX, members, enumerators, enums, typedefs));
+        Self::from_found(found, members, enumerators, enums, typedefs)
+    }
+
+    fn from_found(
+        found: Result<Found, BtfError>,
+        members: &[Member<'static>],
+        enumerators: &[Enumerator<'static>],
+        enums: &[&'static str],
+        typedefs: &[String],
+    ) -> Self {
         match found {
             Ok(found) => Self {
                 offsets: members
@@ -162,6 +205,12 @@ impl Answers {
                     .iter()
                     .copied()
                     .zip(found.values)
+                    .filter_map(|(q, a)| Some((q, a?)))
+                    .collect(),
+                enums: enums
+                    .iter()
+                    .copied()
+                    .zip(found.enums)
                     .filter_map(|(q, a)| Some((q, a?)))
                     .collect(),
                 typedef_ids: typedefs
@@ -216,6 +265,20 @@ impl Answers {
         enumerator: &'static str,
     ) -> Result<i64, Unanswered> {
         self.answer(&self.values, (enum_name, enumerator), "enum")
+    }
+
+    /// Every enumerator of `enum_name`, in the order declared; the class
+    /// must have asked.
+    pub(crate) fn enumerators_of(
+        &self,
+        enum_name: &'static str,
+    ) -> Result<&EnumValues, Unanswered> {
+        if let Some(e) = &self.unreadable {
+            return Err(Unanswered::Unreadable(e.clone()));
+        }
+        self.enums
+            .get(enum_name)
+            .ok_or(Unanswered::NoEnum(enum_name))
     }
 
     /// The type id of the typedef `name`; the loader must have asked.
@@ -285,22 +348,26 @@ pub(crate) fn typedefs_at_ids(typedefs: &[(String, u32)]) -> Vec<u8> {
     out
 }
 
-/// One pass over the BTF in `reader`: an answer or `None` per query.
+/// The BTF in `reader`, read in as few passes as the queries allow: an
+/// answer or `None` per query (member offsets in bits).
 fn find_in<R: Read + Seek>(
     reader: R,
     path: &str,
     members: &[Member],
     enumerators: &[Enumerator],
+    enums: &[&str],
     typedefs: &[String],
 ) -> Result<Found, BtfError> {
-    let batch = Batch::new(members, enumerators, typedefs);
+    let batch = Batch::new(members, enumerators, enums, typedefs);
     let mut reader = Reader {
         inner: BufReader::with_capacity(BUF_LEN, reader),
         path,
     };
     let header = Header::read(&mut reader)?;
     let names = NameOffsets::find(&mut reader, header.strings, &batch.names)?;
-    batch.find(&mut reader, header.types, &names)
+    let mut found = batch.find(&mut reader, header.types, &names)?;
+    found.name_enums(&mut reader, header.strings)?;
+    Ok(found)
 }
 
 /// The answers as an array, or which query has none.
@@ -363,6 +430,33 @@ impl<R: Read + Seek> Reader<'_, R> {
         self.inner.consume(n);
     }
 
+    /// The NUL-terminated string that starts here, cut at `limit` bytes,
+    /// and the bytes it took (with its NUL); at most `left` are read.
+    fn string(&mut self, limit: usize, mut left: u32) -> Result<(String, u32), BtfError> {
+        let mut bytes = Vec::new();
+        let mut took = 0;
+        loop {
+            if left == 0 {
+                return Err(BtfError::Malformed("a name runs past the string section"));
+            }
+            let chunk = self.chunk(left)?;
+            let (end, done) = match memchr::memchr(0, chunk) {
+                Some(nul) => (nul, true),
+                None => (chunk.len(), false),
+            };
+            let room = limit.saturating_sub(bytes.len());
+            bytes.extend_from_slice(chunk.get(..end.min(room)).unwrap_or_default());
+            let n = if done { end + 1 } else { end };
+            self.consume(n);
+            // `chunk` returns at most `left` bytes.
+            took += n as u32;
+            left -= n as u32;
+            if done {
+                return Ok((String::from_utf8_lossy(&bytes).into_owned(), took));
+            }
+        }
+    }
+
     fn error(&self, e: io::Error) -> BtfError {
         error(self.path, e)
     }
@@ -418,16 +512,22 @@ impl Header {
 }
 
 /// The names a batch asks for, each once, and its queries as indexes into
-/// them: (struct, member), (enum, enumerator), or a typedef.
+/// them: (struct, member), (enum, enumerator), a whole enum or a typedef.
 struct Batch<'a> {
     names: Vec<&'a str>,
     members: Vec<(usize, usize)>,
     enumerators: Vec<(usize, usize)>,
+    enums: Vec<usize>,
     typedefs: Vec<usize>,
 }
 
 impl<'a> Batch<'a> {
-    fn new(members: &[Member<'a>], enumerators: &[Enumerator<'a>], typedefs: &'a [String]) -> Self {
+    fn new(
+        members: &[Member<'a>],
+        enumerators: &[Enumerator<'a>],
+        enums: &[&'a str],
+        typedefs: &'a [String],
+    ) -> Self {
         let mut names = Vec::new();
         let mut pairs = |queries: &[(&'a str, &'a str)]| -> Vec<(usize, usize)> {
             queries
@@ -437,17 +537,20 @@ impl<'a> Batch<'a> {
         };
         let members = pairs(members);
         let enumerators = pairs(enumerators);
+        let enums = enums.iter().map(|&e| intern(&mut names, e)).collect();
         let typedefs = typedefs.iter().map(|t| intern(&mut names, t)).collect();
         Self {
             names,
             members,
             enumerators,
+            enums,
             typedefs,
         }
     }
 
     /// Walks the type section until every query has an answer or the
-    /// section ends.
+    /// section ends, and again while anonymous members of the structs asked
+    /// about were found in types the walk had passed.
     fn find<R: Read + Seek>(
         &self,
         reader: &mut Reader<R>,
@@ -460,16 +563,27 @@ impl<'a> Batch<'a> {
             found: Found {
                 offsets: vec![None; self.members.len()],
                 values: vec![None; self.enumerators.len()],
+                listed: vec![None; self.enums.len()],
+                enums: Vec::new(),
                 typedef_ids: vec![None; self.typedefs.len()],
-                missing: self.members.len() + self.enumerators.len() + self.typedefs.len(),
+                missing: self.members.len()
+                    + self.enumerators.len()
+                    + self.enums.len()
+                    + self.typedefs.len(),
             },
-            // Type ids count from 1 (0 is void).
-            id: 1,
+            id: 0,
+            anonymous: Vec::new(),
         };
-        reader.seek(types.start)?;
-        let mut left = types.len;
-        while left > 0 && walk.found.missing > 0 {
-            walk.next_type(reader, &mut left)?;
+        for _ in 0..MAX_TYPE_PASSES {
+            reader.seek(types.start)?;
+            walk.id = 0;
+            let mut left = types.len;
+            while left > 0 && walk.found.missing > 0 {
+                walk.next_type(reader, &mut left)?;
+            }
+            if walk.found.missing == 0 || walk.anonymous.iter().all(|a| a.read) {
+                break;
+            }
         }
         Ok(walk.found)
     }
@@ -485,11 +599,79 @@ fn intern<'a>(names: &mut Vec<&'a str>, name: &'a str) -> usize {
 
 /// The answers so far, by query (member offsets in bits); `missing` counts
 /// those still unanswered.
+/// A whole enum's enumerators are first known by their names' offsets in
+/// the string section (`listed`), then named (`enums`, by
+/// [`Found::name_enums`]).
 struct Found {
     offsets: Vec<Option<u32>>,
     values: Vec<Option<i64>>,
+    listed: Vec<Option<Vec<(u32, i64)>>>,
+    enums: Vec<Option<EnumValues>>,
     typedef_ids: Vec<Option<u32>>,
     missing: usize,
+}
+
+impl Found {
+    /// Names the enumerators of the enums listed, in one forward pass over
+    /// the string section.
+    fn name_enums<R: Read + Seek>(
+        &mut self,
+        reader: &mut Reader<R>,
+        strings: Section,
+    ) -> Result<(), BtfError> {
+        let mut wanted: Vec<u32> = self
+            .listed
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|&(o, _)| o)
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        if !wanted.is_empty() {
+            reader.seek(strings.start)?;
+        }
+        let mut pos = 0u32;
+        let mut named = HashMap::new();
+        for off in wanted {
+            if off >= strings.len {
+                return Err(BtfError::Malformed("a name past the string section"));
+            }
+            if off < pos {
+                // Inside the previous name: a suffix of it.
+                reader.seek(strings.start + u64::from(off))?;
+            } else {
+                reader.skip(off - pos)?;
+            }
+            let (name, took) = reader.string(MAX_ENUMERATOR_NAME, strings.len - off)?;
+            pos = off + took;
+            named.insert(off, name);
+        }
+        self.enums = self
+            .listed
+            .iter()
+            .map(|listed| {
+                let listed = listed.as_ref()?;
+                Some(
+                    listed
+                        .iter()
+                        .map(|(off, value)| (named.get(off).cloned().unwrap_or_default(), *value))
+                        .collect(),
+                )
+            })
+            .collect();
+        Ok(())
+    }
+}
+
+/// A struct's member of an anonymous struct or union type (a type id):
+/// its members are the struct's, at `base` bits further.
+struct Anonymous {
+    id: u32,
+    owner: usize,
+    base: u32,
+    /// Whether the walk has read the type's members.
+    read: bool,
 }
 
 /// A walk over the type section for one batch.
@@ -497,9 +679,9 @@ struct Walk<'w, 'a> {
     batch: &'w Batch<'a>,
     names: &'w NameOffsets,
     found: Found,
-    /// The id of the next type: types are numbered in the order of the
-    /// section.
+    /// The id of the type being read (ids count from 1).
     id: u32,
+    anonymous: Vec<Anonymous>,
 }
 
 impl Walk<'_, '_> {
@@ -514,6 +696,7 @@ impl Walk<'_, '_> {
             .checked_sub(12)
             .ok_or(BtfError::Malformed("type section ends inside a type"))?;
         let [name_off, info, _size_or_type] = reader.words()?;
+        self.id += 1;
         let kind = (info >> 24) & 0x1f;
         let vlen = info & 0xffff;
         let kind_flag = info >> 31 == 1;
@@ -522,55 +705,95 @@ impl Walk<'_, '_> {
             .checked_sub(extra)
             .ok_or(BtfError::Malformed("a type runs past the type section"))?;
         let owner = self.names.at(name_off);
-        let id = self.id;
-        self.id += 1;
+        let record = matches!(kind, KIND_STRUCT | KIND_UNION);
+        // Whose members this type's are: a struct asked about, or an
+        // anonymous type one of them (or of these) holds.
+        let mut within: Vec<(usize, u32)> = self
+            .anonymous
+            .iter_mut()
+            .filter(|a| record && a.id == self.id)
+            .map(|a| {
+                a.read = true;
+                (a.owner, a.base)
+            })
+            .collect();
         match (kind, owner) {
             (KIND_TYPEDEF, Some(name)) => {
+                let id = self.id;
                 for (query, slot) in self.batch.typedefs.iter().zip(&mut self.found.typedef_ids) {
                     if *query == name && slot.is_none() {
                         *slot = Some(id);
                         self.found.missing -= 1;
                     }
                 }
-                reader.skip(extra)
             }
             (KIND_STRUCT, Some(owner)) if owns(&self.batch.members, owner) => {
-                self.members(reader, owner, vlen, kind_flag)
+                within.push((owner, 0));
             }
-            (KIND_ENUM, Some(owner)) if owns(&self.batch.enumerators, owner) => {
-                self.enumerators(reader, owner, vlen, kind_flag)
+            (KIND_ENUM, Some(owner))
+                if owns(&self.batch.enumerators, owner) || self.batch.enums.contains(&owner) =>
+            {
+                return self.enumerators(reader, owner, vlen, kind_flag);
             }
-            _ => reader.skip(extra),
+            _ => {}
         }
+        if within.is_empty() {
+            return reader.skip(extra);
+        }
+        self.members(reader, &within, vlen, kind_flag)
     }
 
-    /// Reads the `vlen` members of a struct named `owner`.
+    /// Reads the `vlen` members of a struct or union whose members belong
+    /// to the structs `within` (each at its base offset).
     fn members<R: Read + Seek>(
         &mut self,
         reader: &mut Reader<R>,
-        owner: usize,
+        within: &[(usize, u32)],
         vlen: u32,
         kind_flag: bool,
     ) -> Result<(), BtfError> {
         for _ in 0..vlen {
-            let [name_off, _type, offset] = reader.words()?;
+            let [name_off, ty, offset] = reader.words()?;
             // With kind_flag set the top 8 bits hold a bitfield's size.
             let bits = if kind_flag {
                 offset & 0xff_ffff
             } else {
                 offset
             };
-            if let Some(name) = self.names.at(name_off) {
-                answer(
-                    &self.batch.members,
-                    (owner, name),
-                    bits,
-                    &mut self.found.offsets,
-                    &mut self.found.missing,
-                );
+            for &(owner, base) in within {
+                let at = base.saturating_add(bits);
+                if name_off == 0 {
+                    self.note_anonymous(ty, owner, at);
+                } else if let Some(name) = self.names.at(name_off) {
+                    answer(
+                        &self.batch.members,
+                        (owner, name),
+                        at,
+                        &mut self.found.offsets,
+                        &mut self.found.missing,
+                    );
+                }
             }
         }
         Ok(())
+    }
+
+    /// Notes the anonymous member of type `id`, at `base` in `owner`, whose
+    /// members are `owner`'s. Bounded like the names: deduplicated BTF has
+    /// few of them per struct.
+    fn note_anonymous(&mut self, id: u32, owner: usize, base: u32) {
+        let known = self
+            .anonymous
+            .iter()
+            .any(|a| (a.id, a.owner, a.base) == (id, owner, base));
+        if !known && self.anonymous.len() < MAX_NAME_COPIES {
+            self.anonymous.push(Anonymous {
+                id,
+                owner,
+                base,
+                read: false,
+            });
+        }
     }
 
     /// Reads the `vlen` enumerators of an enum named `owner`.
@@ -581,6 +804,8 @@ impl Walk<'_, '_> {
         vlen: u32,
         signed: bool,
     ) -> Result<(), BtfError> {
+        let whole = self.batch.enums.iter().position(|&e| e == owner);
+        let mut listed = Vec::new();
         for _ in 0..vlen {
             let [name_off, raw] = reader.words()?;
             // kind_flag says whether the enum is signed.
@@ -589,6 +814,10 @@ impl Walk<'_, '_> {
             } else {
                 i64::from(raw)
             };
+            if whole.is_some() {
+                // Named once the walk is over (Found::name_enums).
+                listed.push((name_off, value));
+            }
             if let Some(name) = self.names.at(name_off) {
                 answer(
                     &self.batch.enumerators,
@@ -598,6 +827,12 @@ impl Walk<'_, '_> {
                     &mut self.found.missing,
                 );
             }
+        }
+        if let Some(slot) = whole.and_then(|i| self.found.listed.get_mut(i))
+            && slot.is_none()
+        {
+            *slot = Some(listed);
+            self.found.missing -= 1;
         }
         Ok(())
     }
@@ -826,6 +1061,22 @@ pub(crate) mod tests {
             self
         }
 
+        /// A struct or union (`kind`) named `name` ("" for an anonymous
+        /// one) of `(member, type id, offset in bits)`s.
+        fn record(&mut self, kind: u32, name: &str, members: &[(&str, u32, u32)]) -> &mut Self {
+            let name = if name.is_empty() { 0 } else { self.name(name) };
+            self.ty(name, kind, false, members.len() as u32);
+            for &(member, ty, offset) in members {
+                let member = if member.is_empty() {
+                    0
+                } else {
+                    self.name(member)
+                };
+                self.words(&[member, ty, offset]);
+            }
+            self
+        }
+
         fn enumeration(&mut self, name: &str, signed: bool, values: &[(&str, u32)]) -> &mut Self {
             let name = self.name(name);
             self.ty(name, KIND_ENUM, signed, values.len() as u32);
@@ -910,6 +1161,99 @@ pub(crate) mod tests {
         let garbage = [0x9f, 0xeb, 1, 0, 0xff, 0xff, 0xff, 0xff];
         assert!(offset(&garbage, ("x", "y")).is_err());
         assert!(offset(&b[..40], ("sock_common", "skc_net")).is_err());
+    }
+
+    /// `struct sk_buff` as since 5.15, in miniature: `sk` in an anonymous
+    /// union, `network_header` in an anonymous struct in an anonymous union
+    /// (a struct_group). Type ids: int 1, the inner struct 2, sk_buff 3,
+    /// the unions 4 and 5: the walk meets the inner struct before it knows
+    /// it belongs to sk_buff, and finds it in a second pass.
+    fn nested() -> Blob {
+        let mut b = Blob::new();
+        b.int("int")
+            .record(
+                KIND_STRUCT,
+                "",
+                &[("transport_header", 1, 0), ("network_header", 1, 16)],
+            )
+            .record(
+                KIND_STRUCT,
+                "sk_buff",
+                &[("next", 1, 0), ("", 4, 64), ("", 5, 192), ("head", 1, 256)],
+            )
+            .record(KIND_UNION, "", &[("sk", 1, 0), ("ip_defrag_offset", 1, 0)])
+            .record(KIND_UNION, "", &[("", 2, 0), ("headers", 1, 0)]);
+        b
+    }
+
+    #[test]
+    fn members_of_anonymous_members_are_found() {
+        let b = nested().bytes(false);
+        assert_eq!(offset(&b, ("sk_buff", "sk")).unwrap(), 8);
+        assert_eq!(offset(&b, ("sk_buff", "network_header")).unwrap(), 26);
+        assert_eq!(offset(&b, ("sk_buff", "transport_header")).unwrap(), 24);
+        assert_eq!(offset(&b, ("sk_buff", "head")).unwrap(), 32);
+        assert!(offset(&b, ("sk_buff", "nope")).is_err());
+    }
+
+    #[test]
+    fn whole_enums_are_listed_with_their_names() {
+        let mut b = nested();
+        b.enumeration(
+            "skb_drop_reason",
+            false,
+            &[("SKB_NOT_DROPPED_YET", 0), ("SKB_DROP_REASON_NO_SOCKET", 3)],
+        )
+        // A name that is a suffix of another's, as string sections share.
+        .enumeration("other", false, &[("REASON_NO_SOCKET", 9)]);
+        for strings_first in [false, true] {
+            let (offsets, enums) = enums_in(
+                Cursor::new(b.bytes(strings_first)),
+                "test",
+                &[("sk_buff", "network_header")],
+                &["other", "skb_drop_reason", "missing"],
+            )
+            .unwrap();
+            assert_eq!(offsets, [Some(26)]);
+            let list = |v: &[(&str, i64)]| {
+                Some(
+                    v.iter()
+                        .map(|&(n, v)| (n.to_owned(), v))
+                        .collect::<Vec<_>>(),
+                )
+            };
+            assert_eq!(
+                enums,
+                [
+                    list(&[("REASON_NO_SOCKET", 9)]),
+                    list(&[("SKB_NOT_DROPPED_YET", 0), ("SKB_DROP_REASON_NO_SOCKET", 3)]),
+                    None
+                ]
+            );
+        }
+    }
+
+    /// The drop reasons as BTF lists them are the kernel's own table, the
+    /// one its tracepoint prints (`__print_symbolic` in the format file).
+    #[test]
+    fn drop_reasons_agree_with_the_tracepoint() {
+        let format = std::fs::read_to_string("/sys/kernel/tracing/events/skb/kfree_skb/format")
+            .expect("the kfree_skb tracepoint's format (tracefs mounted, kernel 5.17+)");
+        let file = File::open(VMLINUX).expect("a kernel built with BTF");
+        let (_, enums) = enums_in(file, VMLINUX, &[], &["skb_drop_reason"]).unwrap();
+        let values = enums[0].as_ref().expect("enum skb_drop_reason");
+        let mut printed = 0;
+        for (name, value) in values {
+            let Some(short) = name.strip_prefix("SKB_DROP_REASON_") else {
+                continue;
+            };
+            if format.contains(&format!("{{ {value}, \"{short}\" }}")) {
+                printed += 1;
+            }
+        }
+        // Every reason the tracepoint prints (MAX included) is in the enum
+        // under the same value.
+        assert_eq!(printed, format.matches("{ ").count(), "{values:?}");
     }
 
     #[test]
@@ -1196,7 +1540,7 @@ pub(crate) mod tests {
         let names: Vec<String> = ["btf_trace_a", "btf_trace_b", "btf_trace_c"]
             .map(str::to_owned)
             .to_vec();
-        let found = find_in(Cursor::new(&bytes), "typedefs", &[], &[], &names).unwrap();
+        let found = find_in(Cursor::new(&bytes), "typedefs", &[], &[], &[], &names).unwrap();
         assert_eq!(found.typedef_ids, [Some(3), Some(7), None]);
         let btf = aya::Btf::parse(&bytes, aya::Endianness::default()).unwrap();
         for (name, id) in wanted {
@@ -1210,7 +1554,7 @@ pub(crate) mod tests {
     #[test]
     fn finds_the_running_kernels_tracepoint_typedefs() {
         let names = vec!["btf_trace_softirq_entry".to_owned()];
-        let answers = Answers::of_kernel(&[], &[], &names);
+        let answers = Answers::of_kernel(&[], &[], &[], &names);
         let id = answers.typedef_id(&names[0]).unwrap();
         let data = std::fs::read(VMLINUX).unwrap();
         let btf = aya::Btf::parse(&data, aya::Endianness::default()).unwrap();

@@ -305,15 +305,19 @@ pub(crate) fn load(
 fn answer(queries: &[BtfQueries], typedefs: &[String]) -> btf::Answers {
     let mut members = Vec::new();
     let mut enumerators = Vec::new();
+    let mut enums = Vec::new();
     for q in queries {
         members.extend_from_slice(q.members);
         enumerators.extend_from_slice(q.enumerators);
+        enums.extend_from_slice(q.enums);
     }
+    enums.sort_unstable();
+    enums.dedup();
     members.sort_unstable();
     members.dedup();
     enumerators.sort_unstable();
     enumerators.dedup();
-    btf::Answers::of_kernel(&members, &enumerators, typedefs)
+    btf::Answers::of_kernel(&members, &enumerators, &enums, typedefs)
 }
 
 /// What aya's `BtfTracePoint::load` is given to find a tracepoint's

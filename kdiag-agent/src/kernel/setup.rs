@@ -71,6 +71,8 @@ pub(crate) struct MapSize {
 pub(crate) struct BtfQueries {
     pub members: &'static [Member<'static>],
     pub enumerators: &'static [Enumerator<'static>],
+    /// Enums wanted whole: every enumerator's name and value.
+    pub enums: &'static [&'static str],
 }
 
 /// The running kernel's types, as the classes need them to configure their

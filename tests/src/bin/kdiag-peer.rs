@@ -22,6 +22,9 @@
 //!       --from-port: the i-th connection binds local port P + i (IPv4):
 //!       the kernel may otherwise give two of them the same port, and the
 //!       tests tell connections apart by it
+//!   kdiag-peer udp ADDR PORT --count N
+//!       sends N one-byte UDP datagrams to ADDR PORT from one socket; prints
+//!       "sent LOCAL_PORT" once they are all handed to the kernel, then exits
 //!   kdiag-peer send ADDR PORT BYTES
 //!       connect, write BYTES bytes, half-close, read until the server
 //!       closes, close; prints "connected LOCAL_ADDR", then "done BYTES"
@@ -49,6 +52,7 @@ use std::time::Duration;
 const USAGE: &str = "usage: kdiag-peer listen ADDR PORT [--send-every-ms N] \
                      [--rename-after-listen NAME] [--hold] [--reuseport] [--rcvbuf BYTES] | \
                      kdiag-peer connect ADDR PORT [--send-every-ms N | --count N [--from-port P]] | \
+                     kdiag-peer udp ADDR PORT --count N | \
                      kdiag-peer send ADDR PORT BYTES | kdiag-peer stall ADDR PORT BYTES MS | \
                      kdiag-peer probe ADDR PORT GO_FILE | kdiag-peer bulk";
 
@@ -69,6 +73,9 @@ fn main() -> ExitCode {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match args.as_slice() {
         ["bulk"] => bulk(),
+        ["udp", addr, port, "--count", n] => {
+            parse_addr(addr, port).and_then(|a| send_udp(a, parse_number(n)?))
+        }
         ["send", addr, port, bytes] => {
             parse_addr(addr, port).and_then(|a| send(a, parse_number(bytes)?))
         }
@@ -175,6 +182,23 @@ fn parse_options(mut rest: &[&str]) -> Result<Options, String> {
 
 fn parse_number(s: &str) -> Result<u64, String> {
     s.parse().map_err(|e| format!("bad number {s:?}: {e}"))
+}
+
+/// Sends `count` one-byte datagrams to `to` from one socket.
+fn send_udp(to: SocketAddr, count: u64) -> Result<(), String> {
+    let any: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse().map_err(|e| format!("{e}"))?
+    } else {
+        "[::]:0".parse().map_err(|e| format!("{e}"))?
+    };
+    let socket = std::net::UdpSocket::bind(any).map_err(|e| format!("bind: {e}"))?;
+    for _ in 0..count {
+        socket
+            .send_to(b"x", to)
+            .map_err(|e| format!("send to {to}: {e}"))?;
+    }
+    let local = socket.local_addr().map_err(|e| format!("{e}"))?;
+    say(&format!("sent {}", local.port()))
 }
 
 /// Prints a status line; the tests wait for it on a pipe, so flush at once.

@@ -83,6 +83,7 @@ pub(crate) struct CompactClass {
 const TASK_FLAGS: BtfQueries = BtfQueries {
     members: &[("task_struct", "flags")],
     enumerators: &[],
+    enums: &[],
 };
 
 impl CompactClass {

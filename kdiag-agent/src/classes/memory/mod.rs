@@ -193,6 +193,7 @@ pub(crate) const MEMCG_QUERIES: BtfQueries = BtfQueries {
         ("kernfs_node", "id"),
     ],
     enumerators: &[("cgroup_subsys_id", "memory_cgrp_id")],
+    enums: &[],
 };
 
 /// Offsets for `task->cgroups->subsys[memory_cgrp_id]->cgroup->kn->id` and

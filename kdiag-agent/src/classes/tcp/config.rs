@@ -90,6 +90,7 @@ pub(crate) const TCP_QUERIES: BtfQueries = BtfQueries {
         ("ns_common", "inum"),
     ],
     enumerators: &[],
+    enums: &[],
 };
 
 /// `TCP_CONFIG` for the kernel's types and these settings.

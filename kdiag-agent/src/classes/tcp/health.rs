@@ -41,6 +41,7 @@ pub(crate) const SOCK_QUERIES: BtfQueries = BtfQueries {
         ("tcp_sock", "chrono_stat"),
     ],
     enumerators: &[],
+    enums: &[],
 };
 
 /// What a retransmit reads.

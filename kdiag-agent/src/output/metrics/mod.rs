@@ -41,6 +41,8 @@ use crate::output::record::AgentStats;
 pub(crate) const OTHER: &str = "other";
 /// The `uid` label of sockets owned outside any pod (or by no one known).
 const NO_POD: &str = "none";
+/// The `reason` label of drops the kernel gives no reason for.
+const NO_REASON: &str = "none";
 
 /// Buckets of the TCP timing histograms, which userspace fills from the
 /// kernel's timestamps: log2 from 1 µs (bucket 0 is below 1024 ns) to
@@ -92,6 +94,15 @@ impl Metrics {
         if let Some(r) = &mut self.0 {
             *r.retransmits.entry(&[state, kind]) += 1;
             *r.pod_retransmits.entry(&[pod_uid.unwrap_or(NO_POD)]) += 1;
+        }
+    }
+
+    /// One `drop_summary` record: `count` drops of `protocol` for
+    /// `reason` (`"none"` where the kernel names none).
+    pub(crate) fn packet_drops(&mut self, reason: Option<&str>, protocol: &str, count: u64) {
+        if let Some(r) = &mut self.0 {
+            *r.packet_drops
+                .entry(&[reason.unwrap_or(NO_REASON), protocol]) += count;
         }
     }
 
@@ -210,6 +221,7 @@ struct Registry {
     cgroups_seen: BTreeSet<String>,
     softirq_service: Family<Histogram>,
     softirq_delay: Family<Histogram>,
+    packet_drops: Family<u64>,
     agent: AgentTotals,
 }
 
@@ -238,6 +250,7 @@ impl Registry {
             cgroups_seen: BTreeSet::new(),
             softirq_service: Family::new(softirq_labels, max, softirq),
             softirq_delay: Family::new(softirq_labels, max, softirq),
+            packet_drops: Family::new(&["reason", "protocol"], max, || 0),
             agent: AgentTotals::new(max),
         };
         // Always there, so that a dashboard shows 0 rather than no data.

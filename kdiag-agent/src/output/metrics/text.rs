@@ -28,6 +28,13 @@ pub(super) fn render(r: &Registry) -> String {
     );
     counter(
         w,
+        "kdiag_packet_drops_total",
+        "TCP and UDP packets the kernel dropped: the `drop_summary` records summed, by the \
+         kernel's drop reason (\"none\" on kernels without reasons) and protocol.",
+        &r.packet_drops,
+    );
+    counter(
+        w,
         "kdiag_tcp_connections_closed_total",
         "TCP connections closed: the `tcp_conn` records, by role (active, passive, unknown).",
         &r.closed,
@@ -145,10 +152,11 @@ pub(super) fn render(r: &Registry) -> String {
         "Updates of a metric that found it at its series bound and went to the label value \
          \"other\".",
     );
-    let families: [(&str, u64); 14] = [
+    let families: [(&str, u64); 15] = [
         ("kdiag_tcp_retransmits_total", r.retransmits.folded),
         ("kdiag_tcp_pod_retransmits_total", r.pod_retransmits.folded),
         ("kdiag_tcp_connections_closed_total", r.closed.folded),
+        ("kdiag_packet_drops_total", r.packet_drops.folded),
         ("kdiag_memory_stall_seconds", r.stalls.folded),
         (
             "kdiag_memory_stall_cgroup_seconds",

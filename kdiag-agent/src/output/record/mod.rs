@@ -3,6 +3,7 @@
 //! (`output/mod.rs`). Field names and meanings are documented in
 //! docs/SCHEMA.md; change both together.
 
+mod drop;
 mod memory;
 mod softirq;
 mod tcp;
@@ -11,6 +12,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use serde::Serialize;
 
+pub(crate) use drop::{DropSummary, PacketDrop};
 pub(crate) use memory::{
     Compact, CompactSummary, LatencySummary, Reclaim, ReclaimSummary, Vmstat, VmstatCounters,
 };

@@ -100,7 +100,7 @@ impl Endpoints {
     }
 
     /// `LADDR:LPORT RADDR:RPORT` columns.
-    fn text(&self) -> String {
+    pub(super) fn text(&self) -> String {
         format!(
             "{:<47} {:<47}",
             endpoint(&self.saddr, self.sport),
@@ -110,7 +110,7 @@ impl Endpoints {
 }
 
 /// `PID COMM` columns.
-fn owner_text(o: &ResolvedOwner) -> String {
+pub(super) fn owner_text(o: &ResolvedOwner) -> String {
     format!(
         "{:<7} {:<16}",
         opt(o.pid),
