@@ -44,14 +44,14 @@ enum Command {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// Run setup, build the release agent, run the unit tests, the
-    /// integration tests (kdiag-tests) on the running kernel, then the same
-    /// integration tests in a QEMU guest of every kernel series `vm-test`
-    /// covers. Needs root.
+    /// Run setup, build the release agent, run the unit tests and the
+    /// integration tests (kdiag-tests) on the running kernel; with
+    /// --with-guests, then the same integration tests in QEMU guests of
+    /// Debian's 6.1 and 6.12 kernels. Needs root.
     Test {
-        /// Only on the running kernel: leave out the guests.
+        /// Also run the integration tests in the 6.1 and 6.12 guests.
         #[arg(long)]
-        host_only: bool,
+        with_guests: bool,
         /// Extra arguments for the integration test binaries, on the host
         /// and in the guests, after `--` (e.g. a test name filter).
         #[arg(last = true)]
@@ -129,7 +129,7 @@ fn command(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Run { args } => run::run(args),
-        Command::Test { args, host_only } => test::run(args, host_only),
+        Command::Test { args, with_guests } => test::run(args, with_guests),
         Command::Bench { quick } => bench::run(quick),
         Command::BenchHold { connections } => bench::hold(connections),
         Command::VmTest {
