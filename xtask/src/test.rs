@@ -46,7 +46,11 @@ pub(crate) fn run(extra: Vec<OsString>, with_guests: bool) -> Result<()> {
     }
     let start = Instant::now();
     let mut done = Vec::new();
-    let planned = if with_guests { STEPS.len() } else { MATRIX_STEP };
+    let planned = if with_guests {
+        STEPS.len()
+    } else {
+        MATRIX_STEP
+    };
     let result = steps(&mut done, extra, with_guests);
     print_summary(&done, planned, start.elapsed());
     result
