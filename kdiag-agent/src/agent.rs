@@ -519,9 +519,10 @@ fn detach_all(ebpf: &mut aya::Ebpf, mut drain: impl FnMut() -> io::Result<()>) -
     })
 }
 
-/// Events held while an owner is looked up (see `attribution::owner`):
-/// the first is the one waiting for its owner, the rest arrived after it
-/// and wait behind it, so that records keep the order of their events.
+/// Events held while an owner or a cgroup is looked up (see
+/// `attribution::owner`, `attribution::cgroup`): the first is the one
+/// waiting, the rest arrived after it and wait behind it, so that records
+/// keep the order of their events.
 #[derive(Default)]
 struct Held {
     /// Each event, and how many of the classes that handle it already did.
@@ -531,11 +532,11 @@ struct Held {
 
 /// The most bytes of events held: at the busiest churn, a few hundred
 /// milliseconds of them. Past it the oldest are handed on without waiting
-/// for their owner.
+/// for their lookups.
 const HELD_BYTES: usize = 8 << 20;
 
 /// Drains the transport and hands each event to its classes, after the
-/// events held for their owners, in order.
+/// events held for their lookups, in order.
 fn dispatch(
     reader: &mut Reader,
     classes: &mut [Box<dyn Class>],
@@ -572,7 +573,7 @@ fn dispatch(
         }
     });
     if at_exit && result.is_ok() {
-        // Nothing comes after these: no owner is waited for.
+        // Nothing comes after these: no lookup is waited for.
         result = events.release(held, cx, 0);
     }
     events.stats.count_malformed(reader.take_malformed());
@@ -596,13 +597,13 @@ struct Events<'a> {
 
 impl Events<'_> {
     /// Hands the held events on, in order, until one still waits for its
-    /// owner; while more than `keep` bytes are held, without waiting.
+    /// lookup; while more than `keep` bytes are held, without waiting.
     fn release(&mut self, held: &mut Held, cx: &mut Context<'_>, keep: usize) -> io::Result<()> {
         while let Some((event, done)) = held.events.pop_front() {
             let forced = held.bytes > keep;
-            cx.services.wait_for_owners(!forced);
+            cx.services.wait_for_lookups(!forced);
             let handled = self.handle(&event, done, cx);
-            cx.services.wait_for_owners(true);
+            cx.services.wait_for_lookups(true);
             match handled? {
                 None => held.bytes -= event.len(),
                 Some(done) => {
@@ -615,7 +616,7 @@ impl Events<'_> {
     }
 
     /// Hands `data` to the classes that handle its kind, from the `done`th
-    /// on; `Some(n)` when the `n`th waits for an owner (the event is then
+    /// on; `Some(n)` when the `n`th waits for a lookup (the event is then
     /// to be held).
     fn handle(
         &mut self,
@@ -648,7 +649,7 @@ impl Events<'_> {
             match result {
                 Ok(n) => self.stats.count_events(id, n),
                 Err(ClassError::Output(e)) => return Err(e),
-                Err(ClassError::OwnerPending) => return Ok(Some(i)),
+                Err(ClassError::LookupPending) => return Ok(Some(i)),
                 Err(e) => undecodable(&mut self.first_bad, self.stats, Some(id), &e),
             }
         }

@@ -46,10 +46,10 @@ impl<'a> Context<'a> {
 pub(crate) enum ClassError {
     #[error(transparent)]
     Decode(#[from] DecodeError),
-    /// The event's owner is being looked up: the agent holds the event,
+    /// The event's owner or cgroup is being looked up: the agent holds the event,
     /// and every one after it, and hands it to the class again later.
-    #[error("the owner is being looked up")]
-    OwnerPending,
+    #[error("the owner or cgroup is being looked up")]
+    LookupPending,
     #[error("writing output: {0}")]
     Output(#[from] io::Error),
     #[error("the kernel programs have no {0} map")]

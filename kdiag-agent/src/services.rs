@@ -29,7 +29,7 @@ pub(crate) struct Services {
     /// Whether a class resolves socket owners, so that the agent snapshots
     /// who holds each socket before giving up its privileges.
     owners_wanted: bool,
-    wait_for_owners: bool,
+    wait_for_lookups: bool,
     cgroups: CgroupTables,
     /// The hierarchy of the cgroups the kernel captures with owners
     /// (`bpf_get_current_cgroup_id`: the unified one).
@@ -73,7 +73,7 @@ impl Services {
         Self {
             owners: OwnerResolver::new(),
             owners_wanted: false,
-            wait_for_owners: true,
+            wait_for_lookups: true,
             cgroups,
             unified,
             v1_owners,
@@ -104,6 +104,21 @@ impl Services {
         self.cgroups.0[hierarchy.0].name(id)
     }
 
+    /// [`Services::cgroup`] for an event's record: pending while the
+    /// hierarchy is walked to find `id`, unless the agent does not wait for
+    /// lookups now (see [`Services::wait_for_lookups`]).
+    pub(crate) fn event_cgroup(
+        &mut self,
+        hierarchy: Hierarchy,
+        id: u64,
+    ) -> Result<Cgroup, ClassError> {
+        let table = &mut self.cgroups.0[hierarchy.0];
+        if !self.wait_for_lookups {
+            return Ok(table.name(id));
+        }
+        table.name_when_walked(id).ok_or(ClassError::LookupPending)
+    }
+
     /// A class will ask for socket owners.
     pub(crate) fn want_socket_owners(&mut self) {
         self.owners_wanted = true;
@@ -121,7 +136,7 @@ impl Services {
     /// The owner of the socket `sock_id` with addresses `tuple`, given what
     /// the kernel captured (see [`OwnerResolver::resolve`]); pending while
     /// it is looked up, unless the agent does not wait for owners now (see
-    /// [`Services::wait_for_owners`]); its cgroup from a v1 hierarchy on a
+    /// [`Services::wait_for_lookups`]); its cgroup from a v1 hierarchy on a
     /// host without cgroup v2 (see [`OwnerHierarchy`]).
     pub(crate) fn owner(
         &mut self,
@@ -139,19 +154,19 @@ impl Services {
                 owner,
                 tuple,
                 listener,
-                self.wait_for_owners,
+                self.wait_for_lookups,
             )
-            .ok_or(ClassError::OwnerPending)?;
+            .ok_or(ClassError::LookupPending)?;
         if let Some(v1) = &mut self.v1_owners {
             resolved.cgroup = resolved.pid.map(|pid| v1.of(pid)).unwrap_or_default();
         }
         Ok(resolved)
     }
 
-    /// Whether events wait for the owners being looked up (see
+    /// Whether events wait for the owners and cgroups being looked up (see
     /// `agent::Held`); when not, they are written without.
-    pub(crate) fn wait_for_owners(&mut self, wait: bool) {
-        self.wait_for_owners = wait;
+    pub(crate) fn wait_for_lookups(&mut self, wait: bool) {
+        self.wait_for_lookups = wait;
     }
 
     /// A listener closed: what was learnt of it no longer holds.

@@ -506,8 +506,13 @@ impl Agent {
         // A failed wait often means the agent died: give it a moment to be
         // reaped so the status is part of the message.
         self.poll_exit(Duration::from_millis(300));
+        let threads = if self.status.get().is_none() {
+            threads_state(self.pid())
+        } else {
+            String::new()
+        };
         panic!(
-            "{msg}\nagent: {} {}\nas: {}\npid: {}, exit: {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            "{msg}\nagent: {} {}\nas: {}\npid: {}, exit: {:?}\n{threads}--- stdout ---\n{}\n--- stderr ---\n{}",
             self.path.display(),
             self.args.join(" "),
             self.who,
@@ -517,6 +522,37 @@ impl Agent {
             self.stderr.text()
         )
     }
+}
+
+/// Where each thread of a running agent is, for a failed wait on it: its
+/// name, state and CPU time (from /proc/PID/task/TID/stat, in clock ticks),
+/// wait channel and kernel stack.
+fn threads_state(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return String::new();
+    };
+    let mut out =
+        String::from("--- threads (name, state, utime, stime; wchan; kernel stack) ---\n");
+    for task in tasks.filter_map(Result::ok) {
+        let dir = task.path();
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        let stat = read("stat");
+        // After the parenthesised name: state is field 3, utime and stime
+        // fields 14 and 15.
+        let (name, rest) = stat.rsplit_once(") ").unwrap_or((&stat, ""));
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let field = |i: usize| fields.get(i - 3).copied().unwrap_or("?");
+        out += &format!(
+            "{}) {} {} {}; {}\n{}",
+            name,
+            field(3),
+            field(14),
+            field(15),
+            read("wchan"),
+            read("stack")
+        );
+    }
+    out
 }
 
 impl Drop for Agent {

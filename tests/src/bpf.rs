@@ -169,7 +169,14 @@ pub fn counts_recursion_misses(pid: u32) -> Option<bool> {
     let line = programs
         .iter()
         .any(|info| info.lines().any(|l| l.starts_with("recursion_misses:")));
-    Some(line && kernel_at_least(6, 7))
+    Some(line && kernel_counts_tracepoint_misses())
+}
+
+/// Whether the kernel counts the runs of classic tracepoint programs it
+/// skips (6.7 on, in `trace_call_bpf`): before, `agent_stats`' `skipped`
+/// is null for a class with such a program.
+pub fn kernel_counts_tracepoint_misses() -> bool {
+    kernel_at_least(6, 7)
 }
 
 /// Whether the kernel's `skb/kfree_skb` tracepoint gives a drop reason

@@ -265,10 +265,16 @@ fn every_connection_is_counted_exactly() {
     counted_exactly_over(&["--transport", "perf"]);
 }
 
-/// A passive `tcp_conn` that closed without ever being established: the
+/// A passive `tcp_conn` that closed without ever leaving SYN_RECV: the
 /// child the kernel drops when two CPUs complete one handshake at once.
+/// Told by every state it was timed in being SYN_RECV, not by ESTABLISHED
+/// missing: a connection whose changes out of SYN_RECV and ESTABLISHED the
+/// kernel skipped (both made in one softirq when the client's ACK, data and
+/// FIN arrive together), or the buffer had no room for, has no ESTABLISHED
+/// either, but its close, always timed, is from a later state.
 fn lost_handshake_race(conn: &Value) -> bool {
-    conn["role"] == "passive" && conn["state_ns"].get("ESTABLISHED").is_none()
+    let states = conn["state_ns"].as_object().expect("state_ns is an object");
+    conn["role"] == "passive" && !states.is_empty() && states.keys().all(|s| s == "SYN_RECV")
 }
 
 /// `every_connection_is_counted_exactly` with the agent's `extra` options.
@@ -1162,9 +1168,15 @@ fn missing_changes(seen: &ChurnSeen<'_>, n: u64) -> u64 {
         extra.is_empty(),
         "changes reported more often than made: {extra:?}"
     );
-    want.iter()
-        .map(|(k, w)| w - seen.changes.get(k).copied().unwrap_or(0))
-        .sum()
+    let short: Vec<_> = want
+        .iter()
+        .map(|(k, w)| (k, w - seen.changes.get(k).copied().unwrap_or(0)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    if !short.is_empty() {
+        eprintln!("changes missing, as (active?, change): {short:?}");
+    }
+    short.iter().map(|(_, n)| n).sum()
 }
 
 /// Heavy loopback churn, the kind under which the kernel skips some of the
@@ -1275,14 +1287,16 @@ const ACTIVE_STATES: [&str; 4] = ["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_W
 const PASSIVE_STATES: [&str; 4] = ["SYN_RECV", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK"];
 
 /// Conservation under real overflow: with a 1 MiB buffer and the agent
-/// stopped (SIGSTOP) for 2 s under loopback churn, the kernel has no room
-/// for many changes. Every change the churn made (known from the
-/// connections it completed, not from the agent) is a `tcp_state` record
-/// or counted: dropped, lost, failed, or a skipped run. Skipped runs are
-/// counted host-wide, and a skipped close sends a destruction event (which
-/// can be dropped in turn): so written + counted lies between the changes
-/// made less those skipped and the changes made, and is exactly them when
-/// nothing was skipped.
+/// stopped (SIGSTOP) for the whole of a loopback churn (and at least 2 s),
+/// the kernel has room for only part of its changes (a connection's changes
+/// make about 1.7 KiB of events, and the churn has at least 1,000), however
+/// fast the machine runs the churn. Every change the churn made (known
+/// from the connections it completed, not from the agent) is a
+/// `tcp_state` record or counted: dropped, lost, failed, or a skipped run.
+/// Skipped runs are counted host-wide, and a skipped close sends a
+/// destruction event (which can be dropped in turn): so written + counted
+/// lies between the changes made less those skipped and the changes made,
+/// and is exactly them when nothing was skipped.
 #[test]
 fn every_change_is_written_or_counted_when_the_buffer_overflows() {
     let _alone = CHURNING
@@ -1291,20 +1305,15 @@ fn every_change_is_written_or_counted_when_the_buffer_overflows() {
     let net = NetnsPair::new();
     let port = unique_port();
     let mut agent = start_tcp(port, &["--buffer-mib", "1", "--interval", "1"]);
-    let stopper = {
-        let pid = agent.pid() as libc::pid_t;
-        thread::spawn(move || {
-            thread::sleep(Duration::from_millis(300));
-            // SAFETY: kill(2) on the agent, a child of this process that
-            // is not reaped before this thread is joined.
-            unsafe { libc::kill(pid, libc::SIGSTOP) };
-            thread::sleep(Duration::from_secs(2));
-            // SAFETY: as above.
-            unsafe { libc::kill(pid, libc::SIGCONT) };
-        })
-    };
+    let pid = agent.pid() as libc::pid_t;
+    // SAFETY: kill(2) on the agent, a child of this process that is not
+    // reaped before `stop_ok` below.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let stopped = Instant::now();
     let _peers = churn(&net, port);
-    stopper.join().expect("the stopping thread");
+    thread::sleep(Duration::from_secs(2).saturating_sub(stopped.elapsed()));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
     let recs = agent.stop_ok();
     let totals = class_totals(&recs, "tcp");
     let output_dropped: u64 = recs

@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use foldhash::HashMap;
+use foldhash::{HashMap, HashSet};
 
 use crate::{
     attribution::{background::Pending, container::identify},
@@ -25,12 +25,13 @@ use crate::{
 };
 
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
-/// How long the event loop waits for a walk before it goes on without it
-/// (the records then name no cgroup until the walk is done). A walk of a
-/// few thousand cgroups takes milliseconds on a real host, but tens of
-/// them took over 20 ms in an emulated guest; walks are rare (an id not
-/// seen before, at most once a second), so waiting longer costs little.
-const WALK_DEADLINE: Duration = Duration::from_millis(250);
+/// How long the event loop waits for a walk it starts before it goes on
+/// without it. A walk of a few thousand cgroups takes milliseconds on a
+/// real host, so it is usually done by then; when it is not, the events
+/// that asked are held until it is (see [`CgroupPaths::name_when_walked`]),
+/// not written without their cgroup: a walk of tens of cgroups took over
+/// a second in an emulated guest.
+const WALK_DEADLINE: Duration = Duration::from_millis(20);
 /// An id a walk did not find (a cgroup removed since the event, or one the
 /// walk's bound left out) triggers no new walk for this long: without it, a
 /// stream of events from dead cgroups would walk the hierarchy every second.
@@ -53,11 +54,20 @@ pub(crate) struct CgroupPaths {
     unknown: HashMap<u64, Instant>,
     last_scan: Option<Instant>,
     /// A walk still running, and the ids asked for since it started.
-    walking: Option<(Pending<Table>, Vec<u64>)>,
+    walking: Option<(Pending<Table>, HashSet<u64>)>,
 }
 
 /// One walk's result.
 type Table = HashMap<u64, Arc<CgroupName>>;
+
+/// What is known of a cgroup id.
+enum Lookup {
+    Found(Arc<CgroupName>),
+    /// Not in the hierarchy (or not walked for now: see `RESCAN_EVERY`).
+    Unknown,
+    /// A walk that will tell is running.
+    Walking,
+}
 
 impl CgroupPaths {
     /// Paths in the hierarchy mounted at `mount`.
@@ -77,15 +87,30 @@ impl CgroupPaths {
     /// root (`/` for the root itself) and the container and pod it shows;
     /// unknown ids name none.
     pub(crate) fn name(&mut self, id: u64) -> Cgroup {
-        Cgroup(self.lookup(id))
+        match self.lookup(id) {
+            Lookup::Found(name) => Cgroup(Some(name)),
+            Lookup::Unknown | Lookup::Walking => Cgroup(None),
+        }
     }
 
-    fn lookup(&mut self, id: u64) -> Option<Arc<CgroupName>> {
+    /// [`CgroupPaths::name`], or `None` while a walk that will tell
+    /// whether `id` exists is still running: the caller holds its event
+    /// and asks again later, so that records of a cgroup created since the
+    /// last walk name it even when walks are slow.
+    pub(crate) fn name_when_walked(&mut self, id: u64) -> Option<Cgroup> {
+        match self.lookup(id) {
+            Lookup::Found(name) => Some(Cgroup(Some(name))),
+            Lookup::Unknown => Some(Cgroup(None)),
+            Lookup::Walking => None,
+        }
+    }
+
+    fn lookup(&mut self, id: u64) -> Lookup {
         if id == 0 {
-            return None;
+            return Lookup::Unknown;
         }
         if let Some(p) = self.paths.get(&id) {
-            return Some(p.clone());
+            return Lookup::Found(p.clone());
         }
         let now = Instant::now();
         if self
@@ -93,39 +118,51 @@ impl CgroupPaths {
             .get(&id)
             .is_some_and(|since| now.duration_since(*since) < UNKNOWN_FOR)
         {
-            return None;
+            return Lookup::Unknown;
         }
-        if let Some((walk, asked)) = &mut self.walking {
-            // One walk at a time; it will tell whether this id exists.
-            if asked.len() < MAX_UNKNOWN {
-                asked.push(id);
-            }
-            if let Some(done) = walk.poll() {
+        let started = self.walking.is_none() && self.start_walk(now);
+        let Some((walk, asked)) = &mut self.walking else {
+            return Lookup::Unknown;
+        };
+        // One walk at a time; it will tell whether this id exists.
+        if asked.len() < MAX_UNKNOWN {
+            asked.insert(id);
+        }
+        let done = if started {
+            // A short wait, for the usual walk done in milliseconds.
+            walk.wait(WALK_DEADLINE).map(Ok)
+        } else {
+            walk.poll()
+        };
+        match done {
+            Some(done) => {
                 self.walked(done.ok().map(|(table, _)| table), now);
+                match self.paths.get(&id) {
+                    Some(p) => Lookup::Found(p.clone()),
+                    None => Lookup::Unknown,
+                }
             }
-            return self.paths.get(&id).cloned();
+            None => Lookup::Walking,
         }
+    }
+
+    /// Starts a walk of the hierarchy unless one was made less than
+    /// `RESCAN_EVERY` ago; whether one runs now.
+    fn start_walk(&mut self, now: Instant) -> bool {
         let stale = self
             .last_scan
             .is_none_or(|t| now.duration_since(t) >= RESCAN_EVERY);
-        if !stale {
-            return None;
-        }
-        let mount = self.mount.clone()?;
+        let Some(mount) = self.mount.clone().filter(|_| stale) else {
+            return false;
+        };
         self.last_scan = Some(now);
         let walk = Pending::start("kdiag-cgroups", move || {
             let mut table = Table::default();
             walk(&mount, &mount, &mut table);
             table
-        })?;
-        match walk.wait(WALK_DEADLINE) {
-            Some((table, _)) => {
-                self.walking = Some((walk, vec![id]));
-                self.walked(Some(table), now);
-            }
-            None => self.walking = Some((walk, vec![id])),
-        }
-        self.paths.get(&id).cloned()
+        });
+        self.walking = walk.map(|w| (w, HashSet::default()));
+        self.walking.is_some()
     }
 
     /// A walk is over: its table replaces the old one, and the ids asked
@@ -507,6 +544,28 @@ mod tests {
         let top = resolve_in(&root, Path::new("/")).unwrap();
         assert_eq!((top.path.as_str(), top.level), ("/", 0));
         assert!(resolve_in(&root, Path::new("/nope")).is_err());
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// An event's cgroup is named once the walk that looks for it is
+    /// done, however long that takes; an id asked for within
+    /// `RESCAN_EVERY` of that walk is unknown at once, without a new walk.
+    #[test]
+    fn events_wait_for_the_walk_that_names_their_cgroup() {
+        let root = std::env::temp_dir().join(format!("kdiag-cw-{}", std::process::id()));
+        fs::create_dir_all(root.join("pod/ctr")).unwrap();
+        let ino = fs::metadata(root.join("pod/ctr")).unwrap().ino();
+        let mut paths = CgroupPaths::with_mount(Some(root.clone()));
+        let named = loop {
+            if let Some(cgroup) = paths.name_when_walked(ino) {
+                break cgroup;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert_eq!(named.path(), Some("/pod/ctr"));
+        let unknown = paths.name_when_walked(u64::MAX);
+        assert!(unknown.is_some_and(|c| c.path().is_none()));
+        assert!(paths.walking.is_none());
         fs::remove_dir_all(&root).unwrap();
     }
 

@@ -230,7 +230,7 @@ impl Class for CompactClass {
 
     fn on_event(&mut self, data: &[u8], cx: &mut Context<'_>) -> Result<u64, ClassError> {
         let ev = decode_stall(data, EventKind::Compact)?;
-        let cgroup = cx.services.cgroup(self.cgroups, ev.cgroup_id);
+        let cgroup = cx.services.event_cgroup(self.cgroups, ev.cgroup_id)?;
         let status = status_name(&self.status_names, ev.status);
         cx.out
             .write(ev.header.ts_ns, &compact_record(&ev, cgroup, status))?;

@@ -204,7 +204,7 @@ impl Class for ReclaimClass {
 
     fn on_event(&mut self, data: &[u8], cx: &mut Context<'_>) -> Result<u64, ClassError> {
         let ev = decode_stall(data, EventKind::Reclaim)?;
-        let cgroup = cx.services.cgroup(self.cgroups, ev.cgroup_id);
+        let cgroup = cx.services.event_cgroup(self.cgroups, ev.cgroup_id)?;
         cx.out
             .write(ev.header.ts_ns, &reclaim_record(&ev, cgroup))?;
         Ok(1)
