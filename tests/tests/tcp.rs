@@ -796,6 +796,7 @@ fn tcp_summary_ratio_matches_proc_net_snmp() {
         })
         .sum();
     assert_eq!(in_top, seen, "retransmits of the test connection in top");
+    assert_eq!(summed(&recs, "retrans_untracked"), 0, "one connection fits");
     assert_all_accounted(&recs);
 }
 

@@ -80,7 +80,7 @@ pub(crate) struct TcpClass {
     state: Option<i32>,
     conns: ConnTable,
     /// This interval's retransmits per connection.
-    retrans: HashMap<(u64, TcpTuple), (ResolvedOwner, u64)>,
+    retrans: RetransCounts,
     retrans_total: u64,
     snmp_last: Option<(u64, u64)>,
     /// How to decode the chronographs; `None` where this kernel's cannot be.
@@ -100,7 +100,7 @@ impl TcpClass {
             tcp,
             state,
             conns: ConnTable::new(MAX_CONNS),
-            retrans: HashMap::new(),
+            retrans: RetransCounts::default(),
             retrans_total: 0,
             snmp_last: procfs::tcp_segments(),
             chrono: None,
@@ -203,17 +203,59 @@ impl TcpClass {
 
     fn on_retrans(&mut self, data: &[u8], cx: &mut Context<'_>) -> Result<u64, ClassError> {
         let ev = decode_retrans(data)?;
-        let key = (ev.sock_id, ev.tuple);
-        if let Some((_, n)) = self.retrans.get_mut(&key) {
-            *n += 1;
-        } else if self.retrans.len() < MAX_RETRANS_CONNS {
-            let owner = cx.services.owner(ev.sock_id, &ev.owner, &ev.tuple, None)?;
-            self.retrans.insert(key, (owner, 1));
-        }
+        self.retrans.add((ev.sock_id, ev.tuple), || {
+            cx.services.owner(ev.sock_id, &ev.owner, &ev.tuple, None)
+        })?;
         // After the owner: an event held for it comes back.
         self.retrans_total += 1;
         // Counted for the summary; the `retrans` class writes the records.
         Ok(0)
+    }
+}
+
+/// One interval's retransmits per connection, for `tcp_summary.top`: at
+/// most `MAX_RETRANS_CONNS` connections, the retransmits of others counted
+/// as untracked.
+#[derive(Default)]
+struct RetransCounts {
+    per_conn: HashMap<(u64, TcpTuple), (ResolvedOwner, u64)>,
+    untracked: u64,
+}
+
+impl RetransCounts {
+    /// Counts a retransmit of connection `key`, whose owner `owner` looks
+    /// up when the connection is new (and may be pending: then nothing is
+    /// counted, and the event comes back).
+    fn add(
+        &mut self,
+        key: (u64, TcpTuple),
+        owner: impl FnOnce() -> Result<ResolvedOwner, ClassError>,
+    ) -> Result<(), ClassError> {
+        if let Some((_, n)) = self.per_conn.get_mut(&key) {
+            *n += 1;
+        } else if self.per_conn.len() < MAX_RETRANS_CONNS {
+            self.per_conn.insert(key, (owner()?, 1));
+        } else {
+            self.untracked += 1;
+        }
+        Ok(())
+    }
+
+    /// The `TOP_CONNS` connections with the most retransmits and the
+    /// retransmits untracked, and a new interval.
+    fn take_top(&mut self) -> (Vec<TopConn>, u64) {
+        let mut top: Vec<_> = self.per_conn.drain().collect();
+        top.sort_unstable_by_key(|(_, (_, n))| std::cmp::Reverse(*n));
+        top.truncate(TOP_CONNS);
+        let top = top
+            .into_iter()
+            .map(|((_, tuple), (owner, retrans))| TopConn {
+                owner,
+                conn: Endpoints::new(&tuple),
+                retrans,
+            })
+            .collect();
+        (top, std::mem::take(&mut self.untracked))
     }
 }
 
@@ -387,22 +429,14 @@ impl Class for TcpClass {
             _ => None,
         };
         self.snmp_last = snmp;
-        let mut top: Vec<_> = self.retrans.drain().collect();
-        top.sort_unstable_by_key(|(_, (_, n))| std::cmp::Reverse(*n));
-        top.truncate(TOP_CONNS);
+        let (top, retrans_untracked) = self.retrans.take_top();
         let summary = TcpSummary {
             retrans: std::mem::take(&mut self.retrans_total),
             retrans_segs: delta.map(|d| d.0),
             out_segs: delta.map(|d| d.1),
             retrans_ratio: delta.and_then(|(r, o)| (o > 0).then(|| r as f64 / o as f64)),
-            top: top
-                .into_iter()
-                .map(|((_, tuple), (owner, retrans))| TopConn {
-                    owner,
-                    conn: Endpoints::new(&tuple),
-                    retrans,
-                })
-                .collect(),
+            top,
+            retrans_untracked,
             conns_tracked: self.conns.len() as u64,
             conns_evicted: self.conns.take_evicted(),
             interval_ns,
@@ -459,6 +493,28 @@ mod tests {
             },
             sock,
         }
+    }
+
+    #[test]
+    fn retransmits_past_the_connections_counted_are_untracked() {
+        let mut counts = RetransCounts::default();
+        let conn = |i: u64| (i, TcpTuple::default());
+        for i in 0..=MAX_RETRANS_CONNS as u64 {
+            for _ in 0..=i % 3 {
+                counts
+                    .add(conn(i), || Ok(ResolvedOwner::default()))
+                    .unwrap();
+            }
+        }
+        // The connection past the table's room retransmitted once (4096 % 3
+        // is 1: twice); an owner still pending counts nothing.
+        let pending = counts.add(conn(0), || Err(ClassError::LookupPending));
+        assert!(pending.is_ok(), "a known connection needs no owner");
+        let (top, untracked) = counts.take_top();
+        assert_eq!(untracked, 2);
+        assert_eq!(top.len(), TOP_CONNS);
+        assert!(top.iter().all(|c| c.retrans == 3));
+        assert_eq!(counts.take_top(), (Vec::new(), 0), "a new interval");
     }
 
     #[test]

@@ -284,6 +284,9 @@ pub(crate) struct TcpSummary {
     /// retrans_segs / out_segs, the dashboards' retransmit rate.
     pub retrans_ratio: Option<f64>,
     pub top: Vec<TopConn>,
+    /// Retransmit calls of connections the interval's per-connection count
+    /// had no room for: `top` may lack a connection among them.
+    pub retrans_untracked: u64,
     /// Connections whose life is being followed, and those dropped from the
     /// table because it was full (their tcp_conn will not be written).
     pub conns_tracked: u64,
