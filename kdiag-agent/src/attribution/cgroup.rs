@@ -32,6 +32,9 @@ const RESCAN_EVERY: Duration = Duration::from_secs(1);
 /// not written without their cgroup: a walk of tens of cgroups took over
 /// a second in an emulated guest.
 const WALK_DEADLINE: Duration = Duration::from_millis(20);
+/// How long events wait for a walk before they are written without their
+/// cgroup (the walk goes on, and names the cgroups of later events).
+const HOLD_AT_MOST: Duration = Duration::from_secs(5);
 /// An id a walk did not find (a cgroup removed since the event, or one the
 /// walk's bound left out) triggers no new walk for this long: without it, a
 /// stream of events from dead cgroups would walk the hierarchy every second.
@@ -53,8 +56,9 @@ pub(crate) struct CgroupPaths {
     /// when that walk was.
     unknown: HashMap<u64, Instant>,
     last_scan: Option<Instant>,
-    /// A walk still running, and the ids asked for since it started.
-    walking: Option<(Pending<Table>, HashSet<u64>)>,
+    /// A walk still running, the ids asked for since it started, and when
+    /// it started.
+    walking: Option<(Pending<Table>, HashSet<u64>, Instant)>,
 }
 
 /// One walk's result.
@@ -121,9 +125,10 @@ impl CgroupPaths {
             return Lookup::Unknown;
         }
         let started = self.walking.is_none() && self.start_walk(now);
-        let Some((walk, asked)) = &mut self.walking else {
+        let Some((walk, asked, started_at)) = &mut self.walking else {
             return Lookup::Unknown;
         };
+        let held_long = now.duration_since(*started_at) >= HOLD_AT_MOST;
         // One walk at a time; it will tell whether this id exists.
         if asked.len() < MAX_UNKNOWN {
             asked.insert(id);
@@ -142,6 +147,7 @@ impl CgroupPaths {
                     None => Lookup::Unknown,
                 }
             }
+            None if held_long => Lookup::Unknown,
             None => Lookup::Walking,
         }
     }
@@ -161,14 +167,14 @@ impl CgroupPaths {
             walk(&mount, &mount, &mut table);
             table
         });
-        self.walking = walk.map(|w| (w, HashSet::default()));
+        self.walking = walk.map(|w| (w, HashSet::default(), now));
         self.walking.is_some()
     }
 
     /// A walk is over: its table replaces the old one, and the ids asked
     /// for while it ran that it did not find are unknown for a while.
     fn walked(&mut self, table: Option<Table>, now: Instant) {
-        let Some((_, asked)) = self.walking.take() else {
+        let Some((_, asked, _)) = self.walking.take() else {
             return;
         };
         let Some(table) = table else { return };

@@ -235,7 +235,8 @@ impl OwnerResolver {
     /// The owner of the socket `sock_id` with addresses `tuple`, given what
     /// the kernel captured; `cgroups` names the cgroup ids it captured.
     /// `listener`: the listener that accepted it, when it is an accepted
-    /// socket. `None` while it is looked up in /proc, if the caller `wait`s.
+    /// socket. `None` while it (or the path of the cgroup the kernel
+    /// captured with it) is looked up, if the caller `wait`s.
     pub(crate) fn resolve(
         &mut self,
         cgroups: &mut CgroupPaths,
@@ -246,10 +247,17 @@ impl OwnerResolver {
         wait: bool,
     ) -> Option<ResolvedOwner> {
         if owner.known != 0 {
+            // Pending, like a /proc lookup, while the cgroup is walked for:
+            // a `--cgroup` filter needs its path.
+            let cgroup = if wait {
+                cgroups.name_when_walked(owner.cgroup_id)?
+            } else {
+                cgroups.name(owner.cgroup_id)
+            };
             return Some(ResolvedOwner {
                 pid: Some(owner.tgid),
                 comm: Some(self.comm(&owner.comm)),
-                cgroup: cgroups.name(owner.cgroup_id),
+                cgroup,
             });
         }
         let holders = self.holders.clone();
