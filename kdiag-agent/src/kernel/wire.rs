@@ -1,6 +1,6 @@
 //! Decoding kernel events from the bytes the transport hands over.
 
-use kdiag_common::{EventHeader, EventKind};
+use kdiag_common::{EventHeader, EventKind, stack::KernelStack};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum DecodeError {
@@ -40,6 +40,12 @@ pub(crate) fn decode<T: aya::Pod>(data: &[u8], expected: EventKind) -> Result<T,
         });
     }
     read_struct(data)
+}
+
+/// The kernel stack that follows an event of type `T` in `data`, if it
+/// has one (see kdiag_common::stack: told apart by length).
+pub(crate) fn trailing_stack<T>(data: &[u8]) -> Option<KernelStack> {
+    crate::sys::pod::read(data.get(size_of::<T>()..)?)
 }
 
 #[cfg(test)]
