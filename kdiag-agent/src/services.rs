@@ -21,7 +21,6 @@ use crate::{
         vmstat::VmstatSampler,
     },
     class::ClassError,
-    classes::StackThreshold,
     kernel::kallsyms::KernelSymbols,
     output::{
         Output,
@@ -94,11 +93,12 @@ impl Services {
     }
 
     /// The kernel programs' stack threshold, in ns, for a class's
-    /// `--stack-min-latency-us`: [`NO_STACKS`] when off, or when the
-    /// kernel's symbols cannot be read (see [`Services::degraded`]). Opens
-    /// /proc/kallsyms on first use: call it while the agent is privileged.
-    pub(crate) fn stack_threshold_ns(&mut self, threshold: StackThreshold) -> u64 {
-        let StackThreshold::Micros(us) = threshold else {
+    /// `--stack-min-latency-us` (`None`: off): [`NO_STACKS`] when off, or
+    /// when the kernel's symbols cannot be read (see
+    /// [`Services::degraded`]). Opens /proc/kallsyms on first use: call it
+    /// while the agent is privileged.
+    pub(crate) fn stack_threshold_ns(&mut self, micros: Option<u64>) -> u64 {
+        let Some(us) = micros else {
             return NO_STACKS;
         };
         let symbols = self

@@ -188,14 +188,28 @@ pub(crate) enum StackThreshold {
     Micros(u64),
 }
 
+impl StackThreshold {
+    pub(crate) fn micros(self) -> Option<u64> {
+        match self {
+            Self::Off => None,
+            Self::Micros(us) => Some(us),
+        }
+    }
+}
+
 /// What `run` takes stacks from without `--stack-min-latency-us`: 10 ms.
 /// A memory stall that long is one a latency-sensitive service notices (a
-/// request's whole budget), and the slow tail, not the common case: memcg
-/// reclaim at a limit takes 10 µs to a few ms per call, direct
-/// compaction for a huge page under 1 ms when memory is not fragmented
-///. A softirq that runs 10 ms is five times the
-/// kernel's own budget for a whole round of softirqs (MAX_SOFTIRQ_TIME, 2
-/// ms) and rare enough that a stack each costs nothing measurable.
+/// request's whole budget), and far in the slow tail: memcg reclaim of
+/// clean page cache at a cgroup's limit takes 20 µs a call at the median,
+/// 110 µs at p99 and under 1 ms at most (the integration tests' readers,
+/// 64 MiB limit), a direct compaction for a huge page 1 to 2 ms when
+/// memory is full of page cache. So stacks come with the stalls worth
+/// explaining, a handful a minute on a host in trouble, none on a healthy
+/// one. The same threshold for softirqs, one option for all three: a
+/// handler that runs 10 ms is five times the kernel's budget for a whole
+/// round of softirqs (MAX_SOFTIRQ_TIME, 2 ms), as rare and as much worth
+/// a stack; a threshold in the handlers' usual range (10 to 100 µs) would
+/// take one for thousands of softirqs a second.
 pub(crate) const RUN_STACK_THRESHOLD: StackThreshold = StackThreshold::Micros(10_000);
 
 fn stack_threshold(arg: &str) -> Result<StackThreshold, String> {

@@ -95,7 +95,7 @@ impl SoftirqClass {
     pub(crate) fn new(min_latency_us: u64, stack: StackThreshold, services: &mut Services) -> Self {
         Self {
             min_latency_ns: min_latency_us.saturating_mul(1000),
-            stack_min_latency_ns: services.stack_threshold_ns(stack),
+            stack_min_latency_ns: services.stack_threshold_ns(stack.micros()),
             maps: None,
             last: Vec::new(),
             generation: 0,

@@ -62,6 +62,28 @@ mod tests {
     }
 
     #[test]
+    fn a_stack_follows_by_length() {
+        let header = EventHeader {
+            kind: EventKind::Softirq as u32,
+            cpu: 0,
+            ts_ns: 1,
+        };
+        let event = crate::sys::pod::bytes_of(&header).to_vec();
+        assert_eq!(trailing_stack::<EventHeader>(&event), None);
+        // A perf sample's padding is no stack.
+        let padded = [&event[..], &[0; 4]].concat();
+        assert_eq!(trailing_stack::<EventHeader>(&padded), None);
+        let mut stack = KernelStack {
+            nr: 2,
+            _pad: 0,
+            ips: [0; kdiag_common::stack::STACK_DEPTH],
+        };
+        stack.ips[..2].copy_from_slice(&[0xffff_ffff_8100_0000, 0xffff_ffff_8100_0100]);
+        let with_stack = [&event[..], crate::sys::pod::bytes_of(&stack)].concat();
+        assert_eq!(trailing_stack::<EventHeader>(&with_stack), Some(stack));
+    }
+
+    #[test]
     fn short_and_unknown() {
         assert_eq!(
             event_kind(&[1, 0, 0]),

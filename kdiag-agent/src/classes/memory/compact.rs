@@ -103,7 +103,7 @@ impl CompactClass {
             cgroups: services.cgroup_hierarchy(scope.mount()),
             scope,
             min_latency_ns: min_latency_us.saturating_mul(1000),
-            stack_min_latency_ns: services.stack_threshold_ns(stack),
+            stack_min_latency_ns: services.stack_threshold_ns(stack.micros()),
             stats: StallStatsReader::new(),
             status_names: Vec::new(),
         }

@@ -91,7 +91,7 @@ impl ReclaimClass {
             scope,
             kind,
             min_latency_ns: min_latency_us.saturating_mul(1000),
-            stack_min_latency_ns: services.stack_threshold_ns(stack),
+            stack_min_latency_ns: services.stack_threshold_ns(stack.micros()),
             stats: StallStatsReader::new(),
         }
     }
