@@ -42,7 +42,8 @@ pub(crate) fn emit_stacked<C: EbpfContext, T>(
     event: &T,
 ) {
     let Some(s) = slot.get_ptr_mut(0) else {
-        // A one-entry array always has entry 0; stay correct anyway.
+        // A one-entry array always has entry 0; stay correct anyway: the
+        // event goes out without its stack, counted.
         count_loss(class, LOSS_PARTIAL);
         emit(ctx, class, event);
         return;
