@@ -15,8 +15,8 @@
 //! (half of a 6.x kernel's symbols, never a return address) and without
 //! BPF programs (`[bpf]`: they come and go with every program loaded, and a
 //! stack taken at a tracepoint does not run through one). Two sorted
-//! arrays and one string of names: about 36 bytes a symbol, 2 to 5 MB for
-//! a kernel with 60k to 130k functions.
+//! arrays and one string of names: about 36 bytes a function, 2 MB more
+//! resident for a 6.18 kernel (121k symbols, 64k functions kept).
 
 use std::{
     fs::File,
@@ -196,22 +196,27 @@ pub(crate) struct KernelSymbols {
     reported: bool,
 }
 
-/// Names and sizes of the loaded modules, one per line: what changes when
-/// a module is loaded or unloaded (not its use count, which also changes).
-/// `None` where there is no /proc/modules (a kernel without modules).
+/// The loaded modules, from /proc/modules; `None` where there is none (a
+/// kernel without modules).
 fn loaded_modules() -> Option<String> {
-    let text = std::fs::read_to_string("/proc/modules").ok()?;
-    Some(
-        text.lines()
-            .map(|l| {
-                l.split_ascii_whitespace()
-                    .take(2)
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .collect::<Vec<_>>()
-            .join("\n"),
-    )
+    std::fs::read_to_string("/proc/modules")
+        .ok()
+        .map(|text| module_list(&text))
+}
+
+/// Names and sizes of the modules in /proc/modules text, one per line:
+/// what changes when a module is loaded or unloaded, not its use count or
+/// users, which change while it stays.
+fn module_list(text: &str) -> String {
+    text.lines()
+        .map(|l| {
+            l.split_ascii_whitespace()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 impl KernelSymbols {
@@ -353,6 +358,20 @@ not a line
             t.stack(&ips),
             [UNKNOWN_FRAME, "handle_softirqs+0x20", UNKNOWN_FRAME]
         );
+    }
+
+    #[test]
+    fn module_changes_are_loads_and_unloads() {
+        let before = "nf_tables 376832 5 nft_ct, Live 0xffffffffc0a00000\n\
+                      xfs 2150400 1 - Live 0xffffffffc0800000\n";
+        let used = "nf_tables 376832 9 nft_ct,nft_nat, Live 0xffffffffc0a00000\n\
+                    xfs 2150400 1 - Live 0xffffffffc0800000\n";
+        let loaded = "nf_tables 376832 5 nft_ct, Live 0xffffffffc0a00000\n\
+                      xfs 2150400 1 - Live 0xffffffffc0800000\n\
+                      dummy 12288 0 - Live 0xffffffffc0c00000\n";
+        assert_eq!(module_list(before), "nf_tables 376832\nxfs 2150400");
+        assert_eq!(module_list(before), module_list(used));
+        assert_ne!(module_list(before), module_list(loaded));
     }
 
     #[test]

@@ -286,6 +286,34 @@ mod tests {
     }
 
     #[test]
+    fn stack_absent_null_or_listed() {
+        let base = reclaim_record(&event(StallKind::Memcg), Cgroup::default());
+        let frames = vec!["try_to_free_mem_cgroup_pages+0x21d".to_owned()];
+        let cases = [
+            (None, None, ""),
+            (Some(None), Some(serde_json::Value::Null), " at -"),
+            (
+                Some(Some(frames.clone())),
+                Some(serde_json::json!(frames)),
+                " at try_to_free_mem_cgroup_pages+0x21d",
+            ),
+        ];
+        for (stack, json, text_end) in cases {
+            let r = Reclaim {
+                stack,
+                ..base.clone()
+            };
+            assert_eq!(
+                serde_json::to_value(&r).unwrap().get("stack"),
+                json.as_ref()
+            );
+            let row = crate::output::record::Record::text_row(&r, "T");
+            // ORDER (null: `-`), then the innermost frame.
+            assert!(row.ends_with(&format!("-{text_end}")), "{row:?}");
+        }
+    }
+
+    #[test]
     fn summary_fields() {
         let mut latencies = Latencies::default();
         latencies.merge(&Latencies {
