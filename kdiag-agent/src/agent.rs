@@ -198,6 +198,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
         privileges::drop_after_attach(&run_as, bpf_descriptor(&loaded.ebpf), server.is_some())?;
     let mut degraded = loaded.degraded.clone();
     degraded.extend(dropped.degraded.clone());
+    degraded.extend(services.degraded());
     let losses = PerCpuArray::try_from(take_map(&mut loaded.ebpf, "LOSSES")?)
         .map_err(|_| AgentError::MissingMap("LOSSES"))?;
     // The programs' own run counts and sampled times: the kernel's BPF

@@ -210,6 +210,40 @@ mod tests {
     }
 
     #[test]
+    fn stack_thresholds() {
+        use crate::classes::{RUN_STACK_THRESHOLD, StackThreshold};
+        let threshold = |args: &[&str]| match Cli::try_parse_from(args).unwrap().command {
+            Command::Reclaim(a) => a.stack.stack_min_latency_us,
+            Command::Compact(a) => a.stack.stack_min_latency_us,
+            Command::Softirq(a) => a.stack.stack_min_latency_us,
+            Command::Run(a) => a.stack.stack_min_latency_us,
+            _ => panic!("no stacks"),
+        };
+        assert_eq!(threshold(&["kdiag-agent", "reclaim"]), None);
+        assert_eq!(
+            threshold(&["kdiag-agent", "compact", "--stack-min-latency-us", "0"]),
+            Some(StackThreshold::Micros(0))
+        );
+        assert_eq!(
+            threshold(&["kdiag-agent", "softirq", "--stack-min-latency-us", "off"]),
+            Some(StackThreshold::Off)
+        );
+        assert_eq!(
+            threshold(&["kdiag-agent", "run", "--stack-min-latency-us", "2500"]),
+            Some(StackThreshold::Micros(2500))
+        );
+        // `run` takes stacks by default, the classes alone do not.
+        assert_eq!(RUN_STACK_THRESHOLD, StackThreshold::Micros(10_000));
+        for bad in ["-1", "10ms", "", "OFF"] {
+            let args = ["kdiag-agent", "reclaim", "--stack-min-latency-us", bad];
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
+        }
+        assert!(
+            Cli::try_parse_from(["kdiag-agent", "tcp", "--stack-min-latency-us", "5"]).is_err()
+        );
+    }
+
+    #[test]
     fn state_names() {
         let cli = Cli::try_parse_from(["kdiag-agent", "tcp", "--state", "close_wait"]).unwrap();
         let Command::Tcp(args) = cli.command else {

@@ -8,7 +8,11 @@
 
 use std::path::Path;
 
-use kdiag_common::{Owner, tcp::TcpTuple};
+use kdiag_common::{
+    Owner,
+    stack::{KernelStack, NO_STACKS},
+    tcp::TcpTuple,
+};
 
 use crate::{
     attribution::{
@@ -17,10 +21,11 @@ use crate::{
         vmstat::VmstatSampler,
     },
     class::ClassError,
+    kernel::kallsyms::KernelSymbols,
     output::{
         Output,
         metrics::Metrics,
-        record::{Cgroup, ResolvedOwner},
+        record::{Cgroup, Degraded, ResolvedOwner, StackField},
     },
 };
 
@@ -41,6 +46,9 @@ pub(crate) struct Services {
     /// The end of the last interval whose `vmstat` record was written.
     vmstat_written: Option<u64>,
     metrics: Metrics,
+    /// /proc/kallsyms, opened while privileged by the first class that
+    /// takes kernel stacks (one table for all); why not, if it cannot be.
+    symbols: Option<Result<KernelSymbols, String>>,
 }
 
 /// One cgroup hierarchy's table in [`CgroupTables`].
@@ -80,7 +88,51 @@ impl Services {
             vmstat: VmstatSampler::new(),
             vmstat_written: None,
             metrics: Metrics::default(),
+            symbols: None,
         }
+    }
+
+    /// The kernel programs' stack threshold, in ns, for a class's
+    /// `--stack-min-latency-us` (`None`: off): [`NO_STACKS`] when off, or
+    /// when the kernel's symbols cannot be read (see
+    /// [`Services::degraded`]). Opens /proc/kallsyms on first use: call it
+    /// while the agent is privileged.
+    pub(crate) fn stack_threshold_ns(&mut self, micros: Option<u64>) -> u64 {
+        let Some(us) = micros else {
+            return NO_STACKS;
+        };
+        let symbols = self
+            .symbols
+            .get_or_insert_with(|| KernelSymbols::open().map_err(|e| e.to_string()));
+        if symbols.is_ok() {
+            us.saturating_mul(1000)
+        } else {
+            NO_STACKS
+        }
+    }
+
+    /// What the services must do without, for `agent_start`.
+    pub(crate) fn degraded(&self) -> Vec<Degraded> {
+        match &self.symbols {
+            Some(Err(why)) => vec![Degraded {
+                what: "kallsyms".to_owned(),
+                why: format!("{why}: records have no kernel stacks"),
+            }],
+            _ => Vec::new(),
+        }
+    }
+
+    /// The `stack` of a record whose event carried `raw` (see
+    /// [`StackField`]).
+    pub(crate) fn stack(&mut self, raw: Option<KernelStack>) -> StackField {
+        let raw = raw?;
+        let table = self
+            .symbols
+            .as_mut()
+            .and_then(|s| s.as_mut().ok())
+            .and_then(KernelSymbols::table);
+        let ips = raw.ips.get(..raw.nr as usize).filter(|ips| !ips.is_empty());
+        Some(table.zip(ips).map(|(table, ips)| table.stack(ips)))
     }
 
     /// Classes count what they write in these metrics (without

@@ -13,6 +13,7 @@ pub mod drop;
 pub mod log2;
 pub mod memory;
 pub mod softirq;
+pub mod stack;
 
 /// Declares a `#[repr(u32)]` enum of the wire from one table of variants:
 /// the enum, `ALL` (every variant, in the table's order), and the u32 ->
@@ -140,8 +141,10 @@ pub const LOSS_LOST: u32 = 1;
 /// A program gave up on an event: a map insert failed (the map full) or a
 /// read of the record or of kernel memory failed, and it returned early.
 pub const LOSS_FAILED: u32 = 2;
-/// An event went out with some of the socket fields it carries missing: a
-/// read of the socket's memory failed (the fields are null in its record).
+/// An event went out with some of the fields it carries missing: a read
+/// of the socket's memory failed (the fields are null in its record), or
+/// the kernel stack of a slow event could not be taken (its `stack` is
+/// null).
 pub const LOSS_PARTIAL: u32 = 3;
 /// An event was sent, but a bounded map that keeps statistics or state
 /// had no room for it: the event is missing from summaries (a thread's

@@ -6,7 +6,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::{COMM_LEN, EventHeader, log2::Scale};
+use crate::{COMM_LEN, EventHeader, log2::Scale, stack::NO_STACKS};
 
 pub use crate::FIELD_ABSENT;
 
@@ -97,8 +97,11 @@ pub struct StallFilter {
     pub kinds: u32,
     /// Stalls shorter than this are only counted, not sent.
     pub min_latency_ns: u64,
+    /// Stalls sent that are at least this long carry their kernel stack
+    /// ([`crate::stack`]); [`NO_STACKS`] for none.
+    pub stack_min_latency_ns: u64,
 }
-const _: () = assert!(size_of::<StallFilter>() == 32 + 8 + 32 + 8 + 8 + 8);
+const _: () = assert!(size_of::<StallFilter>() == 32 + 8 + 32 + 8 + 8 + 8 + 8);
 
 impl StallFilter {
     pub const DEFAULT: Self = Self {
@@ -119,6 +122,7 @@ impl StallFilter {
         cgroup_level: NO_CGROUP_FILTER,
         kinds: 0,
         min_latency_ns: 0,
+        stack_min_latency_ns: NO_STACKS,
     };
 
     /// Whether the process `tgid` passes `--pid`.

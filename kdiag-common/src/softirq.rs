@@ -4,7 +4,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::{EventHeader, log2::Scale};
+use crate::{EventHeader, log2::Scale, stack::NO_STACKS};
 
 /// Softirq vectors the kernel has (`NR_SOFTIRQS` in include/linux/interrupt.h,
 /// 10 since 4.1: HI, TIMER, NET_TX, NET_RX, BLOCK, IRQ_POLL, TASKLET, SCHED,
@@ -37,8 +37,15 @@ pub struct SoftirqConfig {
     /// Softirqs whose service time or queueing delay is at or over this go
     /// out one by one as [`SoftirqEvent`]s.
     pub min_latency_ns: u64,
+    /// Softirqs sent whose service time is at least this carry the kernel
+    /// stack at their exit ([`crate::stack`]): what ran the handler (an
+    /// interrupt's exit over some task, ksoftirqd, or a task re-enabling
+    /// bottom halves) and so who paid for it. Not for a long queueing delay
+    /// alone: the stack at exit does not show why the softirq waited.
+    /// [`NO_STACKS`] for none.
+    pub stack_min_latency_ns: u64,
 }
-const _: () = assert!(size_of::<SoftirqConfig>() == 16);
+const _: () = assert!(size_of::<SoftirqConfig>() == 24);
 
 impl SoftirqConfig {
     pub const DEFAULT: Self = Self {
@@ -47,6 +54,7 @@ impl SoftirqConfig {
         exit_vec: FIELD_ABSENT,
         _pad: 0,
         min_latency_ns: u64::MAX,
+        stack_min_latency_ns: NO_STACKS,
     };
 }
 

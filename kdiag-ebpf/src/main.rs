@@ -15,6 +15,7 @@ mod mem;
 mod output;
 mod rodata;
 mod softirq;
+mod stack;
 mod stall;
 mod tcp;
 mod vmscan;

@@ -49,6 +49,7 @@ use crate::{
     ctx,
     output::{counted, emit, header_at},
     rodata::rodata,
+    stack::{StackedSlot, emit_stacked, stacked_slot},
 };
 
 /// Offsets and threshold, written by the agent at load.
@@ -63,6 +64,11 @@ static SOFTIRQ: PerCpuArray<SoftirqSlot> = PerCpuArray::with_max_entries(NR_SOFT
 /// `SoftirqSlot::max`).
 #[map]
 static SOFTIRQ_GENERATION: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Where a slow softirq's event is built with its kernel stack (see
+/// stack.rs).
+#[map]
+static SOFTIRQ_STACKED: StackedSlot<SoftirqEvent> = stacked_slot();
 
 /// Where `vec` has been in every kernel's softirq records so far (right
 /// after the 8-byte common header).
@@ -243,7 +249,11 @@ fn try_softirq_exit<C: EbpfContext>(ctx: &C, vec: Result<u32, i64>) -> Result<u3
             service_ns: service,
             delay_ns: delay,
         };
-        emit(ctx, ClassId::Softirq, &event);
+        if service >= cfg.stack_min_latency_ns {
+            emit_stacked(ctx, ClassId::Softirq, &SOFTIRQ_STACKED, &event);
+        } else {
+            emit(ctx, ClassId::Softirq, &event);
+        }
     }
     let generation = SOFTIRQ_GENERATION.get(0).copied().unwrap_or(0);
     // SAFETY: a live per-CPU map value (see the module comment).

@@ -30,6 +30,7 @@ use kdiag_common::{
 use crate::{
     cost::gates,
     output::{count_loss, emit, header},
+    stack::{StackedSlot, emit_stacked, stacked_slot},
 };
 
 /// Stalls in progress. LRU: a begin whose end never comes (the agent
@@ -45,6 +46,10 @@ static STALL_STARTS: LruHashMap<StallKey, StallStart> = LruHashMap::with_max_ent
 /// larger than the 512-byte BPF stack. Never written.
 #[map]
 static STATS_ZERO: Array<StallStats> = Array::with_max_entries(1, 0);
+
+/// Where a stall's event is built with its kernel stack (see stack.rs).
+#[map]
+static STALL_STACKED: StackedSlot<StallEvent> = stacked_slot();
 
 /// Per-thread statistics map type. Not preallocated: entries cost memory
 /// only for threads that stalled. Not LRU: an entry evicted silently would
@@ -244,7 +249,11 @@ pub(crate) fn finish<C: EbpfContext>(
         mode: outcome.mode,
         comm,
     };
-    emit(ctx, class, &event);
+    if ended.latency_ns >= f.stack_min_latency_ns {
+        emit_stacked(ctx, class, &STALL_STACKED, &event);
+    } else {
+        emit(ctx, class, &event);
+    }
     Ok(0)
 }
 

@@ -149,6 +149,77 @@ pub(crate) struct RunArgs {
     /// The `drop` class's --all-reasons.
     #[arg(long)]
     pub drop_all_reasons: bool,
+    /// For reclaim, compact and softirq alike (default in `run`: 10000).
+    #[command(flatten)]
+    pub stack: StackArgs,
+}
+
+/// `--stack-min-latency-us` of the classes with slow events.
+#[derive(Debug, Clone, Copy, Args)]
+pub(crate) struct StackArgs {
+    /// Add the kernel stack to every record at least US microseconds long
+    /// (`off`: none): `stack`, its frames as "function+0xoffset", innermost
+    /// first. Taken in the kernel when the stall ends, in the event itself,
+    /// and named from /proc/kallsyms, read when the first stack arrives:
+    /// what the stalled task was doing (a reclaim under a page fault or a
+    /// write, compaction for a huge page), where only a dump of every
+    /// stack would tell. For softirqs the service time counts (the stack
+    /// shows what ran the handler: an interrupt's exit, ksoftirqd, a task
+    /// re-enabling bottom halves), not the queueing delay. Only records
+    /// written carry one: the threshold adds to --min-latency-us, it does
+    /// not lower it. Each costs a stack walk in the kernel (3 to 7
+    /// microseconds) and 264 bytes more in the buffer, and the first one
+    /// about 2 MB of the agent's memory for the symbol table. Off by default;
+    /// `run` takes stacks from 10000 (10 ms) unless given `off`.
+    #[arg(long, value_name = "US|off", value_parser = stack_threshold)]
+    pub stack_min_latency_us: Option<StackThreshold>,
+}
+
+impl StackArgs {
+    /// The threshold given, or `default`.
+    fn or(self, default: StackThreshold) -> StackThreshold {
+        self.stack_min_latency_us.unwrap_or(default)
+    }
+}
+
+/// A `--stack-min-latency-us`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StackThreshold {
+    Off,
+    Micros(u64),
+}
+
+impl StackThreshold {
+    pub(crate) fn micros(self) -> Option<u64> {
+        match self {
+            Self::Off => None,
+            Self::Micros(us) => Some(us),
+        }
+    }
+}
+
+/// What `run` takes stacks from without `--stack-min-latency-us`: 10 ms.
+/// A memory stall that long is one a latency-sensitive service notices (a
+/// request's whole budget), and far in the slow tail: memcg reclaim of
+/// clean page cache at a cgroup's limit takes 20 µs a call at the median,
+/// 110 µs at p99 and under 1 ms at most (the integration tests' readers,
+/// 64 MiB limit), a direct compaction for a huge page 1 to 2 ms when
+/// memory is full of page cache. So stacks come with the stalls worth
+/// explaining, a handful a minute on a host in trouble, none on a healthy
+/// one. The same threshold for softirqs, one option for all three: a
+/// handler that runs 10 ms is five times the kernel's budget for a whole
+/// round of softirqs (MAX_SOFTIRQ_TIME, 2 ms), as rare and as much worth
+/// a stack; a threshold in the handlers' usual range (10 to 100 µs) would
+/// take one for thousands of softirqs a second.
+pub(crate) const RUN_STACK_THRESHOLD: StackThreshold = StackThreshold::Micros(10_000);
+
+fn stack_threshold(arg: &str) -> Result<StackThreshold, String> {
+    if arg == "off" {
+        return Ok(StackThreshold::Off);
+    }
+    arg.parse()
+        .map(StackThreshold::Micros)
+        .map_err(|_| "microseconds (a whole number), or `off`".to_owned())
 }
 
 /// Whose events the classes report: `--pid`, and `--cgroup` or
@@ -217,17 +288,23 @@ pub(crate) fn build(
                         .to_owned(),
                 ));
             }
-            vec![Box::new(SoftirqClass::new(args.min_latency_us))]
+            vec![Box::new(SoftirqClass::new(
+                args.min_latency_us,
+                args.stack.or(StackThreshold::Off),
+                services,
+            ))]
         }
         Command::Reclaim(args) => vec![Box::new(ReclaimClass::new(
             memory()?,
             args.kind,
             args.min_latency_us,
+            args.stack.or(StackThreshold::Off),
             services,
         ))],
         Command::Compact(args) => vec![Box::new(CompactClass::new(
             memory()?,
             args.min_latency_us,
+            args.stack.or(StackThreshold::Off),
             services,
         ))],
         Command::Drop(args) => {
@@ -245,6 +322,7 @@ pub(crate) fn build(
         Command::Run(args) => {
             // One TCP configuration for both TCP classes: they share programs.
             let tcp = tcp_filter(&args.tcp.filter, true)?;
+            let stack = args.stack.or(RUN_STACK_THRESHOLD);
             vec![
                 Box::new(RetransClass::new(owners()?, tcp.clone(), services)),
                 Box::new(TcpClass::new(
@@ -259,16 +337,22 @@ pub(crate) fn build(
                     args.drop_all_reasons,
                     services,
                 )),
-                Box::new(SoftirqClass::new(args.softirq_min_latency_us)),
+                Box::new(SoftirqClass::new(
+                    args.softirq_min_latency_us,
+                    stack,
+                    services,
+                )),
                 Box::new(ReclaimClass::new(
                     memory()?,
                     args.reclaim_kind,
                     args.reclaim_min_latency_us,
+                    stack,
                     services,
                 )),
                 Box::new(CompactClass::new(
                     memory()?,
                     args.compact_min_latency_us,
+                    stack,
                     services,
                 )),
             ]

@@ -13,14 +13,17 @@ use kdiag_common::{
     softirq::{
         FIELD_ABSENT, HIST, NO_DELAY, NR_SOFTIRQS, SoftirqConfig, SoftirqEvent, SoftirqSlot,
     },
+    stack::NO_STACKS,
 };
 
 use crate::{
     class::{Class, ClassError, Context, Global, KernelTypes, Tracepoint},
     classes::hist::{self, Latency},
+    classes::{StackArgs, StackThreshold},
     kernel::tracefs::Formats,
-    kernel::wire::{DecodeError, decode},
+    kernel::wire::{DecodeError, decode, trailing_stack},
     output::record::{Degraded, Softirq, SoftirqSummary},
+    services::Services,
 };
 
 /// Options of `softirq`.
@@ -31,6 +34,8 @@ pub(crate) struct SoftirqArgs {
     /// debugging only). Summaries count all softirqs either way.
     #[arg(long, value_name = "US", default_value_t = 1000)]
     pub min_latency_us: u64,
+    #[command(flatten)]
+    pub stack: StackArgs,
 }
 
 const EXIT: Tracepoint = Tracepoint {
@@ -76,6 +81,8 @@ struct Maps {
 
 pub(crate) struct SoftirqClass {
     min_latency_ns: u64,
+    /// Softirqs sent that ran at least this long carry their kernel stack.
+    stack_min_latency_ns: u64,
     maps: Option<Maps>,
     /// The last read, per CPU and vector: counters only grow, so each
     /// interval is the difference to it.
@@ -85,9 +92,10 @@ pub(crate) struct SoftirqClass {
 }
 
 impl SoftirqClass {
-    pub(crate) fn new(min_latency_us: u64) -> Self {
+    pub(crate) fn new(min_latency_us: u64, stack: StackThreshold, services: &mut Services) -> Self {
         Self {
             min_latency_ns: min_latency_us.saturating_mul(1000),
+            stack_min_latency_ns: services.stack_threshold_ns(stack.micros()),
             maps: None,
             last: Vec::new(),
             generation: 0,
@@ -131,6 +139,7 @@ pub(crate) fn softirq_record(ev: &SoftirqEvent) -> Softirq {
         vec: VEC_NAMES[ev.vec as usize % VEC_NAMES.len()],
         service_ns: ev.service_ns,
         delay_ns: (ev.delay_ns != NO_DELAY).then_some(ev.delay_ns),
+        stack: None,
     }
 }
 
@@ -200,6 +209,7 @@ fn config(formats: &Formats, min_latency_ns: u64, degraded: &mut Vec<Degraded>) 
         exit_vec: vec_offset(&EXIT),
         _pad: 0,
         min_latency_ns,
+        stack_min_latency_ns: NO_STACKS,
     }
 }
 
@@ -221,7 +231,10 @@ impl Class for SoftirqClass {
         kernel: &KernelTypes,
         degraded: &mut Vec<Degraded>,
     ) -> Result<Vec<Global>, ClassError> {
-        let cfg = config(&kernel.formats, self.min_latency_ns, degraded);
+        let cfg = SoftirqConfig {
+            stack_min_latency_ns: self.stack_min_latency_ns,
+            ..config(&kernel.formats, self.min_latency_ns, degraded)
+        };
         Ok(vec![Global::new("SOFTIRQ_CONFIG", &cfg)])
     }
 
@@ -246,7 +259,11 @@ impl Class for SoftirqClass {
 
     fn on_event(&mut self, data: &[u8], cx: &mut Context<'_>) -> Result<u64, ClassError> {
         let ev = decode_softirq(data)?;
-        cx.out.write(ev.header.ts_ns, &softirq_record(&ev))?;
+        let record = Softirq {
+            stack: cx.services.stack(trailing_stack::<SoftirqEvent>(data)),
+            ..softirq_record(&ev)
+        };
+        cx.out.write(ev.header.ts_ns, &record)?;
         Ok(1)
     }
 

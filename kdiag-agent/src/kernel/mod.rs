@@ -1,8 +1,9 @@
 //! Everything that faces the kernel: the tracepoints' layouts (tracefs) and
-//! types (BTF), loading and attaching the programs, the buffers events
+//! types (BTF), its symbols (kallsyms), loading and attaching the programs, the buffers events
 //! arrive through, and the wire format they arrive in.
 
 pub(crate) mod btf;
+pub(crate) mod kallsyms;
 pub(crate) mod loader;
 pub(crate) mod setup;
 pub(crate) mod tracefs;

@@ -1,6 +1,6 @@
 //! Decoding kernel events from the bytes the transport hands over.
 
-use kdiag_common::{EventHeader, EventKind};
+use kdiag_common::{EventHeader, EventKind, stack::KernelStack};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum DecodeError {
@@ -42,6 +42,12 @@ pub(crate) fn decode<T: aya::Pod>(data: &[u8], expected: EventKind) -> Result<T,
     read_struct(data)
 }
 
+/// The kernel stack that follows an event of type `T` in `data`, if it
+/// has one (see kdiag_common::stack: told apart by length).
+pub(crate) fn trailing_stack<T>(data: &[u8]) -> Option<KernelStack> {
+    crate::sys::pod::read(data.get(size_of::<T>()..)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -53,6 +59,28 @@ mod tests {
             header[..4].copy_from_slice(&(kind as u32).to_ne_bytes());
             assert_eq!(event_kind(&header), Ok(kind));
         }
+    }
+
+    #[test]
+    fn a_stack_follows_by_length() {
+        let header = EventHeader {
+            kind: EventKind::Softirq as u32,
+            cpu: 0,
+            ts_ns: 1,
+        };
+        let event = crate::sys::pod::bytes_of(&header).to_vec();
+        assert_eq!(trailing_stack::<EventHeader>(&event), None);
+        // A perf sample's padding is no stack.
+        let padded = [&event[..], &[0; 4]].concat();
+        assert_eq!(trailing_stack::<EventHeader>(&padded), None);
+        let mut stack = KernelStack {
+            nr: 2,
+            _pad: 0,
+            ips: [0; kdiag_common::stack::STACK_DEPTH],
+        };
+        stack.ips[..2].copy_from_slice(&[0xffff_ffff_8100_0000, 0xffff_ffff_8100_0100]);
+        let with_stack = [&event[..], crate::sys::pod::bytes_of(&stack)].concat();
+        assert_eq!(trailing_stack::<EventHeader>(&with_stack), Some(stack));
     }
 
     #[test]

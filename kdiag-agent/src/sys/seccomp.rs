@@ -60,6 +60,8 @@ const CLONE_THREAD: u64 = 0x0001_0000;
 /// System calls allowed with any arguments.
 const ANY_ARGUMENTS: &[libc::c_long] = &[
     // Reading /proc, /sys and the buffers' descriptors; writing records.
+    // lseek: also /proc/kallsyms, read again from its start through the
+    // descriptor opened while privileged (kernel/kallsyms.rs).
     libc::SYS_read,
     libc::SYS_write,
     libc::SYS_writev,

@@ -42,6 +42,11 @@
 //!       one TCP connection to itself over the namespace's loopback, written
 //!       to as fast as it is read, until killed (a bulk transfer: tens of
 //!       thousands of NET_RX softirqs a second); prints "bulk" once it sends
+//!   kdiag-peer huge-pages MIB
+//!       not a TCP endpoint: faults MIB MiB of anonymous memory as
+//!       transparent huge pages (MADV_HUGEPAGE), unmaps it, and again, until
+//!       killed. Where memory has no free huge page left, each fault
+//!       compacts memory directly (THP `defrag` madvise or always)
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -54,7 +59,8 @@ const USAGE: &str = "usage: kdiag-peer listen ADDR PORT [--send-every-ms N] \
                      kdiag-peer connect ADDR PORT [--send-every-ms N | --count N [--from-port P]] | \
                      kdiag-peer udp ADDR PORT --count N | \
                      kdiag-peer send ADDR PORT BYTES | kdiag-peer stall ADDR PORT BYTES MS | \
-                     kdiag-peer probe ADDR PORT GO_FILE | kdiag-peer bulk";
+                     kdiag-peer probe ADDR PORT GO_FILE | kdiag-peer bulk | \
+                     kdiag-peer huge-pages MIB";
 
 /// Options after ADDR PORT; which ones a mode accepts is checked in `main`.
 #[derive(Default)]
@@ -73,6 +79,7 @@ fn main() -> ExitCode {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match args.as_slice() {
         ["bulk"] => bulk(),
+        ["huge-pages", mib] => parse_number(mib).and_then(huge_pages),
         ["udp", addr, port, "--count", n] => {
             parse_addr(addr, port).and_then(|a| send_udp(a, parse_number(n)?))
         }
@@ -455,6 +462,41 @@ fn bulk() -> Result<(), String> {
     say("bulk")?;
     loop {
         sender.write_all(&chunk).map_err(|e| format!("send: {e}"))?;
+    }
+}
+
+/// See `huge-pages` in the module comment.
+fn huge_pages(mib: u64) -> Result<(), String> {
+    const HUGE_PAGE: usize = 2 << 20;
+    const PAGE: usize = 4096;
+    let len = usize::try_from(mib << 20).map_err(|e| format!("{mib} MiB: {e}"))?;
+    loop {
+        // One huge page more than needed, to start on a huge page boundary.
+        // SAFETY: a new private anonymous mapping; no existing memory is
+        // touched.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len + HUGE_PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+        }
+        let start = (map as usize).next_multiple_of(HUGE_PAGE);
+        // SAFETY: a range inside the mapping just made.
+        check(unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE) })
+            .map_err(|e| format!("madvise: {e}"))?;
+        for page in (start..start + len).step_by(PAGE) {
+            // SAFETY: a writable page of the mapping.
+            unsafe { std::ptr::write_volatile(page as *mut u8, 1) };
+        }
+        // SAFETY: the whole mapping made above, no longer used.
+        check(unsafe { libc::munmap(map, len + HUGE_PAGE) }).map_err(|e| format!("munmap: {e}"))?;
     }
 }
 

@@ -7,7 +7,7 @@ use aya::Ebpf;
 use clap::Args;
 use kdiag_common::{
     ClassId, EventKind,
-    memory::{CompactConfig, FIELD_ABSENT, MigrateMode, StallEvent, StallKind},
+    memory::{CompactConfig, FIELD_ABSENT, MigrateMode, StallEvent, StallFilter, StallKind},
 };
 
 use super::{
@@ -17,6 +17,8 @@ use super::{
 use crate::{
     attribution::owner::comm_str,
     class::{BtfQueries, Class, ClassError, Context, Global, KernelTypes, MapSize, Tracepoint},
+    classes::{StackArgs, StackThreshold},
+    kernel::wire::trailing_stack,
     output::record::{Cgroup, Compact, CompactSummary, Degraded},
     services::{Hierarchy, Services},
 };
@@ -28,6 +30,8 @@ pub(crate) struct CompactArgs {
     /// shorter ones still appear in the summaries.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub min_latency_us: u64,
+    #[command(flatten)]
+    pub stack: StackArgs,
 }
 
 const TRACEPOINTS: &[Tracepoint] = &[
@@ -72,6 +76,8 @@ const STATUS_NAMES: &[(i64, &str)] = &[
 pub(crate) struct CompactClass {
     scope: MemoryScope,
     min_latency_ns: u64,
+    /// Runs sent that are at least this long carry their kernel stack.
+    stack_min_latency_ns: u64,
     cgroups: Hierarchy,
     stats: StallStatsReader,
     /// Status names from the running kernel's format file.
@@ -87,11 +93,17 @@ const TASK_FLAGS: BtfQueries = BtfQueries {
 };
 
 impl CompactClass {
-    pub(crate) fn new(scope: MemoryScope, min_latency_us: u64, services: &mut Services) -> Self {
+    pub(crate) fn new(
+        scope: MemoryScope,
+        min_latency_us: u64,
+        stack: StackThreshold,
+        services: &mut Services,
+    ) -> Self {
         Self {
             cgroups: services.cgroup_hierarchy(scope.mount()),
             scope,
             min_latency_ns: min_latency_us.saturating_mul(1000),
+            stack_min_latency_ns: services.stack_threshold_ns(stack.micros()),
             stats: StallStatsReader::new(),
             status_names: Vec::new(),
         }
@@ -128,6 +140,7 @@ pub(crate) fn compact_record(ev: &StallEvent, cgroup: Cgroup, status: String) ->
         status,
         mode: mode_name(ev.mode),
         order: order(ev.order),
+        stack: None,
     }
 }
 
@@ -201,12 +214,15 @@ impl Class for CompactClass {
             }
         };
         let cfg = CompactConfig {
-            filter: self.scope.filter(
-                &[StallKind::Compact],
-                self.min_latency_ns,
-                &kernel.btf,
-                degraded,
-            )?,
+            filter: StallFilter {
+                stack_min_latency_ns: self.stack_min_latency_ns,
+                ..self.scope.filter(
+                    &[StallKind::Compact],
+                    self.min_latency_ns,
+                    &kernel.btf,
+                    degraded,
+                )?
+            },
             end_status: at("compaction_end", "status"),
             end_sync: at("compaction_end", "sync"),
             try_order: at("try_to_compact_pages", "order"),
@@ -232,8 +248,11 @@ impl Class for CompactClass {
         let ev = decode_stall(data, EventKind::Compact)?;
         let cgroup = cx.services.event_cgroup(self.cgroups, ev.cgroup_id)?;
         let status = status_name(&self.status_names, ev.status);
-        cx.out
-            .write(ev.header.ts_ns, &compact_record(&ev, cgroup, status))?;
+        let record = Compact {
+            stack: cx.services.stack(trailing_stack::<StallEvent>(data)),
+            ..compact_record(&ev, cgroup, status)
+        };
+        cx.out.write(ev.header.ts_ns, &record)?;
         Ok(1)
     }
 

@@ -6,7 +6,7 @@ use aya::Ebpf;
 use clap::Args;
 use kdiag_common::{
     ClassId, EventKind,
-    memory::{FIELD_ABSENT, ReclaimConfig, StallEvent, StallKind},
+    memory::{FIELD_ABSENT, ReclaimConfig, StallEvent, StallFilter, StallKind},
 };
 
 use super::{
@@ -16,6 +16,8 @@ use super::{
 use crate::{
     attribution::owner::comm_str,
     class::{BtfQueries, Class, ClassError, Context, Global, KernelTypes, MapSize, Tracepoint},
+    classes::{StackArgs, StackThreshold},
+    kernel::wire::trailing_stack,
     output::record::{Cgroup, Degraded, Reclaim, ReclaimSummary},
     services::{Hierarchy, Services},
 };
@@ -31,6 +33,8 @@ pub(crate) struct ReclaimArgs {
     /// summaries.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub min_latency_us: u64,
+    #[command(flatten)]
+    pub stack: StackArgs,
 }
 
 /// Which reclaim `--kind` traces.
@@ -68,6 +72,8 @@ pub(crate) struct ReclaimClass {
     scope: MemoryScope,
     kind: ReclaimKind,
     min_latency_ns: u64,
+    /// Stalls sent that are at least this long carry their kernel stack.
+    stack_min_latency_ns: u64,
     cgroups: Hierarchy,
     stats: StallStatsReader,
 }
@@ -77,6 +83,7 @@ impl ReclaimClass {
         scope: MemoryScope,
         kind: ReclaimKind,
         min_latency_us: u64,
+        stack: StackThreshold,
         services: &mut Services,
     ) -> Self {
         Self {
@@ -84,6 +91,7 @@ impl ReclaimClass {
             scope,
             kind,
             min_latency_ns: min_latency_us.saturating_mul(1000),
+            stack_min_latency_ns: services.stack_threshold_ns(stack.micros()),
             stats: StallStatsReader::new(),
         }
     }
@@ -121,6 +129,7 @@ pub(crate) fn reclaim_record(ev: &StallEvent, cgroup: Cgroup) -> Reclaim {
         } else {
             None
         },
+        stack: None,
     }
 }
 
@@ -179,9 +188,12 @@ impl Class for ReclaimClass {
                 .map_or(FIELD_ABSENT, |f| f.offset)
         };
         let cfg = ReclaimConfig {
-            filter: self
-                .scope
-                .filter(self.kinds(), self.min_latency_ns, &kernel.btf, degraded)?,
+            filter: StallFilter {
+                stack_min_latency_ns: self.stack_min_latency_ns,
+                ..self
+                    .scope
+                    .filter(self.kinds(), self.min_latency_ns, &kernel.btf, degraded)?
+            },
             direct_order: at("direct_reclaim_begin", "order"),
             direct_nr_reclaimed: at("direct_reclaim_end", "nr_reclaimed"),
             memcg_nr_reclaimed: at("memcg_reclaim_end", "nr_reclaimed"),
@@ -205,8 +217,11 @@ impl Class for ReclaimClass {
     fn on_event(&mut self, data: &[u8], cx: &mut Context<'_>) -> Result<u64, ClassError> {
         let ev = decode_stall(data, EventKind::Reclaim)?;
         let cgroup = cx.services.event_cgroup(self.cgroups, ev.cgroup_id)?;
-        cx.out
-            .write(ev.header.ts_ns, &reclaim_record(&ev, cgroup))?;
+        let record = Reclaim {
+            stack: cx.services.stack(trailing_stack::<StallEvent>(data)),
+            ..reclaim_record(&ev, cgroup)
+        };
+        cx.out.write(ev.header.ts_ns, &record)?;
         Ok(1)
     }
 
@@ -268,6 +283,34 @@ mod tests {
         let v = serde_json::to_value(&r).unwrap();
         assert_eq!(v["kind"], "memcg");
         assert!(v["order"].is_null() && v["cgroup"].is_null());
+    }
+
+    #[test]
+    fn stack_absent_null_or_listed() {
+        let base = reclaim_record(&event(StallKind::Memcg), Cgroup::default());
+        let frames = vec!["try_to_free_mem_cgroup_pages+0x21d".to_owned()];
+        let cases = [
+            (None, None, ""),
+            (Some(None), Some(serde_json::Value::Null), " at -"),
+            (
+                Some(Some(frames.clone())),
+                Some(serde_json::json!(frames)),
+                " at try_to_free_mem_cgroup_pages+0x21d",
+            ),
+        ];
+        for (stack, json, text_end) in cases {
+            let r = Reclaim {
+                stack,
+                ..base.clone()
+            };
+            assert_eq!(
+                serde_json::to_value(&r).unwrap().get("stack"),
+                json.as_ref()
+            );
+            let row = crate::output::record::Record::text_row(&r, "T");
+            // ORDER (null: `-`), then the innermost frame.
+            assert!(row.ends_with(&format!("-{text_end}")), "{row:?}");
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use super::{Cgroup, Marked, Record, ms, opt, printable};
+use super::{Cgroup, Marked, Record, StackField, ms, opt, printable, text_frame};
 
 /// count, total, max and two percentiles of one set of latencies; records
 /// flatten it into their own fields.
@@ -28,6 +28,8 @@ pub(crate) struct Reclaim {
     pub latency_ns: u64,
     pub nr_reclaimed: u64,
     pub order: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stack: StackField,
 }
 
 impl Record for Reclaim {
@@ -35,14 +37,15 @@ impl Record for Reclaim {
     const TEXT_HEADER: &'static str = "TIME                           COMM             PID     TID     KIND     LAT(ms)    PAGES ORDER";
     fn text_row(&self, ts: &str) -> String {
         format!(
-            "{ts:<30} {:<16} {:<7} {:<7} {:<6} {:>9} {:>8} {}",
+            "{ts:<30} {:<16} {:<7} {:<7} {:<6} {:>9} {:>8} {}{}",
             printable(self.comm.as_deref().unwrap_or("-")),
             opt(self.pid),
             self.tid,
             self.kind,
             ms(Some(self.latency_ns)),
             self.nr_reclaimed,
-            opt(self.order)
+            opt(self.order),
+            text_frame(&self.stack)
         )
     }
 }
@@ -101,6 +104,8 @@ pub(crate) struct Compact {
     pub status: String,
     pub mode: &'static str,
     pub order: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stack: StackField,
 }
 
 impl Record for Compact {
@@ -108,14 +113,15 @@ impl Record for Compact {
     const TEXT_HEADER: &'static str = "TIME                           COMM             PID     TID       LAT(ms) ORDER MODE       STATUS";
     fn text_row(&self, ts: &str) -> String {
         format!(
-            "{ts:<30} {:<16} {:<7} {:<7} {:>9} {:<5} {:<10} {}",
+            "{ts:<30} {:<16} {:<7} {:<7} {:>9} {:<5} {:<10} {}{}",
             printable(self.comm.as_deref().unwrap_or("-")),
             opt(self.pid),
             self.tid,
             ms(Some(self.latency_ns)),
             opt(self.order),
             self.mode,
-            self.status
+            self.status,
+            text_frame(&self.stack)
         )
     }
 }

@@ -21,6 +21,25 @@ pub(crate) use tcp::{
     ConnHealth, Endpoints, Retrans, SenderState, TcpConn, TcpState, TcpSummary, TopConn,
 };
 
+/// The `stack` of a slow event's record (`--stack-min-latency-us`):
+/// `None`, absent from the record, when the event was under the threshold
+/// (or stacks are off); `Some(None)`, null, when the kernel could not take
+/// the stack (counted as `partial`) or the agent could not read the
+/// kernel's symbols; else its frames, `symbol+0xoffset`, innermost first.
+pub(crate) type StackField = Option<Option<Vec<String>>>;
+
+/// What `-o text` shows after a record with a stack: its innermost frame
+/// (where the stall ended), `-` for a null stack, nothing without one.
+pub(crate) fn text_frame(stack: &StackField) -> String {
+    match stack {
+        None => String::new(),
+        Some(frames) => {
+            let top = frames.as_ref().and_then(|f| f.first());
+            format!(" at {}", top.map_or("-", String::as_str))
+        }
+    }
+}
+
 /// Owner fields as the records print them.
 ///
 /// The strings are shared, not owned: an owner is cloned into every record
@@ -191,8 +210,8 @@ pub(crate) struct ClassStats {
     pub undecodable: u64,
     /// Events the user's filters kept out of the output.
     pub filtered: u64,
-    /// Events sent with some of their socket fields null: a read of the
-    /// socket's memory failed.
+    /// Events sent with some of their fields null: a read of the socket's
+    /// memory failed, or a slow event's kernel stack could not be taken.
     pub partial: Option<u64>,
 }
 

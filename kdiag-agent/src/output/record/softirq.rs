@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use super::{Marked, Record, micros};
+use super::{Marked, Record, StackField, micros, text_frame};
 
 /// One softirq at or over `--min-latency-us`.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -12,6 +12,8 @@ pub(crate) struct Softirq {
     pub service_ns: u64,
     /// Null when the raise was not seen.
     pub delay_ns: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stack: StackField,
 }
 
 impl Record for Softirq {
@@ -20,11 +22,12 @@ impl Record for Softirq {
         "TIME                           CPU VEC       SERVICE_us   DELAY_us";
     fn text_row(&self, ts: &str) -> String {
         format!(
-            "{ts:<30} {:>3} {:<8} {:>11} {:>10}",
+            "{ts:<30} {:>3} {:<8} {:>11} {:>10}{}",
             self.cpu,
             self.vec,
             micros(self.service_ns),
-            self.delay_ns.map_or_else(|| "-".to_owned(), micros)
+            self.delay_ns.map_or_else(|| "-".to_owned(), micros),
+            text_frame(&self.stack)
         )
     }
 }
