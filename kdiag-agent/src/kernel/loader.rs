@@ -86,6 +86,8 @@ pub(crate) enum AttachError {
     NoBtf(#[from] btf::Unanswered),
     #[error("the BTF handed to the loader is malformed")]
     TypedefBtf(#[source] Arc<BtfError>),
+    #[error("the kernel's BTF does not give what the program reads: {0}")]
+    BtfCheck(String),
 }
 
 /// How the programs that have a BTF tracepoint entry attach: `--attach`.
@@ -396,6 +398,9 @@ fn attach_btf(
     // No BTF, or none for this tracepoint (older kernels): said in the
     // kernel's terms, not as a lookup failure in the typedefs' BTF.
     kernel.btf.typedef_id(&tp.btf_typedef())?;
+    if let Some(check) = tp.btf_check {
+        check(&kernel.btf).map_err(AttachError::BtfCheck)?;
+    }
     let btf = btf
         .as_ref()
         .map_err(|e| AttachError::TypedefBtf(e.clone()))?;
