@@ -19,7 +19,10 @@
 //! while it runs itself on the CPU (a per-program guard), not whenever any
 //! tracing program runs there (the classic tracepoints' one per-CPU guard,
 //! `bpf_prog_active`): a state change in a softirq taken while another of
-//! kdiag's programs runs is seen.
+//! kdiag's programs (or another tool's) runs is seen. One taken while
+//! inet_sock_set_state itself runs on that CPU is still skipped, and
+//! under loopback churn that is most of them (docs/BENCHMARKS.md): those
+//! closes come from tcp_destroy_sock.
 //!
 //! Scratch slots. Several programs build their events in per-CPU arrays
 //! (too big for the stack). A program never runs twice at once on a CPU:

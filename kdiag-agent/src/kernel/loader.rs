@@ -264,6 +264,12 @@ pub(crate) fn load(
     let typedefs = typedef_btf(tracepoints, mode, kernel);
     let mut attached = Vec::new();
     for tp in tracepoints {
+        // A tracepoint without a format is missing (in `degraded` already,
+        // or the end when required): its BTF entry, which needs no format,
+        // is not attached either, so that `attached` and `degraded` agree.
+        if !kernel.formats.contains(tp.program) {
+            continue;
+        }
         if let Some(program) = btf_entry(tp, mode) {
             match attach_btf(&mut ebpf, tp, program, kernel, &typedefs) {
                 Ok(()) => {
@@ -282,9 +288,6 @@ pub(crate) fn load(
                     ),
                 }),
             }
-        }
-        if !kernel.formats.contains(tp.program) {
-            continue;
         }
         match attach(&mut ebpf, tp) {
             Ok(how) => attached.push(Attached {
