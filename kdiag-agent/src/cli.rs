@@ -79,9 +79,11 @@ pub(crate) struct GlobalArgs {
     /// How events travel from the kernel.
     #[arg(long, value_enum, default_value = "auto", global = true)]
     pub transport: TransportKind,
-    /// How the kernel programs attach. The softirq programs have two
-    /// forms: a BTF tracepoint (tp_btf: the kernel passes the tracepoint's
-    /// arguments straight to the program, the cheaper way) and a classic
+    /// How the kernel programs attach. The softirq and TCP programs
+    /// (inet_sock_set_state, tcp_retransmit_skb, tcp_retransmit_synack)
+    /// have two forms: a BTF tracepoint (tp_btf: the kernel passes the
+    /// tracepoint's arguments straight to the program, the cheaper way, and
+    /// skips it only while it runs itself on that CPU) and a classic
     /// tracepoint (the kernel fills a trace record first, and skips the
     /// program whenever another BPF program runs on that CPU). `auto`
     /// takes the BTF tracepoint where the kernel has BTF for it and accepts

@@ -65,6 +65,9 @@ impl ProgramId {
             Self::SoftirqRaise => Some("softirq_raise_btf"),
             Self::SoftirqEntry => Some("softirq_entry_btf"),
             Self::SoftirqExit => Some("softirq_exit_btf"),
+            Self::InetSockSetState => Some("inet_sock_set_state_btf"),
+            Self::RetransmitSkb => Some("retransmit_skb_btf"),
+            Self::RetransmitSynack => Some("retransmit_synack_btf"),
             _ => None,
         }
     }

@@ -176,9 +176,60 @@ pub struct TcpConfig {
     /// The connection's totals read from the socket when it closes (only
     /// while state changes are sent).
     pub close_sock: SockPlan,
+    /// Where the BTF tracepoint entries read the connection from the
+    /// socket; all zero when the BTF does not say (then the agent attaches
+    /// the classic entries, which read it from the record).
+    pub sock_conn: SockConnOffsets,
 }
-const _: () =
-    assert!(size_of::<TcpConfig>() == 3 * 28 + 8 + 16 + 4 + 4 + 4 + 2 * size_of::<SockPlan>());
+const _: () = assert!(
+    size_of::<TcpConfig>()
+        == 3 * 28 + 8 + 16 + 4 + 4 + 4 + 2 * size_of::<SockPlan>() + size_of::<SockConnOffsets>()
+);
+
+/// Where a BTF tracepoint entry, which gets the tracepoint's arguments and
+/// no record, finds what the record would hold, from the kernel's BTF.
+/// Offsets are from the start of a `struct sock_common`, which begins
+/// `struct sock`, `struct inet_sock` and `struct request_sock`.
+///
+/// One read of [`SOCK_HEAD_LEN`] bytes at `head` (`skc_daddr`) holds the
+/// IPv4 addresses, the ports, the family and the state, laid out as every
+/// kernel has them (`SOCK_HEAD_*`; the agent checks the BTF agrees before
+/// it attaches these entries); the IPv6 addresses are read only for IPv6
+/// sockets. A full socket's local address and port are the `inet_sock`'s
+/// (what the records hold), one more read of [`INET_LOCAL_LEN`] bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockConnOffsets {
+    pub head: u16,
+    /// `skc_v6_daddr`, `skc_v6_rcv_saddr`.
+    pub v6_daddr: u16,
+    pub v6_rcv_saddr: u16,
+    /// `sk_protocol` in `struct sock` (a 16-bit field since 5.6).
+    pub protocol: u16,
+    /// `inet_saddr` in `struct inet_sock`, where its local read starts.
+    pub inet_saddr: u16,
+    /// `inet_sport` (network order), from `inet_saddr`: an even byte
+    /// within [`INET_LOCAL_LEN`].
+    pub inet_sport_at: u16,
+    pub _pad: [u16; 2],
+}
+
+/// Bytes read at [`SockConnOffsets::inet_saddr`]: two words.
+pub const INET_LOCAL_LEN: usize = 16;
+
+/// Bytes read at [`SockConnOffsets::head`]: three words.
+pub const SOCK_HEAD_LEN: usize = 24;
+/// Where the head read holds `skc_daddr` (the remote IPv4 address),
+/// `skc_rcv_saddr` (the local one), `skc_dport` (the remote port, network
+/// order), `skc_num` (the local port, host order), `skc_family` and
+/// `skc_state` (one byte).
+pub const SOCK_HEAD_DADDR: u32 = 0;
+pub const SOCK_HEAD_RCV_SADDR: u32 = 4;
+pub const SOCK_HEAD_DPORT: u32 = 12;
+pub const SOCK_HEAD_NUM: u32 = 14;
+pub const SOCK_HEAD_FAMILY: u32 = 16;
+pub const SOCK_HEAD_STATE: u32 = 18;
+const _: () = assert!((SOCK_HEAD_STATE as usize) < SOCK_HEAD_LEN);
 
 impl TcpConfig {
     pub const DEFAULT: Self = Self {
@@ -195,6 +246,15 @@ impl TcpConfig {
         net_inum_offset: 0,
         retrans_sock: SockPlan::NONE,
         close_sock: SockPlan::NONE,
+        sock_conn: SockConnOffsets {
+            head: 0,
+            v6_daddr: 0,
+            v6_rcv_saddr: 0,
+            protocol: 0,
+            inet_saddr: 0,
+            inet_sport_at: 0,
+            _pad: [0; 2],
+        },
     };
 
     /// Whether a connection with these ports passes the `--port` filter.
@@ -497,6 +557,7 @@ crate::impl_pod!(
     TupleOffsets,
     TcpTpOffsets,
     TcpConfig,
+    SockConnOffsets,
     TcpTuple,
     RetransEvent,
     TcpStateEvent,

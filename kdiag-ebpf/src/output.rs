@@ -128,9 +128,9 @@ pub(crate) fn counted(class: ClassId, result: Result<u32, i64>) -> u32 {
 pub(crate) fn count_loss(class: ClassId, reason: u32) {
     if let Some(counter) = LOSSES.get_ptr_mut(class as u32 * LOSS_REASONS + reason) {
         // Atomic although per-CPU: classic tracepoint programs never nest
-        // on a CPU, but the raw tracepoint program (tcp_destroy_sock) can
-        // run in the middle of one, and a plain increment interrupted there
-        // would lose its count. The BPF target has no compare-and-swap, so
+        // on a CPU, but the raw and BTF tracepoint programs (tcp_destroy_sock,
+        // the tp_btf entries) can run in the middle of another program, and
+        // a plain increment interrupted there would lose its count. The BPF target has no compare-and-swap, so
         // core's atomics offer no fetch_add; the instruction is BPF's
         // atomic add (BPF_ATOMIC | BPF_ADD, without fetch: every kernel
         // with BPF has it).

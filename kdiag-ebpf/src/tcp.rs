@@ -8,27 +8,60 @@
 //! their listener (LISTEN -> SYN_RECV, inet_csk_clone_lock), and inherit the
 //! listener's owner through the listener map. Sockets created before the
 //! agent started are resolved by the agent from /proc.
+//!
+//! inet_sock_set_state and the two retransmit tracepoints each have two
+//! entries around one body, as the softirq programs do: a BTF tracepoint
+//! (tp_btf), which gets the tracepoint's arguments and reads the
+//! connection from the socket they point to, and a classic tracepoint,
+//! which reads it from the trace record the kernel filled, the fallback.
+//! The bodies are generic over where the connection comes from ([`Conn`]).
+//! Besides costing no record, a BTF tracepoint program is skipped only
+//! while it runs itself on the CPU (a per-program guard), not whenever any
+//! tracing program runs there (the classic tracepoints' one per-CPU guard,
+//! `bpf_prog_active`): a state change in a softirq taken while another of
+//! kdiag's programs (or another tool's) runs is seen. One taken while
+//! inet_sock_set_state itself runs on that CPU is still skipped, and
+//! under loopback churn that is most of them (docs/BENCHMARKS.md): those
+//! closes come from tcp_destroy_sock.
+//!
+//! Scratch slots. Several programs build their events in per-CPU arrays
+//! (too big for the stack). A program never runs twice at once on a CPU:
+//! classic tracepoint programs are all kept from nesting by
+//! `bpf_prog_active`, and a BTF or raw tracepoint program by its own
+//! guard. But different programs can: a BTF or raw tracepoint program in a
+//! softirq run on the way out of an interrupt taken in the middle of
+//! another one (inet_sock_set_state in a process's connect() interrupted
+//! by a retransmit timer, or tcp_retransmit_skb sending from a process
+//! interrupted by a SYN-ACK timer). So every slot has one program as its
+//! only user ([`Scratch`]): a slot shared by two programs could be
+//! overwritten by one in the middle of the other's event. The socket map's
+//! values are updated under the socket's lock, which a nested program
+//! never holds for the same socket (a softirq that finds the socket owned
+//! by a process defers its work to the process).
 
-use core::{ffi::c_void, mem::MaybeUninit};
+use core::{ffi::c_void, marker::PhantomData, mem::MaybeUninit};
 
 use aya_ebpf::{
+    EbpfContext,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         bpf_probe_read_kernel, generated as helper,
     },
-    macros::{map, raw_tracepoint, tracepoint},
+    macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
     maps::{LruHashMap, PerCpuArray},
-    programs::{RawTracePointContext, TracePointContext},
+    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use kdiag_common::{
     COMM_LEN, ClassId, EventKind, LOSS_MAP_FULL, LOSS_PARTIAL, Owner,
     cost::ProgramId,
     tcp::{
-        AF_INET, AF_INET6, FIELD_ABSENT, IPPROTO_TCP, LISTENER_SLOTS, ListenerKey, Listeners,
-        ROLE_ACTIVE, ROLE_LISTENER, ROLE_PASSIVE, ROLE_UNKNOWN, RetransEvent, RetransKind,
-        SOCK_FIELDS, SOCK_READ_LEN, SOCK_READS, SOCK_SCRATCH, STATE_TIME_KNOWN, SockFields,
-        SockInfo, SockPlan, TCP_CLOSE, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT, TcpCloseEvent,
-        TcpConfig, TcpStateEvent, TcpTpOffsets, TcpTuple,
+        AF_INET, AF_INET6, FIELD_ABSENT, INET_LOCAL_LEN, IPPROTO_TCP, LISTENER_SLOTS, ListenerKey,
+        Listeners, ROLE_ACTIVE, ROLE_LISTENER, ROLE_PASSIVE, ROLE_UNKNOWN, RetransEvent,
+        RetransKind, SOCK_FIELDS, SOCK_HEAD_DADDR, SOCK_HEAD_DPORT, SOCK_HEAD_FAMILY,
+        SOCK_HEAD_LEN, SOCK_HEAD_NUM, SOCK_HEAD_RCV_SADDR, SOCK_HEAD_STATE, SOCK_READ_LEN,
+        SOCK_READS, SOCK_SCRATCH, STATE_TIME_KNOWN, SockFields, SockInfo, SockPlan, TCP_CLOSE,
+        TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT, TcpCloseEvent, TcpConfig, TcpStateEvent,
+        TcpTpOffsets, TcpTuple,
     },
 };
 
@@ -71,16 +104,28 @@ static LISTENERS_NEW: PerCpuArray<Listeners> = PerCpuArray::with_max_entries(1, 
 #[map]
 static STATE_EVENT: PerCpuArray<TcpCloseEvent> = PerCpuArray::with_max_entries(1, 0);
 
+/// Users of the per-CPU scratch slots shared by several programs: one slot
+/// each, indexed by this (see the module comment on nesting).
+#[derive(Clone, Copy)]
+#[repr(u32)]
+enum Scratch {
+    SetState,
+    RetransmitSkb,
+    RetransmitSynack,
+}
+const SCRATCH_USERS: u32 = 3;
+
 /// Scratch space for building a retransmit event (with the socket's fields
-/// it is too big for the stack).
+/// it is too big for the stack), per retransmit program.
 #[map]
-static RETRANS_EVENT: PerCpuArray<RetransEvent> = PerCpuArray::with_max_entries(1, 0);
+static RETRANS_EVENT: PerCpuArray<RetransEvent> = PerCpuArray::with_max_entries(SCRATCH_USERS, 0);
 
 /// Where the reads of a socket's memory land: read `i` at byte
 /// `i * SOCK_READ_LEN`. Words, so that every field the agent placed at a
-/// multiple of its width is aligned.
+/// multiple of its width is aligned. Per program reading sockets.
 #[map]
-static SOCK_BUF: PerCpuArray<[u64; SOCK_SCRATCH / 8]> = PerCpuArray::with_max_entries(1, 0);
+static SOCK_BUF: PerCpuArray<[u64; SOCK_SCRATCH / 8]> =
+    PerCpuArray::with_max_entries(SCRATCH_USERS, 0);
 
 /// Request socket address -> SYN-ACK retransmits so far. Request sockets
 /// have no close event; LRU bounds them.
@@ -92,6 +137,133 @@ static SYNACK_RETRANS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(1, 0)
 #[inline(always)]
 fn config() -> &'static TcpConfig {
     rodata(&TCP_CONFIG)
+}
+
+/// A TCP tracepoint's record layout: where the agent found its fields
+/// (in the configuration) and where they usually are. The usual offsets
+/// are constants, not values behind a reference, so that a field read
+/// there is a context load at an offset fixed in the instruction, the only
+/// kind the verifier allows (see `ctx::field`).
+trait Layout {
+    const USUAL: TcpTpOffsets;
+    fn offsets() -> &'static TcpTpOffsets;
+}
+
+struct SetState;
+impl Layout for SetState {
+    const USUAL: TcpTpOffsets = TcpTpOffsets::USUAL_SET_STATE;
+    #[inline(always)]
+    fn offsets() -> &'static TcpTpOffsets {
+        &config().set_state
+    }
+}
+
+struct RetransmitSkb;
+impl Layout for RetransmitSkb {
+    const USUAL: TcpTpOffsets = TcpTpOffsets::USUAL_RETRANSMIT_SKB;
+    #[inline(always)]
+    fn offsets() -> &'static TcpTpOffsets {
+        &config().retransmit_skb
+    }
+}
+
+struct RetransmitSynack;
+impl Layout for RetransmitSynack {
+    const USUAL: TcpTpOffsets = TcpTpOffsets::USUAL_RETRANSMIT_SYNACK;
+    #[inline(always)]
+    fn offsets() -> &'static TcpTpOffsets {
+        &config().retransmit_synack
+    }
+}
+
+/// One field of a record: `field!(ctx, L, path)` reads `path` of layout
+/// `L`.
+macro_rules! field {
+    ($ctx:expr, $layout:ty, $($path:ident).+) => {
+        ctx::field($ctx, <$layout>::offsets().$($path).+, <$layout>::USUAL.$($path).+)
+    };
+}
+
+/// A connection's fields where a program finds them: in its classic
+/// tracepoint's record ([`Record`]) or in the socket itself ([`SockConn`],
+/// for the BTF tracepoint entries). Read in the order the bodies need
+/// them, so that a connection filtered out by family or port costs no
+/// address read.
+trait Conn {
+    fn family(&self) -> Result<u16, i64>;
+    /// Local and remote port, host order.
+    fn ports(&self) -> Result<(u16, u16), i64>;
+    /// Fills in `tuple`'s addresses, of its family; false for a family
+    /// other than IPv4 and IPv6.
+    fn addrs(&self, tuple: &mut TcpTuple) -> Result<bool, i64>;
+    /// The socket's TCP state (tcp_retransmit_skb's `state`), 0 when
+    /// unknown.
+    fn state(&self) -> i32;
+}
+
+/// The connection fields of a classic tracepoint's record, of layout `L`.
+struct Record<'a, L> {
+    ctx: &'a TracePointContext,
+    /// The socket whose family stands in for a record without `family`
+    /// (the retransmit tracepoints of 5.10).
+    sk: u64,
+    layout: PhantomData<L>,
+}
+
+impl<'a, L: Layout> Record<'a, L> {
+    #[inline(always)]
+    fn new(ctx: &'a TracePointContext, sk: u64) -> Self {
+        Self {
+            ctx,
+            sk,
+            layout: PhantomData,
+        }
+    }
+}
+
+impl<L: Layout> Conn for Record<'_, L> {
+    #[inline(always)]
+    fn family(&self) -> Result<u16, i64> {
+        if L::offsets().tuple.family == FIELD_ABSENT {
+            sock_family(config(), self.sk)
+        } else {
+            field!(self.ctx, L, tuple.family)
+        }
+    }
+
+    #[inline(always)]
+    fn ports(&self) -> Result<(u16, u16), i64> {
+        Ok((
+            field!(self.ctx, L, tuple.sport)?,
+            field!(self.ctx, L, tuple.dport)?,
+        ))
+    }
+
+    #[inline(always)]
+    fn addrs(&self, tuple: &mut TcpTuple) -> Result<bool, i64> {
+        let o = &L::offsets().tuple;
+        match tuple.family {
+            AF_INET => {
+                let s = read_addr4(self.ctx, o.saddr, L::USUAL.tuple.saddr)?;
+                let d = read_addr4(self.ctx, o.daddr, L::USUAL.tuple.daddr)?;
+                tuple.saddr[..4].copy_from_slice(&s);
+                tuple.daddr[..4].copy_from_slice(&d);
+            }
+            AF_INET6 => {
+                // Probe reads: 16 bytes in one helper call.
+                tuple.saddr = ctx::field(self.ctx, o.saddr_v6, FIELD_ABSENT)?;
+                tuple.daddr = ctx::field(self.ctx, o.daddr_v6, FIELD_ABSENT)?;
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    #[inline(always)]
+    fn state(&self) -> i32 {
+        // `state` exists since 4.16; without it every retransmit is "data".
+        field!(self.ctx, L, state).unwrap_or(0)
+    }
 }
 
 /// An IPv4 address field (`__u8[4]`, only 2-byte aligned in some records):
@@ -108,69 +280,138 @@ fn read_addr4(ctx: &TracePointContext, offset: u16, usual: u16) -> Result<[u8; 4
     Ok([lo[0], lo[1], hi[0], hi[1]])
 }
 
-/// One field of a record: `field!(ctx, offsets, usual, path)` reads
-/// `offsets.path`, whose usual offset is `usual.path`.
-macro_rules! field {
-    ($ctx:expr, $offsets:expr, $usual:expr, $($path:ident).+) => {
-        ctx::field($ctx, $offsets.$($path).+, $usual.$($path).+)
-    };
+/// The connection fields of a socket or a request socket, at the offsets
+/// the agent took from the kernel's BTF: what the tracepoints copy into
+/// their records. The head of its `struct sock_common` (addresses, ports,
+/// family, state) is read in one helper call.
+///
+/// A full socket's local address and port are read from its `inet_sock`
+/// (`inet_saddr`, `inet_sport`), as the records have them: `skc_num` and
+/// `skc_rcv_saddr` do not always agree with them (a change to CLOSE is
+/// traced after the port is released, which zeroes `skc_num`). A request
+/// socket has only its `sock_common`, whose `skc_num` and `skc_rcv_saddr`
+/// are what tcp_retransmit_synack records. `skc_num` is host order,
+/// `skc_dport` and `inet_sport` network order.
+struct SockConn {
+    /// The three words at `SockConnOffsets::head`.
+    head: [u64; SOCK_HEAD_LEN / 8],
+    /// Local IPv4 address (network order, as it lies) and port.
+    saddr: u32,
+    sport: u16,
+    /// The `struct sock_common`, for the IPv6 addresses.
+    sk: u64,
 }
 
-/// Reads the connection fields of socket `sk`'s record and applies the
-/// family and port filters. `None`: filtered out.
+impl SockConn {
+    /// A full socket's (`struct sock`, an `inet_sock`).
+    #[inline(always)]
+    fn read(sk: u64) -> Result<Self, i64> {
+        let mut conn = Self::read_head(sk)?;
+        let offsets = &config().sock_conn;
+        let at = u64::from(offsets.inet_saddr);
+        // SAFETY: probe read of kernel memory; a fault returns an error.
+        let local = unsafe { bpf_probe_read_kernel((sk + at) as *const [u64; INET_LOCAL_LEN / 8]) }
+            .map_err(i64::from)?;
+        let sport_at = u32::from(offsets.inet_sport_at);
+        let word = if sport_at < 8 { local[0] } else { local[1] };
+        conn.saddr = local[0] as u32;
+        conn.sport = u16::from_be((word >> ((sport_at % 8) * 8)) as u16);
+        Ok(conn)
+    }
+
+    /// A request socket's (`struct request_sock`).
+    #[inline(always)]
+    fn read_request(req: u64) -> Result<Self, i64> {
+        Self::read_head(req)
+    }
+
+    /// The head, with the local address and port of `sock_common`.
+    #[inline(always)]
+    fn read_head(sk: u64) -> Result<Self, i64> {
+        let at = u64::from(config().sock_conn.head);
+        // SAFETY: probe read of kernel memory; a fault returns an error.
+        let head = unsafe { bpf_probe_read_kernel((sk + at) as *const [u64; SOCK_HEAD_LEN / 8]) }
+            .map_err(i64::from)?;
+        let mut conn = Self {
+            head,
+            saddr: 0,
+            sport: 0,
+            sk,
+        };
+        conn.saddr = conn.at(SOCK_HEAD_RCV_SADDR, 32) as u32;
+        conn.sport = conn.at(SOCK_HEAD_NUM, 16) as u16;
+        Ok(conn)
+    }
+
+    /// The `bits`-bit field at byte `at` of the head (the target is
+    /// little-endian; the fields do not cross a word).
+    #[inline(always)]
+    fn at(&self, at: u32, bits: u32) -> u64 {
+        (self.head[(at / 8) as usize] >> ((at % 8) * 8)) & ((1 << bits) - 1)
+    }
+
+    /// The IPv6 address at `offset` of the socket.
+    #[inline(always)]
+    fn addr6(&self, offset: u16) -> Result<[u8; 16], i64> {
+        // SAFETY: probe read of kernel memory; a fault returns an error.
+        unsafe { bpf_probe_read_kernel((self.sk + u64::from(offset)) as *const [u8; 16]) }
+            .map_err(i64::from)
+    }
+}
+
+impl Conn for SockConn {
+    #[inline(always)]
+    fn family(&self) -> Result<u16, i64> {
+        Ok(self.at(SOCK_HEAD_FAMILY, 16) as u16)
+    }
+
+    #[inline(always)]
+    fn ports(&self) -> Result<(u16, u16), i64> {
+        let dport = u16::from_be(self.at(SOCK_HEAD_DPORT, 16) as u16);
+        Ok((self.sport, dport))
+    }
+
+    #[inline(always)]
+    fn addrs(&self, tuple: &mut TcpTuple) -> Result<bool, i64> {
+        match tuple.family {
+            AF_INET => {
+                // Network order in memory: the bytes as they lie.
+                let d = (self.at(SOCK_HEAD_DADDR, 32) as u32).to_ne_bytes();
+                tuple.saddr[..4].copy_from_slice(&self.saddr.to_ne_bytes());
+                tuple.daddr[..4].copy_from_slice(&d);
+            }
+            AF_INET6 => {
+                let offsets = &config().sock_conn;
+                tuple.saddr = self.addr6(offsets.v6_rcv_saddr)?;
+                tuple.daddr = self.addr6(offsets.v6_daddr)?;
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    #[inline(always)]
+    fn state(&self) -> i32 {
+        self.at(SOCK_HEAD_STATE, 8) as i32
+    }
+}
+
+/// The connection of `conn`, after the family and port filters. `None`:
+/// filtered out.
 #[inline(always)]
-fn read_tuple(
-    ctx: &TracePointContext,
-    cfg: &TcpConfig,
-    offsets: &TcpTpOffsets,
-    usual: &TcpTpOffsets,
-    sk: u64,
-) -> Result<Option<TcpTuple>, i64> {
-    let (o, u) = (&offsets.tuple, &usual.tuple);
-    let family: u16 = if o.family == FIELD_ABSENT {
-        sock_family(cfg, sk)?
-    } else {
-        field!(ctx, o, u, family)?
-    };
-    let sport: u16 = field!(ctx, o, u, sport)?;
-    let dport: u16 = field!(ctx, o, u, dport)?;
+fn read_tuple(cfg: &TcpConfig, conn: &impl Conn) -> Result<Option<TcpTuple>, i64> {
+    let family = conn.family()?;
+    let (sport, dport) = conn.ports()?;
     if !cfg.family_allowed(family) || !cfg.port_allowed(sport, dport) {
         return Ok(None);
     }
-    read_addrs(ctx, o, u, family, sport, dport)
-}
-
-/// The addresses of a record whose family and ports are read, unfiltered.
-#[inline(always)]
-fn read_addrs(
-    ctx: &TracePointContext,
-    o: &kdiag_common::tcp::TupleOffsets,
-    u: &kdiag_common::tcp::TupleOffsets,
-    family: u16,
-    sport: u16,
-    dport: u16,
-) -> Result<Option<TcpTuple>, i64> {
     let mut tuple = TcpTuple {
         family,
         sport,
         dport,
         ..TcpTuple::default()
     };
-    match family {
-        AF_INET => {
-            let s = read_addr4(ctx, o.saddr, u.saddr)?;
-            let d = read_addr4(ctx, o.daddr, u.daddr)?;
-            tuple.saddr[..4].copy_from_slice(&s);
-            tuple.daddr[..4].copy_from_slice(&d);
-        }
-        AF_INET6 => {
-            // Probe reads: 16 bytes in one helper call.
-            tuple.saddr = ctx::field(ctx, o.saddr_v6, FIELD_ABSENT)?;
-            tuple.daddr = ctx::field(ctx, o.daddr_v6, FIELD_ABSENT)?;
-        }
-        _ => return Ok(None),
-    }
-    Ok(Some(tuple))
+    Ok(conn.addrs(&mut tuple)?.then_some(tuple))
 }
 
 /// Writes the current task into `dst` as a socket owner. Only meaningful
@@ -222,36 +463,102 @@ fn sock_family(cfg: &TcpConfig, sk: u64) -> Result<u16, i64> {
         .map_err(i64::from)
 }
 
-#[tracepoint]
-pub(crate) fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+/// A state change as an entry reads it. The rest matters only when
+/// `protocol` is TCP: the tracepoint fires for every inet protocol with
+/// states (DCCP, SCTP, MPTCP too).
+struct StateChange {
+    protocol: u16,
+    sk: u64,
+    oldstate: i32,
+    newstate: i32,
+}
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub(crate) fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
     measured(ProgramId::InetSockSetState, || {
-        counted(ClassId::Tcp, try_inet_sock_set_state(&ctx))
+        counted(
+            ClassId::Tcp,
+            try_inet_sock_set_state(&ctx, arg_change(&ctx), SockConn::read),
+        )
     })
 }
 
-fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
+#[tracepoint]
+pub(crate) fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    measured(ProgramId::InetSockSetState, || {
+        counted(
+            ClassId::Tcp,
+            try_inet_sock_set_state(&ctx, record_change(&ctx), |sk| {
+                Ok(Record::<SetState>::new(&ctx, sk))
+            }),
+        )
+    })
+}
+
+/// The BTF tracepoint's arguments (`TP_PROTO(const struct sock *sk, const
+/// int oldstate, const int newstate)`, include/trace/events/sock.h) and the
+/// socket's protocol.
+#[inline(always)]
+fn arg_change(ctx: &BtfTracePointContext) -> Result<StateChange, i64> {
+    let sk: u64 = ctx.arg(0);
+    if sk == 0 {
+        // Never from the kernel; checked so that the verifier knows the
+        // pointer is not null where it is offset.
+        return Err(-1);
+    }
+    let at = u64::from(config().sock_conn.protocol);
+    // SAFETY: probe read of kernel memory; a fault returns an error.
+    let protocol = unsafe { bpf_probe_read_kernel((sk + at) as *const u16) }.map_err(i64::from)?;
+    Ok(StateChange {
+        protocol,
+        sk,
+        oldstate: ctx.arg(1),
+        newstate: ctx.arg(2),
+    })
+}
+
+/// The classic tracepoint's record of the change.
+#[inline(always)]
+fn record_change(ctx: &TracePointContext) -> Result<StateChange, i64> {
+    Ok(StateChange {
+        protocol: field!(ctx, SetState, protocol)?,
+        sk: field!(ctx, SetState, skaddr)?,
+        oldstate: field!(ctx, SetState, oldstate)?,
+        newstate: field!(ctx, SetState, state)?,
+    })
+}
+
+/// The body of both entries: `conn(sk)` reads the socket's connection
+/// fields, only where they are needed (listeners, and the event sent).
+#[inline(always)]
+fn try_inet_sock_set_state<C: EbpfContext, F: Conn>(
+    ctx: &C,
+    change: Result<StateChange, i64>,
+    conn: impl Fn(u64) -> Result<F, i64>,
+) -> Result<u32, i64> {
     let cfg = config();
-    let (o, u) = (&cfg.set_state, &TcpTpOffsets::USUAL_SET_STATE);
-    let protocol: u16 = field!(ctx, o, u, protocol)?;
+    let StateChange {
+        protocol,
+        sk,
+        oldstate,
+        newstate,
+    } = change?;
     if protocol != IPPROTO_TCP {
         return Ok(0);
     }
-    let sk: u64 = field!(ctx, o, u, skaddr)?;
-    let oldstate: i32 = field!(ctx, o, u, oldstate)?;
-    let newstate: i32 = field!(ctx, o, u, state)?;
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     // The event is built in a per-CPU slot: with the socket's state beside
     // it, it would not fit the 512-byte stack.
     let close = STATE_EVENT.get_ptr_mut(0).ok_or(-1i64)?;
-    // SAFETY: this CPU's slot; classic tracepoint programs do not nest on a
-    // CPU, so nothing else uses it until this program returns.
+    // SAFETY: this CPU's slot, this program's alone (see the module
+    // comment), so nothing else uses it until this program returns.
     let close = unsafe { &mut *close };
     let event = &mut close.state;
 
     // Ownership is tracked for every TCP socket, whatever the filters: they
     // apply to what is reported, and cost more here than they save.
-    let since = if record_birth(ctx, cfg, sk, oldstate, newstate, now, event)? {
+    let since = if record_birth(&conn, cfg, sk, oldstate, newstate, now, event)? {
         // Born with this change: the state it leaves was not timed.
         0
     } else {
@@ -289,7 +596,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
     };
     if newstate == TCP_CLOSE {
         if oldstate == TCP_LISTEN {
-            let key = listener_key(ctx, cfg, sk)?;
+            let key = listener_key(&conn(sk)?, cfg, sk)?;
             // The agent forgets what it learnt of this listener.
             event.net = key.net;
             forget_listener(&key, sk);
@@ -299,7 +606,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
     if cfg.stream_states == 0 {
         return Ok(0);
     }
-    let Some(tuple) = read_tuple(ctx, cfg, o, u, sk)? else {
+    let Some(tuple) = read_tuple(cfg, &conn(sk)?)? else {
         return Ok(0);
     };
     // Stamped with the clock read that timed the states, so that a closed
@@ -319,7 +626,13 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
         // fires on entry to tcp_set_state, before tcp_done or
         // tcp_disconnect clear anything.
         event.header.kind = EventKind::TcpConn as u32;
-        read_sock(sk, &cfg.close_sock, &mut close.sock, ClassId::Tcp);
+        read_sock(
+            sk,
+            &cfg.close_sock,
+            &mut close.sock,
+            ClassId::Tcp,
+            Scratch::SetState,
+        );
         // SAFETY: helper without arguments.
         close.sock.jiffies = unsafe { helper::bpf_jiffies64() };
         emit(ctx, ClassId::Tcp, close);
@@ -332,13 +645,14 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
 /// Reads the fields `plan` names from socket `sk` into `out`: one probe read
 /// per group of nearby fields (the agent grouped them), then each field
 /// picked from the buffer. A failed read leaves its fields out of `out`
-/// and counts the event as partial for `class`.
+/// and counts the event as partial for `class`. `user`: the program's
+/// slot of the buffer.
 #[inline(always)]
-fn read_sock(sk: u64, plan: &SockPlan, out: &mut SockFields, class: ClassId) {
+fn read_sock(sk: u64, plan: &SockPlan, out: &mut SockFields, class: ClassId, user: Scratch) {
     out.present = 0;
     out._pad = 0;
     out.jiffies = 0;
-    let Some(buf) = SOCK_BUF.get_ptr_mut(0) else {
+    let Some(buf) = SOCK_BUF.get_ptr_mut(user as u32) else {
         out.values = [0; SOCK_FIELDS];
         count_loss(class, LOSS_PARTIAL);
         return;
@@ -397,8 +711,8 @@ fn read_sock(sk: u64, plan: &SockPlan, out: &mut SockFields, class: ClassId) {
 /// those, fills `event`'s socket fields as the map lookup would (saving
 /// it) and returns true.
 #[inline(always)]
-fn record_birth(
-    ctx: &TracePointContext,
+fn record_birth<F: Conn>(
+    conn: &impl Fn(u64) -> Result<F, i64>,
     cfg: &TcpConfig,
     sk: u64,
     oldstate: i32,
@@ -427,7 +741,7 @@ fn record_birth(
         // A child cloned from its listener, in softirq
         // (inet_csk_clone_lock): the listener's owner will accept() it.
         // The listener is bound to the child's local address or to any.
-        let mut key = listener_key(ctx, cfg, sk)?;
+        let mut key = listener_key(&conn(sk)?, cfg, sk)?;
         // SAFETY: a field of the slot above.
         unsafe { (*info).net = key.net };
         let mut found = LISTENERS.get_ptr(key);
@@ -454,7 +768,7 @@ fn record_birth(
         // SAFETY: `owner` is valid, see above.
         unsafe { current_owner(owner) };
         if role == ROLE_LISTENER {
-            let key = listener_key(ctx, cfg, sk)?;
+            let key = listener_key(&conn(sk)?, cfg, sk)?;
             // SAFETY: just written.
             add_listener(&key, sk, unsafe { &*owner })?;
         }
@@ -483,18 +797,19 @@ unsafe fn take_sock_info(event: &mut TcpStateEvent, info: *const SockInfo) {
     }
 }
 
-/// The listener map's key for the socket of this `inet_sock_set_state`
-/// record: its namespace, family, local address and port.
+/// The listener map's key for socket `sk`, whose connection is `conn`:
+/// its namespace, family, local address and port.
 #[inline(always)]
-fn listener_key(ctx: &TracePointContext, cfg: &TcpConfig, sk: u64) -> Result<ListenerKey, i64> {
-    let (o, u) = (&cfg.set_state.tuple, &TcpTpOffsets::USUAL_SET_STATE.tuple);
-    let family: u16 = if o.family == FIELD_ABSENT {
-        sock_family(cfg, sk)?
-    } else {
-        field!(ctx, o, u, family)?
+fn listener_key(conn: &impl Conn, cfg: &TcpConfig, sk: u64) -> Result<ListenerKey, i64> {
+    let family = conn.family()?;
+    let (port, _) = conn.ports()?;
+    let mut tuple = TcpTuple {
+        family,
+        ..TcpTuple::default()
     };
-    let port: u16 = field!(ctx, o, u, sport)?;
-    let addr = read_addrs(ctx, o, u, family, port, 0)?.map_or([0; 16], |t| t.saddr);
+    if !conn.addrs(&mut tuple)? {
+        tuple.saddr = [0; 16];
+    }
     let mut key = MaybeUninit::<ListenerKey>::uninit();
     let p = key.as_mut_ptr();
     // SAFETY: a stack slot for a ListenerKey: zeroed (its padding is part of
@@ -504,7 +819,7 @@ fn listener_key(ctx: &TracePointContext, cfg: &TcpConfig, sk: u64) -> Result<Lis
         (*p).net = sock_net(cfg, sk);
         (*p).port = port;
         (*p).family = family;
-        (*p).addr = addr;
+        (*p).addr = tuple.saddr;
         Ok(key.assume_init())
     }
 }
@@ -618,22 +933,53 @@ fn try_tcp_destroy_sock(ctx: &RawTracePointContext) -> Result<u32, i64> {
     Ok(0)
 }
 
-#[tracepoint]
-pub(crate) fn retransmit_skb(ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub(crate) fn retransmit_skb_btf(ctx: BtfTracePointContext) -> u32 {
+    // TP_PROTO(const struct sock *sk, const struct sk_buff *skb), and a
+    // reason after them in newer kernels (include/trace/events/tcp.h).
     measured(ProgramId::RetransmitSkb, || {
-        counted(ClassId::Retrans, try_retransmit_skb(&ctx))
+        counted(
+            ClassId::Retrans,
+            try_retransmit_skb(&ctx, arg_sock(&ctx, 0), SockConn::read),
+        )
     })
 }
 
-fn try_retransmit_skb(ctx: &TracePointContext) -> Result<u32, i64> {
+#[tracepoint]
+pub(crate) fn retransmit_skb(ctx: TracePointContext) -> u32 {
+    measured(ProgramId::RetransmitSkb, || {
+        counted(
+            ClassId::Retrans,
+            try_retransmit_skb(&ctx, field!(&ctx, RetransmitSkb, skaddr), |sk| {
+                Ok(Record::<RetransmitSkb>::new(&ctx, sk))
+            }),
+        )
+    })
+}
+
+/// A BTF tracepoint's socket argument `n`, not null.
+#[inline(always)]
+fn arg_sock(ctx: &BtfTracePointContext, n: usize) -> Result<u64, i64> {
+    let sk: u64 = ctx.arg(n);
+    // Never null from the kernel; checked so that the verifier knows it is
+    // not where it is offset.
+    if sk == 0 { Err(-1) } else { Ok(sk) }
+}
+
+/// The body of both entries: `conn(sk)` reads the socket's connection.
+#[inline(always)]
+fn try_retransmit_skb<C: EbpfContext, F: Conn>(
+    ctx: &C,
+    sk: Result<u64, i64>,
+    conn: impl FnOnce(u64) -> Result<F, i64>,
+) -> Result<u32, i64> {
     let cfg = config();
-    let (o, u) = (&cfg.retransmit_skb, &TcpTpOffsets::USUAL_RETRANSMIT_SKB);
-    let sk: u64 = field!(ctx, o, u, skaddr)?;
-    let Some(tuple) = read_tuple(ctx, cfg, o, u, sk)? else {
+    let sk = sk?;
+    let conn = conn(sk)?;
+    let Some(tuple) = read_tuple(cfg, &conn)? else {
         return Ok(0);
     };
-    // `state` exists since 4.16; without it every retransmit is "data".
-    let state: i32 = field!(ctx, o, u, state).unwrap_or(0);
+    let state = conn.state();
     let (owner, conn_retrans) = match SOCKS.get_ptr_mut(sk) {
         Some(info) => {
             // SAFETY: a live map value. A plain increment is enough: the
@@ -663,7 +1009,7 @@ fn try_retransmit_skb(ctx: &TracePointContext) -> Result<u32, i64> {
     } else {
         RetransKind::Data
     };
-    let event = retrans_event()?;
+    let event = retrans_event(Scratch::RetransmitSkb)?;
     event.header = header(EventKind::Retrans);
     event.sock_id = sk;
     // SAFETY: a copy between valid values of one type.
@@ -673,40 +1019,71 @@ fn try_retransmit_skb(ctx: &TracePointContext) -> Result<u32, i64> {
     event.kind = kind as u32;
     event.conn_retrans = conn_retrans;
     event._pad = 0;
-    read_sock(sk, &cfg.retrans_sock, &mut event.sock, ClassId::Retrans);
+    read_sock(
+        sk,
+        &cfg.retrans_sock,
+        &mut event.sock,
+        ClassId::Retrans,
+        Scratch::RetransmitSkb,
+    );
     emit(ctx, ClassId::Retrans, event);
     Ok(0)
 }
 
-/// This CPU's retransmit event under construction.
+/// This CPU's retransmit event under construction by `user`.
 #[inline(always)]
-fn retrans_event() -> Result<&'static mut RetransEvent, i64> {
-    let event = RETRANS_EVENT.get_ptr_mut(0).ok_or(-1i64)?;
-    // SAFETY: this CPU's slot; classic tracepoint programs do not nest on a
-    // CPU, so nothing else uses it until this program returns.
+fn retrans_event(user: Scratch) -> Result<&'static mut RetransEvent, i64> {
+    let event = RETRANS_EVENT.get_ptr_mut(user as u32).ok_or(-1i64)?;
+    // SAFETY: this CPU's slot of this program (see the module comment), so
+    // nothing else uses it until this program returns.
     Ok(unsafe { &mut *event })
+}
+
+#[btf_tracepoint(function = "tcp_retransmit_synack")]
+pub(crate) fn retransmit_synack_btf(ctx: BtfTracePointContext) -> u32 {
+    // TP_PROTO(const struct sock *sk, const struct request_sock *req): the
+    // record's connection fields are the request socket's (its
+    // `ireq_family` is the listener's family).
+    measured(ProgramId::RetransmitSynack, || {
+        counted(
+            ClassId::Retrans,
+            try_retransmit_synack(&ctx, arg_sock(&ctx, 0), arg_sock(&ctx, 1), |_, req| {
+                SockConn::read_request(req)
+            }),
+        )
+    })
 }
 
 #[tracepoint]
 pub(crate) fn retransmit_synack(ctx: TracePointContext) -> u32 {
     measured(ProgramId::RetransmitSynack, || {
-        counted(ClassId::Retrans, try_retransmit_synack(&ctx))
+        counted(
+            ClassId::Retrans,
+            try_retransmit_synack(
+                &ctx,
+                field!(&ctx, RetransmitSynack, skaddr),
+                field!(&ctx, RetransmitSynack, req),
+                |listener, _| Ok(Record::<RetransmitSynack>::new(&ctx, listener)),
+            ),
+        )
     })
 }
 
-fn try_retransmit_synack(ctx: &TracePointContext) -> Result<u32, i64> {
+/// The body of both entries: `listener` is the listening socket, `req`
+/// the request socket that identifies the connection being set up;
+/// `conn(listener, req)` reads the connection.
+#[inline(always)]
+fn try_retransmit_synack<C: EbpfContext, F: Conn>(
+    ctx: &C,
+    listener: Result<u64, i64>,
+    req: Result<u64, i64>,
+    conn: impl FnOnce(u64, u64) -> Result<F, i64>,
+) -> Result<u32, i64> {
     let cfg = config();
-    let (o, u) = (
-        &cfg.retransmit_synack,
-        &TcpTpOffsets::USUAL_RETRANSMIT_SYNACK,
-    );
-    // `skaddr` is the listener; the request socket identifies the
-    // connection being set up.
-    let listener: u64 = field!(ctx, o, u, skaddr)?;
-    let Some(tuple) = read_tuple(ctx, cfg, o, u, listener)? else {
+    let (listener, req) = (listener?, req?);
+    let Some(tuple) = read_tuple(cfg, &conn(listener, req)?)? else {
         return Ok(0);
     };
-    let req: u64 = field!(ctx, o, u, req)?;
     // SAFETY: the value is copied out immediately.
     let owner = unsafe { SOCKS.get(listener) }
         .map(|info| info.owner)
@@ -727,7 +1104,7 @@ fn try_retransmit_synack(ctx: &TracePointContext) -> Result<u32, i64> {
             1
         }
     };
-    let event = retrans_event()?;
+    let event = retrans_event(Scratch::RetransmitSynack)?;
     event.header = header(EventKind::Retrans);
     event.sock_id = req;
     // SAFETY: a copy between valid values of one type.
@@ -738,7 +1115,13 @@ fn try_retransmit_synack(ctx: &TracePointContext) -> Result<u32, i64> {
     event.conn_retrans = conn_retrans;
     event._pad = 0;
     // A request socket is no tcp_sock: nothing to read.
-    read_sock(req, &SockPlan::NONE, &mut event.sock, ClassId::Retrans);
+    read_sock(
+        req,
+        &SockPlan::NONE,
+        &mut event.sock,
+        ClassId::Retrans,
+        Scratch::RetransmitSynack,
+    );
     emit(ctx, ClassId::Retrans, event);
     Ok(0)
 }

@@ -94,6 +94,24 @@ impl Agent {
         Agent::spawn(args).started(needs)
     }
 
+    /// [`Agent::start`], checking that `agent_start` says each of the
+    /// `tracepoints` (which have a BTF tracepoint entry) attached as `args`
+    /// ask: as a classic tracepoint under `--attach classic`, else as a BTF
+    /// tracepoint, which every kernel the agent supports has (5.5+ built
+    /// with BTF, as the distributions' kernels are).
+    pub fn start_attached(args: &[&str], tracepoints: &[&str]) -> (Agent, Value) {
+        let (agent, start) = Agent::start(args, tracepoints);
+        let how = if args.windows(2).any(|w| w == ["--attach", "classic"]) {
+            "tracepoint"
+        } else {
+            "tp_btf"
+        };
+        for tp in tracepoints {
+            assert_eq!(start["attached_as"][tp], how, "{tp} in {start}");
+        }
+        (agent, start)
+    }
+
     /// [`Agent::start`] through `wrapper`: a command that ends by running
     /// its arguments (the agent and `args`) in its own place, with `exec`
     /// (e.g. in a mount namespace of its own), so that the agent keeps its

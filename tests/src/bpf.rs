@@ -30,6 +30,9 @@ pub const KDIAG_PROGRAMS: &[&str] = &[
     "softirq_raise_btf",
     "softirq_entry_btf",
     "softirq_exit_btf",
+    "inet_sock_set_state_btf",
+    "retransmit_skb_btf",
+    "retransmit_synack_btf",
 ];
 
 /// The kernel keeps at most 15 bytes of a program name (BPF_OBJ_NAME_LEN

@@ -52,10 +52,13 @@ fn start_agent(args: &[String]) -> (Agent, Value) {
     start_needing(args, &["tcp/tcp_retransmit_skb"])
 }
 
-/// `start_agent`, checking that every tracepoint of `needs` is attached.
+/// `start_agent`, checking that every tracepoint of `needs` is attached,
+/// as `args` ask (see `Agent::start_attached`; every TCP tracepoint has a
+/// BTF tracepoint entry but tcp_destroy_sock, which `retrans` does not
+/// use).
 fn start_needing(args: &[String], needs: &[&str]) -> (Agent, Value) {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Agent::start(&args, needs)
+    Agent::start_attached(&args, needs)
 }
 
 /// Matches the retransmit records of connections to `port`.
@@ -300,6 +303,16 @@ fn syn_sent_ipv6() {
     syn_sent(Family::V6, &[]);
 }
 
+/// The programs on classic tracepoints, the fallback where the kernel has
+/// no BTF tracepoints, give the same records (the default attaches them as
+/// BTF tracepoints, which read the connection from the socket instead of
+/// the trace record).
+#[test]
+fn syn_sent_classic() {
+    syn_sent(Family::V4, &["--attach", "classic"]);
+    syn_sent(Family::V6, &["--attach", "classic"]);
+}
+
 #[test]
 fn perf_transport_gives_the_same_records() {
     // A global option after the subcommand, as the CLI allows.
@@ -310,12 +323,13 @@ fn perf_transport_gives_the_same_records() {
 /// The ESTABLISHED scenario: a client sending every 50 ms to a listener,
 /// the agent started before the connection or only after it is established
 /// (then it must find the socket's owner in /proc), then the server drops
-/// the port so the client retransmits its data.
-fn established(agent_before_connect: bool) {
+/// the port so the client retransmits its data. `extra`: the agent's
+/// options.
+fn established(agent_before_connect: bool, extra: &[&str]) {
     let net = NetnsPair::new();
     let port = unique_port();
     let _listener = Peer::listen(PEER, &net.server, net.server.v4, port);
-    let args = retrans_args(&[port], &[]);
+    let args = retrans_args(&[port], extra);
     let early = agent_before_connect.then(|| start_agent(&args).0);
     let client = Peer::connect(PEER, &net.client, net.server.v4, port, Some(SEND_EVERY_MS));
     let local = client.wait_connected();
@@ -328,12 +342,17 @@ fn established(agent_before_connect: bool) {
 
 #[test]
 fn established_data_retransmits() {
-    established(true);
+    established(true, &[]);
+}
+
+#[test]
+fn established_data_retransmits_classic() {
+    established(true, &["--attach", "classic"]);
 }
 
 #[test]
 fn preexisting_connection_is_attributed() {
-    established(false);
+    established(false, &[]);
 }
 
 #[test]
@@ -446,13 +465,28 @@ fn listeners_on_one_port_in_two_namespaces_keep_their_owners() {
 
 #[test]
 fn synack_retransmits_are_the_listeners() {
+    synack_retransmits(&[]);
+}
+
+#[test]
+fn synack_retransmits_are_the_listeners_classic() {
+    synack_retransmits(&["--attach", "classic"]);
+}
+
+/// SYN-ACKs the server resends, and the SYNs of the client, with the
+/// agent's `extra` options.
+fn synack_retransmits(extra: &[&str]) {
     let net = NetnsPair::new();
     let port = unique_port();
     net.drop_synacks_from_server_port(port);
     // Before the listen(): the listener's owner is recorded there.
     let (mut agent, _) = start_needing(
-        &retrans_args(&[port], &[]),
-        &["tcp/tcp_retransmit_skb", "tcp/tcp_retransmit_synack"],
+        &retrans_args(&[port], extra),
+        &[
+            "tcp/tcp_retransmit_skb",
+            "tcp/tcp_retransmit_synack",
+            "sock/inet_sock_set_state",
+        ],
     );
     let server = Peer::listen(PEER, &net.server, net.server.v4, port);
     let client = Peer::connect(PEER, &net.client, net.server.v4, port, None);

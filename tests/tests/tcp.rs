@@ -37,7 +37,7 @@ fn start_tcp(port: u16, extra: &[&str]) -> Agent {
     let port = port.to_string();
     let mut args = vec!["tcp", "--port", &port];
     args.extend_from_slice(extra);
-    Agent::start(&args, &["sock/inet_sock_set_state"]).0
+    Agent::start_attached(&args, &["sock/inet_sock_set_state"]).0
 }
 
 /// `count` connections from `ns` to a `listen` peer, one after the other,
@@ -265,6 +265,16 @@ fn every_connection_is_counted_exactly() {
     counted_exactly_over(&["--transport", "perf"]);
 }
 
+/// [`every_connection_is_counted_exactly`] with the programs on classic
+/// tracepoints, the fallback where the kernel has no BTF tracepoints.
+#[test]
+fn every_connection_is_counted_exactly_classic() {
+    let _alone = CHURNING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    counted_exactly_over(&["--attach", "classic"]);
+}
+
 /// A passive `tcp_conn` that closed without ever leaving SYN_RECV: the
 /// child the kernel drops when two CPUs complete one handshake at once.
 /// Told by every state it was timed in being SYN_RECV, not by ESTABLISHED
@@ -286,7 +296,7 @@ fn counted_exactly_over(extra: &[&str]) {
     let port_arg = port.to_string();
     let mut args = vec!["tcp", "--port", &port_arg];
     args.extend_from_slice(extra);
-    let (mut agent, start) = Agent::start(&args, &["sock/inet_sock_set_state"]);
+    let (mut agent, start) = Agent::start_attached(&args, &["sock/inet_sock_set_state"]);
     let server = Peer::listen(PEER, &net.server, net.server.v4, port);
     let client = connections_from(&net.client, net.server.v4, port, CONNS, Some(CLIENT_PORTS));
     client.wait_done(max_wait());
@@ -1188,15 +1198,32 @@ fn missing_changes(seen: &ChurnSeen<'_>, n: u64) -> u64 {
 /// every change missing is one of the runs counted as `skipped`.
 #[test]
 fn under_churn_every_connection_has_one_tcp_conn() {
+    under_churn(&[]);
+}
+
+/// [`under_churn_every_connection_has_one_tcp_conn`] with the programs on
+/// classic tracepoints, which the kernel skips whenever any tracing
+/// program runs on the CPU, not only the same one.
+#[test]
+fn under_churn_every_connection_has_one_tcp_conn_classic() {
+    under_churn(&["--attach", "classic"]);
+}
+
+/// The churn test with the agent's `extra` options.
+fn under_churn(extra: &[&str]) {
     let _alone = CHURNING
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let net = NetnsPair::new();
     let port = unique_port();
     let port_arg = port.to_string();
-    let (mut agent, _) = Agent::start(
-        &["tcp", "--port", &port_arg, "--interval", "1"],
-        &["sock/inet_sock_set_state", "tcp/tcp_destroy_sock"],
+    let mut args = vec!["tcp", "--port", &port_arg, "--interval", "1"];
+    args.extend_from_slice(extra);
+    let (mut agent, start) = Agent::start_attached(&args, &["sock/inet_sock_set_state"]);
+    let destroy = "tcp/tcp_destroy_sock";
+    assert_eq!(
+        start["attached_as"][destroy], "raw_tracepoint",
+        "{destroy} in {start}"
     );
     let (server, clients) = churn(&net, port);
     let n = u64::from(CHURN_CLIENTS * churn_each());
@@ -1278,8 +1305,8 @@ fn under_churn_every_connection_has_one_tcp_conn() {
         "{inferred} closes inferred, {missing} changes missing"
     );
     eprintln!(
-        "{n} connections: {missing} changes missing, {skipped:?} runs skipped, {inferred} \
-         closes inferred"
+        "{n} connections over {extra:?}: {missing} changes missing, {skipped:?} runs skipped, \
+         {inferred} closes inferred"
     );
 }
 

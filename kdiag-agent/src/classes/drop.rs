@@ -47,6 +47,7 @@ const TRACEPOINTS: &[Tracepoint] = &[
         name: "kfree_skb",
         program: "kfree_skb",
         btf_program: None,
+        btf_check: None,
         required: true,
     },
     // Not a source of records: it tells the kernel programs who owns each
@@ -56,6 +57,7 @@ const TRACEPOINTS: &[Tracepoint] = &[
         name: "inet_sock_set_state",
         program: "inet_sock_set_state",
         btf_program: None,
+        btf_check: None,
         required: false,
     },
 ];

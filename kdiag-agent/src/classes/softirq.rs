@@ -43,6 +43,7 @@ const EXIT: Tracepoint = Tracepoint {
     name: "softirq_exit",
     program: "softirq_exit",
     btf_program: ProgramId::SoftirqExit.btf_name(),
+    btf_check: None,
     required: true,
 };
 const ENTRY: Tracepoint = Tracepoint {
@@ -50,6 +51,7 @@ const ENTRY: Tracepoint = Tracepoint {
     name: "softirq_entry",
     program: "softirq_entry",
     btf_program: ProgramId::SoftirqEntry.btf_name(),
+    btf_check: None,
     required: true,
 };
 /// Without it there are service times but no queueing delays.
@@ -58,6 +60,7 @@ const RAISE: Tracepoint = Tracepoint {
     name: "softirq_raise",
     program: "softirq_raise",
     btf_program: ProgramId::SoftirqRaise.btf_name(),
+    btf_check: None,
     required: false,
 };
 

@@ -86,6 +86,8 @@ pub(crate) enum AttachError {
     NoBtf(#[from] btf::Unanswered),
     #[error("the BTF handed to the loader is malformed")]
     TypedefBtf(#[source] Arc<BtfError>),
+    #[error("the kernel's BTF does not give what the program reads: {0}")]
+    BtfCheck(String),
 }
 
 /// How the programs that have a BTF tracepoint entry attach: `--attach`.
@@ -262,6 +264,12 @@ pub(crate) fn load(
     let typedefs = typedef_btf(tracepoints, mode, kernel);
     let mut attached = Vec::new();
     for tp in tracepoints {
+        // A tracepoint without a format is missing (in `degraded` already,
+        // or the end when required): its BTF entry, which needs no format,
+        // is not attached either, so that `attached` and `degraded` agree.
+        if !kernel.formats.contains(tp.program) {
+            continue;
+        }
         if let Some(program) = btf_entry(tp, mode) {
             match attach_btf(&mut ebpf, tp, program, kernel, &typedefs) {
                 Ok(()) => {
@@ -280,9 +288,6 @@ pub(crate) fn load(
                     ),
                 }),
             }
-        }
-        if !kernel.formats.contains(tp.program) {
-            continue;
         }
         match attach(&mut ebpf, tp) {
             Ok(how) => attached.push(Attached {
@@ -396,6 +401,9 @@ fn attach_btf(
     // No BTF, or none for this tracepoint (older kernels): said in the
     // kernel's terms, not as a lookup failure in the typedefs' BTF.
     kernel.btf.typedef_id(&tp.btf_typedef())?;
+    if let Some(check) = tp.btf_check {
+        check(&kernel.btf).map_err(AttachError::BtfCheck)?;
+    }
     let btf = btf
         .as_ref()
         .map_err(|e| AttachError::TypedefBtf(e.clone()))?;

@@ -10,7 +10,7 @@ use crate::kernel::{
 };
 
 /// A kernel tracepoint one of kdiag's programs attaches to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct Tracepoint {
     pub group: &'static str,
     pub name: &'static str,
@@ -20,10 +20,18 @@ pub(crate) struct Tracepoint {
     /// of `program` where the kernel has BTF for the tracepoint and allows
     /// it (see `loader::AttachMode`).
     pub btf_program: Option<&'static str>,
+    /// What the BTF tracepoint entry needs of the kernel's BTF beyond the
+    /// tracepoint's typedef (offsets of the fields it reads where the
+    /// classic entry has them in the record): `Err` says why the classic
+    /// entry is attached instead. Asked with the class's BTF queries.
+    pub btf_check: Option<BtfCheck>,
     /// Without it the class has nothing to report: the agent fails if a
     /// required tracepoint cannot attach, and runs degraded otherwise.
     pub required: bool,
 }
+
+/// See [`Tracepoint::btf_check`].
+pub(crate) type BtfCheck = fn(&btf::Answers) -> Result<(), String>;
 
 impl Tracepoint {
     pub(crate) fn path(&self) -> String {

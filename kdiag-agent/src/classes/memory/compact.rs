@@ -40,6 +40,7 @@ const TRACEPOINTS: &[Tracepoint] = &[
         name: "mm_compaction_begin",
         program: "compaction_begin",
         btf_program: None,
+        btf_check: None,
         required: true,
     },
     Tracepoint {
@@ -47,6 +48,7 @@ const TRACEPOINTS: &[Tracepoint] = &[
         name: "mm_compaction_end",
         program: "compaction_end",
         btf_program: None,
+        btf_check: None,
         required: true,
     },
     // Only for the order of direct compaction; without it order is null.
@@ -55,6 +57,7 @@ const TRACEPOINTS: &[Tracepoint] = &[
         name: "mm_compaction_try_to_compact_pages",
         program: "try_to_compact_pages",
         btf_program: None,
+        btf_check: None,
         required: false,
     },
 ];

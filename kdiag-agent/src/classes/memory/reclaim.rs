@@ -54,6 +54,7 @@ const fn tp(name: &'static str, program: &'static str) -> Tracepoint {
         name,
         program,
         btf_program: None,
+        btf_check: None,
         required: true,
     }
 }

@@ -1,15 +1,49 @@
 //! The TCP programs' configuration (`TCP_CONFIG`), shared by the classes
 //! that use them: tracepoint offsets, the socket's namespace offset, filters.
 
-use kdiag_common::tcp::{
-    AF_INET, AF_INET6, FIELD_ABSENT, MAX_PORTS, TcpConfig, TcpTpOffsets, TupleOffsets,
+use kdiag_common::{
+    cost::ProgramId,
+    tcp::{
+        AF_INET, AF_INET6, FIELD_ABSENT, INET_LOCAL_LEN, MAX_PORTS, SOCK_HEAD_DADDR,
+        SOCK_HEAD_DPORT, SOCK_HEAD_FAMILY, SOCK_HEAD_NUM, SOCK_HEAD_RCV_SADDR, SOCK_HEAD_STATE,
+        SockConnOffsets, TcpConfig, TcpTpOffsets, TupleOffsets,
+    },
 };
 
 use super::health::{CLOSE_FIELDS, RETRANS_FIELDS, plan};
 use crate::{
-    class::{BtfQueries, Global, KernelTypes, MapSize},
-    kernel::tracefs::Format,
+    class::{BtfQueries, Global, KernelTypes, MapSize, Tracepoint},
+    kernel::{btf, tracefs::Format},
     output::record::Degraded,
+};
+
+/// The TCP programs' tracepoints, as both TCP classes attach them (each
+/// says which it requires). Each has a BTF tracepoint entry that reads the
+/// connection from the socket, where the BTF says where it is
+/// ([`sock_conn_offsets`]).
+pub(crate) const SET_STATE: Tracepoint = Tracepoint {
+    group: "sock",
+    name: "inet_sock_set_state",
+    program: ProgramId::InetSockSetState.name(),
+    btf_program: ProgramId::InetSockSetState.btf_name(),
+    btf_check: Some(sock_conn_check),
+    required: false,
+};
+pub(crate) const RETRANSMIT_SKB: Tracepoint = Tracepoint {
+    group: "tcp",
+    name: "tcp_retransmit_skb",
+    program: ProgramId::RetransmitSkb.name(),
+    btf_program: ProgramId::RetransmitSkb.btf_name(),
+    btf_check: Some(sock_conn_check),
+    required: false,
+};
+pub(crate) const RETRANSMIT_SYNACK: Tracepoint = Tracepoint {
+    group: "tcp",
+    name: "tcp_retransmit_synack",
+    program: ProgramId::RetransmitSynack.name(),
+    btf_program: ProgramId::RetransmitSynack.btf_name(),
+    btf_check: Some(sock_conn_check),
+    required: false,
 };
 
 /// The kernel-side TCP settings: `--port`, `-4`/`-6`, and whether state
@@ -80,18 +114,105 @@ const MAX_LISTENERS: u32 = 8192;
 const MAX_PENDING_SYNACKS: u32 = 8192;
 
 /// The socket's network namespace, which tells listeners on one port in
-/// different namespaces apart, and its family, for the records that do not
-/// carry it.
+/// different namespaces apart, its family, for the records that do not
+/// carry it, and the connection fields the BTF tracepoint entries read
+/// from the socket ([`sock_conn_offsets`]).
 pub(crate) const TCP_QUERIES: BtfQueries = BtfQueries {
     members: &[
         ("sock_common", "skc_net"),
         ("sock_common", "skc_family"),
         ("net", "ns"),
         ("ns_common", "inum"),
+        ("sock_common", "skc_daddr"),
+        ("sock_common", "skc_rcv_saddr"),
+        ("sock_common", "skc_dport"),
+        ("sock_common", "skc_num"),
+        ("sock_common", "skc_state"),
+        ("sock_common", "skc_v6_daddr"),
+        ("sock_common", "skc_v6_rcv_saddr"),
+        ("sock", "__sk_common"),
+        ("sock", "sk_protocol"),
+        ("inet_sock", "sk"),
+        ("inet_sock", "inet_saddr"),
+        ("inet_sock", "inet_sport"),
+        ("request_sock", "__req_common"),
     ],
     enumerators: &[],
     enums: &[],
 };
+
+/// Where the BTF tracepoint entries read a connection from its socket:
+/// `struct sock_common`'s head as every kernel lays it out (checked member
+/// by member: `SOCK_HEAD_*` from `skc_daddr`), its IPv6 addresses, and
+/// `struct sock`'s `sk_protocol`. Both `struct sock` and `struct
+/// request_sock` must begin with their `sock_common`: the programs read
+/// either at the same offsets.
+pub(crate) fn sock_conn_offsets(btf: &btf::Answers) -> Result<SockConnOffsets, String> {
+    let at = |strukt, member| btf.offset(strukt, member).map_err(|e| e.to_string());
+    for (strukt, member) in [
+        ("sock", "__sk_common"),
+        ("inet_sock", "sk"),
+        ("request_sock", "__req_common"),
+    ] {
+        let offset = at(strukt, member)?;
+        if offset != 0 {
+            return Err(format!("{strukt}.{member} is at byte {offset}, not 0"));
+        }
+    }
+    let head = at("sock_common", "skc_daddr")?;
+    for (member, want) in [
+        ("skc_daddr", SOCK_HEAD_DADDR),
+        ("skc_rcv_saddr", SOCK_HEAD_RCV_SADDR),
+        ("skc_dport", SOCK_HEAD_DPORT),
+        ("skc_num", SOCK_HEAD_NUM),
+        ("skc_family", SOCK_HEAD_FAMILY),
+        ("skc_state", SOCK_HEAD_STATE),
+    ] {
+        let offset = at("sock_common", member)?;
+        if offset != head + want {
+            return Err(format!(
+                "sock_common.{member} is at byte {offset}, not {}",
+                head + want
+            ));
+        }
+    }
+    // A 16-bit field since 5.6; 5.5's 8-bit bitfield starts mid-word.
+    let protocol_bits = btf
+        .bit_offset("sock", "sk_protocol")
+        .map_err(|e| e.to_string())?;
+    if protocol_bits % 16 != 0 {
+        return Err(format!(
+            "sock.sk_protocol is at bit {protocol_bits}, not a 16-bit field"
+        ));
+    }
+    let inet_saddr = at("inet_sock", "inet_saddr")?;
+    let inet_sport = at("inet_sock", "inet_sport")?;
+    let sport_at = inet_sport
+        .checked_sub(inet_saddr)
+        .filter(|at| at % 2 == 0 && *at as usize + 2 <= INET_LOCAL_LEN)
+        .ok_or_else(|| {
+            format!(
+                "inet_sock.inet_sport (byte {inet_sport}) is not within {INET_LOCAL_LEN} bytes \
+                 after inet_saddr (byte {inet_saddr})"
+            )
+        })?;
+    let narrow =
+        |offset: u32| u16::try_from(offset).map_err(|_| format!("offset {offset} out of range"));
+    Ok(SockConnOffsets {
+        head: narrow(head)?,
+        v6_daddr: narrow(at("sock_common", "skc_v6_daddr")?)?,
+        v6_rcv_saddr: narrow(at("sock_common", "skc_v6_rcv_saddr")?)?,
+        protocol: narrow(protocol_bits / 8)?,
+        inet_saddr: narrow(inet_saddr)?,
+        inet_sport_at: narrow(sport_at)?,
+        _pad: [0; 2],
+    })
+}
+
+/// The TCP tracepoints' `btf_check`.
+fn sock_conn_check(btf: &btf::Answers) -> Result<(), String> {
+    sock_conn_offsets(btf).map(drop)
+}
 
 /// `TCP_CONFIG` for the kernel's types and these settings.
 pub(crate) fn tcp_global(
@@ -163,6 +284,9 @@ pub(crate) fn tcp_global(
     // must set one configuration (each class says what its records lack).
     tcp.retrans_sock = plan(&kernel.btf, RETRANS_FIELDS).0;
     tcp.close_sock = plan(&kernel.btf, CLOSE_FIELDS).0;
+    // Left zero without them: the loader then attaches the classic entries
+    // (the same check, `sock_conn_check`), and says why.
+    tcp.sock_conn = sock_conn_offsets(&kernel.btf).unwrap_or_default();
     Global::new("TCP_CONFIG", &tcp)
 }
 
@@ -301,6 +425,55 @@ mod tests {
         assert_eq!(without.len(), 1, "{without:?}");
         assert_eq!(without[0].what, "btf/sock_common.skc_family");
         assert!(without[0].why.contains("retransmit_skb"), "{without:?}");
+    }
+
+    /// The running kernel's BTF places every field the BTF tracepoint
+    /// entries read where they read it.
+    #[test]
+    fn the_running_kernels_sockets_fit_the_btf_entries() {
+        let btf = btf::Answers::of_kernel(TCP_QUERIES.members, &[], &[], &[]);
+        let offsets = sock_conn_offsets(&btf).unwrap();
+        assert_eq!(offsets.head, 0);
+        assert!(
+            offsets.protocol != 0 && offsets.inet_saddr != 0,
+            "{offsets:?}"
+        );
+    }
+
+    /// A layout the programs cannot read is refused with the member that
+    /// does not fit: 5.5's 8-bit `sk_protocol` bitfield, a moved field.
+    #[test]
+    fn layouts_the_btf_entries_cannot_read_are_refused() {
+        let members = |protocol_bits: u32, family_bits: u32| {
+            btf::Answers::with_bit_offsets(&[
+                (("sock", "__sk_common"), 0),
+                (("inet_sock", "sk"), 0),
+                (("request_sock", "__req_common"), 0),
+                (("sock_common", "skc_daddr"), 0),
+                (("sock_common", "skc_rcv_saddr"), 32),
+                (("sock_common", "skc_dport"), 96),
+                (("sock_common", "skc_num"), 112),
+                (("sock_common", "skc_family"), family_bits),
+                (("sock_common", "skc_state"), 144),
+                (("sock_common", "skc_v6_daddr"), 56 * 8),
+                (("sock_common", "skc_v6_rcv_saddr"), 72 * 8),
+                (("sock", "sk_protocol"), protocol_bits),
+                (("inet_sock", "inet_saddr"), 1000 * 8),
+                (("inet_sock", "inet_sport"), 1008 * 8),
+            ])
+        };
+        let fits = sock_conn_offsets(&members(500 * 8, 128)).unwrap();
+        assert_eq!(
+            (fits.protocol, fits.inet_saddr, fits.inet_sport_at),
+            (500, 1000, 8)
+        );
+        assert_eq!((fits.v6_daddr, fits.v6_rcv_saddr), (56, 72));
+        let bitfield = sock_conn_offsets(&members(500 * 8 + 8, 128)).unwrap_err();
+        assert!(bitfield.contains("sk_protocol"), "{bitfield}");
+        let moved = sock_conn_offsets(&members(500 * 8, 160)).unwrap_err();
+        assert!(moved.contains("skc_family"), "{moved}");
+        let none = sock_conn_offsets(&btf::Answers::default()).unwrap_err();
+        assert!(!none.is_empty());
     }
 
     #[test]

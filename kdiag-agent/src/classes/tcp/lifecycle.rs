@@ -13,7 +13,7 @@ use kdiag_common::{
 };
 
 use super::{
-    config::{TCP_QUERIES, TcpFilter, tcp_global},
+    config::{RETRANSMIT_SKB, RETRANSMIT_SYNACK, SET_STATE, TCP_QUERIES, TcpFilter, tcp_global},
     conns::{ConnHistory, ConnTable},
     health::{CLOSE_FIELDS, ChronoLayout, SOCK_QUERIES, conn_health, missing_note, plan},
     retrans::decode_retrans,
@@ -31,11 +31,8 @@ use crate::{
 
 const TRACEPOINTS: &[Tracepoint] = &[
     Tracepoint {
-        group: "sock",
-        name: "inet_sock_set_state",
-        program: "inet_sock_set_state",
-        btf_program: None,
         required: true,
+        ..SET_STATE
     },
     // A raw tracepoint: the close of a socket whose change to CLOSE the
     // kernel skipped (see kdiag-ebpf's tcp_destroy_sock). Without it such
@@ -45,23 +42,12 @@ const TRACEPOINTS: &[Tracepoint] = &[
         name: "tcp_destroy_sock",
         program: "tcp_destroy_sock",
         btf_program: None,
+        btf_check: None,
         required: false,
     },
     // Retransmits feed tcp_summary and the per-connection counts.
-    Tracepoint {
-        group: "tcp",
-        name: "tcp_retransmit_skb",
-        program: "retransmit_skb",
-        btf_program: None,
-        required: false,
-    },
-    Tracepoint {
-        group: "tcp",
-        name: "tcp_retransmit_synack",
-        program: "retransmit_synack",
-        btf_program: None,
-        required: false,
-    },
+    RETRANSMIT_SKB,
+    RETRANSMIT_SYNACK,
 ];
 
 /// Connections followed at once in userspace for `tcp_conn`: 7/8 of 65536,

@@ -6,7 +6,7 @@ use kdiag_common::{
 };
 
 use super::{
-    config::{TCP_QUERIES, TcpFilter, tcp_global},
+    config::{RETRANSMIT_SKB, RETRANSMIT_SYNACK, SET_STATE, TCP_QUERIES, TcpFilter, tcp_global},
     health::{RETRANS_FIELDS, SOCK_QUERIES, missing_note, plan, sender_state},
     state_names::state_name,
 };
@@ -21,29 +21,14 @@ use crate::{
 
 const TRACEPOINTS: &[Tracepoint] = &[
     Tracepoint {
-        group: "tcp",
-        name: "tcp_retransmit_skb",
-        program: "retransmit_skb",
-        btf_program: None,
         required: true,
+        ..RETRANSMIT_SKB
     },
-    Tracepoint {
-        group: "tcp",
-        name: "tcp_retransmit_synack",
-        program: "retransmit_synack",
-        btf_program: None,
-        required: false,
-    },
+    RETRANSMIT_SYNACK,
     // Not a source of records: it tells the kernel programs who owns each
     // socket. Without it only the owners of sockets older than the agent
     // are known (from /proc, at start-up).
-    Tracepoint {
-        group: "sock",
-        name: "inet_sock_set_state",
-        program: "inet_sock_set_state",
-        btf_program: None,
-        required: false,
-    },
+    SET_STATE,
 ];
 
 pub(crate) struct RetransClass {
