@@ -372,9 +372,18 @@ fn counted_exactly_over(extra: &[&str]) {
         .iter()
         .map(|(_, got, want)| u64::from(want.copied().unwrap_or(0) - got.copied().unwrap_or(0)))
         .sum();
-    // Changes the kernel skipped (counted host-wide, so at least those
-    // missing here): their connections' tcp_conn say close: inferred.
-    let accounted = only_fewer && skipped.is_some_and(|s| missing <= s);
+    // Each change missing is counted: by the kernel, as a run it skipped
+    // (host-wide, so at least those missing here; a skipped close makes
+    // its tcp_conn say close: inferred), or by the agent, as a gap in its
+    // socket's sequence when a later change of it came (whatever the
+    // cause: one in about 25 runs lost a FIN_WAIT1 -> FIN_WAIT2 that no
+    // kernel counter showed). Both may count one change.
+    let gaps = summed(&recs, "sequence_gaps");
+    assert!(
+        gaps <= missing,
+        "{gaps} sequence gaps reported, {missing} changes missing over {extra:?}"
+    );
+    let accounted = only_fewer && missing <= skipped.unwrap_or(0) + gaps;
     if !differing.is_empty()
         && only_fewer
         && !accounted
@@ -393,7 +402,7 @@ fn counted_exactly_over(extra: &[&str]) {
         differing.is_empty() || accounted,
         "tcp_state records per owner (client {cpid}, server {spid}) differ over {extra:?}, \
          as ((pid, change), got, want): {differing:?}; recursion misses of the agent's \
-         programs: {misses}, skipped: {skipped:?}"
+         programs: {misses}, skipped: {skipped:?}, sequence gaps: {gaps}"
     );
 
     let (client_ip, server_ip) = (IpAddr::from(net.client.v4), IpAddr::from(net.server.v4));
@@ -1238,18 +1247,28 @@ fn under_churn(extra: &[&str]) {
     let seen = churn_seen(&recs, port);
     let missing = missing_changes(&seen, n);
     let skipped = class_totals(&recs, "tcp").skipped;
-    // Skipped runs are counted host-wide (changes of other sockets too).
-    // Before 6.7 they are not counted (`null`): then changes missing can
-    // only be seen as fewer.
+    // Each change missing is counted by the kernel as a skipped run
+    // (host-wide: changes of other sockets too), or by the agent as a gap
+    // in its socket's sequence (see `counted_exactly_over`). Before 6.7
+    // skipped runs are not counted (`null`): then a close missing can only
+    // be seen as fewer changes.
+    let gaps = summed(&recs, "sequence_gaps");
+    assert!(
+        gaps <= missing,
+        "{gaps} sequence gaps reported, {missing} changes missing"
+    );
     match skipped {
         Some(skipped) => assert!(
-            missing <= skipped,
-            "{missing} changes missing, {skipped} runs counted as skipped"
+            missing <= skipped + gaps,
+            "{missing} changes missing, {skipped} runs counted as skipped, {gaps} sequence gaps"
         ),
         None => {
             if !skip_unless(
-                missing == 0,
-                &format!("accounting for {missing} changes missing: skipped runs are not counted"),
+                missing <= gaps,
+                &format!(
+                    "accounting for {missing} changes missing ({gaps} sequence gaps): skipped \
+                     runs are not counted"
+                ),
             ) {
                 return;
             }

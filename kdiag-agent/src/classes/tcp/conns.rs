@@ -78,6 +78,9 @@ pub(crate) struct ConnTable {
     free: Vec<u32>,
     max: usize,
     evicted: u64,
+    /// Changes whose old state was not the new state of the socket's change
+    /// before (see [`ConnTable::take_gaps`]).
+    gaps: u64,
 }
 
 impl ConnTable {
@@ -91,6 +94,7 @@ impl ConnTable {
             free: Vec::with_capacity(max),
             max,
             evicted: 0,
+            gaps: 0,
         }
     }
 
@@ -101,6 +105,15 @@ impl ConnTable {
     /// Connections evicted since the last call.
     pub(crate) fn take_evicted(&mut self) -> u64 {
         std::mem::take(&mut self.evicted)
+    }
+
+    /// Gaps in the sockets' sequences of changes seen since the last call:
+    /// changes that leave a state other than the one the socket's previous
+    /// change seen entered. At least one change between the two never
+    /// reached the agent, whatever the reason (skipped by the kernel,
+    /// dropped for a full buffer, lost): each gap counts one.
+    pub(crate) fn take_gaps(&mut self) -> u64 {
+        std::mem::take(&mut self.gaps)
     }
 
     /// Records one state change of socket `sock_id` (at `tuple`);
@@ -116,6 +129,10 @@ impl ConnTable {
     ) -> Option<ConnHistory> {
         let slot = self.slot_of(sock_id);
         let conn = &mut self.slots[slot];
+        // 0: no change of the socket seen before this one.
+        if conn.state != 0 && i32::from(conn.state) != old {
+            self.gaps += 1;
+        }
         conn.tuple = *tuple;
         conn.add(old, new, old_state_ns, now_ns);
         (new == TCP_CLOSE).then(|| self.close(sock_id, slot))
@@ -241,6 +258,21 @@ mod tests {
         // Not followed (its close was seen, or it was never reported).
         assert_eq!(t.on_destroy(1, Some(1), 101), None);
         assert_eq!(t.tuple(1), None);
+    }
+
+    #[test]
+    fn a_change_that_leaves_another_state_than_the_last_entered_is_a_gap() {
+        let mut t = ConnTable::new(16);
+        t.on_change(1, &T, (TCP_CLOSE, TCP_SYN_SENT), None, 10);
+        t.on_change(1, &T, (TCP_SYN_SENT, ESTABLISHED), Some(300), 20);
+        t.on_change(1, &T, (ESTABLISHED, FIN_WAIT1), Some(5000), 30);
+        assert_eq!(t.take_gaps(), 0);
+        // FIN_WAIT1 -> FIN_WAIT2 never came.
+        t.on_change(1, &T, (FIN_WAIT2, TCP_CLOSE), Some(60), 50);
+        // A socket first seen mid-life has nothing to compare with.
+        t.on_change(2, &T, (FIN_WAIT1, FIN_WAIT2), Some(7), 60);
+        assert_eq!(t.take_gaps(), 1);
+        assert_eq!(t.take_gaps(), 0, "taken");
     }
 
     #[test]

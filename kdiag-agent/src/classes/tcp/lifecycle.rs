@@ -425,6 +425,7 @@ impl Class for TcpClass {
             retrans_untracked,
             conns_tracked: self.conns.len() as u64,
             conns_evicted: self.conns.take_evicted(),
+            sequence_gaps: self.conns.take_gaps(),
             interval_ns,
         };
         cx.out.write(now_ns, &summary)?;

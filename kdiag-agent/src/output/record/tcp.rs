@@ -291,6 +291,10 @@ pub(crate) struct TcpSummary {
     /// table because it was full (their tcp_conn will not be written).
     pub conns_tracked: u64,
     pub conns_evicted: u64,
+    /// Changes that left another state than the one their socket's
+    /// previous change seen entered: at least one change went missing
+    /// between the two.
+    pub sequence_gaps: u64,
     pub interval_ns: u64,
 }
 
