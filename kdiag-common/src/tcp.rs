@@ -214,8 +214,9 @@ pub struct SockConnOffsets {
     pub _pad: [u16; 2],
 }
 
-/// Bytes read at [`SockConnOffsets::inet_saddr`]: two words.
-pub const INET_LOCAL_LEN: usize = 16;
+/// Bytes read at [`SockConnOffsets::inet_saddr`]: three words (6.1 has
+/// `inet_sport` 20 bytes after `inet_saddr`, 6.12 and later 8).
+pub const INET_LOCAL_LEN: usize = 24;
 
 /// Bytes read at [`SockConnOffsets::head`]: three words.
 pub const SOCK_HEAD_LEN: usize = 24;

@@ -313,7 +313,12 @@ impl SockConn {
         let local = unsafe { bpf_probe_read_kernel((sk + at) as *const [u64; INET_LOCAL_LEN / 8]) }
             .map_err(i64::from)?;
         let sport_at = u32::from(offsets.inet_sport_at);
-        let word = if sport_at < 8 { local[0] } else { local[1] };
+        // The agent checked that the port lies within the read.
+        let word = match sport_at / 8 {
+            0 => local[0],
+            1 => local[1],
+            _ => local[2],
+        };
         conn.saddr = local[0] as u32;
         conn.sport = u16::from_be((word >> ((sport_at % 8) * 8)) as u16);
         Ok(conn)

@@ -60,6 +60,10 @@ fn is_tracing_frame(frame: &str) -> bool {
 /// function, to that function).
 const MODULES_CHECK: Duration = Duration::from_secs(1);
 
+/// How far into /proc/kallsyms the first function is looked for: past the
+/// per-CPU symbols, a few hundred lines.
+const FIRST_FUNCTION_WITHIN: u64 = 1 << 20;
+
 /// Why stacks cannot be symbolized.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum KallsymsError {
@@ -89,6 +93,19 @@ fn parse_line(line: &str) -> Option<(u64, char, &str, Option<&str>)> {
     let kind = cols.next()?.chars().next()?;
     let name = cols.next()?;
     Some((addr, kind, name, cols.next()))
+}
+
+/// Whether a kallsyms text shows addresses, from its first function's: the
+/// per-CPU symbols before it (up to 6.14, `fixed_percpu_data` first) are
+/// at 0 whatever is shown.
+fn shows_addresses(text: impl BufRead) -> bool {
+    text.lines()
+        .map_while(Result::ok)
+        .find_map(|line| {
+            let (addr, kind, name, module) = parse_line(&line)?;
+            is_function(kind, name, module).then_some(addr)
+        })
+        .is_some_and(|addr| addr != 0)
 }
 
 /// Whether a symbol belongs in the table (see the module comment).
@@ -225,9 +242,7 @@ impl KernelSymbols {
     /// this opener real addresses; the table is read on first use.
     pub(crate) fn open() -> Result<Self, KallsymsError> {
         let file = File::open("/proc/kallsyms")?;
-        let mut first = String::new();
-        BufReader::new(&file).take(4096).read_line(&mut first)?;
-        if parse_line(&first).is_none_or(|(addr, ..)| addr == 0) {
+        if !shows_addresses(BufReader::new(&file).take(FIRST_FUNCTION_WITHIN)) {
             return Err(KallsymsError::Hidden);
         }
         Ok(Self {
@@ -296,6 +311,16 @@ not a line
         SymbolTable::parse(SAMPLE.as_bytes()).unwrap()
     }
 
+    #[test]
+    fn addresses_are_told_from_the_first_function() {
+        let shown = "0000000000000000 A fixed_percpu_data\n\
+                     0000000000000000 A __per_cpu_start\n\
+                     ffffffff81000000 T startup_64\n";
+        assert!(shows_addresses(shown.as_bytes()));
+        let hidden = "0000000000000000 A fixed_percpu_data\n0000000000000000 T startup_64\n";
+        assert!(!shows_addresses(hidden.as_bytes()));
+        assert!(!shows_addresses("".as_bytes()));
+    }
     #[test]
     fn keeps_functions_only() {
         let t = table();

@@ -441,10 +441,11 @@ mod tests {
     }
 
     /// A layout the programs cannot read is refused with the member that
-    /// does not fit: 5.5's 8-bit `sk_protocol` bitfield, a moved field.
+    /// does not fit: 5.5's 8-bit `sk_protocol` bitfield, a moved field, a
+    /// local port past the read (6.1's, 20 bytes after the address, fits).
     #[test]
     fn layouts_the_btf_entries_cannot_read_are_refused() {
-        let members = |protocol_bits: u32, family_bits: u32| {
+        let members_at = |protocol_bits: u32, family_bits: u32, sport: u32| {
             btf::Answers::with_bit_offsets(&[
                 (("sock", "__sk_common"), 0),
                 (("inet_sock", "sk"), 0),
@@ -459,9 +460,10 @@ mod tests {
                 (("sock_common", "skc_v6_rcv_saddr"), 72 * 8),
                 (("sock", "sk_protocol"), protocol_bits),
                 (("inet_sock", "inet_saddr"), 1000 * 8),
-                (("inet_sock", "inet_sport"), 1008 * 8),
+                (("inet_sock", "inet_sport"), sport * 8),
             ])
         };
+        let members = |protocol_bits, family_bits| members_at(protocol_bits, family_bits, 1008);
         let fits = sock_conn_offsets(&members(500 * 8, 128)).unwrap();
         assert_eq!(
             (fits.protocol, fits.inet_saddr, fits.inet_sport_at),
@@ -472,6 +474,10 @@ mod tests {
         assert!(bitfield.contains("sk_protocol"), "{bitfield}");
         let moved = sock_conn_offsets(&members(500 * 8, 160)).unwrap_err();
         assert!(moved.contains("skc_family"), "{moved}");
+        let far = sock_conn_offsets(&members_at(500 * 8, 128, 1020)).unwrap();
+        assert_eq!(far.inet_sport_at, 20);
+        let past = sock_conn_offsets(&members_at(500 * 8, 128, 1024)).unwrap_err();
+        assert!(past.contains("inet_sport"), "{past}");
         let none = sock_conn_offsets(&btf::Answers::default()).unwrap_err();
         assert!(!none.is_empty());
     }
