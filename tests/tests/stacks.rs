@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use kdiag_tests::agent::Agent;
 use kdiag_tests::env::skip_unless;
 use kdiag_tests::memory::{Gated, MemoryCgroup, SparseFile, dd, mem_total, of_pid};
-use kdiag_tests::record::{class_totals, u64_field};
+use kdiag_tests::record::{class_totals, degraded_why, u64_field};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -94,7 +94,8 @@ fn memcg_reclaim_stack_names_try_to_free_mem_cgroup_pages() {
         ]
     };
     let (mut every, start) = Agent::start(&args("0"), MEMCG);
-    assert_eq!(start["degraded"], serde_json::json!([]), "in {start}");
+    // Stacks are not degraded (older kernels may have other entries).
+    assert_eq!(degraded_why(&start, "kallsyms"), None, "in {start}");
     let (mut over, _) = Agent::start(&args("300"), MEMCG);
     reader.go();
     assert!(
