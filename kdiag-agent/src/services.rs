@@ -164,11 +164,9 @@ impl Services {
         hierarchy: Hierarchy,
         id: u64,
     ) -> Result<Cgroup, ClassError> {
-        let table = &mut self.cgroups.0[hierarchy.0];
-        if !self.wait_for_lookups {
-            return Ok(table.name(id));
-        }
-        table.name_when_walked(id).ok_or(ClassError::LookupPending)
+        self.cgroups.0[hierarchy.0]
+            .name_when_walked(id, self.wait_for_lookups)
+            .ok_or(ClassError::LookupPending)
     }
 
     /// A class will ask for socket owners.

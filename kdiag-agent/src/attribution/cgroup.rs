@@ -91,21 +91,18 @@ impl CgroupPaths {
     /// root (`/` for the root itself) and the container and pod it shows;
     /// unknown ids name none.
     pub(crate) fn name(&mut self, id: u64) -> Cgroup {
-        match self.lookup(id) {
-            Lookup::Found(name) => Cgroup(Some(name)),
-            Lookup::Unknown | Lookup::Walking => Cgroup(None),
-        }
+        self.name_when_walked(id, false).unwrap_or(Cgroup(None))
     }
 
-    /// [`CgroupPaths::name`], or `None` while a walk that will tell
-    /// whether `id` exists is still running: the caller holds its event
-    /// and asks again later, so that records of a cgroup created since the
-    /// last walk name it even when walks are slow.
-    pub(crate) fn name_when_walked(&mut self, id: u64) -> Option<Cgroup> {
+    /// [`CgroupPaths::name`]; if the caller `wait`s, `None` while a walk
+    /// that will tell whether `id` exists is still running: the caller
+    /// holds its event and asks again later, so that records of a cgroup
+    /// created since the last walk name it even when walks are slow.
+    pub(crate) fn name_when_walked(&mut self, id: u64, wait: bool) -> Option<Cgroup> {
         match self.lookup(id) {
             Lookup::Found(name) => Some(Cgroup(Some(name))),
-            Lookup::Unknown => Some(Cgroup(None)),
-            Lookup::Walking => None,
+            Lookup::Walking if wait => None,
+            Lookup::Unknown | Lookup::Walking => Some(Cgroup(None)),
         }
     }
 
@@ -563,13 +560,13 @@ mod tests {
         let ino = fs::metadata(root.join("pod/ctr")).unwrap().ino();
         let mut paths = CgroupPaths::with_mount(Some(root.clone()));
         let named = loop {
-            if let Some(cgroup) = paths.name_when_walked(ino) {
+            if let Some(cgroup) = paths.name_when_walked(ino, true) {
                 break cgroup;
             }
             std::thread::sleep(Duration::from_millis(1));
         };
         assert_eq!(named.path(), Some("/pod/ctr"));
-        let unknown = paths.name_when_walked(u64::MAX);
+        let unknown = paths.name_when_walked(u64::MAX, true);
         assert!(unknown.is_some_and(|c| c.path().is_none()));
         assert!(paths.walking.is_none());
         fs::remove_dir_all(&root).unwrap();

@@ -249,15 +249,12 @@ impl OwnerResolver {
         if owner.known != 0 {
             // Pending, like a /proc lookup, while the cgroup is walked for:
             // a `--cgroup` filter needs its path.
-            let cgroup = if wait {
-                cgroups.name_when_walked(owner.cgroup_id)?
-            } else {
-                cgroups.name(owner.cgroup_id)
-            };
             return Some(ResolvedOwner {
                 pid: Some(owner.tgid),
                 comm: Some(self.comm(&owner.comm)),
-                cgroup,
+                // Pending while the cgroup is walked for, like a /proc
+                // lookup: a `--cgroup` filter needs its path.
+                cgroup: cgroups.name_when_walked(owner.cgroup_id, wait)?,
             });
         }
         let holders = self.holders.clone();
