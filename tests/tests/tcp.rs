@@ -88,6 +88,17 @@ fn conns_of<'a>(recs: &'a [Value], role: &str, pid: u32) -> Vec<&'a Value> {
         .collect()
 }
 
+/// The client's port of a record of a connection to the listener on
+/// `port`, whichever side it is from.
+fn client_port(rec: &Value, port: u16) -> u16 {
+    let sport = port_field(rec, "sport");
+    if sport == port {
+        port_field(rec, "dport")
+    } else {
+        sport
+    }
+}
+
 /// The connection a record names, local end first.
 fn ends(rec: &Value) -> (SocketAddr, SocketAddr) {
     let end = |addr: &str, port: &str| {
@@ -313,6 +324,44 @@ fn counted_exactly_over(extra: &[&str]) {
     assert_all_accounted(&recs);
     let skipped = class_totals(&recs, "tcp").skipped;
     let (cpid, spid) = (client.pid(), server.pid());
+    // A side whose first change the kernel skipped (a run counted in
+    // `skipped`) is unknown to the programs: its later changes and its
+    // tcp_conn have no owner, and no exact count per owner can be made of
+    // that connection. Such connections are left out of the counts below,
+    // at most one per run skipped.
+    let unowned: BTreeSet<u16> = recs
+        .iter()
+        .filter(|r| {
+            (record::is_type(r, "tcp_state") || record::is_type(r, "tcp_conn"))
+                && pid_of(r).is_none()
+        })
+        .map(|r| client_port(r, port))
+        .collect();
+    if !unowned.is_empty()
+        && let Some(why) = record::degraded_why(&start, "bpf/recursion_misses")
+    {
+        skip_unless(
+            false,
+            &format!(
+                "its exact counts over {extra:?}: connections from ports {unowned:?} have \
+                 changes without an owner, where {why}"
+            ),
+        );
+        return;
+    }
+    assert!(
+        unowned.len() as u64 <= skipped.unwrap_or(0),
+        "connections from ports {unowned:?} have changes without an owner, {skipped:?} runs \
+         skipped over {extra:?}"
+    );
+    let recs: Vec<Value> = recs
+        .into_iter()
+        .filter(|r| {
+            !(record::is_type(r, "tcp_state") || record::is_type(r, "tcp_conn"))
+                || !unowned.contains(&client_port(r, port))
+        })
+        .collect();
+    let whole = CONNS - unowned.len() as u32;
 
     // Exact counts of every change of every socket, per owner: nothing
     // missing, nothing extra, nothing unattributed.
@@ -321,11 +370,11 @@ fn counted_exactly_over(extra: &[&str]) {
         &mut want,
         cpid,
         &[
-            ("CLOSE->SYN_SENT", CONNS),
-            ("SYN_SENT->ESTABLISHED", CONNS),
-            ("ESTABLISHED->FIN_WAIT1", CONNS),
-            ("FIN_WAIT1->FIN_WAIT2", CONNS),
-            ("FIN_WAIT2->CLOSE", CONNS),
+            ("CLOSE->SYN_SENT", whole),
+            ("SYN_SENT->ESTABLISHED", whole),
+            ("ESTABLISHED->FIN_WAIT1", whole),
+            ("FIN_WAIT1->FIN_WAIT2", whole),
+            ("FIN_WAIT2->CLOSE", whole),
         ],
     );
     let got = transitions(&recs);
@@ -344,11 +393,11 @@ fn counted_exactly_over(extra: &[&str]) {
         spid,
         &[
             ("CLOSE->LISTEN", 1),
-            ("LISTEN->SYN_RECV", CONNS + lost_races),
-            ("SYN_RECV->ESTABLISHED", CONNS),
-            ("ESTABLISHED->CLOSE_WAIT", CONNS),
-            ("CLOSE_WAIT->LAST_ACK", CONNS),
-            ("LAST_ACK->CLOSE", CONNS),
+            ("LISTEN->SYN_RECV", whole + lost_races),
+            ("SYN_RECV->ESTABLISHED", whole),
+            ("ESTABLISHED->CLOSE_WAIT", whole),
+            ("CLOSE_WAIT->LAST_ACK", whole),
+            ("LAST_ACK->CLOSE", whole),
         ],
     );
     if lost_races > 0 {
@@ -383,7 +432,9 @@ fn counted_exactly_over(extra: &[&str]) {
         gaps <= missing,
         "{gaps} sequence gaps reported, {missing} changes missing over {extra:?}"
     );
-    let accounted = only_fewer && missing <= skipped.unwrap_or(0) + gaps;
+    // The runs skipped that left a connection without owners are spent.
+    let skipped_left = skipped.unwrap_or(0) - unowned.len() as u64;
+    let accounted = only_fewer && missing <= skipped_left + gaps;
     if !differing.is_empty()
         && only_fewer
         && !accounted
@@ -435,14 +486,14 @@ fn counted_exactly_over(extra: &[&str]) {
         .partition(|r| lost_handshake_race(r));
     assert_eq!(
         (active.len(), passive.len(), raced.len()),
-        (CONNS as usize, CONNS as usize, lost_races as usize),
+        (whole as usize, whole as usize, lost_races as usize),
         "tcp_conn records (active of the client, passive of the server, children that lost \
          a handshake race)"
     );
     let tcp_conns = recs.iter().filter(|r| record::is_type(r, "tcp_conn"));
     assert_eq!(
         tcp_conns.count(),
-        n + raced.len(),
+        2 * whole as usize + raced.len(),
         "no tcp_conn for the listener"
     );
     let client_states = ["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2"];
@@ -465,7 +516,7 @@ fn counted_exactly_over(extra: &[&str]) {
     }
     // 200 distinct connections, the same ones from both sides.
     let active_ports: BTreeSet<u16> = active.iter().map(|r| port_field(r, "sport")).collect();
-    if active_ports.len() != CONNS as usize {
+    if active_ports.len() != whole as usize {
         // Which connections share a port, with every record of that port,
         // in the order the agent wrote them.
         let mut per_port: BTreeMap<u16, usize> = BTreeMap::new();
