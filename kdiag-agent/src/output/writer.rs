@@ -68,6 +68,10 @@ struct Shared {
     dropped: AtomicU64,
     /// The sink refused a write with EPIPE: nobody reads any more.
     closed: AtomicBool,
+    /// The sink refused a write otherwise (a full disk, an I/O error): the
+    /// thread has stopped, and the agent must stop too rather than run on
+    /// writing nothing.
+    failed: Mutex<Option<io::ErrorKind>>,
 }
 
 impl Shared {
@@ -111,10 +115,15 @@ impl Writer {
     }
 
     /// Queues `chunk` (whole lines), or counts its lines as dropped when
-    /// the queue is full. An error only when nobody reads stdout any more.
+    /// the queue is full. An error when nobody reads stdout any more
+    /// (`BrokenPipe`) or the thread could not write to it.
     pub(crate) fn submit(&self, chunk: Vec<u8>) -> io::Result<()> {
         if self.shared.closed.load(Ordering::Relaxed) {
             return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        let failed = *self.shared.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(kind) = failed {
+            return Err(io::Error::new(kind, "writing to stdout failed"));
         }
         let mut q = self.shared.lock();
         if q.finish_by.is_some() || q.bytes + chunk.len() > QUEUE_BYTES {
@@ -235,6 +244,7 @@ fn write_lines(shared: &Shared, sink: &mut dyn Sink, chunk: &[u8]) -> usize {
                 shared.closed.store(true, Ordering::Relaxed);
             } else {
                 crate::output::diagnose(format_args!("cannot write to stdout: {e}"));
+                *shared.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.kind());
             }
             return written;
         }
@@ -308,6 +318,39 @@ mod tests {
             (QUEUE_BYTES / chunk.len() + 2) as u64 * 1024
         );
         assert!(sink.got.lock().unwrap().is_empty());
+    }
+
+    /// A sink whose writes all fail as a full disk's do.
+    struct Full;
+
+    impl Write for Full {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::Error::from_raw_os_error(libc::ENOSPC))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Sink for Full {
+        fn room(&self) -> Option<usize> {
+            None
+        }
+    }
+
+    #[test]
+    fn a_failed_write_stops_the_agent_with_its_error() {
+        let w = Writer::new(Box::new(Full)).unwrap();
+        w.submit(b"1\n".to_vec()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let err = loop {
+            if let Err(e) = w.submit(b"2\n".to_vec()) {
+                break e;
+            }
+            assert!(Instant::now() < deadline, "submit never failed");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert_eq!(err.kind(), io::ErrorKind::StorageFull);
     }
 
     #[test]
