@@ -104,6 +104,8 @@ enum LookupKey {
     /// accepts: one lookup serves them all, and it works before accept()
     /// gives a socket a file descriptor of its own.
     Listener(ListenerId),
+    /// A socket known by its inode number.
+    Inode(u64),
 }
 
 #[derive(Debug, Default)]
@@ -275,6 +277,15 @@ impl OwnerResolver {
                     .or_else(|| holders.owner(find_listener_inode(&tuple, None)?))
             }),
         }
+    }
+
+    /// The process that held the socket with inode `inode` at the
+    /// snapshot, if it still runs: the owner of a socket whose owner the
+    /// programs do not capture (UDP). Unknown for sockets created since.
+    /// `None` while it is looked up, if the caller `wait`s.
+    pub(crate) fn holder(&mut self, inode: u64, wait: bool) -> Option<ResolvedOwner> {
+        let holders = self.holders.clone();
+        self.cached_lookup(LookupKey::Inode(inode), wait, move || holders.owner(inode))
     }
 
     /// `lookup` through the cache and the time budget, off the loop; `None`
