@@ -317,6 +317,7 @@ fn flood_a_full_udp_receiver(
         dropped > 0 && dropped <= u64::from(FLOOD),
         "{dropped} of {FLOOD} datagrams dropped for a full receive buffer"
     );
+    eprintln!("{dropped} of {FLOOD} datagrams dropped for a full receive buffer");
     (sink, sport, dropped)
 }
 
