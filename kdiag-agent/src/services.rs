@@ -196,17 +196,31 @@ impl Services {
         listener: Option<ListenerId>,
     ) -> Result<ResolvedOwner, ClassError> {
         let cgroups = &mut self.cgroups.0[self.unified.0];
-        let mut resolved = self
-            .owners
-            .resolve(
-                cgroups,
-                sock_id,
-                owner,
-                tuple,
-                listener,
-                self.wait_for_lookups,
-            )
-            .ok_or(ClassError::LookupPending)?;
+        let resolved = self.owners.resolve(
+            cgroups,
+            sock_id,
+            owner,
+            tuple,
+            listener,
+            self.wait_for_lookups,
+        );
+        self.finish_owner(resolved)
+    }
+
+    /// The process that held the socket with inode `inode` when the agent
+    /// started (see [`OwnerResolver::holder`]); pending like [`Self::owner`].
+    pub(crate) fn socket_holder(&mut self, inode: u64) -> Result<ResolvedOwner, ClassError> {
+        let resolved = self.owners.holder(inode, self.wait_for_lookups);
+        self.finish_owner(resolved)
+    }
+
+    /// A looked-up owner, pending while `None`; its cgroup from a v1
+    /// hierarchy on a host without cgroup v2 (see [`OwnerHierarchy`]).
+    fn finish_owner(
+        &mut self,
+        resolved: Option<ResolvedOwner>,
+    ) -> Result<ResolvedOwner, ClassError> {
+        let mut resolved = resolved.ok_or(ClassError::LookupPending)?;
         if let Some(v1) = &mut self.v1_owners {
             resolved.cgroup = resolved.pid.map(|pid| v1.of(pid)).unwrap_or_default();
         }

@@ -57,6 +57,12 @@ pub struct DropConfig {
     /// Byte offset of `skc_num` (the local port, host order) in `struct
     /// sock`, or [`FIELD_ABSENT`]: which end of the packet is the socket's.
     pub sk_num: u16,
+    /// Byte offset of `sk_socket` in `struct sock`, and of the socket's
+    /// inode number from its `struct socket` (`vfs_inode.i_ino` in `struct
+    /// socket_alloc`, include/net/sock.h), or [`FIELD_ABSENT`]: the inode
+    /// of a UDP socket, whose owner the agent finds from it.
+    pub sk_socket: u16,
+    pub socket_ino: u16,
     /// The value of `SKB_DROP_REASON_NOT_SPECIFIED` in this kernel's `enum
     /// skb_drop_reason`, or [`NO_REASON`] without reasons.
     pub not_specified: u32,
@@ -64,7 +70,7 @@ pub struct DropConfig {
     /// or with `NOT_SPECIFIED` (`--all-reasons`).
     pub all_reasons: u32,
 }
-const _: () = assert!(size_of::<DropConfig>() == 24);
+const _: () = assert!(size_of::<DropConfig>() == 28);
 
 /// The reason of a drop on a kernel without reasons (0 is
 /// `SKB_NOT_DROPPED_YET`, never the reason of a drop).
@@ -77,6 +83,8 @@ impl DropConfig {
         skb_network_header: FIELD_ABSENT,
         skb_sk: FIELD_ABSENT,
         sk_num: FIELD_ABSENT,
+        sk_socket: FIELD_ABSENT,
+        socket_ino: FIELD_ABSENT,
         not_specified: NO_REASON,
         all_reasons: 0,
     };
@@ -96,6 +104,9 @@ pub struct DropEvent {
     /// The socket the packet belonged to (0 = none); a cache key for the
     /// agent, never printed.
     pub sock_id: u64,
+    /// The inode number of a UDP packet's socket (0 = not known): who held
+    /// it is the owner.
+    pub sock_ino: u64,
     /// The socket's owner, as the TCP programs captured it (unknown for
     /// UDP sockets and sockets the programs never saw).
     pub owner: Owner,
@@ -109,7 +120,7 @@ pub struct DropEvent {
     /// `DROP_*` flags.
     pub flags: u16,
 }
-const _: () = assert!(size_of::<DropEvent>() == 16 + 8 + 32 + 40 + 8);
+const _: () = assert!(size_of::<DropEvent>() == 16 + 8 + 8 + 32 + 40 + 8);
 
 /// Key of the per-reason drop counters.
 #[repr(C)]

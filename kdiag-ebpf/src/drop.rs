@@ -162,13 +162,20 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<u32, i64> {
             event.flags |= DROP_INBOUND;
         }
     }
-    // Owners are known for the TCP sockets the TCP programs saw born.
-    if sk != 0
-        && protocol == IPPROTO_TCP
-        && let Some(info) = SOCKS.get_ptr(sk)
-    {
-        // SAFETY: a live map value, copied at once.
-        unsafe { mem::copy(&raw mut event.owner, &raw const (*info).owner) };
+    // Owners are known for the TCP sockets the TCP programs saw born. A
+    // UDP socket changes no state the programs see: the agent finds who
+    // holds it from its inode.
+    if sk != 0 && protocol == IPPROTO_TCP {
+        if let Some(info) = SOCKS.get_ptr(sk) {
+            // SAFETY: a live map value, copied at once.
+            unsafe { mem::copy(&raw mut event.owner, &raw const (*info).owner) };
+        }
+    } else if sk != 0 && cfg.sk_socket != FIELD_ABSENT && cfg.socket_ino != FIELD_ABSENT {
+        // No `struct socket` (0) once the socket is closing: no inode.
+        let socket: u64 = kernel(sk + u64::from(cfg.sk_socket)).unwrap_or(0);
+        if socket != 0 {
+            event.sock_ino = kernel(socket + u64::from(cfg.socket_ino)).unwrap_or(0);
+        }
     }
     event.header = header(EventKind::Drop);
     event.sock_id = sk;

@@ -186,11 +186,24 @@ pub fn kernel_counts_tracepoint_misses() -> bool {
 /// (5.17 on): a `reason` field in its format. Without it the agent's `drop`
 /// class runs degraded, with no reasons to test.
 pub fn kernel_gives_drop_reasons() -> bool {
+    kfree_skb_has_field("reason")
+}
+
+/// Whether the kernel's `skb/kfree_skb` tracepoint names the socket that
+/// was to receive a dropped packet (`rx_sk`, 6.11 on). Before, a UDP
+/// datagram dropped at an unconnected socket carries no socket
+/// (`skb->sk` is only set once it is queued), so its drop has no owner.
+pub fn kfree_skb_names_the_receiving_socket() -> bool {
+    kfree_skb_has_field("rx_sk")
+}
+
+fn kfree_skb_has_field(name: &str) -> bool {
     let path = "/sys/kernel/tracing/events/skb/kfree_skb/format";
     let format = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let declared = format!(" {name};");
     format
         .lines()
-        .any(|l| l.trim_start().starts_with("field:") && l.contains(" reason;"))
+        .any(|l| l.trim_start().starts_with("field:") && l.contains(&declared))
 }
 
 /// Whether the running kernel's release is `major.minor` or later.

@@ -31,6 +31,7 @@ pub mod record;
 pub mod softirqs;
 pub mod tcpstat;
 pub mod tempdir;
+pub mod text;
 
 use std::time::Duration;
 

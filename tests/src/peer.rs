@@ -205,8 +205,28 @@ impl Peer {
             .unwrap_or_else(|e| panic!("kdiag-peer udp printed {port:?}: {e}"))
     }
 
+    /// `kdiag-peer udp-sink ADDR PORT RCVBUF` in `ns`: a UDP socket bound
+    /// to `addr`:`port` with SO_RCVBUF `rcvbuf` that is never read. Returns
+    /// once it is bound.
+    pub fn udp_sink<'a>(
+        bin: &str,
+        ns: impl Into<Netns<'a>>,
+        addr: impl Into<IpAddr>,
+        port: u16,
+        rcvbuf: u32,
+    ) -> Peer {
+        let args = [
+            addr.into().to_string(),
+            port.to_string(),
+            rcvbuf.to_string(),
+        ];
+        let peer = Peer::run(bin, ns, "udp-sink", &args);
+        peer.wait_line("ready");
+        peer
+    }
+
     /// `kdiag-peer MODE ARGS…` in `ns`, for the modes whose arguments are
-    /// fixed (`udp`, `send`, `stall`, `probe`; see the peer's usage);
+    /// fixed (`udp`, `udp-sink`, `send`, `stall`, `probe`; see the peer's usage);
     /// returns once it runs.
     pub fn run<'a>(bin: &str, ns: impl Into<Netns<'a>>, mode: &str, args: &[String]) -> Peer {
         let mut all = vec![mode.to_owned()];

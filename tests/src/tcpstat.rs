@@ -10,18 +10,39 @@ use crate::netns::Netns;
 /// network namespace of the reading process: here the root namespace.
 pub fn snmp_segments() -> (u64, u64) {
     let text = std::fs::read_to_string("/proc/net/snmp").expect("reading /proc/net/snmp");
-    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
-    let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
-        panic!("no Tcp: lines in /proc/net/snmp: {text}");
+    (
+        snmp_counter(&text, "Tcp", "RetransSegs"),
+        snmp_counter(&text, "Tcp", "OutSegs"),
+    )
+}
+
+/// `Udp: RcvbufErrors` of `ns`'s /proc/net/snmp: datagrams dropped for a
+/// full socket receive buffer (net/ipv4/udp.c, __udp_queue_rcv_skb). UDP
+/// over IPv6 counts them in /proc/net/snmp6 instead.
+pub fn udp_rcvbuf_errors(ns: Netns) -> u64 {
+    let out = cmd::output(&mut ns.command("cat", &["/proc/net/snmp"]));
+    assert!(
+        out.status.success(),
+        "/proc/net/snmp in netns {}: {}",
+        ns.name(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    snmp_counter(&String::from_utf8_lossy(&out.stdout), "Udp", "RcvbufErrors")
+}
+
+/// The counter `name` of `proto`'s pair of lines (names, then values) in
+/// /proc/net/snmp's `text`.
+fn snmp_counter(text: &str, proto: &str, name: &str) -> u64 {
+    let prefix = format!("{proto}:");
+    let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        panic!("no {prefix} lines in /proc/net/snmp: {text}");
     };
-    let get = |name: &str| -> u64 {
-        names
-            .split_whitespace()
-            .position(|n| n == name)
-            .and_then(|i| values.split_whitespace().nth(i)?.parse().ok())
-            .unwrap_or_else(|| panic!("no Tcp {name} in /proc/net/snmp: {text}"))
-    };
-    (get("RetransSegs"), get("OutSegs"))
+    names
+        .split_whitespace()
+        .position(|n| n == name)
+        .and_then(|i| values.split_whitespace().nth(i)?.parse().ok())
+        .unwrap_or_else(|| panic!("no {proto} {name} in /proc/net/snmp: {text}"))
 }
 
 /// `retrans:OUTSTANDING/TOTAL` of one socket as `ss -ti` shows it

@@ -8,13 +8,15 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use kdiag_tests::agent::Agent;
-use kdiag_tests::bpf::kernel_gives_drop_reasons;
+use kdiag_tests::bpf::{kernel_gives_drop_reasons, kfree_skb_names_the_receiving_socket};
 use kdiag_tests::env::{require_root, skip_unless};
 use kdiag_tests::max_wait;
-use kdiag_tests::netns::{Family, NetnsPair, unique_port};
+use kdiag_tests::netns::{Family, Netns, NetnsPair, unique_port};
 use kdiag_tests::nft::{self, Hook};
 use kdiag_tests::peer::{PEER_COMM, Peer};
-use kdiag_tests::record::{self, assert_envelope, u64_field};
+use kdiag_tests::record::{self, assert_envelope, is_rfc3339_utc_nanos, u64_field};
+use kdiag_tests::tcpstat::udp_rcvbuf_errors;
+use kdiag_tests::text::Columns;
 use serde_json::{Value, json};
 
 const PEER: &str = env!("CARGO_BIN_EXE_kdiag-peer");
@@ -61,6 +63,18 @@ fn start_agent(extra: &[&str]) -> (Agent, Value) {
     (agent, start)
 }
 
+/// Stops the agent, which must have lost no drop; returns its records.
+fn stop_without_losses(agent: &mut Agent) -> Vec<Value> {
+    let recs = agent.stop_ok();
+    let totals = record::class_totals(&recs, "drop");
+    assert_eq!(
+        (totals.dropped, totals.lost, totals.failed),
+        (0, 0, 0),
+        "{totals:?}"
+    );
+    recs
+}
+
 /// The drop records of packets from `saddr` to `daddr`:`dport`.
 fn drops_of(saddr: IpAddr, daddr: IpAddr, dport: u16) -> impl Fn(&Value) -> bool {
     move |rec| {
@@ -96,6 +110,16 @@ fn expected(
     want.clone()
 }
 
+/// `want` with the owner's `pid` and `comm`.
+fn owned(
+    mut want: serde_json::Map<String, Value>,
+    (pid, comm): (Value, Value),
+) -> serde_json::Map<String, Value> {
+    want.insert("pid".into(), pid);
+    want.insert("comm".into(), comm);
+    want
+}
+
 /// Checks every record of `recs` against `want`, field by field.
 fn check_all(recs: &[Value], want: &serde_json::Map<String, Value>) {
     for rec in recs {
@@ -118,8 +142,9 @@ fn exactly(agent: &Agent, what: &str, n: usize, pred: impl Fn(&Value) -> bool) -
 
 /// UDP datagrams dropped by a counted nftables rule on the server, over
 /// IPv4 and IPv6: one NETFILTER_DROP record per datagram the rule's counter
-/// counted, with the exact addresses and ports, and no owner (UDP sockets'
-/// owners are not followed). The summary at exit counts them too.
+/// counted, with the exact addresses and ports, and no owner (they are
+/// dropped before any socket has them). The summary at exit counts them
+/// too.
 #[test]
 fn netfilter_drops_match_the_rules_counter() {
     if !kernel_has_reasons() {
@@ -154,7 +179,7 @@ fn netfilter_drops_match_the_rules_counter() {
     }
     assert_eq!(nft::dropped_packets(&net.server.name, Hook::Input), total);
 
-    let recs = agent.stop_ok();
+    let recs = stop_without_losses(&mut agent);
     let summarized: u64 = recs
         .iter()
         .filter(|r| {
@@ -166,8 +191,6 @@ fn netfilter_drops_match_the_rules_counter() {
         .sum();
     // Other namespaces' drops count there too.
     assert!(summarized >= total, "{summarized} < {total}: {recs:?}");
-    let totals = record::class_totals(&recs, "drop");
-    assert_eq!((totals.dropped, totals.lost, totals.failed), (0, 0, 0));
 }
 
 /// TCP SYNs a counted rule drops on their way out of the client: each is
@@ -203,16 +226,14 @@ fn dropped_syns_name_the_connecting_process() {
         syns as usize,
         drops_of(saddr, daddr, port),
     );
-    let mut want = expected(
+    let want = expected(
         Family::V4,
         "tcp",
         (saddr, Some(sport)),
         (daddr, port),
         "NETFILTER_DROP",
     );
-    want.insert("pid".into(), json!(pid));
-    want.insert("comm".into(), json!(PEER_COMM));
-    check_all(&recs, &want);
+    check_all(&recs, &owned(want, (json!(pid), json!(PEER_COMM))));
     agent.stop_ok();
 }
 
@@ -267,4 +288,128 @@ fn closed_ports_drop_with_no_socket() {
     );
     assert!(recs[0]["pid"].is_null(), "{}", recs[0]);
     drop(client);
+}
+
+/// Datagrams sent at a receiver that never reads.
+const FLOOD: u32 = 200;
+
+/// A UDP receiver in the server namespace that never reads, with the
+/// smallest receive buffer (SO_RCVBUF 1 is raised to the kernel's minimum,
+/// room for a few datagrams), flooded with [`FLOOD`] datagrams from the
+/// client once `started` ran (the agent, started after the receiver so
+/// that it notes the receiver's socket). Returns the receiver, the
+/// sender's port and how many datagrams the kernel counted as dropped for
+/// the full buffer: `Udp: RcvbufErrors` of the server namespace, which
+/// nothing else there adds to.
+fn flood_a_full_udp_receiver(
+    net: &NetnsPair,
+    port: u16,
+    started: impl FnOnce(),
+) -> (Peer, u16, u64) {
+    let sink = Peer::udp_sink(PEER, &net.server, net.server.v4, port, 1);
+    let before = udp_rcvbuf_errors(Netns::from(&net.server));
+    started();
+    let sport = Peer::send_udp(PEER, &net.client, net.server.v4, port, FLOOD);
+    // veth delivers in the sender's own softirq, before its send returns:
+    // nothing is in flight once the sender has exited.
+    let dropped = udp_rcvbuf_errors(Netns::from(&net.server)) - before;
+    assert!(
+        dropped > 0 && dropped <= u64::from(FLOOD),
+        "{dropped} of {FLOOD} datagrams dropped for a full receive buffer"
+    );
+    eprintln!("{dropped} of {FLOOD} datagrams dropped for a full receive buffer");
+    (sink, sport, dropped)
+}
+
+/// The receiver's pid and comm as its drops must show them: its own where
+/// the tracepoint names the receiving socket (6.11 on), else none.
+fn sink_owner(sink: &Peer) -> (Value, Value) {
+    if kfree_skb_names_the_receiving_socket() {
+        (json!(sink.pid()), json!(PEER_COMM))
+    } else {
+        (Value::Null, Value::Null)
+    }
+}
+
+/// Datagrams at a UDP receiver whose receive buffer is full: each is a
+/// SOCKET_RCVBUFF drop (net/ipv4/udp.c, __udp_queue_rcv_skb, which counts
+/// it in `Udp: RcvbufErrors` beside), exactly as many as that counter
+/// grew by, each with the datagram's ends and the receiving process,
+/// which held the socket when the agent started.
+#[test]
+fn full_udp_receive_buffer_drops_name_the_receiver() {
+    if !kernel_has_reasons() {
+        return;
+    }
+    let net = NetnsPair::new();
+    let port = unique_port();
+    let mut agent = None;
+    let (sink, sport, dropped) = flood_a_full_udp_receiver(&net, port, || {
+        agent = Some(start_agent(&[]).0);
+    });
+    let mut agent = agent.expect("started");
+    let (saddr, daddr) = (net.client.addr(Family::V4), net.server.addr(Family::V4));
+    let recs = exactly(
+        &agent,
+        "the datagrams dropped for a full buffer",
+        dropped as usize,
+        drops_of(saddr, daddr, port),
+    );
+    let want = expected(
+        Family::V4,
+        "udp",
+        (saddr, Some(sport)),
+        (daddr, port),
+        "SOCKET_RCVBUFF",
+    );
+    check_all(&recs, &owned(want, sink_owner(&sink)));
+    stop_without_losses(&mut agent);
+}
+
+/// `-o text`: a row per drop under one header, with the owner, the
+/// protocol, the packet's ends and the reason in their columns (the
+/// receiver of `full_udp_receive_buffer_drops_name_the_receiver`).
+#[test]
+fn text_output_shows_the_drop_reason_and_owner() {
+    if !kernel_has_reasons() {
+        return;
+    }
+    let net = NetnsPair::new();
+    let port = unique_port();
+    let mut agent = None;
+    let (sink, sport, dropped) = flood_a_full_udp_receiver(&net, port, || {
+        let mut a = Agent::spawn(&["-o", "text", "drop"]);
+        let first = a.wait_start_text();
+        assert!(first.contains("skb/kfree_skb"), "not attached: {first}");
+        agent = Some(a);
+    });
+    let mut agent = agent.expect("started");
+    let source = format!("{}:{sport}", net.client.v4);
+    let dest = format!("{}:{port}", net.server.v4);
+    let ours = |l: &str| {
+        let words: Vec<&str> = l.split_whitespace().collect();
+        words.contains(&source.as_str()) && words.contains(&dest.as_str())
+    };
+    agent.wait_for_lines("the drops' rows", dropped as usize, max_wait(), ours);
+    let lines = agent.stop_text_ok();
+    let columns = Columns::find(&lines, "REASON");
+    let rows: Vec<&String> = lines.iter().filter(|l| ours(l)).collect();
+    assert_eq!(rows.len() as u64, dropped, "{lines:#?}");
+    let (pid, comm) = sink_owner(&sink);
+    // As the text shows a value: `-` for null.
+    let shown = |v: &Value| match v {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    for row in rows {
+        let cell = |name| columns.cell(row, name);
+        assert!(is_rfc3339_utc_nanos(cell("TIME")), "{row}");
+        assert_eq!(cell("PID"), shown(&pid), "{row}");
+        assert_eq!(cell("COMM"), shown(&comm), "{row}");
+        assert_eq!(cell("PROTO"), "udp", "{row}");
+        assert_eq!(cell("SADDR:SPORT"), source, "{row}");
+        assert_eq!(cell("DADDR:DPORT"), dest, "{row}");
+        assert_eq!(cell("REASON"), "SOCKET_RCVBUFF", "{row}");
+    }
 }

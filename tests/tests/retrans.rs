@@ -551,6 +551,15 @@ fn text_output_has_a_header_and_a_row_per_retransmit() {
         );
         assert_eq!(cell("COMM"), PEER_COMM, "COMM of row {i}: {row}");
         assert_eq!(cell("STATE"), "SYN_SENT", "STATE of row {i}: {row}");
+        // The sender's state: a SYN has no RTT sample yet (srtt_us 0),
+        // and a congestion window and slow-start threshold of its own.
+        assert_eq!(cell("SRTT_MS"), "0.000", "SRTT_MS of row {i}: {row}");
+        for column in ["CWND", "SSTHRESH"] {
+            assert!(
+                cell(column).parse::<u64>().is_ok_and(|n| n >= 1),
+                "{column} of row {i}: {row}"
+            );
+        }
         for endpoint in [local, server] {
             assert!(
                 cells.contains(&endpoint.to_string().as_str()),

@@ -10,6 +10,7 @@ use kdiag_tests::max_wait;
 use kdiag_tests::netns::{NetnsPair, unique_port};
 use kdiag_tests::peer::{ListenOptions, Peer};
 use kdiag_tests::record::{self, class_totals, port_field, u64_field};
+use kdiag_tests::text::Columns;
 use serde_json::Value;
 
 const PEER: &str = env!("CARGO_BIN_EXE_kdiag-peer");
@@ -137,16 +138,14 @@ fn retransmits_carry_the_senders_state() {
     );
 }
 
-/// A server that never reads, with a small receive buffer: the client's
-/// data waits on its receive window for the whole stall, and the client's
-/// `tcp_conn` says the receiver limited it.
-#[test]
-fn tcp_conn_of_a_stalled_receiver_is_receiver_limited() {
-    const BYTES: u64 = 256 * 1024;
-    const STALL_MS: u64 = 600;
-    let net = NetnsPair::new();
-    let port = unique_port();
-    let _listener = Peer::listen_with(
+/// What the stalled client writes, and how long it waits before it resets.
+const STALL_BYTES: u64 = 256 * 1024;
+const STALL_MS: u64 = 600;
+
+/// A server that never reads, with a small receive buffer, in `net`'s
+/// server namespace.
+fn stalled_receiver(net: &NetnsPair, port: u16) -> Peer {
+    Peer::listen_with(
         PEER,
         &net.server,
         net.server.v4,
@@ -156,15 +155,24 @@ fn tcp_conn_of_a_stalled_receiver_is_receiver_limited() {
             rcvbuf: Some(4096),
             ..ListenOptions::default()
         },
-    );
-    let (mut agent, client) = agent_then_client(
-        "tcp",
-        SET_STATE,
-        &net,
-        port,
-        "stall",
-        &[BYTES.to_string(), STALL_MS.to_string()],
-    );
+    )
+}
+
+/// `kdiag-peer stall` at [`stalled_receiver`]'s port.
+fn stall_args() -> [String; 2] {
+    [STALL_BYTES.to_string(), STALL_MS.to_string()]
+}
+
+/// A server that never reads, with a small receive buffer: the client's
+/// data waits on its receive window for the whole stall, and the client's
+/// `tcp_conn` says the receiver limited it.
+#[test]
+fn tcp_conn_of_a_stalled_receiver_is_receiver_limited() {
+    let net = NetnsPair::new();
+    let port = unique_port();
+    let _listener = stalled_receiver(&net, port);
+    let (mut agent, client) =
+        agent_then_client("tcp", SET_STATE, &net, port, "stall", &stall_args());
     let local = client.wait_connected();
     let conn = agent.wait_for("the client's tcp_conn", max_wait(), conn_from(local.port()));
     assert_eq!(conn["role"], "active", "{conn}");
@@ -191,8 +199,8 @@ fn tcp_conn_of_a_stalled_receiver_is_receiver_limited() {
     // The receiver took a receive buffer's worth at most, and the SYN.
     let acked = u64_field(&conn, "bytes_acked");
     assert!(
-        (1..BYTES / 2).contains(&acked),
-        "bytes_acked {acked} of {BYTES}: {conn}"
+        (1..STALL_BYTES / 2).contains(&acked),
+        "bytes_acked {acked} of {STALL_BYTES}: {conn}"
     );
     let recs = agent.stop_ok();
     assert_eq!(class_totals(&recs, "tcp").partial, 0, "socket reads failed");
@@ -251,4 +259,41 @@ fn tcp_conn_counts_the_bytes_of_a_bulk_transfer() {
     assert!(receiver["limited_by"].is_null(), "{receiver}");
     let recs = agent.stop_ok();
     assert_eq!(class_totals(&recs, "tcp").partial, 0, "socket reads failed");
+}
+
+/// `-o text`: the stalled client's `tcp_conn` row shows its role, its RTT
+/// and what limited it, in the columns its header names.
+#[test]
+fn text_output_shows_what_limited_a_connection() {
+    let net = NetnsPair::new();
+    let port = unique_port();
+    let _listener = stalled_receiver(&net, port);
+    let port_arg = port.to_string();
+    let mut agent = Agent::spawn(&["-o", "text", "tcp", "--port", &port_arg]);
+    let first = agent.wait_start_text();
+    assert!(first.contains(SET_STATE), "not attached: {first}");
+    let mut args = vec![net.server.v4.to_string(), port_arg];
+    args.extend(stall_args());
+    let client = Peer::run(PEER, &net.client, "stall", &args);
+    let local = client.wait_connected().to_string();
+    // TIME PID COMM LADDR:LPORT RADDR:RPORT, then ROLE: a tcp_conn row (a
+    // state change's row has a state there).
+    let is_conn = |l: &str| {
+        let words: Vec<&str> = l.split_whitespace().collect();
+        words.get(3) == Some(&local.as_str()) && words.get(5) == Some(&"active")
+    };
+    agent.wait_for_lines("the client's tcp_conn row", 1, max_wait(), is_conn);
+    let lines = agent.stop_text_ok();
+    let columns = Columns::find(&lines, "LIMITED_BY");
+    let rows: Vec<&String> = lines.iter().filter(|l| is_conn(l)).collect();
+    assert_eq!(rows.len(), 1, "{lines:#?}");
+    let row = rows[0];
+    let cell = |name| columns.cell(row, name);
+    assert_eq!(cell("PID"), client.pid().to_string(), "{row}");
+    assert_eq!(cell("LIMITED_BY"), "receiver", "{row}");
+    // An RTT was sampled on the handshake and the first segments.
+    let srtt_ms: f64 = cell("SRTT_MS")
+        .parse()
+        .unwrap_or_else(|e| panic!("SRTT_MS ({e}): {row}"));
+    assert!(srtt_ms > 0.0, "{row}");
 }

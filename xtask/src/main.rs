@@ -67,6 +67,12 @@ enum Command {
         /// Fewer and shorter runs, under three minutes, for routine use.
         #[arg(long)]
         quick: bool,
+        /// Only the kernel cost of this class (`tcp`, `retrans`, `softirq`,
+        /// `drop`; repeatable), e.g. after changing its programs: the table
+        /// is printed, and docs/BENCHMARKS.md, which holds whole runs, is
+        /// left as it is.
+        #[arg(long, value_name = "CLASS")]
+        only: Vec<String>,
     },
     /// Used by `bench`: holds this many loopback connections (both ends)
     /// open, prints `ready` once they are established, exits when stdin
@@ -130,7 +136,7 @@ fn command(command: Command) -> Result<()> {
         }
         Command::Run { args } => run::run(args),
         Command::Test { args, with_guests } => test::run(args, with_guests),
-        Command::Bench { quick } => bench::run(quick),
+        Command::Bench { quick, only } => bench::run(quick, &only),
         Command::BenchHold { connections } => bench::hold(connections),
         Command::VmTest {
             kernel,

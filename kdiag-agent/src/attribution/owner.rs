@@ -104,6 +104,8 @@ enum LookupKey {
     /// accepts: one lookup serves them all, and it works before accept()
     /// gives a socket a file descriptor of its own.
     Listener(ListenerId),
+    /// A socket known by its inode number.
+    Inode(u64),
 }
 
 #[derive(Debug, Default)]
@@ -277,6 +279,15 @@ impl OwnerResolver {
         }
     }
 
+    /// The process that held the socket with inode `inode` at the
+    /// snapshot, if it still runs: the owner of a socket whose owner the
+    /// programs do not capture (UDP). Unknown for sockets created since.
+    /// `None` while it is looked up, if the caller `wait`s.
+    pub(crate) fn holder(&mut self, inode: u64, wait: bool) -> Option<ResolvedOwner> {
+        let holders = self.holders.clone();
+        self.cached_lookup(LookupKey::Inode(inode), wait, move || holders.owner(inode))
+    }
+
     /// `lookup` through the cache and the time budget, off the loop; `None`
     /// while it runs, if the caller `wait`s.
     fn cached_lookup(
@@ -432,9 +443,14 @@ mod tests {
         if let Some(found) = r.cached_lookup(key, true, lookup) {
             return found;
         }
+        until_answered(|| r.cached_lookup(key, true, || panic!("looked up twice")))
+    }
+
+    /// Polls `answer` until it has an answer.
+    fn until_answered(mut answer: impl FnMut() -> Option<ResolvedOwner>) -> ResolvedOwner {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Some(found) = r.cached_lookup(key, true, || panic!("looked up twice")) {
+            if let Some(found) = answer() {
                 return found;
             }
             assert!(Instant::now() < deadline, "the lookup never came back");
@@ -504,6 +520,35 @@ mod tests {
             lookup_now(&mut r, key, || panic!("looked up twice")),
             server
         );
+    }
+
+    #[test]
+    fn a_socket_inode_names_its_holder_while_it_runs() {
+        let me = std::process::id();
+        let owner = ResolvedOwner {
+            pid: Some(me),
+            ..ResolvedOwner::default()
+        };
+        let start = procfs::start_time(me);
+        assert!(start.is_some(), "no start time of this process");
+        let mut holders = Holders::default();
+        holders.by_inode.insert(7, me);
+        holders.owners.insert(me, (owner.clone(), start));
+        // A process by the same pid that started at another time is not
+        // the holder.
+        holders.by_inode.insert(8, me + 1);
+        holders
+            .owners
+            .insert(me + 1, (ResolvedOwner::default(), Some(0)));
+        let mut r = OwnerResolver {
+            holders: Arc::new(holders),
+            ..OwnerResolver::default()
+        };
+        let mut now = |inode| until_answered(|| r.holder(inode, true));
+        assert_eq!(now(7), owner);
+        assert_eq!(now(8), ResolvedOwner::default());
+        // Not held at the snapshot: a socket opened since.
+        assert_eq!(now(9), ResolvedOwner::default());
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::{
     attribution::owner::OwnerFilter,
     class::{BtfQueries, Class, ClassError, Context, Global, KernelTypes, MapSize, Tracepoint},
     kernel::{
-        btf::EnumValues,
+        btf::{Answers, EnumValues},
         tracefs::Format,
         wire::{DecodeError, decode},
     },
@@ -65,15 +65,19 @@ const TRACEPOINTS: &[Tracepoint] = &[
 /// The kernel's drop reasons.
 const REASONS_ENUM: &str = "skb_drop_reason";
 
-/// Where the packet's headers are, and which end of it is the socket's.
-/// Since 5.15 `network_header` is in a struct_group and `sk` in a union:
-/// anonymous members, which the BTF reader looks into.
+/// Where the packet's headers are, which end of it is the socket's, and
+/// the socket's inode. Since 5.15 `network_header` is in a struct_group
+/// and `sk` in a union: anonymous members, which the BTF reader looks into.
 const DROP_QUERIES: BtfQueries = BtfQueries {
     members: &[
         ("sk_buff", "head"),
         ("sk_buff", "network_header"),
         ("sk_buff", "sk"),
         ("sock_common", "skc_num"),
+        ("sock", "sk_socket"),
+        ("socket_alloc", "socket"),
+        ("socket_alloc", "vfs_inode"),
+        ("inode", "i_ino"),
     ],
     enumerators: &[],
     enums: &[REASONS_ENUM],
@@ -153,6 +157,20 @@ pub(crate) fn reason_names(values: &EnumValues) -> HashMap<u32, Arc<str>> {
             Some((u32::try_from(*value).ok()?, Arc::from(short)))
         })
         .collect()
+}
+
+/// Where a socket's inode number is: `sk_socket` in `struct sock`, and the
+/// inode number from the `struct socket` it points to, which lives in a
+/// `struct socket_alloc` beside its inode (`SOCK_INODE`,
+/// include/net/sock.h).
+fn socket_inode_offsets(btf: &Answers) -> Result<(u16, u16), String> {
+    let offset = |ty, member| btf.offset(ty, member).map_err(|e| e.to_string());
+    let sk_socket = offset("sock", "sk_socket")?;
+    let ino = (offset("socket_alloc", "vfs_inode")? + offset("inode", "i_ino")?)
+        .checked_sub(offset("socket_alloc", "socket")?)
+        .ok_or("struct socket_alloc has its inode before its socket")?;
+    let fit = |o: u32| u16::try_from(o).map_err(|_| format!("offset {o} out of range"));
+    Ok((fit(sk_socket)?, fit(ino)?))
 }
 
 /// Decodes one `drop` event.
@@ -252,6 +270,16 @@ impl Class for DropClass {
                 ),
             }),
         }
+        match socket_inode_offsets(btf) {
+            Ok((sk_socket, socket_ino)) => {
+                cfg.sk_socket = sk_socket;
+                cfg.socket_ino = socket_ino;
+            }
+            Err(e) => degraded.push(Degraded {
+                what: "btf/socket_alloc.vfs_inode".to_owned(),
+                why: format!("drops of UDP sockets have no owner: {e}"),
+            }),
+        }
         self.has_reasons = cfg.tp.reason != FIELD_ABSENT;
         if !self.has_reasons {
             degraded.push(Degraded {
@@ -301,12 +329,13 @@ impl Class for DropClass {
 
     fn on_event(&mut self, data: &[u8], cx: &mut Context<'_>) -> Result<u64, ClassError> {
         let ev = decode_drop(data)?;
-        // The owner of a TCP socket, as for retransmits; UDP sockets'
-        // owners are not followed.
+        // The owner of a TCP socket, as for retransmits; of a UDP socket,
+        // the process that held its inode when the agent started.
         let owner = match socket_tuple(&ev) {
             Some(local) if ev.sock_id != 0 && ev.protocol == u16::from(IPPROTO_TCP) => {
                 cx.services.owner(ev.sock_id, &ev.owner, &local, None)?
             }
+            _ if ev.sock_ino != 0 => cx.services.socket_holder(ev.sock_ino)?,
             _ => ResolvedOwner::default(),
         };
         if !self.filter.accepts(&owner) {
@@ -390,6 +419,7 @@ mod tests {
                 ts_ns: 5,
             },
             sock_id: 0xffff_8880_0bad_cafe,
+            sock_ino: 0,
             owner: Owner::default(),
             tuple,
             reason: 3,

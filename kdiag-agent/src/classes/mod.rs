@@ -117,7 +117,8 @@ pub(crate) enum Command {
     ///
     /// Records: `drop` (one per dropped packet with a reason other than
     /// NOT_SPECIFIED: pid, comm, cgroup of the socket's owner where the
-    /// packet has a TCP socket, protocol tcp|udp, family, saddr, sport,
+    /// packet has a socket (of a UDP socket: the process that held it when
+    /// the agent started), protocol tcp|udp, family, saddr, sport,
     /// daddr, dport as in the packet's headers, reason, reason_code) and
     /// `drop_summary` (every --interval and at exit, per reason and
     /// protocol: count, interval_ns), which counts every drop, also those
@@ -125,7 +126,8 @@ pub(crate) enum Command {
     /// --all-reasons), and those of processes --pid or --cgroup leave out.
     ///
     /// Who is losing packets to the firewall: `kdiag-agent drop | grep
-    /// NETFILTER_DROP`; which reasons dominate: the drop_summary records.
+    /// NETFILTER_DROP`; which UDP server cannot keep up: `grep
+    /// SOCKET_RCVBUFF`; which reasons dominate: the drop_summary records.
     Drop(DropArgs),
 }
 

@@ -25,6 +25,10 @@
 //!   kdiag-peer udp ADDR PORT --count N
 //!       sends N one-byte UDP datagrams to ADDR PORT from one socket; prints
 //!       "sent LOCAL_PORT" once they are all handed to the kernel, then exits
+//!   kdiag-peer udp-sink ADDR PORT RCVBUF
+//!       binds a UDP socket to ADDR PORT with SO_RCVBUF RCVBUF, prints
+//!       "ready" and never reads: once its receive buffer is full, the
+//!       kernel drops what arrives (a receiver that does not keep up)
 //!   kdiag-peer send ADDR PORT BYTES
 //!       connect, write BYTES bytes, half-close, read until the server
 //!       closes, close; prints "connected LOCAL_ADDR", then "done BYTES"
@@ -57,7 +61,7 @@ use std::time::Duration;
 const USAGE: &str = "usage: kdiag-peer listen ADDR PORT [--send-every-ms N] \
                      [--rename-after-listen NAME] [--hold] [--reuseport] [--rcvbuf BYTES] | \
                      kdiag-peer connect ADDR PORT [--send-every-ms N | --count N [--from-port P]] | \
-                     kdiag-peer udp ADDR PORT --count N | \
+                     kdiag-peer udp ADDR PORT --count N | kdiag-peer udp-sink ADDR PORT RCVBUF | \
                      kdiag-peer send ADDR PORT BYTES | kdiag-peer stall ADDR PORT BYTES MS | \
                      kdiag-peer probe ADDR PORT GO_FILE | kdiag-peer bulk | \
                      kdiag-peer huge-pages MIB";
@@ -82,6 +86,9 @@ fn main() -> ExitCode {
         ["huge-pages", mib] => parse_number(mib).and_then(huge_pages),
         ["udp", addr, port, "--count", n] => {
             parse_addr(addr, port).and_then(|a| send_udp(a, parse_number(n)?))
+        }
+        ["udp-sink", addr, port, rcvbuf] => {
+            parse_addr(addr, port).and_then(|a| udp_sink(a, parse_number(rcvbuf)?))
         }
         ["send", addr, port, bytes] => {
             parse_addr(addr, port).and_then(|a| send(a, parse_number(bytes)?))
@@ -206,6 +213,18 @@ fn send_udp(to: SocketAddr, count: u64) -> Result<(), String> {
     }
     let local = socket.local_addr().map_err(|e| format!("{e}"))?;
     say(&format!("sent {}", local.port()))
+}
+
+/// Binds a UDP socket to `addr` with a receive buffer of `rcvbuf` bytes
+/// and never reads it, until killed.
+fn udp_sink(addr: SocketAddr, rcvbuf: u64) -> Result<(), String> {
+    let socket = std::net::UdpSocket::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+    let bytes = libc::c_int::try_from(rcvbuf).map_err(|e| format!("{rcvbuf}: {e}"))?;
+    set_int_option(&socket, libc::SOL_SOCKET, libc::SO_RCVBUF, bytes)?;
+    say("ready")?;
+    loop {
+        thread::park();
+    }
 }
 
 /// Prints a status line; the tests wait for it on a pipe, so flush at once.

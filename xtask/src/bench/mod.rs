@@ -114,11 +114,21 @@ impl Plan {
     }
 }
 
-pub(crate) fn run(quick: bool) -> Result<()> {
+pub(crate) fn run(quick: bool, only: &[String]) -> Result<()> {
     if !util::is_root() {
         bail!(
             "`cargo xtask bench` loads eBPF programs, sets kernel.bpf_stats_enabled and \
              creates network namespaces: run it as root"
+        );
+    }
+    if let Some(unknown) = only
+        .iter()
+        .find(|c| !SCENARIOS.iter().any(|s| s.class == c.as_str()))
+    {
+        let classes: Vec<&str> = SCENARIOS.iter().map(|s| s.class).collect();
+        bail!(
+            "--only {unknown}: no such class in the benchmark; it has {}",
+            classes.join(", ")
         );
     }
     let started = Instant::now();
@@ -130,6 +140,20 @@ pub(crate) fn run(quick: bool) -> Result<()> {
     // Restored on every way out, including errors.
     let _stats = Sysctl::set("kernel/bpf_stats_enabled", "1")?;
     let mut rows = Rows::default();
+    if !only.is_empty() {
+        for scenario in SCENARIOS
+            .iter()
+            .filter(|s| only.iter().any(|c| c == s.class))
+        {
+            per_event(&plan, scenario, &agent, &mut rows)?;
+        }
+        println!("{}", rows.markdown());
+        eprintln!(
+            "bench: done in {:.0}s; {DOC} left as it is (--only)",
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
     for scenario in SCENARIOS {
         per_event(&plan, scenario, &agent, &mut rows)?;
     }

@@ -109,8 +109,15 @@ pub(super) const SCENARIOS: &[Scenario] = &[
             total: probe::softirqs_total,
         }),
         // The default attaches BTF tracepoints where the kernel has them;
-        // the classic tracepoints are the fallback elsewhere.
-        variants: &[&["--attach", "classic"]],
+        // the classic tracepoints are the fallback elsewhere. Then the cost
+        // of a kernel stack (--stack-min-latency-us): every softirq sent
+        // (--min-latency-us 0), without and with its stack, so that the
+        // exit program's difference is one stack's capture.
+        variants: &[
+            &["--attach", "classic"],
+            &["--min-latency-us", "0"],
+            &["--min-latency-us", "0", "--stack-min-latency-us", "0"],
+        ],
         // libbpf-tools softirqs sums service time per vector; the bpftrace
         // script keeps it as a histogram per vector.
         comparisons: &[
@@ -123,6 +130,23 @@ pub(super) const SCENARIOS: &[Scenario] = &[
                          delete(@start[cpu]); }",
             },
         ],
+    },
+    Scenario {
+        class: "drop",
+        tracepoints: &["skb:kfree_skb"],
+        programs: &["kfree_skb"],
+        // Every segment the rule drops is a NETFILTER_DROP of a TCP
+        // packet, which the program reads the headers of and sends.
+        load: Load::Retransmits,
+        // No target of its own yet: reported beside the floor and a count
+        // per reason like drop_summary's.
+        target_ns: None,
+        events: None,
+        variants: &[],
+        comparisons: &[Comparison::Bpftrace {
+            label: "count per reason",
+            script: "tracepoint:skb:kfree_skb { @[args->reason] = count(); }",
+        }],
     },
 ];
 
