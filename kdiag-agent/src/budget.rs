@@ -873,7 +873,7 @@ mod tests {
     }
 
     #[test]
-    fn steps_down_one_per_interval_and_stops_at_the_last() {
+    fn without_predictions_steps_down_one_per_interval_and_stops_at_the_last() {
         let mut steps = Steps::new(1.0, 2);
         let heavy = second(30, 2, 100_000);
         assert_eq!(decide(&mut steps, &heavy), Decision::Down);
