@@ -422,9 +422,12 @@ impl Switches {
     }
 
     /// The switches in the order they detach: the raise program (whose
-    /// times only the entry program reads), then entry before exit, so
-    /// that no exit is left waiting for an entry that will not come.
-    /// They attach in the reverse order.
+    /// times only the entry program reads), then entry before exit, so that
+    /// a handler that entered while measuring is still timed at its exit.
+    /// They attach in the reverse order: exit before entry, so that no
+    /// entry is recorded without the exit program there to close it (an
+    /// exit whose entry was not seen is not counted: the entry time left in
+    /// its slot is older than the measuring phase).
     fn in_order(&mut self) -> impl DoubleEndedIterator<Item = &mut Switch> {
         [&mut self.raise, &mut self.entry, &mut self.exit]
             .into_iter()
