@@ -18,7 +18,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     attribution::procfs,
-    budget::Budget,
+    budget::{Budget, Switches},
     class::{Class, ClassError, Context, HOUSEKEEPING},
     classes,
     cli::Cli,
@@ -217,13 +217,17 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
         .collect();
     let mut stats = StatsCollector::new(&class_programs, losses, costs, monotonic_ns());
     let class_ids: Vec<ClassId> = classes.iter().map(|c| c.id()).collect();
+    let programs = stats.snapshot_programs(&loaded.ebpf);
     let mut budget = Budget::new(
         cli.global.max_cpu,
         &class_ids,
         gates,
-        stats.snapshot_programs(&loaded.ebpf),
+        Switches::softirq(std::mem::take(&mut loaded.btf_links)),
+        &mut loaded.ebpf,
+        programs,
         monotonic_ns(),
     );
+    degraded.extend(budget.degraded());
     let uncounted = stats
         .snapshot_programs(&loaded.ebpf)
         .values()
@@ -343,15 +347,17 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
                     &mut Context::new(&mut out, &mut services),
                     false,
                 )
-                .and_then(|()| budget.evaluate(programs, now, &mut out))
+                .and_then(|()| budget.evaluate(&mut loaded.ebpf, programs, now, &mut out))
                 .map(|()| None)
             }
             _ = budget_tick.tick(), if interval_secs == 0 && budget.enabled() => {
                 let programs = stats.snapshot_programs(&loaded.ebpf);
-                budget.evaluate(programs, monotonic_ns(), &mut out).map(|()| None)
+                budget
+                    .evaluate(&mut loaded.ebpf, programs, monotonic_ns(), &mut out)
+                    .map(|()| None)
             }
             () = flip, if flip_at.is_some() => {
-                budget.flip(monotonic_ns());
+                budget.flip(&mut loaded.ebpf, monotonic_ns());
                 Ok(None)
             }
             _ = drain.tick() => {

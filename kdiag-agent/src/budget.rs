@@ -8,24 +8,42 @@
 //! which is what an overhead target speaks of, without an idle machine (a
 //! denominator near zero) making the agent shed detail for nothing.
 //!
-//! Over budget for an interval, the agent takes one step down its ladder;
-//! each step sheds what loses the least information first. Steps come back
+//! Over budget for an interval, the agent steps down its ladder, where each
+//! step sheds what loses the least information first: to the first step
+//! whose cost it predicts within the budget (the interval's cost less the
+//! run time of the programs that step stops), in one go. Steps come back
 //! one at a time, when the cost measured on leaving a step, scaled by how
 //! often the programs run now, has fit well within the budget for several
-//! intervals. The steps are gates in a map the programs read (`BUDGET`), so
-//! nothing is reloaded or detached (detaching could not be undone: attaching
-//! takes privileges the agent has given up).
+//! intervals.
+//!
+//! A step is a gate in a map the programs read (`BUDGET`), and, for the
+//! softirq programs attached as BTF tracepoints, their detaching: a gated
+//! program that only counts its runs still costs most of what it cost
+//! measuring (the kernel's dispatch, the map lookups), so a step that stops
+//! measuring detaches the programs it stops, and attaches them again when
+//! measuring resumes. Attaching a BTF tracepoint program the agent already
+//! holds takes no capability on the kernels that let it use its maps
+//! without one, and CAP_BPF, which the agent then keeps, on the others; the
+//! agent checks once, before its first record, and where it cannot, its
+//! programs stay attached behind the gates (`agent_start`'s `degraded`
+//! says so). Classic tracepoint programs always stay attached: attaching
+//! them again would take CAP_PERFMON, which the agent gives up.
 
 use std::io;
 
-use aya::maps::{Array, MapData};
-use kdiag_common::{ClassId, cost::BudgetGates};
+use aya::{
+    Ebpf,
+    maps::{Array, MapData},
+    programs::{BtfTracePoint, ProgramError, tp_btf::BtfTracePointLinkId},
+};
+use kdiag_common::{ClassId, cost::BudgetGates, cost::ProgramId};
 
 use crate::{
     attribution::procfs,
+    kernel::loader::BtfLink,
     output::{
         self, Output,
-        record::{BudgetChange, BudgetMark, ProgramStats},
+        record::{BudgetChange, BudgetMark, Degraded, ProgramStats},
         stats::{ProgramCounters, program_deltas},
     },
     sys,
@@ -45,7 +63,7 @@ pub(crate) enum Shed {
     SoftirqDelay,
     /// Softirqs measured [`SAMPLED_FRACTION`] of the time.
     SoftirqSampled,
-    /// Softirqs not measured at all (their programs count runs only).
+    /// Softirqs not measured at all.
     SoftirqOff,
 }
 
@@ -102,20 +120,45 @@ pub(crate) struct Cost {
     pub cpu_ns: u64,
     pub busy_ns: u64,
     pub interval_ns: u64,
-    /// Program runs, every program summed.
+    /// How often the programs had cause to run: their runs summed, where a
+    /// softirq program counts the softirqs the kernel ran (/proc/softirqs)
+    /// instead of its own runs, which stop while it is detached.
     pub runs: u64,
+    /// Of `bpf_ns`: the softirq raise program's, and the entry and exit
+    /// programs' (the parts the softirq steps stop).
+    pub raise_ns: u64,
+    pub entry_exit_ns: u64,
 }
 
 impl Cost {
+    /// `softirqs`: the softirqs the kernel ran in the interval, where known.
     pub(crate) fn new(
         programs: &[ProgramStats],
+        softirqs: Option<u64>,
         cpu_ns: u64,
         busy_ns: u64,
         interval_ns: u64,
     ) -> Self {
+        let id = |p: &ProgramStats| ProgramId::of_entry(&p.name);
+        let ns_of = |want: &[ProgramId]| -> u64 {
+            programs
+                .iter()
+                .filter(|p| id(p).is_some_and(|i| want.contains(&i)))
+                .map(|p| p.run_time_ns)
+                .sum()
+        };
+        let runs = programs
+            .iter()
+            .map(|p| match (id(p).map(ProgramId::class), softirqs) {
+                (Some(ClassId::Softirq), Some(n)) => n,
+                _ => p.run_cnt,
+            })
+            .sum();
         Self {
             bpf_ns: programs.iter().map(|p| p.run_time_ns).sum(),
-            runs: programs.iter().map(|p| p.run_cnt).sum(),
+            runs,
+            raise_ns: ns_of(&[ProgramId::SoftirqRaise]),
+            entry_exit_ns: ns_of(&[ProgramId::SoftirqEntry, ProgramId::SoftirqExit]),
             cpu_ns,
             busy_ns,
             interval_ns,
@@ -151,6 +194,13 @@ impl Cost {
     }
 }
 
+/// A change of step, as its record says it.
+struct Change {
+    change: &'static str,
+    /// For a step up: the cost expected there.
+    expected: Option<f64>,
+}
+
 /// What to do after an interval.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Decision {
@@ -160,10 +210,11 @@ enum Decision {
     Up(f64),
 }
 
-/// The step the budget is at, and when to change it: one step down after
-/// an interval over budget; one step up after [`UP_AFTER`] intervals in a
-/// row in which the step above was expected to cost under [`UP_MARGIN`] of
-/// the budget.
+/// The step the budget is at, and when to change it: after an interval
+/// over budget, down to the first step predicted to fit it (see
+/// [`Steps::decide`]); one step up after [`UP_AFTER`] intervals in a row in
+/// which the step above was expected to cost under [`UP_MARGIN`] of the
+/// budget.
 #[derive(Debug)]
 struct Steps {
     max_pct: f64,
@@ -187,12 +238,32 @@ impl Steps {
         }
     }
 
-    fn decide(&mut self, cost: &Cost) -> Decision {
-        if cost.pct() > self.max_pct && self.step < self.last {
+    /// `predicted[t]`: the cost predicted at step `t` from this interval's
+    /// (steps whose saving cannot be predicted save nothing in it). Over
+    /// budget, the step goes down to the first step predicted to fit; to
+    /// the last when none is but some saving is predicted; one step when no
+    /// saving can be predicted at all (programs that stay attached), so
+    /// that the next interval's measure decides.
+    fn decide(&mut self, cost: &Cost, predicted: &[f64]) -> Decision {
+        let pct = cost.pct();
+        if pct > self.max_pct && self.step < self.last {
+            let below = self.step + 1..=self.last;
+            let at = |t: usize| predicted.get(t).copied().unwrap_or(pct);
+            let to =
+                below
+                    .clone()
+                    .find(|&t| at(t) <= self.max_pct)
+                    .unwrap_or(if at(self.last) < pct {
+                        self.last
+                    } else {
+                        self.step + 1
+                    });
+            // The steps passed over were not measured: what they would
+            // have cost is taken as what this one did (no less).
             self.left.truncate(self.step);
-            self.left.push(*cost);
+            self.left.resize(to, *cost);
             self.calm = 0;
-            self.step += 1;
+            self.step = to;
             return Decision::Down;
         }
         let Some(above) = self.step.checked_sub(1) else {
@@ -232,6 +303,180 @@ fn gates_of(ladder: &[Shed], step: usize, since_ns: u64) -> BudgetGates {
     }
 }
 
+/// The share of time the softirq programs measure at `step` of `ladder`.
+fn measured_fraction(ladder: &[Shed], step: usize) -> f64 {
+    let sheds = |s| ladder[..step].contains(&s);
+    if sheds(Shed::SoftirqOff) {
+        0.0
+    } else if sheds(Shed::SoftirqSampled) {
+        SAMPLED_FRACTION
+    } else {
+        1.0
+    }
+}
+
+/// Which softirq programs the steps detach.
+#[derive(Debug, Clone, Copy)]
+struct Detaches {
+    raise: bool,
+    entry_exit: bool,
+}
+
+/// The cost predicted at each step of `ladder` (0 to the last) from
+/// `cost`, an interval's at `step`: less, at a step below, the run time of
+/// the softirq programs it detaches (all of the raise program's; of the
+/// entry and exit programs', the share of time they stop measuring). Other
+/// steps are predicted to save nothing: what they save is not measured
+/// apart.
+fn predicted(ladder: &[Shed], step: usize, detaches: Detaches, cost: &Cost) -> Vec<f64> {
+    let pct = cost.pct();
+    let now = measured_fraction(ladder, step);
+    let sheds = |at: usize, s| ladder[..at].contains(&s);
+    (0..=ladder.len())
+        .map(|t| {
+            if t <= step {
+                return pct;
+            }
+            let mut saved = 0.0;
+            if detaches.raise && sheds(t, Shed::SoftirqDelay) && !sheds(step, Shed::SoftirqDelay) {
+                saved += cost.raise_ns as f64;
+            }
+            if detaches.entry_exit && now > 0.0 {
+                saved += cost.entry_exit_ns as f64 * (1.0 - measured_fraction(ladder, t) / now);
+            }
+            pct - 100.0 * saved / cost.measure_ns()
+        })
+        .collect()
+}
+
+/// A BTF tracepoint program the budget detaches and attaches again.
+struct Switch {
+    /// Its entry's name in the object.
+    entry: &'static str,
+    /// Its link while attached.
+    link: Option<BtfTracePointLinkId>,
+}
+
+impl Switch {
+    fn program<'e>(&self, ebpf: &'e mut Ebpf) -> Result<&'e mut BtfTracePoint, ProgramError> {
+        ebpf.program_mut(self.entry)
+            .ok_or(ProgramError::NotLoaded)?
+            .try_into()
+    }
+
+    /// Attaches (`on`) or detaches the program, if it is not already so.
+    fn set(&mut self, ebpf: &mut Ebpf, on: bool) -> Result<(), ProgramError> {
+        let program = self.program(ebpf)?;
+        match (on, self.link.take()) {
+            (true, None) => self.link = Some(program.attach()?),
+            (false, Some(link)) => program.detach(link)?,
+            (_, link) => self.link = link,
+        }
+        Ok(())
+    }
+
+    /// Whether the kernel lets the agent, as it now is, attach the program:
+    /// it attaches it a second time and detaches that link. A kernel that
+    /// keys a tracepoint's programs by program (before 6.10) refuses the
+    /// second link as a duplicate (EEXIST), after its permission checks.
+    fn can_attach(&self, ebpf: &mut Ebpf) -> Result<(), ProgramError> {
+        let program = self.program(ebpf)?;
+        match program.attach() {
+            Ok(link) => program.detach(link),
+            Err(ProgramError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The softirq programs the budget can detach, each where it is attached
+/// as a BTF tracepoint.
+#[derive(Default)]
+pub(crate) struct Switches {
+    raise: Option<Switch>,
+    entry: Option<Switch>,
+    exit: Option<Switch>,
+}
+
+impl Switches {
+    /// The softirq programs among `links`.
+    pub(crate) fn softirq(links: Vec<BtfLink>) -> Self {
+        let mut switches = Self::default();
+        for l in links {
+            let switch = Some(Switch {
+                entry: l.entry,
+                link: Some(l.link),
+            });
+            match ProgramId::of_entry(l.program) {
+                Some(ProgramId::SoftirqRaise) => switches.raise = switch,
+                Some(ProgramId::SoftirqEntry) => switches.entry = switch,
+                Some(ProgramId::SoftirqExit) => switches.exit = switch,
+                _ => {}
+            }
+        }
+        switches
+    }
+
+    /// The switches in the order they detach: the raise program (whose
+    /// times only the entry program reads), then entry before exit, so that
+    /// a handler that entered while measuring is still timed at its exit.
+    /// They attach in the reverse order: exit before entry, so that no
+    /// entry is recorded without the exit program there to close it (an
+    /// exit whose entry was not seen is not counted: the entry time left in
+    /// its slot is older than the measuring phase).
+    fn in_order(&mut self) -> impl DoubleEndedIterator<Item = &mut Switch> {
+        [&mut self.raise, &mut self.entry, &mut self.exit]
+            .into_iter()
+            .flatten()
+    }
+
+    /// Attaches the programs `gates` let measure and detaches the others.
+    /// Errors are reported, not returned: a program that failed stays as it
+    /// is, and the next change tries again.
+    fn apply(&mut self, ebpf: &mut Ebpf, gates: &BudgetGates) {
+        let measuring = gates.softirq_paused == 0;
+        let raising = measuring && gates.delay_shed == 0;
+        let raise = self.raise.as_ref().map(|r| r.entry);
+        let on = |entry: &'static str| {
+            if Some(entry) == raise {
+                raising
+            } else {
+                measuring
+            }
+        };
+        for s in self.in_order().filter(|s| !on(s.entry)) {
+            report(s.entry, "detach", s.set(ebpf, false));
+        }
+        for s in self.in_order().rev().filter(|s| on(s.entry)) {
+            report(s.entry, "attach", s.set(ebpf, true));
+        }
+    }
+
+    /// Whether the kernel lets the agent attach its softirq programs again
+    /// once it detached them; `Err` says why not.
+    fn check(&self, ebpf: &mut Ebpf) -> Result<(), ProgramError> {
+        [&self.raise, &self.entry, &self.exit]
+            .into_iter()
+            .flatten()
+            .next()
+            .map_or(Ok(()), |s| s.can_attach(ebpf))
+    }
+}
+
+/// Says on stderr that switching `entry` failed.
+fn report(entry: &str, what: &str, result: Result<(), ProgramError>) {
+    if let Err(e) = result {
+        output::diagnose(format_args!(
+            "--max-cpu: cannot {what} {entry} ({}); the next change of step tries again",
+            crate::errors::Chain(&e)
+        ));
+    }
+}
+
 pub(crate) struct Budget {
     max_pct: f64,
     ladder: Vec<Shed>,
@@ -239,6 +484,10 @@ pub(crate) struct Budget {
     softirq: bool,
     map: Array<MapData, BudgetGates>,
     gates: BudgetGates,
+    /// The softirq programs the steps detach (none where they cannot).
+    switches: Switches,
+    /// Why the steps cannot detach the softirq programs, for `agent_start`.
+    degraded: Option<Degraded>,
     /// `ladder[..steps.step]` is shed.
     steps: Steps,
     /// The step whose gates are in force.
@@ -257,25 +506,49 @@ pub(crate) struct Budget {
     last_programs: ProgramCounters,
     last_cpu_ns: u64,
     last_busy_ns: Option<u64>,
+    last_softirqs: Option<u64>,
     evaluated_ns: u64,
 }
 
 impl Budget {
     /// `max_pct` 0: no budget (full detail always); the gates stay all zero.
+    /// `switches`: the softirq programs attached as BTF tracepoints, which
+    /// the steps detach if the kernel lets the agent, as it now is, attach
+    /// them again (checked here, on `ebpf`'s programs).
     pub(crate) fn new(
         max_pct: f64,
         classes: &[ClassId],
         map: Array<MapData, BudgetGates>,
+        mut switches: Switches,
+        ebpf: &mut Ebpf,
         programs: ProgramCounters,
         now_ns: u64,
     ) -> Self {
+        let ladder = ladder(classes);
+        let mut degraded = None;
+        if max_pct == 0.0 || !ladder.contains(&Shed::SoftirqDelay) {
+            switches = Switches::default();
+        } else if let Err(e) = switches.check(ebpf) {
+            degraded = Some(Degraded {
+                what: "budget/detach".to_owned(),
+                why: format!(
+                    "the kernel does not let the agent attach its softirq programs again once \
+                     attached ({}): the budget's softirq steps stop their measuring but leave \
+                     them attached, which sheds less of their cost",
+                    crate::errors::Chain(&e)
+                ),
+            });
+            switches = Switches::default();
+        }
         Self {
             max_pct,
-            ladder: ladder(classes),
-            steps: Steps::new(max_pct, ladder(classes).len()),
+            steps: Steps::new(max_pct, ladder.len()),
+            ladder,
             softirq: classes.contains(&ClassId::Softirq),
             map,
             gates: BudgetGates::default(),
+            switches,
+            degraded,
             step: 0,
             changed: false,
             next_flip_ns: None,
@@ -286,8 +559,14 @@ impl Budget {
             last_programs: programs,
             last_cpu_ns: sys::process::cpu_time_ns(),
             last_busy_ns: procfs::busy_cpu_ns(),
+            last_softirqs: procfs::softirqs_total(),
             evaluated_ns: now_ns,
         }
+    }
+
+    /// Why the steps leave the softirq programs attached, if they do.
+    pub(crate) fn degraded(&self) -> Option<Degraded> {
+        self.degraded.clone()
     }
 
     /// The names of the steps the budget may take (none without a budget).
@@ -318,9 +597,16 @@ impl Budget {
             _ => 0,
         };
         self.last_busy_ns = busy.or(self.last_busy_ns);
+        let softirqs_now = procfs::softirqs_total();
+        let softirqs = match (softirqs_now, self.last_softirqs) {
+            (Some(now), Some(last)) => Some(now.saturating_sub(last)),
+            _ => None,
+        };
+        self.last_softirqs = softirqs_now.or(self.last_softirqs);
         let cpu = sys::process::cpu_time_ns();
         let cost = Cost::new(
             &program_deltas(&programs, &self.last_programs),
+            softirqs,
             cpu.saturating_sub(self.last_cpu_ns),
             busy_ns,
             now_ns.saturating_sub(self.evaluated_ns),
@@ -357,7 +643,7 @@ impl Budget {
     }
 
     /// Flips the duty cycle's phase, at `now_ns`.
-    pub(crate) fn flip(&mut self, now_ns: u64) {
+    pub(crate) fn flip(&mut self, ebpf: &mut Ebpf, now_ns: u64) {
         let measuring = self.gates.softirq_paused == 0;
         self.set_measuring(!measuring, now_ns);
         self.next_flip_ns = Some(
@@ -368,7 +654,7 @@ impl Budget {
                     duty_on_ns()
                 },
         );
-        self.write_gates();
+        self.write_gates(ebpf);
     }
 
     fn set_measuring(&mut self, on: bool, now_ns: u64) {
@@ -384,14 +670,20 @@ impl Budget {
         }
     }
 
-    /// Hands the gates to the programs. Where the kernel refuses (a kernel
-    /// that checks CAP_BPF on every bpf() call, and the agent was not given
-    /// it: `agent_start` says so in `degraded`), the budget cannot act: it
-    /// turns itself off, with full detail in force, rather than stop the
-    /// agent. Returns whether the gates are in force.
-    fn write_gates(&mut self) -> bool {
+    /// Hands the gates to the programs, then detaches the softirq programs
+    /// they stop and attaches those they let measure (after the gates: a
+    /// program attached again finds its new phase's start time). Where the
+    /// kernel refuses the gates (a kernel that checks CAP_BPF on every
+    /// bpf() call, and the agent was not given it: `agent_start` says so in
+    /// `degraded`), the budget cannot act: it turns itself off, with full
+    /// detail in force, rather than stop the agent. Returns whether the
+    /// gates are in force.
+    fn write_gates(&mut self, ebpf: &mut Ebpf) -> bool {
         match self.map.set(0, self.gates, 0) {
-            Ok(()) => true,
+            Ok(()) => {
+                self.switches.apply(ebpf, &self.gates);
+                true
+            }
             Err(e) => {
                 output::diagnose(format_args!(
                     "--max-cpu: cannot write the programs' gates ({}): the budget is off",
@@ -402,6 +694,7 @@ impl Budget {
                 self.step = 0;
                 self.deepest = 0;
                 self.next_flip_ns = None;
+                self.switches.apply(ebpf, &BudgetGates::default());
                 false
             }
         }
@@ -409,16 +702,7 @@ impl Budget {
 
     /// The share of time the softirq programs measure at `step`.
     fn fraction_at(&self, step: usize) -> Option<f64> {
-        let sheds = |s| self.ladder[..step].contains(&s);
-        self.softirq.then(|| {
-            if sheds(Shed::SoftirqOff) {
-                0.0
-            } else if sheds(Shed::SoftirqSampled) {
-                SAMPLED_FRACTION
-            } else {
-                1.0
-            }
-        })
+        self.softirq.then(|| measured_fraction(&self.ladder, step))
     }
 
     /// Compares the cost since the last evaluation (`programs`: the
@@ -427,6 +711,7 @@ impl Budget {
     /// interval after one).
     pub(crate) fn evaluate(
         &mut self,
+        ebpf: &mut Ebpf,
         programs: ProgramCounters,
         now_ns: u64,
         out: &mut Output,
@@ -439,28 +724,32 @@ impl Budget {
         if std::mem::take(&mut self.changed) {
             out.write(now_ns, &self.record("result", self.step, pct, None, &cost))?;
         }
-        match self.steps.decide(&cost) {
-            Decision::Stay => Ok(()),
-            Decision::Down => self.change_to(self.steps.step, "down", pct, None, cost, now_ns, out),
-            Decision::Up(expected) => self.change_to(
-                self.steps.step,
-                "up",
-                pct,
-                Some(expected),
-                cost,
-                now_ns,
-                out,
-            ),
-        }
+        let detaches = Detaches {
+            raise: self.switches.raise.is_some(),
+            entry_exit: self.switches.entry.is_some() && self.switches.exit.is_some(),
+        };
+        let predicted = predicted(&self.ladder, self.step, detaches, &cost);
+        let change = match self.steps.decide(&cost, &predicted) {
+            Decision::Stay => return Ok(()),
+            Decision::Down => Change {
+                change: "down",
+                expected: None,
+            },
+            Decision::Up(expected) => Change {
+                change: "up",
+                expected: Some(expected),
+            },
+        };
+        self.change_to(ebpf, self.steps.step, change, pct, cost, now_ns, out)
     }
 
     #[allow(clippy::too_many_arguments)]
     fn change_to(
         &mut self,
+        ebpf: &mut Ebpf,
         step: usize,
-        change: &'static str,
+        Change { change, expected }: Change,
         pct: f64,
-        expected: Option<f64>,
         cost: Cost,
         now_ns: u64,
         out: &mut Output,
@@ -486,7 +775,7 @@ impl Budget {
         if measuring != was_measuring {
             self.set_measuring(measuring, now_ns);
         }
-        if !self.write_gates() {
+        if !self.write_gates(ebpf) {
             return Ok(());
         }
         let record = BudgetChange {
@@ -576,18 +865,25 @@ mod tests {
             busy_ns: 0,
             interval_ns: 1_000_000_000,
             runs,
+            ..Cost::default()
         }
     }
 
+    /// `steps.decide` where no step's saving can be predicted.
+    fn decide(steps: &mut Steps, cost: &Cost) -> Decision {
+        let flat = vec![cost.pct(); steps.last + 1];
+        steps.decide(cost, &flat)
+    }
+
     #[test]
-    fn steps_down_one_per_interval_and_stops_at_the_last() {
+    fn without_predictions_steps_down_one_per_interval_and_stops_at_the_last() {
         let mut steps = Steps::new(1.0, 2);
         let heavy = second(30, 2, 100_000);
-        assert_eq!(steps.decide(&heavy), Decision::Down);
-        assert_eq!(steps.decide(&heavy), Decision::Down);
+        assert_eq!(decide(&mut steps, &heavy), Decision::Down);
+        assert_eq!(decide(&mut steps, &heavy), Decision::Down);
         assert_eq!(steps.step, 2);
         // Over budget at the last step: nothing left to shed.
-        assert_eq!(steps.decide(&heavy), Decision::Stay);
+        assert_eq!(decide(&mut steps, &heavy), Decision::Stay);
         assert_eq!(steps.step, 2);
     }
 
@@ -595,34 +891,130 @@ mod tests {
     fn steps_come_back_after_calm_intervals_only() {
         let mut steps = Steps::new(1.0, 4);
         // 12 ms of 1 s: over budget; left at 1%+ with 100k runs.
-        assert_eq!(steps.decide(&second(10, 2, 100_000)), Decision::Down);
+        assert_eq!(decide(&mut steps, &second(10, 2, 100_000)), Decision::Down);
         // The load falls by 100: 0.1 ms expected plus 2 ms of agent CPU,
         // 0.21%, under half the budget: back after 3 intervals.
         let calm = second(0, 2, 1_000);
-        assert_eq!(steps.decide(&calm), Decision::Stay);
-        assert_eq!(steps.decide(&calm), Decision::Stay);
-        assert!(matches!(steps.decide(&calm), Decision::Up(e) if (e - 0.21).abs() < 1e-9));
+        assert_eq!(decide(&mut steps, &calm), Decision::Stay);
+        assert_eq!(decide(&mut steps, &calm), Decision::Stay);
+        assert!(matches!(decide(&mut steps, &calm), Decision::Up(e) if (e - 0.21).abs() < 1e-9));
         assert_eq!(steps.step, 0);
     }
 
     #[test]
     fn no_step_back_while_the_agent_alone_is_over_half_the_budget() {
         let mut steps = Steps::new(1.0, 4);
-        assert_eq!(steps.decide(&second(10, 2, 100_000)), Decision::Down);
+        assert_eq!(decide(&mut steps, &second(10, 2, 100_000)), Decision::Down);
         // Few runs now, but the agent's own CPU is 0.6%: the step above
         // would not stay within half the budget, so no flapping.
         for _ in 0..10 {
-            assert_eq!(steps.decide(&second(0, 6, 10)), Decision::Stay);
+            assert_eq!(decide(&mut steps, &second(0, 6, 10)), Decision::Stay);
         }
         // A load that returns midway resets the count.
         let mut steps = Steps::new(1.0, 4);
-        assert_eq!(steps.decide(&second(10, 2, 100_000)), Decision::Down);
+        assert_eq!(decide(&mut steps, &second(10, 2, 100_000)), Decision::Down);
         let calm = second(0, 1, 1_000);
-        assert_eq!(steps.decide(&calm), Decision::Stay);
-        assert_eq!(steps.decide(&calm), Decision::Stay);
-        assert_eq!(steps.decide(&second(0, 1, 90_000)), Decision::Stay);
-        assert_eq!(steps.decide(&calm), Decision::Stay);
+        assert_eq!(decide(&mut steps, &calm), Decision::Stay);
+        assert_eq!(decide(&mut steps, &calm), Decision::Stay);
+        assert_eq!(decide(&mut steps, &second(0, 1, 90_000)), Decision::Stay);
+        assert_eq!(decide(&mut steps, &calm), Decision::Stay);
         assert_eq!(steps.step, 1);
+    }
+
+    /// `run`'s ladder under a bulk transfer: 30 ms of program time in 1 s,
+    /// 8 of it the raise program's and 16 the entry and exit programs'.
+    fn bulk() -> Cost {
+        Cost {
+            raise_ns: 8_000_000,
+            entry_exit_ns: 16_000_000,
+            ..second(30, 2, 300_000)
+        }
+    }
+
+    const DETACH: Detaches = Detaches {
+        raise: true,
+        entry_exit: true,
+    };
+
+    #[test]
+    fn predictions_take_off_what_each_step_detaches() {
+        let l = ladder(&ClassId::ALL);
+        let p = predicted(&l, 0, DETACH, &bulk());
+        // 3.2% at steps 0-2 (nothing they save is measured apart); less
+        // the raise program at 3; less 3/4 of entry and exit at 4 (a
+        // quarter of each second measured); less all of them at 5.
+        let want = [3.2, 3.2, 3.2, 2.4, 1.2, 0.8];
+        for (p, w) in p.iter().zip(want) {
+            assert!((p - w).abs() < 1e-9, "{p} != {w}");
+        }
+        // From the sampled step, the entry and exit programs' time is a
+        // quarter of the time: the last step saves all of it.
+        let at_4 = Cost {
+            raise_ns: 0,
+            entry_exit_ns: 4_000_000,
+            ..second(6, 2, 300_000)
+        };
+        let p = predicted(&l, 4, DETACH, &at_4);
+        assert!((p[5] - 0.4).abs() < 1e-9, "{p:?}");
+        // Programs that stay attached: nothing predicted.
+        let stay = Detaches {
+            raise: false,
+            entry_exit: false,
+        };
+        assert!(
+            predicted(&l, 0, stay, &bulk())
+                .iter()
+                .all(|&p| (p - 3.2).abs() < 1e-9)
+        );
+    }
+
+    #[test]
+    fn steps_down_to_the_first_step_predicted_to_fit() {
+        let l = ladder(&ClassId::ALL);
+        let cost = bulk();
+        // Budget 1%: step 5 is the first predicted to fit.
+        let mut steps = Steps::new(1.0, 5);
+        let p = predicted(&l, 0, DETACH, &cost);
+        assert_eq!(steps.decide(&cost, &p), Decision::Down);
+        assert_eq!(steps.step, 5);
+        // The steps passed over are taken as costing what step 0 did.
+        assert_eq!(steps.left, vec![cost; 5]);
+        // Budget 1.5%: step 4.
+        let mut steps = Steps::new(1.5, 5);
+        assert_eq!(steps.decide(&cost, &p), Decision::Down);
+        assert_eq!(steps.step, 4);
+        // Budget 0.5%: no step is predicted to fit, some saving is: the
+        // last.
+        let mut steps = Steps::new(0.5, 5);
+        assert_eq!(steps.decide(&cost, &p), Decision::Down);
+        assert_eq!(steps.step, 5);
+        // Nothing predictable (programs that stay attached): one step.
+        let mut steps = Steps::new(1.0, 5);
+        assert_eq!(decide(&mut steps, &cost), Decision::Down);
+        assert_eq!(steps.step, 1);
+    }
+
+    #[test]
+    fn a_detached_program_counts_the_kernels_softirqs() {
+        let program = |name: &str, run_cnt, run_time_ns| ProgramStats {
+            name: name.to_owned(),
+            run_cnt,
+            run_time_ns,
+            timed_runs: 0,
+            recursion_misses: None,
+        };
+        let programs = [
+            program("softirq_raise", 0, 0),
+            program("softirq_entry", 100, 1_000),
+            program("softirq_exit", 100, 2_000),
+            program("inet_sock_set_state", 7, 500),
+        ];
+        let cost = Cost::new(&programs, Some(400), 0, 0, 1_000_000_000);
+        assert_eq!(cost.runs, 3 * 400 + 7);
+        assert_eq!((cost.raise_ns, cost.entry_exit_ns), (0, 3_000));
+        assert_eq!(cost.bpf_ns, 3_500);
+        // /proc/softirqs unreadable: the programs' own runs.
+        assert_eq!(Cost::new(&programs, None, 0, 0, 1).runs, 207);
     }
 
     #[test]
@@ -633,6 +1025,7 @@ mod tests {
             busy_ns,
             interval_ns: 1_000_000_000,
             runs: 100,
+            ..Cost::default()
         };
         // A machine busier than one CPU: its busy time.
         assert_eq!(c(20_000_000, 2_000_000_000).pct(), 1.0);

@@ -132,12 +132,14 @@ pub(crate) struct GlobalArgs {
     /// themselves) plus its own CPU time, over each --interval (every 10 s
     /// with --interval 0), as a share of the CPU time the machine was busy
     /// (at least one CPU's worth, so an idle machine sheds nothing): 1 means
-    /// at most 1% of the work it observes. Over budget, it sheds detail one
-    /// step per interval, cheapest loss first, as far as the classes
-    /// running have it: (1) per-event records of softirqs, reclaim and
-    /// compaction only at 10 ms or more; (2) no softirq queueing delay; (3)
-    /// softirqs measured a quarter of each second; (4) softirqs not
-    /// measured. Each step down and back up is a `budget` record, and every
+    /// at most 1% of the work it observes. Over budget, it sheds detail in
+    /// steps, cheapest loss first, as far as the classes running have
+    /// them: (1) per-event records of softirqs, reclaim and compaction only
+    /// at 10 ms or more; (2) no per-packet drop records; (3) no softirq
+    /// queueing delay; (4) softirqs measured a quarter of each second; (5)
+    /// softirqs not measured. It goes down in one go to the first step it
+    /// predicts within budget; the softirq steps detach the programs they
+    /// stop. Each step down and back up is a `budget` record, and every
     /// summary of an interval under a step carries `budget_step` (softirq
     /// summaries also `sampled_fraction`). Steps come back one at a time
     /// once the cost expected with them has stayed under half the budget

@@ -130,3 +130,16 @@ pub struct SoftirqEvent {
 const _: () = assert!(size_of::<SoftirqEvent>() == 16 + 8 + 16);
 
 crate::impl_pod!(SoftirqConfig, MaxSlot, SoftirqSlot, SoftirqEvent);
+
+/// Softirq handler runs counted in a /proc/softirqs table, every vector on
+/// every CPU summed (the kernel counts each run as it starts it,
+/// `handle_softirqs` in kernel/softirq.c): a header line of CPU names (no
+/// colon), then `VECTOR: count per CPU` for each vector.
+pub fn proc_softirqs_total(table: &str) -> u64 {
+    table
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .flat_map(|(_, counts)| counts.split_whitespace())
+        .filter_map(|c| c.parse::<u64>().ok())
+        .sum()
+}

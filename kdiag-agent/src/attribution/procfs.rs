@@ -195,6 +195,14 @@ pub(crate) fn busy_cpu_ns() -> Option<u64> {
     })
 }
 
+/// Softirq handler runs since boot, every vector on every CPU summed
+/// (/proc/softirqs). `None` if unreadable.
+pub(crate) fn softirqs_total() -> Option<u64> {
+    fs::read_to_string("/proc/softirqs")
+        .ok()
+        .map(|table| kdiag_common::softirq::proc_softirqs_total(&table))
+}
+
 /// Busy ticks of a /proc/stat `cpu` line: user nice system idle iowait irq
 /// softirq steal (guest time is already in user and nice).
 fn busy_ticks(line: &str) -> Option<u64> {

@@ -574,11 +574,23 @@ impl<'a> Batch<'a> {
             id: 0,
             anonymous: Vec::new(),
         };
-        for _ in 0..MAX_TYPE_PASSES {
+        for pass in 0..MAX_TYPE_PASSES {
             reader.seek(types.start)?;
+            // After the first pass only anonymous members' types the walk
+            // had passed can answer anything: it ends at the last of them.
+            let end = if pass == 0 {
+                u32::MAX
+            } else {
+                walk.anonymous
+                    .iter()
+                    .filter(|a| !a.read)
+                    .map(|a| a.id)
+                    .max()
+                    .unwrap_or(0)
+            };
             walk.id = 0;
             let mut left = types.len;
-            while left > 0 && walk.found.missing > 0 {
+            while left > 0 && walk.found.missing > 0 && walk.id < end {
                 walk.next_type(reader, &mut left)?;
             }
             if walk.found.missing == 0 || walk.anonymous.iter().all(|a| a.read) {
@@ -913,6 +925,9 @@ impl NameOffsets {
 struct StringScan<'n> {
     names: &'n [&'n str],
     longest: usize,
+    /// Whether a wanted name has this length: most strings are told apart
+    /// by it, without comparing them to every name.
+    lengths: Vec<bool>,
     /// The current string so far, unless it is longer than every name.
     current: Vec<u8>,
     too_long: bool,
@@ -925,9 +940,14 @@ struct StringScan<'n> {
 impl<'n> StringScan<'n> {
     fn new(names: &'n [&'n str]) -> Self {
         let longest = names.iter().map(|n| n.len()).max().unwrap_or(0);
+        let mut lengths = vec![false; longest + 1];
+        for n in names {
+            lengths[n.len()] = true;
+        }
         Self {
             names,
             longest,
+            lengths,
             current: Vec::with_capacity(longest),
             too_long: false,
             start: 0,
@@ -990,6 +1010,9 @@ impl<'n> StringScan<'n> {
 
     /// Which wanted name `string` is, if any.
     fn wanted(&self, string: &[u8]) -> Option<usize> {
+        if !self.lengths.get(string.len()).copied().unwrap_or(false) {
+            return None;
+        }
         self.names.iter().position(|n| n.as_bytes() == string)
     }
 }

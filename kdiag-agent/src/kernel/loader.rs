@@ -15,7 +15,7 @@ use std::{collections::BTreeMap, path::Path, sync::Arc};
 use aya::{
     Btf, BtfError, Ebpf, EbpfError, EbpfLoader, Endianness,
     maps::MapError,
-    programs::{BtfTracePoint, Program, ProgramError, TracePoint},
+    programs::{BtfTracePoint, Program, ProgramError, TracePoint, tp_btf::BtfTracePointLinkId},
     util::KernelVersion,
 };
 use kdiag_common::{Transport, wakeup_shift};
@@ -138,7 +138,22 @@ pub(crate) struct Loaded {
     /// Ring buffer or perf, never `Auto`.
     pub transport: TransportKind,
     pub attached: Vec<Attached>,
+    /// The links of the programs attached as BTF tracepoints, for the CPU
+    /// budget, which detaches some and attaches them again (see
+    /// `budget::Switch`).
+    pub btf_links: Vec<BtfLink>,
     pub degraded: Vec<Degraded>,
+}
+
+/// A program attached as a BTF tracepoint, and its link.
+#[derive(Debug)]
+pub(crate) struct BtfLink {
+    /// The tracepoint's program (its classic entry's name, the one
+    /// `agent_stats` reports).
+    pub program: &'static str,
+    /// The BTF tracepoint entry's name in the object.
+    pub entry: &'static str,
+    pub link: BtfTracePointLinkId,
 }
 
 /// The tracepoints of every class that runs, each once (classes can share
@@ -262,32 +277,44 @@ pub(crate) fn load(
 
     let mode = kernel.attach;
     let typedefs = typedef_btf(tracepoints, mode, kernel);
+    // A tracepoint without a format is missing (in `degraded` already, or
+    // the end when required): its BTF entry, which needs no format, is not
+    // attached either, so that `attached` and `degraded` agree.
+    let present: Vec<&Tracepoint> = tracepoints
+        .iter()
+        .filter(|tp| kernel.formats.contains(tp.program))
+        .collect();
+    let prepared = load_programs(&mut ebpf, &present, kernel, &typedefs);
     let mut attached = Vec::new();
-    for tp in tracepoints {
-        // A tracepoint without a format is missing (in `degraded` already,
-        // or the end when required): its BTF entry, which needs no format,
-        // is not attached either, so that `attached` and `degraded` agree.
-        if !kernel.formats.contains(tp.program) {
-            continue;
-        }
-        if let Some(program) = btf_entry(tp, mode) {
-            match attach_btf(&mut ebpf, tp, program, kernel, &typedefs) {
-                Ok(()) => {
+    let mut btf_links = Vec::new();
+    for (tp, prepared) in present.into_iter().zip(prepared) {
+        let btf_error = match prepared {
+            Prepared::Btf(program) => match attach_btf(&mut ebpf, program) {
+                Ok(link) => {
                     attached.push(Attached {
                         tracepoint: *tp,
                         how: AttachedAs::BtfTracepoint,
                     });
+                    btf_links.push(BtfLink {
+                        program: tp.program,
+                        entry: program,
+                        link,
+                    });
                     continue;
                 }
-                // Only the cost differs: said in `degraded` all the same.
-                Err(e) => degraded.push(Degraded {
-                    what: format!("{} (tp_btf)", tp.path()),
-                    why: format!(
-                        "{}; attaching the classic tracepoint program instead",
-                        Chain(&e)
-                    ),
-                }),
-            }
+                Err(e) => Some(e),
+            },
+            Prepared::Classic { btf_error } => btf_error,
+        };
+        // Only the cost differs: said in `degraded` all the same.
+        if let Some(e) = btf_error {
+            degraded.push(Degraded {
+                what: format!("{} (tp_btf)", tp.path()),
+                why: format!(
+                    "{}; attaching the classic tracepoint program instead",
+                    Chain(&e)
+                ),
+            });
         }
         match attach(&mut ebpf, tp) {
             Ok(how) => attached.push(Attached {
@@ -301,6 +328,7 @@ pub(crate) fn load(
         ebpf,
         transport,
         attached,
+        btf_links,
         degraded,
     })
 }
@@ -389,12 +417,76 @@ fn give_up_or_degrade(
     Ok(())
 }
 
-/// Loads and attaches `program`, the BTF tracepoint entry of `tp`; left
-/// unloaded when either fails, for the classic entry to take its place.
-fn attach_btf(
+/// How a tracepoint's program was loaded, before any is attached.
+enum Prepared {
+    /// Its BTF tracepoint entry, this one, is loaded.
+    Btf(&'static str),
+    /// Its classic entry is to be attached (and loaded, if it is not yet),
+    /// after its BTF entry could not be loaded (why, if one was tried).
+    Classic { btf_error: Option<AttachError> },
+}
+
+/// Loads the programs of `tracepoints`, each on a thread of its own: the
+/// kernel's verifier runs in the calling thread and is most of the
+/// agent's start-up (tens of milliseconds for the TCP programs), so the
+/// programs are verified side by side on a machine with several CPUs. A
+/// BTF tracepoint entry is loaded where `kernel.attach` and the kernel's
+/// BTF allow, else the classic entry; nothing is attached yet.
+fn load_programs(
     ebpf: &mut Ebpf,
+    tracepoints: &[&Tracepoint],
+    kernel: &KernelTypes,
+    btf: &Result<Btf, Arc<BtfError>>,
+) -> Vec<Prepared> {
+    let mut programs: BTreeMap<&str, &mut Program> = ebpf.programs_mut().collect();
+    let jobs: Vec<_> = tracepoints
+        .iter()
+        .map(|&tp| {
+            let entry = btf_entry(tp, kernel.attach);
+            let btf_program = entry.and_then(|e| Some((e, programs.remove(e)?)));
+            (tp, entry, btf_program, programs.remove(tp.program))
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        let running: Vec<_> = jobs
+            .into_iter()
+            .map(|(tp, entry, btf_program, classic)| {
+                scope.spawn(move || {
+                    let btf_error = match (entry, btf_program) {
+                        (None, _) => None,
+                        (Some(entry), None) => Some(AttachError::MissingProgram(entry)),
+                        (Some(entry), Some((_, program))) => {
+                            match load_btf(program, tp, entry, kernel, btf) {
+                                Ok(()) => return Prepared::Btf(entry),
+                                Err(e) => Some(e),
+                            }
+                        }
+                    };
+                    // Loaded here, side by side with the others; a failure
+                    // is met again, and reported, when it is attached.
+                    if let Some(program) = classic {
+                        let _ = load_classic(program);
+                    }
+                    Prepared::Classic { btf_error }
+                })
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    })
+}
+
+/// Loads `program`, the BTF tracepoint entry `entry` of `tp`; left
+/// unloaded when it fails, for the classic entry to take its place.
+fn load_btf(
+    program: &mut Program,
     tp: &Tracepoint,
-    program: &'static str,
+    entry: &'static str,
     kernel: &KernelTypes,
     btf: &Result<Btf, Arc<BtfError>>,
 ) -> Result<(), AttachError> {
@@ -407,28 +499,53 @@ fn attach_btf(
     let btf = btf
         .as_ref()
         .map_err(|e| AttachError::TypedefBtf(e.clone()))?;
+    let program: &mut BtfTracePoint =
+        program
+            .try_into()
+            .map_err(|source| AttachError::NotTracePoint {
+                program: entry,
+                source,
+            })?;
+    program.load(tp.name, btf).map_err(AttachError::Load)
+}
+
+/// Attaches `program`, a loaded BTF tracepoint entry, and returns its
+/// link; unloads it when that fails, for the classic entry to take its
+/// place.
+fn attach_btf(ebpf: &mut Ebpf, program: &'static str) -> Result<BtfTracePointLinkId, AttachError> {
     let entry: &mut BtfTracePoint = ebpf
         .program_mut(program)
         .ok_or(AttachError::MissingProgram(program))?
         .try_into()
         .map_err(|source| AttachError::NotTracePoint { program, source })?;
-    entry.load(tp.name, btf).map_err(AttachError::Load)?;
-    if let Err(e) = entry.attach() {
+    entry.attach().map_err(|e| {
         let _ = entry.unload();
-        return Err(AttachError::Attach(e));
-    }
-    Ok(())
+        AttachError::Attach(e)
+    })
 }
 
-/// Attaches `tp`'s program as what it was built as: a classic tracepoint
-/// program to `group/name`, a raw tracepoint program (the section
-/// `raw_tp/NAME`) to `name`.
+/// Loads a classic or raw tracepoint program, unless it is loaded.
+fn load_classic(program: &mut Program) -> Result<(), ProgramError> {
+    if program.fd().is_ok() {
+        return Ok(());
+    }
+    match program {
+        Program::RawTracePoint(p) => p.load(),
+        Program::TracePoint(p) => p.load(),
+        _ => Ok(()),
+    }
+}
+
+/// Attaches `tp`'s program (loading it first unless [`load_programs`]
+/// did) as what it was built as: a classic tracepoint program to
+/// `group/name`, a raw tracepoint program (the section `raw_tp/NAME`) to
+/// `name`.
 fn attach(ebpf: &mut Ebpf, tp: &Tracepoint) -> Result<AttachedAs, AttachError> {
     let program = ebpf
         .program_mut(tp.program)
         .ok_or(AttachError::MissingProgram(tp.program))?;
+    load_classic(program).map_err(AttachError::Load)?;
     if let Program::RawTracePoint(program) = program {
-        program.load().map_err(AttachError::Load)?;
         program.attach(tp.name).map_err(AttachError::Attach)?;
         return Ok(AttachedAs::RawTracepoint);
     }
@@ -439,7 +556,6 @@ fn attach(ebpf: &mut Ebpf, tp: &Tracepoint) -> Result<AttachedAs, AttachError> {
                 program: tp.program,
                 source,
             })?;
-    program.load().map_err(AttachError::Load)?;
     program
         .attach(tp.group, tp.name)
         .map_err(AttachError::Attach)?;

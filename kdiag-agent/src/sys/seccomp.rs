@@ -38,14 +38,18 @@ pub(crate) enum SeccompError {
 /// holds: map reads (losses, per-CPU histograms, the memory classes'
 /// per-thread tables, whose entries of exited threads it also deletes),
 /// the softirq class's generation counter, and program information
-/// (run-time statistics). Loading programs, creating maps and getting
-/// descriptors of other objects are not among them.
+/// (run-time statistics); and attaching its own BTF tracepoint programs
+/// again, which the CPU budget detaches (such a program's tracepoint is
+/// fixed when it is loaded: the command cannot point it elsewhere).
+/// Loading programs, creating maps and getting descriptors of other
+/// objects are not among them.
 const BPF_COMMANDS: &[bpf_cmd] = &[
     bpf_cmd::BPF_MAP_LOOKUP_ELEM,
     bpf_cmd::BPF_MAP_UPDATE_ELEM,
     bpf_cmd::BPF_MAP_DELETE_ELEM,
     bpf_cmd::BPF_MAP_GET_NEXT_KEY,
     bpf_cmd::BPF_OBJ_GET_INFO_BY_FD,
+    bpf_cmd::BPF_RAW_TRACEPOINT_OPEN,
 ];
 
 /// `PERF_EVENT_IOC_DISABLE` (include/uapi/linux/perf_event.h: `_IO('$',

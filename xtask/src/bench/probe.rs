@@ -88,18 +88,7 @@ pub(super) fn process_cpu_ns(pid: u32) -> Result<u64> {
 /// per handler run, right before it fires softirq_entry.
 pub(super) fn softirqs_total() -> Result<u64> {
     let table = fs::read_to_string("/proc/softirqs").context("reading /proc/softirqs")?;
-    Ok(sum_softirqs(&table))
-}
-
-/// A header line of CPU names (no colon), then `VECTOR: count per CPU` for
-/// each vector.
-fn sum_softirqs(table: &str) -> u64 {
-    table
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .flat_map(|(_, counts)| counts.split_whitespace())
-        .filter_map(|c| c.parse::<u64>().ok())
-        .sum()
+    Ok(kdiag_common::softirq::proc_softirqs_total(&table))
 }
 
 /// `TcpExt: ListenOverflows` of /proc/net/netstat: SYNs dropped because a
@@ -265,6 +254,9 @@ mod tests {
                      HI:           0       2\n\
                      TIMER:   376352  301398\n\
                      NET_RX:      10       7\n";
-        assert_eq!(sum_softirqs(table), 2 + 376352 + 301398 + 10 + 7);
+        assert_eq!(
+            kdiag_common::softirq::proc_softirqs_total(table),
+            2 + 376352 + 301398 + 10 + 7
+        );
     }
 }
