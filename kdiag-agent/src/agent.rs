@@ -221,11 +221,11 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
         cli.global.max_cpu,
         &class_ids,
         gates,
-        stats.snapshot_programs(&loaded.ebpf),
+        stats.snapshot_programs(&loaded.ebpf, &classes),
         monotonic_ns(),
     );
     let uncounted = stats
-        .snapshot_programs(&loaded.ebpf)
+        .snapshot_programs(&loaded.ebpf, &classes)
         .values()
         .any(|c| c.recursion_misses.is_none());
     if uncounted {
@@ -332,7 +332,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
                     .map(|()| None)
             }
             _ = interval.tick(), if interval_secs > 0 => {
-                let programs = stats.snapshot_programs(&loaded.ebpf);
+                let programs = stats.snapshot_programs(&loaded.ebpf, &classes);
                 let now = monotonic_ns();
                 end_interval(
                     &mut classes,
@@ -347,7 +347,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
                 .map(|()| None)
             }
             _ = budget_tick.tick(), if interval_secs == 0 && budget.enabled() => {
-                let programs = stats.snapshot_programs(&loaded.ebpf);
+                let programs = stats.snapshot_programs(&loaded.ebpf, &classes);
                 budget.evaluate(programs, monotonic_ns(), &mut out).map(|()| None)
             }
             () = flip, if flip_at.is_some() => {
@@ -385,7 +385,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
 
     // Detach first, so nothing new arrives; then everything already in the
     // buffers is written before the final accounting.
-    let programs = stats.snapshot_programs(&loaded.ebpf);
+    let programs = stats.snapshot_programs(&loaded.ebpf, &classes);
     // The last interval ends when the programs stop, not after the
     // (slow: one RCU grace period per program) detaching.
     let detached_at = monotonic_ns();
