@@ -115,6 +115,8 @@ fn run(
     vec: Result<u32, i64>,
     body: impl FnOnce(u32, *mut SoftirqSlot) -> Result<u32, i64>,
 ) -> u32 {
+    // Only the three softirq programs come here, each with its constant
+    // id: the match folds away.
     let index = match cost_index(program) {
         Some(i) => i,
         None => 0,
