@@ -217,7 +217,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
         .collect();
     let mut stats = StatsCollector::new(&class_programs, losses, costs, monotonic_ns());
     let class_ids: Vec<ClassId> = classes.iter().map(|c| c.id()).collect();
-    let programs = stats.snapshot_programs(&loaded.ebpf);
+    let programs = stats.snapshot_programs(&loaded.ebpf, &classes);
     let mut budget = Budget::new(
         cli.global.max_cpu,
         &class_ids,
@@ -229,7 +229,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
     );
     degraded.extend(budget.degraded());
     let uncounted = stats
-        .snapshot_programs(&loaded.ebpf)
+        .snapshot_programs(&loaded.ebpf, &classes)
         .values()
         .any(|c| c.recursion_misses.is_none());
     if uncounted {
@@ -336,7 +336,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
                     .map(|()| None)
             }
             _ = interval.tick(), if interval_secs > 0 => {
-                let programs = stats.snapshot_programs(&loaded.ebpf);
+                let programs = stats.snapshot_programs(&loaded.ebpf, &classes);
                 let now = monotonic_ns();
                 end_interval(
                     &mut classes,
@@ -351,7 +351,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
                 .map(|()| None)
             }
             _ = budget_tick.tick(), if interval_secs == 0 && budget.enabled() => {
-                let programs = stats.snapshot_programs(&loaded.ebpf);
+                let programs = stats.snapshot_programs(&loaded.ebpf, &classes);
                 budget
                     .evaluate(&mut loaded.ebpf, programs, monotonic_ns(), &mut out)
                     .map(|()| None)
@@ -391,7 +391,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
 
     // Detach first, so nothing new arrives; then everything already in the
     // buffers is written before the final accounting.
-    let programs = stats.snapshot_programs(&loaded.ebpf);
+    let programs = stats.snapshot_programs(&loaded.ebpf, &classes);
     // The last interval ends when the programs stop, not after the
     // (slow: one RCU grace period per program) detaching.
     let detached_at = monotonic_ns();

@@ -6,7 +6,10 @@
 use std::io;
 
 use aya::Ebpf;
-use kdiag_common::{ClassId, EventKind};
+use kdiag_common::{
+    ClassId, EventKind,
+    cost::{ProgramCost, ProgramId},
+};
 
 // What a class declares and configures before load is the kernel side's
 // vocabulary; the classes name it through here.
@@ -113,6 +116,13 @@ pub(crate) trait Class {
     /// class reads itself (histograms, counters).
     fn on_loaded(&mut self, _ebpf: &mut Ebpf) -> Result<(), ClassError> {
         Ok(())
+    }
+
+    /// Run counts its programs keep in the class's own maps rather than in
+    /// the shared cost map, summed over CPUs: the agent adds them to the
+    /// programs' figures.
+    fn program_costs(&self) -> Vec<(ProgramId, ProgramCost)> {
+        Vec::new()
     }
 
     /// Every [`HOUSEKEEPING`] whatever the interval (also with `--interval

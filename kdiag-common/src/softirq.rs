@@ -4,7 +4,12 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::{EventHeader, log2::Scale, stack::NO_STACKS};
+use crate::{
+    EventHeader,
+    cost::{ProgramCost, ProgramId},
+    log2::Scale,
+    stack::NO_STACKS,
+};
 
 /// Softirq vectors the kernel has (`NR_SOFTIRQS` in include/linux/interrupt.h,
 /// 10 since 4.1: HI, TIMER, NET_TX, NET_RX, BLOCK, IRQ_POLL, TASKLET, SCHED,
@@ -87,6 +92,12 @@ pub struct SoftirqSlot {
     /// Queueing delay of the handler running now, or [`NO_DELAY`].
     pub delay_ns: u64,
     pub service_total_ns: u64,
+    /// The runs of the raise, entry and exit programs on this vector
+    /// ([`cost_index`]), and their sampled timing: counted here, in the
+    /// slot each run works on anyway, rather than in the per-program cost
+    /// map: one map lookup and one cache line less per run
+    /// (docs/BENCHMARKS.md). The agent adds them up per program.
+    pub cost: [ProgramCost; 3],
     /// A maximum cannot be read as a difference of two reads. The agent
     /// bumps a generation every interval (the `SOFTIRQ_GENERATION` array);
     /// the programs keep the maxima of generation `g` in `max[g % 2]`,
@@ -97,7 +108,7 @@ pub struct SoftirqSlot {
     pub service_buckets: [u64; HIST_BUCKETS],
     pub delay_buckets: [u64; HIST_BUCKETS],
 }
-const _: () = assert!(size_of::<SoftirqSlot>() == 32 + 48 + 2 * 8 * HIST_BUCKETS);
+const _: () = assert!(size_of::<SoftirqSlot>() == 32 + 3 * 32 + 48 + 2 * 8 * HIST_BUCKETS);
 
 impl SoftirqSlot {
     pub const ZERO: Self = Self {
@@ -105,6 +116,12 @@ impl SoftirqSlot {
         entry_ns: 0,
         delay_ns: 0,
         service_total_ns: 0,
+        cost: [ProgramCost {
+            runs: 0,
+            timed_runs: 0,
+            timed_ns: 0,
+            started_ns: 0,
+        }; 3],
         max: [MaxSlot {
             generation: 0,
             service_ns: 0,
@@ -113,6 +130,16 @@ impl SoftirqSlot {
         service_buckets: [0; HIST_BUCKETS],
         delay_buckets: [0; HIST_BUCKETS],
     };
+}
+
+/// Where in [`SoftirqSlot::cost`] a softirq program counts its runs.
+pub const fn cost_index(program: ProgramId) -> Option<usize> {
+    match program {
+        ProgramId::SoftirqRaise => Some(0),
+        ProgramId::SoftirqEntry => Some(1),
+        ProgramId::SoftirqExit => Some(2),
+        _ => None,
+    }
 }
 
 /// One softirq at or over the threshold. The header's `cpu` is where it ran,

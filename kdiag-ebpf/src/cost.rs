@@ -35,20 +35,28 @@ pub(crate) fn gates() -> &'static BudgetGates {
 }
 
 /// Runs `body`, the program `program`'s work, counting the run and timing
-/// one run in `SAMPLE_EVERY` on each CPU (the first included).
-///
-/// The slot is per-CPU and per-program, and a program never runs twice at
-/// once on a CPU (classic tracepoint programs never nest on a CPU at all,
-/// and BTF tracepoint programs have a per-program recursion guard), so the
-/// plain updates cannot race. The start time is kept in the slot, not in a
-/// register: with a register the verifier would check the body twice, once
-/// for a timed run and once for an untimed one.
+/// one run in `SAMPLE_EVERY` on each CPU (the first included), in the
+/// program's slot of the cost map.
 #[inline(always)]
 pub(crate) fn measured(program: ProgramId, body: impl FnOnce() -> u32) -> u32 {
-    let Some(cost) = PROGRAM_COST.get_ptr_mut(program as u32) else {
-        return body();
-    };
-    // SAFETY: a live per-CPU map value (above).
+    match PROGRAM_COST.get_ptr_mut(program as u32) {
+        Some(cost) => measured_in(cost, body),
+        None => body(),
+    }
+}
+
+/// [`measured`], counting in `cost`: a per-CPU slot of this program's own
+/// (the softirq programs keep theirs beside the state they work on).
+///
+/// A program never runs twice at once on a CPU (classic tracepoint programs
+/// never nest on a CPU at all, and BTF tracepoint programs have a
+/// per-program recursion guard), so the plain updates cannot race. The
+/// start time is kept in the slot, not in a register: with a register the
+/// verifier would check the body twice, once for a timed run and once for
+/// an untimed one.
+#[inline(always)]
+pub(crate) fn measured_in(cost: *mut ProgramCost, body: impl FnOnce() -> u32) -> u32 {
+    // SAFETY: `cost` is a live per-CPU map value (above).
     let runs = unsafe { (*cost).runs };
     // SAFETY: as above.
     unsafe { (*cost).runs = runs + 1 };

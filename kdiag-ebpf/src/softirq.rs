@@ -3,8 +3,9 @@
 //!
 //! Softirqs run up to millions of times a second, so nothing leaves the
 //! kernel per softirq but the ones at or over the threshold. The hot path is
-//! one per-CPU array lookup, one clock read and a few loads and stores per
-//! program; no hash map, no helper beyond those.
+//! one per-CPU array lookup (the vector's slot, which also counts the
+//! program's runs), one clock read and a few loads and stores per program;
+//! no hash map, no helper beyond those.
 //!
 //! Pairing relies on kernel/softirq.c: `__raise_softirq_irqoff` traces
 //! softirq_raise and sets the vector pending on the current CPU; only that
@@ -41,11 +42,11 @@ use aya_ebpf::{
 use kdiag_common::{
     ClassId, EventKind,
     cost::ProgramId,
-    softirq::{HIST, NO_DELAY, NR_SOFTIRQS, SoftirqConfig, SoftirqEvent, SoftirqSlot},
+    softirq::{HIST, NO_DELAY, NR_SOFTIRQS, SoftirqConfig, SoftirqEvent, SoftirqSlot, cost_index},
 };
 
 use crate::{
-    cost::{gates, measured},
+    cost::{gates, measured, measured_in},
     ctx,
     output::{counted, emit, header_at},
     rodata::rodata,
@@ -105,33 +106,52 @@ fn slot(vec: u32) -> Result<*mut SoftirqSlot, i64> {
     SOFTIRQ.get_ptr_mut(vec).ok_or(-1)
 }
 
+/// Runs `body` on `vec`'s slot, counting the run in the slot
+/// (`SoftirqSlot::cost`): one lookup per run for both. A run without a
+/// known vector is counted in the cost map, and as the class's `failed`.
+#[inline(always)]
+fn run(
+    program: ProgramId,
+    vec: Result<u32, i64>,
+    body: impl FnOnce(u32, *mut SoftirqSlot) -> Result<u32, i64>,
+) -> u32 {
+    // Only the three softirq programs come here, each with its constant
+    // id: the match folds away.
+    let index = match cost_index(program) {
+        Some(i) => i,
+        None => 0,
+    };
+    match vec.and_then(|v| Ok((v, slot(v)?))) {
+        Ok((vec, s)) => {
+            // SAFETY: a live per-CPU map value (see the module comment).
+            let cost = unsafe { &raw mut (*s).cost[index] };
+            measured_in(cost, || counted(ClassId::Softirq, body(vec, s)))
+        }
+        Err(e) => measured(program, || counted(ClassId::Softirq, Err(e))),
+    }
+}
+
 #[btf_tracepoint(function = "softirq_raise")]
 pub(crate) fn softirq_raise_btf(ctx: BtfTracePointContext) -> u32 {
-    measured(ProgramId::SoftirqRaise, || {
-        counted(ClassId::Softirq, try_softirq_raise(|| arg_vec(&ctx)))
-    })
+    run(ProgramId::SoftirqRaise, arg_vec(&ctx), try_softirq_raise)
 }
 
 #[tracepoint]
 pub(crate) fn softirq_raise(ctx: TracePointContext) -> u32 {
-    measured(ProgramId::SoftirqRaise, || {
-        counted(
-            ClassId::Softirq,
-            try_softirq_raise(|| record_vec(&ctx, config().raise_vec)),
-        )
-    })
+    run(
+        ProgramId::SoftirqRaise,
+        record_vec(&ctx, config().raise_vec),
+        try_softirq_raise,
+    )
 }
 
-/// `vec` is read only once the gates let the program measure.
 #[inline(always)]
-fn try_softirq_raise(vec: impl FnOnce() -> Result<u32, i64>) -> Result<u32, i64> {
+fn try_softirq_raise(_vec: u32, s: *mut SoftirqSlot) -> Result<u32, i64> {
     let gates = gates();
     if gates.softirq_paused != 0 || gates.delay_shed != 0 {
         // The budget sheds queueing delay, or all measuring: counted only.
         return Ok(0);
     }
-    let vec = vec()?;
-    let s = slot(vec)?;
     // SAFETY: a live per-CPU map value (see the module comment).
     unsafe {
         // Keep the first raise: later ones while it is pending wait no
@@ -145,24 +165,20 @@ fn try_softirq_raise(vec: impl FnOnce() -> Result<u32, i64>) -> Result<u32, i64>
 
 #[btf_tracepoint(function = "softirq_entry")]
 pub(crate) fn softirq_entry_btf(ctx: BtfTracePointContext) -> u32 {
-    measured(ProgramId::SoftirqEntry, || {
-        counted(ClassId::Softirq, try_softirq_entry(|| arg_vec(&ctx)))
-    })
+    run(ProgramId::SoftirqEntry, arg_vec(&ctx), try_softirq_entry)
 }
 
 #[tracepoint]
 pub(crate) fn softirq_entry(ctx: TracePointContext) -> u32 {
-    measured(ProgramId::SoftirqEntry, || {
-        counted(
-            ClassId::Softirq,
-            try_softirq_entry(|| record_vec(&ctx, config().entry_vec)),
-        )
-    })
+    run(
+        ProgramId::SoftirqEntry,
+        record_vec(&ctx, config().entry_vec),
+        try_softirq_entry,
+    )
 }
 
-/// `vec` is read only once the gates let the program measure.
 #[inline(always)]
-fn try_softirq_entry(vec: impl FnOnce() -> Result<u32, i64>) -> Result<u32, i64> {
+fn try_softirq_entry(_vec: u32, s: *mut SoftirqSlot) -> Result<u32, i64> {
     let gates = gates();
     if gates.softirq_paused != 0 {
         // Off phase of the budget's duty cycle: this run is not measured
@@ -170,8 +186,6 @@ fn try_softirq_entry(vec: impl FnOnce() -> Result<u32, i64>) -> Result<u32, i64>
         return Ok(0);
     }
     let since = gates.softirq_since_ns;
-    let vec = vec()?;
-    let s = slot(vec)?;
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: a live per-CPU map value (see the module comment).
@@ -193,27 +207,24 @@ fn try_softirq_entry(vec: impl FnOnce() -> Result<u32, i64>) -> Result<u32, i64>
 
 #[btf_tracepoint(function = "softirq_exit")]
 pub(crate) fn softirq_exit_btf(ctx: BtfTracePointContext) -> u32 {
-    measured(ProgramId::SoftirqExit, || {
-        counted(ClassId::Softirq, try_softirq_exit(&ctx, arg_vec(&ctx)))
+    run(ProgramId::SoftirqExit, arg_vec(&ctx), |vec, s| {
+        try_softirq_exit(&ctx, vec, s)
     })
 }
 
 #[tracepoint]
 pub(crate) fn softirq_exit(ctx: TracePointContext) -> u32 {
-    measured(ProgramId::SoftirqExit, || {
-        counted(
-            ClassId::Softirq,
-            try_softirq_exit(&ctx, record_vec(&ctx, config().exit_vec)),
-        )
-    })
+    run(
+        ProgramId::SoftirqExit,
+        record_vec(&ctx, config().exit_vec),
+        |vec, s| try_softirq_exit(&ctx, vec, s),
+    )
 }
 
 /// `ctx` is only for the perf transport's output helper.
 #[inline(always)]
-fn try_softirq_exit<C: EbpfContext>(ctx: &C, vec: Result<u32, i64>) -> Result<u32, i64> {
+fn try_softirq_exit<C: EbpfContext>(ctx: &C, vec: u32, s: *mut SoftirqSlot) -> Result<u32, i64> {
     let cfg = config();
-    let vec = vec?;
-    let s = slot(vec)?;
     let gates = gates();
     // SAFETY: a live per-CPU map value (see the module comment).
     let (entry, mut delay) = unsafe { ((*s).entry_ns, (*s).delay_ns) };

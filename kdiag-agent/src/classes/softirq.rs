@@ -9,9 +9,10 @@ use aya::{
 use clap::Args;
 use kdiag_common::{
     ClassId, EventKind,
-    cost::ProgramId,
+    cost::{ProgramCost, ProgramId},
     softirq::{
         FIELD_ABSENT, HIST, NO_DELAY, NR_SOFTIRQS, SoftirqConfig, SoftirqEvent, SoftirqSlot,
+        cost_index,
     },
     stack::NO_STACKS,
 };
@@ -122,6 +123,28 @@ impl SoftirqClass {
         }
         Ok(now)
     }
+}
+
+/// The programs' run counters of every CPU's and vector's slot, summed per
+/// program.
+fn program_costs(slots: &[[SoftirqSlot; NR_SOFTIRQS as usize]]) -> Vec<(ProgramId, ProgramCost)> {
+    [
+        ProgramId::SoftirqRaise,
+        ProgramId::SoftirqEntry,
+        ProgramId::SoftirqExit,
+    ]
+    .into_iter()
+    .filter_map(|id| {
+        let i = cost_index(id)?;
+        let mut sum = ProgramCost::default();
+        for c in slots.iter().flatten().map(|s| &s.cost[i]) {
+            sum.runs += c.runs;
+            sum.timed_runs += c.timed_runs;
+            sum.timed_ns += c.timed_ns;
+        }
+        Some((id, sum))
+    })
+    .collect()
 }
 
 /// Decodes one `softirq` event.
@@ -260,6 +283,15 @@ impl Class for SoftirqClass {
         kind == EventKind::Softirq
     }
 
+    fn program_costs(&self) -> Vec<(ProgramId, ProgramCost)> {
+        // Unreadable: the runs counted in the shared map only, as for
+        // every program whose counters cannot be read.
+        self.maps
+            .as_ref()
+            .and_then(|maps| Self::read(maps).ok())
+            .map_or_else(Vec::new, |slots| program_costs(&slots))
+    }
+
     fn on_event(&mut self, data: &[u8], cx: &mut Context<'_>) -> Result<u64, ClassError> {
         let ev = decode_softirq(data)?;
         let record = Softirq {
@@ -393,6 +425,31 @@ mod tests {
             m.delay_ns = m.delay_ns.max(ns);
         }
         s
+    }
+
+    #[test]
+    fn program_runs_are_summed_over_cpus_and_vectors_per_program() {
+        let counted = |runs, timed_runs, timed_ns| ProgramCost {
+            runs,
+            timed_runs,
+            timed_ns,
+            started_ns: 99,
+        };
+        let mut cpu0 = [SoftirqSlot::ZERO; NR_SOFTIRQS as usize];
+        cpu0[3].cost = [counted(10, 1, 100), counted(7, 1, 50), counted(7, 1, 80)];
+        cpu0[9].cost[2] = counted(1, 1, 30);
+        let mut cpu1 = [SoftirqSlot::ZERO; NR_SOFTIRQS as usize];
+        cpu1[3].cost[0] = counted(5, 0, 0);
+        let sums = program_costs(&[cpu0, cpu1]);
+        let of = |id| {
+            sums.iter()
+                .find(|(p, _)| *p == id)
+                .map(|(_, c)| (c.runs, c.timed_runs, c.timed_ns))
+        };
+        assert_eq!(sums.len(), 3);
+        assert_eq!(of(ProgramId::SoftirqRaise), Some((15, 1, 100)));
+        assert_eq!(of(ProgramId::SoftirqEntry), Some((7, 1, 50)));
+        assert_eq!(of(ProgramId::SoftirqExit), Some((8, 2, 110)));
     }
 
     #[test]

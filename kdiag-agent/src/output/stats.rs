@@ -23,6 +23,7 @@ use kdiag_common::{
 };
 
 use crate::{
+    class::Class,
     output::record::{AgentStats, ClassStats, ProgramStats},
     sys,
 };
@@ -138,9 +139,16 @@ impl StatsCollector {
         self.last_mono_ns
     }
 
-    /// Per-program counters of the loaded programs; read them before the
-    /// programs are unloaded (the recursion misses go with them).
-    pub(crate) fn snapshot_programs(&self, ebpf: &Ebpf) -> ProgramCounters {
+    /// Per-program counters of the loaded programs, with what `classes`
+    /// count in their own maps; read them before the programs are unloaded
+    /// (the recursion misses go with them).
+    pub(crate) fn snapshot_programs(
+        &self,
+        ebpf: &Ebpf,
+        classes: &[Box<dyn Class>],
+    ) -> ProgramCounters {
+        let own: Vec<(ProgramId, ProgramCost)> =
+            classes.iter().flat_map(|c| c.program_costs()).collect();
         ebpf.programs()
             .filter_map(|(name, p)| {
                 let id = ProgramId::of_entry(name)?;
@@ -155,12 +163,12 @@ impl StatsCollector {
                     recursion_misses: misses.flatten(),
                     ..RunCounters::default()
                 };
-                if let Ok(per_cpu) = self.costs.get(&(id as u32), 0) {
-                    for c in per_cpu.iter() {
-                        counters.runs += c.runs;
-                        counters.timed_runs += c.timed_runs;
-                        counters.timed_ns += c.timed_ns;
-                    }
+                let shared = self.costs.get(&(id as u32), 0).ok();
+                let theirs = own.iter().filter(|(p, _)| *p == id).map(|(_, c)| c);
+                for c in shared.iter().flat_map(|v| v.iter()).chain(theirs) {
+                    counters.runs += c.runs;
+                    counters.timed_runs += c.timed_runs;
+                    counters.timed_ns += c.timed_ns;
                 }
                 Some((id.name().to_owned(), counters))
             })
