@@ -146,8 +146,16 @@ fn expect_changes(
 /// must satisfy, and returns its `state_ns`: owner, role, a handshake within
 /// the connection's life, and states whose times add up exactly to its
 /// duration (both come from the same kernel timestamps: birth, each change,
-/// close).
-fn assert_conn(rec: &Value, role: &str, pid: u32, states: &[&str]) -> BTreeMap<String, u64> {
+/// close). With `skips`, a connection some of whose later changes the
+/// kernel skipped (its states those whose entry was seen, the first among
+/// them) is counted there instead of failing.
+fn assert_conn(
+    rec: &Value,
+    role: &str,
+    pid: u32,
+    states: &[&str],
+    skips: Option<&mut u64>,
+) -> BTreeMap<String, u64> {
     assert_envelope(rec);
     assert_eq!(rec["role"], role, "role in {rec}");
     assert_eq!(pid_of(rec), Some(pid.into()), "pid in {rec}");
@@ -172,7 +180,16 @@ fn assert_conn(rec: &Value, role: &str, pid: u32, states: &[&str]) -> BTreeMap<S
     };
     let mut want: Vec<&str> = states.to_vec();
     want.sort_unstable();
-    assert_eq!(names, want, "states of {rec}");
+    match skips {
+        Some(skips)
+            if names != want
+                && names.contains(&states[0])
+                && names.iter().all(|n| states.contains(n)) =>
+        {
+            *skips += 1;
+        }
+        _ => assert_eq!(names, want, "states of {rec}"),
+    }
     assert_eq!(
         state_ns.values().sum::<u64>(),
         duration,
@@ -249,10 +266,32 @@ fn children_of_a_listener_older_than_the_agent_are_attributed() {
                 || change == "ESTABLISHED->CLOSE_WAIT"
         })
         .collect();
-    assert_eq!(
-        server_side, want,
-        "server-side tcp_state records per (pid, change) (server {spid})"
+    // Every record the server's, none more than made; fewer only by the
+    // runs the kernel skipped (counted from 6.7; before, fewer is all that
+    // can be seen).
+    let shown = format!("server-side tcp_state records per (pid, change) (server {spid})");
+    assert!(
+        server_side
+            .iter()
+            .all(|(k, got)| want.get(k).is_some_and(|w| got <= w)),
+        "{shown}: {server_side:?}, made {want:?}"
     );
+    let missing: u32 = want
+        .iter()
+        .map(|(k, w)| w - server_side.get(k).copied().unwrap_or(0))
+        .sum();
+    match class_totals(&recs, "tcp").skipped {
+        Some(skipped) => assert!(
+            u64::from(missing) <= skipped,
+            "{shown}: {missing} missing, {skipped} runs skipped: {server_side:?}"
+        ),
+        None => {
+            skip_unless(
+                missing == 0,
+                &format!("{shown}: {missing} missing, and skipped runs are not counted"),
+            );
+        }
+    }
 }
 
 /// Connections from a client to a server, each opened and closed by both
@@ -499,21 +538,28 @@ fn counted_exactly_over(extra: &[&str]) {
     let client_states = ["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2"];
     let server_states = ["SYN_RECV", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK"];
     let mut seen_from_server = BTreeSet::new();
+    // Connections with changes after their first skipped (their changes
+    // missing are accounted above).
+    let mut partial = 0;
     for rec in &active {
-        let state_ns = assert_conn(rec, "active", cpid, &client_states);
+        let state_ns = assert_conn(rec, "active", cpid, &client_states, Some(&mut partial));
         assert_eq!(u64_field(rec, "retrans"), 0, "retrans in {rec}");
         assert_eq!(rec["handshake_ns"], state_ns["SYN_SENT"], "in {rec}");
         let (local, remote) = ends(rec);
         assert_eq!((local.ip(), remote), (client_ip, listener), "in {rec}");
     }
     for rec in &passive {
-        let state_ns = assert_conn(rec, "passive", spid, &server_states);
+        let state_ns = assert_conn(rec, "passive", spid, &server_states, Some(&mut partial));
         assert_eq!(u64_field(rec, "retrans"), 0, "retrans in {rec}");
         assert_eq!(rec["handshake_ns"], state_ns["SYN_RECV"], "in {rec}");
         let (local, remote) = ends(rec);
         assert_eq!((local, remote.ip()), (listener, client_ip), "in {rec}");
         seen_from_server.insert(remote.port());
     }
+    assert!(
+        partial <= skipped_left,
+        "{partial} tcp_conn records lack states, {skipped_left} runs skipped over {extra:?}"
+    );
     // 200 distinct connections, the same ones from both sides.
     let active_ports: BTreeSet<u16> = active.iter().map(|r| port_field(r, "sport")).collect();
     if active_ports.len() != whole as usize {
@@ -604,6 +650,7 @@ fn tcp_conn_retrans_equals_the_retransmits_seen() {
         "active",
         cpid,
         &["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2"],
+        None,
     );
     assert_eq!(
         u64_field(&conn, "retrans"),
@@ -669,6 +716,7 @@ fn close_wait_is_owned_by_the_server_that_never_closes() {
         "passive",
         spid,
         &["SYN_RECV", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK"],
+        None,
     );
     assert!(
         state_ns["CLOSE_WAIT"] >= 200_000_000,
@@ -1361,7 +1409,7 @@ fn under_churn(extra: &[&str]) {
             if whole {
                 let pid = pid_of(rec).expect("owner") as u32;
                 assert!(owners[side].contains(&pid), "owner of {rec}");
-                assert_conn(rec, role, pid, states);
+                assert_conn(rec, role, pid, states, None);
             } else {
                 // Changes of this connection were skipped: the states whose
                 // entry was seen, adding up to its duration when known.
