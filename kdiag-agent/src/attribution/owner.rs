@@ -2,11 +2,13 @@
 //! context, or, for sockets created before the agent started, the process
 //! that held the socket's inode when the agent took its snapshot of every
 //! process's descriptors (while it could still read them all: see
-//! [`OwnerResolver::snapshot_holders`]). /proc lookups run off the event
-//! loop (see `background`), one at a time: an event whose owner is being
-//! looked up is pending (the agent holds it, and the events after it, in
-//! order), for at most `HOLD_AT_MOST`; after that it is written without an
-//! owner, and the owner found later serves the socket's next events.
+//! [`OwnerResolver::snapshot_holders`]), found by the connection's
+//! addresses in the TCP tables read at the same time. /proc lookups, for
+//! the sockets the snapshot cannot name, run off the event loop (see
+//! `background`), one at a time: an event whose owner is being looked up is
+//! pending (the agent holds it, and the events after it, in order), for at
+//! most `HOLD_AT_MOST`; after that it is written without an owner, and the
+//! owner found later serves the socket's next events.
 
 use std::{
     collections::HashSet,
@@ -137,18 +139,35 @@ struct Holders {
     /// `procfs::tcp_table_id`), which stays readable once the privileges
     /// that /proc/PID/ns/net takes are given up.
     tables: HashMap<u64, u64>,
+    /// The inode of each held TCP connection, by its local and remote
+    /// address, from each namespace's table read once at the walk: a
+    /// connection older than the agent is found here at once, where
+    /// looking it up walks /proc again (on a host with many processes and
+    /// namespaces, longer than an event may wait for its owner).
+    by_addrs: HashMap<Addrs, u64>,
 }
+
+/// A connection's local and remote address and port.
+type Addrs = (([u8; 16], u16), ([u8; 16], u16));
 
 impl Holders {
     /// Walks every process's descriptors.
     fn take() -> Self {
         let mut holders = Self::default();
+        let mut tables_read = HashSet::new();
+        let mut rows = Vec::new();
         for pid in procfs::pids() {
-            if let Some(ns) = procfs::netns_inode(pid)
-                && let std::collections::hash_map::Entry::Vacant(e) = holders.tables.entry(ns)
-                && let Some(table) = procfs::tcp_table_id(pid)
+            // The first process seen in each namespace reads its table.
+            if let Some(table) = procfs::tcp_table_id(pid)
+                && tables_read.insert(table)
             {
-                e.insert(table);
+                if let Some(ns) = procfs::netns_inode(pid) {
+                    holders.tables.entry(ns).or_insert(table);
+                }
+                rows.extend(
+                    procfs::tcp_sockets(pid)
+                        .filter(|r| r.inode != 0 && i32::from(r.state) != TCP_LISTEN),
+                );
             }
             let mut first_holder = false;
             for inode in procfs::socket_inodes(pid) {
@@ -167,7 +186,24 @@ impl Holders {
                 holders.owners.insert(pid, (owner, procfs::start_time(pid)));
             }
         }
+        // Only connections some process held: the others (orphans, those
+        // in TIME_WAIT) have no owner to find.
+        for row in rows {
+            if holders.by_inode.contains_key(&row.inode) {
+                holders
+                    .by_addrs
+                    .entry((row.local, row.remote))
+                    .or_insert(row.inode);
+            }
+        }
         holders
+    }
+
+    /// The holder of the connection at `tuple` at the walk, if that
+    /// process still runs.
+    fn owner_of_conn(&self, tuple: &TcpTuple) -> Option<ResolvedOwner> {
+        let addrs = ((tuple.saddr, tuple.sport), (tuple.daddr, tuple.dport));
+        self.owner(*self.by_addrs.get(&addrs)?)
     }
 
     /// The holder of socket `inode` at the walk, if that process still
@@ -271,11 +307,21 @@ impl OwnerResolver {
             // did not see is, but for a full socket map, one accepted after
             // it from a listener older than the agent: the listener's owner
             // accepted it.
-            None => self.cached_lookup(LookupKey::Socket(sock_id, tuple), wait, move || {
-                find_inode(&tuple)
-                    .and_then(|inode| holders.owner(inode))
-                    .or_else(|| holders.owner(find_listener_inode(&tuple, None)?))
-            }),
+            None => {
+                let key = LookupKey::Socket(sock_id, tuple);
+                if !self.cache.contains_key(&key)
+                    && let Some(owner) = holders.owner_of_conn(&tuple)
+                {
+                    // Held at the walk: cached like a lookup's result, and
+                    // rechecked the same way.
+                    return self.store(key, Some(owner), Duration::ZERO);
+                }
+                self.cached_lookup(key, wait, move || {
+                    find_inode(&tuple)
+                        .and_then(|inode| holders.owner(inode))
+                        .or_else(|| holders.owner(find_listener_inode(&tuple, None)?))
+                })
+            }
         }
     }
 
@@ -549,6 +595,55 @@ mod tests {
         assert_eq!(now(8), ResolvedOwner::default());
         // Not held at the snapshot: a socket opened since.
         assert_eq!(now(9), ResolvedOwner::default());
+    }
+
+    #[test]
+    fn a_connection_held_at_the_snapshot_is_named_without_a_lookup() {
+        let me = std::process::id();
+        let owner = ResolvedOwner {
+            pid: Some(me),
+            ..ResolvedOwner::default()
+        };
+        let tuple = TcpTuple {
+            sport: 50234,
+            dport: 12059,
+            saddr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            daddr: [10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            ..TcpTuple::default()
+        };
+        let mut holders = Holders::default();
+        holders.by_inode.insert(7, me);
+        holders
+            .owners
+            .insert(me, (owner.clone(), procfs::start_time(me)));
+        holders
+            .by_addrs
+            .insert(((tuple.saddr, tuple.sport), (tuple.daddr, tuple.dport)), 7);
+        let mut r = OwnerResolver {
+            holders: Arc::new(holders),
+            // No lookup may start: the answer must come from the snapshot.
+            budget: LookupBudget {
+                seconds: -1.0,
+                refilled: Instant::now(),
+            },
+            ..OwnerResolver::default()
+        };
+        let unknown = Owner::default();
+        assert_eq!(
+            r.resolve(&mut CgroupPaths::default(), 1, &unknown, &tuple, None, true),
+            Some(owner)
+        );
+        assert!(r.in_flight.is_none());
+        // Other addresses are not the snapshot's: looked up (here, with no
+        // budget left, written without an owner at once).
+        let other = TcpTuple {
+            sport: 50235,
+            ..tuple
+        };
+        assert_eq!(
+            r.resolve(&mut CgroupPaths::default(), 2, &unknown, &other, None, true),
+            Some(ResolvedOwner::default())
+        );
     }
 
     #[test]
