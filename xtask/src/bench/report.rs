@@ -20,7 +20,8 @@ impl Unit {
         match self {
             Unit::Ns => format!("{v:.0} ns"),
             Unit::Ms => format!("{v:.1} ms"),
-            Unit::MiB => format!("{v:.1} MiB"),
+            // Map memory differs from its target by tens of KiB.
+            Unit::MiB => format!("{v:.2} MiB"),
             Unit::Percent => format!("{v:.3}%"),
             Unit::Ratio => format!("{v:.3}"),
             Unit::PerSec => format!("{v:.0}/s"),
