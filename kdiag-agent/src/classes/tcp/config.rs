@@ -125,33 +125,33 @@ impl TcpFilter {
 /// pods hundreds. Past it the least recently used is forgotten, and a
 /// connection it accepts is owned as one accepted from a listener older
 /// than the agent: as /proc showed that listener at start, if it did.
-pub(crate) const MAX_LISTENERS: u32 = 1024;
+const MAX_LISTENERS: u32 = 1024;
 /// Request sockets (half-open connections) whose SYN-ACK retransmits are
 /// counted at once: only those with a SYN-ACK retransmitted take one. Past
 /// it the least recently retransmitting is forgotten, and its next
 /// retransmit counts from 1 again.
-pub(crate) const MAX_PENDING_SYNACKS: u32 = 4096;
+const MAX_PENDING_SYNACKS: u32 = 4096;
 
-/// The socket map's size when `--max-sockets` is not given: room for
+/// The socket map's size: `--max-sockets`, or when not given room for
 /// [`SOCKETS_HEADROOM`] times the TCP sockets the host has at start, as a
 /// power of two (the kernel rounds the map's buckets so), within
 /// [`MIN_SOCKETS`] and [`MAX_SIZED_SOCKETS`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct MaxSockets {
     pub entries: u32,
-    /// Why `entries` is [`UNSIZED_SOCKETS`], when it is.
+    /// Why `entries` is [`FALLBACK_SOCKETS`], when it is.
     pub fallback: Option<Degraded>,
 }
 
 /// Room over the sockets at start, for the ones the host opens next.
-pub(crate) const SOCKETS_HEADROOM: u64 = 2;
+const SOCKETS_HEADROOM: u64 = 2;
 /// The smallest sized map: 1.1 MiB of kernel memory.
-pub(crate) const MIN_SOCKETS: u32 = 8192;
+const MIN_SOCKETS: u32 = 8192;
 /// The largest sized map: 34 MiB; more takes `--max-sockets`.
-pub(crate) const MAX_SIZED_SOCKETS: u32 = 262_144;
-/// The size when the host's sockets cannot be counted: what a busy host
-/// needs (8.9 MiB).
-pub(crate) const UNSIZED_SOCKETS: u32 = 65536;
+const MAX_SIZED_SOCKETS: u32 = 262_144;
+/// The size when the host's sockets cannot be counted: room for a busy
+/// host's (8.5 MiB).
+const FALLBACK_SOCKETS: u32 = 65536;
 
 impl MaxSockets {
     /// `--max-sockets N`.
@@ -174,12 +174,12 @@ impl MaxSockets {
     pub(crate) fn for_allocated(allocated: Option<u64>) -> Self {
         let Some(allocated) = allocated else {
             return Self {
-                entries: UNSIZED_SOCKETS,
+                entries: FALLBACK_SOCKETS,
                 fallback: Some(Degraded {
                     what: "proc/net/sockstat".to_owned(),
                     why: format!(
                         "the host's TCP sockets could not be counted (no TCP alloc in \
-                         /proc/net/sockstat): the socket map holds {UNSIZED_SOCKETS} \
+                         /proc/net/sockstat): the socket map holds {FALLBACK_SOCKETS} \
                          (--max-sockets sets it)"
                     ),
                 }),
@@ -582,13 +582,14 @@ mod tests {
             assert_eq!(sized(allocated), MaxSockets::given(entries), "{allocated}");
         }
         let unknown = MaxSockets::for_allocated(None);
-        assert_eq!(unknown.entries, UNSIZED_SOCKETS);
+        assert_eq!(unknown.entries, FALLBACK_SOCKETS);
         assert_eq!(unknown.fallback.unwrap().what, "proc/net/sockstat");
         assert_eq!(
             MaxSockets::given_or_sized(Some(1024)),
             MaxSockets::given(1024)
         );
-        // The sized map's memory stays within what the help text says.
+        // Bounds the rule can give: powers of two, as the kernel sizes the
+        // map's buckets.
         assert!(MIN_SOCKETS.is_power_of_two() && MAX_SIZED_SOCKETS.is_power_of_two());
     }
 
