@@ -273,6 +273,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
         capabilities: privileges::cap_names(dropped.caps),
         max_cpu_pct: cli.global.max_cpu,
         budget_steps: budget.steps(),
+        map_entries: std::mem::take(&mut loaded.map_entries),
     };
     out.write(monotonic_ns(), &start)?;
     out.flush()?;

@@ -1,12 +1,29 @@
 //! Kernel memory: the programs' maps of classes that do not run are created
 //! with one entry, and those of the classes that run at their documented
-//! sizes (the socket map at `--max-sockets`).
+//! sizes (the socket map at `--max-sockets`, or sized for the host's TCP
+//! sockets when not given), as `agent_start` reports them.
+
+use std::{
+    fs,
+    net::{Ipv4Addr, TcpListener, TcpStream},
+    os::fd::{FromRawFd, OwnedFd},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::Duration,
+};
 
 use kdiag_tests::{
     agent::Agent,
     bpf::{MapInfo, maps_held_by},
     env::require_root,
+    max_wait,
+    netns::unique_port,
+    record::{class_totals, is_type},
 };
+use serde_json::Value;
 
 /// Maps of the TCP, memory and drop classes, sized only when their class
 /// runs.
@@ -63,15 +80,18 @@ fn running_classes_size_their_maps() {
     let tcp = maps_held_by(agent.pid());
     agent.stop_ok();
     assert_eq!(map(&tcp, "SOCKS").max_entries, 4096, "{tcp:#?}");
-    assert_eq!(map(&tcp, "LISTENERS").max_entries, 8192, "{tcp:#?}");
+    assert_eq!(map(&tcp, "LISTENERS").max_entries, 1024, "{tcp:#?}");
+    assert_eq!(map(&tcp, "SYNACK_RETRANS").max_entries, 4096, "{tcp:#?}");
     assert_eq!(map(&tcp, "STALL_STARTS").max_entries, 1, "{tcp:#?}");
 
     // The per-reason drop counters, and the socket map for TCP owners.
-    let (mut agent, _) = Agent::start(&["drop"], &["skb/kfree_skb"]);
+    let (mut agent, start) = Agent::start(&["drop"], &["skb/kfree_skb"]);
     let drop = maps_held_by(agent.pid());
     agent.stop_ok();
     assert_eq!(map(&drop, "DROP_COUNTS").max_entries, 1024, "{drop:#?}");
-    assert_eq!(map(&drop, "SOCKS").max_entries, 65536, "{drop:#?}");
+    reported_as_held(&start, &drop, &["DROP_COUNTS", "SOCKS", "LISTENERS"]);
+    // Only the TCP classes count SYN-ACK retransmits.
+    assert_eq!(map(&drop, "SYNACK_RETRANS").max_entries, 1, "{drop:#?}");
 
     let (mut agent, _) = Agent::start(&["compact"], &["compaction/mm_compaction_begin"]);
     let compact = maps_held_by(agent.pid());
@@ -92,4 +112,214 @@ fn running_classes_size_their_maps() {
         "{compact:#?}"
     );
     assert_eq!(map(&compact, "SOCKS").max_entries, 1, "{compact:#?}");
+}
+
+/// `agent_start`'s `map_entries` are the sizes the kernel holds.
+fn reported_as_held(start: &Value, maps: &[MapInfo], names: &[&str]) {
+    for name in names {
+        assert_eq!(
+            start["map_entries"][name].as_u64(),
+            Some(map(maps, name).max_entries),
+            "{name}: {start} {maps:#?}"
+        );
+    }
+}
+
+/// `TCP: ... alloc N` of /proc/net/sockstat: the host's TCP sockets.
+fn tcp_sockets_allocated() -> u64 {
+    let sockstat = fs::read_to_string("/proc/net/sockstat").expect("reading /proc/net/sockstat");
+    let line = sockstat
+        .lines()
+        .find_map(|l| l.strip_prefix("TCP:"))
+        .unwrap_or_else(|| panic!("no TCP line in {sockstat}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    words
+        .windows(2)
+        .find_map(|w| (w[0] == "alloc").then(|| w[1].parse().ok()).flatten())
+        .unwrap_or_else(|| panic!("no TCP alloc in {sockstat}"))
+}
+
+/// The documented default `--max-sockets` for `allocated` TCP sockets:
+/// twice them as a power of two, within 8192 and 262144.
+fn sized_for(allocated: u64) -> u64 {
+    (allocated * 2).next_power_of_two().clamp(8192, 262_144)
+}
+
+/// `n` TCP sockets, never connected: each counts in sockstat's `alloc`.
+fn tcp_sockets(n: usize) -> Vec<OwnedFd> {
+    raise_open_files(n);
+    (0..n)
+        .map(|_| {
+            // SAFETY: plain socket(2); the fd is owned from here.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            // SAFETY: a new fd nothing else owns.
+            unsafe { OwnedFd::from_raw_fd(fd) }
+        })
+        .collect()
+}
+
+/// Room for `n` more open files in this process.
+fn raise_open_files(n: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit then setrlimit with a valid rlimit on the stack
+    // (root may raise the hard limit).
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit);
+        let room = (n + 1024) as libc::rlim_t;
+        limit.rlim_cur = limit.rlim_cur.max(room);
+        limit.rlim_max = limit.rlim_max.max(room);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit)
+    };
+    assert_eq!(
+        raised,
+        0,
+        "raising the open-file limit: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Without `--max-sockets` the socket map follows the host's TCP sockets
+/// at start: with 5000 more held open, past the 8192 floor. The host's
+/// count moves with whatever else runs on it, so it is watched while the
+/// agent starts, and the size must be the rule's for a count seen then.
+/// With `--max-sockets` the option wins whatever the host has.
+#[test]
+fn the_socket_map_is_sized_for_the_hosts_sockets() {
+    require_root();
+    let held = tcp_sockets(5000);
+    let watching = Arc::new(AtomicBool::new(true));
+    let watcher = {
+        let watching = Arc::clone(&watching);
+        thread::spawn(move || {
+            let (mut low, mut high) = (u64::MAX, 0);
+            while watching.load(Ordering::Relaxed) {
+                let n = tcp_sockets_allocated();
+                (low, high) = (low.min(n), high.max(n));
+                thread::sleep(Duration::from_millis(1));
+            }
+            (low, high)
+        })
+    };
+    let (mut agent, start) = Agent::start(&["tcp"], &["sock/inet_sock_set_state"]);
+    watching.store(false, Ordering::Relaxed);
+    let (low, high) = watcher.join().expect("the sockstat watcher panicked");
+    let maps = maps_held_by(agent.pid());
+    agent.stop_ok();
+    let socks = map(&maps, "SOCKS").max_entries;
+    assert!(
+        low >= 5000,
+        "sockstat counted {low} TCP sockets with 5000 held"
+    );
+    assert!(
+        (sized_for(low)..=sized_for(high)).contains(&socks),
+        "SOCKS {socks} for {low}-{high} TCP sockets at start"
+    );
+    assert!(socks >= 16384, "{socks}");
+    reported_as_held(&start, &maps, &["SOCKS", "LISTENERS", "SYNACK_RETRANS"]);
+    assert!(
+        !start["degraded"].to_string().contains("sockstat"),
+        "{start}"
+    );
+
+    let (mut agent, start) = Agent::start(
+        &["run", "--max-sockets", "2048"],
+        &["sock/inet_sock_set_state"],
+    );
+    let maps = maps_held_by(agent.pid());
+    agent.stop_ok();
+    drop(held);
+    assert_eq!(map(&maps, "SOCKS").max_entries, 2048, "{maps:#?}");
+    reported_as_held(&start, &maps, &["SOCKS"]);
+}
+
+/// Loopback connections held open at once: both ends of each are sockets,
+/// three times the smallest `--max-sockets`.
+const HELD: usize = 1536;
+
+/// Sockets the kernel's socket map forgets are counted, not lost silently:
+/// with `--max-sockets 1024` and HELD connections opened after the start,
+/// at most 1024 of their 2 * HELD sockets are still in the map when they
+/// close, so the first closing change of each of the others finds it
+/// forgotten, and the `tcp` class, which saw their earlier changes, counts
+/// it in `tcp_summary.socks_evicted` (less those whose earlier changes it
+/// never got: skipped, dropped or lost); their `tcp_conn` has no role.
+/// Other sockets of the host may add to the count. With the map sized for
+/// the host (at least 8192), none.
+#[test]
+fn sockets_the_socket_map_forgot_are_counted() {
+    require_root();
+    raise_open_files(2 * HELD);
+    let small = evicted_over(&["--max-sockets", "1024"]);
+    let forgotten = (2 * HELD - 1024) as u64;
+    // Each forgotten socket's tcp_conn is that of a socket older than the
+    // agent: no role.
+    assert!(
+        small.roleless + small.unseen >= forgotten,
+        "{small:?}: at least {forgotten} sockets forgotten"
+    );
+    assert!(
+        small.evicted + small.unseen >= small.roleless,
+        "{small:?}: each roleless tcp_conn is of a socket counted as forgotten"
+    );
+    let sized = evicted_over(&[]);
+    assert_eq!(sized.evicted, 0, "{sized:?}");
+    // But for sockets whose birth the kernel skipped.
+    assert!(sized.roleless <= sized.unseen, "{sized:?}");
+}
+
+#[derive(Debug)]
+struct Evicted {
+    /// `tcp_summary.socks_evicted`, summed.
+    evicted: u64,
+    /// `tcp_conn` records without a `role`.
+    roleless: u64,
+    /// Changes the agent never got: `skipped`, `dropped` and `lost` of the
+    /// `tcp` class.
+    unseen: u64,
+}
+
+/// `tcp` with `extra` options while HELD loopback connections open, are
+/// all held, then close.
+fn evicted_over(extra: &[&str]) -> Evicted {
+    let port = unique_port();
+    let port_arg = port.to_string();
+    let mut args = vec!["-i", "1", "tcp", "--port", &port_arg];
+    args.extend_from_slice(extra);
+    let (mut agent, _) = Agent::start(&args, &["sock/inet_sock_set_state"]);
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).expect("listening");
+    let mut held = Vec::with_capacity(2 * HELD);
+    for _ in 0..HELD {
+        held.push(TcpStream::connect((Ipv4Addr::LOCALHOST, port)).expect("connecting"));
+        held.push(listener.accept().expect("accepting").0);
+    }
+    drop(held);
+    // A side whose every change the kernel skipped has no tcp_conn: up to
+    // 2 * HELD, until they stop coming.
+    agent.wait_for_up_to_n("a tcp_conn per side", 2 * HELD, 3, max_wait(), |r| {
+        is_type(r, "tcp_conn")
+    });
+    let recs = agent.stop_ok();
+    let evicted = recs
+        .iter()
+        .filter(|r| is_type(r, "tcp_summary"))
+        .map(|r| {
+            r["socks_evicted"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no socks_evicted in {r}"))
+        })
+        .sum();
+    let roleless = recs
+        .iter()
+        .filter(|r| is_type(r, "tcp_conn") && r["role"].is_null())
+        .count() as u64;
+    let tcp = class_totals(&recs, "tcp");
+    Evicted {
+        evicted,
+        roleless,
+        unseen: tcp.skipped.unwrap_or(0) + tcp.dropped + tcp.lost,
+    }
 }

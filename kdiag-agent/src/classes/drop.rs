@@ -231,7 +231,7 @@ impl Class for DropClass {
     }
 
     fn map_sizes(&self) -> Vec<MapSize> {
-        let mut sizes = self.tcp.map_sizes();
+        let mut sizes = self.tcp.owner_map_sizes();
         sizes.push(MapSize {
             map: "DROP_COUNTS",
             entries: MAX_COUNTERS,

@@ -29,7 +29,9 @@ use memory::{
 };
 use softirq::{SoftirqArgs, SoftirqClass};
 use tcp::{
-    DEFAULT_MAX_SOCKETS, TcpArgs, TcpFilterArgs, config::TcpFilter, lifecycle::TcpClass,
+    TcpArgs, TcpFilterArgs,
+    config::{MaxSockets, TcpFilter},
+    lifecycle::TcpClass,
     retrans::RetransClass,
 };
 
@@ -311,8 +313,8 @@ pub(crate) fn build(
         ))],
         Command::Drop(args) => {
             // Owners of TCP sockets are followed as for the TCP classes,
-            // whatever their ports.
-            let tcp = TcpFilter::new(&[], false, false, false, DEFAULT_MAX_SOCKETS)
+            // whatever their ports, in a socket map sized for the host.
+            let tcp = TcpFilter::new(&[], false, false, false, MaxSockets::given_or_sized(None))
                 .map_err(ClassError::Usage)?;
             vec![Box::new(DropClass::new(
                 owners()?,
@@ -394,7 +396,7 @@ fn tcp_filter(args: &TcpFilterArgs, stream_states: bool) -> Result<TcpFilter, Cl
         args.ipv4,
         args.ipv6,
         stream_states,
-        args.max_sockets,
+        MaxSockets::given_or_sized(args.max_sockets),
     )
     .map_err(ClassError::Usage)
 }

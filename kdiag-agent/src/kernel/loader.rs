@@ -143,6 +143,9 @@ pub(crate) struct Loaded {
     /// `budget::Switch`).
     pub btf_links: Vec<BtfLink>,
     pub degraded: Vec<Degraded>,
+    /// The entries of each map sized for the classes that run (the others
+    /// keep the object's one entry).
+    pub map_entries: BTreeMap<&'static str, u32>,
 }
 
 /// A program attached as a BTF tracepoint, and its link.
@@ -226,7 +229,7 @@ pub(crate) fn load(
     map_sizes: Vec<MapSize>,
     transport: TransportKind,
     buffer_bytes: u32,
-    mut degraded: Vec<Degraded>,
+    degraded: Vec<Degraded>,
 ) -> Result<Loaded, LoadError> {
     let mut merged = BTreeMap::new();
     for g in globals {
@@ -244,7 +247,15 @@ pub(crate) fn load(
         let entries = sizes.entry(size.map).or_insert(size.entries);
         *entries = (*entries).max(size.entries);
     }
-    degraded.dedup();
+    // Classes sharing programs say the same things (the TCP classes and
+    // drop each configure the TCP programs): each once, in order.
+    let mut said = Vec::with_capacity(degraded.len());
+    for d in degraded {
+        if !said.contains(&d) {
+            said.push(d);
+        }
+    }
+    let mut degraded = said;
 
     let transport = resolve_transport(transport)?;
     let wire_transport = match transport {
@@ -269,8 +280,8 @@ pub(crate) fn load(
     for (name, bytes) in &merged {
         loader.override_global(name, bytes.as_slice(), true);
     }
-    for (name, entries) in sizes {
-        loader.map_max_entries(name, entries);
+    for (name, entries) in &sizes {
+        loader.map_max_entries(name, *entries);
     }
     let memlock = charges_memlock().then(sys::process::raise_memlock_limit);
     let mut ebpf = loader.load(OBJECT).map_err(|e| memlock_error(e, memlock))?;
@@ -330,6 +341,7 @@ pub(crate) fn load(
         attached,
         btf_links,
         degraded,
+        map_entries: sizes,
     })
 }
 

@@ -18,6 +18,7 @@ mod tracer;
 pub(crate) use self::load::hold;
 
 use std::{
+    collections::BTreeMap,
     fs,
     path::Path,
     process::Command,
@@ -111,6 +112,12 @@ impl Plan {
 
     fn window(&self) -> Duration {
         Duration::from_secs(self.window_secs)
+    }
+
+    /// `--max-sockets` for kdiag while the connections are held: room for
+    /// both ends of each.
+    fn held_max_sockets(&self) -> usize {
+        (2 * self.held_connections).next_power_of_two()
     }
 }
 
@@ -459,6 +466,7 @@ fn per_record(plan: &Plan, agent: &Path, rows: &mut Rows) -> Result<()> {
 
 const STARTUP: &str = "4 start-up";
 const MEMORY: &str = "5 memory";
+const MAP_MEMORY: &str = "BPF map memory";
 
 /// Exec to attached (kdiag: to its agent_start line), then peak RSS and map
 /// memory at rest, for every class, `run`, and the comparison tools.
@@ -477,13 +485,18 @@ fn startup(plan: &Plan, agent: &Path, rows: &mut Rows) -> Result<()> {
             .map(Comparison::tracer)
             .map(|t| (t, None)),
     );
+    // kdiag's ring buffer by tracer: its map memory target is its peer's
+    // plus the ring.
+    let mut rings = BTreeMap::new();
     for _ in 0..plan.startup_runs {
         for (i, (tracer, target)) in tracers.iter().enumerate() {
             let running = tracer.start()?;
             let ms = running.startup.as_secs_f64() * 1e3;
             thread::sleep(SETTLE);
             let hwm = probe::vm_bytes(running.pid, "VmHWM")? as f64 / MIB;
-            let maps = running.bpf()?.map_bytes as f64 / MIB;
+            let bpf = running.bpf()?;
+            let maps = bpf.map_bytes as f64 / MIB;
+            rings.insert(tracer.label.clone(), bpf.ring_bytes as f64 / MIB);
             running.stop()?;
             let label = &tracer.label;
             rows.add(STARTUP, "exec to attached", label, Unit::Ms, *target, ms);
@@ -496,17 +509,27 @@ fn startup(plan: &Plan, agent: &Path, rows: &mut Rows) -> Result<()> {
                 rss_target,
                 hwm,
             );
-            rows.add(MEMORY, "BPF map memory", label, Unit::MiB, None, maps);
+            rows.add(MEMORY, MAP_MEMORY, label, Unit::MiB, None, maps);
+        }
+    }
+    for scenario in SCENARIOS {
+        let kdiag = scenario.kdiag(agent).label;
+        let peer = rows.median(MEMORY, MAP_MEMORY, &scenario.memory_peer.tracer().label);
+        if let (Some(peer), Some(ring)) = (peer, rings.get(&kdiag)) {
+            rows.set_target(MEMORY, MAP_MEMORY, &kdiag, peer + ring);
         }
     }
     Ok(())
 }
 
 /// kdiag `run` while many connections are open: peak RSS and map memory.
+/// Its socket map sized at start would hold the few sockets there are
+/// then; an operator expecting these many gives `--max-sockets`.
 fn memory(plan: &Plan, agent: &Path, rows: &mut Rows) -> Result<()> {
     let n = plan.held_connections;
     eprintln!("bench: memory with {n} open connections");
-    let running = Tracer::kdiag(agent, &["run"]).start()?;
+    let sockets = plan.held_max_sockets().to_string();
+    let running = Tracer::kdiag(agent, &["run", "--max-sockets", &sockets]).start()?;
     thread::sleep(SETTLE);
     let opening = Instant::now();
     let held = Held::open(n)?;
@@ -596,9 +619,10 @@ fn document(plan: &Plan, agent: &Path, rows: &Rows, took: Duration) -> String {
     }
     doc.push_str(&format!(
         "- {} loopback connections held open (memory), both ends, spread over child \
-         processes within the open-file limit\n\nTracers (stdout read and counted \
-         by the benchmark):\n",
-        plan.held_connections
+         processes within the open-file limit, under `kdiag-agent run --max-sockets {}`\n\n\
+         Tracers (stdout read and counted by the benchmark):\n",
+        plan.held_connections,
+        plan.held_max_sockets()
     ));
     let tracers = SCENARIOS
         .iter()

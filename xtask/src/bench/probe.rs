@@ -139,6 +139,8 @@ pub(super) struct BpfObjects {
     /// Kernel memory charged to its maps (what `bpftool map show` reports
     /// as bytes_memlock), each map once.
     pub map_bytes: u64,
+    /// Of `map_bytes`, what its BPF ring buffers take.
+    pub ring_bytes: u64,
 }
 
 impl BpfObjects {
@@ -146,6 +148,9 @@ impl BpfObjects {
         self.programs.values().map(|p| p.run_time_ns).sum()
     }
 }
+
+/// `map_type` of a BPF ring buffer in fdinfo (include/uapi/linux/bpf.h).
+const BPF_MAP_TYPE_RINGBUF: u64 = 27;
 
 pub(super) fn bpf_objects(pid: u32) -> Result<BpfObjects> {
     let dir = format!("/proc/{pid}/fdinfo");
@@ -162,7 +167,8 @@ pub(super) fn bpf_objects(pid: u32) -> Result<BpfObjects> {
                 .and_then(|v| v.trim().parse().ok())
         };
         if let Some(id) = field("map_id") {
-            maps.insert(id, field("memlock").unwrap_or(0));
+            let ring = field("map_type") == Some(BPF_MAP_TYPE_RINGBUF);
+            maps.insert(id, (field("memlock").unwrap_or(0), ring));
         } else if field("link_id").is_some() {
             objects.attached = true;
         } else if let (Some(id), Some(run_cnt)) = (field("prog_id"), field("run_cnt")) {
@@ -185,7 +191,12 @@ pub(super) fn bpf_objects(pid: u32) -> Result<BpfObjects> {
                 .is_some_and(|t| t.to_string_lossy() == "anon_inode:[perf_event]")
         });
     }
-    objects.map_bytes = maps.values().sum();
+    objects.map_bytes = maps.values().map(|(bytes, _)| bytes).sum();
+    objects.ring_bytes = maps
+        .values()
+        .filter(|(_, ring)| *ring)
+        .map(|(bytes, _)| bytes)
+        .sum();
     Ok(objects)
 }
 

@@ -34,6 +34,10 @@ pub(super) struct Scenario {
     /// same tracepoints is always measured as well: the floor every tracer
     /// pays there.
     pub comparisons: &'static [Comparison],
+    /// The tool whose BPF map memory at rest, plus kdiag's ring buffer, is
+    /// kdiag's target for its own: the one that keeps what kdiag keeps
+    /// across events (sockets, per-vector figures, counts per reason).
+    pub memory_peer: Comparison,
 }
 
 /// A running total the kernel keeps, read before and after each window.
@@ -61,6 +65,12 @@ impl Comparison {
     }
 }
 
+/// Drops counted per reason, as drop_summary counts them.
+const DROP_COUNT: Comparison = Comparison::Bpftrace {
+    label: "count per reason",
+    script: "tracepoint:skb:kfree_skb { @[args->reason] = count(); }",
+};
+
 pub(super) const SCENARIOS: &[Scenario] = &[
     Scenario {
         class: "tcp",
@@ -74,6 +84,9 @@ pub(super) const SCENARIOS: &[Scenario] = &[
             Comparison::Libbpf("tcplife"),
             Comparison::Libbpf("tcpstates"),
         ],
+        // Both follow every socket, as kdiag does; tcpstates writes the
+        // state changes tcp_state records are.
+        memory_peer: Comparison::Libbpf("tcpstates"),
     },
     Scenario {
         class: "retrans",
@@ -91,6 +104,9 @@ pub(super) const SCENARIOS: &[Scenario] = &[
                      comm, pid, ntop(args->saddr), args->sport, ntop(args->daddr), \
                      args->dport, args->state); }",
         }],
+        // The bpftrace script keeps nothing; retrans follows sockets for
+        // their owners, as tcpstates does.
+        memory_peer: Comparison::Libbpf("tcpstates"),
     },
     Scenario {
         class: "softirq",
@@ -130,6 +146,7 @@ pub(super) const SCENARIOS: &[Scenario] = &[
                          delete(@start[cpu]); }",
             },
         ],
+        memory_peer: Comparison::Libbpf("softirqs"),
     },
     Scenario {
         class: "drop",
@@ -143,10 +160,8 @@ pub(super) const SCENARIOS: &[Scenario] = &[
         target_ns: None,
         events: None,
         variants: &[],
-        comparisons: &[Comparison::Bpftrace {
-            label: "count per reason",
-            script: "tracepoint:skb:kfree_skb { @[args->reason] = count(); }",
-        }],
+        comparisons: &[DROP_COUNT],
+        memory_peer: DROP_COUNT,
     },
 ];
 

@@ -12,6 +12,7 @@ use kdiag_common::{
 
 use super::health::{CLOSE_FIELDS, RETRANS_FIELDS, plan};
 use crate::{
+    attribution::procfs,
     class::{BtfQueries, Global, KernelTypes, MapSize, Tracepoint},
     kernel::{btf, tracefs::Format},
     output::record::Degraded,
@@ -55,8 +56,12 @@ pub(crate) struct TcpFilter {
     /// 0 = both, else AF_INET or AF_INET6.
     pub family: u16,
     pub stream_states: bool,
-    /// `--max-sockets`: the size of the programs' socket map.
+    /// `--max-sockets`, or sized for the host when not given
+    /// ([`MaxSockets`]): the size of the programs' socket map.
     pub max_sockets: u32,
+    /// Why the socket map has the fallback size: the host's sockets could
+    /// not be counted.
+    pub fallback: Option<Degraded>,
 }
 
 impl TcpFilter {
@@ -65,7 +70,7 @@ impl TcpFilter {
         ipv4: bool,
         ipv6: bool,
         stream_states: bool,
-        max_sockets: u32,
+        max_sockets: MaxSockets,
     ) -> Result<Self, String> {
         if ports.len() > MAX_PORTS {
             return Err(format!(
@@ -82,14 +87,15 @@ impl TcpFilter {
             ports: ports.to_vec(),
             family,
             stream_states,
-            max_sockets,
+            max_sockets: max_sockets.entries,
+            fallback: max_sockets.fallback,
         })
     }
 
-    /// The TCP programs' maps: the sockets followed, the listeners whose
-    /// owners their children inherit, the request sockets whose SYN-ACK
-    /// retransmits are counted.
-    pub(crate) fn map_sizes(&self) -> Vec<MapSize> {
+    /// The state program's maps, all that a class following only the
+    /// owners of sockets needs: the sockets followed, the listeners whose
+    /// owners their children inherit.
+    pub(crate) fn owner_map_sizes(&self) -> Vec<MapSize> {
         vec![
             MapSize {
                 map: "SOCKS",
@@ -99,19 +105,93 @@ impl TcpFilter {
                 map: "LISTENERS",
                 entries: MAX_LISTENERS,
             },
-            MapSize {
-                map: "SYNACK_RETRANS",
-                entries: MAX_PENDING_SYNACKS,
-            },
         ]
+    }
+
+    /// The TCP programs' maps: the state program's, and the request
+    /// sockets whose SYN-ACK retransmits are counted.
+    pub(crate) fn map_sizes(&self) -> Vec<MapSize> {
+        let mut sizes = self.owner_map_sizes();
+        sizes.push(MapSize {
+            map: "SYNACK_RETRANS",
+            entries: MAX_PENDING_SYNACKS,
+        });
+        sizes
     }
 }
 
-/// Listening sockets followed at once.
-const MAX_LISTENERS: u32 = 8192;
+/// Listening sockets (address, port and namespace) followed at once, for
+/// the owners their children inherit: hosts have tens, a node with many
+/// pods hundreds. Past it the least recently used is forgotten, and a
+/// connection it accepts is owned as one accepted from a listener older
+/// than the agent: as /proc showed that listener at start, if it did.
+const MAX_LISTENERS: u32 = 1024;
 /// Request sockets (half-open connections) whose SYN-ACK retransmits are
-/// counted at once.
-const MAX_PENDING_SYNACKS: u32 = 8192;
+/// counted at once: only those with a SYN-ACK retransmitted take one. Past
+/// it the least recently retransmitting is forgotten, and its next
+/// retransmit counts from 1 again.
+const MAX_PENDING_SYNACKS: u32 = 4096;
+
+/// The socket map's size: `--max-sockets`, or when not given room for
+/// [`SOCKETS_HEADROOM`] times the TCP sockets the host has at start, as a
+/// power of two (the kernel rounds the map's buckets so), within
+/// [`MIN_SOCKETS`] and [`MAX_SIZED_SOCKETS`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MaxSockets {
+    pub entries: u32,
+    /// Why `entries` is [`FALLBACK_SOCKETS`], when it is.
+    pub fallback: Option<Degraded>,
+}
+
+/// Room over the sockets at start, for the ones the host opens next.
+const SOCKETS_HEADROOM: u64 = 2;
+/// The smallest sized map: 1.1 MiB of kernel memory.
+const MIN_SOCKETS: u32 = 8192;
+/// The largest sized map: 34 MiB; more takes `--max-sockets`.
+const MAX_SIZED_SOCKETS: u32 = 262_144;
+/// The size when the host's sockets cannot be counted: room for a busy
+/// host's (8.5 MiB).
+const FALLBACK_SOCKETS: u32 = 65536;
+
+impl MaxSockets {
+    /// `--max-sockets N`.
+    pub(crate) fn given(entries: u32) -> Self {
+        Self {
+            entries,
+            fallback: None,
+        }
+    }
+
+    /// `--max-sockets` given, or else sized for the host's TCP sockets now.
+    pub(crate) fn given_or_sized(given: Option<u32>) -> Self {
+        given.map_or_else(
+            || Self::for_allocated(procfs::tcp_sockets_allocated()),
+            Self::given,
+        )
+    }
+
+    /// Sized for `allocated` TCP sockets (`None`: unknown).
+    pub(crate) fn for_allocated(allocated: Option<u64>) -> Self {
+        let Some(allocated) = allocated else {
+            return Self {
+                entries: FALLBACK_SOCKETS,
+                fallback: Some(Degraded {
+                    what: "proc/net/sockstat".to_owned(),
+                    why: format!(
+                        "the host's TCP sockets could not be counted (no TCP alloc in \
+                         /proc/net/sockstat): the socket map holds {FALLBACK_SOCKETS} \
+                         (--max-sockets sets it)"
+                    ),
+                }),
+            };
+        };
+        let wanted = allocated
+            .saturating_mul(SOCKETS_HEADROOM)
+            .checked_next_power_of_two()
+            .unwrap_or(u64::MAX);
+        Self::given(wanted.clamp(MIN_SOCKETS.into(), MAX_SIZED_SOCKETS.into()) as u32)
+    }
+}
 
 /// The socket's network namespace, which tells listeners on one port in
 /// different namespaces apart, its family, for the records that do not
@@ -220,6 +300,7 @@ pub(crate) fn tcp_global(
     filter: &TcpFilter,
     degraded: &mut Vec<Degraded>,
 ) -> Global {
+    degraded.extend(filter.fallback.clone());
     let formats = &kernel.formats;
     let mut tcp = TcpConfig::DEFAULT;
     tcp.retransmit_skb = tcp_offsets(formats.get("retransmit_skb"));
@@ -412,7 +493,7 @@ mod tests {
             let mut kernel = KernelTypes::default();
             kernel.formats.insert("retransmit_skb", format);
             let mut degraded = Vec::new();
-            let filter = TcpFilter::new(&[], false, false, false, 1024).unwrap();
+            let filter = TcpFilter::new(&[], false, false, false, MaxSockets::given(1024)).unwrap();
             tcp_global(&kernel, &filter, &mut degraded);
             degraded
         };
@@ -482,10 +563,40 @@ mod tests {
         assert!(!none.is_empty());
     }
 
+    /// Twice the host's sockets as a power of two, within the floor and
+    /// the ceiling; the fallback, said, when they are unknown.
+    #[test]
+    fn socket_map_follows_the_hosts_sockets() {
+        let sized = |allocated| MaxSockets::for_allocated(Some(allocated));
+        for (allocated, entries) in [
+            (0, MIN_SOCKETS),
+            (1, MIN_SOCKETS),
+            (4096, 8192),
+            (4097, 16384),
+            (20_000, 65536),
+            (131_072, 262_144),
+            (131_073, MAX_SIZED_SOCKETS),
+            (u64::MAX / 2 + 1, MAX_SIZED_SOCKETS),
+            (u64::MAX, MAX_SIZED_SOCKETS),
+        ] {
+            assert_eq!(sized(allocated), MaxSockets::given(entries), "{allocated}");
+        }
+        let unknown = MaxSockets::for_allocated(None);
+        assert_eq!(unknown.entries, FALLBACK_SOCKETS);
+        assert_eq!(unknown.fallback.unwrap().what, "proc/net/sockstat");
+        assert_eq!(
+            MaxSockets::given_or_sized(Some(1024)),
+            MaxSockets::given(1024)
+        );
+        // Bounds the rule can give: powers of two, as the kernel sizes the
+        // map's buckets.
+        assert!(MIN_SOCKETS.is_power_of_two() && MAX_SIZED_SOCKETS.is_power_of_two());
+    }
+
     #[test]
     fn filter_limits() {
-        assert!(TcpFilter::new(&[1; 9], false, false, false, 1024).is_err());
-        let f = TcpFilter::new(&[80, 443], false, true, true, 1024).unwrap();
+        assert!(TcpFilter::new(&[1; 9], false, false, false, MaxSockets::given(1024)).is_err());
+        let f = TcpFilter::new(&[80, 443], false, true, true, MaxSockets::given(1024)).unwrap();
         assert_eq!((f.family, f.ports.len()), (AF_INET6, 2));
     }
 }

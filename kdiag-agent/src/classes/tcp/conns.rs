@@ -7,7 +7,9 @@ use std::{collections::BTreeMap, num::NonZeroU64};
 
 use foldhash::{HashMap, HashMapExt as _};
 
-use kdiag_common::tcp::{TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_RECV, TCP_SYN_SENT, TcpTuple};
+use kdiag_common::tcp::{
+    TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT, TcpTuple,
+};
 
 use crate::classes::tcp::state_names::{STATE_COUNT, state_name};
 
@@ -81,6 +83,9 @@ pub(crate) struct ConnTable {
     /// Changes whose old state was not the new state of the socket's change
     /// before (see [`ConnTable::take_gaps`]).
     gaps: u64,
+    /// Sockets the kernel's socket map forgot (see
+    /// [`ConnTable::take_socks_evicted`]).
+    socks_evicted: u64,
 }
 
 impl ConnTable {
@@ -95,6 +100,7 @@ impl ConnTable {
             max,
             evicted: 0,
             gaps: 0,
+            socks_evicted: 0,
         }
     }
 
@@ -116,6 +122,16 @@ impl ConnTable {
         std::mem::take(&mut self.gaps)
     }
 
+    /// Connections followed that the kernel programs' socket map
+    /// (`--max-sockets`, LRU) forgot since the last call: a change of one
+    /// whose earlier change was seen came without the time spent in the
+    /// state it left, which the programs know for every socket in their
+    /// map, and was no birth (whose state left was not timed). Each counts
+    /// once, at the first change after it was forgotten.
+    pub(crate) fn take_socks_evicted(&mut self) -> u64 {
+        std::mem::take(&mut self.socks_evicted)
+    }
+
     /// Records one state change of socket `sock_id` (at `tuple`);
     /// `old_state_ns` is the time spent in `old` when known. Returns the
     /// history when the socket closes.
@@ -132,6 +148,13 @@ impl ConnTable {
         // 0: no change of the socket seen before this one.
         if conn.state != 0 && i32::from(conn.state) != old {
             self.gaps += 1;
+        }
+        let birth = matches!(
+            (old, new),
+            (TCP_CLOSE, TCP_SYN_SENT | TCP_LISTEN) | (TCP_LISTEN, TCP_SYN_RECV)
+        );
+        if conn.state != 0 && old_state_ns.is_none() && !birth {
+            self.socks_evicted += 1;
         }
         conn.tuple = *tuple;
         conn.add(old, new, old_state_ns, now_ns);
@@ -273,6 +296,27 @@ mod tests {
         t.on_change(2, &T, (FIN_WAIT1, FIN_WAIT2), Some(7), 60);
         assert_eq!(t.take_gaps(), 1);
         assert_eq!(t.take_gaps(), 0, "taken");
+    }
+
+    /// A change without its state time, of a socket whose earlier change
+    /// was seen, is one the kernel's socket map forgot; the first change of
+    /// a socket, and a new socket at a reused address, are not.
+    #[test]
+    fn a_followed_socket_without_its_state_time_was_evicted() {
+        let mut t = ConnTable::new(16);
+        t.on_change(1, &T, (TCP_CLOSE, TCP_SYN_SENT), None, 10);
+        t.on_change(1, &T, (TCP_SYN_SENT, ESTABLISHED), Some(300), 20);
+        // Older than the agent: first seen now, untimed.
+        t.on_change(2, &T, (ESTABLISHED, FIN_WAIT1), None, 25);
+        assert_eq!(t.take_socks_evicted(), 0);
+        t.on_change(1, &T, (ESTABLISHED, FIN_WAIT1), None, 30);
+        t.on_change(1, &T, (FIN_WAIT1, FIN_WAIT2), Some(10), 40);
+        assert_eq!(t.take_socks_evicted(), 1);
+        assert_eq!(t.take_socks_evicted(), 0, "taken");
+        // Its close went unseen; a listener born at the same address.
+        t.on_change(1, &T, (TCP_CLOSE, TCP_LISTEN), None, 50);
+        t.on_change(3, &T, (TCP_LISTEN, TCP_SYN_RECV), None, 60);
+        assert_eq!(t.take_socks_evicted(), 0);
     }
 
     #[test]

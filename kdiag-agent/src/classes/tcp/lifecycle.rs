@@ -426,6 +426,7 @@ impl Class for TcpClass {
             conns_tracked: self.conns.len() as u64,
             conns_evicted: self.conns.take_evicted(),
             sequence_gaps: self.conns.take_gaps(),
+            socks_evicted: self.conns.take_socks_evicted(),
             interval_ns,
         };
         cx.out.write(now_ns, &summary)?;

@@ -45,14 +45,17 @@ pub(crate) struct TcpFilterArgs {
     #[arg(short = '6', long = "ipv6")]
     pub ipv6: bool,
     /// Sockets the kernel programs follow at once, for their owners and
-    /// state times (about 140 bytes of kernel memory each). Past it the
-    /// least recently used are forgotten: their later records have no
-    /// owner or state time, unless /proc still shows who holds them. Raise
-    /// it on hosts with more live TCP sockets (`ss -s`).
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_SOCKETS,
+    /// state times (about 136 bytes of kernel memory each). Default: sized
+    /// at start from the host's TCP sockets (`alloc` of /proc/net/sockstat,
+    /// every namespace): twice them, rounded up to a power of two, at least
+    /// 8192 (1.1 MiB) and at most 262144 (34 MiB); 65536 when they cannot
+    /// be counted. agent_start's `map_entries` shows the size. Past it the
+    /// least recently used are forgotten: their later records are those of
+    /// a socket older than the agent, without the owner, role and times the
+    /// programs kept (the `tcp` class counts them in tcp_summary's
+    /// `socks_evicted`). Set it on a host that will have many more sockets
+    /// than at start (`ss -s`).
+    #[arg(long, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1024..=16 << 20))]
-    pub max_sockets: u32,
+    pub max_sockets: Option<u32>,
 }
-
-/// The default `--max-sockets`.
-pub(crate) const DEFAULT_MAX_SOCKETS: u32 = 65536;

@@ -155,6 +155,9 @@ pub(crate) struct AgentStart {
     /// step, for the classes that run.
     pub max_cpu_pct: f64,
     pub budget_steps: Vec<&'static str>,
+    /// The kernel maps sized for the classes that run -> their entries
+    /// (the socket map's from `--max-sockets` or the host's sockets).
+    pub map_entries: BTreeMap<&'static str, u32>,
 }
 
 impl Record for AgentStart {
@@ -187,6 +190,14 @@ impl Record for AgentStart {
             "\n# running as uid {} gid {}, capabilities: {caps}",
             self.uid, self.gid
         ));
+        if !self.map_entries.is_empty() {
+            let maps: Vec<String> = self
+                .map_entries
+                .iter()
+                .map(|(map, entries)| format!("{map} {entries}"))
+                .collect();
+            s.push_str(&format!("\n# kernel map entries: {}", maps.join(", ")));
+        }
         s
     }
 }

@@ -295,6 +295,10 @@ pub(crate) struct TcpSummary {
     /// previous change seen entered: at least one change went missing
     /// between the two.
     pub sequence_gaps: u64,
+    /// Connections followed that the kernel programs' socket map
+    /// (`--max-sockets`) had forgotten: their later records lack the
+    /// kernel's owner and state times.
+    pub socks_evicted: u64,
     pub interval_ns: u64,
 }
 
