@@ -448,6 +448,9 @@ fn load(
         .flat_map(|c| c.btf_queries())
         .copied()
         .collect();
+    // Made while this thread reads the kernel's types, which it does not
+    // need.
+    let preparing = loader::prepare();
     let mut degraded = Vec::new();
     let kernel = loader::kernel_types(&tracepoints, &queries, mode, formats_from, &mut degraded)?;
     let (mut globals, mut map_sizes) = (Vec::new(), Vec::new());
@@ -460,6 +463,7 @@ fn load(
         map_sizes.extend(class.map_sizes());
     }
     let loaded = loader::load(
+        preparing,
         &tracepoints,
         &kernel,
         globals,
