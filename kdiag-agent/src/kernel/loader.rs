@@ -275,9 +275,19 @@ pub(crate) fn load(
         loader.map_max_entries(name, entries);
     }
     let memlock = charges_memlock().then(sys::process::raise_memlock_limit);
-    let mut ebpf = loader.load(OBJECT).map_err(|e| memlock_error(e, memlock))?;
     let mode = kernel.attach;
-    let typedefs = typedef_btf(tracepoints, mode, kernel);
+    // The BTF the BTF tracepoint programs are loaded with (a placeholder
+    // type for every id below theirs, tens of thousands) is made and
+    // parsed on a thread of its own while aya creates the maps.
+    let (ebpf, typedefs) = std::thread::scope(|scope| {
+        let typedefs = scope.spawn(|| typedef_btf(tracepoints, mode, kernel));
+        let ebpf = loader.load(OBJECT);
+        let typedefs = typedefs
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (ebpf, typedefs)
+    });
+    let mut ebpf = ebpf.map_err(|e| memlock_error(e, memlock))?;
     // A tracepoint without a format is missing (in `degraded` already, or
     // the end when required): its BTF entry, which needs no format, is not
     // attached either, so that `attached` and `degraded` agree.
