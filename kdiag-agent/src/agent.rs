@@ -462,7 +462,7 @@ fn load(
         })?);
         map_sizes.extend(class.map_sizes());
     }
-    let loaded = loader::load(
+    let mut loaded = loader::load(
         preparing,
         &tracepoints,
         &kernel,
@@ -470,8 +470,12 @@ fn load(
         map_sizes,
         transport,
         buffer_bytes,
-        degraded,
     )?;
+    // What reading the kernel's types and configuring found (each once),
+    // then what loading and attaching did.
+    degraded.dedup();
+    degraded.append(&mut loaded.degraded);
+    loaded.degraded = degraded;
     Ok(loaded)
 }
 

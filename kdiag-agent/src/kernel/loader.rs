@@ -228,7 +228,6 @@ pub(crate) fn load(
     map_sizes: Vec<MapSize>,
     transport: TransportKind,
     buffer_bytes: u32,
-    mut degraded: Vec<Degraded>,
 ) -> Result<Loaded, LoadError> {
     let mut merged = BTreeMap::new();
     for g in globals {
@@ -246,7 +245,7 @@ pub(crate) fn load(
         let entries = sizes.entry(size.map).or_insert(size.entries);
         *entries = (*entries).max(size.entries);
     }
-    degraded.dedup();
+    let mut degraded = Vec::new();
 
     let transport = resolve_transport(transport)?;
     let wire_transport = match transport {
@@ -420,7 +419,7 @@ impl Preparing {
     fn loader(self) -> EbpfLoader<'static> {
         self.0
             .and_then(|thread| thread.join().ok())
-            .unwrap_or_else(EbpfLoader::new)
+            .unwrap_or_default()
     }
 }
 
