@@ -449,6 +449,9 @@ fn load(
         .flat_map(|c| c.btf_queries())
         .copied()
         .collect();
+    // Made while this thread reads the kernel's types, which it does not
+    // need.
+    let preparing = loader::prepare();
     let mut degraded = Vec::new();
     let kernel = loader::kernel_types(&tracepoints, &queries, mode, formats_from, &mut degraded)?;
     let (mut globals, mut map_sizes) = (Vec::new(), Vec::new());
@@ -460,15 +463,27 @@ fn load(
         })?);
         map_sizes.extend(class.map_sizes());
     }
-    let loaded = loader::load(
+    let mut loaded = loader::load(
+        preparing,
         &tracepoints,
         &kernel,
         globals,
         map_sizes,
         transport,
         buffer_bytes,
-        degraded,
     )?;
+    // What reading the kernel's types and configuring found, then what
+    // loading and attaching did. Classes sharing programs say the same
+    // things (the TCP classes and drop each configure the TCP programs):
+    // each once, in order.
+    degraded.append(&mut loaded.degraded);
+    let mut said = Vec::with_capacity(degraded.len());
+    for d in degraded {
+        if !said.contains(&d) {
+            said.push(d);
+        }
+    }
+    loaded.degraded = said;
     Ok(loaded)
 }
 

@@ -19,6 +19,8 @@ use std::{
     sync::Arc,
 };
 
+use crate::sys::mapping::Mapping;
+
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum BtfError {
     #[error("cannot read {path}: {source}")]
@@ -182,7 +184,22 @@ impl Answers {
                 path: VMLINUX.to_owned(),
                 source,
             })
-            .and_then(|file| find_in(file, VMLINUX, members, enumerators, enums, typedefs));
+            .and_then(|file| match Mapping::read_only(&file) {
+                // sysfs hands over a page per read(): streaming the file
+                // costs over a thousand system calls, tens of milliseconds
+                // of start-up on a busy host. Since 6.16 the kernel lets it
+                // be mapped instead (its own memory, which the process's
+                // resident size does not count); before, the mapping fails.
+                Ok(mapped) => find_in(
+                    io::Cursor::new(mapped.bytes()),
+                    VMLINUX,
+                    members,
+                    enumerators,
+                    enums,
+                    typedefs,
+                ),
+                Err(_) => find_in(file, VMLINUX, members, enumerators, enums, typedefs),
+            });
         Self::from_found(found, members, enumerators, enums, typedefs)
     }
 

@@ -217,19 +217,20 @@ fn btf_entry(tp: &Tracepoint, mode: AttachMode) -> Option<&'static str> {
     }
 }
 
-/// Loads the object with `globals` and `map_sizes` (the largest where
-/// classes share a map) and attaches the programs of `tracepoints`: as
-/// BTF tracepoints where `kernel.attach` and the kernel allow, else those
-/// that have a format in `kernel` as classic tracepoints. `buffer_bytes`: size of the ring buffer, a
-/// power of two of at least a page (the CLI checks).
+/// Loads the object with the loader `preparing` makes, `globals` and
+/// `map_sizes` (the largest where classes share a map) and attaches the
+/// programs of `tracepoints`: as BTF tracepoints where `kernel.attach` and
+/// the kernel allow, else those that have a format in `kernel` as classic
+/// tracepoints. `buffer_bytes`: size of the ring buffer, a power of two of
+/// at least a page (the CLI checks).
 pub(crate) fn load(
+    preparing: Preparing,
     tracepoints: &[Tracepoint],
     kernel: &KernelTypes,
     globals: Vec<Global>,
     map_sizes: Vec<MapSize>,
     transport: TransportKind,
     buffer_bytes: u32,
-    degraded: Vec<Degraded>,
 ) -> Result<Loaded, LoadError> {
     let mut merged = BTreeMap::new();
     for g in globals {
@@ -247,15 +248,7 @@ pub(crate) fn load(
         let entries = sizes.entry(size.map).or_insert(size.entries);
         *entries = (*entries).max(size.entries);
     }
-    // Classes sharing programs say the same things (the TCP classes and
-    // drop each configure the TCP programs): each once, in order.
-    let mut said = Vec::with_capacity(degraded.len());
-    for d in degraded {
-        if !said.contains(&d) {
-            said.push(d);
-        }
-    }
-    let mut degraded = said;
+    let mut degraded = Vec::new();
 
     let transport = resolve_transport(transport)?;
     let wire_transport = match transport {
@@ -269,7 +262,7 @@ pub(crate) fn load(
         buffer_bytes
     };
     let wakeup_shift = wakeup_shift(ring_bytes);
-    let mut loader = loader_without_kernel_btf();
+    let mut loader = preparing.loader();
     // No CO-RE relocations in these programs: no kernel BTF (also when the
     // loader above had to parse it).
     loader
@@ -284,10 +277,19 @@ pub(crate) fn load(
         loader.map_max_entries(name, *entries);
     }
     let memlock = charges_memlock().then(sys::process::raise_memlock_limit);
-    let mut ebpf = loader.load(OBJECT).map_err(|e| memlock_error(e, memlock))?;
-
     let mode = kernel.attach;
-    let typedefs = typedef_btf(tracepoints, mode, kernel);
+    // The BTF the BTF tracepoint programs are loaded with (a placeholder
+    // type for every id below theirs, tens of thousands) is made and
+    // parsed on a thread of its own while aya creates the maps.
+    let (ebpf, typedefs) = std::thread::scope(|scope| {
+        let typedefs = scope.spawn(|| typedef_btf(tracepoints, mode, kernel));
+        let ebpf = loader.load(OBJECT);
+        let typedefs = typedefs
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (ebpf, typedefs)
+    });
+    let mut ebpf = ebpf.map_err(|e| memlock_error(e, memlock))?;
     // A tracepoint without a format is missing (in `degraded` already, or
     // the end when required): its BTF entry, which needs no format, is not
     // attached either, so that `attached` and `degraded` agree.
@@ -388,25 +390,41 @@ fn typedef_btf(
     Btf::parse(&btf::typedefs_at_ids(&ids), Endianness::default()).map_err(Arc::new)
 }
 
-/// aya 0.14's `EbpfLoader::new()` reads and parses the kernel's whole BTF
-/// (megabytes of memory and milliseconds of start-up, measured in
-/// docs/BENCHMARKS.md) before `.btf(None)` can say it is not wanted (aya
-/// issue 1172; later aya versions parse lazily). So the loader is made on a
-/// thread of its own whose root directory is /proc, where
+/// aya's loader, made while the caller reads the kernel's types: see
+/// [`prepare`].
+pub(crate) struct Preparing(Option<std::thread::JoinHandle<EbpfLoader<'static>>>);
+
+/// Starts making aya's loader on a thread of its own, to be taken by
+/// [`load`]: on a machine with several CPUs, while the caller reads the
+/// kernel's types ([`kernel_types`]), which it does not need.
+///
+/// First aya's probes of what the kernel's BPF supports (a dozen BTF, map
+/// and program loads, milliseconds), which its first load would otherwise
+/// run. Then the loader: aya 0.14's `EbpfLoader::new()` reads and parses
+/// the kernel's whole BTF (megabytes of memory and milliseconds of
+/// start-up, measured in docs/BENCHMARKS.md) before `.btf(None)` can say it
+/// is not wanted (aya issue 1172; later aya versions parse lazily). So the
+/// thread first makes its root directory /proc, where
 /// /sys/kernel/btf/vmlinux does not exist: aya's read fails and it parses
-/// nothing. The root is that thread's alone (`unshare(CLONE_FS)`)
-/// and the thread ends at once. Where chroot is not allowed (no
+/// nothing. The root is that thread's alone (`unshare(CLONE_FS)`), and the
+/// thread ends once the loader is made. Where chroot is not allowed (no
 /// CAP_SYS_CHROOT, a seccomp profile), the loader is made the usual way.
-fn loader_without_kernel_btf() -> EbpfLoader<'static> {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                let _ = sys::fs::chroot_this_thread(Path::new("/proc"));
-                EbpfLoader::new()
-            })
-            .join()
-    })
-    .unwrap_or_else(|_| EbpfLoader::new())
+pub(crate) fn prepare() -> Preparing {
+    let thread = std::thread::Builder::new().spawn(|| {
+        aya::features();
+        let _ = sys::fs::chroot_this_thread(Path::new("/proc"));
+        EbpfLoader::new()
+    });
+    Preparing(thread.ok())
+}
+
+impl Preparing {
+    /// The loader, once made (made here if the thread could not be).
+    fn loader(self) -> EbpfLoader<'static> {
+        self.0
+            .and_then(|thread| thread.join().ok())
+            .unwrap_or_default()
+    }
 }
 
 /// A tracepoint that cannot attach: the end of loading when its class

@@ -11,6 +11,7 @@ pub(crate) mod caps;
 pub(crate) mod fd;
 pub(crate) mod fs;
 pub(crate) mod ids;
+pub(crate) mod mapping;
 pub(crate) mod perf;
 pub(crate) mod pod;
 pub(crate) mod process;

@@ -18,12 +18,9 @@ use aya_obj::generated::{
     perf_event_sample_format::PERF_SAMPLE_RAW, perf_sw_ids::PERF_COUNT_SW_BPF_OUTPUT,
     perf_type_id::PERF_TYPE_SOFTWARE,
 };
-use rustix::{
-    ioctl::{NoArg, Opcode, ioctl},
-    mm::{MapFlags, ProtFlags, mmap, munmap},
-};
+use rustix::ioctl::{NoArg, Opcode, ioctl};
 
-use super::SyscallError;
+use super::{SyscallError, mapping::Mapping};
 
 pub(crate) struct PerfBuffer {
     /// One metadata page (`perf_event_mmap_page`), then `data_len` bytes of
@@ -135,7 +132,12 @@ impl PerfBuffer {
         // no byte of [tail, head) until data_tail moves past it, below, after
         // the view is gone.
         let ring = unsafe {
-            RingView::from_raw(self.map.ptr.add(self.page_size), self.data_len, tail, head)
+            RingView::from_raw(
+                self.map.ptr().add(self.page_size),
+                self.data_len,
+                tail,
+                head,
+            )
         };
         on_records(&ring);
         self.data_tail().store(head, Ordering::Release);
@@ -157,7 +159,7 @@ impl PerfBuffer {
         // in bounds and aligned, and valid as long as `self`. The kernel
         // and this reader access data_head and data_tail only atomically
         // (smp_store_release / smp_load_acquire, and READ_ONCE of data_tail).
-        unsafe { AtomicU64::from_ptr(self.map.ptr.as_ptr().add(offset).cast::<u64>()) }
+        unsafe { AtomicU64::from_ptr(self.map.ptr().as_ptr().add(offset).cast::<u64>()) }
     }
 }
 
@@ -170,41 +172,6 @@ impl AsRawFd for PerfBuffer {
 impl AsFd for PerfBuffer {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
-    }
-}
-
-/// A shared read-write mapping of a descriptor, unmapped on drop.
-struct Mapping {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl Mapping {
-    fn shared(fd: BorrowedFd<'_>, len: usize) -> Result<Self, SyscallError> {
-        // SAFETY: a new mapping where the kernel chooses, which can overlap
-        // no memory in use.
-        let ptr = unsafe {
-            mmap(
-                ptr::null_mut(),
-                len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED,
-                fd,
-                0,
-            )
-        }
-        .map_err(|e| SyscallError::new("mmap", e))?;
-        let ptr = NonNull::new(ptr.cast::<u8>())
-            .ok_or_else(|| SyscallError::new("mmap", std::io::ErrorKind::AddrNotAvailable))?;
-        Ok(Self { ptr, len })
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `shared`, unmapped once, here; nothing
-        // borrowed from it outlives `self`.
-        let _ = unsafe { munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
 
