@@ -150,6 +150,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
     // Before loading: an agent that could not give up what it must once
     // attached would only attach to stop.
     privileges::check_drop(&run_as)?;
+    services.before_loading();
     // Bound now, while the agent may still bind any port, and before
     // anything is attached: an address it cannot serve stops it first.
     let server = cli

@@ -174,6 +174,14 @@ impl Services {
         self.owners_wanted = true;
     }
 
+    /// Starts, on threads of their own, what the programs' loading need not
+    /// wait for: the TCP tables the snapshot of socket holders reads.
+    pub(crate) fn before_loading(&mut self) {
+        if self.owners_wanted {
+            self.owners.start_snapshot();
+        }
+    }
+
     /// What needs privileges the agent gives up once attached: who holds
     /// each socket now, if a class will ask for socket owners (see
     /// [`OwnerResolver::snapshot_holders`]).

@@ -38,6 +38,11 @@ impl<T: Send + 'static> Pending<T> {
         self.result.recv_timeout(deadline).ok()
     }
 
+    /// The result, however long it takes; `None` if its thread died.
+    pub(crate) fn join(self) -> Option<T> {
+        self.result.recv().ok().map(|(found, _)| found)
+    }
+
     /// Whether the lookup is over: its result, or `Err(())` when it has no
     /// result any more (its thread died).
     pub(crate) fn poll(&self) -> Option<Result<(T, Duration), ()>> {

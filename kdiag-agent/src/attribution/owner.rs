@@ -3,7 +3,7 @@
 //! that held the socket's inode when the agent took its snapshot of every
 //! process's descriptors (while it could still read them all: see
 //! [`OwnerResolver::snapshot_holders`]), found by the connection's
-//! addresses in the TCP tables read at the same time. /proc lookups, for
+//! addresses in the TCP tables read while the programs loaded. /proc lookups, for
 //! the sockets the snapshot cannot name, run off the event loop (see
 //! `background`), one at a time: an event whose owner is being looked up is
 //! pending (the agent holds it, and the events after it, in order), for at
@@ -121,6 +121,54 @@ pub(crate) struct OwnerResolver {
     comms: HashMap<[u8; COMM_LEN], Arc<str>>,
     /// Who held each socket at start-up; shared with the lookups' threads.
     holders: Arc<Holders>,
+    /// The namespaces' TCP tables, being read for the snapshot.
+    tables: Option<Pending<Tables>>,
+}
+
+/// The TCP tables of every network namespace, read while the programs
+/// load: on a host with a large established hash (sized from its memory),
+/// each read walks every bucket, milliseconds per namespace, which the
+/// agent's start-up need not wait for. A connection opened after its
+/// namespace's table was read is not here; [`Holders::take`] knows its
+/// socket if a process held it at the walk, and a lookup finds its
+/// addresses then.
+#[derive(Debug, Default)]
+pub(crate) struct Tables {
+    /// Network namespace inode -> the id of its TCP table in /proc (see
+    /// `procfs::tcp_table_id`), which stays readable once the privileges
+    /// that /proc/PID/ns/net takes are given up.
+    tables: HashMap<u64, u64>,
+    /// The inode of each TCP connection (listeners aside), by its local
+    /// and remote address and port.
+    conns: HashMap<Addrs, u64>,
+}
+
+impl Tables {
+    /// Reads the table of each namespace once, through the first process
+    /// seen in it.
+    pub(crate) fn read() -> Self {
+        let mut read = Self::default();
+        let mut seen = HashSet::new();
+        for pid in procfs::pids() {
+            let Some(table) = procfs::tcp_table_id(pid) else {
+                continue;
+            };
+            if !seen.insert(table) {
+                continue;
+            }
+            if let Some(ns) = procfs::netns_inode(pid) {
+                read.tables.entry(ns).or_insert(table);
+            }
+            for row in procfs::tcp_sockets(pid)
+                .filter(|r| r.inode != 0 && i32::from(r.state) != TCP_LISTEN)
+            {
+                read.conns
+                    .entry((row.local, row.remote))
+                    .or_insert(row.inode);
+            }
+        }
+        read
+    }
 }
 
 /// Socket inode -> the process holding it, from one walk of every
@@ -135,15 +183,13 @@ struct Holders {
     /// Those processes' owner fields, as they were at the walk, and when
     /// each process started (see `procfs::start_time`).
     owners: HashMap<u32, (ResolvedOwner, Option<u64>)>,
-    /// Network namespace inode -> the id of its TCP table in /proc (see
-    /// `procfs::tcp_table_id`), which stays readable once the privileges
-    /// that /proc/PID/ns/net takes are given up.
+    /// Network namespace inode -> its TCP table's id (see [`Tables`]).
     tables: HashMap<u64, u64>,
     /// The inode of each held TCP connection, by its local and remote
-    /// address, from each namespace's table read once at the walk: a
-    /// connection older than the agent is found here at once, where
-    /// looking it up walks /proc again (on a host with many processes and
-    /// namespaces, longer than an event may wait for its owner).
+    /// address (see [`Tables`]): a connection older than the agent is
+    /// found here at once, where looking it up walks /proc again (on a
+    /// host with many processes and namespaces, longer than an event may
+    /// wait for its owner).
     by_addrs: HashMap<Addrs, u64>,
 }
 
@@ -151,24 +197,11 @@ struct Holders {
 type Addrs = (([u8; 16], u16), ([u8; 16], u16));
 
 impl Holders {
-    /// Walks every process's descriptors.
-    fn take() -> Self {
+    /// Walks every process's descriptors; `tables` are the namespaces'
+    /// connections.
+    fn take(tables: Tables) -> Self {
         let mut holders = Self::default();
-        let mut tables_read = HashSet::new();
-        let mut rows = Vec::new();
         for pid in procfs::pids() {
-            // The first process seen in each namespace reads its table.
-            if let Some(table) = procfs::tcp_table_id(pid)
-                && tables_read.insert(table)
-            {
-                if let Some(ns) = procfs::netns_inode(pid) {
-                    holders.tables.entry(ns).or_insert(table);
-                }
-                rows.extend(
-                    procfs::tcp_sockets(pid)
-                        .filter(|r| r.inode != 0 && i32::from(r.state) != TCP_LISTEN),
-                );
-            }
             let mut first_holder = false;
             for inode in procfs::socket_inodes(pid) {
                 if let std::collections::hash_map::Entry::Vacant(e) = holders.by_inode.entry(inode)
@@ -186,16 +219,14 @@ impl Holders {
                 holders.owners.insert(pid, (owner, procfs::start_time(pid)));
             }
         }
+        holders.tables = tables.tables;
         // Only connections some process held: the others (orphans, those
         // in TIME_WAIT) have no owner to find.
-        for row in rows {
-            if holders.by_inode.contains_key(&row.inode) {
-                holders
-                    .by_addrs
-                    .entry((row.local, row.remote))
-                    .or_insert(row.inode);
-            }
-        }
+        holders.by_addrs = tables
+            .conns
+            .into_iter()
+            .filter(|(_, inode)| holders.by_inode.contains_key(inode))
+            .collect();
         holders
     }
 
@@ -260,13 +291,25 @@ impl OwnerResolver {
         Self::default()
     }
 
+    /// Starts reading every namespace's TCP table on a thread of its own,
+    /// for [`OwnerResolver::snapshot_holders`]: while the programs load.
+    pub(crate) fn start_snapshot(&mut self) {
+        self.tables = Pending::start("kdiag-tables", Tables::read);
+    }
+
     /// Notes which process holds each socket now: the owners of sockets
     /// older than the agent, for the rest of the run. Taken once attached
     /// (a socket created later changes state under the programs' eyes) and
     /// before the agent gives up the capabilities that let it read every
     /// process's descriptors. Returns the number of sockets found.
     pub(crate) fn snapshot_holders(&mut self) -> usize {
-        self.holders = Arc::new(Holders::take());
+        let tables = match self.tables.take() {
+            // A reading thread that died read nothing: lookups find those
+            // connections instead.
+            Some(reading) => reading.join().unwrap_or_default(),
+            None => Tables::read(),
+        };
+        self.holders = Arc::new(Holders::take(tables));
         self.holders.by_inode.len()
     }
 
@@ -595,6 +638,45 @@ mod tests {
         assert_eq!(now(8), ResolvedOwner::default());
         // Not held at the snapshot: a socket opened since.
         assert_eq!(now(9), ResolvedOwner::default());
+    }
+
+    #[test]
+    fn the_snapshot_keeps_the_connections_of_the_tables_that_a_process_holds() {
+        // A loopback connection of this process, whose descriptors it may
+        // always read.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_server, _) = listener.accept().unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&client);
+        let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
+        let inode: u64 = link.to_str().unwrap()["socket:[".len()..]
+            .trim_end_matches(']')
+            .parse()
+            .unwrap();
+        let ipv4 = |addr: std::net::SocketAddr| {
+            let mut a = [0u8; 16];
+            if let std::net::IpAddr::V4(v4) = addr.ip() {
+                a[..4].copy_from_slice(&v4.octets());
+            }
+            (a, addr.port())
+        };
+        let held = (
+            ipv4(client.local_addr().unwrap()),
+            ipv4(client.peer_addr().unwrap()),
+        );
+        let orphan = (([1; 16], 1), ([2; 16], 2));
+        let mut tables = Tables::default();
+        tables.tables.insert(4026531840, 12);
+        tables.conns.insert(held, inode);
+        // A connection no process holds (orphaned, or in TIME_WAIT).
+        tables.conns.insert(orphan, u64::MAX);
+        let holders = Holders::take(tables);
+        assert_eq!(holders.by_addrs.get(&held), Some(&inode));
+        assert!(!holders.by_addrs.contains_key(&orphan));
+        assert_eq!(holders.tables.get(&4026531840), Some(&12));
+        let me = std::process::id();
+        assert_eq!(holders.by_inode.get(&inode), Some(&me));
+        assert_eq!(holders.owner(inode).and_then(|o| o.pid), Some(me));
     }
 
     #[test]
