@@ -905,7 +905,18 @@ fn extra_len(kind: u32, vlen: u32) -> Result<u32, BtfError> {
 
 /// Where the wanted names are in the string section: (offset, index of the
 /// name in the batch), by offset.
-struct NameOffsets(Vec<(u32, usize)>);
+struct NameOffsets {
+    found: Vec<(u32, usize)>,
+    /// One bit per offset modulo `FILTER_BITS`, set for the found ones:
+    /// every type's name is checked, over a hundred thousand of them, and
+    /// nearly none is wanted; a bit in a table that stays in the CPU's
+    /// cache turns most away without searching `found`.
+    filter: Vec<u64>,
+}
+
+/// The size of [`NameOffsets`]' filter: 8 KiB, where a few hundred names
+/// leave under 1% of the other offsets to search.
+const FILTER_BITS: usize = 1 << 16;
 
 impl NameOffsets {
     /// Streams the string section, noting each string equal to one of
@@ -927,13 +938,31 @@ impl NameOffsets {
             // `chunk` returns at most `left` bytes.
             left -= n as u32;
         }
-        Ok(Self(scan.found))
+        Ok(Self::new(scan.found))
+    }
+
+    /// `found` in the order of the string section.
+    fn new(found: Vec<(u32, usize)>) -> Self {
+        let mut filter = vec![0u64; FILTER_BITS / 64];
+        for &(off, _) in &found {
+            let bit = off as usize % FILTER_BITS;
+            filter[bit / 64] |= 1 << (bit % 64);
+        }
+        Self { found, filter }
     }
 
     /// Which wanted name is at `off`, if any.
     fn at(&self, off: u32) -> Option<usize> {
-        let i = self.0.binary_search_by_key(&off, |&(o, _)| o).ok()?;
-        self.0.get(i).map(|&(_, name)| name)
+        let bit = off as usize % FILTER_BITS;
+        if self
+            .filter
+            .get(bit / 64)
+            .is_none_or(|w| w >> (bit % 64) & 1 == 0)
+        {
+            return None;
+        }
+        let i = self.found.binary_search_by_key(&off, |&(o, _)| o).ok()?;
+        self.found.get(i).map(|&(_, name)| name)
     }
 }
 
@@ -942,9 +971,12 @@ impl NameOffsets {
 struct StringScan<'n> {
     names: &'n [&'n str],
     longest: usize,
-    /// Whether a wanted name has this length: most strings are told apart
-    /// by it, without comparing them to every name.
-    lengths: Vec<bool>,
+    /// The wanted names of each length, with their first bytes (see
+    /// [`prefix`]): a string is compared only to the few of its own length
+    /// and start (with a hundred names, nearly every length is some
+    /// name's, and comparing each of the section's strings to all of them
+    /// was most of this pass).
+    by_length: Vec<Vec<(u64, usize)>>,
     /// The current string so far, unless it is longer than every name.
     current: Vec<u8>,
     too_long: bool,
@@ -957,14 +989,14 @@ struct StringScan<'n> {
 impl<'n> StringScan<'n> {
     fn new(names: &'n [&'n str]) -> Self {
         let longest = names.iter().map(|n| n.len()).max().unwrap_or(0);
-        let mut lengths = vec![false; longest + 1];
-        for n in names {
-            lengths[n.len()] = true;
+        let mut by_length = vec![Vec::new(); longest + 1];
+        for (i, n) in names.iter().enumerate() {
+            by_length[n.len()].push((prefix(n.as_bytes()), i));
         }
         Self {
             names,
             longest,
-            lengths,
+            by_length,
             current: Vec::with_capacity(longest),
             too_long: false,
             start: 0,
@@ -1027,11 +1059,24 @@ impl<'n> StringScan<'n> {
 
     /// Which wanted name `string` is, if any.
     fn wanted(&self, string: &[u8]) -> Option<usize> {
-        if !self.lengths.get(string.len()).copied().unwrap_or(false) {
-            return None;
-        }
-        self.names.iter().position(|n| n.as_bytes() == string)
+        let start = prefix(string);
+        self.by_length
+            .get(string.len())?
+            .iter()
+            .filter(|&&(p, _)| p == start)
+            .map(|&(_, i)| i)
+            .find(|&i| self.names.get(i).is_some_and(|n| n.as_bytes() == string))
     }
+}
+
+/// The first 8 bytes of `bytes` (fewer, zero-padded, when it is shorter)
+/// as one number, which tells most strings of one length apart in one
+/// comparison.
+fn prefix(bytes: &[u8]) -> u64 {
+    let mut first = [0; 8];
+    let n = bytes.len().min(8);
+    first[..n].copy_from_slice(&bytes[..n]);
+    u64::from_le_bytes(first)
 }
 
 #[cfg(test)]
@@ -1452,6 +1497,36 @@ pub(crate) mod tests {
         assert_eq!(value(&bytes, ("sock_common", "skc_net")).unwrap(), 7);
         assert!(value(&bytes, ("sock", "skc_net")).is_err());
         assert!(offset(&bytes, ("sock_common", "sock")).is_err());
+    }
+
+    #[test]
+    fn names_of_one_length_and_start_are_told_apart() {
+        let mut b = Blob::new();
+        b.int("int").structure(
+            "sock",
+            false,
+            &[
+                ("sk_state_one", 0),
+                ("sk_state_two", 32),
+                ("sk", 64),
+                ("sl", 96),
+            ],
+        );
+        let bytes = b.bytes(false);
+        assert_eq!(offset(&bytes, ("sock", "sk_state_two")).unwrap(), 4);
+        assert_eq!(offset(&bytes, ("sock", "sk_state_one")).unwrap(), 0);
+        assert_eq!(offset(&bytes, ("sock", "sl")).unwrap(), 12);
+        assert!(offset(&bytes, ("sock", "sk_state_thr")).is_err());
+    }
+
+    #[test]
+    fn offsets_that_share_a_filter_bit_are_told_apart() {
+        let names = NameOffsets::new(vec![(5, 0), (5 + FILTER_BITS as u32, 1)]);
+        assert_eq!(names.at(5), Some(0));
+        assert_eq!(names.at(5 + FILTER_BITS as u32), Some(1));
+        assert_eq!(names.at(5 + 2 * FILTER_BITS as u32), None);
+        assert_eq!(names.at(6), None);
+        assert_eq!(names.at(0), None);
     }
 
     #[test]
