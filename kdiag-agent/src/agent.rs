@@ -194,7 +194,18 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
     // the buffers; and, with every process's descriptors still readable,
     // noting who holds each socket. Should giving them up fail, the agent
     // stops, and everything it attached goes with it.
-    services.before_dropping_privileges();
+    //
+    // The programs write from the moment they are attached: while the
+    // descriptors are walked (tens of milliseconds, hundreds on a busy
+    // host), their events are taken out of the buffers and held, to be
+    // handled in order once the agent runs (at the busiest churn, the ring
+    // buffer fills in under a tenth of a second).
+    let mut held = Held::default();
+    services.before_dropping_privileges(|| {
+        if held.bytes < HELD_BYTES {
+            reader.drain(|data| held.push(data.to_vec(), 0));
+        }
+    });
     let dropped =
         privileges::drop_after_attach(&run_as, bpf_descriptor(&loaded.ebpf), server.is_some())?;
     let mut degraded = loaded.degraded.clone();
@@ -310,7 +321,6 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
     housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drain = tokio::time::interval(DRAIN_EVERY);
-    let mut held = Held::default();
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // With --interval 0 the budget still looks at the cost this often.
     let mut budget_tick = tokio::time::interval(BUDGET_WITHOUT_INTERVAL);

@@ -184,10 +184,11 @@ impl Services {
 
     /// What needs privileges the agent gives up once attached: who holds
     /// each socket now, if a class will ask for socket owners (see
-    /// [`OwnerResolver::snapshot_holders`]).
-    pub(crate) fn before_dropping_privileges(&mut self) {
+    /// [`OwnerResolver::snapshot_holders`]), calling `meanwhile` every few
+    /// milliseconds while it runs.
+    pub(crate) fn before_dropping_privileges(&mut self, meanwhile: impl FnMut()) {
         if self.owners_wanted {
-            self.owners.snapshot_holders();
+            self.owners.snapshot_holders(meanwhile);
         }
     }
 

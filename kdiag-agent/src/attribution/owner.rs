@@ -13,7 +13,7 @@
 use std::{
     collections::HashSet,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, mpsc::RecvTimeoutError},
     time::{Duration, Instant},
 };
 
@@ -84,6 +84,10 @@ const RETRY_NOT_FOUND_AFTER: Duration = Duration::from_secs(2);
 /// events). Lookups take milliseconds to a few hundred on hosts with many
 /// sockets (see [`LOOKUP_SHARE`]).
 const HOLD_AT_MOST: Duration = Duration::from_secs(1);
+/// How often the start-up walk of descriptors lets the agent drain its
+/// buffers: under the busiest churn, 5 ms of records are a small part of
+/// the ring buffer.
+const WALK_POLL: Duration = Duration::from_millis(5);
 
 /// A listener: its network namespace (its inode number, 0 when unknown)
 /// and its port.
@@ -302,14 +306,43 @@ impl OwnerResolver {
     /// (a socket created later changes state under the programs' eyes) and
     /// before the agent gives up the capabilities that let it read every
     /// process's descriptors. Returns the number of sockets found.
-    pub(crate) fn snapshot_holders(&mut self) -> usize {
+    ///
+    /// The walk runs on a thread of its own, and `meanwhile` is called
+    /// every few milliseconds until it is over: the programs are attached
+    /// by then, and their events must be drained. The thread is over when
+    /// this returns, so that no thread keeps the privileges the agent then
+    /// gives up.
+    pub(crate) fn snapshot_holders(&mut self, mut meanwhile: impl FnMut()) -> usize {
         let tables = match self.tables.take() {
             // A reading thread that died read nothing: lookups find those
             // connections instead.
             Some(reading) => reading.join().unwrap_or_default(),
             None => Tables::read(),
         };
-        self.holders = Arc::new(Holders::take(tables));
+        let (tx, walked) = std::sync::mpsc::sync_channel(1);
+        let walk = std::thread::Builder::new()
+            .name("kdiag-holders".to_owned())
+            .spawn(move || {
+                let _ = tx.send(Holders::take(tables));
+            });
+        let holders = match walk {
+            Ok(walk) => {
+                let holders = loop {
+                    match walked.recv_timeout(WALK_POLL) {
+                        Ok(holders) => break holders,
+                        Err(RecvTimeoutError::Timeout) => meanwhile(),
+                        // The walk died: lookups find what it would have.
+                        Err(RecvTimeoutError::Disconnected) => break Holders::default(),
+                    }
+                };
+                let _ = walk.join();
+                holders
+            }
+            // No thread to be had (the tables went with the closure):
+            // read and walked here, undrained meanwhile.
+            Err(_) => Holders::take(Tables::read()),
+        };
+        self.holders = Arc::new(holders);
         self.holders.by_inode.len()
     }
 
