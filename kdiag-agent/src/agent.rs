@@ -24,7 +24,7 @@ use crate::{
     cli::Cli,
     kernel::{
         loader::{self, AttachMode, LoadError, Loaded},
-        transport::{Reader, TransportError, TransportKind},
+        transport::{Reader, TransportError, TransportKind, sizing::BufferSize},
         wire,
     },
     output::{
@@ -146,6 +146,11 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
     };
     let mut classes =
         classes::build(&cli.command, scope, &mut services).map_err(AgentError::Options)?;
+    // Measured from here to just before the buffer is made.
+    let buffer = BufferSize::start(
+        cli.global.buffer_mib,
+        classes.iter().any(|c| c.id() == ClassId::Tcp),
+    );
     privileges::check()?;
     // Before loading: an agent that could not give up what it must once
     // attached would only attach to stop.
@@ -168,14 +173,14 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
         exposition
     });
 
-    let buffer_bytes = cli.global.buffer_mib << 20;
     let mut loaded = load(
         &mut classes,
         cli.global.attach,
         cli.global.transport,
-        buffer_bytes,
+        buffer,
         cli.global.formats_from.as_deref(),
     )?;
+    let buffer_bytes = loaded.buffer_bytes;
     for class in &mut classes {
         class
             .on_loaded(&mut loaded.ebpf)
@@ -286,6 +291,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
         max_cpu_pct: cli.global.max_cpu,
         budget_steps: budget.steps(),
         map_entries: std::mem::take(&mut loaded.map_entries),
+        buffer_mib: buffer_bytes >> 20,
     };
     out.write(monotonic_ns(), &start)?;
     out.flush()?;
@@ -451,7 +457,7 @@ fn load(
     classes: &mut [Box<dyn Class>],
     mode: AttachMode,
     transport: TransportKind,
-    buffer_bytes: u32,
+    buffer: BufferSize,
     formats_from: Option<&std::path::Path>,
 ) -> Result<Loaded, AgentError> {
     let tracepoints = loader::merge_tracepoints(classes.iter().flat_map(|c| c.tracepoints()));
@@ -481,7 +487,9 @@ fn load(
         globals,
         map_sizes,
         transport,
-        buffer_bytes,
+        // Measured over the reading of the kernel's types and the rest of
+        // start-up so far.
+        buffer.bytes(),
     )?;
     // What reading the kernel's types and configuring found, then what
     // loading and attaching did. Classes sharing programs say the same

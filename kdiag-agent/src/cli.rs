@@ -4,8 +4,6 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser};
 
-use kdiag_common::DEFAULT_BUFFER_BYTES;
-
 use crate::{
     classes::Command,
     kernel::{loader::AttachMode, transport::TransportKind},
@@ -96,10 +94,12 @@ pub(crate) struct GlobalArgs {
     /// power of two, 1 to 1024): the BPF ring buffer, or with the perf
     /// transport the sum of the per-CPU buffers. Events that find it full
     /// are counted in agent_stats (`dropped`, or `lost` with perf); raise it
-    /// when bursts lose some. It is locked kernel memory.
-    #[arg(long, value_name = "MIB", global = true,
-          default_value_t = DEFAULT_BUFFER_BYTES >> 20, value_parser = buffer_mib)]
-    pub buffer_mib: u32,
+    /// when bursts lose some. It is locked kernel memory. Default: 4; with
+    /// the tcp class, more when TCP connections open fast in the agent's
+    /// network namespace as it starts (a quarter second of their state
+    /// changes, at most 64). agent_start's `buffer_mib` says which.
+    #[arg(long, value_name = "MIB", global = true, value_parser = buffer_mib)]
+    pub buffer_mib: Option<u32>,
     /// Also serve Prometheus metrics on http://ADDR:PORT/metrics (off by
     /// default): retransmits, closed connections, handshake and connection
     /// times, memory stalls, softirq latencies, packet drops by reason and
@@ -198,10 +198,10 @@ mod tests {
         let b = Cli::try_parse_from(["kdiag-agent", "retrans", "--port", "80", "-p", "7"]).unwrap();
         assert_eq!(a.global.pids, vec![7]);
         assert_eq!(b.global.pids, vec![7]);
-        assert_eq!(a.global.buffer_mib, 4);
+        assert_eq!(a.global.buffer_mib, None);
         assert_eq!(a.global.max_cpu, 1.0);
         let d = Cli::try_parse_from(["kdiag-agent", "tcp", "--buffer-mib", "64"]).unwrap();
-        assert_eq!(d.global.buffer_mib, 64);
+        assert_eq!(d.global.buffer_mib, Some(64));
         let c =
             Cli::try_parse_from(["kdiag-agent", "reclaim", "--kind", "memcg", "-p", "7"]).unwrap();
         assert!(matches!(

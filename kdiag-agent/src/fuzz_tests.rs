@@ -47,7 +47,7 @@ proptest! {
     #[test]
     fn proc_parsers_never_panic(text in "\\PC{0,400}") {
         let _ = procfs::tcp_rows(text.as_bytes()).count();
-        let _ = procfs::parse_tcp_segments(&text);
+        let _ = procfs::tcp_counters(&text, ["RetransSegs", "OutSegs"]);
         let _ = procfs::parse_cgroup_v2(text.lines().map(str::to_owned));
         let _ = tracefs::parse_format(&text);
         let _ = cgroup::parse_cgroup2_mount(&text);

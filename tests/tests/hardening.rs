@@ -189,12 +189,30 @@ fn buffer_mib_sizes_the_buffers() {
     for (args, expected) in [
         (&["retrans"][..], 4 * mib),
         (&["retrans", "--buffer-mib", "16"], 16 * mib),
+        (&["tcp", "--buffer-mib", "2"], 2 * mib),
     ] {
         let mut agent = Agent::spawn(args);
-        agent.wait_start();
+        let start = agent.wait_start();
         assert_eq!(ring_buffer_sizes(agent.pid()), [expected], "{args:?}");
+        assert_eq!(
+            start["buffer_mib"].as_u64(),
+            Some(expected >> 20),
+            "{start}"
+        );
         agent.stop_ok();
     }
+    // With the tcp class and no --buffer-mib, sized from the rate TCP
+    // connections open at start (src/kernel/transport/sizing.rs has the
+    // arithmetic): 4 MiB up to 64, whatever else runs on the host.
+    let mut agent = Agent::spawn(&["tcp"]);
+    let start = agent.wait_start();
+    let sized = start["buffer_mib"].as_u64().expect("buffer_mib");
+    assert!(
+        sized.is_power_of_two() && (4..=64).contains(&sized),
+        "{start}"
+    );
+    assert_eq!(ring_buffer_sizes(agent.pid()), [sized * mib]);
+    agent.stop_ok();
 
     // Perf: 2 MiB shared out among the CPUs, a power of two of pages each,
     // and the kernel's header page on top of each.

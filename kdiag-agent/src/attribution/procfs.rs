@@ -163,19 +163,36 @@ pub(crate) fn parse_cgroup_v2(lines: impl Iterator<Item = String>) -> Option<Str
 /// `Tcp: RetransSegs` and `OutSegs` from /proc/net/snmp (this network
 /// namespace's counters).
 pub(crate) fn tcp_segments() -> Option<(u64, u64)> {
-    parse_tcp_segments(&fs::read_to_string("/proc/net/snmp").ok()?)
+    let [retrans, out] = tcp_counters(
+        &fs::read_to_string("/proc/net/snmp").ok()?,
+        ["RetransSegs", "OutSegs"],
+    )?;
+    Some((retrans, out))
 }
 
-/// /proc/net/snmp has, per protocol, a line of names then a line of values.
-pub(crate) fn parse_tcp_segments(text: &str) -> Option<(u64, u64)> {
+/// The TCP connection ends opened in this network namespace so far:
+/// `Tcp: ActiveOpens` (connect()) plus `PassiveOpens` (accepted) of
+/// /proc/net/snmp.
+pub(crate) fn tcp_opens() -> Option<u64> {
+    let [active, passive] = tcp_counters(
+        &fs::read_to_string("/proc/net/snmp").ok()?,
+        ["ActiveOpens", "PassiveOpens"],
+    )?;
+    Some(active.saturating_add(passive))
+}
+
+/// The `Tcp:` counters `names` of /proc/net/snmp, which has, per protocol,
+/// a line of names then a line of values.
+pub(crate) fn tcp_counters<const N: usize>(text: &str, names: [&str; N]) -> Option<[u64; N]> {
     let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
-    let names: Vec<&str> = tcp.next()?.split_whitespace().collect();
+    let header: Vec<&str> = tcp.next()?.split_whitespace().collect();
     let values: Vec<&str> = tcp.next()?.split_whitespace().collect();
-    let get = |name: &str| -> Option<u64> {
-        let i = names.iter().position(|n| *n == name)?;
-        values.get(i)?.parse().ok()
-    };
-    Some((get("RetransSegs")?, get("OutSegs")?))
+    let mut found = [0; N];
+    for (slot, name) in found.iter_mut().zip(names) {
+        let i = header.iter().position(|n| *n == name)?;
+        *slot = values.get(i)?.parse().ok()?;
+    }
+    Some(found)
 }
 
 /// TCP sockets allocated on the host, in every network namespace and both
@@ -305,15 +322,20 @@ garbage line
     }
 
     #[test]
-    fn snmp_segments() {
-        let text = "Ip: Forwarding DefaultTTL\nIp: 1 64\nTcp: RtoAlgorithm RtoMin InSegs OutSegs RetransSegs InErrs\nTcp: 1 200 10 2000 7 0\nUdp: InDatagrams\nUdp: 5\n";
-        assert_eq!(parse_tcp_segments(text), Some((7, 2000)));
-        assert_eq!(parse_tcp_segments("Tcp: OutSegs\n"), None);
+    fn snmp_counters() {
+        let text = "Ip: Forwarding DefaultTTL\nIp: 1 64\nTcp: RtoAlgorithm RtoMin ActiveOpens PassiveOpens InSegs OutSegs RetransSegs InErrs\nTcp: 1 200 30 12 10 2000 7 0\nUdp: InDatagrams\nUdp: 5\n";
+        let segments = ["RetransSegs", "OutSegs"];
+        assert_eq!(tcp_counters(text, segments), Some([7, 2000]));
         assert_eq!(
-            parse_tcp_segments("Tcp: OutSegs RetransSegs\nTcp: x 1\n"),
+            tcp_counters(text, ["ActiveOpens", "PassiveOpens"]),
+            Some([30, 12])
+        );
+        assert_eq!(tcp_counters("Tcp: OutSegs\n", segments), None);
+        assert_eq!(
+            tcp_counters("Tcp: OutSegs RetransSegs\nTcp: x 1\n", segments),
             None
         );
-        assert_eq!(parse_tcp_segments(""), None);
+        assert_eq!(tcp_counters("", segments), None);
     }
 
     /// The `alloc` of the TCP line, and nothing for odd files: a missing

@@ -146,6 +146,8 @@ pub(crate) struct Loaded {
     /// The entries of each map sized for the classes that run (the others
     /// keep the object's one entry).
     pub map_entries: BTreeMap<&'static str, u32>,
+    /// The size of the buffer between the programs and the agent.
+    pub buffer_bytes: u32,
 }
 
 /// A program attached as a BTF tracepoint, and its link.
@@ -344,6 +346,7 @@ pub(crate) fn load(
         btf_links,
         degraded,
         map_entries: sizes,
+        buffer_bytes,
     })
 }
 

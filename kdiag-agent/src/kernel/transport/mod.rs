@@ -9,6 +9,7 @@
 //! batch is put back in time order (see [`PerfBatch`]).
 
 pub(crate) mod perf;
+pub(crate) mod sizing;
 
 use std::{future::poll_fn, io, os::fd::AsFd as _, task::Poll};
 

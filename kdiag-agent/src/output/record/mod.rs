@@ -158,6 +158,8 @@ pub(crate) struct AgentStart {
     /// The kernel maps sized for the classes that run -> their entries
     /// (the socket map's from `--max-sockets` or the host's sockets).
     pub map_entries: BTreeMap<&'static str, u32>,
+    /// The buffer between the programs and the agent, in MiB.
+    pub buffer_mib: u32,
 }
 
 impl Record for AgentStart {
@@ -187,8 +189,8 @@ impl Record for AgentStart {
             self.capabilities.join(" ")
         };
         s.push_str(&format!(
-            "\n# running as uid {} gid {}, capabilities: {caps}",
-            self.uid, self.gid
+            "\n# running as uid {} gid {}, capabilities: {caps}; buffer {} MiB",
+            self.uid, self.gid, self.buffer_mib
         ));
         if !self.map_entries.is_empty() {
             let maps: Vec<String> = self
