@@ -96,7 +96,7 @@ pub(crate) struct GlobalArgs {
     /// are counted in agent_stats (`dropped`, or `lost` with perf); raise it
     /// when bursts lose some. It is locked kernel memory. Default: 4; with
     /// the tcp class, more when TCP connections open fast in the agent's
-    /// network namespace as it starts (a quarter second of their state
+    /// network namespace as it starts (half a second of their state
     /// changes, at most 64). agent_start's `buffer_mib` says which.
     #[arg(long, value_name = "MIB", global = true, value_parser = buffer_mib)]
     pub buffer_mib: Option<u32>,

@@ -23,9 +23,11 @@ pub(crate) const MAX_SIZED_BYTES: u32 = 64 << 20;
 /// before its close, 152 bytes each with the ring's header) and its closing
 /// record (312).
 const BYTES_PER_OPEN: f64 = 1024.0;
-/// What the buffer holds at the rate measured: about the longest the agent
-/// went without draining as it started under churn with both CPUs busy.
-const HOLD_SECS: f64 = 0.25;
+/// What the buffer holds at the rate measured: twice the longest the agent
+/// went without draining as it started under churn with both CPUs busy
+/// (about 250 ms), since the rate measured over its start-up is up to half
+/// the load's own (the agent's start-up takes CPU from the load).
+const HOLD_SECS: f64 = 0.5;
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum BufferSize {
@@ -94,12 +96,14 @@ mod tests {
     }
 
     #[test]
-    fn churn_gets_a_quarter_second_of_its_records() {
-        // 40k connection ends a second (20k loopback connections): 10 MB.
+    fn churn_gets_half_a_second_of_its_records() {
+        // 40k connection ends a second (20k loopback connections): 20 MB.
         let ms = Duration::from_millis(20);
-        assert_eq!(sized_for(Some(800), ms), 16 << 20);
-        // 20k a second: 5 MB.
-        assert_eq!(sized_for(Some(400), ms), 8 << 20);
+        assert_eq!(sized_for(Some(800), ms), 32 << 20);
+        // 10k a second: 5 MB.
+        assert_eq!(sized_for(Some(200), ms), 8 << 20);
+        // 8k a second: 4 MB.
+        assert_eq!(sized_for(Some(160), ms), 4 << 20);
     }
 
     #[test]
