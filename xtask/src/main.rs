@@ -95,8 +95,10 @@ enum Command {
         /// trixie-backports), several separated by commas, or all.
         #[arg(long, default_value = "all")]
         kernel: String,
-        /// Fail a guest that has not powered off after this many seconds.
-        #[arg(long, default_value_t = 900)]
+        /// Fail a guest that has not powered off after this many seconds
+        /// (a guest is failed sooner when its console stays silent for
+        /// 300 s: stuck).
+        #[arg(long, default_value_t = 2700)]
         timeout: u64,
         /// Tests run at once in each test binary of the guest.
         #[arg(long, default_value_t = 2)]

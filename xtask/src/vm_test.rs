@@ -60,7 +60,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             kernel: "all".to_owned(),
-            timeout: Duration::from_secs(900),
+            timeout: Duration::from_secs(2700),
             test_threads: 2,
             agent: None,
             test_args: Vec::new(),
