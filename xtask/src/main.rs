@@ -97,7 +97,7 @@ enum Command {
         kernel: String,
         /// Fail a guest that has not powered off after this many seconds
         /// (a guest is failed sooner when its console stays silent for
-        /// 300 s: stuck).
+        /// 660 s: stuck).
         #[arg(long, default_value_t = 2700)]
         timeout: u64,
         /// Tests run at once in each test binary of the guest.
