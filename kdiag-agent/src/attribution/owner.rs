@@ -13,7 +13,7 @@
 use std::{
     collections::HashSet,
     path::{Path, PathBuf},
-    sync::{Arc, mpsc::RecvTimeoutError},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -309,9 +309,9 @@ impl OwnerResolver {
     ///
     /// The walk runs on a thread of its own, and `meanwhile` is called
     /// every few milliseconds until it is over: the programs are attached
-    /// by then, and their events must be drained. The thread is over when
-    /// this returns, so that no thread keeps the privileges the agent then
-    /// gives up.
+    /// by then, and their events must be drained. Its thread ends with its
+    /// result; the agent waits until it is gone before giving up its
+    /// privileges (see `privileges`).
     pub(crate) fn snapshot_holders(&mut self, mut meanwhile: impl FnMut()) -> usize {
         let tables = match self.tables.take() {
             // A reading thread that died read nothing: lookups find those
@@ -319,28 +319,21 @@ impl OwnerResolver {
             Some(reading) => reading.join().unwrap_or_default(),
             None => Tables::read(),
         };
-        let (tx, walked) = std::sync::mpsc::sync_channel(1);
-        let walk = std::thread::Builder::new()
-            .name("kdiag-holders".to_owned())
-            .spawn(move || {
-                let _ = tx.send(Holders::take(tables));
-            });
-        let holders = match walk {
-            Ok(walk) => {
-                let holders = loop {
-                    match walked.recv_timeout(WALK_POLL) {
-                        Ok(holders) => break holders,
-                        Err(RecvTimeoutError::Timeout) => meanwhile(),
-                        // The walk died: lookups find what it would have.
-                        Err(RecvTimeoutError::Disconnected) => break Holders::default(),
+        let holders = match Pending::start("kdiag-holders", move || Holders::take(tables)) {
+            Some(walk) => loop {
+                match walk.poll() {
+                    Some(Ok((holders, _))) => break holders,
+                    // The walk died: lookups find what it would have.
+                    Some(Err(())) => break Holders::default(),
+                    None => {
+                        meanwhile();
+                        std::thread::sleep(WALK_POLL);
                     }
-                };
-                let _ = walk.join();
-                holders
-            }
+                }
+            },
             // No thread to be had (the tables went with the closure):
             // read and walked here, undrained meanwhile.
-            Err(_) => Holders::take(Tables::read()),
+            None => Holders::take(Tables::read()),
         };
         self.holders = Arc::new(holders);
         self.holders.by_inode.len()
