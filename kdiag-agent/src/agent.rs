@@ -195,6 +195,18 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
         }
         _ => Reader::ring(take_map(&mut loaded.ebpf, "EVENTS")?)?,
     };
+    let losses = PerCpuArray::try_from(take_map(&mut loaded.ebpf, "LOSSES")?)
+        .map_err(|_| AgentError::MissingMap("LOSSES"))?;
+    // The programs' own run counts and sampled times: the kernel's BPF
+    // statistics are host-wide and slow every BPF program of the host, so
+    // the agent never turns them on.
+    let costs = PerCpuArray::try_from(take_map(&mut loaded.ebpf, "PROGRAM_COST")?)
+        .map_err(|_| AgentError::MissingMap("PROGRAM_COST"))?;
+    let gates = Array::try_from(take_map(&mut loaded.ebpf, "BUDGET")?)
+        .map_err(|_| AgentError::MissingMap("BUDGET"))?;
+    // Every map anyone reads is taken: those of the classes not running go
+    // (asking which maps a program uses takes the privileges still held).
+    loader::release_unused_maps(&mut loaded.ebpf);
     // Everything that needs privileges is done: loading, attaching, opening
     // the buffers; and, with every process's descriptors still readable,
     // noting who holds each socket. Should giving them up fail, the agent
@@ -216,15 +228,6 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
     let mut degraded = loaded.degraded.clone();
     degraded.extend(dropped.degraded.clone());
     degraded.extend(services.degraded());
-    let losses = PerCpuArray::try_from(take_map(&mut loaded.ebpf, "LOSSES")?)
-        .map_err(|_| AgentError::MissingMap("LOSSES"))?;
-    // The programs' own run counts and sampled times: the kernel's BPF
-    // statistics are host-wide and slow every BPF program of the host, so
-    // the agent never turns them on.
-    let costs = PerCpuArray::try_from(take_map(&mut loaded.ebpf, "PROGRAM_COST")?)
-        .map_err(|_| AgentError::MissingMap("PROGRAM_COST"))?;
-    let gates = Array::try_from(take_map(&mut loaded.ebpf, "BUDGET")?)
-        .map_err(|_| AgentError::MissingMap("BUDGET"))?;
     let class_programs: Vec<_> = classes
         .iter()
         .map(|c| {

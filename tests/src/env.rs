@@ -83,3 +83,26 @@ pub fn skip_unless(available: bool, reason: &str) -> bool {
     let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
     false
 }
+
+/// The CPUs the kernel may ever bring up (/sys/devices/system/cpu/possible,
+/// e.g. `0-1` or `0,2-5`): what each per-CPU map keeps a value for.
+pub fn possible_cpus() -> usize {
+    let path = "/sys/devices/system/cpu/possible";
+    let list = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
+    list.trim()
+        .split(',')
+        .map(|range| {
+            let bound = |n: &str| -> usize {
+                n.parse()
+                    .unwrap_or_else(|_| panic!("{path}: {list:?} is not a CPU list"))
+            };
+            match range.split_once('-') {
+                Some((first, last)) => bound(last) - bound(first) + 1,
+                None => {
+                    bound(range);
+                    1
+                }
+            }
+        })
+        .sum()
+}

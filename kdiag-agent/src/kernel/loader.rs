@@ -10,11 +10,15 @@
 //! has the kernel fill a trace record (and is skipped whenever any other
 //! BPF program runs on that CPU). Its classic entry is the fallback.
 
-use std::{collections::BTreeMap, path::Path, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashSet},
+    path::Path,
+    sync::Arc,
+};
 
 use aya::{
     Btf, BtfError, Ebpf, EbpfError, EbpfLoader, Endianness,
-    maps::MapError,
+    maps::{Map, MapError},
     programs::{BtfTracePoint, Program, ProgramError, TracePoint, tp_btf::BtfTracePointLinkId},
     util::KernelVersion,
 };
@@ -144,7 +148,7 @@ pub(crate) struct Loaded {
     pub btf_links: Vec<BtfLink>,
     pub degraded: Vec<Degraded>,
     /// The entries of each map sized for the classes that run (the others
-    /// keep the object's one entry).
+    /// keep the object's one entry until `release_unused_maps`).
     pub map_entries: BTreeMap<&'static str, u32>,
     /// The size of the buffer between the programs and the agent.
     pub buffer_bytes: u32,
@@ -598,6 +602,52 @@ fn attach(ebpf: &mut Ebpf, tp: &Tracepoint) -> Result<AttachedAs, AttachError> {
 /// Kernels before 5.11 charge BPF maps and programs to the locked-memory
 /// limit (RLIMIT_MEMLOCK) of the user creating them, summed over all that
 /// user's processes; later ones charge the memory cgroup instead.
+/// Closes the agent's descriptors of the maps no loaded program uses, once
+/// the classes and the agent have taken the maps they read: aya creates
+/// every map of the object, so the maps of the classes not running exist
+/// (at one entry, [`load`]) until then. A loaded program holds the maps it
+/// uses itself, so those stay whoever else holds them; for the others the
+/// agent's descriptor is the last hold, and the kernel frees them.
+///
+/// Releases nothing where the kernel cannot say which maps a program uses.
+pub(crate) fn release_unused_maps(ebpf: &mut Ebpf) {
+    let mut used = HashSet::new();
+    for (_, program) in ebpf.programs() {
+        // A program of a class not running was never loaded: no descriptor.
+        if program.fd().is_err() {
+            continue;
+        }
+        match program.info().map(|info| info.map_ids()) {
+            Ok(Ok(Some(ids))) => used.extend(ids),
+            _ => return,
+        }
+    }
+    let unused: Vec<String> = ebpf
+        .maps()
+        .filter(|(_, map)| map_id(map).is_some_and(|id| !used.contains(&id)))
+        .map(|(name, _)| name.to_owned())
+        .collect();
+    for name in unused {
+        drop(ebpf.take_map(&name));
+    }
+}
+
+/// The kernel's id of `map`, for the map types the object declares.
+fn map_id(map: &Map) -> Option<u32> {
+    let data = match map {
+        Map::Array(d)
+        | Map::PerCpuArray(d)
+        | Map::HashMap(d)
+        | Map::PerCpuHashMap(d)
+        | Map::LruHashMap(d)
+        | Map::PerfEventArray(d)
+        | Map::RingBuf(d)
+        | Map::StackTraceMap(d) => d,
+        _ => return None,
+    };
+    data.info().ok().map(|info| info.id())
+}
+
 fn charges_memlock() -> bool {
     KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(5, 11, 0))
 }

@@ -64,7 +64,8 @@ impl Global {
 
 /// The size of one of the programs' maps. The object declares each class's
 /// maps with one entry, so the maps of classes that do not run cost next to
-/// nothing; the running classes size theirs here (classes sharing a map:
+/// nothing until they are freed (`loader::release_unused_maps`); the
+/// running classes size theirs here (classes sharing a map:
 /// the largest size wins).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct MapSize {
