@@ -1099,6 +1099,67 @@ fn same_port_in_two_namespaces(listeners_first: bool) {
     );
 }
 
+/// Connections older than the agent with the same addresses in two network
+/// namespaces (loopback, from the same local port): a change's addresses
+/// cannot say which namespace it happened in, so neither side of either is
+/// given an owner (`null`) rather than the other namespace's. A third,
+/// whose addresses are its own, keeps its owner from the snapshot: the
+/// server that holds its accepted end (its client is gone by its close: a
+/// process that no longer runs is nobody's owner).
+#[test]
+fn same_addresses_in_two_namespaces_are_never_given_the_other_ones_owner() {
+    let net = NetnsPair::new();
+    let port = unique_port();
+    let from = unique_port();
+    let lo = Ipv4Addr::LOCALHOST;
+    let servers = [&net.server, &net.client].map(|ns| Peer::listen(PEER, ns, lo, port));
+    let from_port = |port| ConnectOptions {
+        from_port: Some(port),
+        ..ConnectOptions::default()
+    };
+    let twins = [&net.server, &net.client]
+        .map(|ns| Peer::connect_with(PEER, ns, lo, port, &from_port(from)));
+    let own = Peer::connect_with(PEER, &net.server, lo, port, &from_port(from + 1));
+    for client in twins.iter().chain([&own]) {
+        client.wait_connected();
+    }
+    let server_pid = u64::from(servers[0].pid());
+    let mut agent = start_tcp(port, &[]);
+    // The clients' exit closes their ends; the servers close theirs on EOF
+    // and keep running.
+    for client in twins.into_iter().chain([own]) {
+        client.kill();
+    }
+    agent.wait_for_up_to_n("a tcp_conn per side", 6, 3, max_wait(), |r| {
+        record::is_type(r, "tcp_conn")
+    });
+    let recs = agent.stop_ok();
+    assert_all_accounted(&recs);
+    let conns: Vec<&Value> = recs
+        .iter()
+        .filter(|r| record::is_type(r, "tcp_conn"))
+        .collect();
+    let ports = |r: &Value| (port_field(r, "sport"), port_field(r, "dport"));
+    for rec in &conns {
+        let expected = match ports(rec) {
+            (p, d) if (p, d) == (port, from + 1) => Some(server_pid),
+            _ => None,
+        };
+        assert_eq!(pid_of(rec), expected, "owner of {rec}");
+    }
+    // Both sides of each connection, but for changes the kernel skipped.
+    let skipped = class_totals(&recs, "tcp").skipped.unwrap_or(0);
+    assert!(
+        conns.len() <= 6 && conns.len() as u64 + skipped >= 6,
+        "{} tcp_conn records of 3 connections, {skipped} runs skipped: {conns:#?}",
+        conns.len()
+    );
+    assert!(
+        conns.iter().any(|r| ports(r) == (port, from + 1)),
+        "no tcp_conn of the server side with its own addresses: {conns:#?}"
+    );
+}
+
 /// Two processes listen on one address and port with SO_REUSEPORT, after
 /// the agent: the connections they accept are attributed to one of them
 /// (the kernel does not say which member accepted where the programs run);

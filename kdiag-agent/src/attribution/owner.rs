@@ -153,6 +153,7 @@ impl Tables {
     pub(crate) fn read() -> Self {
         let mut read = Self::default();
         let mut seen = HashSet::new();
+        let mut rows = Vec::new();
         for pid in procfs::pids() {
             let Some(table) = procfs::tcp_table_id(pid) else {
                 continue;
@@ -163,16 +164,38 @@ impl Tables {
             if let Some(ns) = procfs::netns_inode(pid) {
                 read.tables.entry(ns).or_insert(table);
             }
-            for row in procfs::tcp_sockets(pid)
-                .filter(|r| r.inode != 0 && i32::from(r.state) != TCP_LISTEN)
-            {
-                read.conns
-                    .entry((row.local, row.remote))
-                    .or_insert(row.inode);
-            }
+            rows.extend(
+                procfs::tcp_sockets(pid)
+                    .filter(|r| r.inode != 0 && i32::from(r.state) != TCP_LISTEN)
+                    .map(|r| ((r.local, r.remote), r.inode)),
+            );
         }
+        read.conns = unambiguous(rows);
         read
     }
+}
+
+/// Each connection's inode by its addresses, from the rows of every
+/// namespace's table, but for addresses found in two namespaces (loopback
+/// connections, containers with overlapping addresses): an event's
+/// addresses cannot tell those apart, and no owner is better than another
+/// namespace's.
+fn unambiguous(rows: impl IntoIterator<Item = (Addrs, u64)>) -> HashMap<Addrs, u64> {
+    let mut found: HashMap<Addrs, Option<u64>> = HashMap::default();
+    for (addrs, inode) in rows {
+        found
+            .entry(addrs)
+            .and_modify(|held| {
+                if *held != Some(inode) {
+                    *held = None;
+                }
+            })
+            .or_insert(Some(inode));
+    }
+    found
+        .into_iter()
+        .filter_map(|(addrs, inode)| Some((addrs, inode?)))
+        .collect()
 }
 
 /// Socket inode -> the process holding it, from one walk of every
@@ -385,10 +408,10 @@ impl OwnerResolver {
                     // rechecked the same way.
                     return self.store(key, Some(owner), Duration::ZERO);
                 }
-                self.cached_lookup(key, wait, move || {
-                    find_inode(&tuple)
-                        .and_then(|inode| holders.owner(inode))
-                        .or_else(|| holders.owner(find_listener_inode(&tuple, None)?))
+                self.cached_lookup(key, wait, move || match find_inode(&tuple) {
+                    InTables::One(inode) => holders.owner(inode),
+                    InTables::Several => None,
+                    InTables::None => holders.owner(find_listener_inode(&tuple, None)?),
                 })
             }
         }
@@ -500,42 +523,74 @@ pub(crate) fn comm_str(comm: &[u8]) -> String {
 /// Finds the listener an accepted socket came from: a LISTEN socket on its
 /// local port, bound to its local address or to any, in the TCP table
 /// `table` (of the child's namespace) when known. Without it, listeners of
-/// the same port in two network namespaces, both bound to any address,
-/// cannot be told apart; the first namespace found wins.
+/// the same port in two network namespaces cannot be told apart: none is.
 fn find_listener_inode(child: &TcpTuple, table: Option<u64>) -> Option<u64> {
     let listens = |r: &procfs::TcpRow, addr: [u8; 16]| {
         i32::from(r.state) == TCP_LISTEN && r.local == (addr, child.sport)
     };
     // A listener on the child's own address before one on any address: the
     // kernel prefers the more specific one (inet_lhash2 scoring).
-    find_row(table, |r| listens(r, child.saddr))
-        .or_else(|| find_row(table, |r| listens(r, [0; 16])))
+    match find_row(table, |r| listens(r, child.saddr)) {
+        InTables::None => find_row(table, |r| listens(r, [0; 16])).one(),
+        found => found.one(),
+    }
 }
 
-fn find_inode(tuple: &TcpTuple) -> Option<u64> {
+/// The connection with `tuple`'s addresses, in the TCP tables of every
+/// network namespace.
+fn find_inode(tuple: &TcpTuple) -> InTables {
     find_row(None, |r| {
         r.local == (tuple.saddr, tuple.sport) && r.remote == (tuple.daddr, tuple.dport)
     })
 }
 
-/// The inode of the first socket `wanted` accepts in the TCP tables of each
-/// network namespace, or only in the table `only` (one process per
-/// namespace is enough to read them).
-fn find_row(only: Option<u64>, wanted: impl Fn(&procfs::TcpRow) -> bool) -> Option<u64> {
-    let mut seen = HashSet::new();
-    for pid in procfs::pids() {
-        let Some(ns) = procfs::tcp_table_id(pid) else {
-            continue;
-        };
-        if only.is_some_and(|t| t != ns) || !seen.insert(ns) {
-            continue;
-        }
-        let row = procfs::tcp_sockets(pid).find(|r| r.inode != 0 && wanted(r));
-        if let Some(row) = row {
-            return Some(row.inode);
+/// What a search of the TCP tables found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InTables {
+    None,
+    /// In one namespace: the socket's inode.
+    One(u64),
+    /// In several namespaces: addresses alone cannot say which (see
+    /// [`unambiguous`]).
+    Several,
+}
+
+impl InTables {
+    fn one(self) -> Option<u64> {
+        match self {
+            Self::One(inode) => Some(inode),
+            Self::None | Self::Several => None,
         }
     }
-    None
+}
+
+/// The socket `wanted` accepts in the TCP tables of every network
+/// namespace, or only in the table `only`.
+fn find_row(only: Option<u64>, wanted: impl Fn(&procfs::TcpRow) -> bool) -> InTables {
+    let mut found = found_rows(only, wanted);
+    match (found.next(), found.next()) {
+        (None, _) => InTables::None,
+        (Some(inode), None) => InTables::One(inode),
+        (Some(_), Some(_)) => InTables::Several,
+    }
+}
+
+/// The inode of the first socket `wanted` accepts in each TCP table of
+/// every network namespace, or of the table `only`, read as needed (one
+/// process per namespace is enough to read its table).
+fn found_rows(
+    only: Option<u64>,
+    wanted: impl Fn(&procfs::TcpRow) -> bool,
+) -> impl Iterator<Item = u64> {
+    let mut seen = HashSet::new();
+    procfs::pids().filter_map(move |pid| {
+        let ns = procfs::tcp_table_id(pid)?;
+        if only.is_some_and(|t| t != ns) || !seen.insert(ns) {
+            return None;
+        }
+        let row = procfs::tcp_sockets(pid).find(|r| r.inode != 0 && wanted(r))?;
+        Some(row.inode)
+    })
 }
 
 #[cfg(test)]
@@ -703,6 +758,21 @@ mod tests {
         let me = std::process::id();
         assert_eq!(holders.by_inode.get(&inode), Some(&me));
         assert_eq!(holders.owner(inode).and_then(|o| o.pid), Some(me));
+    }
+
+    #[test]
+    fn addresses_in_two_namespaces_name_no_connection() {
+        let a = (
+            ([127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], 40000),
+            ([127; 16], 80),
+        );
+        let b = (([10; 16], 40001), ([10; 16], 80));
+        // `a` in two namespaces (two inodes), then in a third; `b` in one.
+        let conns = unambiguous([(a, 7), (b, 8), (a, 9), (a, 10)]);
+        assert_eq!(conns.into_iter().collect::<Vec<_>>(), [(b, 8)]);
+        // The same row read twice is still one connection.
+        let once = unambiguous([(b, 8), (b, 8)]);
+        assert_eq!(once.into_iter().collect::<Vec<_>>(), [(b, 8)]);
     }
 
     #[test]

@@ -13,9 +13,10 @@
 //!       exits, like a server that leaks sockets). --reuseport: set
 //!       SO_REUSEPORT before binding (IPv4), to share the port with others.
 //!       --rcvbuf: SO_RCVBUF of the listener, which accepted sockets inherit
-//!   kdiag-peer connect ADDR PORT [--send-every-ms N]
+//!   kdiag-peer connect ADDR PORT [--send-every-ms N] [--from-port P]
 //!       blocking connect; prints "connected LOCAL_ADDR" once established,
-//!       then optionally writes 100 bytes every N ms until an error
+//!       then optionally writes 100 bytes every N ms until an error.
+//!       --from-port: bind local port P first (IPv4)
 //!   kdiag-peer connect ADDR PORT --count N [--from-port P]
 //!       N connections one after the other: connect, half-close, wait for
 //!       the server to close (EOF), close; prints "done N" at the end.
@@ -115,7 +116,6 @@ fn main() -> ExitCode {
                         hold: false,
                         reuseport: false,
                         count: None,
-                        from_port: None,
                         rcvbuf: None,
                         ..
                     },
@@ -280,7 +280,11 @@ fn listen(addr: SocketAddr, opts: &Options) -> Result<(), String> {
 }
 
 fn connect(addr: SocketAddr, opts: &Options) -> Result<(), String> {
-    let stream = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    let stream = match opts.from_port {
+        Some(port) => connect_from(port, addr),
+        None => TcpStream::connect(addr),
+    };
+    let stream = stream.map_err(|e| format!("connect {addr}: {e}"))?;
     let local = stream
         .local_addr()
         .map_err(|e| format!("local address: {e}"))?;
