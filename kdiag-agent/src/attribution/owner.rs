@@ -409,9 +409,13 @@ impl OwnerResolver {
                     return self.store(key, Some(owner), Duration::ZERO);
                 }
                 self.cached_lookup(key, wait, move || match find_inode(&tuple) {
-                    InTables::One(inode) => holders.owner(inode),
                     InTables::Several => None,
-                    InTables::None => holders.owner(find_listener_inode(&tuple, None)?),
+                    // Held by a process at the walk, else (accepted since,
+                    // or gone from the tables) its listener's.
+                    found => found
+                        .one()
+                        .and_then(|inode| holders.owner(inode))
+                        .or_else(|| holders.owner(find_listener_inode(&tuple, None)?)),
                 })
             }
         }
