@@ -572,10 +572,14 @@ impl InTables {
 /// namespace, or only in the table `only`.
 fn find_row(only: Option<u64>, wanted: impl Fn(&procfs::TcpRow) -> bool) -> InTables {
     let mut found = found_rows(only, wanted);
-    match (found.next(), found.next()) {
-        (None, _) => InTables::None,
-        (Some(inode), None) => InTables::One(inode),
-        (Some(_), Some(_)) => InTables::Several,
+    let Some(inode) = found.next() else {
+        return InTables::None;
+    };
+    // One table has each row once: no need to read the others.
+    if only.is_some() || found.next().is_none() {
+        InTables::One(inode)
+    } else {
+        InTables::Several
     }
 }
 
