@@ -25,19 +25,25 @@
 //! closes come from tcp_destroy_sock.
 //!
 //! Scratch slots. Several programs build their events in per-CPU arrays
-//! (too big for the stack). A program never runs twice at once on a CPU:
-//! classic tracepoint programs are all kept from nesting by
-//! `bpf_prog_active`, and a BTF or raw tracepoint program by its own
-//! guard. But different programs can: a BTF or raw tracepoint program in a
-//! softirq run on the way out of an interrupt taken in the middle of
-//! another one (inet_sock_set_state in a process's connect() interrupted
-//! by a retransmit timer, or tcp_retransmit_skb sending from a process
+//! (too big for the stack). Different programs can run one in the middle
+//! of another on a CPU: a BTF or raw tracepoint program in a softirq run
+//! on the way out of an interrupt taken in the middle of another one
+//! (inet_sock_set_state in a process's connect() interrupted by a
+//! retransmit timer, or tcp_retransmit_skb sending from a process
 //! interrupted by a SYN-ACK timer). So every slot has one program as its
 //! only user ([`Scratch`]): a slot shared by two programs could be
-//! overwritten by one in the middle of the other's event. The socket map's
-//! values are updated under the socket's lock, which a nested program
-//! never holds for the same socket (a softirq that finds the socket owned
-//! by a process defers its work to the process).
+//! overwritten by one in the middle of the other's event. One program can
+//! run in the middle of itself too where the kernel does not guard BTF
+//! and raw tracepoint programs against it: before 6.1, and stable kernels
+//! without that guard's backport (Debian's 5.10 has none): a process's
+//! close() changing its socket's state, interrupted, and the softirq on
+//! the interrupt's way out changing another socket's. There the inner run
+//! would overwrite the outer run's event (one change written twice,
+//! another lost), so each user has a slot per nesting level ([`Slot`]).
+//! Classic tracepoint programs never nest at all (`bpf_prog_active`).
+//! The socket map's values are updated under the socket's lock, which a
+//! nested program never holds for the same socket (a softirq that finds
+//! the socket owned by a process defers its work to the process).
 
 use core::{ffi::c_void, marker::PhantomData, mem::MaybeUninit};
 
@@ -95,14 +101,14 @@ pub(crate) static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entrie
 static LISTENERS: LruHashMap<ListenerKey, Listeners> = LruHashMap::with_max_entries(1, 0);
 
 /// Scratch space for a new `LISTENERS` value (too big for the stack beside
-/// the rest).
+/// the rest). Only listen(), in process context, fills it: never nested.
 #[map]
 static LISTENERS_NEW: PerCpuArray<Listeners> = PerCpuArray::with_max_entries(1, 0);
 
 /// Scratch space for building a state-change event, and at a close the
-/// connection's totals after it.
+/// connection's totals after it: one per nesting level.
 #[map]
-static STATE_EVENT: PerCpuArray<TcpCloseEvent> = PerCpuArray::with_max_entries(1, 0);
+static STATE_EVENT: PerCpuArray<TcpCloseEvent> = PerCpuArray::with_max_entries(NESTING_LEVELS, 0);
 
 /// Users of the per-CPU scratch slots shared by several programs: one slot
 /// each, indexed by this (see the module comment on nesting).
@@ -115,17 +121,64 @@ enum Scratch {
 }
 const SCRATCH_USERS: u32 = 3;
 
-/// Scratch space for building a retransmit event (with the socket's fields
-/// it is too big for the stack), per retransmit program.
+/// How deep a program can run in the middle of itself on a CPU (see the
+/// module comment): in process context, then in a softirq, which never
+/// nests further (the TCP tracepoints do not fire in hard interrupts).
+const NESTING_LEVELS: u32 = 2;
+
+/// Per user, how many of its runs are under way on this CPU.
 #[map]
-static RETRANS_EVENT: PerCpuArray<RetransEvent> = PerCpuArray::with_max_entries(SCRATCH_USERS, 0);
+static NESTING: PerCpuArray<u32> = PerCpuArray::with_max_entries(SCRATCH_USERS, 0);
+
+/// A scratch user's slots at one nesting level.
+#[derive(Clone, Copy)]
+struct Slot {
+    user: Scratch,
+    level: u32,
+}
+
+impl Slot {
+    /// Index in the arrays with a slot per user and level.
+    #[inline(always)]
+    fn index(self) -> u32 {
+        self.user as u32 * NESTING_LEVELS + self.level
+    }
+}
+
+/// Runs `body` with this CPU's slots of `user` at the nesting level of
+/// this run. A run deeper than [`NESTING_LEVELS`] (never seen) fails, and
+/// is counted as its class's `failed`.
+#[inline(always)]
+fn nested(user: Scratch, body: impl FnOnce(Slot) -> Result<u32, i64>) -> Result<u32, i64> {
+    let depth = NESTING.get_ptr_mut(user as u32).ok_or(-1i64)?;
+    // SAFETY: this CPU's counter. Plain updates: a run in the middle of
+    // this one ends before this one goes on, and leaves it as it found it.
+    let level = unsafe { *depth };
+    if level >= NESTING_LEVELS {
+        return Err(-1);
+    }
+    // SAFETY: as above.
+    unsafe { *depth = level + 1 };
+    let result = body(Slot { user, level });
+    // SAFETY: as above.
+    unsafe { *depth = level };
+    result
+}
+
+/// Scratch space for building a retransmit event (with the socket's fields
+/// it is too big for the stack), per retransmit program and nesting level
+/// ([`Slot::index`]).
+#[map]
+static RETRANS_EVENT: PerCpuArray<RetransEvent> =
+    PerCpuArray::with_max_entries(SCRATCH_USERS * NESTING_LEVELS, 0);
 
 /// Where the reads of a socket's memory land: read `i` at byte
 /// `i * SOCK_READ_LEN`. Words, so that every field the agent placed at a
-/// multiple of its width is aligned. Per program reading sockets.
+/// multiple of its width is aligned. Per program reading sockets and
+/// nesting level ([`Slot::index`]).
 #[map]
 static SOCK_BUF: PerCpuArray<[u64; SOCK_SCRATCH / 8]> =
-    PerCpuArray::with_max_entries(SCRATCH_USERS, 0);
+    PerCpuArray::with_max_entries(SCRATCH_USERS * NESTING_LEVELS, 0);
 
 /// Request socket address -> SYN-ACK retransmits so far. Request sockets
 /// have no close event; LRU bounds them.
@@ -483,7 +536,9 @@ pub(crate) fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
     measured(ProgramId::InetSockSetState, || {
         counted(
             ClassId::Tcp,
-            try_inet_sock_set_state(&ctx, arg_change(&ctx), SockConn::read),
+            nested(Scratch::SetState, |slot| {
+                try_inet_sock_set_state(&ctx, arg_change(&ctx), SockConn::read, slot)
+            }),
         )
     })
 }
@@ -493,8 +548,13 @@ pub(crate) fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     measured(ProgramId::InetSockSetState, || {
         counted(
             ClassId::Tcp,
-            try_inet_sock_set_state(&ctx, record_change(&ctx), |sk| {
-                Ok(Record::<SetState>::new(&ctx, sk))
+            nested(Scratch::SetState, |slot| {
+                try_inet_sock_set_state(
+                    &ctx,
+                    record_change(&ctx),
+                    |sk| Ok(Record::<SetState>::new(&ctx, sk)),
+                    slot,
+                )
             }),
         )
     })
@@ -534,12 +594,14 @@ fn record_change(ctx: &TracePointContext) -> Result<StateChange, i64> {
 }
 
 /// The body of both entries: `conn(sk)` reads the socket's connection
-/// fields, only where they are needed (listeners, and the event sent).
+/// fields, only where they are needed (listeners, and the event sent);
+/// the event is built in `slot`.
 #[inline(always)]
 fn try_inet_sock_set_state<C: EbpfContext, F: Conn>(
     ctx: &C,
     change: Result<StateChange, i64>,
     conn: impl Fn(u64) -> Result<F, i64>,
+    slot: Slot,
 ) -> Result<u32, i64> {
     let cfg = config();
     let StateChange {
@@ -555,9 +617,10 @@ fn try_inet_sock_set_state<C: EbpfContext, F: Conn>(
     let now = unsafe { bpf_ktime_get_ns() };
     // The event is built in a per-CPU slot: with the socket's state beside
     // it, it would not fit the 512-byte stack.
-    let close = STATE_EVENT.get_ptr_mut(0).ok_or(-1i64)?;
-    // SAFETY: this CPU's slot, this program's alone (see the module
-    // comment), so nothing else uses it until this program returns.
+    let close = STATE_EVENT.get_ptr_mut(slot.level).ok_or(-1i64)?;
+    // SAFETY: this CPU's slot of this program at this run's nesting level
+    // (see the module comment), so nothing else uses it until this run
+    // returns.
     let close = unsafe { &mut *close };
     let event = &mut close.state;
 
@@ -631,13 +694,7 @@ fn try_inet_sock_set_state<C: EbpfContext, F: Conn>(
         // fires on entry to tcp_set_state, before tcp_done or
         // tcp_disconnect clear anything.
         event.header.kind = EventKind::TcpConn as u32;
-        read_sock(
-            sk,
-            &cfg.close_sock,
-            &mut close.sock,
-            ClassId::Tcp,
-            Scratch::SetState,
-        );
+        read_sock(sk, &cfg.close_sock, &mut close.sock, ClassId::Tcp, slot);
         // SAFETY: helper without arguments.
         close.sock.jiffies = unsafe { helper::bpf_jiffies64() };
         emit(ctx, ClassId::Tcp, close);
@@ -650,14 +707,14 @@ fn try_inet_sock_set_state<C: EbpfContext, F: Conn>(
 /// Reads the fields `plan` names from socket `sk` into `out`: one probe read
 /// per group of nearby fields (the agent grouped them), then each field
 /// picked from the buffer. A failed read leaves its fields out of `out`
-/// and counts the event as partial for `class`. `user`: the program's
-/// slot of the buffer.
+/// and counts the event as partial for `class`. `slot`: the run's slot of
+/// the buffer.
 #[inline(always)]
-fn read_sock(sk: u64, plan: &SockPlan, out: &mut SockFields, class: ClassId, user: Scratch) {
+fn read_sock(sk: u64, plan: &SockPlan, out: &mut SockFields, class: ClassId, slot: Slot) {
     out.present = 0;
     out._pad = 0;
     out.jiffies = 0;
-    let Some(buf) = SOCK_BUF.get_ptr_mut(user as u32) else {
+    let Some(buf) = SOCK_BUF.get_ptr_mut(slot.index()) else {
         out.values = [0; SOCK_FIELDS];
         count_loss(class, LOSS_PARTIAL);
         return;
@@ -948,7 +1005,9 @@ pub(crate) fn retransmit_skb_btf(ctx: BtfTracePointContext) -> u32 {
     measured(ProgramId::RetransmitSkb, || {
         counted(
             ClassId::Retrans,
-            try_retransmit_skb(&ctx, arg_sock(&ctx, 0), SockConn::read),
+            nested(Scratch::RetransmitSkb, |slot| {
+                try_retransmit_skb(&ctx, arg_sock(&ctx, 0), SockConn::read, slot)
+            }),
         )
     })
 }
@@ -958,8 +1017,13 @@ pub(crate) fn retransmit_skb(ctx: TracePointContext) -> u32 {
     measured(ProgramId::RetransmitSkb, || {
         counted(
             ClassId::Retrans,
-            try_retransmit_skb(&ctx, field!(&ctx, RetransmitSkb, skaddr), |sk| {
-                Ok(Record::<RetransmitSkb>::new(&ctx, sk))
+            nested(Scratch::RetransmitSkb, |slot| {
+                try_retransmit_skb(
+                    &ctx,
+                    field!(&ctx, RetransmitSkb, skaddr),
+                    |sk| Ok(Record::<RetransmitSkb>::new(&ctx, sk)),
+                    slot,
+                )
             }),
         )
     })
@@ -974,12 +1038,14 @@ fn arg_sock(ctx: &BtfTracePointContext, n: usize) -> Result<u64, i64> {
     if sk == 0 { Err(-1) } else { Ok(sk) }
 }
 
-/// The body of both entries: `conn(sk)` reads the socket's connection.
+/// The body of both entries: `conn(sk)` reads the socket's connection; the
+/// event is built in `slot`.
 #[inline(always)]
 fn try_retransmit_skb<C: EbpfContext, F: Conn>(
     ctx: &C,
     sk: Result<u64, i64>,
     conn: impl FnOnce(u64) -> Result<F, i64>,
+    slot: Slot,
 ) -> Result<u32, i64> {
     let cfg = config();
     let sk = sk?;
@@ -1017,7 +1083,7 @@ fn try_retransmit_skb<C: EbpfContext, F: Conn>(
     } else {
         RetransKind::Data
     };
-    let event = retrans_event(Scratch::RetransmitSkb)?;
+    let event = retrans_event(slot)?;
     event.header = header(EventKind::Retrans);
     event.sock_id = sk;
     // SAFETY: a copy between valid values of one type.
@@ -1032,18 +1098,19 @@ fn try_retransmit_skb<C: EbpfContext, F: Conn>(
         &cfg.retrans_sock,
         &mut event.sock,
         ClassId::Retrans,
-        Scratch::RetransmitSkb,
+        slot,
     );
     emit(ctx, ClassId::Retrans, event);
     Ok(0)
 }
 
-/// This CPU's retransmit event under construction by `user`.
+/// This CPU's retransmit event under construction in `slot`.
 #[inline(always)]
-fn retrans_event(user: Scratch) -> Result<&'static mut RetransEvent, i64> {
-    let event = RETRANS_EVENT.get_ptr_mut(user as u32).ok_or(-1i64)?;
-    // SAFETY: this CPU's slot of this program (see the module comment), so
-    // nothing else uses it until this program returns.
+fn retrans_event(slot: Slot) -> Result<&'static mut RetransEvent, i64> {
+    let event = RETRANS_EVENT.get_ptr_mut(slot.index()).ok_or(-1i64)?;
+    // SAFETY: this CPU's slot of this program at this run's nesting level
+    // (see the module comment), so nothing else uses it until this run
+    // returns.
     Ok(unsafe { &mut *event })
 }
 
@@ -1055,8 +1122,14 @@ pub(crate) fn retransmit_synack_btf(ctx: BtfTracePointContext) -> u32 {
     measured(ProgramId::RetransmitSynack, || {
         counted(
             ClassId::Retrans,
-            try_retransmit_synack(&ctx, arg_sock(&ctx, 0), arg_sock(&ctx, 1), |_, req| {
-                SockConn::read_request(req)
+            nested(Scratch::RetransmitSynack, |slot| {
+                try_retransmit_synack(
+                    &ctx,
+                    arg_sock(&ctx, 0),
+                    arg_sock(&ctx, 1),
+                    |_, req| SockConn::read_request(req),
+                    slot,
+                )
             }),
         )
     })
@@ -1067,25 +1140,30 @@ pub(crate) fn retransmit_synack(ctx: TracePointContext) -> u32 {
     measured(ProgramId::RetransmitSynack, || {
         counted(
             ClassId::Retrans,
-            try_retransmit_synack(
-                &ctx,
-                field!(&ctx, RetransmitSynack, skaddr),
-                field!(&ctx, RetransmitSynack, req),
-                |listener, _| Ok(Record::<RetransmitSynack>::new(&ctx, listener)),
-            ),
+            nested(Scratch::RetransmitSynack, |slot| {
+                try_retransmit_synack(
+                    &ctx,
+                    field!(&ctx, RetransmitSynack, skaddr),
+                    field!(&ctx, RetransmitSynack, req),
+                    |listener, _| Ok(Record::<RetransmitSynack>::new(&ctx, listener)),
+                    slot,
+                )
+            }),
         )
     })
 }
 
 /// The body of both entries: `listener` is the listening socket, `req`
 /// the request socket that identifies the connection being set up;
-/// `conn(listener, req)` reads the connection.
+/// `conn(listener, req)` reads the connection; the event is built in
+/// `slot`.
 #[inline(always)]
 fn try_retransmit_synack<C: EbpfContext, F: Conn>(
     ctx: &C,
     listener: Result<u64, i64>,
     req: Result<u64, i64>,
     conn: impl FnOnce(u64, u64) -> Result<F, i64>,
+    slot: Slot,
 ) -> Result<u32, i64> {
     let cfg = config();
     let (listener, req) = (listener?, req?);
@@ -1112,7 +1190,7 @@ fn try_retransmit_synack<C: EbpfContext, F: Conn>(
             1
         }
     };
-    let event = retrans_event(Scratch::RetransmitSynack)?;
+    let event = retrans_event(slot)?;
     event.header = header(EventKind::Retrans);
     event.sock_id = req;
     // SAFETY: a copy between valid values of one type.
@@ -1128,7 +1206,7 @@ fn try_retransmit_synack<C: EbpfContext, F: Conn>(
         &SockPlan::NONE,
         &mut event.sock,
         ClassId::Retrans,
-        Scratch::RetransmitSynack,
+        slot,
     );
     emit(ctx, ClassId::Retrans, event);
     Ok(0)

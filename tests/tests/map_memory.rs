@@ -32,6 +32,7 @@ const CLASS_MAPS: &[&str] = &[
     "DROP_EVENT",
     "SOCKS",
     "SOCK_BUF",
+    "NESTING",
     "LISTENERS",
     "LISTENERS_NEW",
     "STATE_EVENT",
