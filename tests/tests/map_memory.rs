@@ -74,7 +74,9 @@ fn maps_of_classes_that_do_not_run_are_freed() {
         map(&maps, name);
     }
     // Everything but the 4 MiB ring: the per-CPU softirq histograms (10
-    // vectors, under 700 bytes each) and small bookkeeping.
+    // vectors, under 700 bytes each) and small bookkeeping, about 20 KB on
+    // 2 CPUs; kernels before 5.11 charge each map at least a page (48 KiB
+    // in the 5.10 guest). The socket map alone would be a mebibyte.
     let per_cpu = 10 * 1024 * kdiag_tests::env::possible_cpus() as u64;
     let others: u64 = maps
         .iter()
@@ -82,7 +84,7 @@ fn maps_of_classes_that_do_not_run_are_freed() {
         .map(|m| m.bytes_memlock)
         .sum();
     assert!(
-        others < 16 * 1024 + per_cpu,
+        others < 64 * 1024 + per_cpu,
         "`softirq` holds {others} bytes of maps besides the ring: {maps:#?}"
     );
 }
