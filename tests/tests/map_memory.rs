@@ -75,8 +75,9 @@ fn maps_of_classes_that_do_not_run_are_freed() {
     }
     // Everything but the 4 MiB ring: the per-CPU softirq histograms (10
     // vectors, under 700 bytes each) and small bookkeeping, about 20 KB on
-    // 2 CPUs; kernels before 5.11 charge each map at least a page (48 KiB
-    // in the 5.10 guest). The socket map alone would be a mebibyte.
+    // 2 CPUs; older kernels (the 5.10 and 6.1 guests) report each map's
+    // memlock in whole pages (48 KiB there). The socket map alone would be
+    // a mebibyte.
     let per_cpu = 10 * 1024 * kdiag_tests::env::possible_cpus() as u64;
     let others: u64 = maps
         .iter()
