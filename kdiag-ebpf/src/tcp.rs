@@ -34,8 +34,9 @@
 //! only user ([`Scratch`]): a slot shared by two programs could be
 //! overwritten by one in the middle of the other's event. One program can
 //! run in the middle of itself too where the kernel does not guard BTF
-//! and raw tracepoint programs against it: before 6.1, and stable kernels
-//! without that guard's backport (Debian's 5.10 has none): a process's
+//! and raw tracepoint programs against it (kernels without "bpf: Prevent
+//! bpf program recursion for raw tracepoint probes", from late 2022 and
+//! backported to 6.1 stable; Debian's 5.10 does not have it): a process's
 //! close() changing its socket's state, interrupted, and the softirq on
 //! the interrupt's way out changing another socket's. There the inner run
 //! would overwrite the outer run's event (one change written twice,
