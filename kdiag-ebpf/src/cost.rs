@@ -57,7 +57,7 @@ pub(crate) fn measured(program: ProgramId, body: impl FnOnce() -> u32) -> u32 {
 /// A program never runs twice at once on a CPU (classic tracepoint programs
 /// never nest on a CPU at all, and BTF tracepoint programs have a
 /// per-program recursion guard), so the plain updates cannot race. Before
-/// that guard (late 2022; see tcp.rs), a run in the middle of another of the same
+/// that guard (2022; see tcp.rs), a run in the middle of another of the same
 /// program can make one of these counts miss a run or mistime one: they
 /// are the programs' cost, not their events. The
 /// start time is kept in the slot, not in a register: with a register the

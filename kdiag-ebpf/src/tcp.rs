@@ -35,7 +35,7 @@
 //! overwritten by one in the middle of the other's event. One program can
 //! run in the middle of itself too where the kernel does not guard BTF
 //! and raw tracepoint programs against it (kernels without "bpf: Prevent
-//! bpf program recursion for raw tracepoint probes", from late 2022 and
+//! bpf program recursion for raw tracepoint probes", from 2022 and
 //! backported to 6.1 stable; Debian's 5.10 does not have it): a process's
 //! close() changing its socket's state, interrupted, and the softirq on
 //! the interrupt's way out changing another socket's. There the inner run
@@ -158,8 +158,10 @@ fn nested(user: Scratch, body: impl FnOnce(Slot) -> Result<u32, i64>) -> Result<
     if level >= NESTING_LEVELS {
         return Err(-1);
     }
+    // Volatile: the body's runs in the middle of this one must see it,
+    // though this run stores over it again before reading it.
     // SAFETY: as above.
-    unsafe { *depth = level + 1 };
+    unsafe { core::ptr::write_volatile(depth, level + 1) };
     let result = body(Slot { user, level });
     // SAFETY: as above.
     unsafe { *depth = level };

@@ -96,13 +96,8 @@ pub fn possible_cpus() -> usize {
                 n.parse()
                     .unwrap_or_else(|_| panic!("{path}: {list:?} is not a CPU list"))
             };
-            match range.split_once('-') {
-                Some((first, last)) => bound(last) - bound(first) + 1,
-                None => {
-                    bound(range);
-                    1
-                }
-            }
+            let (first, last) = range.split_once('-').unwrap_or((range, range));
+            bound(last) - bound(first) + 1
         })
         .sum()
 }

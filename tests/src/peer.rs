@@ -65,7 +65,8 @@ pub struct ConnectOptions {
     /// `send_every_ms`.
     pub count: Option<u32>,
     /// The connection binds local port `from_port` (IPv4); with `count`,
-    /// the i-th one binds `from_port + i`, so that each has its own port. Left to itself, the kernel
+    /// the i-th one binds `from_port + i`, so that each has its own port.
+    /// Left to itself, the kernel
     /// gives a port again before the connection that had it is out of
     /// TIME_WAIT (seen on 6.1 and 6.18 for connections to a local address).
     pub from_port: Option<u16>,

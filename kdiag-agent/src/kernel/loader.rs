@@ -599,9 +599,6 @@ fn attach(ebpf: &mut Ebpf, tp: &Tracepoint) -> Result<AttachedAs, AttachError> {
     Ok(AttachedAs::Tracepoint)
 }
 
-/// Kernels before 5.11 charge BPF maps and programs to the locked-memory
-/// limit (RLIMIT_MEMLOCK) of the user creating them, summed over all that
-/// user's processes; later ones charge the memory cgroup instead.
 /// Closes the agent's descriptors of the maps no loaded program uses, once
 /// the classes and the agent have taken the maps they read: aya creates
 /// every map of the object, so the maps of the classes not running exist
@@ -648,6 +645,9 @@ fn map_id(map: &Map) -> Option<u32> {
     data.info().ok().map(|info| info.id())
 }
 
+/// Kernels before 5.11 charge BPF maps and programs to the locked-memory
+/// limit (RLIMIT_MEMLOCK) of the user creating them, summed over all that
+/// user's processes; later ones charge the memory cgroup instead.
 fn charges_memlock() -> bool {
     KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(5, 11, 0))
 }
