@@ -156,6 +156,13 @@ impl ConnTable {
         if conn.state != 0 && old_state_ns.is_none() && !birth {
             self.socks_evicted += 1;
         }
+        if birth {
+            // A new socket at the address of one whose close never reached
+            // the agent (counted as the gap above): its history is its own,
+            // as the programs' entry for it is, or its states would add up
+            // to more than its life.
+            *conn = Conn::default();
+        }
         conn.tuple = *tuple;
         conn.add(old, new, old_state_ns, now_ns);
         (new == TCP_CLOSE).then(|| self.close(sock_id, slot))
@@ -296,6 +303,22 @@ mod tests {
         t.on_change(2, &T, (FIN_WAIT1, FIN_WAIT2), Some(7), 60);
         assert_eq!(t.take_gaps(), 1);
         assert_eq!(t.take_gaps(), 0, "taken");
+    }
+
+    #[test]
+    fn a_socket_born_at_the_address_of_one_not_closed_starts_afresh() {
+        let mut t = ConnTable::new(16);
+        t.on_change(1, &T, (TCP_LISTEN, TCP_SYN_RECV), None, 10);
+        t.on_change(1, &T, (TCP_SYN_RECV, ESTABLISHED), Some(300), 20);
+        // Its change to CLOSE and its destruction never came; a child is
+        // cloned at the same address.
+        t.on_change(1, &T, (TCP_LISTEN, TCP_SYN_RECV), None, 40);
+        assert_eq!(t.take_gaps(), 1);
+        let h = t
+            .on_change(1, &T, (TCP_SYN_RECV, TCP_CLOSE), Some(7), 50)
+            .unwrap();
+        assert_eq!(h.state_ns, [("SYN_RECV", 7)].into());
+        assert_eq!(h.handshake_ns, None);
     }
 
     /// A change without its state time, of a socket whose earlier change
