@@ -252,11 +252,57 @@ impl Gated {
         gate.write_all(b"go\n").expect("gate");
     }
 
-    /// Waits for it to finish; panics after `timeout`.
+    /// Waits for it to finish; panics after `timeout`, saying where it is.
     pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        cmd::wait_timeout(&mut self.child, timeout)
-            .unwrap_or_else(|| panic!("pid {} still running after {timeout:?}", self.pid()))
+        cmd::wait_timeout(&mut self.child, timeout).unwrap_or_else(|| {
+            panic!(
+                "pid {} still running after {timeout:?}\n{}",
+                self.pid(),
+                stuck_reader(self.pid())
+            )
+        })
     }
+}
+
+/// What a reader that did not finish in time is doing: its state and
+/// kernel stack, how far it read (and in the second since), and the memory
+/// pressure on it and on the whole machine: a slow reader is told from a
+/// stuck one, and memcg thrashing from a starved machine.
+fn stuck_reader(pid: u32) -> String {
+    let read = |what: &str| {
+        fs::read_to_string(format!("/proc/{pid}/{what}"))
+            .unwrap_or_else(|e| format!("({e})"))
+            .trim_end()
+            .to_owned()
+    };
+    let rchar = || {
+        read("io")
+            .lines()
+            .find_map(|l| l.strip_prefix("rchar: ")?.parse::<u64>().ok())
+    };
+    let before = rchar();
+    std::thread::sleep(Duration::from_secs(1));
+    let after = rchar();
+    let hierarchy = Hierarchy::detect();
+    let cgroup_dir = memory_cgroup_in(pid, &hierarchy)
+        .map(|path| hierarchy.mount().join(path.trim_start_matches('/')));
+    let cgroup_file = |name: &str| {
+        cgroup_dir
+            .as_ref()
+            .map(|d| fs::read_to_string(d.join(name)).unwrap_or_else(|e| format!("({e})")))
+            .unwrap_or_default()
+    };
+    format!(
+        "stat: {}\nwchan: {}\nstack:\n{}\nbytes read: {before:?}, a second later {after:?}\n\
+         cgroup {cgroup_dir:?} memory.events:\n{}memory.pressure:\n{}\
+         /proc/pressure/memory:\n{}",
+        read("stat"),
+        read("wchan"),
+        read("stack"),
+        cgroup_file("memory.events"),
+        cgroup_file("memory.pressure"),
+        fs::read_to_string("/proc/pressure/memory").unwrap_or_else(|e| format!("({e})\n")),
+    )
 }
 
 impl Drop for Gated {
@@ -269,7 +315,13 @@ impl Drop for Gated {
 /// The memory cgroup path of a process as the agent reports it: the v1
 /// memory line of /proc/PID/cgroup on a hybrid host, else the v2 line.
 pub fn memory_cgroup_of(pid: u32) -> String {
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("/proc/PID/cgroup");
+    memory_cgroup_in(pid, &Hierarchy::detect()).expect("no memory cgroup line")
+}
+
+/// [`memory_cgroup_of`] in `hierarchy`; `None` for a process gone, or
+/// without the line.
+fn memory_cgroup_in(pid: u32, hierarchy: &Hierarchy) -> Option<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     let line = |pred: &dyn Fn(&str) -> bool| {
         text.lines().find_map(|l| {
             let mut parts = l.splitn(3, ':');
@@ -277,11 +329,10 @@ pub fn memory_cgroup_of(pid: u32) -> String {
             pred(controllers).then(|| path.to_owned())
         })
     };
-    match Hierarchy::detect() {
+    match hierarchy {
         Hierarchy::V1(_) => line(&|c| c.split(',').any(|c| c == "memory")),
         Hierarchy::V2(_) => line(&|c| c.is_empty()),
     }
-    .expect("no memory cgroup line")
 }
 
 /// MemTotal in bytes.
