@@ -173,7 +173,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
         exposition
     });
 
-    let mut loaded = load(
+    let (mut loaded, buffer_opens_per_sec) = load(
         &mut classes,
         cli.global.attach,
         cli.global.transport,
@@ -295,6 +295,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
         budget_steps: budget.steps(),
         map_entries: std::mem::take(&mut loaded.map_entries),
         buffer_mib: buffer_bytes >> 20,
+        buffer_opens_per_sec,
     };
     out.write(monotonic_ns(), &start)?;
     out.flush()?;
@@ -455,14 +456,15 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
 
 /// Loads and attaches the programs of `classes`: the kernel's types for
 /// their tracepoints and BTF queries, then each class's configuration of
-/// its programs from them, then the object.
+/// its programs from them, then the object. Also returns the rate of
+/// connections opened that the buffer was sized for, if measured.
 fn load(
     classes: &mut [Box<dyn Class>],
     mode: AttachMode,
     transport: TransportKind,
     buffer: BufferSize,
     formats_from: Option<&std::path::Path>,
-) -> Result<Loaded, AgentError> {
+) -> Result<(Loaded, Option<u64>), AgentError> {
     let tracepoints = loader::merge_tracepoints(classes.iter().flat_map(|c| c.tracepoints()));
     let queries: Vec<_> = classes
         .iter()
@@ -483,6 +485,9 @@ fn load(
         })?);
         map_sizes.extend(class.map_sizes());
     }
+    // Measured over the reading of the kernel's types and the rest of
+    // start-up so far.
+    let buffer = buffer.sized();
     let mut loaded = loader::load(
         preparing,
         &tracepoints,
@@ -490,9 +495,7 @@ fn load(
         globals,
         map_sizes,
         transport,
-        // Measured over the reading of the kernel's types and the rest of
-        // start-up so far.
-        buffer.bytes(),
+        buffer.bytes,
     )?;
     // What reading the kernel's types and configuring found, then what
     // loading and attaching did. Classes sharing programs say the same
@@ -506,7 +509,7 @@ fn load(
         }
     }
     loaded.degraded = said;
-    Ok(loaded)
+    Ok((loaded, buffer.opens_per_sec))
 }
 
 /// A descriptor of one of the loaded programs, to probe which bpf() commands

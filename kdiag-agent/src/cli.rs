@@ -95,9 +95,10 @@ pub(crate) struct GlobalArgs {
     /// transport the sum of the per-CPU buffers. Events that find it full
     /// are counted in agent_stats (`dropped`, or `lost` with perf); raise it
     /// when bursts lose some. It is locked kernel memory. Default: 4; with
-    /// the tcp class, more when TCP connections open fast in the agent's
-    /// network namespace as it starts (half a second of their state
-    /// changes, at most 64). agent_start's `buffer_mib` says which.
+    /// the tcp class, more when TCP connections open fast as it starts, in
+    /// any network namespace (half a second of their state changes, at
+    /// most 64). agent_start's `buffer_mib` says which, and
+    /// `buffer_opens_per_sec` the rate it was sized for.
     #[arg(long, value_name = "MIB", global = true, value_parser = buffer_mib)]
     pub buffer_mib: Option<u32>,
     /// Also serve Prometheus metrics on http://ADDR:PORT/metrics (off by

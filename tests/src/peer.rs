@@ -249,6 +249,24 @@ impl Peer {
         peer
     }
 
+    /// Connects to `addr`:`port` in `ns`, where nothing listens, again and
+    /// again until dropped: a churn of connections opened and refused.
+    pub fn refused<'a>(
+        bin: &str,
+        ns: impl Into<Netns<'a>>,
+        addr: impl Into<IpAddr>,
+        port: u16,
+    ) -> Peer {
+        let args = [
+            "refused".to_owned(),
+            addr.into().to_string(),
+            port.to_string(),
+        ];
+        let peer = Peer::spawn(bin, ns.into(), &args, None);
+        peer.wait_line("refused");
+        peer
+    }
+
     /// Runs the peer in `ns`, first moved into `cgroup` if given.
     fn spawn(bin: &str, ns: Netns, args: &[String], cgroup: Option<&Path>) -> Peer {
         let mut command = ns.command(bin, args);

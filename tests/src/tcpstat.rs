@@ -16,6 +16,14 @@ pub fn snmp_segments() -> (u64, u64) {
     )
 }
 
+/// `Tcp: ActiveOpens` plus `PassiveOpens` of the network namespace of
+/// `pid` (its /proc/PID/net/snmp): the connection ends opened there.
+pub fn tcp_opens_of(pid: u32) -> u64 {
+    let path = format!("/proc/{pid}/net/snmp");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    snmp_counter(&text, "Tcp", "ActiveOpens") + snmp_counter(&text, "Tcp", "PassiveOpens")
+}
+
 /// `Udp: RcvbufErrors` of `ns`'s /proc/net/snmp: datagrams dropped for a
 /// full socket receive buffer (net/ipv4/udp.c, __udp_queue_rcv_skb). UDP
 /// over IPv6 counts them in /proc/net/snmp6 instead.

@@ -199,6 +199,8 @@ fn buffer_mib_sizes_the_buffers() {
             Some(expected >> 20),
             "{start}"
         );
+        // Sized from no rate: given, or no class records state changes.
+        assert_eq!(start["buffer_opens_per_sec"], Value::Null, "{start}");
         agent.stop_ok();
     }
     // With the tcp class and no --buffer-mib, sized from the rate TCP
@@ -211,6 +213,7 @@ fn buffer_mib_sizes_the_buffers() {
         sized.is_power_of_two() && (4..=64).contains(&sized),
         "{start}"
     );
+    assert!(start["buffer_opens_per_sec"].is_u64(), "{start}");
     assert_eq!(ring_buffer_sizes(agent.pid()), [sized * mib]);
     agent.stop_ok();
 

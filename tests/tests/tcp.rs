@@ -18,7 +18,7 @@ use kdiag_tests::netns::{Family, Netns, NetnsPair, unique_port};
 use kdiag_tests::nft::HostPortDrop;
 use kdiag_tests::peer::{ConnectOptions, ListenOptions, PEER_COMM, Peer};
 use kdiag_tests::record::{self, assert_envelope, class_totals, pid_of, port_field, u64_field};
-use kdiag_tests::tcpstat::{snmp_segments, socket_retrans};
+use kdiag_tests::tcpstat::{snmp_segments, socket_retrans, tcp_opens_of};
 use serde_json::{Value, json};
 
 const PEER: &str = env!("CARGO_BIN_EXE_kdiag-peer");
@@ -1733,4 +1733,51 @@ fn handed(recs: &[Value], port: u16) -> u64 {
         .count() as u64;
     let totals = class_totals(recs, "tcp");
     written + inferred + totals.dropped + totals.lost + totals.failed
+}
+
+/// Connections opening in another network namespace than the agent's, as
+/// on a host of containers, size its buffer as its own namespace's would:
+/// the programs see every namespace's events. The churn (connections
+/// refused: each one opened for the cost of a SYN and a reset) runs in the
+/// test's namespace, and nowhere else, while the agent starts; the agent
+/// must report a rate of its order (what other tests open beside it only
+/// adds) and the size for the rate it reports.
+#[test]
+fn connections_opening_in_other_namespaces_size_the_buffer() {
+    let _alone = CHURNING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let net = NetnsPair::new();
+    let port = unique_port();
+    let clients: Vec<Peer> = (0..2)
+        .map(|_| Peer::refused(PEER, &net.server, net.server.v4, port))
+        .collect();
+    let opens = || tcp_opens_of(clients[0].pid());
+    let (before, since) = (opens(), Instant::now());
+    let port_arg = port.to_string();
+    let mut agent = Agent::spawn(&["tcp", "--port", &port_arg]);
+    let start = agent.wait_start();
+    // Over the agent's whole start-up, which its own reading lies within.
+    let per_sec = (opens() - before) as f64 / since.elapsed().as_secs_f64();
+    drop(clients);
+    let reported = start["buffer_opens_per_sec"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no buffer_opens_per_sec in {start}"));
+    // Its start-up takes CPU from the churn over its reading as over the
+    // test's: a quarter of the test's rate is slack enough.
+    assert!(
+        reported as f64 >= per_sec / 4.0,
+        "the agent reports {reported} connection ends opened a second, under a churn of \
+         {per_sec:.0} a second in another namespace: {start}"
+    );
+    // kdiag-agent/src/kernel/transport/sizing.rs: 1 KiB per connection end
+    // opened, half a second of them, a power of two from 4 to 64 MiB; the
+    // rate is reported rounded.
+    let mib = |rate: u64| ((rate * 512).next_power_of_two() >> 20).clamp(4, 64);
+    let sized = start["buffer_mib"].as_u64().expect("buffer_mib");
+    assert!(
+        [mib(reported), mib(reported + 1)].contains(&sized),
+        "buffer_mib {sized} for {reported} connection ends opened a second: {start}"
+    );
+    agent.stop_ok();
 }

@@ -4,6 +4,7 @@
 //! a parse failure skips the line or the process, never panics.
 
 use std::{
+    collections::HashSet,
     fs,
     io::{self, BufRead},
     os::unix::fs::MetadataExt as _,
@@ -170,15 +171,25 @@ pub(crate) fn tcp_segments() -> Option<(u64, u64)> {
     Some((retrans, out))
 }
 
-/// The TCP connection ends opened in this network namespace so far:
-/// `Tcp: ActiveOpens` (connect()) plus `PassiveOpens` (accepted) of
-/// /proc/net/snmp.
-pub(crate) fn tcp_opens() -> Option<u64> {
+/// The TCP connection ends opened so far in the network namespace of
+/// `pid`: `Tcp: ActiveOpens` (connect()) plus `PassiveOpens` (accepted) of
+/// /proc/PID/net/snmp, which any process may read.
+pub(crate) fn tcp_opens(pid: u32) -> Option<u64> {
     let [active, passive] = tcp_counters(
-        &fs::read_to_string("/proc/net/snmp").ok()?,
+        &fs::read_to_string(format!("/proc/{pid}/net/snmp")).ok()?,
         ["ActiveOpens", "PassiveOpens"],
     )?;
     Some(active.saturating_add(passive))
+}
+
+/// A process in each network namespace that has one, with the namespace's
+/// id ([`tcp_table_id`]): the first one found in /proc of each.
+pub(crate) fn one_pid_per_netns() -> Vec<(u32, u64)> {
+    let mut seen = HashSet::new();
+    pids()
+        .filter_map(|pid| Some((pid, tcp_table_id(pid)?)))
+        .filter(|&(_, netns)| seen.insert(netns))
+        .collect()
 }
 
 /// The `Tcp:` counters `names` of /proc/net/snmp, which has, per protocol,

@@ -47,6 +47,12 @@
 //!       one TCP connection to itself over the namespace's loopback, written
 //!       to as fast as it is read, until killed (a bulk transfer: tens of
 //!       thousands of NET_RX softirqs a second); prints "bulk" once it sends
+//!   kdiag-peer refused ADDR PORT
+//!       connects to ADDR PORT, where nothing listens, again and again
+//!       until killed; prints "refused" after the first refusal. Each
+//!       attempt is a connection opened (`ActiveOpens`, two state changes)
+//!       for the cost of a SYN and a reset: a faster churn than whole
+//!       connections
 //!   kdiag-peer huge-pages MIB
 //!       not a TCP endpoint: faults MIB MiB of anonymous memory as
 //!       transparent huge pages (MADV_HUGEPAGE), unmaps it, and again, until
@@ -65,7 +71,7 @@ const USAGE: &str = "usage: kdiag-peer listen ADDR PORT [--send-every-ms N] \
                      kdiag-peer udp ADDR PORT --count N | kdiag-peer udp-sink ADDR PORT RCVBUF | \
                      kdiag-peer send ADDR PORT BYTES | kdiag-peer stall ADDR PORT BYTES MS | \
                      kdiag-peer probe ADDR PORT GO_FILE | kdiag-peer bulk | \
-                     kdiag-peer huge-pages MIB";
+                     kdiag-peer refused ADDR PORT | kdiag-peer huge-pages MIB";
 
 /// Options after ADDR PORT; which ones a mode accepts is checked in `main`.
 #[derive(Default)]
@@ -84,6 +90,7 @@ fn main() -> ExitCode {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match args.as_slice() {
         ["bulk"] => bulk(),
+        ["refused", addr, port] => parse_addr(addr, port).and_then(refused),
         ["huge-pages", mib] => parse_number(mib).and_then(huge_pages),
         ["udp", addr, port, "--count", n] => {
             parse_addr(addr, port).and_then(|a| send_udp(a, parse_number(n)?))
@@ -485,6 +492,22 @@ fn bulk() -> Result<(), String> {
     say("bulk")?;
     loop {
         sender.write_all(&chunk).map_err(|e| format!("send: {e}"))?;
+    }
+}
+
+/// See `refused` in the module comment; returns only on an error.
+fn refused(addr: SocketAddr) -> Result<(), String> {
+    let mut said = false;
+    loop {
+        match TcpStream::connect(addr) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            Err(e) => return Err(format!("connect {addr}: {e}")),
+            Ok(_) => return Err(format!("connect {addr}: accepted, where nothing listens")),
+        }
+        if !said {
+            say("refused")?;
+            said = true;
+        }
     }
 }
 

@@ -8,12 +8,16 @@
 //! first second (docs/BENCHMARKS.md, "Drops at maximum churn"). A host
 //! opening connections that fast as the agent starts gets a buffer that
 //! holds [`HOLD_SECS`] of their state changes.
+//!
+//! The rate is that of every network namespace a process lives in: the
+//! programs see the whole host's connections, and on a host of containers
+//! most of them open in the containers' namespaces, not in the agent's.
 
 use std::time::{Duration, Instant};
 
 use kdiag_common::DEFAULT_BUFFER_BYTES;
 
-use crate::attribution::procfs;
+use crate::attribution::{background::Pending, procfs};
 
 /// The largest buffer the agent sizes for itself: locked kernel memory.
 /// `--buffer-mib` goes to 1024.
@@ -29,13 +33,67 @@ const BYTES_PER_OPEN: f64 = 1024.0;
 /// the load's own (the agent's start-up takes CPU from the load).
 const HOLD_SECS: f64 = 0.5;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub(crate) enum BufferSize {
     /// `--buffer-mib`, in bytes.
     Given(u32),
-    /// From the TCP connections opened since `at` (`opens` then, if
-    /// /proc/net/snmp could be read).
-    FromOpens { opens: Option<u64>, at: Instant },
+    /// From the TCP connections opened since the first reading, taken on a
+    /// thread of its own: the walk of /proc that finds a process in each
+    /// network namespace grows with the host, and start-up goes on
+    /// meanwhile. `None` if no thread could be started.
+    FromOpens(Option<Pending<Opens>>),
+}
+
+/// Connection ends opened so far in each network namespace, read through
+/// one of its processes, and when.
+#[derive(Debug)]
+pub(crate) struct Opens {
+    /// (pid, namespace id, opens).
+    per_netns: Vec<(u32, u64, u64)>,
+    at: Instant,
+}
+
+impl Opens {
+    fn read() -> Self {
+        let per_netns = procfs::one_pid_per_netns()
+            .into_iter()
+            .filter_map(|(pid, netns)| Some((pid, netns, procfs::tcp_opens(pid)?)))
+            .collect();
+        Self {
+            per_netns,
+            at: Instant::now(),
+        }
+    }
+
+    /// Connection ends opened since, in the namespaces read then whose
+    /// process is still there; `None` if none could be read.
+    fn opened_since(&self) -> Option<u64> {
+        let mut read_any = false;
+        let opened = self
+            .per_netns
+            .iter()
+            .filter(|&&(pid, netns, _)| {
+                // The pid could name another process since: only the same
+                // namespace's counters compare.
+                procfs::tcp_table_id(pid) == Some(netns)
+            })
+            .filter_map(|&(pid, _, then)| Some(procfs::tcp_opens(pid)?.saturating_sub(then)))
+            .inspect(|_| read_any = true)
+            .sum();
+        read_any.then_some(opened)
+    }
+}
+
+/// The buffer's size, and the rate it was sized for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct SizedBuffer {
+    /// A power of two.
+    pub bytes: u32,
+    /// TCP connection ends opened a second over the start-up, in every
+    /// network namespace with a process in it; `None` when not measured
+    /// (`--buffer-mib`, no class recording TCP state changes, counters
+    /// unreadable).
+    pub opens_per_sec: Option<u64>,
 }
 
 impl BufferSize {
@@ -45,36 +103,41 @@ impl BufferSize {
     pub(crate) fn start(given_mib: Option<u32>, tcp_states: bool) -> Self {
         match given_mib {
             Some(mib) => Self::Given(mib << 20),
-            None if tcp_states => Self::FromOpens {
-                opens: procfs::tcp_opens(),
-                at: Instant::now(),
-            },
+            None if tcp_states => Self::FromOpens(Pending::start("kdiag-opens", Opens::read)),
             None => Self::Given(DEFAULT_BUFFER_BYTES),
         }
     }
 
-    /// The size, in bytes: a power of two.
-    pub(crate) fn bytes(self) -> u32 {
-        match self {
-            Self::Given(bytes) => bytes,
-            Self::FromOpens { opens, at } => {
-                let opened = opens
-                    .zip(procfs::tcp_opens())
-                    .map(|(then, now)| now.saturating_sub(then));
-                sized_for(opened, at.elapsed())
+    /// The size, measured from the start when not given.
+    pub(crate) fn sized(self) -> SizedBuffer {
+        let measured = match self {
+            Self::Given(bytes) => {
+                return SizedBuffer {
+                    bytes,
+                    opens_per_sec: None,
+                };
             }
+            Self::FromOpens(first) => first
+                .and_then(Pending::join)
+                .and_then(|first| Some(per_sec(first.opened_since()?, first.at.elapsed()))),
+        };
+        SizedBuffer {
+            bytes: measured.map_or(DEFAULT_BUFFER_BYTES, sized_for),
+            opens_per_sec: measured.map(|r| r.round() as u64),
         }
     }
 }
 
-/// The buffer for `opened` connection ends in `over`: the default, or more
-/// to hold [`HOLD_SECS`] of their records, up to [`MAX_SIZED_BYTES`].
-fn sized_for(opened: Option<u64>, over: Duration) -> u32 {
-    let Some(opened) = opened else {
-        return DEFAULT_BUFFER_BYTES;
-    };
+/// `opened` in `over`, a second.
+fn per_sec(opened: u64, over: Duration) -> f64 {
     // A window under a millisecond says little; count it as one.
-    let per_sec = opened as f64 / over.as_secs_f64().max(1e-3);
+    opened as f64 / over.as_secs_f64().max(1e-3)
+}
+
+/// The buffer for `per_sec` connection ends opened a second: the default,
+/// or more to hold [`HOLD_SECS`] of their records, up to
+/// [`MAX_SIZED_BYTES`].
+fn sized_for(per_sec: f64) -> u32 {
     let wanted = (per_sec * BYTES_PER_OPEN * HOLD_SECS).min(f64::from(MAX_SIZED_BYTES));
     // Within u32 by the min above.
     (wanted as u32)
@@ -86,39 +149,58 @@ fn sized_for(opened: Option<u64>, over: Duration) -> u32 {
 mod tests {
     use super::*;
 
+    /// The size for `opened` connection ends in `over`.
+    fn sized(opened: u64, over: Duration) -> u32 {
+        sized_for(per_sec(opened, over))
+    }
+
     #[test]
     fn an_idle_host_gets_the_default() {
         let sec = Duration::from_secs(1);
-        assert_eq!(sized_for(Some(0), sec), DEFAULT_BUFFER_BYTES);
-        assert_eq!(sized_for(Some(1000), sec), DEFAULT_BUFFER_BYTES);
-        // Unreadable counters.
-        assert_eq!(sized_for(None, sec), DEFAULT_BUFFER_BYTES);
+        assert_eq!(sized(0, sec), DEFAULT_BUFFER_BYTES);
+        assert_eq!(sized(1000, sec), DEFAULT_BUFFER_BYTES);
     }
 
     #[test]
     fn churn_gets_half_a_second_of_its_records() {
         // 40k connection ends a second (20k loopback connections): 20 MB.
         let ms = Duration::from_millis(20);
-        assert_eq!(sized_for(Some(800), ms), 32 << 20);
+        assert_eq!(sized(800, ms), 32 << 20);
         // 10k a second: 5 MB.
-        assert_eq!(sized_for(Some(200), ms), 8 << 20);
+        assert_eq!(sized(200, ms), 8 << 20);
         // 8k a second: 4 MB.
-        assert_eq!(sized_for(Some(160), ms), 4 << 20);
+        assert_eq!(sized(160, ms), 4 << 20);
     }
 
     #[test]
     fn never_more_than_the_ceiling() {
-        assert_eq!(sized_for(Some(u64::MAX), Duration::ZERO), MAX_SIZED_BYTES);
-        assert_eq!(
-            sized_for(Some(10_000_000), Duration::from_secs(1)),
-            MAX_SIZED_BYTES
-        );
+        assert_eq!(sized(u64::MAX, Duration::ZERO), MAX_SIZED_BYTES);
+        assert_eq!(sized(10_000_000, Duration::from_secs(1)), MAX_SIZED_BYTES);
     }
 
     #[test]
-    fn a_given_size_is_kept() {
-        assert_eq!(BufferSize::start(Some(1), true).bytes(), 1 << 20);
-        assert_eq!(BufferSize::start(Some(64), false).bytes(), 64 << 20);
-        assert_eq!(BufferSize::start(None, false).bytes(), DEFAULT_BUFFER_BYTES);
+    fn a_given_size_is_kept_and_not_measured() {
+        let given = |mib: u32| SizedBuffer {
+            bytes: mib << 20,
+            opens_per_sec: None,
+        };
+        assert_eq!(BufferSize::start(Some(1), true).sized(), given(1));
+        assert_eq!(BufferSize::start(Some(64), false).sized(), given(64));
+        assert_eq!(BufferSize::start(None, false).sized(), given(4));
+    }
+
+    /// The namespace of this process is among those read, through a
+    /// process that is in it, this one or another.
+    #[test]
+    fn every_namespace_with_a_process_is_read() {
+        let own = procfs::tcp_table_id(std::process::id()).expect("own /proc/PID/net/tcp");
+        let opens = Opens::read();
+        assert!(
+            opens.per_netns.iter().any(|&(_, netns, _)| netns == own),
+            "{opens:?}"
+        );
+        let measured = BufferSize::start(None, true).sized();
+        assert!(measured.opens_per_sec.is_some(), "{measured:?}");
+        assert!(measured.bytes >= DEFAULT_BUFFER_BYTES, "{measured:?}");
     }
 }

@@ -160,6 +160,9 @@ pub(crate) struct AgentStart {
     pub map_entries: BTreeMap<&'static str, u32>,
     /// The buffer between the programs and the agent, in MiB.
     pub buffer_mib: u32,
+    /// The TCP connection ends opened a second, in every network
+    /// namespace, that it was sized for; `None` when not measured.
+    pub buffer_opens_per_sec: Option<u64>,
 }
 
 impl Record for AgentStart {
@@ -192,6 +195,9 @@ impl Record for AgentStart {
             "\n# running as uid {} gid {}, capabilities: {caps}; buffer {} MiB",
             self.uid, self.gid, self.buffer_mib
         ));
+        if let Some(rate) = self.buffer_opens_per_sec {
+            s.push_str(&format!(" (for {rate} TCP connection ends opened/s)"));
+        }
         if !self.map_entries.is_empty() {
             let maps: Vec<String> = self
                 .map_entries
