@@ -116,6 +116,11 @@ fn names(rec: &Value, local: SocketAddr, remote: SocketAddr) -> bool {
     ends(rec) == (local, remote)
 }
 
+/// `recs` one per line, to show in a failure.
+fn lines(recs: &[Value]) -> String {
+    recs.iter().map(|r| format!("{r}\n")).collect()
+}
+
 /// Every `tcp_state` record counted by (pid, "OLD->NEW").
 fn transitions(recs: &[Value]) -> BTreeMap<(Option<u64>, String), u32> {
     let mut counts = BTreeMap::new();
@@ -1124,8 +1129,10 @@ fn same_port_in_two_namespaces(listeners_first: bool) {
             assert_eq!(
                 pid_of(rec),
                 Some(server.pid().into()),
-                "owner of a connection accepted in {} (listeners first: {listeners_first}): {rec}",
-                ns.name
+                "owner of a connection accepted in {} (listeners first: {listeners_first}): \
+                 {rec}\nthe tcp_conn records so far:\n{}",
+                ns.name,
+                lines(&recs)
             );
         }
     }
