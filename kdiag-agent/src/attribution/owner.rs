@@ -164,9 +164,11 @@ impl Tables {
             if let Some(ns) = procfs::netns_inode(pid) {
                 read.tables.entry(ns).or_insert(table);
             }
+            // Sockets no process holds (inode 0: orphans closing, TIME_WAIT)
+            // too: they name no owner, but make their addresses ambiguous.
             rows.extend(
                 procfs::tcp_sockets(pid)
-                    .filter(|r| r.inode != 0 && i32::from(r.state) != TCP_LISTEN)
+                    .filter(|r| i32::from(r.state) != TCP_LISTEN)
                     .map(|r| ((r.local, r.remote), r.inode)),
             );
         }
@@ -179,7 +181,8 @@ impl Tables {
 /// namespace's table, but for addresses found in two namespaces (loopback
 /// connections, containers with overlapping addresses): an event's
 /// addresses cannot tell those apart, and no owner is better than another
-/// namespace's.
+/// namespace's. A row of inode 0 (a socket no process holds) names no
+/// connection, but counts as one of the two.
 fn unambiguous(rows: impl IntoIterator<Item = (Addrs, u64)>) -> HashMap<Addrs, u64> {
     let mut found: HashMap<Addrs, Option<u64>> = HashMap::default();
     for (addrs, inode) in rows {
@@ -194,7 +197,7 @@ fn unambiguous(rows: impl IntoIterator<Item = (Addrs, u64)>) -> HashMap<Addrs, u
     }
     found
         .into_iter()
-        .filter_map(|(addrs, inode)| Some((addrs, inode?)))
+        .filter_map(|(addrs, inode)| Some((addrs, inode.filter(|&i| i != 0)?)))
         .collect()
 }
 
@@ -552,7 +555,7 @@ fn find_inode(tuple: &TcpTuple) -> InTables {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum InTables {
     None,
-    /// In one namespace: the socket's inode.
+    /// In one namespace: the socket's inode (0: no process holds it).
     One(u64),
     /// In several namespaces: addresses alone cannot say which (see
     /// [`unambiguous`]).
@@ -560,10 +563,11 @@ enum InTables {
 }
 
 impl InTables {
+    /// The inode of the one socket found, if a process holds it.
     fn one(self) -> Option<u64> {
         match self {
-            Self::One(inode) => Some(inode),
-            Self::None | Self::Several => None,
+            Self::One(inode) if inode != 0 => Some(inode),
+            Self::One(_) | Self::None | Self::Several => None,
         }
     }
 }
@@ -583,9 +587,11 @@ fn find_row(only: Option<u64>, wanted: impl Fn(&procfs::TcpRow) -> bool) -> InTa
     }
 }
 
-/// The inode of the first socket `wanted` accepts in each TCP table of
-/// every network namespace, or of the table `only`, read as needed (one
-/// process per namespace is enough to read its table).
+/// For each TCP table of every network namespace, or only the table
+/// `only`, that has a socket `wanted` accepts: the inode of one a process
+/// holds, else 0 (the socket is an orphan closing, or in TIME_WAIT: it
+/// names no owner, but is there). Tables are read as needed (one process
+/// per namespace is enough to read its table).
 fn found_rows(
     only: Option<u64>,
     wanted: impl Fn(&procfs::TcpRow) -> bool,
@@ -596,8 +602,12 @@ fn found_rows(
         if only.is_some_and(|t| t != ns) || !seen.insert(ns) {
             return None;
         }
-        let row = procfs::tcp_sockets(pid).find(|r| r.inode != 0 && wanted(r))?;
-        Some(row.inode)
+        let mut rows = procfs::tcp_sockets(pid).filter(|r| wanted(r));
+        let first = rows.next()?;
+        Some(match first.inode {
+            0 => rows.find(|r| r.inode != 0).map_or(0, |r| r.inode),
+            held => held,
+        })
     })
 }
 
@@ -781,6 +791,12 @@ mod tests {
         // The same row read twice is still one connection.
         let once = unambiguous([(b, 8), (b, 8)]);
         assert_eq!(once.into_iter().collect::<Vec<_>>(), [(b, 8)]);
+        // A socket no process holds (inode 0) in another namespace makes
+        // the addresses ambiguous, whichever comes first, and names no
+        // connection itself.
+        assert!(unambiguous([(a, 7), (a, 0)]).is_empty());
+        assert!(unambiguous([(a, 0), (a, 7)]).is_empty());
+        assert!(unambiguous([(a, 0)]).is_empty());
     }
 
     #[test]
