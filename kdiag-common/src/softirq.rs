@@ -82,6 +82,12 @@ pub struct MaxSlot {
 /// lands while it reads is counted in this interval or the next, never lost
 /// or counted twice. The number of softirqs is the sum of the service
 /// buckets (one store less per softirq than a separate count).
+///
+/// The buckets are `u32`, which halves the slot (there is one per vector on
+/// every CPU): they wrap, and the agent takes each read's growth modulo
+/// 2^32. It reads them at least every ten seconds, whatever its interval,
+/// and one bucket of one CPU would need 2^32 softirqs in between (430
+/// million a second) to wrap twice.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct SoftirqSlot {
@@ -105,10 +111,10 @@ pub struct SoftirqSlot {
     /// to `g + 1` the agent reads `max[g % 2]` while the programs already
     /// write the other slot.
     pub max: [MaxSlot; 2],
-    pub service_buckets: [u64; HIST_BUCKETS],
-    pub delay_buckets: [u64; HIST_BUCKETS],
+    pub service_buckets: [u32; HIST_BUCKETS],
+    pub delay_buckets: [u32; HIST_BUCKETS],
 }
-const _: () = assert!(size_of::<SoftirqSlot>() == 32 + 3 * 32 + 48 + 2 * 8 * HIST_BUCKETS);
+const _: () = assert!(size_of::<SoftirqSlot>() == 32 + 3 * 32 + 48 + 2 * 4 * HIST_BUCKETS);
 
 impl SoftirqSlot {
     pub const ZERO: Self = Self {

@@ -271,7 +271,9 @@ fn try_softirq_exit<C: EbpfContext>(ctx: &C, vec: u32, s: *mut SoftirqSlot) -> R
     unsafe {
         (*s).entry_ns = 0;
         (*s).service_total_ns += service;
-        (*s).service_buckets[HIST.bucket(service)] += 1;
+        // u32 buckets wrap (see `SoftirqSlot`).
+        let bucket = &mut (*s).service_buckets[HIST.bucket(service)];
+        *bucket = bucket.wrapping_add(1);
         let max = &mut (*s).max[(generation & 1) as usize];
         if max.generation != generation {
             // Field by field: a struct assignment becomes a memset call.
@@ -283,7 +285,8 @@ fn try_softirq_exit<C: EbpfContext>(ctx: &C, vec: u32, s: *mut SoftirqSlot) -> R
             max.service_ns = service;
         }
         if delay != NO_DELAY {
-            (*s).delay_buckets[HIST.bucket(delay)] += 1;
+            let bucket = &mut (*s).delay_buckets[HIST.bucket(delay)];
+            *bucket = bucket.wrapping_add(1);
             if delay > max.delay_ns {
                 max.delay_ns = delay;
             }

@@ -11,8 +11,8 @@ use kdiag_common::{
     ClassId, EventKind,
     cost::{ProgramCost, ProgramId},
     softirq::{
-        FIELD_ABSENT, HIST, NO_DELAY, NR_SOFTIRQS, SoftirqConfig, SoftirqEvent, SoftirqSlot,
-        cost_index,
+        FIELD_ABSENT, HIST, HIST_BUCKETS, MaxSlot, NO_DELAY, NR_SOFTIRQS, SoftirqConfig,
+        SoftirqEvent, SoftirqSlot, cost_index,
     },
     stack::NO_STACKS,
 };
@@ -77,6 +77,45 @@ const VEC_NAMES: [&str; NR_SOFTIRQS as usize] = [
     "HI", "TIMER", "NET_TX", "NET_RX", "BLOCK", "IRQ_POLL", "TASKLET", "SCHED", "HRTIMER", "RCU",
 ];
 
+/// One value per vector, indexed by vector.
+type PerVec<T> = [T; NR_SOFTIRQS as usize];
+
+/// One CPU's and vector's counters since the agent started, in u64: each
+/// read of the kernel's slot adds its growth since the read before, modulo
+/// 2^32 for the u32 buckets (see `SoftirqSlot`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Counts {
+    service_total_ns: u64,
+    service: [u64; HIST_BUCKETS],
+    delay: [u64; HIST_BUCKETS],
+}
+
+impl Counts {
+    const ZERO: Self = Self {
+        service_total_ns: 0,
+        service: [0; HIST_BUCKETS],
+        delay: [0; HIST_BUCKETS],
+    };
+
+    /// Adds the growth of the kernel's slot from the read `before` to the
+    /// read `now`.
+    fn add(&mut self, before: &SoftirqSlot, now: &SoftirqSlot) {
+        self.service_total_ns += now.service_total_ns.wrapping_sub(before.service_total_ns);
+        grow(
+            &mut self.service,
+            &before.service_buckets,
+            &now.service_buckets,
+        );
+        grow(&mut self.delay, &before.delay_buckets, &now.delay_buckets);
+    }
+}
+
+fn grow(total: &mut [u64; HIST_BUCKETS], before: &[u32; HIST_BUCKETS], now: &[u32; HIST_BUCKETS]) {
+    for ((t, b), n) in total.iter_mut().zip(before).zip(now) {
+        *t += u64::from(n.wrapping_sub(*b));
+    }
+}
+
 /// The kernel maps this class reads.
 struct Maps {
     slots: PerCpuArray<MapData, SoftirqSlot>,
@@ -88,9 +127,13 @@ pub(crate) struct SoftirqClass {
     /// Softirqs sent that ran at least this long carry their kernel stack.
     stack_min_latency_ns: u64,
     maps: Option<Maps>,
-    /// The last read, per CPU and vector: counters only grow, so each
-    /// interval is the difference to it.
-    last: Vec<[SoftirqSlot; NR_SOFTIRQS as usize]>,
+    /// The last read of the kernel's slots, per CPU and vector.
+    read: Vec<PerVec<SoftirqSlot>>,
+    /// Everything counted since the agent started, per CPU and vector.
+    counts: Vec<PerVec<Counts>>,
+    /// `counts` at the end of the last interval: counters only grow, so
+    /// each interval is the difference to it.
+    reported: Vec<PerVec<Counts>>,
     /// The generation the kernel programs write maxima for now.
     generation: u64,
 }
@@ -101,14 +144,16 @@ impl SoftirqClass {
             min_latency_ns: min_latency_us.saturating_mul(1000),
             stack_min_latency_ns: services.stack_threshold_ns(stack.micros()),
             maps: None,
-            last: Vec::new(),
+            read: Vec::new(),
+            counts: Vec::new(),
+            reported: Vec::new(),
             generation: 0,
         }
     }
 
     /// Reads every CPU's slots: `[cpu][vec]`.
-    fn read(maps: &Maps) -> Result<Vec<[SoftirqSlot; NR_SOFTIRQS as usize]>, ClassError> {
-        let mut now: Vec<[SoftirqSlot; NR_SOFTIRQS as usize]> = Vec::new();
+    fn read(maps: &Maps) -> Result<Vec<PerVec<SoftirqSlot>>, ClassError> {
+        let mut now: Vec<PerVec<SoftirqSlot>> = Vec::new();
         for vec in 0..NR_SOFTIRQS {
             let per_cpu = maps.slots.get(&vec, 0).map_err(|source| ClassError::Map {
                 name: "SOFTIRQ",
@@ -123,11 +168,29 @@ impl SoftirqClass {
         }
         Ok(now)
     }
+
+    /// Reads the kernel's slots and adds their growth to `counts`.
+    fn fold(&mut self) -> Result<(), ClassError> {
+        let Some(maps) = &self.maps else {
+            return Ok(());
+        };
+        let now = Self::read(maps)?;
+        self.counts
+            .resize(now.len(), [Counts::ZERO; NR_SOFTIRQS as usize]);
+        for (cpu, slots) in now.iter().enumerate() {
+            for (vec, slot) in slots.iter().enumerate() {
+                let before = self.read.get(cpu).map_or(&SoftirqSlot::ZERO, |s| &s[vec]);
+                self.counts[cpu][vec].add(before, slot);
+            }
+        }
+        self.read = now;
+        Ok(())
+    }
 }
 
 /// The programs' run counters of every CPU's and vector's slot, summed per
 /// program.
-fn program_costs(slots: &[[SoftirqSlot; NR_SOFTIRQS as usize]]) -> Vec<(ProgramId, ProgramCost)> {
+fn program_costs(slots: &[PerVec<SoftirqSlot>]) -> Vec<(ProgramId, ProgramCost)> {
     [
         ProgramId::SoftirqRaise,
         ProgramId::SoftirqEntry,
@@ -169,17 +232,19 @@ pub(crate) fn softirq_record(ev: &SoftirqEvent) -> Softirq {
     }
 }
 
-/// The summary of one CPU and vector between two reads, `None` if nothing
-/// ran. Maxima come from the slot of `generation`, the interval just ended.
+/// The summary of one CPU and vector between two points, `None` if nothing
+/// ran. Maxima come from the kernel slot's `max` of `generation`, the
+/// interval just ended.
 pub(crate) fn summarize(
     cpu: u32,
     vec: usize,
-    before: &SoftirqSlot,
-    now: &SoftirqSlot,
+    before: &Counts,
+    now: &Counts,
+    max: &[MaxSlot; 2],
     generation: u64,
     interval_ns: u64,
 ) -> Option<SoftirqSummary> {
-    let max = now.max[(generation & 1) as usize];
+    let max = max[(generation & 1) as usize];
     let (service_max, delay_max) = if max.generation == generation {
         (max.service_ns, max.delay_ns)
     } else {
@@ -188,13 +253,13 @@ pub(crate) fn summarize(
     let total = now.service_total_ns.saturating_sub(before.service_total_ns);
     let service = hist::summarize(
         &HIST,
-        &hist::delta(&now.service_buckets, &before.service_buckets),
+        &hist::delta(&now.service, &before.service),
         service_max,
         Some(total),
     )?;
     let delay: Option<Latency> = hist::summarize(
         &HIST,
-        &hist::delta(&now.delay_buckets, &before.delay_buckets),
+        &hist::delta(&now.delay, &before.delay),
         delay_max,
         None,
     );
@@ -279,6 +344,14 @@ impl Class for SoftirqClass {
         Ok(())
     }
 
+    fn housekeeping(&mut self) {
+        // Reads often enough that no u32 bucket wraps twice in between (see
+        // `SoftirqSlot`), also with `--interval 0` or a long one. A failed
+        // read loses nothing: the next one takes the growth since the last
+        // that succeeded.
+        let _ = self.fold();
+    }
+
     fn handles(&self, kind: EventKind) -> bool {
         kind == EventKind::Softirq
     }
@@ -322,17 +395,17 @@ impl Class for SoftirqClass {
                 source,
             })?;
         self.generation = ended + 1;
-        let now = Self::read(maps)?;
+        self.fold()?;
         // Delays the programs took in the moment between the last read and
         // a step that sheds them are left out with the rest.
         let delay_shed = cx.out.mark().is_some_and(|m| m.delay_shed);
-        for (cpu, slots) in now.iter().enumerate() {
-            for (vec, slot) in slots.iter().enumerate() {
-                let before = self.last.get(cpu).map_or(&SoftirqSlot::ZERO, |s| &s[vec]);
+        for (cpu, (counts, slots)) in self.counts.iter().zip(&self.read).enumerate() {
+            for (vec, (now, slot)) in counts.iter().zip(slots).enumerate() {
+                let before = self.reported.get(cpu).map_or(&Counts::ZERO, |r| &r[vec]);
                 if let Some(mut summary) =
-                    summarize(cpu as u32, vec, before, slot, ended, interval_ns)
+                    summarize(cpu as u32, vec, before, now, &slot.max, ended, interval_ns)
                 {
-                    let mut delays = hist::delta(&slot.delay_buckets, &before.delay_buckets);
+                    let mut delays = hist::delta(&now.delay, &before.delay);
                     if delay_shed {
                         summary.delay_max_ns = None;
                         summary.delay_p99_ns = None;
@@ -343,14 +416,14 @@ impl Class for SoftirqClass {
                         summary.cpu,
                         summary.vec,
                         &HIST,
-                        &hist::delta(&slot.service_buckets, &before.service_buckets),
+                        &hist::delta(&now.service, &before.service),
                         summary.service_total_ns,
                         &delays,
                     );
                 }
             }
         }
-        self.last = now;
+        self.reported.clone_from(&self.counts);
         Ok(())
     }
 }
@@ -427,6 +500,45 @@ mod tests {
         s
     }
 
+    /// [`summarize`] of the growth of a kernel slot from the read `before`
+    /// to the read `now`, both folded as the class folds them.
+    fn summary(
+        cpu: u32,
+        vec: usize,
+        before: &SoftirqSlot,
+        now: &SoftirqSlot,
+        generation: u64,
+        interval_ns: u64,
+    ) -> Option<SoftirqSummary> {
+        let mut then = Counts::ZERO;
+        then.add(&SoftirqSlot::ZERO, before);
+        let mut counts = then;
+        counts.add(before, now);
+        summarize(cpu, vec, &then, &counts, &now.max, generation, interval_ns)
+    }
+
+    #[test]
+    fn wrapped_buckets_are_counted_by_their_growth() {
+        let mut before = SoftirqSlot::ZERO;
+        before.service_buckets[12] = u32::MAX - 1;
+        before.delay_buckets[3] = u32::MAX;
+        let mut now = before;
+        now.service_buckets[12] = 3;
+        now.delay_buckets[3] = 0;
+        let mut counts = Counts::ZERO;
+        counts.add(&before, &now);
+        assert_eq!((counts.service[12], counts.delay[3]), (5, 1));
+        assert_eq!(counts.service.iter().sum::<u64>(), 5);
+        // Reads that each see less than 2^32 more add up past 2^32.
+        let mut later = now;
+        later.service_buckets[12] = u32::MAX;
+        counts.add(&now, &later);
+        let mut last = later;
+        last.service_buckets[12] = 7;
+        counts.add(&later, &last);
+        assert_eq!(counts.service[12], 5 + (u64::from(u32::MAX) - 3) + 8);
+    }
+
     #[test]
     fn program_runs_are_summed_over_cpus_and_vectors_per_program() {
         let counted = |runs, timed_runs, timed_ns| ProgramCost {
@@ -455,7 +567,7 @@ mod tests {
     #[test]
     fn intervals_are_differences_with_their_own_maxima() {
         let first = slot(&SoftirqSlot::ZERO, &[3000, 5000], &[700, 90_000], 0);
-        let s = summarize(0, 3, &SoftirqSlot::ZERO, &first, 0, 1_000_000_000).unwrap();
+        let s = summary(0, 3, &SoftirqSlot::ZERO, &first, 0, 1_000_000_000).unwrap();
         assert_eq!(
             serde_json::to_value(&s).unwrap(),
             serde_json::json!({
@@ -467,19 +579,19 @@ mod tests {
         // The next interval: smaller maxima in generation 1, and one entry
         // whose raise was not seen (a service sample without a delay).
         let second = slot(&first, &[100, 200, 300], &[50, 60], 1);
-        let s = summarize(0, 3, &first, &second, 1, 1).unwrap();
+        let s = summary(0, 3, &first, &second, 1, 1).unwrap();
         assert_eq!((s.count, s.service_total_ns), (3, 600));
         assert_eq!((s.service_max_ns, s.delay_max_ns), (300, Some(60)));
         assert_eq!(s.service_p99_ns, 300);
         assert_eq!(s.delay_p99_ns, Some(60));
         // Nothing ran: no summary.
-        assert_eq!(summarize(0, 3, &second, &second, 2, 1), None);
+        assert_eq!(summary(0, 3, &second, &second, 2, 1), None);
     }
 
     #[test]
     fn entries_without_a_raise_have_no_delay() {
         let only_service = slot(&SoftirqSlot::ZERO, &[4000], &[], 0);
-        let s = summarize(1, 1, &SoftirqSlot::ZERO, &only_service, 0, 1).unwrap();
+        let s = summary(1, 1, &SoftirqSlot::ZERO, &only_service, 0, 1).unwrap();
         assert_eq!(
             (s.vec, s.count, s.delay_max_ns, s.delay_p99_ns),
             ("TIMER", 1, None, None)
@@ -494,7 +606,7 @@ mod tests {
         let mut now = old;
         now.service_total_ns += 1500;
         now.service_buckets[HIST.bucket(1500)] += 1;
-        let s = summarize(0, 0, &old, &now, 2, 1).unwrap();
+        let s = summary(0, 0, &old, &now, 2, 1).unwrap();
         assert_eq!(
             (s.count, s.service_max_ns, s.service_p99_ns),
             (1, 1500, 1500)
@@ -505,7 +617,7 @@ mod tests {
     fn text_rows_in_microseconds() {
         use crate::output::record::Record as _;
         let only_service = slot(&SoftirqSlot::ZERO, &[4000, 1_234_567], &[], 0);
-        let s = summarize(1, 3, &SoftirqSlot::ZERO, &only_service, 0, 1).unwrap();
+        let s = summary(1, 3, &SoftirqSlot::ZERO, &only_service, 0, 1).unwrap();
         let row = s.text_row("T");
         let cols: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(
