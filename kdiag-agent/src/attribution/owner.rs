@@ -158,16 +158,21 @@ impl Tables {
             let Some(table) = procfs::tcp_table_id(pid) else {
                 continue;
             };
-            if !seen.insert(table) {
+            if seen.contains(&table) {
                 continue;
             }
+            // A process gone since the stat leaves its namespace to the next.
+            let Some(sockets) = procfs::tcp_sockets(pid) else {
+                continue;
+            };
+            seen.insert(table);
             if let Some(ns) = procfs::netns_inode(pid) {
                 read.tables.entry(ns).or_insert(table);
             }
             // Sockets no process holds (inode 0: orphans closing, TIME_WAIT)
             // too: they name no owner, but make their addresses ambiguous.
             rows.extend(
-                procfs::tcp_sockets(pid)
+                sockets
                     .filter(|r| i32::from(r.state) != TCP_LISTEN)
                     .map(|r| ((r.local, r.remote), r.inode)),
             );
@@ -599,10 +604,13 @@ fn found_rows(
     let mut seen = HashSet::new();
     procfs::pids().filter_map(move |pid| {
         let ns = procfs::tcp_table_id(pid)?;
-        if only.is_some_and(|t| t != ns) || !seen.insert(ns) {
+        if only.is_some_and(|t| t != ns) || seen.contains(&ns) {
             return None;
         }
-        let mut rows = procfs::tcp_sockets(pid).filter(|r| wanted(r));
+        // A process gone since the stat leaves its namespace to the next.
+        let rows = procfs::tcp_sockets(pid)?;
+        seen.insert(ns);
+        let mut rows = rows.filter(|r| wanted(r));
         let first = rows.next()?;
         Some(match first.inode {
             0 => rows.find(|r| r.inode != 0).map_or(0, |r| r.inode),

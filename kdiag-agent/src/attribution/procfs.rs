@@ -112,12 +112,20 @@ fn parse_start_time(stat: &str) -> Option<u64> {
     after_comm.split_whitespace().nth(22 - 3)?.parse().ok()
 }
 
-/// The TCP sockets of the network namespace `pid` lives in, both families.
-pub(crate) fn tcp_sockets(pid: u32) -> impl Iterator<Item = TcpRow> {
-    ["tcp", "tcp6"]
-        .into_iter()
-        .filter_map(move |f| fs::File::open(format!("/proc/{pid}/net/{f}")).ok())
-        .flat_map(|file| tcp_rows(io::BufReader::new(file)))
+/// The TCP sockets of the network namespace `pid` lives in, both families;
+/// `None` when its IPv4 table cannot be opened (`pid` is gone), so that a
+/// caller can read the namespace through another process. Once open, a
+/// table reads to its end even if `pid` exits: the open file holds the
+/// namespace. The IPv6 table is absent on a kernel without IPv6.
+pub(crate) fn tcp_sockets(pid: u32) -> Option<impl Iterator<Item = TcpRow>> {
+    let open = |f| fs::File::open(format!("/proc/{pid}/net/{f}")).ok();
+    let v4 = open("tcp")?;
+    Some(
+        [Some(v4), open("tcp6")]
+            .into_iter()
+            .flatten()
+            .flat_map(|file| tcp_rows(io::BufReader::new(file))),
+    )
 }
 
 /// The inodes of the sockets `pid` holds file descriptors on; none when
