@@ -1161,6 +1161,9 @@ fn same_addresses_in_two_namespaces_are_never_given_the_other_ones_owner() {
     let net = NetnsPair::new();
     let port = unique_port();
     let from = unique_port();
+    // A port of its own, not `from + 1`: that is another test's, whose
+    // agent, filtering on it, would see this connection.
+    let own_from = unique_port();
     let lo = Ipv4Addr::LOCALHOST;
     let servers = [&net.server, &net.client].map(|ns| Peer::listen(PEER, ns, lo, port));
     let from_port = |port| ConnectOptions {
@@ -1169,7 +1172,7 @@ fn same_addresses_in_two_namespaces_are_never_given_the_other_ones_owner() {
     };
     let twins = [&net.server, &net.client]
         .map(|ns| Peer::connect_with(PEER, ns, lo, port, &from_port(from)));
-    let own = Peer::connect_with(PEER, &net.server, lo, port, &from_port(from + 1));
+    let own = Peer::connect_with(PEER, &net.server, lo, port, &from_port(own_from));
     for client in twins.iter().chain([&own]) {
         client.wait_connected();
     }
@@ -1192,7 +1195,7 @@ fn same_addresses_in_two_namespaces_are_never_given_the_other_ones_owner() {
     let ports = |r: &Value| (port_field(r, "sport"), port_field(r, "dport"));
     for rec in &conns {
         let expected = match ports(rec) {
-            (p, d) if (p, d) == (port, from + 1) => Some(server_pid),
+            (p, d) if (p, d) == (port, own_from) => Some(server_pid),
             _ => None,
         };
         assert_eq!(pid_of(rec), expected, "owner of {rec}");
@@ -1205,7 +1208,7 @@ fn same_addresses_in_two_namespaces_are_never_given_the_other_ones_owner() {
         conns.len()
     );
     assert!(
-        conns.iter().any(|r| ports(r) == (port, from + 1)),
+        conns.iter().any(|r| ports(r) == (port, own_from)),
         "no tcp_conn of the server side with its own addresses: {conns:#?}"
     );
 }
