@@ -13,7 +13,10 @@
 //! programs see the whole host's connections, and on a host of containers
 //! most of them open in the containers' namespaces, not in the agent's.
 
-use std::time::{Duration, Instant};
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
 
 use kdiag_common::DEFAULT_BUFFER_BYTES;
 
@@ -32,6 +35,11 @@ const BYTES_PER_OPEN: f64 = 1024.0;
 /// (about 250 ms), since the rate measured over its start-up is up to half
 /// the load's own (the agent's start-up takes CPU from the load).
 const HOLD_SECS: f64 = 0.5;
+/// The shortest time a namespace's opens are counted over. The first
+/// reading walks /proc while the agent starts, and under load the walk can
+/// end just before the second reading: the opens of a window of
+/// microseconds say nothing (a churn of 16k a second read as 0).
+const MIN_WINDOW: Duration = Duration::from_millis(20);
 
 #[derive(Debug)]
 pub(crate) enum BufferSize {
@@ -44,43 +52,63 @@ pub(crate) enum BufferSize {
     FromOpens(Option<Pending<Opens>>),
 }
 
-/// Connection ends opened so far in each network namespace, read through
+/// Connection ends opened so far in one network namespace, read through
 /// one of its processes, and when.
 #[derive(Debug)]
-pub(crate) struct Opens {
-    /// (pid, namespace id, opens).
-    per_netns: Vec<(u32, u64, u64)>,
+struct NetnsOpens {
+    pid: u32,
+    /// The namespace's id ([`procfs::tcp_table_id`]).
+    netns: u64,
+    opens: u64,
     at: Instant,
 }
 
+/// Connection ends opened so far in each network namespace.
+#[derive(Debug)]
+pub(crate) struct Opens(Vec<NetnsOpens>);
+
 impl Opens {
     fn read() -> Self {
-        let per_netns = procfs::one_pid_per_netns()
-            .into_iter()
-            .filter_map(|(pid, netns)| Some((pid, netns, procfs::tcp_opens(pid)?)))
-            .collect();
-        Self {
-            per_netns,
-            at: Instant::now(),
-        }
+        Self(
+            procfs::one_pid_per_netns()
+                .into_iter()
+                .filter_map(|(pid, netns)| {
+                    let opens = procfs::tcp_opens(pid)?;
+                    Some(NetnsOpens {
+                        pid,
+                        netns,
+                        opens,
+                        at: Instant::now(),
+                    })
+                })
+                .collect(),
+        )
     }
 
-    /// Connection ends opened since, in the namespaces read then whose
-    /// process is still there; `None` if none could be read.
-    fn opened_since(&self) -> Option<u64> {
+    /// Connection ends opened a second since, summed over the namespaces
+    /// read then whose process is still there, each over its own window
+    /// (at least [`MIN_WINDOW`]: waits for it if need be); `None` if none
+    /// could be read.
+    fn rate_since(&self) -> Option<f64> {
+        if let Some(age) = self.0.iter().map(|n| n.at.elapsed()).min() {
+            thread::sleep(MIN_WINDOW.saturating_sub(age));
+        }
         let mut read_any = false;
-        let opened = self
-            .per_netns
+        let rate = self
+            .0
             .iter()
-            .filter(|&&(pid, netns, _)| {
+            .filter(|n| {
                 // The pid could name another process since: only the same
                 // namespace's counters compare.
-                procfs::tcp_table_id(pid) == Some(netns)
+                procfs::tcp_table_id(n.pid) == Some(n.netns)
             })
-            .filter_map(|&(pid, _, then)| Some(procfs::tcp_opens(pid)?.saturating_sub(then)))
+            .filter_map(|n| {
+                let opened = procfs::tcp_opens(n.pid)?.saturating_sub(n.opens);
+                Some(per_sec(opened, n.at.elapsed()))
+            })
             .inspect(|_| read_any = true)
             .sum();
-        read_any.then_some(opened)
+        read_any.then_some(rate)
     }
 }
 
@@ -119,7 +147,7 @@ impl BufferSize {
             }
             Self::FromOpens(first) => first
                 .and_then(Pending::join)
-                .and_then(|first| Some(per_sec(first.opened_since()?, first.at.elapsed()))),
+                .and_then(|first| first.rate_since()),
         };
         SizedBuffer {
             bytes: measured.map_or(DEFAULT_BUFFER_BYTES, sized_for),
@@ -195,10 +223,7 @@ mod tests {
     fn every_namespace_with_a_process_is_read() {
         let own = procfs::tcp_table_id(std::process::id()).expect("own /proc/PID/net/tcp");
         let opens = Opens::read();
-        assert!(
-            opens.per_netns.iter().any(|&(_, netns, _)| netns == own),
-            "{opens:?}"
-        );
+        assert!(opens.0.iter().any(|n| n.netns == own), "{opens:?}");
         let measured = BufferSize::start(None, true).sized();
         assert!(measured.opens_per_sec.is_some(), "{measured:?}");
         assert!(measured.bytes >= DEFAULT_BUFFER_BYTES, "{measured:?}");
