@@ -105,6 +105,9 @@ const STDOUT_CHECK: Duration = Duration::from_millis(250);
 /// The kernel programs do not wake the agent for each event (see
 /// `emit` in kdiag-ebpf): events wait at most this long in the ring.
 const DRAIN_EVERY: Duration = Duration::from_millis(100);
+/// The longest one drain runs before the event loop looks at its timers and
+/// signals again (see `Reader::drain`).
+const DRAIN_SLICE: Duration = Duration::from_millis(20);
 /// How often the budget compares the cost with `--max-cpu` when there are
 /// no intervals (`--interval 0`).
 const BUDGET_WITHOUT_INTERVAL: Duration = Duration::from_secs(10);
@@ -220,7 +223,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
     let mut held = Held::default();
     services.before_dropping_privileges(|| {
         if held.bytes < HELD_BYTES {
-            reader.drain(|data| held.push(data.to_vec(), 0));
+            reader.drain(DRAIN_SLICE, |data| held.push(data.to_vec(), 0));
         }
     });
     let dropped =
@@ -336,6 +339,8 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
     let mut budget_tick = tokio::time::interval(BUDGET_WITHOUT_INTERVAL);
     budget_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     budget_tick.tick().await;
+    // The last drain stopped at the end of its slice with events left.
+    let mut backlog = false;
 
     let stop = loop {
         // The budget's duty cycle, when it runs: its next phase change.
@@ -344,7 +349,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
             flip_at.map_or(0, |at| at.saturating_sub(monotonic_ns())),
         ));
         let result: io::Result<Option<Stop>> = tokio::select! {
-            ready = reader.readable() => {
+            ready = drain_due(&mut reader, &mut drain, backlog) => {
                 ready?;
                 dispatch(
                     &mut reader,
@@ -354,7 +359,10 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
                     &mut held,
                     false,
                 )
-                    .and_then(|()| out.flush())
+                    .and_then(|more| {
+                        backlog = more;
+                        out.flush()
+                    })
                     .map(|()| None)
             }
             _ = interval.tick(), if interval_secs > 0 => {
@@ -381,18 +389,6 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
             () = flip, if flip_at.is_some() => {
                 budget.flip(&mut loaded.ebpf, monotonic_ns());
                 Ok(None)
-            }
-            _ = drain.tick() => {
-                dispatch(
-                    &mut reader,
-                    &mut classes,
-                    &mut Context::new(&mut out, &mut services),
-                    &mut stats,
-                    &mut held,
-                    false,
-                )
-                    .and_then(|()| out.flush())
-                    .map(|()| None)
             }
             _ = housekeeping.tick() => {
                 classes.iter_mut().for_each(|c| c.housekeeping());
@@ -435,8 +431,8 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
     };
     // Drained while detaching, and once more after: what the programs wrote
     // last.
-    let finish = detach_all(&mut loaded.ebpf, || drain(&mut cx, false))
-        .and_then(|()| drain(&mut cx, true))
+    let finish = detach_all(&mut loaded.ebpf, || drain(&mut cx, false).map(|_| ()))
+        .and_then(|()| drain(&mut cx, true).map(|_| ()))
         .and_then(|()| {
             end_interval(
                 &mut classes,
@@ -583,8 +579,28 @@ struct Held {
 /// for their lookups.
 const HELD_BYTES: usize = 8 << 20;
 
-/// Drains the transport and hands each event to its classes, after the
-/// events held for their lookups, in order.
+/// Resolves when the buffers are to be drained: when they have data or the
+/// drain tick comes, or, with a `backlog` left by the last drain, once the
+/// runtime has looked at its timers and signals (they come first between
+/// two slices of a drain that cannot keep up).
+async fn drain_due(
+    reader: &mut Reader,
+    tick: &mut tokio::time::Interval,
+    backlog: bool,
+) -> io::Result<()> {
+    if backlog {
+        tokio::task::yield_now().await;
+        return Ok(());
+    }
+    tokio::select! {
+        ready = reader.readable() => ready,
+        _ = tick.tick() => Ok(()),
+    }
+}
+
+/// Drains the transport for at most `DRAIN_SLICE` (all of it `at_exit`)
+/// and hands each event to its classes, after the events held for their
+/// lookups, in order. Returns whether events were left in the buffer.
 fn dispatch(
     reader: &mut Reader,
     classes: &mut [Box<dyn Class>],
@@ -592,7 +608,7 @@ fn dispatch(
     stats: &mut StatsCollector,
     held: &mut Held,
     at_exit: bool,
-) -> io::Result<()> {
+) -> io::Result<bool> {
     // Timestamps follow a stepped wall clock from the next drain on, with
     // `--interval 0` too.
     cx.out.clock_mut().resync();
@@ -603,7 +619,8 @@ fn dispatch(
         first_bad,
     };
     let mut result = events.release(held, cx, usize::MAX);
-    reader.drain(|data| {
+    let slice = if at_exit { Duration::MAX } else { DRAIN_SLICE };
+    let more = reader.drain(slice, |data| {
         if result.is_err() {
             return;
         }
@@ -625,7 +642,7 @@ fn dispatch(
         result = events.release(held, cx, 0);
     }
     events.stats.count_malformed(reader.take_malformed());
-    result
+    result.map(|()| more)
 }
 
 impl Held {

@@ -1,14 +1,15 @@
 //! The agent's output against a reader that stops reading: the event loop
 //! keeps draining the kernel's buffers and answering signals, what it
 //! cannot hand on is counted (`output_dropped`), and the last `agent_stats`
-//! reaches the reader once it reads again.
+//! reaches the reader once it reads again. And an agent that cannot keep up
+//! with the kernel still ends its intervals and answers signals.
 
 use std::fs::{self, File};
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kdiag_tests::agent::exit_timeout;
+use kdiag_tests::agent::{Agent, exit_timeout};
 use kdiag_tests::netns::{NetnsPair, unique_port};
 use kdiag_tests::peer::{ConnectOptions, Peer};
 use kdiag_tests::record::{self, class_totals};
@@ -24,6 +25,8 @@ const CLIENTS: usize = 4;
 const STOPPED: Duration = Duration::from_secs(5);
 /// How soon after SIGTERM the agent must be gone, whatever its reader does.
 const EXIT_WITHIN: Duration = Duration::from_secs(1);
+/// How long the agent is held behind the kernel's churn.
+const BEHIND: Duration = Duration::from_secs(5);
 
 /// Kills the process in Drop, resuming it first: a stopped process left
 /// behind by a failed test would hold its pipe forever.
@@ -177,5 +180,89 @@ fn a_stopped_reader_stalls_neither_draining_nor_exit() {
         "records written ({written}) + output_dropped ({output_dropped}) vs events \
          ({}) and the missing tcp_summary",
         totals.events
+    );
+}
+
+/// An agent that cannot keep up with the kernel: its event loop's thread
+/// held to a sliver of one CPU (the lowest priority, beside a busy loop at
+/// the default one), under churn from every CPU. Its ring buffer never
+/// empties, and a drain to the end would never return: the event loop must
+/// still end each interval and answer SIGTERM between slices of draining,
+/// and the kernel counts what did not fit.
+#[test]
+fn an_agent_behind_the_kernel_still_ends_intervals_and_exits() {
+    env::require_root();
+    let net = NetnsPair::new();
+    let port = unique_port();
+    let _server = Peer::listen(PEER, &net.server, net.server.v4, port);
+    let port_arg = port.to_string();
+    // A small buffer: what is left in it at exit is drained on the sliver.
+    let (mut agent, _start) = Agent::start(
+        &[
+            "tcp",
+            "--port",
+            &port_arg,
+            "--interval",
+            "1",
+            "--buffer-mib",
+            "1",
+        ],
+        &["sock/inet_sock_set_state"],
+    );
+    let pid = agent.pid().to_string();
+    // Every thread on CPU 0; the event loop's (the main one) at nice 19.
+    for held in [
+        &["taskset", "-a", "-p", "-c", "0", &pid][..],
+        &["renice", "-n", "19", "-p", &pid][..],
+    ] {
+        let status = Command::new(held[0])
+            .args(&held[1..])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap_or_else(|e| panic!("{held:?}: {e}"));
+        assert!(status.success(), "{held:?}: {status}");
+    }
+    let _busy = Reaped(
+        Command::new("taskset")
+            .args(["-c", "0", "sh", "-c", "while :; do :; done"])
+            .spawn()
+            .expect("running a busy loop"),
+    );
+    let opts = ConnectOptions {
+        count: Some(1_000_000),
+        ..ConnectOptions::default()
+    };
+    let clients: Vec<Peer> = (0..CLIENTS)
+        .map(|_| Peer::connect_with(PEER, &net.client, net.server.v4, port, &opts))
+        .collect();
+    thread::sleep(BEHIND);
+    let intervals = agent
+        .records()
+        .iter()
+        .filter(|r| record::is_type(r, "agent_stats"))
+        .count();
+
+    // Asked to stop while still behind.
+    agent.signal(libc::SIGTERM);
+    let status = agent.wait_exit(exit_timeout());
+    for client in clients {
+        client.kill();
+    }
+    assert!(status.success(), "agent exit: {status}");
+    let recs = agent.records();
+    let last = recs.last().expect("some output");
+    assert!(
+        record::is_type(last, "agent_stats"),
+        "the last line is the final agent_stats: {last}"
+    );
+    let totals = class_totals(&recs, "tcp");
+    assert!(
+        totals.dropped > 0,
+        "nothing dropped: the agent kept up with the churn, which tests nothing ({totals:?})"
+    );
+    assert!(
+        intervals >= 2,
+        "{intervals} agent_stats in {BEHIND:?} of intervals of 1 s while behind the kernel \
+         ({totals:?})"
     );
 }

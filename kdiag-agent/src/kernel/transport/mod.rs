@@ -1,6 +1,7 @@
 //! Reading events from the kernel: one BPF ring buffer shared by every CPU,
 //! or one perf buffer per CPU. Both are drained in batches: one wakeup, then
-//! everything that is there.
+//! everything that is there, for at most a slice of time (see
+//! [`Reader::drain`]).
 //!
 //! Events reach the agent in the order the kernel produced them, which the
 //! per-connection and per-thread state relies on: a connection's state
@@ -11,7 +12,13 @@
 pub(crate) mod perf;
 pub(crate) mod sizing;
 
-use std::{future::poll_fn, io, os::fd::AsFd as _, task::Poll};
+use std::{
+    future::poll_fn,
+    io,
+    os::fd::AsFd as _,
+    task::Poll,
+    time::{Duration, Instant},
+};
 
 use aya::maps::{Map, MapData, MapError, RingBuf};
 use kdiag_common::WAKEUP_FRACTION_SHIFT;
@@ -150,14 +157,30 @@ impl Reader {
         }
     }
 
-    /// Hands every queued sample to `on_sample`.
-    pub(crate) fn drain(&mut self, mut on_sample: impl FnMut(&[u8])) {
+    /// Hands queued samples to `on_sample` for at most `slice`; returns
+    /// whether the ring buffer still had samples then. When the programs
+    /// write faster than the agent handles their events (a host busier
+    /// than the agent's share of a CPU can follow), the ring never empties:
+    /// a drain to its end would never let the event loop see its timers and
+    /// signals (no interval, no exit on SIGTERM). The perf buffers are read
+    /// as far as they were filled when the drain began, which bounds it.
+    pub(crate) fn drain(&mut self, slice: Duration, mut on_sample: impl FnMut(&[u8])) -> bool {
+        /// The clock is read once per this many samples: a sample takes a
+        /// microsecond or two, a clock read tens of nanoseconds.
+        const CHECK_EVERY: u32 = 64;
         match self {
             Self::Ring(fd) => {
                 let ring = fd.get_mut();
+                let began = Instant::now();
+                let mut handled = 0u32;
                 while let Some(item) = ring.next() {
                     on_sample(&item);
+                    handled = handled.wrapping_add(1);
+                    if handled.is_multiple_of(CHECK_EVERY) && began.elapsed() >= slice {
+                        return true;
+                    }
                 }
+                false
             }
             Self::Perf { buffers, batch, .. } => {
                 // What was stamped before now is in the buffers, or on its
@@ -168,6 +191,7 @@ impl Reader {
                     batch.read_from(fd.get_mut());
                 }
                 batch.drain_in_time_order(began, on_sample);
+                false
             }
         }
     }
