@@ -69,8 +69,14 @@ fn run_attaches_every_class_and_accounts_for_each() {
     let covered_ns: u64 = stats.iter().map(|s| u64_field(s, "interval_ns")).sum();
     assert!(
         stats.len() >= 2 && covered_ns >= 3_900_000_000,
-        "{} agent_stats covering {covered_ns} ns in a 4 s run",
-        stats.len()
+        "{} agent_stats covering {covered_ns} ns in a 4 s run; each (ts, interval_ns, \
+         cpu_ns): {:?}; longest pause between kernel events: {:.0} ms",
+        stats.len(),
+        stats
+            .iter()
+            .map(|s| (s["ts"].as_str(), &s["interval_ns"], &s["cpu_ns"]))
+            .collect::<Vec<_>>(),
+        longest_event_pause_ms(&recs)
     );
     assert!(
         is_type(recs.last().unwrap(), "agent_stats"),
@@ -150,4 +156,36 @@ fn run_attaches_every_class_and_accounts_for_each() {
     for r in ours {
         assert_eq!(r["pid"], std::process::id(), "{r}");
     }
+}
+
+/// The longest pause between the times (`ts`) of consecutive kernel events
+/// in `recs`, in ms. The loopback traffic makes one every few milliseconds:
+/// a long pause says the whole machine stood still (an emulated guest on a
+/// busy host), not only the agent's loop.
+fn longest_event_pause_ms(recs: &[Value]) -> f64 {
+    // Seconds of the day of `...THH:MM:SS.fraction Z`: the run is seconds
+    // long, and a pause across midnight only shows as none.
+    let secs = |ts: &str| -> Option<f64> {
+        let time = ts.split_once('T')?.1.strip_suffix('Z')?;
+        let mut parts = time.split(':');
+        let (h, m, s) = (parts.next()?, parts.next()?, parts.next()?);
+        Some(
+            h.parse::<f64>().ok()? * 3600.0
+                + m.parse::<f64>().ok()? * 60.0
+                + s.parse::<f64>().ok()?,
+        )
+    };
+    let mut times: Vec<f64> = recs
+        .iter()
+        .filter(|r| {
+            !["agent_start", "agent_stats", "budget", "vmstat"].contains(&record::kind_of(r))
+        })
+        .filter(|r| !record::kind_of(r).ends_with("_summary"))
+        .filter_map(|r| secs(r["ts"].as_str()?))
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times
+        .windows(2)
+        .map(|w| (w[1] - w[0]) * 1000.0)
+        .fold(0.0, f64::max)
 }
