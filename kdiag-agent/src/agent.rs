@@ -6,7 +6,7 @@ use std::{
     collections::VecDeque,
     fs, io,
     os::fd::{AsFd as _, BorrowedFd},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use aya::{
@@ -223,7 +223,9 @@ pub(crate) async fn run(cli: Cli) -> Result<(), AgentError> {
     let mut held = Held::default();
     services.before_dropping_privileges(|| {
         if held.bytes < HELD_BYTES {
-            reader.drain(DRAIN_SLICE, |data| held.push(data.to_vec(), 0));
+            reader.drain(Some(Instant::now() + DRAIN_SLICE), |data| {
+                held.push(data.to_vec(), 0);
+            });
         }
     });
     let dropped =
@@ -598,9 +600,10 @@ async fn drain_due(
     }
 }
 
-/// Drains the transport for at most `DRAIN_SLICE` (all of it `at_exit`)
-/// and hands each event to its classes, after the events held for their
-/// lookups, in order. Returns whether events were left in the buffer.
+/// Drains the transport and hands each event to its classes, after the
+/// events held for their lookups, in order: for at most `DRAIN_SLICE`, all
+/// of it `at_exit`. Returns whether events were left, in the buffer or
+/// held.
 fn dispatch(
     reader: &mut Reader,
     classes: &mut [Box<dyn Class>],
@@ -617,10 +620,15 @@ fn dispatch(
         classes,
         stats,
         first_bad,
+        until: (!at_exit).then(|| Instant::now() + DRAIN_SLICE),
     };
     let mut result = events.release(held, cx, usize::MAX);
-    let slice = if at_exit { Duration::MAX } else { DRAIN_SLICE };
-    let more = reader.drain(slice, |data| {
+    if held.bytes > HELD_BYTES {
+        // Still behind on the events held: the buffer waits, and what no
+        // longer fits in it the kernel counts (`dropped`).
+        return result.map(|()| true);
+    }
+    let more = reader.drain(events.until, |data| {
         if result.is_err() {
             return;
         }
@@ -658,13 +666,19 @@ struct Events<'a> {
     stats: &'a mut StatsCollector,
     /// No undecodable event was reported before this drain.
     first_bad: bool,
+    /// When this drain's slice ends (`None`: at exit, no end).
+    until: Option<Instant>,
 }
 
 impl Events<'_> {
     /// Hands the held events on, in order, until one still waits for its
-    /// lookup; while more than `keep` bytes are held, without waiting.
+    /// lookup or the slice ends; while more than `keep` bytes are held,
+    /// without waiting.
     fn release(&mut self, held: &mut Held, cx: &mut Context<'_>, keep: usize) -> io::Result<()> {
-        while let Some((event, done)) = held.events.pop_front() {
+        while self.until.is_none_or(|until| Instant::now() < until) {
+            let Some((event, done)) = held.events.pop_front() else {
+                break;
+            };
             let forced = held.bytes > keep;
             cx.services.wait_for_lookups(!forced);
             let handled = self.handle(&event, done, cx);

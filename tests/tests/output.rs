@@ -53,6 +53,18 @@ fn signal(pid: u32, sig: libc::c_int) {
     );
 }
 
+/// [`CLIENTS`] clients in `net`'s client namespace connecting to `port` of
+/// its server and closing, one connection after another, until killed.
+fn churn(net: &NetnsPair, port: u16) -> Vec<Peer> {
+    let opts = ConnectOptions {
+        count: Some(1_000_000),
+        ..ConnectOptions::default()
+    };
+    (0..CLIENTS)
+        .map(|_| Peer::connect_with(PEER, &net.client, net.server.v4, port, &opts))
+        .collect()
+}
+
 fn parse(text: &str) -> Vec<Value> {
     text.lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
@@ -99,13 +111,7 @@ fn a_stopped_reader_stalls_neither_draining_nor_exit() {
     }
 
     signal(reader.0.id(), libc::SIGSTOP);
-    let opts = ConnectOptions {
-        count: Some(1_000_000),
-        ..ConnectOptions::default()
-    };
-    let clients: Vec<Peer> = (0..CLIENTS)
-        .map(|_| Peer::connect_with(PEER, &net.client, net.server.v4, port, &opts))
-        .collect();
+    let clients = churn(&net, port);
     thread::sleep(STOPPED);
     for client in clients {
         client.kill();
@@ -228,13 +234,7 @@ fn an_agent_behind_the_kernel_still_ends_intervals_and_exits() {
             .spawn()
             .expect("running a busy loop"),
     );
-    let opts = ConnectOptions {
-        count: Some(1_000_000),
-        ..ConnectOptions::default()
-    };
-    let clients: Vec<Peer> = (0..CLIENTS)
-        .map(|_| Peer::connect_with(PEER, &net.client, net.server.v4, port, &opts))
-        .collect();
+    let clients = churn(&net, port);
     thread::sleep(BEHIND);
     let intervals = agent
         .records()
@@ -256,6 +256,7 @@ fn an_agent_behind_the_kernel_still_ends_intervals_and_exits() {
         "the last line is the final agent_stats: {last}"
     );
     let totals = class_totals(&recs, "tcp");
+    eprintln!("{intervals} agent_stats while behind; {totals:?}");
     assert!(
         totals.dropped > 0,
         "nothing dropped: the agent kept up with the churn, which tests nothing ({totals:?})"

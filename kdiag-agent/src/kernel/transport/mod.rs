@@ -12,13 +12,7 @@
 pub(crate) mod perf;
 pub(crate) mod sizing;
 
-use std::{
-    future::poll_fn,
-    io,
-    os::fd::AsFd as _,
-    task::Poll,
-    time::{Duration, Instant},
-};
+use std::{future::poll_fn, io, os::fd::AsFd as _, task::Poll, time::Instant};
 
 use aya::maps::{Map, MapData, MapError, RingBuf};
 use kdiag_common::WAKEUP_FRACTION_SHIFT;
@@ -157,26 +151,32 @@ impl Reader {
         }
     }
 
-    /// Hands queued samples to `on_sample` for at most `slice`; returns
-    /// whether the ring buffer still had samples then. When the programs
-    /// write faster than the agent handles their events (a host busier
-    /// than the agent's share of a CPU can follow), the ring never empties:
-    /// a drain to its end would never let the event loop see its timers and
-    /// signals (no interval, no exit on SIGTERM). The perf buffers are read
-    /// as far as they were filled when the drain began, which bounds it.
-    pub(crate) fn drain(&mut self, slice: Duration, mut on_sample: impl FnMut(&[u8])) -> bool {
+    /// Hands queued samples to `on_sample` until `until` (all of them if
+    /// `None`); returns whether the ring buffer still had samples then.
+    /// When the programs write faster than the agent handles their events
+    /// (a host busier than the agent's share of a CPU can follow), the ring
+    /// never empties: a drain to its end would never let the event loop see
+    /// its timers and signals (no interval, no exit on SIGTERM). The perf
+    /// buffers are read as far as they were filled when the drain began,
+    /// which bounds it.
+    pub(crate) fn drain(
+        &mut self,
+        until: Option<Instant>,
+        mut on_sample: impl FnMut(&[u8]),
+    ) -> bool {
         /// The clock is read once per this many samples: a sample takes a
         /// microsecond or two, a clock read tens of nanoseconds.
         const CHECK_EVERY: u32 = 64;
         match self {
             Self::Ring(fd) => {
                 let ring = fd.get_mut();
-                let began = Instant::now();
                 let mut handled = 0u32;
                 while let Some(item) = ring.next() {
                     on_sample(&item);
                     handled = handled.wrapping_add(1);
-                    if handled.is_multiple_of(CHECK_EVERY) && began.elapsed() >= slice {
+                    if handled.is_multiple_of(CHECK_EVERY)
+                        && until.is_some_and(|until| Instant::now() >= until)
+                    {
                         return true;
                     }
                 }
