@@ -228,7 +228,7 @@ fn an_agent_behind_the_kernel_still_ends_intervals_and_exits() {
             .unwrap_or_else(|e| panic!("{held:?}: {e}"));
         assert!(status.success(), "{held:?}: {status}");
     }
-    let _busy = Reaped(
+    let busy = Reaped(
         Command::new("taskset")
             .args(["-c", "0", "sh", "-c", "while :; do :; done"])
             .spawn()
@@ -242,12 +242,16 @@ fn an_agent_behind_the_kernel_still_ends_intervals_and_exits() {
         .filter(|r| record::is_type(r, "agent_stats"))
         .count();
 
-    // Asked to stop while still behind.
+    // Asked to stop while still behind. The load goes right after: the
+    // agent hands on everything queued before it exits (up to a buffer and
+    // the events held for lookups), which on the sliver would take as long
+    // as the backlog took to build.
     agent.signal(libc::SIGTERM);
-    let status = agent.wait_exit(exit_timeout());
+    drop(busy);
     for client in clients {
         client.kill();
     }
+    let status = agent.wait_exit(exit_timeout());
     assert!(status.success(), "agent exit: {status}");
     let recs = agent.records();
     let last = recs.last().expect("some output");
