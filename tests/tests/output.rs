@@ -261,10 +261,14 @@ fn an_agent_behind_the_kernel_still_ends_intervals_and_exits() {
     );
     let totals = class_totals(&recs, "tcp");
     eprintln!("{intervals} agent_stats while behind; {totals:?}");
-    assert!(
+    // Under emulation the churn can be slower than even the sliver of a
+    // CPU handles (measured in the 6.1 guest: 5089 events in 5 s).
+    if !env::skip_unless(
         totals.dropped > 0,
-        "nothing dropped: the agent kept up with the churn, which tests nothing ({totals:?})"
-    );
+        "the churn did not put the agent behind: nothing dropped",
+    ) {
+        return;
+    }
     assert!(
         intervals >= 2,
         "{intervals} agent_stats in {BEHIND:?} of intervals of 1 s while behind the kernel \
