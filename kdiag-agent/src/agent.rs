@@ -623,9 +623,10 @@ fn dispatch(
         until: (!at_exit).then(|| Instant::now() + DRAIN_SLICE),
     };
     let mut result = events.release(held, cx, usize::MAX);
-    if held.bytes > HELD_BYTES {
+    if held.bytes > HELD_BYTES && !at_exit {
         // Still behind on the events held: the buffer waits, and what no
-        // longer fits in it the kernel counts (`dropped`).
+        // longer fits in it the kernel counts (`dropped`). Not at exit:
+        // then everything left is handed on, held or not.
         return result.map(|()| true);
     }
     let more = reader.drain(events.until, |data| {
