@@ -509,7 +509,12 @@ fn counted_exactly_over(extra: &[&str]) {
     let gaps = summed(&recs, "sequence_gaps");
     assert!(
         gaps <= missing,
-        "{gaps} sequence gaps reported, {missing} changes missing over {extra:?}"
+        "{gaps} sequence gaps reported, {missing} changes missing over {extra:?}; \
+         (owner, change), got, want where they differ: {differing:?}; gaps per tcp_summary: {:?}",
+        recs.iter()
+            .filter(|r| record::is_type(r, "tcp_summary"))
+            .map(|r| &r["sequence_gaps"])
+            .collect::<Vec<_>>()
     );
     // The runs skipped that left a connection without owners are spent.
     let skipped_left = skipped.unwrap_or(0) - unowned.len() as u64;
